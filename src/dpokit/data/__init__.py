@@ -1,0 +1,1 @@
+"""Preference data: read and validate rows, tokenize with chat templates, and batch."""
