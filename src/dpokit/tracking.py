@@ -1,0 +1,255 @@
+"""Where training metrics go: a JSON-lines file, TensorBoard, optionally Weights & Biases, and a
+progress bar on the terminal.
+
+Every logged record becomes one line of ``run_dir/metrics.jsonl``::
+
+    {"step": 20, "split": "train", "time": 1718000000.0, "loss": 0.66, "rewards/accuracies": 0.75, ...}
+
+and one TensorBoard scalar per metric, tagged ``"{split}/{name}"`` (``train/loss``,
+``eval/rewards/margins``), in ``run_dir/tensorboard/``. The JSON-lines file is the source of truth:
+plots, the demo's table and tests read it back with :func:`read_metrics`.
+
+Only the main process of a distributed run should write; the others build the tracker with
+``enabled=False`` and every call becomes a no-op.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from dpokit.errors import ConfigError, DataError
+
+METRICS_FILENAME = "metrics.jsonl"
+TENSORBOARD_DIRNAME = "tensorboard"
+
+
+def _as_number(value: Any) -> float | int | None:
+    """A plain Python number for ``value`` (tensors and numpy scalars included), or None if it is not one."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return value
+    item = getattr(value, "item", None)  # torch.Tensor / numpy scalar with one element
+    if callable(item):
+        try:
+            number = item()
+        except (ValueError, RuntimeError):  # more than one element
+            return None
+        return number if isinstance(number, (int, float)) else None
+    return None
+
+
+def _json_safe(value: float | int) -> float | int | None:
+    # JSON has no NaN/inf; writing them would make the file unreadable by strict parsers.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsTracker:
+    """Writes metrics to ``run_dir/metrics.jsonl``, TensorBoard event files and (when asked) W&B.
+
+    Args:
+        run_dir: directory of the run; created if missing.
+        tensorboard: also write TensorBoard event files under ``run_dir/tensorboard``.
+        wandb: also log to Weights & Biases. Requires the ``wandb`` package
+            (``pip install dpokit[wandb]``); asking for it without the package is a ConfigError.
+        wandb_project: W&B project name (default ``"dpokit"``).
+        config_dict: the run's configuration, recorded as W&B config and TensorBoard text.
+        enabled: False on non-main ranks: nothing is written anywhere.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        wandb_project: str | None = None,
+        config_dict: Mapping[str, Any] | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.metrics_path = self.run_dir / METRICS_FILENAME
+        self._tb_writer = None
+        self._wandb_run = None
+        self._file = None
+        if not enabled:
+            return
+        if wandb and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "logging.wandb is true but the 'wandb' package is not installed: "
+                "run `pip install dpokit[wandb]` (or `pip install wandb`), or set logging.wandb=false"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Line-buffered append: a crash or Ctrl-C leaves every completed record on disk, and a
+        # resumed run keeps adding to the same file.
+        self._file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: it pulls in tensorboard
+
+            self._tb_writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIRNAME))
+            if config_dict is not None:
+                text = "```\n" + json.dumps(config_dict, indent=2, default=str) + "\n```"
+                self._tb_writer.add_text("config", text, global_step=0)
+        if wandb:
+            import wandb as wandb_module
+
+            self._wandb_run = wandb_module.init(
+                project=wandb_project or "dpokit",
+                name=self.run_dir.name,
+                dir=str(self.run_dir),
+                config=dict(config_dict) if config_dict is not None else None,
+                resume="allow",
+            )
+
+    def log(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> dict[str, Any]:
+        """Record ``metrics`` (name -> number) at optimizer step ``step`` for ``split`` ("train"/"eval").
+
+        Non-numeric values (e.g. a generated sample) go to the JSON line only. Returns the record written.
+        """
+        record: dict[str, Any] = {"step": int(step), "split": split, "time": round(time.time(), 3)}
+        numeric: dict[str, float | int] = {}
+        for name, value in metrics.items():
+            number = _as_number(value)
+            if number is None:
+                record[name] = value if isinstance(value, (str, list, dict)) or value is None else str(value)
+            else:
+                numeric[name] = number
+                record[name] = _json_safe(number)
+        if not self.enabled:
+            return record
+        assert self._file is not None, "log() after close()"
+        self._file.write(json.dumps(record, default=str) + "\n")
+        if self._tb_writer is not None:
+            for name, number in numeric.items():
+                self._tb_writer.add_scalar(f"{split}/{name}", float(number), global_step=int(step))
+        if self._wandb_run is not None:
+            self._wandb_run.log({f"{split}/{name}": number for name, number in numeric.items()}, step=int(step))
+        return record
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+        if self._tb_writer is not None:
+            self._tb_writer.flush()
+
+    def close(self) -> None:
+        """Flush and close every sink. Safe to call twice."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb_writer is not None:
+            self._tb_writer.close()
+            self._tb_writer = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def __enter__(self) -> "MetricsTracker":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (or a run directory holding one), oldest first.
+
+    ``split`` keeps only that split's records. Raises DataError naming the file and line when a line is
+    not JSON. A record interrupted mid-write (a crash) on the *last* line is skipped.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILENAME
+    if not path.exists():
+        raise DataError(f"{path}: no metrics file here (a run directory holds {METRICS_FILENAME})")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records: list[dict[str, Any]] = []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if line_number == len(lines):
+                break
+            raise DataError(f"{path}:{line_number}: not a JSON record ({error.msg})") from None
+        if split is None or record.get("split") == split:
+            records.append(record)
+    return records
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class ProgressBar:
+    """A tqdm progress bar over optimizer steps showing elapsed time, ETA and the latest metrics.
+
+    ``update(n)`` advances ``n`` steps; ``set_metrics(metrics)`` shows the loss and reward accuracy
+    (``loss=0.6412 acc=0.625``); ``set_postfix(**values)`` shows anything else. Disabled bars
+    (non-main ranks, ``enabled=False``) print nothing.
+    """
+
+    # Which metric names the bar shows, and the short label it shows them under.
+    SHOWN_METRICS = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"))
+
+    def __init__(self, total: int | None, initial: int = 0, enabled: bool = True, desc: str = "train") -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            disable=not enabled,
+            desc=desc,
+            unit="step",
+            dynamic_ncols=True,
+            # elapsed<remaining is tqdm's ETA; the postfix carries loss and accuracy.
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}",
+        )
+
+    @property
+    def n(self) -> int:
+        return int(self._bar.n)
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def set_postfix(self, **values: Any) -> None:
+        self._bar.set_postfix({name: _format_value(value) for name, value in values.items()}, refresh=True)
+
+    def set_metrics(self, metrics: Mapping[str, Any]) -> None:
+        shown = {}
+        for name, label in self.SHOWN_METRICS:
+            number = _as_number(metrics.get(name))
+            if number is not None:
+                shown[label] = float(number)
+        if shown:
+            self.set_postfix(**shown)
+
+    def write(self, message: str) -> None:
+        """Print a line above the bar without breaking it."""
+        self._bar.write(message)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def progress_bar(total: int | None, initial: int = 0, enabled: bool = True, desc: str = "train") -> ProgressBar:
+    """A :class:`ProgressBar` over ``total`` optimizer steps, starting at ``initial`` (resumed runs)."""
+    return ProgressBar(total, initial=initial, enabled=enabled, desc=desc)

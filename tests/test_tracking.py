@@ -1,0 +1,110 @@
+"""MetricsTracker writes the same numbers to metrics.jsonl and to real TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dpokit.errors import ConfigError, DataError
+from dpokit.tracking import MetricsTracker, progress_bar, read_metrics
+
+
+def _logged_run(run_dir):
+    with MetricsTracker(run_dir, config_dict={"loss": {"beta": 0.1}}) as tracker:
+        tracker.log(1, {"loss": 0.69, "rewards/accuracies": 0.5})
+        tracker.log(2, {"loss": torch.tensor(0.5), "rewards/accuracies": 0.75, "rewards/margins": 0.2})
+        tracker.log(2, {"loss": 0.6, "rewards/accuracies": 0.625}, split="eval")
+    return run_dir
+
+
+def test_log_appends_one_json_line_per_call_with_step_split_and_metrics(tmp_path):
+    run_dir = _logged_run(tmp_path / "run")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    first, second, third = (json.loads(line) for line in lines)
+    assert first["step"] == 1 and first["split"] == "train" and first["loss"] == pytest.approx(0.69)
+    assert isinstance(first["time"], float)
+    assert second["loss"] == pytest.approx(0.5)  # a 0-d tensor becomes a plain number
+    assert third["split"] == "eval" and third["rewards/accuracies"] == 0.625
+    assert read_metrics(run_dir, split="eval") == [third]
+
+
+def test_tensorboard_event_files_hold_the_logged_scalars_under_split_prefixed_tags(tmp_path):
+    run_dir = _logged_run(tmp_path / "run")
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/rewards/accuracies", "train/rewards/margins", "eval/loss"} <= tags
+    train_loss = [(event.step, event.value) for event in accumulator.Scalars("train/loss")]
+    assert train_loss == [(1, pytest.approx(0.69)), (2, pytest.approx(0.5))]
+    assert [(e.step, e.value) for e in accumulator.Scalars("eval/rewards/accuracies")] == [(2, 0.625)]
+
+
+def test_non_finite_values_are_written_as_null_and_strings_kept_out_of_tensorboard(tmp_path):
+    with MetricsTracker(tmp_path, tensorboard=False) as tracker:
+        record = tracker.log(3, {"loss": math.nan, "sample": "the movie was good"})
+    assert record["loss"] is None
+    assert read_metrics(tmp_path) == [record]
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_disabled_tracker_writes_nothing(tmp_path):
+    tracker = MetricsTracker(tmp_path / "rank1", enabled=False)
+    tracker.log(1, {"loss": 1.0})
+    tracker.close()
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_resumed_tracker_appends_to_the_existing_file(tmp_path):
+    with MetricsTracker(tmp_path, tensorboard=False) as tracker:
+        tracker.log(1, {"loss": 1.0})
+    with MetricsTracker(tmp_path, tensorboard=False) as tracker:
+        tracker.log(2, {"loss": 0.9})
+    assert [record["step"] for record in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_wandb_requested_without_the_package_is_a_config_error_saying_how_to_install(tmp_path):
+    pytest.importorskip("tensorboard")
+    try:
+        import wandb  # noqa: F401
+
+        pytest.skip("wandb is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match=r"pip install dpokit\[wandb\]"):
+        MetricsTracker(tmp_path, wandb=True)
+
+
+def test_read_metrics_names_file_and_line_of_a_corrupt_record_but_tolerates_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "split": "train", "loss": 1.0}\n{"step": 2, "spl\n{"step": 3}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl:2"):
+        read_metrics(path)
+    path.write_text('{"step": 1, "split": "train", "loss": 1.0}\n{"step": 2, "spl')
+    assert [record["step"] for record in read_metrics(path)] == [1]
+    with pytest.raises(DataError, match="no metrics file"):
+        read_metrics(tmp_path / "missing")
+
+
+def test_progress_bar_shows_eta_loss_and_reward_accuracy(capsys):
+    bar = progress_bar(total=4, initial=1)
+    bar.update(1)
+    bar.set_metrics({"loss": 0.6412345, "rewards/accuracies": 0.625, "other": 3.0})
+    bar.close()
+    shown = capsys.readouterr().err
+    assert "2/4" in shown
+    assert "<" in shown  # elapsed<remaining: the ETA
+    assert "loss=0.6412" in shown and "acc=0.625" in shown
+    assert "other" not in shown
+
+
+def test_disabled_progress_bar_prints_nothing(capsys):
+    bar = progress_bar(total=3, enabled=False)
+    bar.update(3)
+    bar.set_metrics({"loss": 1.0})
+    bar.close()
+    assert capsys.readouterr().err == ""
