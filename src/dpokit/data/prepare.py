@@ -1,0 +1,383 @@
+"""The one call a training run makes: read + validate + tokenize + truncate, cached on disk.
+
+The cache key (:attr:`PreparedDataset.fingerprint`) is a SHA-256 over
+
+* the data's content (file bytes, every file of a directory, a ``datasets`` fingerprint, or the
+  in-memory examples),
+* the tokenizer (its serialized vocabulary/merges/normalizer, special tokens, chat template, class),
+* every setting that changes the output (format, columns, split, skip_invalid, ranked_mode,
+  max_length, max_prompt_length, truncation_mode) and a format version.
+
+So a second run with the same inputs loads the token arrays in milliseconds, and a change to any of
+them re-tokenizes. Entries are written to a temporary directory and renamed into place, so an
+interrupted run never leaves a half-written entry that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+
+from dpokit.data.reader import ReadReport, check_read_options, describe_source, read_preferences, source_fingerprint
+from dpokit.data.schema import PreferenceExample
+from dpokit.data.tokenize import TokenizedColumns, TokenizeReport, check_truncation_settings, tokenize_examples
+from dpokit.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = "dpokit-prepared-v1"
+DEFAULT_CACHE_DIR = ".dpokit_cache"
+_ARRAYS = ("tokens", "segment_offsets", "example_segments")
+
+
+@dataclass
+class PrepareReport:
+    """The read report (rows, formats, skips) and the tokenization report (truncation, drops)."""
+
+    read: ReadReport
+    tokenize: TokenizeReport
+
+    def summary(self) -> str:
+        return f"{self.read.summary()}\n{self.tokenize.summary()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"read": self.read.to_dict(), "tokenize": self.tokenize.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PrepareReport":
+        return cls(ReadReport.from_dict(data["read"]), TokenizeReport.from_dict(data["tokenize"]))
+
+
+class PreparedItems(Sequence):
+    """``items[i] -> {"example_id": i, "prompt_ids": list[int], "response_ids": list[list[int]]}``.
+
+    Backed by flat numpy arrays; dicts are built on access. ``response_ids`` are ranked best first
+    (``[chosen, rejected]`` for pairs).
+    """
+
+    def __init__(self, columns: TokenizedColumns):
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"example {index} out of range for {len(self)} examples")
+        prompt, responses = self.columns.example(index)
+        return {"example_id": index, "prompt_ids": prompt, "response_ids": responses}
+
+
+@dataclass
+class PreparedDataset:
+    """A tokenized preference dataset, ready for :class:`~dpokit.data.collate.PaddedCollator`.
+
+    Attributes:
+        items: ``items[i]`` -> ``{"example_id": i, "prompt_ids", "response_ids"}`` (example ids are
+            0..len-1, stable for a given fingerprint: they key precomputed reference log-probs).
+        fingerprint: SHA-256 hex of data content + tokenizer + settings (the cache key).
+        report: :class:`PrepareReport` (``.summary()`` for a printable account).
+        sources: provenance (``"path:line N"``) of each kept example.
+        from_cache: True when the arrays were loaded from the on-disk cache.
+        cache_path: the cache entry directory, or None when caching was off.
+
+    Also a map-style dataset: ``len(ds)``, ``ds[i]`` (= ``ds.items[i]``), so
+    ``DataLoader(ds, collate_fn=PaddedCollator(pad_id))`` works.
+    """
+
+    columns: TokenizedColumns
+    fingerprint: str
+    report: PrepareReport
+    sources: list[str]
+    from_cache: bool = False
+    cache_path: Path | None = None
+
+    @property
+    def items(self) -> PreparedItems:
+        return PreparedItems(self.columns)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(E,) prompt + longest response per example: what a padded row needs (for length grouping)."""
+        return self.columns.lengths()
+
+    @property
+    def max_responses(self) -> int:
+        """The largest K in the dataset (2 for pairs)."""
+        return int(np.diff(self.columns.example_segments).max()) - 1 if len(self) else 0
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 over what decides the token ids: the serialized tokenizer, special tokens, chat template."""
+    digest = hashlib.sha256()
+    digest.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:  # slow tokenizers: the vocabulary and init settings
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        digest.update(repr(sorted(getattr(tokenizer, "init_kwargs", {}).items())).encode())
+    specials = {
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+        "all": sorted(map(str, tokenizer.all_special_tokens)),
+        "added": sorted((str(t), int(i)) for t, i in tokenizer.get_added_vocab().items()),
+    }
+    digest.update(json.dumps(specials, sort_keys=True).encode())
+    template = getattr(tokenizer, "chat_template", None)
+    digest.update(json.dumps(template, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _settings_fingerprint(**settings: Any) -> str:
+    return json.dumps({"version": CACHE_FORMAT_VERSION, **settings}, sort_keys=True, default=repr)
+
+
+def _combine(*parts: str) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def examples_fingerprint(examples: Sequence[PreferenceExample]) -> str:
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps(ex.to_dict(), sort_keys=True).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The on-disk cache
+
+
+def _entry_dir(cache_dir: str | os.PathLike | None, fingerprint: str) -> Path:
+    return Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR) / f"prepared-{fingerprint[:40]}"
+
+
+def _load_entry(path: Path, fingerprint: str) -> PreparedDataset | None:
+    meta_file = path / "meta.json"
+    if not meta_file.exists():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        if meta.get("fingerprint") != fingerprint:
+            return None
+        arrays = {name: np.load(path / f"{name}.npy") for name in _ARRAYS}
+        report = PrepareReport.from_dict(meta["report"])
+        sources = meta["sources"]
+    except Exception as error:  # a damaged entry is rebuilt, never trusted
+        logger.warning("ignoring unreadable cache entry %s (%s); re-tokenizing", path, error)
+        return None
+    return PreparedDataset(TokenizedColumns(**arrays), fingerprint, report, sources, from_cache=True, cache_path=path)
+
+
+def _save_entry(path: Path, dataset: PreparedDataset) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    try:
+        for name in _ARRAYS:
+            np.save(tmp / f"{name}.npy", getattr(dataset.columns, name))
+        meta = {"fingerprint": dataset.fingerprint, "report": dataset.report.to_dict(), "sources": dataset.sources}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(tmp, path)  # atomic: readers see no entry or a complete one
+        except OSError:  # another process wrote the same entry first; theirs is equivalent
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _build(
+    examples: Sequence[PreferenceExample],
+    read_report: ReadReport,
+    tokenizer: Any,
+    fingerprint: str,
+    *,
+    max_length: int | None,
+    max_prompt_length: int | None,
+    truncation_mode: str,
+    skip_invalid: bool,
+) -> PreparedDataset:
+    columns, kept, tokenize_report = tokenize_examples(
+        examples,
+        tokenizer,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation_mode=truncation_mode,
+        skip_invalid=skip_invalid,
+    )
+    report = PrepareReport(read_report, tokenize_report)
+    if len(columns) == 0:
+        raise DataError(f"no examples left after tokenization of {read_report.source}.\n{report.summary()}")
+    return PreparedDataset(columns, fingerprint, report, [examples[i].source for i in kept])
+
+
+def _cached(fingerprint: str, cache_dir: Any, use_cache: bool, build: Any) -> PreparedDataset:
+    path = _entry_dir(cache_dir, fingerprint) if use_cache else None
+    if path is not None:
+        hit = _load_entry(path, fingerprint)
+        if hit is not None:
+            logger.info("loaded tokenized data from cache %s", path)
+            return hit
+    dataset = build()
+    if path is not None:
+        _save_entry(path, dataset)
+        dataset.cache_path = path
+    logger.info("%s", dataset.report.summary())
+    return dataset
+
+
+def prepare_dataset(
+    source: Any,
+    tokenizer: Any,
+    *,
+    format: str = "auto",
+    columns: Mapping[str, str] | None = None,
+    split: str = "train",
+    skip_invalid: bool = False,
+    ranked_mode: str = "listwise",
+    max_length: int | None = 512,
+    max_prompt_length: int | None = 256,
+    truncation_mode: str = "keep_end",
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> PreparedDataset:
+    """Read, validate, tokenize and truncate a preference dataset, with an on-disk cache.
+
+    Args:
+        source: a data file (``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``), a
+            ``save_to_disk`` directory, a dataset name / directory for ``datasets.load_dataset``, a
+            ``datasets.Dataset``, or a list of row dicts (see :func:`~dpokit.data.reader.read_preferences`).
+        tokenizer: a Hugging Face tokenizer (fast tokenizers are much faster). Conversational data
+            needs its ``chat_template``; plain text needs an ``eos_token``.
+        format: ``"auto"`` | ``"standard"`` | ``"conversational"`` | ``"hh"`` | ``"ranked"``.
+        columns: ``{source column: field}`` renames (fields: prompt, chosen, rejected, responses, scores).
+        split: split of a ``DatasetDict`` / ``load_dataset`` source.
+        skip_invalid: skip (and count) invalid rows instead of stopping at the first one.
+        ranked_mode: ``"listwise"`` keeps K-response rankings; ``"all_pairs"`` | ``"best_vs_rest"`` |
+            ``"best_vs_worst"`` expand them to pairs.
+        max_length: most tokens in prompt + one response (None: no limit). Paper default 512.
+        max_prompt_length: the prompt is cut to this many tokens when prompt + longest response
+            exceeds ``max_length`` (None: never cut the prompt). Paper default 256.
+        truncation_mode: ``"keep_end"`` (default: keep the prompt's last tokens, i.e. the latest
+            dialogue turns; a leading BOS is kept) or ``"keep_start"`` (keep its first tokens).
+        cache_dir: where tokenized data is cached; None means ``./.dpokit_cache``.
+        use_cache: False to neither read nor write the cache.
+
+    Returns:
+        a :class:`PreparedDataset`; check ``.report.summary()`` for skips, truncation and drops.
+    """
+    check_read_options(format, ranked_mode)
+    check_truncation_settings(max_length, max_prompt_length, truncation_mode)
+    settings = _settings_fingerprint(
+        format=format,
+        columns=dict(columns) if columns else None,
+        split=split,
+        skip_invalid=skip_invalid,
+        ranked_mode=ranked_mode,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation_mode=truncation_mode,
+    )
+    fingerprint = _combine(source_fingerprint(source, split=split), tokenizer_fingerprint(tokenizer), settings)
+
+    def build() -> PreparedDataset:
+        examples, read_report = read_preferences(
+            source, format=format, columns=columns, split=split, skip_invalid=skip_invalid, ranked_mode=ranked_mode
+        )
+        return _build(
+            examples,
+            read_report,
+            tokenizer,
+            fingerprint,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation_mode=truncation_mode,
+            skip_invalid=skip_invalid,
+        )
+
+    return _cached(fingerprint, cache_dir, use_cache, build)
+
+
+def prepare_from_examples(
+    examples: Sequence[PreferenceExample],
+    tokenizer: Any,
+    *,
+    skip_invalid: bool = False,
+    max_length: int | None = 512,
+    max_prompt_length: int | None = 256,
+    truncation_mode: str = "keep_end",
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = False,
+) -> PreparedDataset:
+    """Tokenize in-memory :class:`PreferenceExample` s (already validated; responses best first).
+
+    Same tokenization, truncation and report as :func:`prepare_dataset`. Caching is off by default
+    here (``use_cache=True`` keys it by the examples' content).
+    """
+    check_truncation_settings(max_length, max_prompt_length, truncation_mode)
+    examples = list(examples)
+    if not examples:
+        raise DataError("prepare_from_examples got no examples")
+    for ex in examples:
+        if not isinstance(ex, PreferenceExample) or len(ex.responses) < 2:
+            raise DataError(f"{getattr(ex, 'source', '') or 'example'}: expected a PreferenceExample with at least 2 responses")
+    settings = _settings_fingerprint(
+        max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, skip_invalid=skip_invalid
+    )
+    fingerprint = _combine(examples_fingerprint(examples), tokenizer_fingerprint(tokenizer), settings)
+    read_report = ReadReport(source=describe_source(examples), rows=len(examples), examples=len(examples))
+    read_report.formats["in_memory"] = len(examples)
+
+    def build() -> PreparedDataset:
+        return _build(
+            examples,
+            read_report,
+            tokenizer,
+            fingerprint,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation_mode=truncation_mode,
+            skip_invalid=skip_invalid,
+        )
+
+    return _cached(fingerprint, cache_dir, use_cache, build)

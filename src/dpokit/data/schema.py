@@ -1,0 +1,109 @@
+"""The validated preference example and the row-level error type.
+
+Everything downstream of the reader (tokenization, batching, the losses) sees only
+:class:`PreferenceExample`: one prompt and ``K >= 2`` responses ranked best first. A pair is the
+``K = 2`` case, ``responses == [chosen, rejected]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+from dpokit.errors import DataError
+
+Message = dict  # {"role": str, "content": str}
+Conversation = list  # list[Message]
+Text = Union[str, Conversation]
+
+
+@dataclass
+class PreferenceExample:
+    """One prompt with ``K >= 2`` responses ordered best to worst.
+
+    Attributes:
+        prompt: plain text, or a list of ``{"role", "content"}`` messages (conversational data).
+        responses: ``K`` responses ranked best first; strings for plain text, message lists (the
+            assistant turn(s) after the prompt) for conversational data. For a pair,
+            ``responses[0]`` is chosen and ``responses[1]`` rejected.
+        scores: the numeric scores the ranking came from (same order as ``responses``), or None
+            when the data gave the order directly.
+        source: provenance, ``"path:line N"`` / ``"path:row N"``, used in every error message.
+    """
+
+    prompt: Text
+    responses: list[Text]
+    scores: list[float] | None = None
+    source: str = ""
+
+    @property
+    def chosen(self) -> Text:
+        return self.responses[0]
+
+    @property
+    def rejected(self) -> Text:
+        """The worst response (for a pair, the rejected one)."""
+        return self.responses[-1]
+
+    @property
+    def num_responses(self) -> int:
+        return len(self.responses)
+
+    @property
+    def is_conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "responses": self.responses, "scores": self.scores, "source": self.source}
+
+
+# Reasons an input row can be rejected. They key the skip counts in the read report.
+SKIP_REASONS = {
+    "not_utf8": "line is not valid UTF-8",
+    "malformed_json": "malformed JSON",
+    "malformed_row": "row is not an object / has the wrong number of cells",
+    "missing_field": "a required field is missing",
+    "wrong_type": "a field has the wrong type",
+    "empty_prompt": "the prompt is empty",
+    "empty_response": "a response is empty",
+    "identical_responses": "chosen identical to rejected (or two ranked responses identical)",
+    "too_few_responses": "a ranking has fewer than 2 responses",
+    "tied_scores": "all scores tie, so there is no preference",
+    "no_shared_prompt": "chosen/rejected conversations share no prompt",
+    "prompt_mismatch": "chosen and rejected do not share the same prompt",
+    "bad_role": "a response does not start with an assistant message",
+    "chat_template_error": "the chat template failed on the row",
+    "chat_template_prefix": "the chat template's prompt is not a token prefix of the conversation",
+}
+
+
+class InvalidRowError(DataError):
+    """A single row is unusable. ``reason`` is a key of :data:`SKIP_REASONS`.
+
+    The message reads ``"<file>:line <n>: field '<name>': <problem>"`` so a user can find and fix it.
+    """
+
+    def __init__(self, source: str, field: str | None, reason: str, problem: str) -> None:
+        self.source = source
+        self.field = field
+        self.reason = reason
+        self.problem = problem
+        where = f"{source}: field '{field}'" if field else source
+        super().__init__(f"{where}: {problem}")
+
+
+def type_name(value: Any) -> str:
+    """A short, user-facing name for the type of a JSON-ish value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

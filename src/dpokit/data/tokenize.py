@@ -1,0 +1,355 @@
+"""Examples -> token ids: one prompt and K responses per example, with the exact prompt/response boundary.
+
+Plain text
+    ``prompt_ids = tokenizer(prompt)`` keeping only the special tokens the tokenizer puts *before*
+    the text (e.g. BOS; not added twice if the text already starts with it; an EOS the tokenizer
+    would append after the prompt is left out). ``response_ids = tokenizer(response,
+    add_special_tokens=False) + [eos]``, the EOS appended exactly once (not when the text already ends
+    with it). Prompt and response are tokenized separately, as in the DPO paper's code, so no token
+    ever straddles the boundary.
+
+Conversations
+    ``prompt_ids`` = the chat template over the prompt messages with ``add_generation_prompt=True``;
+    ``full_ids`` = the template over prompt + response messages; ``response_ids = full_ids[len(prompt_ids):]``
+    (the assistant turn(s), with whatever end markers the template writes). Templates carry their own
+    special tokens, so rendered text is tokenized with ``add_special_tokens=False`` -- the same ids as
+    ``apply_chat_template(tokenize=True)`` and no doubled BOS. ``prompt_ids`` must be an exact prefix of
+    ``full_ids``; templates that render the prompt differently on its own raise a :class:`DataError`.
+
+Truncation (only when ``prompt + longest response > max_length``)
+    1. the prompt is cut to ``max_prompt_length`` tokens: ``keep_end`` (default) keeps its last tokens,
+       which is where a dialogue's latest turn is (a leading BOS is kept); ``keep_start`` keeps its first;
+    2. responses are cut to ``max_length - len(prompt)`` tokens (their start is kept);
+    3. an example whose responses would get no token at all is dropped.
+    Each case is counted in :class:`TokenizeReport`.
+
+All tokenizer calls are batched over the whole dataset (fast tokenizers encode in parallel in Rust).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dpokit.data.schema import SKIP_REASONS, InvalidRowError, PreferenceExample
+from dpokit.errors import ConfigError, DataError
+
+TRUNCATION_MODES = ("keep_end", "keep_start")
+_TOKENIZE_BATCH = 4096
+_MESSAGES_KEPT = 3
+
+
+@dataclass
+class TokenizeReport:
+    """Counts from tokenization and truncation.
+
+    Attributes:
+        examples_in / examples_out: examples before / after drops and skips.
+        prompt_truncated: examples whose prompt was cut to ``max_prompt_length``.
+        responses_truncated: examples with at least one response cut to fit ``max_length``.
+        dropped: examples dropped per reason (``prompt_fills_max_length``: no room left for any
+            response token after the prompt was cut).
+        skipped: examples skipped as invalid (``skip_invalid=True``) per reason, with
+            ``skipped_messages`` the first few messages per reason.
+    """
+
+    examples_in: int = 0
+    examples_out: int = 0
+    prompt_truncated: int = 0
+    responses_truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    skipped_messages: dict[str, list[str]] = field(default_factory=dict)
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    truncation_mode: str = "keep_end"
+
+    def summary(self) -> str:
+        lines = [f"tokenized {self.examples_in} examples -> {self.examples_out} kept"]
+        if self.prompt_truncated:
+            lines.append(f"  {self.prompt_truncated} prompts cut to max_prompt_length={self.max_prompt_length} ({self.truncation_mode})")
+        if self.responses_truncated:
+            lines.append(f"  {self.responses_truncated} examples had responses cut to fit max_length={self.max_length}")
+        for reason, count in self.dropped.most_common():
+            lines.append(f"  dropped {count}: {reason} (the prompt leaves no room for a response within max_length)")
+        for reason, count in self.skipped.most_common():
+            lines.append(f"  skipped {count} invalid: {reason}: {SKIP_REASONS.get(reason, reason)}")
+            for message in self.skipped_messages.get(reason, []):
+                lines.append(f"       e.g. {message}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["dropped"] = dict(self.dropped)
+        data["skipped"] = dict(self.skipped)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TokenizeReport":
+        data = dict(data)
+        data["dropped"] = Counter(data.get("dropped", {}))
+        data["skipped"] = Counter(data.get("skipped", {}))
+        return cls(**data)
+
+
+@dataclass
+class TokenizedColumns:
+    """Token ids of E examples in flat arrays (cheap to cache and to load).
+
+    ``tokens`` (total,) int32: every segment's ids back to back; a segment is a prompt or a response.
+    ``segment_offsets`` (S+1,) int64: segment ``i`` is ``tokens[segment_offsets[i]:segment_offsets[i+1]]``.
+    ``example_segments`` (E+1,) int64: example ``e`` owns segments ``example_segments[e]`` (its prompt)
+    to ``example_segments[e+1]`` (exclusive; its K responses, best first).
+    """
+
+    tokens: np.ndarray
+    segment_offsets: np.ndarray
+    example_segments: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.example_segments) - 1
+
+    def segment(self, i: int) -> np.ndarray:
+        return self.tokens[self.segment_offsets[i] : self.segment_offsets[i + 1]]
+
+    def example(self, e: int) -> tuple[list[int], list[list[int]]]:
+        first, end = int(self.example_segments[e]), int(self.example_segments[e + 1])
+        prompt = self.segment(first).tolist()
+        responses = [self.segment(s).tolist() for s in range(first + 1, end)]
+        return prompt, responses
+
+    def lengths(self) -> np.ndarray:
+        """(E,) int64: prompt length + longest response, the row length a padded batch needs."""
+        segment_lengths = np.diff(self.segment_offsets)
+        out = np.empty(len(self), dtype=np.int64)
+        starts = self.example_segments
+        for e in range(len(self)):
+            out[e] = segment_lengths[starts[e]] + segment_lengths[starts[e] + 1 : starts[e + 1]].max()
+        return out
+
+    @classmethod
+    def from_lists(cls, examples: Sequence[tuple[list[int], list[list[int]]]]) -> "TokenizedColumns":
+        segments: list[list[int]] = []
+        example_segments = [0]
+        for prompt, responses in examples:
+            segments.append(prompt)
+            segments.extend(responses)
+            example_segments.append(len(segments))
+        lengths = np.fromiter((len(s) for s in segments), dtype=np.int64, count=len(segments))
+        offsets = np.zeros(len(segments) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.fromiter((t for s in segments for t in s), dtype=np.int32, count=int(offsets[-1]))
+        return cls(tokens, offsets, np.asarray(example_segments, dtype=np.int64))
+
+
+def check_truncation_settings(max_length: int | None, max_prompt_length: int | None, truncation_mode: str) -> None:
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ConfigError(f"unknown truncation_mode '{truncation_mode}'; valid: {', '.join(TRUNCATION_MODES)}")
+    if max_length is not None and max_length < 2:
+        raise ConfigError(f"max_length must be at least 2 (a prompt token and a response token), got {max_length}")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ConfigError(f"max_prompt_length must be at least 1, got {max_prompt_length}")
+    if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
+        raise ConfigError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Batched encoding without special tokens (chunks keep peak memory flat on big datasets)."""
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), _TOKENIZE_BATCH):
+        chunk = texts[start : start + _TOKENIZE_BATCH]
+        ids.extend(
+            tokenizer(chunk, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        )
+    return ids
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before a text by itself (e.g. ``[bos]``); ``[]`` for most BPE tokenizers."""
+    probe = "probe text"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    with_specials = tokenizer(probe)["input_ids"]
+    for start in range(len(with_specials) - len(plain) + 1):
+        if with_specials[start : start + len(plain)] == plain:
+            return list(with_specials[:start])
+    return []
+
+
+def _tokenize_text(examples: list[PreferenceExample], tokenizer: Any) -> list[tuple[list[int], list[list[int]]]]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("the tokenizer has no eos_token; set tokenizer.eos_token so responses can be terminated")
+    prefix = special_prefix(tokenizer)
+    prompts = _encode(tokenizer, [ex.prompt for ex in examples])  # type: ignore[misc]
+    flat_responses = _encode(tokenizer, [r for ex in examples for r in ex.responses])  # type: ignore[misc]
+    out = []
+    cursor = 0
+    for ex, prompt in zip(examples, prompts):
+        if prefix and prompt[: len(prefix)] != prefix:  # not twice when the text already starts with BOS
+            prompt = prefix + prompt
+        responses = []
+        for ids in flat_responses[cursor : cursor + ex.num_responses]:
+            responses.append(ids if ids and ids[-1] == eos else ids + [eos])
+        cursor += ex.num_responses
+        out.append((prompt, responses))
+    return out
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def _tokenize_chat(
+    examples: list[PreferenceExample], tokenizer: Any, on_invalid: Any
+) -> list[tuple[list[int], list[list[int]]] | None]:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError(
+            "the data is conversational (lists of {role, content} messages) but the tokenizer has no chat template; "
+            "set tokenizer.chat_template or use plain-text data"
+        )
+    prompt_texts: list[str] = []
+    full_texts: list[str] = []
+    failed: set[int] = set()
+    for e, ex in enumerate(examples):
+        try:
+            prompt_text = tokenizer.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=True)
+            texts = [tokenizer.apply_chat_template(ex.prompt + response, tokenize=False) for response in ex.responses]  # type: ignore[operator]
+        except Exception as error:  # jinja raises its own types (e.g. a template enforcing role order)
+            on_invalid(InvalidRowError(ex.source, None, "chat_template_error", f"the chat template failed: {type(error).__name__}: {error}"))
+            failed.add(e)
+            continue
+        prompt_texts.append(prompt_text)
+        full_texts.extend(texts)
+    prompt_ids = _encode(tokenizer, prompt_texts)
+    full_ids = _encode(tokenizer, full_texts)
+    out: list[tuple[list[int], list[list[int]]] | None] = []
+    p_cursor = f_cursor = 0
+    for e, ex in enumerate(examples):
+        if e in failed:
+            out.append(None)
+            continue
+        prompt = prompt_ids[p_cursor]
+        p_cursor += 1
+        responses = []
+        bad: InvalidRowError | None = None
+        for k, full in enumerate(full_ids[f_cursor : f_cursor + ex.num_responses]):
+            if full[: len(prompt)] != prompt:
+                at = _first_difference(prompt, full)
+                bad = InvalidRowError(
+                    ex.source,
+                    None,
+                    "chat_template_prefix",
+                    f"the chat template renders the prompt (with add_generation_prompt=True) differently from the start of "
+                    f"the conversation with response {k}: token {at} is {tokenizer.decode(prompt[at:at + 8])!r} in the prompt but "
+                    f"{tokenizer.decode(full[at:at + 8])!r} in the conversation, so the response boundary is unknown. "
+                    "Use a chat template whose generation prompt is a prefix of the rendered conversation",
+                )
+                break
+            response = full[len(prompt):]
+            if not response:
+                bad = InvalidRowError(ex.source, None, "empty_response", f"response {k} renders to no tokens after the prompt")
+                break
+            responses.append(response)
+        f_cursor += ex.num_responses
+        if bad is not None:
+            on_invalid(bad)
+            out.append(None)
+        else:
+            out.append((prompt, responses))
+    return out
+
+
+def truncate(
+    prompt: list[int],
+    responses: list[list[int]],
+    *,
+    max_length: int | None,
+    max_prompt_length: int | None,
+    truncation_mode: str,
+    keep_first: int = 0,
+) -> tuple[list[int], list[list[int]], str | None]:
+    """Apply the truncation rules (module docstring). Returns (prompt, responses, what happened):
+    ``None`` (fits), ``"prompt"``, ``"responses"``, ``"both"``, or ``"drop"``.
+
+    ``keep_first``: leading prompt tokens ``keep_end`` must keep (the BOS).
+    """
+    if max_length is None or len(prompt) + max(len(r) for r in responses) <= max_length:
+        return prompt, responses, None
+    prompt_cut = False
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        if truncation_mode == "keep_start":
+            prompt = prompt[:max_prompt_length]
+        else:
+            keep = min(keep_first, max_prompt_length - 1)
+            prompt = prompt[:keep] + prompt[len(prompt) - (max_prompt_length - keep) :]
+        prompt_cut = True
+    room = max_length - len(prompt)
+    if room <= 0:
+        return prompt, responses, "drop"
+    responses_cut = any(len(r) > room for r in responses)
+    responses = [r[:room] for r in responses]
+    return prompt, responses, ("both" if prompt_cut and responses_cut else "prompt" if prompt_cut else "responses" if responses_cut else None)
+
+
+def tokenize_examples(
+    examples: Sequence[PreferenceExample],
+    tokenizer: Any,
+    *,
+    max_length: int | None = 512,
+    max_prompt_length: int | None = 256,
+    truncation_mode: str = "keep_end",
+    skip_invalid: bool = False,
+) -> tuple[TokenizedColumns, list[int], TokenizeReport]:
+    """Tokenize and truncate. Returns (columns, kept example indices into ``examples``, report)."""
+    check_truncation_settings(max_length, max_prompt_length, truncation_mode)
+    report = TokenizeReport(
+        examples_in=len(examples), max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode
+    )
+
+    def on_invalid(error: InvalidRowError) -> None:
+        if not skip_invalid:
+            raise DataError(f"{error} Pass skip_invalid=True to skip such rows (they are counted and reported).")
+        report.skipped[error.reason] += 1
+        kept = report.skipped_messages.setdefault(error.reason, [])
+        if len(kept) < _MESSAGES_KEPT:
+            kept.append(str(error))
+
+    text_index = [i for i, ex in enumerate(examples) if not ex.is_conversational]
+    chat_index = [i for i, ex in enumerate(examples) if ex.is_conversational]
+    tokenized: list[Any] = [None] * len(examples)
+    if text_index:
+        for i, ids in zip(text_index, _tokenize_text([examples[i] for i in text_index], tokenizer)):
+            tokenized[i] = ids
+    if chat_index:
+        for i, ids in zip(chat_index, _tokenize_chat([examples[i] for i in chat_index], tokenizer, on_invalid)):
+            tokenized[i] = ids
+
+    bos = tokenizer.bos_token_id
+    kept_lists: list[tuple[list[int], list[list[int]]]] = []
+    kept_index: list[int] = []
+    for i, ids in enumerate(tokenized):
+        if ids is None:
+            continue
+        prompt, responses = ids
+        keep_first = 1 if bos is not None and prompt and prompt[0] == bos else 0
+        prompt, responses, what = truncate(
+            prompt, responses, max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, keep_first=keep_first
+        )
+        if what == "drop":
+            report.dropped["prompt_fills_max_length"] += 1
+            continue
+        if what in ("prompt", "both"):
+            report.prompt_truncated += 1
+        if what in ("responses", "both"):
+            report.responses_truncated += 1
+        kept_lists.append((prompt, responses))
+        kept_index.append(i)
+    report.examples_out = len(kept_lists)
+    return TokenizedColumns.from_lists(kept_lists), kept_index, report
