@@ -1,0 +1,299 @@
+"""``dpokit score``: the trained policy as the reward model the DPO paper's title promises.
+
+For a prompt x and a response y the implicit reward is
+
+    r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x))
+
+(summed response-token log-probs; with no reference, r = beta * log pi(y|x)). Under the
+Bradley-Terry model DPO was trained with, the probability that y_1 is preferred to y_2 is
+
+    P(y_1 > y_2 | x) = sigmoid(r(x, y_1) - r(x, y_2)),
+
+and for K responses the probability that each one is the best is softmax(r)_k (Plackett-Luce's
+first choice). The partition function Z(x) cancels in both, which is why rewards are only comparable
+between responses to the *same* prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dpokit.errors import ConfigError, DataError
+from dpokit.evaluate import (
+    LoadedPolicy,
+    ReferenceChoice,
+    iterate_batches,
+    load_policy,
+    reference_logps,
+    resolve_reference,
+    run_defaults,
+)
+
+Text = str | list[dict[str, str]]
+
+
+@dataclass
+class ScoreRow:
+    """One input row: a prompt and the responses to score (in the order given)."""
+
+    prompt: Text
+    responses: list[Text]
+    source: str
+
+
+@dataclass
+class ScoredRow:
+    """Rewards for one row. ``preference_prob`` (pairs): P(responses[0] preferred to responses[1]);
+    ``best_prob`` (K >= 2): softmax of the rewards, P(response k is the best)."""
+
+    prompt: Text
+    responses: list[Text]
+    rewards: list[float]
+    policy_logps: list[float]
+    reference_logps: list[float] | None
+    preference_prob: float | None
+    best_prob: list[float] | None
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"prompt": self.prompt, "responses": self.responses, "rewards": self.rewards}
+        if self.preference_prob is not None:
+            row["preference_prob"] = self.preference_prob
+        if self.best_prob is not None and len(self.responses) > 2:
+            row["best_prob"] = self.best_prob
+        row["policy_logps"] = self.policy_logps
+        if self.reference_logps is not None:
+            row["reference_logps"] = self.reference_logps
+        row["source"] = self.source
+        return row
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def _cell(value: Any) -> Any:
+    # CSV cells holding JSON (a list of responses, chat messages) are decoded; plain text stays text.
+    if isinstance(value, str) and value.strip().startswith(("[", "{")):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _text(value: Any, where: str, field: str) -> Text:
+    value = _cell(value)
+    if isinstance(value, str) and value != "":
+        return value
+    if _is_messages(value):
+        return value
+    raise DataError(f"{where}: field '{field}' must be a non-empty string or a list of {{'role', 'content'}} messages")
+
+
+def _row_from_mapping(row: Any, where: str) -> ScoreRow:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with 'prompt' and 'response'/'responses'/'chosen'+'rejected'")
+    if "prompt" not in row:
+        raise DataError(f"{where}: missing field 'prompt'")
+    prompt = _text(row["prompt"], where, "prompt")
+    if row.get("responses") not in (None, ""):
+        responses = _cell(row["responses"])
+        if not isinstance(responses, list) or not responses or _is_messages(responses):
+            raise DataError(f"{where}: field 'responses' must be a non-empty list of responses")
+        return ScoreRow(prompt, [_text(r, where, f"responses[{i}]") for i, r in enumerate(responses)], where)
+    if row.get("chosen") not in (None, "") or row.get("rejected") not in (None, ""):
+        if row.get("chosen") in (None, "") or row.get("rejected") in (None, ""):
+            raise DataError(f"{where}: a pair needs both 'chosen' and 'rejected'")
+        return ScoreRow(prompt, [_text(row["chosen"], where, "chosen"), _text(row["rejected"], where, "rejected")], where)
+    if row.get("response") not in (None, ""):
+        return ScoreRow(prompt, [_text(row["response"], where, "response")], where)
+    raise DataError(f"{where}: no responses: give 'response', 'responses' (a list) or 'chosen' and 'rejected'")
+
+
+def read_score_rows(path: str | Path) -> list[ScoreRow]:
+    """Rows from a JSONL, JSON (a list of objects) or CSV file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: input file not found")
+    text = path.read_text(encoding="utf-8")
+    rows: list[ScoreRow] = []
+    if path.suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        for row_number, row in enumerate(reader, start=2):  # line 1 is the header
+            rows.append(_row_from_mapping(row, f"{path}:line {row_number}"))
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:line {error.lineno}: not valid JSON ({error.msg})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows")
+        rows = [_row_from_mapping(row, f"{path}:row {index}") for index, row in enumerate(data, start=1)]
+    else:
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:line {line_number}: not a JSON object ({error.msg})") from None
+            rows.append(_row_from_mapping(row, f"{path}:line {line_number}"))
+    if not rows:
+        raise DataError(f"{path}: no rows to score")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def _prepare(rows: Sequence[ScoreRow], tokenizer: Any, *, max_length: int, max_prompt_length: int) -> Any:
+    """Token ids for every row through the same data pipeline as training (chat template included)."""
+    from dpokit.data import PreferenceExample, prepare_from_examples
+
+    # The data pipeline works on rankings of >= 2 responses; a single response is scored as a "pair"
+    # with itself and the duplicate dropped afterwards.
+    examples = [
+        PreferenceExample(
+            prompt=row.prompt,
+            responses=list(row.responses) if len(row.responses) >= 2 else [row.responses[0], row.responses[0]],
+            source=row.source,
+        )
+        for row in rows
+    ]
+    return prepare_from_examples(examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+
+
+@torch.no_grad()
+def score_rows(
+    policy_model: Any,
+    tokenizer: Any,
+    reference: ReferenceChoice,
+    rows: Sequence[ScoreRow],
+    *,
+    beta: float,
+    max_length: int = 1024,
+    max_prompt_length: int = 512,
+    batch_size: int = 8,
+) -> list[ScoredRow]:
+    """r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) for every response of every row.
+
+    Log-probs come from ``compute_logps`` on batches of the data pipeline's token ids (the same as
+    training), shape ``(B, K)``; responses beyond a row's own count are masked out.
+    """
+    from dpokit.logprobs import compute_logps
+
+    prepared = _prepare(rows, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    items = prepared.items
+    if len(items) != len(rows):
+        raise DataError(f"{len(rows) - len(items)} of {len(rows)} rows could not be tokenized: {prepared.report.summary()}")
+    device = next(policy_model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scored: list[ScoredRow] = []
+    row_index = 0
+    for batch in iterate_batches(items, batch_size, pad_id):
+        batch = batch.to(device)
+        policy_logps = compute_logps(policy_model, batch).logps.float().cpu()  # (B, K)
+        ref = reference_logps(reference, policy_model, batch)
+        ref_logps = ref.float().cpu() if ref is not None else None
+        rewards = beta * (policy_logps - ref_logps) if ref_logps is not None else beta * policy_logps  # (B, K)
+        for b in range(batch.batch_size):
+            row = rows[row_index]
+            row_index += 1
+            k = len(row.responses)
+            row_rewards = rewards[b, :k]
+            preference = float(torch.sigmoid(row_rewards[0] - row_rewards[1])) if k == 2 else None
+            best = torch.softmax(row_rewards, dim=0).tolist() if k >= 2 else None
+            scored.append(
+                ScoredRow(
+                    prompt=row.prompt,
+                    responses=list(row.responses),
+                    rewards=row_rewards.tolist(),
+                    policy_logps=policy_logps[b, :k].tolist(),
+                    reference_logps=ref_logps[b, :k].tolist() if ref_logps is not None else None,
+                    preference_prob=preference,
+                    best_prob=best,
+                    source=row.source,
+                )
+            )
+    return scored
+
+
+def _short(text: Text, width: int = 60) -> str:
+    flat = text if isinstance(text, str) else " | ".join(f"{m['role']}: {m['content']}" for m in text)
+    flat = flat.replace("\n", " ")
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def format_scores(scored: Sequence[ScoredRow]) -> str:
+    lines = []
+    for index, row in enumerate(scored):
+        lines.append(f"[{index}] prompt: {_short(row.prompt)}")
+        for k, (response, reward) in enumerate(zip(row.responses, row.rewards)):
+            lines.append(f"    r={reward:+.4f}  {_short(response)}")
+        if row.preference_prob is not None:
+            lines.append(f"    P(first preferred) = {row.preference_prob:.4f}")
+        elif row.best_prob is not None and len(row.responses) > 2:
+            lines.append("    P(best) = " + ", ".join(f"{p:.3f}" for p in row.best_prob))
+    return "\n".join(lines)
+
+
+def run_score_command(args: argparse.Namespace) -> int:
+    """``dpokit score``: read rows or --prompt/--response, score, print and optionally write JSONL."""
+    if args.input and (args.prompt is not None or args.response):
+        raise ConfigError("give either --input FILE or --prompt with --response, not both")
+    if args.input:
+        rows = read_score_rows(args.input)
+    elif args.prompt is not None and args.response:
+        prompt: Text = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+        responses: list[Text] = [[{"role": "assistant", "content": r}] if args.chat else r for r in args.response]
+        rows = [ScoreRow(prompt, responses, "command line")]
+    else:
+        raise ConfigError("nothing to score: give --input FILE, or --prompt TEXT with one or more --response TEXT")
+    policy: LoadedPolicy = load_policy(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    defaults = run_defaults(policy, None)
+    loss_defaults = defaults.get("loss") or {}
+    data_defaults = defaults.get("data") or {}
+    beta = float(args.beta if args.beta is not None else loss_defaults.get("beta", 0.1))
+    reference = resolve_reference(
+        policy,
+        args.reference,
+        reference_free=args.reference_free,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
+    scored = score_rows(
+        policy.model,
+        policy.tokenizer,
+        reference,
+        rows,
+        beta=beta,
+        max_length=int(args.max_length or data_defaults.get("max_length") or 1024),
+        max_prompt_length=int(args.max_prompt_length or data_defaults.get("max_prompt_length") or 512),
+        batch_size=args.batch_size,
+    )
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as handle:
+            for row in scored:
+                handle.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
+    if args.json:
+        for row in scored:
+            print(json.dumps(row.to_dict(), ensure_ascii=False))
+    else:
+        print(f"r(x, y) = {beta} * (log pi - log pi_ref); reference: {reference.describe()}")
+        print(format_scores(scored))
+        if args.output:
+            print(f"wrote {len(scored)} rows to {args.output}")
+    return 0
