@@ -1,0 +1,287 @@
+"""Response log-probabilities from a causal LM, without materialising the full logits.
+
+For scored token m (see :mod:`dpokit.data.batch`) with final hidden state ``h_m`` (H,), output
+weight ``W`` (V, H), optional bias ``b`` (V,) and target token ``y_m``:
+
+    z_m = g(h_m W^T + b)                                   logits; g = the model's logit transform
+    log p(y_m) = z_m[y_m] - logsumexp_v z_m[v]
+    log pi(y_s | x) = sum_{m : score_seq[m] = s} log p(y_m)
+
+``g`` is identity for most models, ``a * z`` for models that scale logits (Cohere ``logit_scale``,
+Granite ``1 / logits_scaling``, ...) and ``c * tanh(z / c)`` for soft-capped ones (Gemma 2/3
+``final_logit_softcapping``).
+
+Why chunked: the naive ``log_softmax(model(...).logits)`` holds a float32 (N, T, V) tensor (and
+autograd keeps another for backward) -- 2 GiB for one 2k-token sequence with a 128k vocabulary.
+Here only the M response positions are projected, ``chunk_size`` rows at a time, and the forward
+keeps nothing but two floats per token (the target logit and the log-partition). The backward
+recomputes each chunk's logits and forms the exact gradient
+
+    d log p(y_m) / d z_m = onehot(y_m) - softmax(z_m),
+
+so peak memory for the output layer grows with ``chunk_size x V``, not with ``N x T x V``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from dpokit.data.batch import Batch
+from dpokit.errors import TrainingError
+
+__all__ = ["SequenceLogps", "OutputHead", "compute_logps", "chunked_token_logps", "find_output_head", "final_hidden_states"]
+
+
+@dataclass
+class SequenceLogps:
+    """Log-probs of every response in a batch.
+
+    ``logps`` (B, K): summed log pi(y_k | x) per response (0 where ``response_mask`` is False);
+    ``lengths`` (B, K): scored tokens per response; ``token_logps`` (M,): log p of each scored token,
+    in the batch's ``score_*`` order (float32).
+    """
+
+    logps: Tensor
+    lengths: Tensor
+    token_logps: Tensor
+
+    @property
+    def mean_logps(self) -> Tensor:
+        """(B, K) length-averaged log-probs, logps / max(lengths, 1)."""
+        return self.logps / self.lengths.clamp(min=1).to(self.logps.dtype)
+
+
+@dataclass
+class OutputHead:
+    """The output layer and what the model does to its logits: ``z = softcap(scale * (h W^T + b))``.
+
+    ``module`` is the layer itself; ``weight``/``bias`` are set when it is a plain ``nn.Linear``
+    (the fast, hand-written backward); otherwise the module is called per chunk under activation
+    checkpointing (e.g. an output layer wrapped by LoRA).
+    """
+
+    module: nn.Module
+    weight: Tensor | None
+    bias: Tensor | None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def transform(self, logits: Tensor) -> Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+def _logit_scale(model: nn.Module, config) -> float:
+    """Multiplicative logit scaling some architectures apply after the output layer."""
+    model_type = str(getattr(config, "model_type", ""))
+    if model_type.startswith("cohere") and getattr(config, "logit_scale", None) is not None:
+        return float(config.logit_scale)  # logits * logit_scale
+    if model_type.startswith("granite") and getattr(config, "logits_scaling", None) is not None:
+        return 1.0 / float(config.logits_scaling)  # logits / logits_scaling
+    if model_type == "minicpm3" and getattr(config, "logits_scaling", None) is not None:
+        return 1.0 / float(config.logits_scaling)  # hidden / logits_scaling before a bias-free head
+    if model_type.startswith("hyperclovax") and getattr(config, "logits_scaling", None) is not None:
+        return float(config.logits_scaling)  # logits * logits_scaling
+    if model_type == "falcon_h1" and getattr(config, "lm_head_multiplier", None) is not None:
+        return float(config.lm_head_multiplier)
+    return 1.0
+
+
+def find_output_head(model: nn.Module) -> OutputHead:
+    """The output layer (``model.get_output_embeddings()``, tied or not) and the logit transform
+    from the model's config."""
+    module = model.get_output_embeddings()
+    if module is None:
+        raise TrainingError(f"{type(model).__name__} has no output layer (get_output_embeddings() is None); "
+                            "dpokit needs a causal language model")
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = _logit_scale(model, text_config)
+    plain_linear = type(module) is nn.Linear and module.weight.is_floating_point()
+    return OutputHead(
+        module=module,
+        weight=module.weight if plain_linear else None,
+        bias=module.bias if plain_linear else None,
+        scale=scale,
+        softcap=float(softcap) if softcap else None,
+    )
+
+
+class _ChunkedLinearLogProb(torch.autograd.Function):
+    """log softmax(g(h W^T + b))[y] for M rows, chunk by chunk; saves (M,) statistics, recomputes
+    logits in backward. Logits are formed in the weight's dtype and raised to float32 (as a model's
+    own ``.float()`` logits are); gradients are exact for that computation."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, scale: float, softcap):  # type: ignore[override]
+        num_tokens = hidden.shape[0]
+        log_partition = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+        target_logits = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+        for start in range(0, num_tokens, chunk_size):
+            stop = min(start + chunk_size, num_tokens)
+            logits = _chunk_logits(hidden[start:stop], weight, bias, scale, softcap)[0]
+            log_partition[start:stop] = torch.logsumexp(logits, dim=-1)
+            target_logits[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1)
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, targets, log_partition)
+        ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
+        return target_logits - log_partition
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        hidden, weight, bias, targets, log_partition = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # Accumulate over chunks in float32 whatever the parameter dtype.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        grad_out = grad_out.float()
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, hidden.shape[0])
+            hidden_chunk = hidden[start:stop]
+            logits, tanh_value = _chunk_logits(hidden_chunk, weight, bias, ctx.scale, ctx.softcap)
+            g = grad_out[start:stop, None]
+            # d/dz [z_y - logsumexp z] = onehot(y) - softmax(z); built in place in the logits buffer.
+            grad_logits = logits.sub_(log_partition[start:stop, None]).exp_().mul_(-g)
+            grad_logits.scatter_add_(1, targets[start:stop, None], g)
+            if ctx.softcap is not None:
+                grad_logits.mul_(1.0 - tanh_value.square_())  # d/du c tanh(u / c) = 1 - tanh^2
+            if ctx.scale != 1.0:
+                grad_logits.mul_(ctx.scale)
+            if need_hidden:
+                grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), hidden_chunk.float())
+            if need_bias:
+                grad_bias.add_(grad_logits.sum(dim=0))
+            del logits, grad_logits, tanh_value
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if need_weight else None,
+            grad_bias.to(bias.dtype) if need_bias else None,
+            None, None, None, None,
+        )
+
+
+def _chunk_logits(hidden_chunk: Tensor, weight: Tensor, bias: Tensor | None, scale: float, softcap):
+    """float32 logits g(h W^T + b) of one chunk, and tanh(u / c) when soft-capped (for backward)."""
+    logits = F.linear(hidden_chunk.to(weight.dtype), weight, bias).float()
+    if scale != 1.0:
+        logits.mul_(scale)
+    tanh_value = None
+    if softcap is not None:
+        tanh_value = torch.tanh(logits / softcap)
+        logits = tanh_value * softcap
+    return logits, tanh_value
+
+
+def chunked_token_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    chunk_size: int = 1024,
+    scale: float = 1.0,
+    softcap: float | None = None,
+) -> Tensor:
+    """log softmax(g(hidden W^T + b))[targets] for ``hidden`` (M, H), ``weight`` (V, H),
+    ``targets`` (M,) long; returns (M,) float32. Peak extra memory ~ a few ``chunk_size x V`` float32
+    buffers; gradients flow to ``hidden``, ``weight`` and ``bias`` exactly."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedLinearLogProb.apply(hidden, weight, bias, targets, int(chunk_size), float(scale), softcap)
+
+
+def _module_token_logps(head: OutputHead, hidden: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """Fallback for output layers that are not a plain ``nn.Linear``: call the module per chunk under
+    non-reentrant activation checkpointing, so only one chunk's logits live at a time in backward."""
+
+    def chunk_logps(hidden_chunk: Tensor, target_chunk: Tensor) -> Tensor:
+        logits = head.transform(head.module(hidden_chunk).float())
+        return logits.gather(1, target_chunk[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        pieces.append(checkpoint(chunk_logps, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_logps(h, t))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def final_hidden_states(model: nn.Module, model_inputs: dict[str, Tensor]) -> Tensor:
+    """(N, T, H) hidden states after the final norm, from the model's decoder (the network without
+    its output layer). Works through peft wrappers: LoRA layers live inside the decoder, so they
+    apply, and ``with model.disable_adapter():`` switches them off."""
+    decoder = model.get_decoder()
+    outputs = decoder(**model_inputs, use_cache=False)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    return hidden
+
+
+# Models whose decoder + output-head decomposition was checked against their own logits.
+_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _verify_decomposition(model: nn.Module, head: OutputHead, input_ids: Tensor) -> None:
+    """Once per model: the logits dpokit rebuilds from the decoder and :class:`OutputHead` must equal
+    the model's own on a few tokens, so an architecture with an unknown logit transform fails loudly
+    instead of training on wrong log-probs. Runs in eval mode (no dropout), without gradients."""
+    if model in _VERIFIED:
+        return
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            ids = input_ids[:1, : min(8, input_ids.shape[1])]
+            expected = model(input_ids=ids, use_cache=False).logits.float()
+            hidden = final_hidden_states(model, {"input_ids": ids})
+            rebuilt = head.transform(head.module(hidden).float())
+    finally:
+        for module, training in modes:
+            module.training = training
+    tolerance = 1e-3 * (1.0 + expected.abs().max().item())
+    if expected.shape != rebuilt.shape or (expected - rebuilt).abs().max().item() > tolerance:
+        raise TrainingError(
+            f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')}): its logits differ from "
+            "output_layer(decoder hidden states); the model transforms logits in a way dpokit does not know. "
+            "Please report the model type."
+        )
+    _VERIFIED[model] = True
+
+
+def compute_logps(model: nn.Module, batch: Batch, *, chunk_size: int = 1024) -> SequenceLogps:
+    """Summed and per-token log-probs of every scored response token in ``batch``.
+
+    One decoder forward over ``batch.model_inputs()`` gives hidden states (N, T, H); the rows at
+    ``score_index`` (M, H) go through the output layer in chunks of ``chunk_size`` tokens
+    (:func:`chunked_token_logps`); per-token values are summed per scored sequence
+    s = k * B + b and returned as (B, K). The row layout is never inspected.
+    """
+    head = find_output_head(model)
+    _verify_decomposition(model, head, batch.input_ids)
+    hidden = final_hidden_states(model, batch.model_inputs())
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    scored_hidden = flat_hidden.index_select(0, batch.score_index)
+    if head.weight is not None:
+        token_logps = chunked_token_logps(
+            scored_hidden, head.weight, batch.score_target, bias=head.bias,
+            chunk_size=chunk_size, scale=head.scale, softcap=head.softcap,
+        )
+    else:
+        token_logps = _module_token_logps(head, scored_hidden, batch.score_target, chunk_size)
+    num_sequences = batch.num_sequences
+    sequence_logps = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
+    sequence_logps = sequence_logps.index_add(0, batch.score_seq, token_logps)
+    logps = sequence_logps.view(batch.num_responses, batch.batch_size).t()
+    return SequenceLogps(logps=logps, lengths=batch.response_lengths, token_logps=token_logps)
