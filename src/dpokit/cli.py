@@ -157,6 +157,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--split", default="test", help="dataset split for hub/saved datasets (default: test)")
     data.add_argument("--format", default="auto", help="data format, as in the training config's data.format (default: auto)")
     data.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    data.add_argument(
+        "--cache-dir", default=None, help="where tokenized data is cached (default: the run's data.cache_dir, else .dpokit_cache)"
+    )
     _add_length_arguments(parser)
     loss = parser.add_argument_group("objective")
     loss.add_argument(

@@ -356,6 +356,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         max_length=int(_first(args.max_length, data_defaults.get("max_length"), 512)),
         max_prompt_length=int(_first(args.max_prompt_length, data_defaults.get("max_prompt_length"), 256)),
         truncation_mode=data_defaults.get("truncation_mode", "keep_end"),
+        cache_dir=_first(args.cache_dir, data_defaults.get("cache_dir")),
     )
     items = dataset.items
     if args.limit is not None:
