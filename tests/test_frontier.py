@@ -1,0 +1,249 @@
+"""The reward/KL estimator against cases with known answers, and the frontier outputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dpokit.errors import ConfigError, DataError
+from dpokit.frontier import (
+    best_of_n_kl,
+    completion_logps,
+    dominance_summary,
+    estimate_reward_kl,
+    find_checkpoints,
+    load_reward,
+    read_prompts,
+    sample_completions,
+    sample_with_kl,
+    write_results,
+)
+from tests.helpers import tiny_gpt2, tiny_tokenizer
+
+
+class FixedLogits(torch.nn.Module):
+    """A hand-built "language model": the same next-token logits at every position, whatever the context."""
+
+    def __init__(self, logits: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("fixed", torch.tensor(logits, dtype=torch.float32))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **_):
+        n, t = input_ids.shape
+        return SimpleNamespace(logits=self.fixed.expand(n, t, -1).clone())
+
+
+def bernoulli_kl(p: float, q: float) -> float:
+    return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+
+def logits_for(p_token1: float) -> list[float]:
+    return [math.log(1 - p_token1), math.log(p_token1)]
+
+
+def test_kl_over_fixed_length_two_token_sequences_matches_the_analytic_value():
+    """Two tokens, no EOS, L = 6 steps, i.i.d. tokens: pi(1) = 0.7, pi_ref(1) = 0.4.
+
+    KL per token = 0.7 ln(0.7/0.4) + 0.3 ln(0.3/0.6) = 0.3917 - 0.2079 = 0.1838 nats, so the
+    sequence KL is 6 * 0.1838 = 1.103 nats. The per-sample log-ratio has variance 6 * Var_token
+    (~6 * 0.21) so 4000 samples give a standard error of ~0.018; we allow 4 s.e.
+    """
+    policy, reference = FixedLogits(logits_for(0.7)), FixedLogits(logits_for(0.4))
+    prompts = [[0, 1]] * 4000
+    _, kls = sample_with_kl(policy, reference, prompts, max_new_tokens=6, eos_token_id=None, pad_token_id=0,
+                            generator=torch.Generator().manual_seed(0), batch_size=1000)
+    expected = 6 * bernoulli_kl(0.7, 0.4)
+    assert expected == pytest.approx(1.1025, abs=1e-3)
+    standard_error = kls.std().item() / math.sqrt(len(kls))
+    assert abs(kls.mean().item() - expected) < 4 * standard_error
+
+
+def test_kl_with_eos_counts_each_step_only_while_the_sequence_is_alive():
+    """Token 1 is EOS. pi stops with probability a = 0.3 per step, pi_ref with b = 0.1, at most L = 5 steps.
+
+    Step t is taken with probability (1 - a)^t, and contributes KL(Bern(a) || Bern(b)) then:
+    KL = sum_{t=0..4} 0.7^t * [0.3 ln 3 + 0.7 ln(0.7/0.9)] = 2.7731 * 0.15366 = 0.4261 nats.
+    Tokens after EOS must not count -- counting them would give 5 * 0.15366 = 0.768.
+    """
+    a, b, steps = 0.3, 0.1, 5
+    policy, reference = FixedLogits(logits_for(a)), FixedLogits(logits_for(b))
+    completions, kls = sample_with_kl(policy, reference, [[0]] * 6000, max_new_tokens=steps, eos_token_id=1,
+                                      pad_token_id=0, generator=torch.Generator().manual_seed(1), batch_size=2000)
+    expected = sum((1 - a) ** t for t in range(steps)) * bernoulli_kl(a, b)
+    assert expected == pytest.approx(0.4261, abs=1e-3)
+    standard_error = kls.std().item() / math.sqrt(len(kls))
+    assert abs(kls.mean().item() - expected) < 4 * standard_error
+    # Completions stop right after their EOS; their mean length is sum_t 0.7^t = 2.773.
+    assert all(c.count(1) <= 1 and (1 not in c or c[-1] == 1) for c in completions)
+    assert sum(map(len, completions)) / len(completions) == pytest.approx(2.773, abs=0.06)
+
+
+def test_policy_equal_to_reference_gives_exactly_zero_kl():
+    tokenizer = tiny_tokenizer()
+    policy = tiny_gpt2(vocab_size=len(tokenizer))
+    reference = copy.deepcopy(policy)  # equal weights, a different object: every term must still be 0
+    result = estimate_reward_kl(
+        policy, reference, tokenizer, ["the movie was", "i", "a great story and"], lambda prompts, completions: [1.0] * len(prompts),
+        num_samples=3, max_new_tokens=8, seed=0,
+    )
+    assert result["kl_mean"] == 0.0 and result["kl_sem"] == 0.0
+    assert result["reward_mean"] == 1.0 and result["num_samples"] == 9
+
+
+def test_a_policy_different_from_the_reference_has_positive_kl_and_reward_is_the_given_function():
+    tokenizer = tiny_tokenizer()
+    # A large init scale makes the two random models' next-token distributions far apart.
+    policy = tiny_gpt2(vocab_size=len(tokenizer), seed=1, initializer_range=0.5)
+    reference = tiny_gpt2(vocab_size=len(tokenizer), seed=2, initializer_range=0.5)
+    result = estimate_reward_kl(
+        policy, reference, tokenizer, ["the movie was", "i liked"] * 8,
+        lambda prompts, completions: [float(len(c)) for c in completions], num_samples=2, max_new_tokens=6,
+        seed=0, keep_samples=3,
+    )
+    assert result["kl_mean"] > 5 * result["kl_sem"]
+    assert [s["reward"] for s in result["samples"]] == [float(len(s["completion"])) for s in result["samples"]]
+
+
+def test_sampling_log_probs_agree_with_teacher_forcing_across_left_padded_prompts():
+    """The cached incremental sampler and the padded one-shot forward must see the same positions/mask."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_gpt2(vocab_size=len(tokenizer))
+    prompt_ids = [tokenizer(p)["input_ids"] for p in ["a", "the movie was very good and", "i liked it"]]
+    completions, sampled = sample_completions(model, prompt_ids, max_new_tokens=7, eos_token_id=tokenizer.eos_token_id,
+                                              pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(3))
+    forced = completion_logps(model, prompt_ids, completions, pad_token_id=tokenizer.pad_token_id)
+    assert torch.allclose(forced, torch.tensor(sampled, dtype=torch.float64), atol=1e-4)
+    # Each row equals the unpadded forward of that prompt alone.
+    for i, (prompt, completion) in enumerate(zip(prompt_ids, completions)):
+        alone = completion_logps(model, [prompt], [completion], pad_token_id=tokenizer.pad_token_id)
+        assert alone.item() == pytest.approx(forced[i].item(), abs=1e-4)
+
+
+def test_same_seed_gives_the_same_estimate():
+    tokenizer = tiny_tokenizer()
+    policy, reference = tiny_gpt2(vocab_size=len(tokenizer), seed=1), tiny_gpt2(vocab_size=len(tokenizer), seed=2)
+    reward = lambda prompts, completions: [float(len(c)) for c in completions]  # noqa: E731
+    first = estimate_reward_kl(policy, reference, tokenizer, ["the", "a good"], reward, 2, 5, seed=7)
+    second = estimate_reward_kl(policy, reference, tokenizer, ["the", "a good"], reward, 2, 5, seed=7)
+    assert first == second
+
+
+def test_best_of_n_kl_is_zero_for_one_sample_and_grows_like_log_n():
+    """KL(best-of-n || base) = log n - (n-1)/n: 0 for n = 1, ln 2 - 1/2 = 0.193 for n = 2."""
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(64) == pytest.approx(math.log(64) - 63 / 64)
+
+
+def test_dominance_counts_points_matched_at_no_more_kl():
+    points = [
+        {"method": "DPO", "kl_mean": 1.0, "reward_mean": 0.5},
+        {"method": "DPO", "kl_mean": 3.0, "reward_mean": 0.9},
+        {"method": "PPO", "kl_mean": 2.0, "reward_mean": 0.4},  # DPO has 0.5 at KL 1 <= 2: dominated
+        {"method": "PPO", "kl_mean": 4.0, "reward_mean": 0.95},  # DPO reaches only 0.9 by KL 4: not dominated
+        {"method": "PPO", "kl_mean": 0.5, "reward_mean": 0.1},  # no DPO point at KL <= 0.5: not comparable
+    ]
+    summary = dominance_summary(points, "DPO")
+    assert summary["PPO"]["points"] == 3
+    assert summary["PPO"]["dominated"] == 1
+    assert summary["PPO"]["best_reward_gap"] == pytest.approx(0.05)
+
+
+def test_write_results_produces_png_json_and_markdown(tmp_path):
+    points = [
+        {"method": "reference", "run": "reference", "step": 0, "kl_mean": 0.0, "reward_mean": 0.1, "kl_sem": 0.0, "reward_sem": 0.02},
+        {"method": "DPO", "run": "dpo-b0.1", "beta": 0.1, "step": 10, "kl_mean": 2.0, "reward_mean": 0.6, "kl_sem": 0.1, "reward_sem": 0.03},
+        {"method": "DPO", "run": "dpo-b0.1", "beta": 0.1, "step": 20, "kl_mean": 3.0, "reward_mean": 0.7, "kl_sem": 0.1, "reward_sem": 0.03,
+         "samples": [{"prompt": "x", "completion": "y"}]},
+    ]
+    paths = write_results(points, tmp_path, extra={"settings": {"mode": "test"}})
+    assert paths["png"].stat().st_size > 1000
+    data = json.loads(paths["json"].read_text())
+    assert data["settings"] == {"mode": "test"} and len(data["points"]) == 3
+    assert "samples" not in data["points"][2]
+    table = paths["md"].read_text().splitlines()
+    assert table[0].startswith("| method |") and len(table) == 2 + 3
+    assert "| DPO | dpo-b0.1 | 0.10 | 20 | 0.700 ± 0.030 | 3.00 ± 0.10 |" in table
+
+
+def test_load_reward_accepts_module_function_and_rejects_bad_specs(tmp_path):
+    reward = load_reward("dpokit.experiments.reward:vader_reward")
+    good, bad = reward(prompts=["the movie was", "the movie was"], completions=[" great.", " awful."])
+    assert good > 0.3 and bad < -0.3
+    with pytest.raises(ConfigError, match="neither a directory nor"):
+        load_reward("no_colon_here")
+    with pytest.raises(ConfigError, match="cannot import"):
+        load_reward("not_a_module_xyz:f")
+    with pytest.raises(ConfigError, match="no callable"):
+        load_reward("dpokit.experiments.reward:missing")
+
+
+def test_load_reward_from_a_sequence_classification_directory(tmp_path):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, num_labels=2,
+                        pad_token_id=tokenizer.pad_token_id, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+                        label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    scores = load_reward(str(tmp_path))(prompts=["the movie", "a"], completions=[" was good", " bad plot"])
+    assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)  # p(positive)
+
+
+def test_find_checkpoints_orders_by_step_with_the_final_export_last(tmp_path):
+    for name in ["checkpoints/step-200", "checkpoints/step-50", "final"]:
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "logs").mkdir()
+    found = find_checkpoints(tmp_path)
+    assert [(step, path.relative_to(tmp_path).as_posix()) for step, path in found] == [
+        (50, "checkpoints/step-50"), (200, "checkpoints/step-200"), (None, "final")
+    ]
+    with pytest.raises(ConfigError, match="no model directory"):
+        find_checkpoints(tmp_path / "logs")
+
+
+def test_read_prompts_from_text_and_jsonl_with_located_errors(tmp_path):
+    (tmp_path / "p.txt").write_text("first\n\nsecond\n")
+    assert read_prompts(tmp_path / "p.txt") == ["first", "second"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": 3}\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2: field 'prompt'"):
+        read_prompts(tmp_path / "p.jsonl")
+
+
+def test_frontier_command_evaluates_saved_runs_end_to_end(tmp_path):
+    """Two "runs" (the reference itself and another model) through the argparse entry point."""
+    import argparse
+
+    from dpokit.frontier import add_frontier_parser
+
+    tokenizer = tiny_tokenizer()
+    reference = tiny_gpt2(vocab_size=len(tokenizer), seed=0, initializer_range=0.5)
+    other = tiny_gpt2(vocab_size=len(tokenizer), seed=5, initializer_range=0.5)
+    for name, model in [("ref", reference), ("runs/other/checkpoints/step-3", other), ("runs/same", reference)]:
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    (tmp_path / "prompts.txt").write_text("the movie was\ni liked\n")
+    parser = argparse.ArgumentParser()
+    add_frontier_parser(parser.add_subparsers())
+    args = parser.parse_args([
+        "frontier", str(tmp_path / "runs/other"), f"same={tmp_path / 'runs/same'}", "--reference", str(tmp_path / "ref"),
+        "--prompts", str(tmp_path / "prompts.txt"), "--reward", "dpokit.experiments.reward:vader_reward",
+        "--out", str(tmp_path / "out"), "--max-new-tokens", "5", "--num-samples", "4", "--beta", "same=0.1",
+    ])
+    assert args.func(args) == 0
+    points = json.loads((tmp_path / "out/results.json").read_text())["points"]
+    by_run = {p["run"]: p for p in points}
+    assert set(by_run) == {"reference", "other", "same"}
+    assert by_run["same"]["kl_mean"] == 0.0 and by_run["same"]["beta"] == 0.1
+    assert by_run["other"]["kl_mean"] > 0 and by_run["other"]["step"] == 3
+    assert (tmp_path / "out/frontier.png").exists()
