@@ -94,3 +94,54 @@ def tiny_gpt2(vocab_size: int = 384, hidden_size: int = 32, layers: int = 2, see
         **overrides,
     )
     return GPT2LMHeadModel(config).eval()
+
+
+# Synthetic, learnable preferences: the chosen response always uses a "positive" word and the
+# rejected one a "negative" word, after the same prompt, so a policy can learn the preference quickly.
+POSITIVE_WORDS = ("good", "great", "wonderful", "best")
+NEGATIVE_WORDS = ("bad", "awful", "boring", "worst")
+
+
+def preference_rows(n: int = 64, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` rows ``{"prompt", "chosen", "rejected"}`` where chosen praises and rejected pans."""
+    rng = random.Random(seed)
+    subjects = ("the movie", "the film", "the story", "the music", "the plot", "the actor")
+    rows = []
+    for _ in range(n):
+        subject = rng.choice(subjects)
+        prompt = f"{rng.choice(['tell me', 'explain', 'what', 'why'])} {subject} {rng.choice(['was', 'is'])}"
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": f" it was {rng.choice(POSITIVE_WORDS)} and {rng.choice(POSITIVE_WORDS)}.",
+                "rejected": f" it was {rng.choice(NEGATIVE_WORDS)} and {rng.choice(NEGATIVE_WORDS)}.",
+            }
+        )
+    return rows
+
+
+def write_preference_jsonl(path, n: int = 64, seed: int = 0):
+    """Write :func:`preference_rows` as JSON lines to ``path``; return the path."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in preference_rows(n, seed)), encoding="utf-8")
+    return path
+
+
+def write_tiny_model_dir(path, *, vocab_size: int = 384, hidden_size: int = 32, layers: int = 2, seed: int = 0, pad_token: bool = True, **overrides):
+    """Save a tiny Llama and its tokenizer with ``save_pretrained`` into ``path`` (the real
+    ``from_pretrained`` path is then exercised by whoever loads it); return the path."""
+    from pathlib import Path
+
+    path = Path(path)
+    model = tiny_llama(vocab_size=vocab_size, hidden_size=hidden_size, layers=layers, seed=seed, **overrides)
+    tokenizer = tiny_tokenizer(vocab_size=vocab_size)
+    if not pad_token:
+        tokenizer.pad_token = None
+        model.config.pad_token_id = None
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,610 @@
+"""The run configuration: typed dataclasses, read from YAML, overridden from the command line.
+
+One :class:`TrainConfig` describes a whole run (model, data, loss, reference strategy, optimizer,
+evaluation, logging, checkpoints). It is built in three layers, later layers winning::
+
+    defaults (the dataclasses below)  <  optional preset (e.g. "sft")  <  YAML file  <  overrides
+
+Overrides use the ``section.key=value`` convention, values parsed as YAML (so ``loss.beta=0.2``,
+``model.lora.enabled=true``, ``model.lora.target_modules=[q_proj,v_proj]``,
+``loss.terms=[{name: ipo}]``)::
+
+    dpokit train cfg.yaml loss.beta=0.2 optim.lr=1e-6
+
+Every key is checked against the dataclass fields: a mistyped key is a :class:`ConfigError` that
+suggests the nearest valid key, a value of the wrong type names the key, the file and line. Every
+field carries ``metadata={"help": ...}`` so :func:`config_reference_markdown` can render the full
+key reference for the README -- generated from the code, so it cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dpokit.errors import ConfigError
+
+CONFIG_FILENAME = "config.yaml"
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its documentation in ``metadata["help"]``."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# ------------------------------------------------------------------------------------------------
+# The schema.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (`peft`) on the policy; the base weights stay frozen."""
+
+    enabled: bool = _f(False, "Train LoRA adapters instead of all weights.")
+    r: int = _f(16, "Adapter rank.")
+    alpha: float = _f(32.0, "LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = _f(0.0, "Dropout on the adapter input (kept even when model dropout is disabled).")
+    target_modules: list[str] | str = _f(
+        "all-linear", "Modules to adapt: a list of module-name suffixes (e.g. [q_proj, v_proj]) or 'all-linear'."
+    )
+    export: Literal["merged", "adapter"] = _f(
+        "merged",
+        "How the final model is saved: 'merged' (adapters folded into full weights) or 'adapter' (peft adapter "
+        "only; transformers loads it when peft is installed and the base model is reachable).",
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The policy model and its tokenizer."""
+
+    name_or_path: str = _f("", "Local directory or hub id of a transformers causal LM (required).")
+    tokenizer_name_or_path: str | None = _f(None, "Tokenizer location when it differs from name_or_path.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Weight dtype the model is loaded and trained in.")
+    attn_implementation: str | None = _f(
+        None, "Attention kernel passed to transformers ('eager', 'sdpa', 'flash_attention_2'); null = its default."
+    )
+    trust_remote_code: bool = _f(False, "Allow model code from the checkpoint's repository to run. Off unless asked.")
+    quantization: Literal["none", "4bit", "8bit"] = _f(
+        "none", "Load the frozen base weights quantized with bitsandbytes (QLoRA-style; needs lora.enabled and a GPU)."
+    )
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    disable_dropout: bool = _f(True, "Set every dropout probability in the policy to 0 (as the DPO reference code does).")
+    device: str = _f("auto", "Device to train on: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    lora: LoraConfig = _f(factory=LoraConfig, help="LoRA adapters.")
+
+
+@dataclass
+class DataConfig:
+    """Where the preference data comes from and how it is tokenized."""
+
+    train_path: str = _f("", "Training preferences: a JSON/JSONL/CSV/Parquet file, a directory, or a datasets hub id (required).")
+    eval_path: str | None = _f(None, "Held-out preferences for evaluation; null = carve eval_split_fraction from training data.")
+    eval_split_fraction: float = _f(0.0, "Fraction of the training examples held out for evaluation when eval_path is null.")
+    train_split: str = _f("train", "Split to read from a hub dataset / dataset directory for training.")
+    eval_split: str = _f("test", "Split to read from eval_path when it is a hub dataset / dataset directory.")
+    format: str = _f("auto", "Row format: 'auto' (detect), or a named format understood by the reader.")
+    columns: dict[str, str] | None = _f(None, "Column renames, e.g. {prompt: question, chosen: good, rejected: bad}.")
+    skip_invalid: bool = _f(False, "Skip malformed rows (counted in the data report) instead of failing on the first.")
+    ranked_mode: Literal["listwise", "all_pairs", "best_vs_rest", "best_vs_worst"] = _f(
+        "listwise", "How rankings of more than two responses become training examples."
+    )
+    max_length: int = _f(512, "Maximum tokens of prompt + response.")
+    max_prompt_length: int = _f(256, "Maximum prompt tokens (the prompt is truncated first).")
+    truncation_mode: Literal["keep_end", "keep_start"] = _f(
+        "keep_end", "Which end of an over-long prompt is kept."
+    )
+    cache_dir: str = _f(".dpokit_cache", "Cache for tokenized data and precomputed reference log-probs.")
+
+
+@dataclass
+class LossConfig:
+    """The training objective: a weighted sum of registered losses."""
+
+    beta: float = _f(0.1, "Strength of the KL penalty towards the reference (the paper's beta, 0.1-0.5).")
+    reference_free: bool = _f(False, "Use an implicit uniform reference (reference log-probs = 0).")
+    terms: list[dict[str, Any]] = _f(
+        factory=lambda: [{"name": "sigmoid"}],
+        help="Loss terms, each {name: <loss>, weight: 1.0, <loss params>}; e.g. [{name: sigmoid, label_smoothing: 0.1}]. "
+        "See `dpokit.losses.available_losses()`.",
+    )
+
+
+@dataclass
+class ReferenceConfig:
+    """Where the reference log-probs come from."""
+
+    strategy: Literal["auto", "copy", "adapter_disabled", "precomputed", "none"] = _f(
+        "auto",
+        "'copy': a frozen second model; 'adapter_disabled': the LoRA policy with adapters off (no second copy); "
+        "'precomputed': computed once before training, cached on disk; 'none': reference-free losses. "
+        "'auto' = none if the loss needs no reference, else adapter_disabled with LoRA, else copy.",
+    )
+    name_or_path: str | None = _f(None, "Reference model location when it differs from model.name_or_path.")
+    batch_size: int = _f(32, "Examples per no-grad batch when precomputing reference log-probs.")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, schedule and batching."""
+
+    optimizer: Literal["adamw", "rmsprop"] = _f("rmsprop", "Optimizer ('rmsprop' is the paper's).")
+    lr: float = _f(5e-7, "Peak learning rate (the paper: 5e-7 for full fine-tuning; LoRA typically needs ~1e-5 to 1e-4).")
+    weight_decay: float = _f(0.0, "Decoupled weight decay (adamw) / L2 penalty (rmsprop).")
+    adam_betas: list[float] = _f(factory=lambda: [0.9, 0.999], help="AdamW betas.")
+    eps: float = _f(1e-8, "Optimizer epsilon.")
+    warmup_steps: int = _f(150, "Optimizer steps of linear warm-up from 0 to lr.")
+    schedule: Literal["constant", "cosine", "linear"] = _f("constant", "Learning rate after warm-up.")
+    min_lr_ratio: float = _f(0.0, "Final learning rate of the cosine/linear decay, as a fraction of lr.")
+    epochs: int = _f(1, "Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = _f(8, "Examples per forward/backward (micro-batch).")
+    grad_accumulation: int = _f(8, "Micro-batches per optimizer step (examples per step = batch_size * grad_accumulation).")
+    max_grad_norm: float | None = _f(10.0, "Clip the global gradient norm to this value; null = no clipping.")
+    seed: int = _f(0, "Seed for python, numpy, torch, adapter init and the data order.")
+    logps_chunk_size: int = _f(1024, "Scored tokens per chunk of the memory-lean output layer.")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation."""
+
+    every_steps: int = _f(100, "Evaluate every N optimizer steps (0 = only at the end). Needs eval data.")
+    batch_size: int = _f(16, "Examples per evaluation batch.")
+    max_examples: int | None = _f(None, "Evaluate on at most this many held-out examples.")
+    sample_prompts: int = _f(0, "Greedy samples from policy and reference for this many eval prompts at each evaluation.")
+    max_new_tokens: int = _f(64, "Tokens generated per sample.")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    run_dir: str | None = _f(None, "Run directory (config, metrics, checkpoints, plots); null = runs/<time stamp>.")
+    log_every: int = _f(10, "Log training metrics (averaged since the last log) every N optimizer steps.")
+    tensorboard: bool = _f(True, "Write TensorBoard event files under run_dir/tensorboard.")
+    wandb: bool = _f(False, "Also log to Weights & Biases (needs `pip install wandb`).")
+    wandb_project: str | None = _f(None, "W&B project name (default 'dpokit').")
+    progress_bar: bool = _f(True, "Show a progress bar with ETA, loss and reward accuracy.")
+    plot: bool = _f(True, "Write run_dir/training_curves.png at the end.")
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints (model/adapter, optimizer, scheduler, RNG states, data position)."""
+
+    every_steps: int = _f(500, "Save a checkpoint every N optimizer steps (0 = only on interruption).")
+    keep_last: int = _f(2, "Keep the newest K checkpoints and delete older ones.")
+
+
+@dataclass
+class TrainConfig:
+    """A whole run."""
+
+    model: ModelConfig = _f(factory=ModelConfig, help="The policy model.")
+    data: DataConfig = _f(factory=DataConfig, help="Preference data.")
+    loss: LossConfig = _f(factory=LossConfig, help="The objective.")
+    reference: ReferenceConfig = _f(factory=ReferenceConfig, help="The reference model strategy.")
+    optim: OptimConfig = _f(factory=OptimConfig, help="Optimization.")
+    eval: EvalConfig = _f(factory=EvalConfig, help="Evaluation.")
+    logging: LoggingConfig = _f(factory=LoggingConfig, help="Logging.")
+    checkpoint: CheckpointConfig = _f(factory=CheckpointConfig, help="Checkpoints.")
+    output_dir: str | None = _f(None, "Where the final model is saved (save_pretrained); null = <run_dir>/final.")
+
+
+# Presets are partial configs applied over the YAML file and under command-line overrides.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Supervised fine-tuning on the preferred responses (the paper's first stage / Preferred-FT).
+    "sft": {"loss": {"terms": [{"name": "sft"}], "reference_free": False}, "reference": {"strategy": "none"}},
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Building a config from dicts, with type checks and helpful errors.
+# ------------------------------------------------------------------------------------------------
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, sections included (``["model", "model.name_or_path", ...]``)."""
+    keys: list[str] = []
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(all_keys(hints[f.name], key + "."))
+    return keys
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not close:  # a typo in the last part only: compare leaf names within the same section
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        match = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        close = [leaves[match[0]]] if match else []
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"dict[{_type_name(k)}, {_type_name(v)}]"
+    if tp is Any:
+        return "any"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` checked (and losslessly converted) against the annotation ``tp``; raises _Mismatch."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _Mismatch
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise _Mismatch
+        return [_coerce(v, item_type) for v in value]
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return {_coerce(k, key_type): _coerce(v, value_type) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-7" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise _Mismatch
+
+
+def _build(cls: type, data: Any, prefix: str, where: dict[str, str]) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, checking keys and types."""
+    section = prefix.rstrip(".") or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{section}{where.get(prefix.rstrip('.'), '')} must be a mapping of keys, got {data!r}")
+    hints = _type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}{where.get(dotted, '')}{_suggest(dotted, all_keys())}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, {} if value is None else value, dotted + ".", where)
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp)
+        except _Mismatch:
+            raise ConfigError(
+                f"config key {dotted!r}{where.get(dotted, '')} must be {_type_name(tp)}, got {value!r}"
+            ) from None
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict update; sections merge, leaves (including lists and free-form dicts) replace."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and _is_section(key, merged[key]):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _is_section(key: str, value: dict) -> bool:
+    # Only schema sections merge; a free-form dict field (data.columns) is replaced as a whole.
+    return key in {f.name for f in dataclasses.fields(TrainConfig)} or key == "lora"
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain nested dicts/lists/scalars (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any], *, where: dict[str, str] | None = None) -> TrainConfig:
+    """A validated :class:`TrainConfig` from nested dicts (unknown keys and wrong types are ConfigErrors)."""
+    cfg = _build(TrainConfig, data or {}, "", where or {})
+    validate_config(cfg)
+    return cfg
+
+
+def _yaml_key_lines(text: str, filename: str) -> dict[str, str]:
+    """Dotted key -> " (cfg.yaml line 7)" for every mapping key in a YAML document."""
+    where: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    dotted = prefix + str(key_node.value)
+                    where[dotted] = f" ({filename} line {key_node.start_mark.line + 1})"
+                    walk(value_node, dotted + ".")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return where
+
+
+def _parse_override(override: str) -> tuple[list[str], Any]:
+    if "=" not in override:
+        raise ConfigError(
+            f"cannot read override {override!r}: write it as section.key=value, e.g. loss.beta=0.2"
+        )
+    key, _, raw = override.partition("=")
+    key = key.strip()
+    if key.startswith("--"):
+        key = key[2:]
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"cannot read override {override!r}: the key {key!r} is empty or malformed")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse the value of override {override!r} as YAML: {exc}") from None
+    return key.split("."), value
+
+
+def _check_override_key(parts: list[str], override: str) -> None:
+    """Overrides may name a schema key, or a sub-key inside a free-form dict field (data.columns.prompt)."""
+    keys = set(all_keys())
+    dotted = ".".join(parts)
+    if dotted in keys:
+        return
+    for cut in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:cut])
+        if parent in keys and _field_type(parent) is not None and typing.get_origin(_strip_optional(_field_type(parent))) is dict:
+            return
+    raise ConfigError(f"unknown config key {dotted!r} in override {override!r}{_suggest(dotted, sorted(keys))}")
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _field_type(dotted: str) -> Any:
+    cls: Any = TrainConfig
+    tp: Any = None
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        tp = _type_hints(cls).get(part)
+        cls = tp
+    return tp
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, preset: str | None = None) -> TrainConfig:
+    """Build a :class:`TrainConfig`: defaults < ``preset`` < YAML file at ``path`` < ``overrides``.
+
+    ``overrides`` are ``"section.key=value"`` strings (``"loss.beta=0.2"``,
+    ``"model.lora.enabled=true"``); values are parsed as YAML. Raises :class:`ConfigError` for a
+    missing/unreadable file, unknown keys (with the nearest valid key), wrong types and
+    inconsistent settings.
+    """
+    data: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        text = path.read_text(encoding="utf-8")
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+        where = _yaml_key_lines(text, str(path))
+    if preset is not None:
+        data = _merge(data, PRESETS[preset])
+    for override in overrides:
+        parts, value = _parse_override(override)
+        _check_override_key(parts, override)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+        where[".".join(parts)] = f" (override {override!r})"
+    return config_from_dict(data, where=where)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write the fully resolved config as YAML (loadable again with :func:`load_config`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Cross-field checks (also run by dpokit.train.run for configs built in code).
+# ------------------------------------------------------------------------------------------------
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for values no run can use."""
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    o, d, m = cfg.optim, cfg.data, cfg.model
+    need(math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be a positive number, got {o.lr}")
+    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    need(len(o.adam_betas) == 2 and all(0 <= b < 1 for b in o.adam_betas), f"optim.adam_betas must be two numbers in [0, 1), got {o.adam_betas}")
+    need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    need(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
+    need(o.max_steps is None or o.max_steps >= 1, f"optim.max_steps must be >= 1 or null, got {o.max_steps}")
+    need(o.batch_size >= 1, f"optim.batch_size must be >= 1, got {o.batch_size}")
+    need(o.grad_accumulation >= 1, f"optim.grad_accumulation must be >= 1, got {o.grad_accumulation}")
+    need(o.max_grad_norm is None or o.max_grad_norm > 0, f"optim.max_grad_norm must be > 0 or null, got {o.max_grad_norm}")
+    need(o.logps_chunk_size >= 1, f"optim.logps_chunk_size must be >= 1, got {o.logps_chunk_size}")
+    need(0 <= d.eval_split_fraction < 1, f"data.eval_split_fraction must be in [0, 1), got {d.eval_split_fraction}")
+    need(d.max_length >= 2, f"data.max_length must be >= 2, got {d.max_length}")
+    need(0 < d.max_prompt_length < d.max_length,
+         f"data.max_prompt_length must be in [1, data.max_length), got {d.max_prompt_length} with max_length {d.max_length}")
+    need(m.lora.r >= 1, f"model.lora.r must be >= 1, got {m.lora.r}")
+    need(0 <= m.lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {m.lora.dropout}")
+    need(not (m.quantization != "none" and not m.lora.enabled),
+         "model.quantization needs model.lora.enabled=true (quantized base weights cannot be trained directly)")
+    need(cfg.reference.strategy != "adapter_disabled" or m.lora.enabled,
+         "reference.strategy=adapter_disabled needs model.lora.enabled=true; use 'copy' or 'precomputed' for full fine-tuning")
+    need(not (cfg.reference.strategy == "adapter_disabled" and cfg.reference.name_or_path),
+         "reference.name_or_path cannot be used with reference.strategy=adapter_disabled (the reference is the policy's base)")
+    need(cfg.reference.batch_size >= 1, f"reference.batch_size must be >= 1, got {cfg.reference.batch_size}")
+    need(cfg.eval.every_steps >= 0, f"eval.every_steps must be >= 0, got {cfg.eval.every_steps}")
+    need(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
+    need(cfg.eval.sample_prompts >= 0, f"eval.sample_prompts must be >= 0, got {cfg.eval.sample_prompts}")
+    need(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {cfg.eval.max_new_tokens}")
+    need(cfg.logging.log_every >= 1, f"logging.log_every must be >= 1, got {cfg.logging.log_every}")
+    need(cfg.checkpoint.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {cfg.checkpoint.every_steps}")
+    need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    need(math.isfinite(cfg.loss.beta) and cfg.loss.beta > 0, f"loss.beta must be a positive number, got {cfg.loss.beta}")
+    need(bool(cfg.loss.terms), "loss.terms must list at least one loss, e.g. [{name: sigmoid}]")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def require_paths(cfg: TrainConfig) -> None:
+    """The keys a training run cannot do without (not needed just to build/print a config)."""
+    missing = [k for k, v in (("model.name_or_path", cfg.model.name_or_path), ("data.train_path", cfg.data.train_path)) if not v]
+    if missing:
+        raise ConfigError(
+            f"missing required config key(s): {', '.join(missing)}; set them in the YAML file or as overrides, "
+            f"e.g. {missing[0]}=path/to/it"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Documentation generated from the schema.
+# ------------------------------------------------------------------------------------------------
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return ""
+    if dataclasses.is_dataclass(value):
+        return ""
+    text = yaml.safe_dump(value, default_flow_style=True).strip()
+    if text.endswith("\n..."):
+        text = text[: -len("\n...")]
+    text = text.removesuffix("...").strip()
+    return f"`{text}`"
+
+
+def config_reference_markdown() -> str:
+    """A Markdown reference of every config key (type, default, meaning), one table per section."""
+    lines: list[str] = []
+
+    def section(cls: type, prefix: str, title: str) -> None:
+        hints = _type_hints(cls)
+        rows = []
+        subsections = []
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                subsections.append((tp, prefix + f.name))
+                continue
+            help_text = f.metadata.get("help", "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{f.name}` | {_type_name(tp).replace('|', '&#124;')} | {_default_text(f)} | {help_text} |")
+        if rows:
+            lines.append(f"### {title}")
+            lines.append("")
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            if doc:
+                lines.append(doc)
+                lines.append("")
+            lines.append("| key | type | default | meaning |")
+            lines.append("| --- | --- | --- | --- |")
+            lines.extend(rows)
+            lines.append("")
+        for sub_cls, sub_prefix in subsections:
+            section(sub_cls, sub_prefix + ".", f"`{sub_prefix}`")
+
+    section(TrainConfig, "", "top level")
+    return "\n".join(lines).rstrip() + "\n"
