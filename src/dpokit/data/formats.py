@@ -64,8 +64,9 @@ class _Row:
         self.text_table = text_table
 
     def name(self, field: str) -> str:
-        column = self.inverse.get(field, field)
-        return column if column == field else f"{column}' (used as '{field}"
+        """The user's column name for a canonical field (``responses[2]`` maps through ``responses``)."""
+        base, bracket, rest = field.partition("[")
+        return self.inverse.get(base, base) + bracket + rest
 
     def has(self, field: str) -> bool:
         value = self.raw.get(self.inverse.get(field, field))
@@ -78,7 +79,7 @@ class _Row:
         return value
 
     def error(self, field: str | None, reason: str, problem: str) -> InvalidRowError:
-        return InvalidRowError(self.source, self.name(field) if field else None, reason, problem)
+        return InvalidRowError(self.source, self.name(field) if field else None, reason, problem, alias=field)
 
 
 def _maybe_json_cell(value: str, field: str) -> Any:

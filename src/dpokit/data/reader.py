@@ -426,7 +426,7 @@ def read_preferences(
             example, detected = parse_row(raw, where, format=format, inverse_columns=inverse_columns, text_table=text_table)
         except InvalidRowError as error:
             if not skip_invalid:
-                raise DataError(f"{error} {_SKIP_HINT}") from None
+                raise DataError(f"{error}. {_SKIP_HINT}") from None
             report.record_skip(error)
             continue
         report.formats[detected] += 1

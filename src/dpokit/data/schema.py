@@ -83,12 +83,14 @@ class InvalidRowError(DataError):
     The message reads ``"<file>:line <n>: field '<name>': <problem>"`` so a user can find and fix it.
     """
 
-    def __init__(self, source: str, field: str | None, reason: str, problem: str) -> None:
+    def __init__(self, source: str, field: str | None, reason: str, problem: str, alias: str | None = None) -> None:
         self.source = source
         self.field = field
         self.reason = reason
         self.problem = problem
         where = f"{source}: field '{field}'" if field else source
+        if field and alias and alias != field:
+            where += f" (used as '{alias}')"
         super().__init__(f"{where}: {problem}")
 
 
