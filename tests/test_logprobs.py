@@ -141,6 +141,24 @@ def test_chunked_forward_keeps_no_tokens_by_vocabulary_tensor_for_backward():
     assert chunked == weight.numel()  # the parameter itself; nothing of size M x V
 
 
+def test_bfloat16_weights_give_float32_log_probs_matching_the_bfloat16_logits_path():
+    """Logits are formed in the weight's dtype and raised to float32 (as ``model(...).logits.float()``);
+    gradients come back in the parameters' own dtype."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(20, 16, generator=g).bfloat16().requires_grad_(True)
+    weight = torch.randn(40, 16, generator=g).bfloat16().requires_grad_(True)
+    targets = torch.randint(0, 40, (20,), generator=g)
+    naive = torch.log_softmax((hidden @ weight.t()).float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    chunked = chunked_token_logps(hidden, weight, targets, chunk_size=6)
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, naive)
+    naive_grads = torch.autograd.grad(naive.sum(), (hidden, weight))
+    chunked_grads = torch.autograd.grad(chunked.sum(), (hidden, weight))
+    for a, b in zip(chunked_grads, naive_grads):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_chunk_size_must_be_positive():
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_token_logps(torch.randn(2, 3), torch.randn(5, 3), torch.tensor([0, 1]), chunk_size=0)
