@@ -256,7 +256,10 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise TrainingError(f"checkpoint {str(path)!r} does not fit the model: {str(exc).splitlines()[-1].strip()}") from None
     if result.unexpected_keys:
         raise TrainingError(
             f"checkpoint weights do not fit the model (unexpected keys {result.unexpected_keys[:3]}...); "

@@ -1,0 +1,213 @@
+"""Checkpoints: complete round trip, atomic publication, pruning, safe loading, and a kill mid-save."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpokit.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_trainer_state,
+    resolve_resume_path,
+    save_checkpoint,
+)
+from dpokit.errors import TrainingError
+from tests.helpers import tiny_llama, tiny_tokenizer, write_preference_jsonl, write_tiny_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _trained_state(seed: int = 0):
+    """A tiny model after two AdamW steps, with its optimizer and a LambdaLR schedule."""
+    model = tiny_llama(seed=seed).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    ids = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(seed))
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return model, optimizer, scheduler
+
+
+def _save(run_dir: Path, step: int, model, optimizer, scheduler, keep_last: int = 2) -> Path:
+    return save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                           trainer_state={"epoch": 1, "batch_in_epoch": 3}, tokenizer=tiny_tokenizer(), keep_last=keep_last)
+
+
+def test_round_trip_restores_weights_optimizer_scheduler_rng_and_position(tmp_path):
+    model, optimizer, scheduler = _trained_state()
+    random.seed(7); np.random.seed(7); torch.manual_seed(7)
+    path = _save(tmp_path, 2, model, optimizer, scheduler)
+    expected_draws = (random.random(), float(np.random.rand()), torch.rand(3))
+
+    fresh, fresh_optimizer, fresh_scheduler = tiny_llama(seed=1).train(), None, None
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 1.0 / (step + 1))
+    random.seed(0); np.random.seed(0); torch.manual_seed(0)
+    state = load_checkpoint(path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+
+    assert (state["global_step"], state["epoch"], state["batch_in_epoch"]) == (2, 1, 3)
+    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    saved_opt, loaded_opt = optimizer.state_dict(), fresh_optimizer.state_dict()
+    for key in saved_opt["state"]:
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(saved_opt["state"][key][field], loaded_opt["state"][key][field], rtol=0, atol=0)
+    assert fresh_scheduler.last_epoch == scheduler.last_epoch == 2
+    assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 3)
+    assert (random.random(), float(np.random.rand())) == expected_draws[:2]
+    torch.testing.assert_close(torch.rand(3), expected_draws[2], rtol=0, atol=0)
+    # The checkpoint's model directory is itself loadable as a model.
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(path / "model")
+
+
+def test_checkpoint_files_load_without_unpickling_code(tmp_path):
+    """Optimizer and scheduler states hold only tensors and plain values (weights_only=True loads
+    them); everything else is safetensors or JSON -- no pickle a loader would have to trust."""
+    model, optimizer, scheduler = _trained_state()
+    path = _save(tmp_path, 2, model, optimizer, scheduler)
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.load(path / name, weights_only=True)
+    suffixes = {p.suffix for p in path.rglob("*") if p.is_file()}
+    assert suffixes <= {".pt", ".safetensors", ".json", ".jinja"}
+    # A pickle that would run code is refused by the same loader.
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(evil, weights_only=True)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo unsafe",))
+
+
+def test_keep_last_prunes_older_checkpoints_and_latest_is_the_newest(tmp_path):
+    model, optimizer, scheduler = _trained_state()
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, model, optimizer, scheduler, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-4"
+    assert resolve_resume_path("latest", tmp_path).name == "checkpoint-4"
+    assert resolve_resume_path(str(tmp_path), None).name == "checkpoint-4"
+    assert resolve_resume_path(str(tmp_path / "checkpoint-3"), None).name == "checkpoint-3"
+
+
+def test_partial_directories_are_never_picked_and_are_cleaned_by_the_next_save(tmp_path):
+    model, optimizer, scheduler = _trained_state()
+    _save(tmp_path, 1, model, optimizer, scheduler)
+    partial = tmp_path / "checkpoint-2.tmp-abc123"
+    (partial / "model").mkdir(parents=True)
+    (tmp_path / "checkpoint-7").mkdir()  # no trainer_state.json: not a complete checkpoint
+    assert latest_checkpoint(tmp_path).name == "checkpoint-1"
+    _save(tmp_path, 2, model, optimizer, scheduler)
+    assert not partial.exists()
+    with pytest.raises(TrainingError, match="not a checkpoint directory"):
+        resolve_resume_path(str(tmp_path / "nowhere"), None)
+
+
+def test_saving_the_same_step_twice_replaces_it(tmp_path):
+    model, optimizer, scheduler = _trained_state()
+    _save(tmp_path, 3, model, optimizer, scheduler)
+    path = save_checkpoint(tmp_path, 3, model=model, optimizer=optimizer, scheduler=scheduler,
+                           trainer_state={"epoch": 9, "batch_in_epoch": 0})
+    assert read_trainer_state(path)["epoch"] == 9
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]
+
+
+def test_loading_a_checkpoint_into_another_architecture_is_a_clear_error(tmp_path):
+    model, optimizer, scheduler = _trained_state()
+    path = _save(tmp_path, 1, model, optimizer, scheduler)
+    bigger = tiny_llama(hidden_size=64)
+    with pytest.raises(TrainingError, match="does not fit the model"):
+        load_checkpoint(path, model=bigger)
+
+
+KILLED_CHILD = """
+import sys, time, torch
+from pathlib import Path
+torch.set_num_threads(1)
+import dpokit.checkpoint as checkpoint
+from dpokit.config import load_config
+from dpokit.train import run
+
+marker = Path(sys.argv[1])
+write_state = checkpoint._write_training_state
+
+def slow_write(directory, *args, **kwargs):
+    # The model files of checkpoint-4 are on disk; stall here so the parent can kill us mid-save.
+    if directory.name.startswith("checkpoint-4.tmp-"):
+        marker.write_text(str(directory))
+        time.sleep(600)
+    return write_state(directory, *args, **kwargs)
+
+checkpoint._write_training_state = slow_write
+run(load_config(None, sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path):
+    """SIGKILL while checkpoint-4 is half written: checkpoint-2 is intact, `--resume latest` picks it
+    (never the partial directory) and the resumed run completes."""
+    model_dir = write_tiny_model_dir(tmp_path / "model")
+    data = write_preference_jsonl(tmp_path / "train.jsonl", n=32)
+    run_dir, marker = tmp_path / "run", tmp_path / "saving"
+    args = [f"model.name_or_path={model_dir}", f"data.train_path={data}", f"data.cache_dir={tmp_path / 'cache'}",
+            f"logging.run_dir={run_dir}", "optim.max_steps=6", "optim.batch_size=8", "optim.grad_accumulation=1",
+            "optim.optimizer=adamw", "optim.lr=1e-3", "checkpoint.every_steps=2", "checkpoint.keep_last=1",
+            "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false", "logging.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(marker), *args], env=env, cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and child.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), child.stderr.read() if child.poll() is not None else "timed out"
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+    partial = Path(marker.read_text())
+    assert partial.is_dir() and (partial / "model" / "model.safetensors").is_file()  # killed mid-save
+    assert not (partial / "trainer_state.json").exists()
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-2"]
+    assert resolve_resume_path("latest", run_dir).name == "checkpoint-2"
+
+    from dpokit.config import load_config
+    from dpokit.models import load_model_and_tokenizer
+    from dpokit.train import run
+
+    cfg = load_config(None, args)
+    policy, _ = load_model_and_tokenizer(cfg.model)
+    assert load_checkpoint(run_dir / "checkpoint-2", model=policy)["global_step"] == 2
+    result = run(cfg, resume="latest")
+    assert result.global_step == 6 and not partial.exists()
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-6"]
