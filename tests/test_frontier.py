@@ -200,13 +200,13 @@ def test_load_reward_from_a_sequence_classification_directory(tmp_path):
 
 
 def test_find_checkpoints_orders_by_step_with_the_final_export_last(tmp_path):
-    for name in ["checkpoints/step-200", "checkpoints/step-50", "final"]:
+    for name in ["checkpoints/step-200", "checkpoint-50/model", "final"]:
         (tmp_path / name).mkdir(parents=True)
         (tmp_path / name / "config.json").write_text("{}")
     (tmp_path / "logs").mkdir()
     found = find_checkpoints(tmp_path)
     assert [(step, path.relative_to(tmp_path).as_posix()) for step, path in found] == [
-        (50, "checkpoints/step-50"), (200, "checkpoints/step-200"), (None, "final")
+        (50, "checkpoint-50/model"), (200, "checkpoints/step-200"), (None, "final")
     ]
     with pytest.raises(ConfigError, match="no model directory"):
         find_checkpoints(tmp_path / "logs")

@@ -464,9 +464,16 @@ def _is_model_dir(path: Path) -> bool:
     return (path / "config.json").exists() or (path / "adapter_config.json").exists()
 
 
+_STEP_NAME = re.compile(r"^(?:checkpoint|step|ckpt)[-_]?(\d+)$")
+
+
 def _step_of(path: Path) -> int | None:
-    match = re.search(r"(\d+)$", path.name)
-    return int(match.group(1)) if match else None
+    """``checkpoint-100`` / ``step_100`` -> 100, also for a model folder inside one (``checkpoint-100/model``)."""
+    for name in (path.name, path.parent.name):
+        match = _STEP_NAME.match(name)
+        if match:
+            return int(match.group(1))
+    return None
 
 
 def find_checkpoints(run_dir: str | Path) -> list[tuple[int | None, Path]]:
@@ -474,7 +481,8 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int | None, Path]]:
 
     A model directory holds ``config.json`` (full weights) or ``adapter_config.json`` (a LoRA
     adapter). The run directory itself counts, and so does any sub-directory up to two levels down
-    (``checkpoints/step-100``, ``final``, ...). The step is the trailing number of the name.
+    (``checkpoint-100/model`` as ``dpokit train`` writes, ``final``, ...). The step comes from a
+    ``checkpoint-N`` / ``step-N`` name of the directory or its parent.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

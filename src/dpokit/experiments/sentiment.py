@@ -1,0 +1,369 @@
+"""The paper's controlled-sentiment experiment (section 6.1, Figure 2 left), in miniature.
+
+Pipeline (``dpokit experiment sentiment --mode full|quick``):
+
+1. **SFT model** -- a ~2M-parameter GPT-2 and BPE tokenizer trained from scratch on a generated
+   review corpus (:mod:`dpokit.experiments.lm`, :mod:`dpokit.experiments.corpus`); cached.
+2. **Ground-truth reward** -- VADER's compound sentiment of prompt + completion
+   (:mod:`dpokit.experiments.reward`).
+3. **Preferences** -- prompts are 2-8-token prefixes of held-out reviews; completions sampled from
+   the SFT model are paired and labelled by the reward (:mod:`dpokit.experiments.preferences`).
+4. **Methods** -- DPO over a sweep of beta, Preferred-FT (SFT on the chosen completions) and
+   Unlikelihood, all through :func:`dpokit.train.run`; Best-of-N from the SFT model; and RL on the
+   ground-truth reward with TRL's RLOOTrainer (:mod:`dpokit.experiments.baselines`).
+5. **Evaluation** -- for every saved checkpoint, mean reward and sequence KL(pi || pi_sft) from
+   samples on held-out prompts (:func:`dpokit.frontier.estimate_reward_kl`), drawn as the
+   reward-KL frontier (``frontier.png``) with ``results.json`` and ``results.md``.
+
+Each finished run's points are stored under ``<out>/points/`` keyed by the settings, so an
+interrupted experiment picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dpokit.errors import ConfigError
+from dpokit.experiments.lm import LMSettings, load_or_pretrain
+from dpokit.experiments.preferences import make_preference_pairs, make_prompts, write_jsonl
+from dpokit.experiments.reward import vader_reward
+from dpokit.frontier import dominance_summary, estimate_reward_kl, find_checkpoints, results_markdown, write_results
+
+ALL_METHODS = ("dpo", "preferred-ft", "unlikelihood", "best-of-n", "rl")
+METHOD_LABELS = {
+    "dpo": "DPO", "preferred-ft": "Preferred-FT", "unlikelihood": "Unlikelihood", "best-of-n": "Best-of-N",
+    "rl": "RLOO (TRL, true reward)", "reference": "SFT (reference)",
+}
+TRAIN_PROMPT_SEED = 1001  # held-out reviews for training prompts: a corpus seed the SFT model never saw
+EVAL_PROMPT_SEED = 2002  # and another for evaluation prompts
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    """Every knob of one experiment; :data:`MODES` holds the named presets."""
+
+    lm: LMSettings = field(default_factory=LMSettings)
+    methods: tuple[str, ...] = ALL_METHODS
+    # Preferences.
+    num_train_prompts: int = 1000
+    completions_per_prompt: int = 4
+    label_temperature: float = 0.0
+    require_eos: bool = True  # drop completions cut at max_new_tokens from the pairs (off only for smoke tests)
+    # Evaluation.
+    num_eval_prompts: int = 256
+    eval_samples_per_prompt: int = 2
+    max_new_tokens: int = 48
+    # dpokit trainer runs (DPO, Preferred-FT, Unlikelihood).
+    dpo_betas: tuple[float, ...] = (0.05, 0.1, 0.5, 2.0)
+    unlikelihood_alpha: float = 1.0
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    checkpoints_per_run: int = 4
+    # Best-of-N.
+    best_of_n: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    # RL baseline (TRL RLOOTrainer; its beta weighs the KL penalty in the reward).
+    rl_betas: tuple[float, ...] = (0.05, 0.2)
+    rl_steps: int = 60
+    rl_prompts_per_step: int = 16
+    rl_generations: int = 4
+    rl_lr: float = 2e-4
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+MODES: dict[str, ExperimentSettings] = {
+    # The reproduction: ~25 minutes on 2 CPU cores from an empty cache.
+    "full": ExperimentSettings(),
+    # Every method, smaller everything: under 5 minutes.
+    "quick": ExperimentSettings(
+        lm=LMSettings(num_texts=3000, n_embd=128, n_layer=3, steps=300, batch_size=48),
+        num_train_prompts=300, num_eval_prompts=128, dpo_betas=(0.1, 0.5), epochs=2,
+        checkpoints_per_run=2, best_of_n=(1, 4, 16), rl_betas=(0.05,), rl_steps=16, rl_prompts_per_step=8,
+    ),
+    # `dpokit demo`: DPO only, one beta, under 3 minutes.
+    "demo": ExperimentSettings(
+        lm=LMSettings(num_texts=3000, n_embd=128, n_layer=3, steps=300, batch_size=48),
+        methods=("dpo",), num_train_prompts=300, num_eval_prompts=128, dpo_betas=(0.1,), epochs=2,
+        checkpoints_per_run=1,
+    ),
+    # Tests: seconds.
+    "smoke": ExperimentSettings(
+        lm=LMSettings(num_texts=300, vocab_size=384, n_embd=32, n_layer=1, n_head=2, steps=20, batch_size=16, lr=1e-2),
+        require_eos=False, num_train_prompts=12, completions_per_prompt=3, num_eval_prompts=6, eval_samples_per_prompt=1,
+        max_new_tokens=12, dpo_betas=(0.1,), epochs=2, batch_size=8, checkpoints_per_run=2, best_of_n=(1, 2),
+        rl_betas=(0.1,), rl_steps=2, rl_prompts_per_step=2, rl_generations=2,
+    ),
+}
+
+
+def _trainer_config(settings: ExperimentSettings, *, sft_dir: Path, train_path: Path, run_dir: Path,
+                    terms: list[dict[str, Any]], beta: float, num_pairs: int, cache_dir: Path) -> Any:
+    """A :class:`dpokit.config.TrainConfig` for one preference run on the experiment's data."""
+    from dpokit.config import config_from_dict
+
+    steps = settings.epochs * -(-num_pairs // settings.batch_size)
+    needs_reference = any(t["name"] not in ("sft", "unlikelihood") for t in terms)
+    return config_from_dict({
+        "model": {"name_or_path": str(sft_dir), "dtype": "float32"},
+        "data": {"train_path": str(train_path), "max_length": 96, "max_prompt_length": 16,
+                 "cache_dir": str(cache_dir / "data")},
+        "loss": {"beta": beta, "terms": terms},
+        "reference": {"strategy": "auto" if needs_reference else "none"},
+        "optim": {"optimizer": "adamw", "lr": settings.lr, "warmup_steps": settings.warmup_steps,
+                  "schedule": "constant", "epochs": settings.epochs, "batch_size": settings.batch_size,
+                  "grad_accumulation": 1, "seed": settings.seed, "weight_decay": 0.0},
+        "eval": {"every_steps": 0},
+        "logging": {"run_dir": str(run_dir), "log_every": 10, "tensorboard": False, "progress_bar": False,
+                    "plot": False},
+        "checkpoint": {"every_steps": max(1, steps // settings.checkpoints_per_run), "keep_last": 1000},
+    })
+
+
+class Experiment:
+    """One experiment in ``out_dir``: the shared pieces (SFT model, prompts, data) and the method runs."""
+
+    def __init__(self, settings: ExperimentSettings, out_dir: str | Path, cache_dir: str | Path, *,
+                 keep_checkpoints: bool = False, log: Callable[[str], None] | None = print) -> None:
+        unknown = set(settings.methods) - set(ALL_METHODS)
+        if unknown:
+            raise ConfigError(f"unknown methods {sorted(unknown)}; choose from {list(ALL_METHODS)}")
+        self.settings = settings
+        self.out_dir = Path(out_dir)
+        self.cache_dir = Path(cache_dir)
+        self.keep_checkpoints = keep_checkpoints
+        self.log = log or (lambda line: None)
+        self.timings: dict[str, float] = {}
+        self.samples: dict[str, list[dict[str, Any]]] = {}
+        self.reward_fn = vader_reward
+
+    # -- shared pieces ---------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars drown the experiment's log
+        s = self.settings
+        start = time.time()
+        self.sft_model, self.tokenizer, self.sft_dir = load_or_pretrain(s.lm, self.cache_dir, log=self.log)
+        self.timings["sft_model"] = time.time() - start
+        start = time.time()
+        self.train_prompts = make_prompts(self.tokenizer, s.num_train_prompts, TRAIN_PROMPT_SEED + s.seed)
+        self.eval_prompts = make_prompts(self.tokenizer, s.num_eval_prompts, EVAL_PROMPT_SEED + s.seed)
+        (self.out_dir / "data").mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "data" / "eval_prompts.txt").write_text("\n".join(self.eval_prompts) + "\n")
+        rows, self.preference_stats = make_preference_pairs(
+            self.sft_model, self.tokenizer, self.train_prompts, self.reward_fn,
+            completions_per_prompt=s.completions_per_prompt, max_new_tokens=s.max_new_tokens,
+            label_temperature=s.label_temperature, require_eos=s.require_eos, seed=s.seed,
+        )
+        if not rows:
+            raise ConfigError("no preference pairs were produced; raise num_train_prompts or completions_per_prompt")
+        self.train_path = write_jsonl(rows, self.out_dir / "data" / "preferences.jsonl")
+        self.timings["preferences"] = time.time() - start
+        self.log(f"preferences: {self.preference_stats['pairs']} pairs from {len(self.train_prompts)} prompts "
+                 f"(SFT mean reward {self.preference_stats['sft_reward_mean']:.3f}) in {self.timings['preferences']:.0f}s")
+
+    def evaluate(self, policy: torch.nn.Module, keep_samples: int = 0) -> dict[str, Any]:
+        s = self.settings
+        return estimate_reward_kl(
+            policy, self.sft_model, self.tokenizer, self.eval_prompts, self.reward_fn,
+            num_samples=s.eval_samples_per_prompt, max_new_tokens=s.max_new_tokens, seed=s.seed + 7,
+            keep_samples=keep_samples,
+        )
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def _cached_points(self, run: str) -> list[dict[str, Any]] | None:
+        path = self.out_dir / "points" / f"{run}.json"
+        if path.exists():
+            stored = json.loads(path.read_text())
+            if stored.get("settings_key") == self.settings.key():
+                self.samples[run] = stored.get("samples", [])
+                self.timings[run] = stored.get("seconds", 0.0)
+                return stored["points"]
+        return None
+
+    def _store_points(self, run: str, points: list[dict[str, Any]], seconds: float) -> None:
+        path = self.out_dir / "points" / f"{run}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.timings[run] = seconds
+        path.write_text(json.dumps({"settings_key": self.settings.key(), "points": points, "seconds": seconds,
+                                    "samples": self.samples.get(run, [])}, indent=2))
+
+    def _evaluate_run_dir(self, run: str, method: str, run_dir: Path, beta: float | None) -> list[dict[str, Any]]:
+        from dpokit.frontier import load_causal_lm
+
+        points = []
+        checkpoints = [(step, path) for step, path in find_checkpoints(run_dir) if step is not None]
+        for index, (step, path) in enumerate(checkpoints):
+            last = index == len(checkpoints) - 1
+            estimate = self.evaluate(load_causal_lm(path), keep_samples=4 if last else 0)
+            if last:
+                self.samples[run] = estimate.pop("samples")
+            points.append({"method": METHOD_LABELS[method], "run": run, "beta": beta, "step": step, **estimate})
+            self.log(f"  {run} step {step}: reward {estimate['reward_mean']:.3f}  KL {estimate['kl_mean']:.2f}")
+        if not self.keep_checkpoints:
+            for _, path in checkpoints:
+                shutil.rmtree(path.parent if path.name == "model" else path, ignore_errors=True)
+        return points
+
+    def run_trainer(self, run: str, method: str, terms: list[dict[str, Any]], beta: float | None) -> list[dict[str, Any]]:
+        """One dpokit trainer run; its checkpoints evaluated on the frontier."""
+        cached = self._cached_points(run)
+        if cached is not None:
+            self.log(f"{run}: cached")
+            return cached
+        from dpokit.train import run as train_run
+
+        start = time.time()
+        run_dir = self.out_dir / "runs" / run
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cfg = _trainer_config(self.settings, sft_dir=self.sft_dir, train_path=self.train_path, run_dir=run_dir,
+                              terms=terms, beta=beta if beta is not None else 0.1,
+                              num_pairs=self.preference_stats["pairs"], cache_dir=self.cache_dir)
+        self.log(f"{run}: training ({cfg.optim.epochs} epochs, checkpoint every {cfg.checkpoint.every_steps} steps)")
+        result = train_run(cfg)
+        train_seconds = time.time() - start
+        points = self._evaluate_run_dir(run, method, run_dir, beta)
+        self.log(f"{run}: {result.global_step} steps in {train_seconds:.0f}s, evaluated in "
+                 f"{time.time() - start - train_seconds:.0f}s")
+        self._store_points(run, points, time.time() - start)
+        return points
+
+    def run_best_of_n(self) -> list[dict[str, Any]]:
+        from dpokit.experiments.baselines import best_of_n_points
+
+        cached = self._cached_points("best-of-n")
+        if cached is not None:
+            return cached
+        start = time.time()
+        s = self.settings
+        points = best_of_n_points(self.sft_model, self.tokenizer, self.eval_prompts, self.reward_fn, s.best_of_n,
+                                  max_new_tokens=s.max_new_tokens, seed=s.seed + 11)
+        for point in points:
+            self.log(f"  best-of-{point['n']}: reward {point['reward_mean']:.3f}  KL {point['kl_mean']:.2f} (analytic)")
+        self._store_points("best-of-n", points, time.time() - start)
+        return points
+
+    def run_rl(self, beta: float) -> list[dict[str, Any]]:
+        from dpokit.experiments.baselines import train_rloo
+
+        run = f"rloo-beta{beta:g}"
+        cached = self._cached_points(run)
+        if cached is not None:
+            self.log(f"{run}: cached")
+            return cached
+        s = self.settings
+        start = time.time()
+        run_dir = self.out_dir / "runs" / run
+        shutil.rmtree(run_dir, ignore_errors=True)
+        self.log(f"{run}: TRL RLOOTrainer, {s.rl_steps} steps of {s.rl_prompts_per_step} prompts x {s.rl_generations}")
+        train_rloo(self.sft_dir, self.train_prompts, run_dir, self.reward_fn, beta=beta, steps=s.rl_steps,
+                   save_every=max(1, s.rl_steps // s.checkpoints_per_run), prompts_per_step=s.rl_prompts_per_step,
+                   num_generations=s.rl_generations, max_new_tokens=s.max_new_tokens, lr=s.rl_lr, seed=s.seed)
+        points = self._evaluate_run_dir(run, "rl", run_dir, beta)
+        self._store_points(run, points, time.time() - start)
+        return points
+
+    # -- the whole thing -------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        s = self.settings
+        start = time.time()
+        self.prepare()
+        reference = self.evaluate(self.sft_model, keep_samples=4)
+        self.samples["reference"] = reference.pop("samples")
+        points = [{"method": METHOD_LABELS["reference"], "run": "sft", "beta": None, "step": 0, **reference}]
+        self.log(f"SFT reference: reward {reference['reward_mean']:.3f}  KL 0")
+        if "dpo" in s.methods:
+            for beta in s.dpo_betas:
+                points += self.run_trainer(f"dpo-beta{beta:g}", "dpo", [{"name": "sigmoid"}], beta)
+        if "preferred-ft" in s.methods:
+            points += self.run_trainer("preferred-ft", "preferred-ft", [{"name": "sft"}], None)
+        if "unlikelihood" in s.methods:
+            points += self.run_trainer("unlikelihood", "unlikelihood",
+                                       [{"name": "unlikelihood", "alpha": s.unlikelihood_alpha}], None)
+        if "best-of-n" in s.methods:
+            points += self.run_best_of_n()
+        if "rl" in s.methods:
+            for beta in s.rl_betas:
+                points += self.run_rl(beta)
+        self.timings["total"] = time.time() - start
+        summary = {
+            "date": time.strftime("%Y-%m-%d"),
+            "settings": asdict(s),
+            "sft_dir": str(self.sft_dir),
+            "preferences": self.preference_stats,
+            "dpo_dominance": dominance_summary(points, METHOD_LABELS["dpo"]) if "dpo" in s.methods else None,
+            "timings_seconds": {k: round(v, 1) for k, v in self.timings.items()},
+            "samples": self.samples,
+            "torch_threads": torch.get_num_threads(),
+        }
+        write_results(points, self.out_dir, title="Controlled sentiment (miniature): reward vs KL", extra=summary)
+        self.log(f"done in {self.timings['total'] / 60:.1f} min: {self.out_dir / 'frontier.png'}")
+        return {"points": points, **summary}
+
+
+def run_experiment(mode: str | ExperimentSettings = "full", out_dir: str | Path = "runs/sentiment",
+                   cache_dir: str | Path = ".dpokit_cache/sentiment", **kwargs: Any) -> dict[str, Any]:
+    """Run the experiment with a named mode (``full``, ``quick``, ``demo``, ``smoke``) or explicit settings."""
+    if isinstance(mode, str):
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}; choose from {sorted(MODES)}")
+        settings = MODES[mode]
+    else:
+        settings = mode
+    return Experiment(settings, out_dir, cache_dir, **kwargs).run()
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line: dpokit experiment sentiment
+# ------------------------------------------------------------------------------------------------
+
+
+def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=["sentiment"], help="which experiment (the paper's controlled sentiment)")
+    parser.add_argument("--mode", choices=["full", "quick"], default="full",
+                        help="full (~25 min on 2 CPU cores) or quick (< 5 min, every method, smaller)")
+    parser.add_argument("--out", default=None, help="output directory (default runs/sentiment-<mode>)")
+    parser.add_argument("--cache-dir", default=".dpokit_cache/sentiment", help="where the SFT model is cached")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS),
+                        help=f"comma-separated subset of {','.join(ALL_METHODS)}")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep run checkpoints after evaluating them")
+
+
+def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``dpokit experiment`` on an ``argparse`` sub-parser collection; returns the parser."""
+    parser = subparsers.add_parser(
+        "experiment", help="reproduce the paper's controlled-sentiment reward-KL frontier (miniature)",
+        description=__doc__.split("\n\n")[0],
+    )
+    add_experiment_arguments(parser)
+    parser.set_defaults(func=experiment_main)
+    return parser
+
+
+def experiment_main(args: argparse.Namespace) -> int:
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    settings = dataclasses.replace(MODES[args.mode], methods=methods)
+    out_dir = args.out or f"runs/sentiment-{args.mode}"
+    result = run_experiment(settings, out_dir, args.cache_dir, keep_checkpoints=args.keep_checkpoints,
+                            log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(results_markdown([{k: v for k, v in p.items() if k != "samples"} for p in result["points"]]))
+    print(f"wrote {out_dir}/frontier.png, results.json, results.md")
+    return 0

@@ -1,0 +1,111 @@
+"""The sentiment experiment's pieces (corpus, prompts, labelled pairs, cached SFT model) and a smoke run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from dpokit.experiments import corpus
+from dpokit.experiments.corpus import make_corpus
+from dpokit.experiments.lm import LMSettings, load_or_pretrain
+from dpokit.experiments.preferences import make_preference_pairs, make_prompts
+from dpokit.experiments.reward import vader_reward, vader_score
+from dpokit.experiments.sentiment import MODES, run_experiment
+
+SMOKE_LM = MODES["smoke"].lm
+
+
+def test_corpus_is_deterministic_in_size_and_seed_and_varies_with_the_seed():
+    assert make_corpus(50, seed=3) == make_corpus(50, seed=3)
+    assert make_corpus(50, seed=3) != make_corpus(50, seed=4)
+    assert all(text.endswith(".") and 2 <= text.count(".") <= 4 for text in make_corpus(200))
+
+
+def test_lexicon_polarity_agrees_with_the_ground_truth_reward():
+    """The grammar's positive words must score > 0 under VADER, negative < 0, neutral exactly 0."""
+    for word in corpus.POSITIVE_ADJECTIVES + corpus.POSITIVE_VERBS:
+        assert vader_score(word) > 0, word
+    for word in corpus.NEGATIVE_ADJECTIVES + corpus.NEGATIVE_VERBS:
+        assert vader_score(word) < 0, word
+    for word in corpus.NEUTRAL_ADJECTIVES + corpus.NEUTRAL_VERBS + corpus.NOUNS:
+        assert vader_score(word) == 0, word
+
+
+def test_corpus_sentiment_is_varied():
+    scores = [vader_score(text) for text in make_corpus(500)]
+    positive = sum(s > 0.3 for s in scores) / len(scores)
+    negative = sum(s < -0.3 for s in scores) / len(scores)
+    assert 0.25 < positive < 0.75 and 0.2 < negative < 0.7
+
+
+def test_vader_reward_scores_prompt_plus_completion_and_ignores_extra_arguments():
+    rewards = vader_reward(prompts=["the movie was", "i hated"], completions=[" great.", " it."], trainer_state=None)
+    assert rewards == [vader_score("the movie was great."), vader_score("i hated it.")]
+    assert rewards[0] > 0 > rewards[1]
+
+
+@pytest.fixture(scope="module")
+def smoke_model(tmp_path_factory):
+    return load_or_pretrain(SMOKE_LM, tmp_path_factory.mktemp("cache"), log=None)
+
+
+def test_sft_model_is_cached_by_settings(smoke_model, tmp_path_factory):
+    model, tokenizer, model_dir = smoke_model
+    again, _, again_dir = load_or_pretrain(SMOKE_LM, model_dir.parent, log=None)
+    assert again_dir == model_dir
+    assert all((a == b).all() for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    other = dataclasses.replace(SMOKE_LM, steps=SMOKE_LM.steps + 1)
+    assert other.cache_key() != SMOKE_LM.cache_key()
+
+
+def test_prompts_are_two_to_eight_token_prefixes_of_reviews(smoke_model):
+    _, tokenizer, _ = smoke_model
+    prompts = make_prompts(tokenizer, 40, seed=5)
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    assert min(lengths) >= 2 and max(lengths) <= 8
+    assert len(set(lengths)) > 3  # the prefix length varies
+    assert all(review.startswith(p) for review, p in zip(make_corpus(40, seed=5), prompts))
+
+
+def test_pairs_prefer_the_higher_reward_and_noisy_labels_sometimes_flip(smoke_model):
+    model, tokenizer, _ = smoke_model
+    prompts = make_prompts(tokenizer, 10, seed=6)
+    kwargs = dict(completions_per_prompt=4, max_new_tokens=10, require_eos=False, seed=0)
+    rows, stats = make_preference_pairs(model, tokenizer, prompts, vader_reward, **kwargs)
+    assert rows and stats["pairs"] == len(rows) and stats["label_accuracy"] == 1.0
+    for row in rows:
+        assert row["chosen_reward"] > row["rejected_reward"]
+        assert vader_reward([row["prompt"]], [row["chosen"]])[0] == row["chosen_reward"]
+    noisy, noisy_stats = make_preference_pairs(model, tokenizer, prompts, vader_reward, label_temperature=10.0, **kwargs)
+    assert len(noisy) == len(rows) and noisy_stats["label_accuracy"] < 1.0
+
+
+def test_requiring_eos_drops_completions_cut_at_the_length_limit(smoke_model):
+    model, tokenizer, _ = smoke_model
+    prompts = make_prompts(tokenizer, 6, seed=6)
+    rows, stats = make_preference_pairs(model, tokenizer, prompts, vader_reward, completions_per_prompt=3,
+                                        max_new_tokens=1, require_eos=True, seed=0)
+    # One new token can only end the text if it is EOS, which leaves an empty completion: no pairs.
+    assert rows == [] and stats["unterminated_dropped"] + stats["ties_skipped"] > 0
+
+
+@pytest.mark.slow
+def test_smoke_run_of_the_whole_pipeline_writes_the_frontier(tmp_path):
+    """Every method at toy size, RL through TRL included; checks outputs, not quality."""
+    settings = dataclasses.replace(MODES["smoke"], warmup_steps=0)
+    result = run_experiment(settings, tmp_path / "out", tmp_path / "cache", log=None)
+    methods = {p["method"] for p in result["points"]}
+    assert methods == {"SFT (reference)", "DPO", "Preferred-FT", "Unlikelihood", "Best-of-N", "RLOO (TRL, true reward)"}
+    dpo = [p for p in result["points"] if p["method"] == "DPO"]
+    assert [p["step"] for p in dpo] == sorted(p["step"] for p in dpo) and len(dpo) == 2
+    assert all(p["kl_mean"] != 0.0 for p in dpo)  # the policy moved
+    data = json.loads((tmp_path / "out/results.json").read_text())
+    assert data["preferences"]["pairs"] > 0 and "DPO" not in data["dpo_dominance"]
+    assert (tmp_path / "out/frontier.png").stat().st_size > 1000
+    assert "| DPO | dpo-beta0.1 |" in (tmp_path / "out/results.md").read_text()
+    assert not list((tmp_path / "out/runs/dpo-beta0.1").glob("checkpoint-*"))  # evaluated, then removed
+    # A second run reuses every stored point instead of training again.
+    again = run_experiment(settings, tmp_path / "out", tmp_path / "cache", log=None)
+    assert again["points"] == result["points"]
