@@ -176,7 +176,7 @@ def _check_responses(row: _Row, responses: list, fields: list[str]) -> None:
             )
     seen: dict[str, int] = {}
     for i, response in enumerate(responses):
-        key = json.dumps(response, sort_keys=True)
+        key = response if isinstance(response, str) else json.dumps(response, sort_keys=True)
         if key in seen:
             j = seen[key]
             if fields[j] == "chosen" and fields[i] == "rejected":

@@ -28,6 +28,7 @@ All tokenizer calls are batched over the whole dataset (fast tokenizers encode i
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -142,7 +143,7 @@ class TokenizedColumns:
         lengths = np.fromiter((len(s) for s in segments), dtype=np.int64, count=len(segments))
         offsets = np.zeros(len(segments) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        tokens = np.fromiter((t for s in segments for t in s), dtype=np.int32, count=int(offsets[-1]))
+        tokens = np.fromiter(itertools.chain.from_iterable(segments), dtype=np.int32, count=int(offsets[-1]))
         return cls(tokens, offsets, np.asarray(example_segments, dtype=np.int64))
 
 
@@ -158,13 +159,23 @@ def check_truncation_settings(max_length: int | None, max_prompt_length: int | N
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Batched encoding without special tokens (chunks keep peak memory flat on big datasets)."""
+    """Batched encoding without special tokens.
+
+    Fast tokenizers go straight to the Rust ``encode_batch_fast`` (no offsets, no ``BatchEncoding``):
+    the same ids as ``tokenizer(texts, add_special_tokens=False)`` at a fraction of the Python cost.
+    Chunks keep peak memory flat on big datasets.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    encode_batch = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
     ids: list[list[int]] = []
     for start in range(0, len(texts), _TOKENIZE_BATCH):
         chunk = texts[start : start + _TOKENIZE_BATCH]
-        ids.extend(
-            tokenizer(chunk, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-        )
+        if encode_batch is not None:
+            ids.extend(encoding.ids for encoding in encode_batch(chunk, add_special_tokens=False))
+        else:  # slow (pure Python) tokenizers
+            ids.extend(
+                tokenizer(chunk, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+            )
     return ids
 
 

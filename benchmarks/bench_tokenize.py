@@ -1,0 +1,154 @@
+"""Tokenizing preference pairs: dpokit's ``prepare_dataset`` vs TRL 1.16 ``DPOTrainer`` dataset preparation.
+
+Both tokenize the same generated pairs with the same byte-level BPE tokenizer in one process:
+
+* dpokit: ``prepare_dataset(jsonl_file, tokenizer, cache_dir=<empty dir>)`` -- a *cold* cache, and the
+  time includes reading + validating the JSONL file, hashing it, tokenizing (batched calls) and
+  writing the cache entry. A warm (cache-hit) run is timed too.
+* TRL: ``DPOTrainer._prepare_dataset`` on an in-memory ``datasets.Dataset`` (built before the clock
+  starts), exactly the preparation a ``DPOTrainer`` runs in its constructor: add EOS, then three
+  tokenizer calls per row (prompt, prompt+chosen, prompt+rejected) through ``Dataset.map`` with
+  ``dataset_num_proc=None`` (one process).
+
+Runs alternate (dpokit, TRL, dpokit, TRL, ...) and medians are reported. The token ids of both are
+compared on every row (they agree when prompts end on a token boundary, as here).
+
+    python benchmarks/bench_tokenize.py               # 50,000 pairs, 3 alternating repeats
+    python benchmarks/bench_tokenize.py --pairs 5000 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+WORDS = (
+    "the a good bad great movie film story actor plot scene music was is very not really quite i you we they "
+    "liked loved hated enjoyed boring wonderful awful funny sad long short best worst and but so because then "
+    "it this that what why how when answer question please explain tell me about their ending characters"
+).split()
+
+
+def sentence(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def generate_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Prompts of 8-40 words ending in '?', responses of 10-60 words starting with a space."""
+    rng = random.Random(seed)
+    return [
+        {"prompt": sentence(rng, 8, 40) + "?", "chosen": " " + sentence(rng, 10, 60) + ".", "rejected": " " + sentence(rng, 10, 60) + "."}
+        for _ in range(n)
+    ]
+
+
+def train_tokenizer(rows: list[dict[str, str]], vocab_size: int = 2048):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator((r["prompt"] + r["chosen"] for r in rows[:5000]), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>")
+
+
+def time_dpokit(path: Path, tokenizer, cache_dir: Path):
+    from dpokit.data import prepare_dataset
+
+    start = time.perf_counter()
+    dataset = prepare_dataset(path, tokenizer, cache_dir=cache_dir, max_length=512, max_prompt_length=256)
+    return time.perf_counter() - start, dataset
+
+
+def build_trl_trainer(tokenizer, output_dir: str, rows: list[dict[str, str]]):
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from trl import DPOConfig, DPOTrainer
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=512)
+    model, ref_model = GPT2LMHeadModel(config), GPT2LMHeadModel(config)
+    args = DPOConfig(output_dir=output_dir, report_to=[], dataset_num_proc=None, max_length=512, logging_strategy="no", save_strategy="no", use_cpu=True, bf16=False)
+    return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows[:8]), processing_class=tokenizer)
+
+
+def time_trl(trainer, dataset, tokenizer):
+    start = time.perf_counter()
+    prepared = trainer._prepare_dataset(dataset, tokenizer, trainer.args, "train")
+    return time.perf_counter() - start, prepared
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=50_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    options = parser.parse_args()
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.disable_caching()
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("dpokit").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+    rows = generate_pairs(options.pairs)
+    tokenizer = train_tokenizer(rows)
+    with tempfile.TemporaryDirectory() as work:
+        work_dir = Path(work)
+        path = work_dir / "pairs.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        trainer = build_trl_trainer(tokenizer, str(work_dir / "trl"), rows)
+        in_memory = datasets.Dataset.from_list(rows)
+
+        dpokit_times, trl_times = [], []
+        for repeat in range(options.repeats):
+            seconds, dataset = time_dpokit(path, tokenizer, work_dir / f"cache-{repeat}")
+            dpokit_times.append(seconds)
+            seconds, trl_dataset = time_trl(trainer, in_memory, tokenizer)
+            trl_times.append(seconds)
+            print(f"  repeat {repeat + 1}: dpokit {dpokit_times[-1]:.2f} s, TRL {trl_times[-1]:.2f} s", flush=True)
+        warm_times = [time_dpokit(path, tokenizer, work_dir / "cache-0")[0] for _ in range(3)]
+        assert all(time_dpokit(path, tokenizer, work_dir / "cache-0")[1].from_cache for _ in range(1))
+
+        trl_rows = trl_dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_list()
+        agree = sum(
+            item["prompt_ids"] == t["prompt_ids"] and item["response_ids"] == [t["chosen_ids"], t["rejected_ids"]]
+            for item, t in zip(dataset.items, trl_rows)
+        )
+
+    dpokit_median, trl_median, warm_median = map(statistics.median, (dpokit_times, trl_times, warm_times))
+    threads = os.environ.get("RAYON_NUM_THREADS") or os.environ.get("RAYON_RS_NUM_CPUS") or f"default ({os.cpu_count()} cores)"
+    print()
+    print(f"Tokenizing {options.pairs:,} preference pairs, {options.repeats} alternating repeats, medians")
+    print(f"(byte-level BPE, vocab {len(tokenizer)}, one process; tokenizer threads: {threads})")
+    print()
+    print(f"| {'pipeline':<44} | {'seconds':>8} | {'pairs/s':>9} | {'vs TRL':>7} |")
+    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 11}|{'-' * 9}|")
+    for name, seconds in [
+        ("TRL 1.16 DPOTrainer._prepare_dataset", trl_median),
+        ("dpokit prepare_dataset (cold cache)", dpokit_median),
+        ("dpokit prepare_dataset (warm cache)", warm_median),
+    ]:
+        print(f"| {name:<44} | {seconds:>8.2f} | {options.pairs / seconds:>9,.0f} | {trl_median / seconds:>6.1f}x |")
+    print()
+    print(f"speed-up, cold cache: {trl_median / dpokit_median:.1f}x   identical token ids on {agree:,}/{options.pairs:,} pairs")
+
+
+if __name__ == "__main__":
+    main()
