@@ -1,0 +1,179 @@
+"""Model loading, dropout, LoRA and the live reference strategies, on tiny models saved to disk."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from dpokit.config import LoraConfig, ModelConfig
+from dpokit.data import PaddedCollator, prepare_from_examples
+from dpokit.data.schema import PreferenceExample
+from dpokit.errors import ConfigError
+from dpokit.logprobs import compute_logps
+from dpokit.models import (
+    AdapterDisabledReference,
+    CopyReference,
+    NoReference,
+    apply_lora,
+    disable_dropout,
+    load_model_and_tokenizer,
+    resolve_reference_strategy,
+    save_final_model,
+)
+from tests.helpers import preference_rows, tiny_gpt2, tiny_llama, tiny_tokenizer, write_tiny_model_dir
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def items_for(tokenizer, n: int = 6) -> list[dict]:
+    examples = [
+        PreferenceExample(prompt=row["prompt"], responses=[row["chosen"], row["rejected"]], scores=None, source=f"test:{i}")
+        for i, row in enumerate(preference_rows(n))
+    ]
+    return list(prepare_from_examples(examples, tokenizer).items)
+
+
+def batch_for(tokenizer, n: int = 6):
+    return PaddedCollator(tokenizer.pad_token_id)(items_for(tokenizer, n))
+
+
+def test_loads_from_a_local_directory_with_dtype_and_attention_kernel(model_dir):
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=str(model_dir), dtype="bfloat16",
+                                                            attn_implementation="eager", device="cpu"))
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert model.config._attn_implementation == "eager"
+    assert tokenizer.pad_token == "<|pad|>"
+
+
+def test_missing_pad_token_reuses_eos_without_resizing_embeddings(tmp_path):
+    path = write_tiny_model_dir(tmp_path / "nopad", pad_token=False)
+    assert json.loads((path / "config.json").read_text()).get("pad_token_id") is None
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=str(path), device="cpu"))
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|eos|>"
+    assert model.config.pad_token_id == tokenizer.eos_token_id
+    assert model.get_input_embeddings().weight.shape[0] == 384  # not resized
+    # Padding with eos changes nothing: padded positions are masked and never scored.
+    items = items_for(tokenizer)
+    collate = PaddedCollator(tokenizer.pad_token_id)
+    with torch.no_grad():
+        padded = compute_logps(model.eval(), collate(items)).logps
+        alone = torch.cat([compute_logps(model, collate([item])).logps for item in items])
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_remote_code_is_not_run_unless_asked(tmp_path):
+    """A checkpoint whose config points at its own modeling file: without trust_remote_code the
+    load is refused and the file is never imported."""
+    path = write_tiny_model_dir(tmp_path / "custom")
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    config["model_type"] = "evil-custom"
+    (path / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "executed"
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (path / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    with pytest.raises(ConfigError, match="cannot load"):
+        load_model_and_tokenizer(ModelConfig(name_or_path=str(path), device="cpu"))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_llama(attention_dropout=0.5), lambda: tiny_gpt2(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)])
+def test_disable_dropout_makes_train_mode_forward_deterministic(build):
+    model = build().train()
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is live
+        disable_dropout(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(model(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def _perturb_adapters(model, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+
+
+def test_lora_reference_with_adapters_disabled_equals_the_base_model(model_dir):
+    """After the adapters have moved (policy != base), the adapter-disabled reference still gives
+    exactly the base model's log-probs, without holding a second copy, and restores train mode."""
+    cfg = ModelConfig(name_or_path=str(model_dir), device="cpu")
+    base, tokenizer = load_model_and_tokenizer(cfg)
+    base.eval()
+    policy, _ = load_model_and_tokenizer(cfg)
+    policy = apply_lora(policy, LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj", "lm_head"])).train()
+    batch = batch_for(tokenizer)
+    with torch.no_grad():
+        expected = compute_logps(base, batch).logps
+        torch.testing.assert_close(compute_logps(policy, batch).logps, expected, rtol=1e-5, atol=1e-5)  # B = 0 at init
+    _perturb_adapters(policy)
+    reference = AdapterDisabledReference(policy)
+    with torch.no_grad():
+        assert not torch.allclose(compute_logps(policy, batch).logps, expected, atol=1e-2)
+    torch.testing.assert_close(reference.logps(batch), expected, rtol=1e-5, atol=1e-5)
+    assert reference.policy is policy and policy.training
+    assert sum(p.numel() for p in policy.parameters() if p.requires_grad) < sum(p.numel() for p in base.parameters()) / 5
+
+
+def test_copy_reference_is_frozen_and_unaffected_by_policy_updates(model_dir):
+    policy, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=str(model_dir), device="cpu"))
+    reference = CopyReference.from_policy(policy)
+    batch = batch_for(tokenizer)
+    before = reference.logps(batch)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.01)
+    torch.testing.assert_close(reference.logps(batch), before, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in reference.model.parameters())
+    assert NoReference().logps(batch) is None
+
+
+def test_auto_strategy_resolution_and_mismatches():
+    assert resolve_reference_strategy("auto", needs_reference=False, lora=True) == "none"
+    assert resolve_reference_strategy("auto", needs_reference=True, lora=True) == "adapter_disabled"
+    assert resolve_reference_strategy("auto", needs_reference=True, lora=False) == "copy"
+    assert resolve_reference_strategy("precomputed", needs_reference=True, lora=True) == "precomputed"
+    with pytest.raises(ConfigError, match="loss.reference_free=true"):
+        resolve_reference_strategy("none", needs_reference=True, lora=False)
+    with pytest.raises(ConfigError, match="lora"):
+        resolve_reference_strategy("adapter_disabled", needs_reference=True, lora=False)
+
+
+@pytest.mark.parametrize("export", ["merged", "adapter"])
+def test_exported_lora_model_loads_with_automodel_and_gives_the_same_logps(model_dir, tmp_path, export):
+    from transformers import AutoModelForCausalLM
+
+    policy, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=str(model_dir), device="cpu"))
+    policy = apply_lora(policy, LoraConfig(enabled=True, r=4))
+    _perturb_adapters(policy, seed=1)
+    batch = batch_for(tokenizer)
+    with torch.no_grad():
+        expected = compute_logps(policy.eval(), batch).logps
+    out = save_final_model(policy, tokenizer, tmp_path / "out", lora_export=export)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compute_logps(reloaded, batch).logps, expected, rtol=1e-4, atol=1e-4)
+    assert (out / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
+def test_quantization_without_bitsandbytes_is_a_clear_config_error(model_dir):
+    cfg = ModelConfig(name_or_path=str(model_dir), quantization="4bit", device="cpu", lora=LoraConfig(enabled=True))
+    with pytest.raises(ConfigError, match="bitsandbytes"):
+        load_model_and_tokenizer(cfg)
