@@ -116,7 +116,8 @@ def load_model(model_cfg: ModelConfig, name_or_path: str | None = None, *, devic
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load a causal language model from {location!r}: {exc}") from None
+        hint = " (set model.trust_remote_code=true only if you trust that code)" if "trust_remote_code" in str(exc) else ""
+        raise ConfigError(f"cannot load a causal language model from {location!r}: {exc}{hint}") from None
     if quantization is None and device is not None:
         model.to(device)
     if model_cfg.disable_dropout:

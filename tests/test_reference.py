@@ -1,0 +1,116 @@
+"""Precomputed reference log-probs: equal to the live reference, cached, reused and invalidated."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dpokit.config import LoraConfig, ModelConfig
+from dpokit.data import PaddedCollator, prepare_dataset
+from dpokit.models import CopyReference, apply_lora, load_model_and_tokenizer
+from dpokit.reference import cached_reference_files, load_or_compute_reference, model_fingerprint
+from tests.helpers import write_preference_jsonl, write_tiny_model_dir
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    write_tiny_model_dir(root / "model")
+    write_preference_jsonl(root / "train.jsonl", n=40, seed=0)
+    return root
+
+
+def load(assets):
+    return load_model_and_tokenizer(ModelConfig(name_or_path=str(assets / "model"), device="cpu"))
+
+
+def precompute(model, data, collate, cache_dir, **kwargs):
+    return load_or_compute_reference(model, data.items, collate, dataset_fingerprint=data.fingerprint,
+                                     cache_dir=cache_dir, **kwargs)
+
+
+def test_precomputed_reference_equals_the_live_reference(assets, tmp_path):
+    """Computed longest-first in batches of 16 (different padding than training batches), looked up
+    by example id for shuffled batches of 5: equal to a frozen copy's live log-probs."""
+    model, tokenizer = load(assets)
+    data = prepare_dataset(assets / "train.jsonl", tokenizer, cache_dir=tmp_path)
+    collate = PaddedCollator(tokenizer.pad_token_id)
+    table = precompute(model, data, collate, tmp_path, batch_size=16)
+    live = CopyReference.from_policy(model)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+    for start in range(0, len(order), 5):
+        batch = collate([data.items[i] for i in order[start : start + 5]])
+        torch.testing.assert_close(table.logps(batch), live.logps(batch), rtol=1e-5, atol=1e-4)
+    assert len(table) == len(data) and not table.from_cache
+
+
+def test_cache_is_reused_by_a_later_run_with_other_loss_settings(assets, tmp_path):
+    model, tokenizer = load(assets)
+    data = prepare_dataset(assets / "train.jsonl", tokenizer, cache_dir=tmp_path)
+    collate = PaddedCollator(tokenizer.pad_token_id)
+    first = precompute(model, data, collate, tmp_path)
+    mtime = os.stat(first.path).st_mtime_ns
+    again_model, _ = load(assets)  # a fresh process would load the same weights again
+    second = precompute(again_model, data, collate, tmp_path, batch_size=3)
+    assert second.from_cache and second.path == first.path and os.stat(second.path).st_mtime_ns == mtime
+    torch.testing.assert_close(second.logps_table, first.logps_table, rtol=0, atol=0)
+    assert len(cached_reference_files(tmp_path)) == 1
+
+
+def test_cache_is_invalidated_by_a_change_of_model_data_or_tokenization(assets, tmp_path):
+    model, tokenizer = load(assets)
+    collate = PaddedCollator(tokenizer.pad_token_id)
+    data = prepare_dataset(assets / "train.jsonl", tokenizer, cache_dir=tmp_path)
+    base = precompute(model, data, collate, tmp_path)
+
+    with torch.no_grad():
+        model.model.norm.weight[0] += 0.5
+    changed_model = precompute(model, data, collate, tmp_path)
+    assert not changed_model.from_cache and changed_model.path != base.path
+    assert not torch.allclose(changed_model.logps_table, base.logps_table)
+
+    model, _ = load(assets)
+    other_rows = write_preference_jsonl(tmp_path / "other.jsonl", n=40, seed=5)
+    changed_data = precompute(model, prepare_dataset(other_rows, tokenizer, cache_dir=tmp_path), collate, tmp_path)
+    assert not changed_data.from_cache and changed_data.path != base.path
+
+    truncated = prepare_dataset(assets / "train.jsonl", tokenizer, cache_dir=tmp_path, max_length=12, max_prompt_length=6)
+    changed_tokens = precompute(model, truncated, collate, tmp_path)
+    assert not changed_tokens.from_cache and changed_tokens.path != base.path
+    assert len(cached_reference_files(tmp_path)) == 4
+
+
+def test_a_damaged_cache_file_is_recomputed(assets, tmp_path):
+    model, tokenizer = load(assets)
+    data = prepare_dataset(assets / "train.jsonl", tokenizer, cache_dir=tmp_path)
+    collate = PaddedCollator(tokenizer.pad_token_id)
+    first = precompute(model, data, collate, tmp_path)
+    first.path.write_bytes(b"not a safetensors file")
+    again = precompute(model, data, collate, tmp_path)
+    assert not again.from_cache
+    torch.testing.assert_close(again.logps_table, first.logps_table)
+
+
+def test_fingerprint_sees_weights_and_dtype_but_not_lora_adapters(assets):
+    model, _ = load(assets)
+    plain = model_fingerprint(model)
+    wrapped = apply_lora(load(assets)[0], LoraConfig(enabled=True, r=4))
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_" in name:
+                parameter.normal_()
+    assert model_fingerprint(wrapped) == plain  # with adapters disabled the reference is the base
+    assert model_fingerprint(load(assets)[0].to(torch.bfloat16)) != plain
+    with torch.no_grad():
+        model.lm_head.weight[3, 3] += 1e-3
+    assert model_fingerprint(model) != plain
