@@ -165,18 +165,26 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     the same ids as ``tokenizer(texts, add_special_tokens=False)`` at a fraction of the Python cost.
     Chunks keep peak memory flat on big datasets.
     """
+    # Each distinct text is encoded once: a prompt repeats in every pair made from its ranking, and
+    # datasets often hold several pairs per prompt. (Lists may be shared; nothing mutates them.)
+    position: dict[str, int] = {}
+    for text in texts:
+        position.setdefault(text, len(position))
+    unique_texts = list(position)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     encode_batch = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
     ids: list[list[int]] = []
-    for start in range(0, len(texts), _TOKENIZE_BATCH):
-        chunk = texts[start : start + _TOKENIZE_BATCH]
+    for start in range(0, len(unique_texts), _TOKENIZE_BATCH):
+        chunk = unique_texts[start : start + _TOKENIZE_BATCH]
         if encode_batch is not None:
             ids.extend(encoding.ids for encoding in encode_batch(chunk, add_special_tokens=False))
         else:  # slow (pure Python) tokenizers
             ids.extend(
                 tokenizer(chunk, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
             )
-    return ids
+    if len(unique_texts) == len(texts):
+        return ids
+    return [ids[position[text]] for text in texts]
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
