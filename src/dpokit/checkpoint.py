@@ -155,7 +155,10 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_model(directory: Path, model: nn.Module, tokenizer: Any | None) -> None:
     """The policy (or, for a peft model, its adapter) with save_pretrained, in safetensors."""
-    model.save_pretrained(directory / MODEL_DIR, safe_serialization=True)
+    from dpokit.models import quiet_progress_bars
+
+    with quiet_progress_bars():
+        model.save_pretrained(directory / MODEL_DIR, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory / MODEL_DIR)
 

@@ -319,6 +319,20 @@ def resolve_reference_strategy(strategy: str, *, needs_reference: bool, lora: bo
 # ------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """Silence transformers' own "Writing model shards" bars (they would break the training bar)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_final_model(policy: nn.Module, tokenizer: Any, out_dir: str | Path, *, lora_export: str = "merged") -> Path:
     """Save the trained policy so ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it.
 
@@ -330,6 +344,14 @@ def save_final_model(policy: nn.Module, tokenizer: Any, out_dir: str | Path, *, 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with quiet_progress_bars():
+        _save_policy(policy, out, lora_export)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _save_policy(policy: nn.Module, out: Path, lora_export: str) -> None:
     if is_peft_model(policy):
         if lora_export == "adapter":
             policy.save_pretrained(out, safe_serialization=True)
@@ -343,6 +365,3 @@ def save_final_model(policy: nn.Module, tokenizer: Any, out_dir: str | Path, *, 
             raise ConfigError(f"model.lora.export must be 'merged' or 'adapter', got {lora_export!r}")
     else:
         policy.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
