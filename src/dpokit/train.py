@@ -109,10 +109,17 @@ class MetricSums:
         self.counts[name] = self.counts.get(name, 0.0) + float(count)
 
     def add_per_example(self, metrics: dict[str, torch.Tensor]) -> None:
-        for name, values in metrics.items():
-            values = values.detach().float()
-            finite = torch.isfinite(values)
-            self.add(name, values[finite].sum().item(), finite.sum().item())
+        """Add (B,) per-example values; non-finite entries are left out of both sum and count."""
+        if not metrics:
+            return
+        names = list(metrics)
+        values = torch.stack([metrics[n].detach().float().reshape(-1) for n in names])  # (num_metrics, B)
+        finite = torch.isfinite(values)
+        totals = torch.where(finite, values, torch.zeros_like(values)).sum(dim=1)
+        counts = finite.sum(dim=1)
+        # One device-to-host transfer for all metrics, not one per metric.
+        for name, total, count in zip(names, totals.tolist(), counts.tolist()):
+            self.add(name, total, count)
 
     def averages(self) -> dict[str, float]:
         return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k] > 0}
@@ -299,8 +306,7 @@ def evaluate(
             for start in range(0, len(split), batch_size):
                 batch = collate(split.items(range(start, min(start + batch_size, len(split))))).to(device)
                 out = forward_batch(policy, batch, reference, objective, chunk_size)
-                sums.add("loss", out.per_example.detach().float().sum().item(), batch.batch_size)
-                sums.add_per_example(out.metrics)
+                sums.add_per_example({"loss": out.per_example, **out.metrics})
     finally:
         policy.train(was_training)
     return sums.averages()
@@ -554,7 +560,7 @@ def run(
         nonlocal last_eval_step, best_eval
         assert eval_split is not None
         # Evaluation must not move the training RNG streams (a resumed run evaluates at other times).
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             metrics = evaluate(policy, eval_split, eval_reference, objective, collate, batch_size=cfg.eval.batch_size,
                                device=device, chunk_size=o.logps_chunk_size)
             if cfg.eval.sample_prompts:
@@ -598,8 +604,7 @@ def run(
                         # Weighting by the micro-batch's share of examples makes the step's gradient
                         # that of the mean loss over all its examples, whatever the batch sizes.
                         (out.loss * (batch.batch_size / step_examples)).backward()
-                        step_sums.add("loss", out.per_example.detach().float().sum().item(), batch.batch_size)
-                        step_sums.add_per_example(out.metrics)
+                        step_sums.add_per_example({"loss": out.per_example, **out.metrics})
                     max_norm = o.max_grad_norm if o.max_grad_norm is not None else math.inf
                     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
                     if not math.isfinite(grad_norm):
