@@ -118,7 +118,7 @@ def compute_reference_logps(
     if progress:
         from dpokit.tracking import progress_bar
 
-        bar = progress_bar(n, enabled=True)
+        bar = progress_bar(n, enabled=True, desc="reference log-probs")
     with reference_mode(model) as reference:
         for start in range(0, n, batch_size):
             rows = order[start : start + batch_size]

@@ -90,6 +90,14 @@ class RunResult:
 # ------------------------------------------------------------------------------------------------
 
 
+def _say(cfg: TrainConfig, message: str) -> None:
+    """A line for the person at the terminal (when the progress bar is on), else a log record."""
+    if cfg.logging.progress_bar:
+        print(message, file=sys.stderr, flush=True)
+    else:
+        logger.info(message)
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA). The data order has its own seeded sampler."""
     random.seed(seed)
@@ -229,7 +237,7 @@ def load_data(cfg: TrainConfig, tokenizer: Any) -> tuple[Split, Split | None]:
         cache_dir=d.cache_dir,
     )
     train_data = prepare_dataset(d.train_path, tokenizer, split=d.train_split, **common)
-    logger.info("training data: %s", train_data.report.summary())
+    _say(cfg, f"training data {d.train_path}: {train_data.report.summary()}")
     indices = list(range(len(train_data)))
     eval_split: Split | None = None
     if d.eval_path:
@@ -381,6 +389,8 @@ def build_references(
                     progress=cfg.logging.progress_bar,
                 )
         del separate
+        for table in tables.values():
+            _say(cfg, f"reference log-probs {'reused from' if table.from_cache else 'computed and cached in'} {table.path}")
         train_reference = tables[id(train.dataset)]
         return train_reference, tables[id(evaluation.dataset)] if evaluation is not None else train_reference
     raise ConfigError(f"unknown reference strategy {strategy!r}")
@@ -487,7 +497,8 @@ def run(
     collate = PaddedCollator(tokenizer.pad_token_id)
     objective = build_objective(cfg.loss.terms, beta=cfg.loss.beta, reference_free=cfg.loss.reference_free)
     strategy = resolve_reference_strategy(cfg.reference.strategy, needs_reference=objective.needs_reference, lora=cfg.model.lora.enabled)
-    logger.info("objective %r, reference strategy %s", objective, strategy)
+    _say(cfg, f"objective {objective!r}; reference: {strategy}; {len(train_split)} training examples"
+              + (f", {len(eval_split)} held out" if eval_split is not None else ""))
 
     # The reference is fixed from the initial weights, before LoRA and before any resumed weights.
     if strategy in ("copy", "precomputed"):
@@ -525,7 +536,7 @@ def run(
         last_checkpoint = resume_from
         _trim_metrics_file(run_dir, step)
         remove_partial_checkpoints(run_dir)
-        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_from, step, epoch, batch_in_epoch)
+        _say(cfg, f"resumed from {resume_from} at step {step} (epoch {epoch}, micro-batch {batch_in_epoch})")
 
     from dpokit.plots import plot_training_curves
     from dpokit.tracking import MetricsTracker, progress_bar
