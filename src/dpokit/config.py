@@ -94,7 +94,9 @@ class DataConfig:
     eval_split_fraction: float = _f(0.0, "Fraction of the training examples held out for evaluation when eval_path is null.")
     train_split: str = _f("train", "Split to read from a hub dataset / dataset directory for training.")
     eval_split: str = _f("test", "Split to read from eval_path when it is a hub dataset / dataset directory.")
-    format: str = _f("auto", "Row format: 'auto' (detect), or a named format understood by the reader.")
+    format: Literal["auto", "standard", "conversational", "hh", "ranked"] = _f(
+        "auto", "Row format: 'auto' (detected per file) or one of the reader's formats."
+    )
     columns: dict[str, str] | None = _f(None, "Column renames, e.g. {prompt: question, chosen: good, rejected: bad}.")
     skip_invalid: bool = _f(False, "Skip malformed rows (counted in the data report) instead of failing on the first.")
     ranked_mode: Literal["listwise", "all_pairs", "best_vs_rest", "best_vs_worst"] = _f(
