@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,28 @@ def test_python_dash_m_dpokit_runs_the_cli():
     completed = subprocess.run([sys.executable, "-m", "dpokit", "--version"], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0
     assert completed.stdout.startswith("dpokit ")
+
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_examples_cover_full_lora_ipo_and_listwise_and_all_validate():
+    from dpokit.config import load_config, validate_config
+    from dpokit.losses import build_objective
+
+    names = {path.stem for path in EXAMPLES_DIR.glob("*.yaml")}
+    assert {"full", "lora", "ipo", "listwise"} <= names
+    for path in sorted(EXAMPLES_DIR.glob("*.yaml")):
+        config = load_config(path)
+        validate_config(config)
+        build_objective(config.loss.terms, beta=config.loss.beta, reference_free=config.loss.reference_free)
+        assert path.read_text().count("#") >= 10, f"{path.name} should explain its keys in comments"
+    assert load_config(EXAMPLES_DIR / "lora.yaml").model.lora.enabled
+    assert load_config(EXAMPLES_DIR / "ipo.yaml").loss.terms[0]["name"] == "ipo"
+    assert load_config(EXAMPLES_DIR / "listwise.yaml").loss.terms[0]["name"] == "plackett_luce"
+
+
+def test_example_config_with_a_mistyped_override_is_a_clear_cli_error(capsys):
+    assert main(["train", str(EXAMPLES_DIR / "full.yaml"), "loss.betta=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "betta" in err and "Traceback" not in err

@@ -68,16 +68,13 @@ def _run_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# SFT ("Preferred-FT" in the paper) is the same loop with a single negative-log-likelihood term on the
-# chosen responses and no reference model; the overrides come first so the user's own still win.
-SFT_OVERRIDES = ("loss.terms=[{name: sft}]", "reference.strategy=none")
-
-
 def _run_sft(args: argparse.Namespace) -> int:
     from dpokit.config import load_config
     from dpokit.train import run
 
-    config = load_config(args.config, [*SFT_OVERRIDES, *args.overrides])
+    # SFT ("Preferred-FT" in the paper) is the same loop with the "sft" preset: one negative
+    # log-likelihood term on the chosen responses and no reference model.
+    config = load_config(args.config, list(args.overrides), preset="sft")
     result = run(config, resume=args.resume)
     _print_run_result(result)
     return EXIT_OK
