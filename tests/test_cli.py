@@ -86,3 +86,106 @@ def test_example_config_with_a_mistyped_override_is_a_clear_cli_error(capsys):
     assert main(["train", str(EXAMPLES_DIR / "full.yaml"), "loss.betta=0.2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "betta" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ end to end through the trainer
+
+
+PAIRS = [
+    ("the movie was", " very good and funny.", " very bad and long."),
+    ("i think the plot", " is wonderful.", " is boring."),
+    ("tell me about the actor", " he is great.", " he is awful."),
+    ("the music", " was the best.", " was the worst."),
+    ("so the story", " is funny and sad.", " is long."),
+    ("what about the film", " i loved it.", " i hated it."),
+]
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch):
+    """A tiny saved model, a preference file and a config naming them; the cwd is tmp_path."""
+    import json
+
+    from tests.helpers import tiny_llama, tiny_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) for p, c, r in PAIRS) + "\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"model: {{name_or_path: {tmp_path / 'base'}}}\n"
+        f"data: {{train_path: {data}, eval_path: {data}, max_length: 64, max_prompt_length: 16}}\n"
+        "optim: {optimizer: adamw, lr: 1.0e-3, warmup_steps: 0, batch_size: 2, grad_accumulation: 1, max_steps: 4}\n"
+        "eval: {every_steps: 2, batch_size: 4}\n"
+        "logging: {log_every: 1, progress_bar: false}\n"
+        "checkpoint: {every_steps: 2, keep_last: 2}\n"
+    )
+    return tmp_path, config, data
+
+
+@pytest.mark.slow
+def test_train_then_eval_score_generate_on_its_outputs(project, capsys):
+    """`dpokit train` with overrides; then eval/score/generate find the run's reference (the start model) by themselves."""
+    import json
+
+    root, config, data = project
+    assert main(["train", str(config), f"logging.run_dir={root / 'run'}", "loss.beta=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "finished after 4 optimizer steps" in out and str(root / "run" / "final") in out
+    run_dir = root / "run"
+    assert {p.name for p in run_dir.iterdir()} >= {"metrics.jsonl", "tensorboard", "curves.png", "config.yaml", "final", "checkpoint-4"}
+
+    # A checkpoint directory: eval with the run's beta and loss, reference = the start model.
+    assert main(["eval", "--model", str(run_dir / "checkpoint-4"), "--data", str(data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["beta"] == 0.5 and result["reference"] == f"reference model {root / 'base'}"
+    final_eval = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "eval"][-1]
+    # The same model, data, objective and log-prob code as the trainer's final evaluation.
+    assert result["metrics"]["loss"] == pytest.approx(final_eval["loss"], abs=1e-5)
+    assert result["metrics"]["rewards/margins"] == pytest.approx(final_eval["rewards/margins"], abs=1e-5)
+
+    # The exported model scores pairs against the start model, which differs from it after training.
+    assert main(["score", "--model", str(run_dir / "final"), "--prompt", "the movie was",
+                 "--response", " very good and funny.", "--response", " very bad and long.", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert abs(row["rewards"][0]) > 1e-4 and 0 < row["preference_prob"] < 1
+
+    assert main(["generate", "--model", str(run_dir / "checkpoint-4"), "--prompt", "the movie was", "--max-new-tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "the movie was"
+
+
+@pytest.mark.slow
+def test_sft_then_resume_continues_the_same_run(project, capsys):
+    import json
+
+    root, config, _ = project
+    run_dir = root / "sft-run"
+    assert main(["sft", str(config), f"logging.run_dir={run_dir}", "optim.max_steps=2"]) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "loss/sft" in records[0] and "rewards/accuracies" in records[0]
+    assert main(["sft", str(config), f"logging.run_dir={run_dir}", "optim.max_steps=4", "--resume", "latest"]) == 0
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert steps == [1, 2, 3, 4]
+    # A second fresh run into the same directory is refused with a pointer to --resume.
+    assert main(["sft", str(config), f"logging.run_dir={run_dir}"]) == 2
+    assert "--resume latest" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lora_adapter_output_is_evaluated_against_its_base_with_the_adapter_disabled(project, capsys):
+    import json
+
+    root, config, data = project
+    run_dir = root / "lora-run"
+    assert main(["train", str(config), f"logging.run_dir={run_dir}", "model.lora.enabled=true", "model.lora.r=4",
+                 "model.lora.export=adapter", "optim.lr=1e-2", "checkpoint.every_steps=0"]) == 0
+    capsys.readouterr()
+    assert (run_dir / "final" / "adapter_config.json").is_file()
+    assert main(["eval", "--model", str(run_dir / "final"), "--data", str(data), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["reference"] == "base model with the adapter disabled"
+    final_eval = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "eval"][-1]
+    assert result["metrics"]["rewards/margins"] == pytest.approx(final_eval["rewards/margins"], abs=1e-5)
+    assert result["metrics"]["rewards/margins"] != 0

@@ -198,7 +198,9 @@ def resolve_reference(
         return ReferenceChoice("model", reference.model, reference_path)
     if policy.is_adapter:
         return ReferenceChoice("adapter_disabled", path=policy.base_path)
-    start_model = ((policy.run_config or {}).get("model") or {}).get("name_or_path")
+    run_config = policy.run_config or {}
+    # The run's reference: reference.name_or_path when it set one, else the model it started from.
+    start_model = (run_config.get("reference") or {}).get("name_or_path") or (run_config.get("model") or {}).get("name_or_path")
     if start_model and Path(str(start_model)).resolve() != Path(policy.path).resolve():
         reference = load_policy(start_model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         return ReferenceChoice("model", reference.model, str(start_model))
