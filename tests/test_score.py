@@ -139,3 +139,11 @@ def test_score_input_rows_accept_pairs_lists_single_responses_and_csv(tmp_path):
     broken.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p"}\n')
     with pytest.raises(DataError, match=r"broken.jsonl:line 2: no responses"):
         read_score_rows(broken)
+
+
+def test_truncated_responses_are_reported(policy_dir, caplog):
+    policy = load_policy(policy_dir)
+    rows = [ScoreRow("the movie", [" was very very very very good and the plot was long.", " bad."], "row 1")]
+    with caplog.at_level("WARNING"):
+        score_rows(policy.model, policy.tokenizer, ReferenceChoice("none"), rows, beta=0.1, max_length=6, max_prompt_length=2)
+    assert "cut to max_length=6" in caplog.text

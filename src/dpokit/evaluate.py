@@ -58,6 +58,16 @@ class LoadedPolicy:
         return self.kind == "adapter"
 
 
+def quiet_loading_bars() -> None:
+    """Hide transformers' per-file loading bars when stderr is not a terminal (logs, pipes)."""
+    import sys
+
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def pick_device(device: str | None) -> torch.device:
     if device:
         return torch.device(device)
@@ -328,6 +338,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from dpokit.data import prepare_dataset
     from dpokit.losses import build_objective
 
+    quiet_loading_bars()
     policy = load_policy(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     defaults = run_defaults(policy, args.config)
     loss_defaults = defaults.get("loss") or {}
@@ -387,7 +398,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
     else:
         print(f"model:     {args.model}")
         print(f"reference: {reference.describe()}")
-        print(f"data:      {data_path} ({result.num_examples} examples; {getattr(dataset.report, 'summary', lambda: '')()})".rstrip())
+        print(f"data:      {data_path} ({result.num_examples} examples)")
+        for line in dataset.report.summary().splitlines():
+            print(f"           {line}")
         print(f"beta:      {beta}   loss: {', '.join(term['name'] for term in terms)}")
         print(format_metrics_table(result.metrics))
     return 0

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.evaluate import load_policy
+from dpokit.evaluate import load_policy, quiet_loading_bars
 
 Prompt = str | list[dict[str, str]]
 
@@ -210,6 +210,7 @@ def run_generate_command(args: argparse.Namespace) -> int:
         prompts.extend(read_prompts(args.prompts_file))
     if not prompts:
         raise ConfigError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    quiet_loading_bars()
     loaded = load_policy(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     samples = generate_samples(
         loaded.model,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,12 +32,14 @@ from dpokit.evaluate import (
     ReferenceChoice,
     iterate_batches,
     load_policy,
+    quiet_loading_bars,
     reference_logps,
     resolve_reference,
     run_defaults,
 )
 
 Text = str | list[dict[str, str]]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -195,6 +198,12 @@ def score_rows(
 
     prepared = _prepare(rows, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
     items = prepared.items
+    truncated = prepared.report.tokenize.prompt_truncated + prepared.report.tokenize.responses_truncated
+    if truncated:
+        logger.warning(
+            "%d rows were cut to max_length=%d / max_prompt_length=%d tokens; their rewards cover only the kept "
+            "tokens (raise --max-length / --max-prompt-length to score them whole)", truncated, max_length, max_prompt_length,
+        )
     if len(items) != len(rows):
         raise DataError(f"{len(rows) - len(items)} of {len(rows)} rows could not be tokenized: {prepared.report.summary()}")
     device = next(policy_model.parameters()).device
@@ -260,6 +269,7 @@ def run_score_command(args: argparse.Namespace) -> int:
         rows = [ScoreRow(prompt, responses, "command line")]
     else:
         raise ConfigError("nothing to score: give --input FILE, or --prompt TEXT with one or more --response TEXT")
+    quiet_loading_bars()
     policy: LoadedPolicy = load_policy(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     defaults = run_defaults(policy, None)
     loss_defaults = defaults.get("loss") or {}
