@@ -146,6 +146,11 @@ def test_train_then_eval_score_generate_on_its_outputs(project, capsys):
     assert result["metrics"]["loss"] == pytest.approx(final_eval["loss"], abs=1e-5)
     assert result["metrics"]["rewards/margins"] == pytest.approx(final_eval["rewards/margins"], abs=1e-5)
 
+    # --config supplies data, beta and loss terms from a training config (here: eval_path, beta default 0.1).
+    assert main(["eval", "--model", str(run_dir / "final"), "--reference", str(root / "base"), "--config", str(config), "--json"]) == 0
+    from_config = json.loads(capsys.readouterr().out)
+    assert from_config["data"] == str(data) and from_config["beta"] == 0.1 and from_config["num_examples"] == len(PAIRS)
+
     # The exported model scores pairs against the start model, which differs from it after training.
     assert main(["score", "--model", str(run_dir / "final"), "--prompt", "the movie was",
                  "--response", " very good and funny.", "--response", " very bad and long.", "--json"]) == 0

@@ -213,6 +213,11 @@ def _train_config(
 
 TABLE_HEADER = f"  {'step':>4}  {'split':<5}  {'loss':>7}  {'reward acc':>10}  {'margin':>7}  {'r(chosen)':>9}  {'r(rejected)':>11}"
 
+START_ROW = (
+    f"  {0:>4}  {'start':<5}  {0.6931:>7.3f}  {'(ties)':>10}  {0.0:>7.3f}  {0.0:>9.3f}  {0.0:>11.3f}"
+    "   <- policy = reference: every reward is 0, loss = log 2"
+)
+
 
 def format_table_row(record: dict[str, Any]) -> str:
     def number(name: str, width: int, digits: int = 3) -> str:
@@ -233,6 +238,7 @@ class _LiveTable:
         self.seen = 0
         self.show_train = show_train
         self.rows: list[dict[str, Any]] = []
+        self.header_shown = False
 
     def __call__(self, step: int, metrics: dict[str, float]) -> bool:
         self.flush()
@@ -245,6 +251,10 @@ class _LiveTable:
 
         if not self.metrics_path.exists():
             return
+        if not self.header_shown:  # printed here, so the trainer's own start-up lines come before it
+            tqdm.write(TABLE_HEADER)
+            tqdm.write(START_ROW)
+            self.header_shown = True
         records = read_metrics(self.metrics_path)
         for record in records[self.seen:]:
             if record["split"] == "eval" or self.show_train:
@@ -343,9 +353,6 @@ def _run_demo(run_dir: Path, settings: DemoSettings, *, seed: int, progress: boo
           f"train rows every {settings.log_every} steps, eval = {len(eval_rows)} held-out pairs")
     dpo_dir = run_dir / "dpo"
     table = _LiveTable(dpo_dir / "metrics.jsonl")
-    print(TABLE_HEADER)
-    print(f"  {0:>4}  {'start':<5}  {0.6931:>7.3f}  {'(ties)':>10}  {0.0:>7.3f}  {0.0:>9.3f}  {0.0:>11.3f}"
-          "   <- policy = reference: every reward is 0, loss = log 2")
     dpo_result = run(
         _train_config(sft_result.output_dir, train_path, eval_path, dpo_dir, sft=False, steps=settings.dpo_steps,
                       lr=settings.dpo_lr, settings=settings, seed=seed, progress=progress, cache_dir=cache_dir),
