@@ -281,7 +281,6 @@ examples:
   dpokit train examples/lora.yaml loss.beta=0.2 optim.lr=5e-6 output_dir=outputs/lora-b02
   dpokit train examples/ipo.yaml optim.max_steps=200 logging.wandb=true
   dpokit train examples/full.yaml --resume latest
-  torchrun --nproc_per_node 4 -m dpokit train examples/full.yaml
 
 The run directory gets metrics.jsonl, TensorBoard event files (tensorboard --logdir runs/),
 checkpoints and curves.png. Ctrl-C saves a checkpoint you can --resume from."""
