@@ -273,6 +273,25 @@ def _run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------ frontier
+# Its arguments, description and examples live in dpokit.frontier, which imports torch; they are only
+# built when `dpokit frontier` itself is invoked (see build_parser's `only`).
+
+
+def _add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
+    from dpokit import frontier
+
+    parser.description = textwrap.fill(frontier.FRONTIER_DESCRIPTION, width=100)
+    parser.epilog = frontier.FRONTIER_EPILOG
+    frontier.add_frontier_arguments(parser)
+
+
+def _run_frontier(args: argparse.Namespace) -> int:
+    from dpokit.frontier import frontier_main
+
+    return frontier_main(args)
+
+
 # ------------------------------------------------------------------------------------------- registry
 
 _TRAIN_EPILOG = """\
@@ -321,10 +340,10 @@ examples:
   dpokit generate --model runs/exp/checkpoints/step-200 --prompt "Hi" --chat-template always --seed 7"""
 
 _DEMO_EPILOG = """\
-With no arguments it builds a tiny Llama-style model and tokenizer, a synthetic preference set with a
-learnable preference, trains DPO for a minute on the CPU, prints reward accuracy and margins as they
-rise and a few samples, and leaves the run directory with metrics.jsonl, TensorBoard events and
-curves.png.
+With no arguments it builds a tiny Llama-style model and tokenizer and a synthetic preference set
+(chosen = a positive movie review, rejected = a negative one), runs SFT then DPO on the CPU (well
+under a minute), prints reward accuracy and margins as they rise and samples before and after DPO,
+and leaves the run directory with metrics.jsonl, TensorBoard events and curves.png.
 
 examples:
   dpokit demo
@@ -374,17 +393,25 @@ SUBCOMMANDS: list[Subcommand] = [
     ),
     Subcommand(
         "demo",
-        "train a tiny model end to end in about a minute on the CPU",
+        "SFT then DPO on a tiny self-built model, end to end in well under a minute on a CPU",
         "A self-contained DPO run: tiny model, tokenizer and preference data built on the spot.",
         _DEMO_EPILOG,
         _add_demo_arguments,
         _run_demo,
     ),
+    Subcommand(
+        "frontier",
+        "reward vs KL(policy || reference) over the checkpoints of runs (frontier.png)",
+        "",  # filled in from dpokit.frontier when the command is built
+        "",
+        _add_frontier_arguments,
+        _run_frontier,
+    ),
 ]
 
 _MAIN_EPILOG = """\
 quick start:
-  dpokit demo                                    # a complete tiny run, about a minute on a CPU
+  dpokit demo                                    # a complete tiny SFT + DPO run, under a minute on a CPU
   dpokit train examples/full.yaml                # DPO on your data (edit the paths first)
   dpokit eval --model outputs/full --reference MODEL --data test.jsonl
   dpokit score --model outputs/full --reference MODEL --prompt "..." --response "..." --response "..."
@@ -392,8 +419,12 @@ quick start:
 Run `dpokit <command> --help` for a command's arguments and examples."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``dpokit`` argument parser (one sub-parser per :data:`SUBCOMMANDS` entry)."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``dpokit`` argument parser: one sub-parser per :data:`SUBCOMMANDS` entry.
+
+    ``only``: add the arguments of that command alone (the others keep their one-line help for
+    ``dpokit --help``), so running one command never imports what another needs. None adds all.
+    """
     parser = argparse.ArgumentParser(
         prog="dpokit",
         description="Direct Preference Optimization (and relatives) for causal language models.",
@@ -410,14 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=command.epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        command.add_arguments(sub)
+        if only is None or only == command.name:
+            command.add_arguments(sub)
         sub.set_defaults(_run=command.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dpokit`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = {command.name for command in SUBCOMMANDS}
+    parser = build_parser(only=next((token for token in argv if token in names), ""))
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()
