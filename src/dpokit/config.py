@@ -191,6 +191,40 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Many processes / machines under torchrun (ignored by a plain single-process run)."""
+
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = _f(
+        "auto",
+        "Under torchrun: 'ddp' (a full replica per process, gradients all-reduced), 'fsdp' (FSDP2: parameters, "
+        "gradients and optimizer state sharded per transformer block, then the root), 'none' (refuse to run on "
+        "more than one process), 'auto' = ddp when torchrun starts more than one process. Without torchrun "
+        "(WORLD_SIZE unset) the run is single-process whatever this says.",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = _f(
+        "auto", "Collective backend: 'nccl' (one CUDA GPU per process, cuda:LOCAL_RANK), 'gloo' (CPU), 'auto' = nccl "
+        "when CUDA is available and model.device is not cpu, else gloo.",
+    )
+    global_batch_size: int | None = _f(
+        None, "Examples per optimizer step over all processes; when set, optim.grad_accumulation is derived as "
+        "global_batch_size / (optim.batch_size x processes), which must be a whole number. null = "
+        "optim.batch_size x processes x optim.grad_accumulation.",
+    )
+    fsdp_param_dtype: Literal["float32", "bfloat16", "float16"] | None = _f(
+        None, "FSDP mixed precision: dtype parameters are all-gathered and computed in (sharded master weights keep "
+        "model.dtype); null = model.dtype.",
+    )
+    fsdp_reduce_dtype: Literal["float32", "bfloat16", "float16"] | None = _f(
+        None, "FSDP mixed precision: dtype gradients are reduce-scattered in; null = fsdp_param_dtype.",
+    )
+    fsdp_reshard_after_forward: bool = _f(
+        True, "FSDP: free each block's gathered parameters after its forward (less memory, one more all-gather in "
+        "backward). Activation checkpointing is model.gradient_checkpointing, applied per block.",
+    )
+    timeout_s: int = _f(1800, "Seconds a collective may wait for the other processes before the run fails.")
+
+
+@dataclass
 class TrainConfig:
     """A whole run."""
 
@@ -202,6 +236,7 @@ class TrainConfig:
     eval: EvalConfig = _f(factory=EvalConfig, help="Evaluation.")
     logging: LoggingConfig = _f(factory=LoggingConfig, help="Logging.")
     checkpoint: CheckpointConfig = _f(factory=CheckpointConfig, help="Checkpoints.")
+    distributed: DistributedConfig = _f(factory=DistributedConfig, help="Multi-process training (torchrun).")
     output_dir: str | None = _f(None, "Where the final model is saved (save_pretrained); null = <run_dir>/final.")
 
 
@@ -544,6 +579,10 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     need(math.isfinite(cfg.loss.beta) and cfg.loss.beta > 0, f"loss.beta must be a positive number, got {cfg.loss.beta}")
     need(bool(cfg.loss.terms), "loss.terms must list at least one loss, e.g. [{name: sigmoid}]")
+    dd = cfg.distributed
+    need(dd.timeout_s >= 1, f"distributed.timeout_s must be >= 1, got {dd.timeout_s}")
+    need(dd.global_batch_size is None or dd.global_batch_size >= 1,
+         f"distributed.global_batch_size must be >= 1 or null, got {dd.global_batch_size}")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
