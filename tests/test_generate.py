@@ -90,3 +90,13 @@ def test_read_prompts_names_the_line_of_a_bad_row(tmp_path):
     text_file = tmp_path / "prompts.txt"
     text_file.write_text("first\n\nsecond\n")
     assert read_prompts(text_file) == ["first", "second"]
+
+
+def test_top_k_one_sampling_is_greedy_and_top_k_zero_is_unrestricted(model_dir):
+    loaded = load_policy(model_dir)
+    greedy = generate_samples(loaded.model, loaded.tokenizer, ["the plot"], max_new_tokens=8, temperature=0)
+    top_one = generate_samples(loaded.model, loaded.tokenizer, ["the plot"], max_new_tokens=8, temperature=1.0, top_k=1, seed=9)
+    assert top_one[0].completion == greedy[0].completion
+    # A random model spreads probability widely: unrestricted samples differ from greedy ones.
+    free = generate_samples(loaded.model, loaded.tokenizer, ["the plot"], max_new_tokens=8, temperature=1.0, top_k=0, num_samples=4, seed=9)
+    assert any(sample.completion != greedy[0].completion for sample in free)

@@ -147,3 +147,23 @@ def test_truncated_responses_are_reported(policy_dir, caplog):
     with caplog.at_level("WARNING"):
         score_rows(policy.model, policy.tokenizer, ReferenceChoice("none"), rows, beta=0.1, max_length=6, max_prompt_length=2)
     assert "cut to max_length=6" in caplog.text
+
+
+def test_chat_scoring_uses_the_chat_template_and_mixed_rows_become_chat(policy_dir, tmp_path):
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text(json.dumps({"prompt": [{"role": "user", "content": "how was the film"}], "response": "it was great"}) + "\n")
+    (row,) = read_score_rows(rows_file)
+    assert row.responses == [[{"role": "assistant", "content": "it was great"}]]
+    output = tmp_path / "scores.jsonl"
+    assert main(["score", "--model", str(policy_dir), "--reference", str(policy_dir), "--chat", "--prompt", "how was the film",
+                 "--response", "it was great", "--response", "it was bad", "--output", str(output)]) == 0
+    scored = json.loads(output.read_text())
+    assert scored["prompt"] == [{"role": "user", "content": "how was the film"}]
+    assert scored["preference_prob"] == pytest.approx(0.5, abs=1e-6)
+    policy = load_policy(policy_dir)
+    # The summed log-prob covers the templated assistant turn: its tokens end with <|im_end|>.
+    item = prepare_from_examples(
+        [PreferenceExample(scored["prompt"], scored["responses"])], policy.tokenizer
+    ).items[0]
+    assert policy.tokenizer.decode(item["response_ids"][0]).startswith("it was great<|im_end|>")
+    assert scored["policy_logps"][0] == pytest.approx(_summed_logp(policy.model, item["prompt_ids"], item["response_ids"][0]), abs=1e-4)

@@ -151,7 +151,7 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="preference data (JSONL/JSON/CSV/Parquet file, directory, or hub dataset); default: the "
         "eval data of the run the model came from",
     )
-    data.add_argument("--split", default="test", help="dataset split for hub/saved datasets (default: test)")
+    data.add_argument("--split", default=None, help="dataset split for hub/saved datasets (default: the run's data.eval_split, else test)")
     data.add_argument("--format", default="auto", help="data format, as in the training config's data.format (default: auto)")
     data.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     data.add_argument(

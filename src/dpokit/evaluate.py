@@ -362,7 +362,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         data_path,
         policy.tokenizer,
         format=args.format if args.format != "auto" else data_defaults.get("format", "auto"),
-        split=args.split,
+        split=_first(args.split, data_defaults.get("eval_split"), "test"),
         columns=data_defaults.get("columns"),
         skip_invalid=bool(data_defaults.get("skip_invalid", False)),
         ranked_mode=data_defaults.get("ranked_mode", "listwise"),

@@ -119,7 +119,7 @@ def generate_samples(
             "do_sample": True,
             "temperature": temperature,
             "top_p": top_p,
-            "top_k": top_k if top_k > 0 else None,
+            "top_k": top_k,  # 0 switches top-k off (None would fall back to the model's default, often 50)
         }
         output = model.generate(
             input_ids=input_ids,

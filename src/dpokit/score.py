@@ -104,7 +104,23 @@ def _text(value: Any, where: str, field: str) -> Text:
     raise DataError(f"{where}: field '{field}' must be a non-empty string or a list of {{'role', 'content'}} messages")
 
 
+def unify_row(prompt: Text, responses: list[Text]) -> tuple[Text, list[Text]]:
+    """All text or all chat, as the data pipeline needs: with any chat part, a text prompt becomes a
+    user message and text responses become assistant messages."""
+    if isinstance(prompt, list) or any(isinstance(response, list) for response in responses):
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        responses = [[{"role": "assistant", "content": r}] if isinstance(r, str) else r for r in responses]
+    return prompt, responses
+
+
 def _row_from_mapping(row: Any, where: str) -> ScoreRow:
+    parsed = _parse_mapping(row, where)
+    prompt, responses = unify_row(parsed.prompt, parsed.responses)
+    return ScoreRow(prompt, responses, where)
+
+
+def _parse_mapping(row: Any, where: str) -> ScoreRow:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with 'prompt' and 'response'/'responses'/'chosen'+'rejected'")
     if "prompt" not in row:
