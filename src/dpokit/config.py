@@ -108,6 +108,14 @@ class DataConfig:
         "keep_end", "Which end of an over-long prompt is kept."
     )
     cache_dir: str = _f(".dpokit_cache", "Cache for tokenized data and precomputed reference log-probs.")
+    layout: Literal["auto", "padded", "shared_prompt", "packed"] = _f(
+        "auto",
+        "How a batch is laid out in token rows: 'padded' (one row per prompt + response), 'shared_prompt' (one row "
+        "[prompt | chosen | rejected] per example, the prompt computed once), 'packed' (shared-prompt examples packed "
+        "several per row up to pack_tokens). All give the same loss; 'auto' = shared_prompt when the model's attention "
+        "takes custom 4-D masks (sdpa/eager/flex_attention), else padded.",
+    )
+    pack_tokens: int = _f(2048, "Row budget in tokens for layout=packed.")
 
 
 @dataclass
@@ -558,6 +566,7 @@ def validate_config(cfg: TrainConfig) -> None:
     need(o.max_grad_norm is None or o.max_grad_norm > 0, f"optim.max_grad_norm must be > 0 or null, got {o.max_grad_norm}")
     need(o.logps_chunk_size >= 1, f"optim.logps_chunk_size must be >= 1, got {o.logps_chunk_size}")
     need(0 <= d.eval_split_fraction < 1, f"data.eval_split_fraction must be in [0, 1), got {d.eval_split_fraction}")
+    need(d.pack_tokens >= 2, f"data.pack_tokens must be >= 2, got {d.pack_tokens}")
     need(d.max_length >= 2, f"data.max_length must be >= 2, got {d.max_length}")
     need(0 < d.max_prompt_length < d.max_length,
          f"data.max_prompt_length must be in [1, data.max_length), got {d.max_prompt_length} with max_length {d.max_length}")

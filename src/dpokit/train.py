@@ -491,10 +491,12 @@ def run(
     device = resolve_device(cfg.model.device)
     policy, tokenizer = load_model_and_tokenizer(cfg.model, device=device)
     train_split, eval_split = load_data(cfg, tokenizer)
-    from dpokit.data import PaddedCollator
+    from dpokit.data import make_collator
+    from dpokit.logprobs import choose_layout
     from dpokit.losses import build_objective
 
-    collate = PaddedCollator(tokenizer.pad_token_id)
+    layout = choose_layout(cfg.data.layout, policy)
+    collate = make_collator(layout, tokenizer.pad_token_id, pack_tokens=cfg.data.pack_tokens if layout == "packed" else None)
     objective = build_objective(cfg.loss.terms, beta=cfg.loss.beta, reference_free=cfg.loss.reference_free)
     strategy = resolve_reference_strategy(cfg.reference.strategy, needs_reference=objective.needs_reference, lora=cfg.model.lora.enabled)
     _say(cfg, f"objective {objective!r}; reference: {strategy}; {len(train_split)} training examples"
