@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -34,9 +35,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from dpokit.data.batch import Batch
-from dpokit.errors import TrainingError
+from dpokit.errors import ConfigError, TrainingError
 
-__all__ = ["SequenceLogps", "OutputHead", "compute_logps", "chunked_token_logps", "find_output_head", "final_hidden_states"]
+__all__ = ["SequenceLogps", "OutputHead", "attention_inputs", "choose_layout", "compute_logps", "chunked_token_logps", "find_output_head", "final_hidden_states"]
 
 
 @dataclass
@@ -219,6 +220,118 @@ def _module_token_logps(head: OutputHead, hidden: Tensor, targets: Tensor, chunk
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
+# Attention implementations known to apply a custom (N, 1, T, T) mask exactly.
+_DENSE_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+def _attention_implementation(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    return str(getattr(text_config, "_attn_implementation", None) or "eager")
+
+
+def attention_inputs(model: nn.Module, batch: Batch) -> dict[str, Any]:
+    """``batch.model_inputs()`` adapted to the model's attention implementation.
+
+    A 2-D padding mask goes through unchanged. A 4-D boolean mask (shared-prompt / packed layouts,
+    True = may attend) is given as is to SDPA; eager attention *adds* its mask to the scores, so it
+    gets the additive form (0 where allowed, the dtype's minimum elsewhere) in the model's dtype.
+    FlexAttention on CUDA gets a ``BlockMask`` built from ``extras["block_id"]``/``["segment_id"]``
+    (so fully masked 128x128 tiles are skipped); elsewhere FlexAttention falls back to the additive
+    dense mask. Implementations that ignore custom masks (flash-attention kernels) raise ConfigError.
+    """
+    inputs: dict[str, Any] = dict(batch.model_inputs())
+    mask = batch.attention_mask
+    if mask.dim() != 4:
+        return inputs
+    implementation = _attention_implementation(model)
+    if implementation not in _DENSE_MASK_ATTENTION:
+        raise ConfigError(
+            f"the '{getattr(model.config, 'model_type', '?')}' model uses attn_implementation='{implementation}', which does "
+            "not apply the custom 4-D attention mask of the shared_prompt/packed layouts; set model.attn_implementation=sdpa "
+            "(or eager / flex_attention), or data.layout=padded"
+        )
+    if implementation == "sdpa":
+        inputs["attention_mask"] = mask if mask.dtype == torch.bool else mask.bool()
+        return inputs
+    if implementation == "flex_attention" and mask.device.type == "cuda" and "block_id" in batch.extras:
+        inputs["attention_mask"] = flex_block_mask(batch.extras["block_id"], batch.extras["segment_id"])
+        return inputs
+    dtype = next(model.parameters()).dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    inputs["attention_mask"] = additive.masked_fill_(~mask.bool(), torch.finfo(dtype).min)
+    return inputs
+
+
+def flex_block_mask(block_id: Tensor, segment_id: Tensor) -> Any:
+    """A FlexAttention ``BlockMask`` for the shared-prompt rule (:func:`dpokit.data.collate.may_attend`)
+    from (N, T) block and segment ids. CUDA only in practice (untested on GPU in this release);
+    on CPU the dense mask is used instead."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from dpokit.data.collate import may_attend
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return may_attend(block_id[b, q_idx], segment_id[b, q_idx], q_idx, block_id[b, kv_idx], segment_id[b, kv_idx], kv_idx)
+
+    rows, width = block_id.shape
+    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=block_id.device)
+
+
+# Models whose attention was checked to honour a custom 4-D mask and restarted position ids.
+_MASK_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _verify_custom_mask(model: nn.Module, input_ids: Tensor) -> None:
+    """Once per model: a two-example batch in the shared-prompt layout must give the same log-probs
+    as the padded layout, so a model whose attention silently ignores 4-D masks or position ids
+    fails loudly (ConfigError) instead of training on responses that see each other."""
+    if model in _MASK_VERIFIED:
+        return
+    from dpokit.data.collate import PaddedCollator, SharedPromptCollator
+
+    ids = input_ids.reshape(-1)[:1].tolist() or [0]
+    vocab = int(getattr(model.get_input_embeddings(), "num_embeddings", 0) or 0)
+    tokens = [(ids[0] + i) % vocab if vocab else ids[0] for i in range(1, 9)]
+    items = [
+        {"example_id": 0, "prompt_ids": tokens[:3], "response_ids": [tokens[3:6], tokens[6:8]]},
+        {"example_id": 1, "prompt_ids": tokens[5:7], "response_ids": [tokens[0:2], tokens[2:5]]},
+    ]
+    device = input_ids.device
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            padded = _sequence_logps(model, PaddedCollator(0)(items).to(device), 1024).logps
+            shared = _sequence_logps(model, SharedPromptCollator(0)(items).to(device), 1024).logps
+    finally:
+        for module, training in modes:
+            module.training = training
+    if not torch.allclose(padded.float(), shared.float(), rtol=1e-2, atol=1e-2 * (1.0 + padded.abs().max().item())):
+        raise ConfigError(
+            f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')}, attn_implementation="
+            f"'{_attention_implementation(model)}') gives different log-probs in the shared-prompt layout than in the padded "
+            "one: its attention ignores custom 4-D masks or position ids. Use data.layout=padded for this model."
+        )
+    _MASK_VERIFIED[model] = True
+
+
+def choose_layout(layout: str, model: nn.Module) -> str:
+    """Resolve ``"auto"`` to the fastest batch layout the model supports: ``"shared_prompt"`` when
+    its attention applies custom 4-D masks (checked once on a tiny batch), else ``"padded"``.
+    Any other name is returned unchanged (and checked on the first batch)."""
+    if layout != "auto":
+        return layout
+    if _attention_implementation(model) not in _DENSE_MASK_ATTENTION:
+        return "padded"
+    try:
+        _verify_custom_mask(model, torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
+    except ConfigError:
+        return "padded"
+    return "shared_prompt"
+
+
 def final_hidden_states(model: nn.Module, model_inputs: dict[str, Tensor]) -> Tensor:
     """(N, T, H) hidden states after the final norm, from the model's decoder (the network without
     its output layer). Works through peft wrappers: LoRA layers live inside the decoder, so they
@@ -263,14 +376,22 @@ def _verify_decomposition(model: nn.Module, head: OutputHead, input_ids: Tensor)
 def compute_logps(model: nn.Module, batch: Batch, *, chunk_size: int = 1024) -> SequenceLogps:
     """Summed and per-token log-probs of every scored response token in ``batch``.
 
-    One decoder forward over ``batch.model_inputs()`` gives hidden states (N, T, H); the rows at
-    ``score_index`` (M, H) go through the output layer in chunks of ``chunk_size`` tokens
-    (:func:`chunked_token_logps`); per-token values are summed per scored sequence
-    s = k * B + b and returned as (B, K). The row layout is never inspected.
+    One decoder forward over the batch's model inputs (adapted to the attention implementation by
+    :func:`attention_inputs`) gives hidden states (N, T, H); the rows at ``score_index`` (M, H) go
+    through the output layer in chunks of ``chunk_size`` tokens (:func:`chunked_token_logps`);
+    per-token values are summed per scored sequence s = k * B + b and returned as (B, K). The row
+    layout is never inspected; a 4-D mask layout is checked once per model against the padded one.
     """
     head = find_output_head(model)
     _verify_decomposition(model, head, batch.input_ids)
-    hidden = final_hidden_states(model, batch.model_inputs())
+    if batch.attention_mask.dim() == 4:
+        _verify_custom_mask(model, batch.input_ids)
+    return _sequence_logps(model, batch, chunk_size, head)
+
+
+def _sequence_logps(model: nn.Module, batch: Batch, chunk_size: int, head: OutputHead | None = None) -> SequenceLogps:
+    head = head or find_output_head(model)
+    hidden = final_hidden_states(model, attention_inputs(model, batch))
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     scored_hidden = flat_hidden.index_select(0, batch.score_index)
     if head.weight is not None:

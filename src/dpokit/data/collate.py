@@ -115,13 +115,205 @@ class PaddedCollator:
         )
 
 
-LAYOUTS = {"padded": PaddedCollator}
+class SharedPromptCollator:
+    """One block per example laid out ``[prompt | response 0 | response 1 | ...]``: the prompt is
+    computed once for all K responses instead of K times.
+
+    Within a block, token i may attend token j (j <= i, same example) when j is a prompt token or
+    j is in the same response as i -- so response k sees the prompt and its own earlier tokens,
+    never another response, and its log-probs equal those of a separate ``prompt + response k``
+    row. Position ids restart after the prompt for every response (``P, P+1, ...``), so rotary and
+    learned position embeddings see the same positions as in the padded layout.
+
+    With ``pack_tokens`` set, blocks are packed first-fit-decreasing into rows of at most
+    ``pack_tokens`` tokens (a longer block gets a row of its own); blocks in one row never attend
+    to each other (block-diagonal mask), so no compute goes to padding beyond each row's tail.
+    Without it, every block is its own row (right-padded to the longest).
+
+    Output :class:`Batch` (B examples, K responses, N rows of width T):
+        input_ids (N, T) long;
+        attention_mask (N, 1, T, T) bool, True = may attend (padding attends to itself only, so no
+        softmax row is empty); see :func:`block_attention_mask`;
+        position_ids (N, T) long;
+        score_index/score_target/score_seq (M,): response ``k`` token ``t`` of example ``b`` sits at
+        column ``c``; it is predicted by column ``c - 1``, except the first token (t = 0) of every
+        response, which is predicted by the last prompt token (so that position appears K times);
+        response_mask (B, K), response_lengths (B, K) as in :class:`PaddedCollator`;
+        extras["example_id"] (B,); extras["block_id"] (N, T) long -- the example index b of each
+        token, -1 on padding; extras["segment_id"] (N, T) long -- 0 prompt, k + 1 response k, -1
+        padding. (block_id/segment_id let attention kernels with their own mask format, such as
+        FlexAttention block masks, rebuild the same mask.)
+
+    Args:
+        pad_token_id: id written into padding.
+        pack_tokens: row budget in tokens for packing several examples per row; None: one per row.
+        pad_to_multiple_of: round T up to a multiple of this.
+        num_responses: force K; by default the most responses in the batch.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        *,
+        pack_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        num_responses: int | None = None,
+    ):
+        if pad_token_id is None:
+            raise ConfigError("the collator needs a pad_token_id; set tokenizer.pad_token (e.g. to the eos token)")
+        if pack_tokens is not None and pack_tokens < 2:
+            raise ConfigError(f"pack_tokens must be at least 2, got {pack_tokens}")
+        self.pad_token_id = int(pad_token_id)
+        self.pack_tokens = pack_tokens
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.num_responses = num_responses
+
+    def _rows(self, block_lengths: list[int]) -> list[list[int]]:
+        """Which blocks go in which row (first-fit decreasing when packing)."""
+        if self.pack_tokens is None:
+            return [[b] for b in range(len(block_lengths))]
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for b in sorted(range(len(block_lengths)), key=lambda i: -block_lengths[i]):
+            for r, free in enumerate(room):
+                if block_lengths[b] <= free:
+                    rows[r].append(b)
+                    room[r] -= block_lengths[b]
+                    break
+            else:
+                rows.append([b])
+                room.append(self.pack_tokens - block_lengths[b])
+        return rows
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> Batch:
+        batch_size = len(items)
+        if batch_size == 0:
+            raise ValueError("cannot collate an empty list of items")
+        prompts = [np.asarray(item["prompt_ids"], dtype=np.int64) for item in items]
+        responses = [[np.asarray(r, dtype=np.int64) for r in item["response_ids"]] for item in items]
+        most = max(len(r) for r in responses)
+        num_responses = self.num_responses or most
+        if most > num_responses:
+            raise ConfigError(f"an item has {most} responses but the collator was built with num_responses={num_responses}")
+        block_lengths = [len(p) + sum(len(r) for r in rs) for p, rs in zip(prompts, responses)]
+        rows = self._rows(block_lengths)
+        width = max(sum(block_lengths[b] for b in row) for row in rows)
+        if self.pad_to_multiple_of:
+            width = int(math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of)
+        num_rows = len(rows)
+
+        input_ids = np.full((num_rows, width), self.pad_token_id, dtype=np.int64)
+        position_ids = np.zeros((num_rows, width), dtype=np.int64)
+        block_id = np.full((num_rows, width), -1, dtype=np.int64)
+        segment_id = np.full((num_rows, width), -1, dtype=np.int64)
+        response_lengths = np.zeros((batch_size, num_responses), dtype=np.int64)
+        response_mask = np.zeros((batch_size, num_responses), dtype=bool)
+        # Scored tokens, gathered per sequence s = k * B + b and concatenated in s order.
+        score_index: list[list[np.ndarray]] = [[] for _ in range(num_responses * batch_size)]
+        score_target: list[list[np.ndarray]] = [[] for _ in range(num_responses * batch_size)]
+        for n, row in enumerate(rows):
+            cursor = 0
+            for b in row:
+                prompt = prompts[b]
+                p = len(prompt)
+                input_ids[n, cursor : cursor + p] = prompt
+                position_ids[n, cursor : cursor + p] = np.arange(p)
+                block_id[n, cursor : cursor + block_lengths[b]] = b
+                segment_id[n, cursor : cursor + p] = 0
+                column = cursor + p
+                for k, response in enumerate(responses[b]):
+                    r = len(response)
+                    input_ids[n, column : column + r] = response
+                    position_ids[n, column : column + r] = np.arange(p, p + r)
+                    segment_id[n, column : column + r] = k + 1
+                    # Token t at column+t is predicted by column+t-1; token 0 by the last prompt token.
+                    predictors = np.arange(column - 1, column + r - 1)
+                    if p > 0:
+                        predictors[0] = cursor + p - 1
+                        first = 0
+                    else:  # no prompt: the first response token has nothing before it
+                        first = 1
+                    s = k * batch_size + b
+                    score_index[s].append(n * width + predictors[first:])
+                    score_target[s].append(response[first:])
+                    response_lengths[b, k] = r - first
+                    response_mask[b, k] = True
+                    column += r
+                cursor += block_lengths[b]
+        flat_index = [np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64) for parts in score_index]
+        flat_target = [np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64) for parts in score_target]
+        score_seq = np.repeat(np.arange(len(flat_index), dtype=np.int64), [len(x) for x in flat_index])
+        block = torch.from_numpy(block_id)
+        segment = torch.from_numpy(segment_id)
+        example_ids = [int(item.get("example_id", i)) for i, item in enumerate(items)]
+        return Batch(
+            input_ids=torch.from_numpy(input_ids),
+            attention_mask=block_attention_mask(block, segment),
+            position_ids=torch.from_numpy(position_ids),
+            score_index=torch.from_numpy(np.concatenate(flat_index).astype(np.int64)),
+            score_target=torch.from_numpy(np.concatenate(flat_target).astype(np.int64)),
+            score_seq=torch.from_numpy(score_seq),
+            response_mask=torch.from_numpy(response_mask),
+            response_lengths=torch.from_numpy(response_lengths),
+            extras={"example_id": torch.tensor(example_ids, dtype=torch.long), "block_id": block, "segment_id": segment},
+        )
+
+
+def may_attend(block_q: torch.Tensor, segment_q: torch.Tensor, column_q: torch.Tensor,
+               block_kv: torch.Tensor, segment_kv: torch.Tensor, column_kv: torch.Tensor) -> torch.Tensor:
+    """The shared-prompt attention rule, elementwise (broadcasting): query token q may attend key
+    token j iff both are in the same example block, j is not after q, and j is a prompt token or
+    in q's own response; a padding token (block -1) attends only to itself.
+
+    Written with plain tensor ops so the same function serves the dense 4-D mask and a
+    FlexAttention ``mask_mod``.
+    """
+    same_block = (block_q == block_kv) & (block_q >= 0)
+    visible = same_block & (column_kv <= column_q) & ((segment_kv == 0) | (segment_kv == segment_q))
+    return visible | ((block_q < 0) & (column_q == column_kv))
+
+
+def block_attention_mask(block_id: torch.Tensor, segment_id: torch.Tensor) -> torch.Tensor:
+    """(N, 1, T, T) bool mask from (N, T) block and segment ids (see :func:`may_attend`)."""
+    width = block_id.shape[1]
+    columns = torch.arange(width)
+    mask = may_attend(
+        block_id[:, :, None], segment_id[:, :, None], columns[None, :, None],
+        block_id[:, None, :], segment_id[:, None, :], columns[None, None, :],
+    )
+    return mask[:, None]
+
+
+class PackedCollator(SharedPromptCollator):
+    """:class:`SharedPromptCollator` with several examples per row, up to ``pack_tokens`` tokens."""
+
+    def __init__(self, pad_token_id: int, *, pack_tokens: int = 2048, **options: Any):
+        super().__init__(pad_token_id, pack_tokens=pack_tokens, **options)
+
+
+LAYOUTS = {"padded": PaddedCollator, "shared_prompt": SharedPromptCollator, "packed": PackedCollator}
 
 
 def make_collator(layout: str, pad_token_id: int, **options: Any) -> BatchLayout:
-    """Build a batch layout by name (``"padded"``); later layouts register in :data:`LAYOUTS`."""
+    """Build a batch layout by name.
+
+    * ``"padded"`` -- one right-padded row per scored sequence (:class:`PaddedCollator`); works with
+      every model and attention implementation;
+    * ``"shared_prompt"`` -- one row per example, ``[prompt | chosen | rejected]``, the prompt
+      computed once (:class:`SharedPromptCollator`);
+    * ``"packed"`` -- shared-prompt blocks packed several per row up to ``pack_tokens``
+      (:class:`PackedCollator`).
+
+    All three give the same log-probs, loss and gradients (up to float rounding); the last two need
+    a model whose attention accepts a custom 4-D mask and position ids (checked by
+    :func:`dpokit.logprobs.compute_logps`). Options a layout does not take are dropped with None
+    values ignored, so callers can pass one option set (``pack_tokens=None`` to padded is fine).
+    """
     if layout not in LAYOUTS:
         raise ConfigError(f"unknown batch layout '{layout}'; available: {', '.join(LAYOUTS)}")
+    options = {k: v for k, v in options.items() if v is not None}
+    if layout == "padded" and "pack_tokens" in options:
+        raise ConfigError("pack_tokens applies to the 'packed' layout only; use layout='packed' or drop pack_tokens")
     return LAYOUTS[layout](pad_token_id, **options)
 
 
