@@ -540,16 +540,19 @@ def read_prompts(path: str | Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def add_frontier_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``dpokit frontier`` on an ``argparse`` sub-parser collection; returns the parser."""
-    parser = subparsers.add_parser(
-        "frontier",
-        help="reward vs KL(policy || reference) for the checkpoints of one or more runs; draws frontier.png",
-        description=(
-            "Sample completions from every checkpoint of each run, score them with a reward, estimate "
-            "KL(policy || reference) from the same samples, and write frontier.png, results.json and results.md."
-        ),
-    )
+FRONTIER_HELP = "reward vs KL(policy || reference) for the checkpoints of one or more runs; draws frontier.png"
+FRONTIER_DESCRIPTION = (
+    "Sample completions from every checkpoint of each run, score them with a reward, estimate "
+    "KL(policy || reference) from the same samples, and write frontier.png, results.json and results.md."
+)
+FRONTIER_EPILOG = """examples:
+  dpokit frontier runs/dpo-b0.1 runs/dpo-b0.5 sft=runs/sft --reference models/sft --prompts prompts.txt \\
+      --reward dpokit.experiments.reward:vader_reward --out frontier/
+  dpokit frontier runs/dpo --reference models/sft --prompts eval.jsonl --reward models/sentiment-classifier"""
+
+
+def add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``dpokit frontier`` (run by :func:`frontier_main`)."""
     parser.add_argument("runs", nargs="+", help="run or model directories; NAME=DIR sets the series name")
     parser.add_argument("--reference", required=True, help="reference model directory (pi_ref)")
     parser.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with 'prompt'")
@@ -563,6 +566,13 @@ def add_frontier_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--beta", action="append", default=[], metavar="NAME=BETA",
                         help="annotate a series with its beta (repeatable)")
     parser.add_argument("--title", default=None)
+
+
+def add_frontier_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``dpokit frontier`` on an ``argparse`` sub-parser collection; returns the parser."""
+    parser = subparsers.add_parser("frontier", help=FRONTIER_HELP, description=FRONTIER_DESCRIPTION,
+                                   epilog=FRONTIER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_frontier_arguments(parser)
     parser.set_defaults(func=frontier_main)
     return parser
 

@@ -109,3 +109,18 @@ def test_smoke_run_of_the_whole_pipeline_writes_the_frontier(tmp_path):
     # A second run reuses every stored point instead of training again.
     again = run_experiment(settings, tmp_path / "out", tmp_path / "cache", log=None)
     assert again["points"] == result["points"]
+
+
+@pytest.mark.slow
+def test_demo_prints_reward_and_kl_before_and_after_with_paired_samples(tmp_path):
+    from dpokit.experiments.sentiment import run_sentiment_demo
+
+    lines: list[str] = []
+    settings = dataclasses.replace(MODES["smoke"], warmup_steps=0)
+    result = run_sentiment_demo(tmp_path / "demo", tmp_path / "cache", settings=settings, log=lines.append)
+    text = "\n".join(lines)
+    assert "before (SFT model)" in text and "after DPO (beta=0.1)" in text
+    assert result["before"]["kl_mean"] == 0.0 and result["after"]["kl_mean"] != 0.0
+    # Samples shown side by side answer the same prompts.
+    shown = [line for line in lines if line.startswith("prompt: ")]
+    assert shown and all(b["prompt"] == a["prompt"] for b, a in zip(result["before"]["samples"], result["after_samples"]))

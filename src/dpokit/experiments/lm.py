@@ -38,7 +38,7 @@ class LMSettings:
 
     num_texts: int = 6000
     corpus_seed: int = 0
-    vocab_size: int = 512
+    vocab_size: int = 1024
     n_embd: int = 192
     n_layer: int = 4
     n_head: int = 4
