@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dpokit import distributed
 from dpokit.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -92,6 +94,8 @@ class RunResult:
 
 def _say(cfg: TrainConfig, message: str) -> None:
     """A line for the person at the terminal (when the progress bar is on), else a log record."""
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 talks
+        return
     if cfg.logging.progress_bar:
         print(message, file=sys.stderr, flush=True)
     else:
@@ -174,13 +178,14 @@ class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop checks it after each optimizer step, saves a checkpoint and
     returns. A second signal stops at once (KeyboardInterrupt)."""
 
-    def __init__(self) -> None:
+    def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
         self.reason: str | None = None
+        self.signals = tuple(signals)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -359,7 +364,7 @@ def generate_samples(
 
 def build_references(
     strategy: str, cfg: TrainConfig, policy: nn.Module, train: Split, evaluation: Split | None,
-    collate: Callable[[list[dict[str, Any]]], Batch], device: torch.device,
+    collate: Callable[[list[dict[str, Any]]], Batch], device: torch.device, dist_ctx: Any = None,
 ) -> tuple[ReferenceStrategy, ReferenceStrategy]:
     """(train reference, eval reference) for a resolved strategy. Called with the *initial* policy
     (before LoRA is applied and before checkpoint weights are loaded): the reference is the model
@@ -383,7 +388,9 @@ def build_references(
         for split in [train] + ([evaluation] if evaluation is not None else []):
             dataset = split.dataset
             if id(dataset) not in tables:  # a carved eval split shares the training table
-                tables[id(dataset)] = load_or_compute_reference(
+                # Under torchrun each rank computes a shard of the table; the shards are gathered.
+                loader = load_or_compute_reference if dist_ctx is None else functools.partial(distributed.load_or_compute_reference, dist_ctx)
+                tables[id(dataset)] = loader(
                     model, dataset.items, collate, dataset_fingerprint=dataset.fingerprint, cache_dir=cfg.data.cache_dir,
                     batch_size=cfg.reference.batch_size, chunk_size=chunk, model_fp=model_fp,
                     progress=cfg.logging.progress_bar,
@@ -433,12 +440,12 @@ def _resolve_run_dir(cfg: TrainConfig, resume: str | None) -> tuple[Path, Path |
 
 
 # The settings that fix the data order and the model; a resume must not change them.
-_RESUME_INVARIANTS = ("model.name_or_path", "model.lora", "data.train_path", "optim.batch_size", "optim.grad_accumulation", "optim.seed")
+_RESUME_INVARIANTS = ("model.name_or_path", "model.lora", "data.train_path", "optim.grad_accumulation", "optim.seed")
 
 
-def _check_resume_compatible(state: dict[str, Any], cfg: TrainConfig, num_train: int) -> None:
+def _check_resume_compatible(state: dict[str, Any], cfg: TrainConfig, num_train: int, micro_batch_examples: int | None = None) -> None:
     saved = state.get("invariants", {})
-    current = _invariants(cfg, num_train)
+    current = _invariants(cfg, num_train, micro_batch_examples)
     changed = [k for k in current if k in saved and saved[k] != current[k]]
     if changed:
         details = "; ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
@@ -448,7 +455,7 @@ def _check_resume_compatible(state: dict[str, Any], cfg: TrainConfig, num_train:
         )
 
 
-def _invariants(cfg: TrainConfig, num_train: int) -> dict[str, Any]:
+def _invariants(cfg: TrainConfig, num_train: int, micro_batch_examples: int | None = None) -> dict[str, Any]:
     flat = config_to_dict(cfg)
     values: dict[str, Any] = {}
     for key in _RESUME_INVARIANTS:
@@ -457,6 +464,8 @@ def _invariants(cfg: TrainConfig, num_train: int) -> dict[str, Any]:
             node = node[part]
         values[key] = node
     values["num_train_examples"] = num_train
+    # The sampler's batch size: optim.batch_size x processes (a resume may change how it is split).
+    values["micro_batch_examples (optim.batch_size x processes)"] = micro_batch_examples or cfg.optim.batch_size
     return values
 
 
@@ -479,18 +488,40 @@ def run(
     Raises:
         ConfigError / DataError for unusable settings or data; TrainingError when training cannot go
         on (non-finite loss -- the message names the step and the last good checkpoint).
+
+    Under torchrun (``WORLD_SIZE`` set) every process calls this; see :mod:`dpokit.distributed`.
     """
     validate_config(cfg)
     require_paths(cfg)
+    cfg = distributed.apply_global_batch_size(cfg, distributed.launched_world_size() or 1)
+    dist_ctx = distributed.setup_distributed(cfg)
+    if dist_ctx is None:
+        return _run(cfg, resume=resume, on_step=on_step)
+    with dist_ctx.running():
+        return _run(cfg, resume=resume, on_step=on_step, dist_ctx=dist_ctx)
+
+
+def _run(
+    cfg: TrainConfig,
+    *,
+    resume: str | None,
+    on_step: Callable[[int, dict[str, float]], bool | None] | None,
+    dist_ctx: distributed.DistContext | None = None,
+) -> RunResult:
+    is_main = dist_ctx is None or dist_ctx.is_main
     run_dir, resume_from = _resolve_run_dir(cfg, resume)
+    if dist_ctx is not None:  # a time-stamped default run_dir is rank 0's
+        run_dir = Path(dist_ctx.broadcast_object(str(run_dir)))
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / CONFIG_FILENAME)
+    if is_main:
+        save_config(cfg, run_dir / CONFIG_FILENAME)
     seed_everything(cfg.optim.seed)
 
     # Model, data, objective.
-    device = resolve_device(cfg.model.device)
+    device = resolve_device(cfg.model.device) if dist_ctx is None else dist_ctx.device
     policy, tokenizer = load_model_and_tokenizer(cfg.model, device=device)
-    train_split, eval_split = load_data(cfg, tokenizer)
+    with dist_ctx.main_first() if dist_ctx is not None else contextlib.nullcontext():  # one rank fills the cache
+        train_split, eval_split = load_data(cfg, tokenizer)
     from dpokit.data import make_collator
     from dpokit.logprobs import choose_layout
     from dpokit.losses import build_objective
@@ -504,17 +535,24 @@ def run(
 
     # The reference is fixed from the initial weights, before LoRA and before any resumed weights.
     if strategy in ("copy", "precomputed"):
-        train_reference, eval_reference = build_references(strategy, cfg, policy, train_split, eval_split, collate, device)
+        train_reference, eval_reference = build_references(strategy, cfg, policy, train_split, eval_split, collate, device, dist_ctx)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     if cfg.model.lora.enabled:
         policy = apply_lora(policy, cfg.model.lora, gradient_checkpointing=cfg.model.gradient_checkpointing)
     if strategy not in ("copy", "precomputed"):
-        train_reference, eval_reference = build_references(strategy, cfg, policy, train_split, eval_split, collate, device)
+        train_reference, eval_reference = build_references(strategy, cfg, policy, train_split, eval_split, collate, device, dist_ctx)
+
+    runner = None
+    if dist_ctx is not None:  # DDP / FSDP2 wrapping; the optimizer must see the (sharded) parameters
+        runner, train_reference, eval_reference = distributed.wrap_for_training(
+            dist_ctx, policy, (train_reference, eval_reference), chunk_size=cfg.optim.logps_chunk_size)
 
     # Optimizer and schedule.
     o = cfg.optim
-    batches_per_epoch = math.ceil(len(train_split) / o.batch_size)
+    # The sampler draws micro-batches of batch_size x processes examples; each rank gets a slice.
+    micro_examples = o.batch_size * (dist_ctx.world_size if dist_ctx is not None else 1)
+    batches_per_epoch = math.ceil(len(train_split) / micro_examples)
     steps_per_epoch = math.ceil(batches_per_epoch / o.grad_accumulation)
     total_steps = o.max_steps or o.epochs * steps_per_epoch
     optimizer = build_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
@@ -528,16 +566,22 @@ def run(
     window = MetricSums()
     best_eval: dict[str, float] = {}
     last_checkpoint: Path | None = None
-    invariants = _invariants(cfg, len(train_split))
+    invariants = _invariants(cfg, len(train_split), micro_examples)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model=policy, optimizer=optimizer, scheduler=scheduler)
-        _check_resume_compatible(state, cfg, len(train_split))
+        if dist_ctx is not None:
+            state = distributed.resume(dist_ctx, resume_from, model=policy, optimizer=optimizer, scheduler=scheduler)
+        elif distributed.is_dcp_checkpoint(resume_from):  # written by torchrun ranks; loads without them
+            state = distributed.load_checkpoint(resume_from, model=policy, optimizer=optimizer, scheduler=scheduler)
+        else:
+            state = load_checkpoint(resume_from, model=policy, optimizer=optimizer, scheduler=scheduler)
+        _check_resume_compatible(state, cfg, len(train_split), micro_examples)
         step, epoch, batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
         window = MetricSums(state.get("pending_metrics"))
         best_eval = state.get("best_eval", {})
         last_checkpoint = resume_from
-        _trim_metrics_file(run_dir, step)
-        remove_partial_checkpoints(run_dir)
+        if is_main:
+            _trim_metrics_file(run_dir, step)
+            remove_partial_checkpoints(run_dir)
         _say(cfg, f"resumed from {resume_from} at step {step} (epoch {epoch}, micro-batch {batch_in_epoch})")
 
     from dpokit.plots import plot_training_curves
@@ -545,9 +589,9 @@ def run(
 
     tracker = MetricsTracker(
         run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-        config_dict=config_to_dict(cfg),
+        config_dict=config_to_dict(cfg), enabled=is_main,
     )
-    bar = progress_bar(total_steps, initial=step, enabled=cfg.logging.progress_bar)
+    bar = progress_bar(total_steps, initial=step, enabled=cfg.logging.progress_bar and is_main)
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     last_eval_step = last_saved_step = -1
@@ -562,6 +606,13 @@ def run(
 
     def checkpoint_now() -> Path:
         nonlocal last_checkpoint, last_saved_step
+        if dist_ctx is not None:
+            last_checkpoint = distributed.save_checkpoint(
+                dist_ctx, run_dir, step, model=policy, optimizer=optimizer, scheduler=scheduler,
+                trainer_state=trainer_state(), keep_last=cfg.checkpoint.keep_last,
+            )
+            last_saved_step = step
+            return last_checkpoint
         last_checkpoint = save_checkpoint(
             run_dir, step, model=policy, optimizer=optimizer, scheduler=scheduler, trainer_state=trainer_state(),
             tokenizer=tokenizer, keep_last=cfg.checkpoint.keep_last,
@@ -574,9 +625,14 @@ def run(
         assert eval_split is not None
         # Evaluation must not move the training RNG streams (a resumed run evaluates at other times).
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            metrics = evaluate(policy, eval_split, eval_reference, objective, collate, batch_size=cfg.eval.batch_size,
-                               device=device, chunk_size=o.logps_chunk_size)
-            if cfg.eval.sample_prompts:
+            if dist_ctx is None:
+                metrics = evaluate(policy, eval_split, eval_reference, objective, collate, batch_size=cfg.eval.batch_size,
+                                   device=device, chunk_size=o.logps_chunk_size)
+            else:
+                metrics = distributed.evaluate(dist_ctx, runner, eval_split, eval_reference, objective, collate,
+                                               batch_size=cfg.eval.batch_size)
+            # Samples come from rank 0's whole model: not available when the weights are sharded.
+            if cfg.eval.sample_prompts and is_main and (dist_ctx is None or dist_ctx.strategy == "ddp"):
                 samples = generate_samples(policy, eval_reference, tokenizer, eval_split, num_prompts=cfg.eval.sample_prompts,
                                            max_new_tokens=cfg.eval.max_new_tokens, device=device)
                 with open(run_dir / SAMPLES_FILENAME, "a", encoding="utf-8") as handle:
@@ -599,16 +655,22 @@ def run(
     policy.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
     try:
-        with StopRequest() as stop:
+        # Under torchrun, signals end the processes at once (torchrun stops all ranks with SIGTERM).
+        with StopRequest(signals=() if dist_ctx is not None else (signal.SIGINT, signal.SIGTERM)) as stop:
             while step < total_steps and not interrupted:
-                batches = epoch_batches(train_split, batch_size=o.batch_size, seed=o.seed, epoch=epoch)
+                batches = epoch_batches(train_split, batch_size=micro_examples, seed=o.seed, epoch=epoch)
                 while batch_in_epoch < len(batches) and step < total_steps:
                     # One optimizer step over the next grad_accumulation micro-batches of this epoch.
                     micro_batches = batches[batch_in_epoch : batch_in_epoch + o.grad_accumulation]
                     step_examples = sum(len(m) for m in micro_batches)
                     step_sums = MetricSums()
                     optimizer.zero_grad(set_to_none=True)
-                    for index, positions in enumerate(micro_batches):
+
+                    def check_loss(value: float, index: int) -> None:
+                        if not math.isfinite(value):
+                            raise non_finite("the loss", value, f"epoch {epoch}, micro-batch {batch_in_epoch + index}")
+
+                    for index, positions in enumerate(micro_batches if dist_ctx is None else []):
                         batch = collate(train_split.items(positions)).to(device)
                         out = forward_batch(policy, batch, train_reference, objective, o.logps_chunk_size)
                         loss_value = out.loss.detach().float().item()
@@ -619,7 +681,12 @@ def run(
                         (out.loss * (batch.batch_size / step_examples)).backward()
                         step_sums.add_per_example({"loss": out.per_example, **out.metrics})
                     max_norm = o.max_grad_norm if o.max_grad_norm is not None else math.inf
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
+                    if dist_ctx is None:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
+                    else:  # this rank's slices of the micro-batches, gradients reduced over ranks
+                        step_sums, grad_norm = distributed.train_step(
+                            dist_ctx, runner, micro_batches, train_split, collate, train_reference, objective,
+                            max_grad_norm=max_norm, check_loss=check_loss)
                     if not math.isfinite(grad_norm):
                         raise non_finite("the gradient norm", grad_norm, f"epoch {epoch}")
                     learning_rate = scheduler.get_last_lr()[0]
@@ -629,7 +696,7 @@ def run(
                     batch_in_epoch += len(micro_batches)
                     if batch_in_epoch >= len(batches):
                         epoch, batch_in_epoch = epoch + 1, 0
-                        batches = epoch_batches(train_split, batch_size=o.batch_size, seed=o.seed, epoch=epoch)
+                        batches = epoch_batches(train_split, batch_size=micro_examples, seed=o.seed, epoch=epoch)
 
                     for name in step_sums.sums:
                         window.add(name, step_sums.sums[name], step_sums.counts[name])
@@ -648,6 +715,8 @@ def run(
                         checkpoint_now()
                     if on_step is not None and on_step(step, step_metrics):
                         stop.request("on_step")
+                    if dist_ctx is not None:
+                        dist_ctx.agree_on_stop(stop)
                     if stop.reason is not None and step < total_steps:
                         interrupted = True
                         if last_saved_step != step:
@@ -664,14 +733,17 @@ def run(
     finally:
         bar.close()
         tracker.close()
-        if cfg.logging.plot and (run_dir / "metrics.jsonl").is_file():
+        if cfg.logging.plot and is_main and (run_dir / "metrics.jsonl").is_file():
             with contextlib.suppress(Exception):  # a plot must never hide the run's own outcome
                 plot_training_curves(run_dir / "metrics.jsonl", run_dir / CURVES_FILENAME)
 
     output_dir = None
     if not interrupted:
         output_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "final"
-        save_final_model(policy, tokenizer, output_dir, lora_export=cfg.model.lora.export)
+        if dist_ctx is None:
+            save_final_model(policy, tokenizer, output_dir, lora_export=cfg.model.lora.export)
+        else:
+            distributed.export_final_model(dist_ctx, policy, tokenizer, output_dir)
     return RunResult(
         run_dir=run_dir, output_dir=output_dir, global_step=step, train_metrics=train_metrics,
         eval_metrics=eval_metrics, interrupted=interrupted, last_checkpoint=last_checkpoint,
