@@ -1,0 +1,168 @@
+"""Deterministic benchmark fixtures, generated on the spot (nothing is downloaded).
+
+* :func:`english_like_text` -- sentences over a Zipf-distributed vocabulary of ~6,000 words (the
+  most common English function words plus pseudo-words built from English syllables), with
+  capitals, commas and full stops, so a byte-level BPE learns realistic merges;
+* :func:`train_bpe_tokenizer` -- a byte-level BPE tokenizer (4,096 tokens by default) trained on it,
+  with pad/bos/eos, as a ``PreTrainedTokenizerFast``;
+* :func:`generate_pairs` -- preference pairs ``{"prompt", "chosen", "rejected"}`` with prompts of
+  about 95 tokens and responses of 60-160 tokens (under the 4,096-token tokenizer);
+* :func:`llama_config` -- the Llama-architecture model of the training benchmark (hidden 256,
+  intermediate 688, 4 layers, 4 heads, 2 KV heads) for a given vocabulary.
+
+Everything is a pure function of its seed, so every run and every trainer sees the same data.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+
+FUNCTION_WORDS = (
+    "the of and to a in is that it was for on are as with his they at be this from have or by one had not but "
+    "what all were when we there can an your which their said if do will each about how up out them then she "
+    "many some so these would other into has more her two like him see time could no make than first been its "
+    "who now people my made over did down only way find use may water long little very after words called just "
+    "where most know get through back much before go good new write our used me man too any day same right look "
+    "think also around another came come work three word must because does part even place well such here take "
+    "why things help put years different away again off went old number great tell men say small every found still "
+    "between name should home big give air line set own under read last never us left end along while might next "
+    "sound below saw something thought both few those always looked show large often together asked house world"
+).split()
+
+ONSETS = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "st", "tr", "pl", "cr", "sh", "ch", "th", "br", "gr")
+VOWELS = ("a", "e", "i", "o", "u", "ea", "ou", "ai", "io", "y")
+CODAS = ("", "", "n", "r", "s", "t", "l", "nd", "st", "ng", "ck", "m", "ct", "rt")
+SUFFIXES = ("", "", "", "s", "ed", "ing", "er", "ly", "tion", "ment", "ness", "al", "ive", "able")
+
+
+@lru_cache(maxsize=4)
+def vocabulary(size: int = 6000, seed: int = 1234) -> tuple[str, ...]:
+    """Function words first (most frequent), then distinct pseudo-words of 1-3 syllables."""
+    rng = random.Random(seed)
+    words = list(dict.fromkeys(FUNCTION_WORDS))
+    seen = set(words)
+    while len(words) < size:
+        syllables = rng.choices((1, 2, 3), weights=(3, 5, 2))[0]
+        stem = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(syllables))
+        word = stem + rng.choice(SUFFIXES)
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    return tuple(words)
+
+
+@lru_cache(maxsize=4)
+def _zipf_weights(size: int, exponent: float = 1.07) -> tuple[float, ...]:
+    return tuple(1.0 / (rank + 2.7) ** exponent for rank in range(size))
+
+
+def _sentence(rng: random.Random, words: tuple[str, ...], weights: tuple[float, ...], low: int, high: int) -> list[str]:
+    picked = rng.choices(words, weights=weights, k=rng.randint(low, high))
+    picked[0] = picked[0].capitalize()
+    if len(picked) > 8 and rng.random() < 0.5:
+        cut = rng.randint(3, len(picked) - 3)
+        picked[cut] += ","
+    return picked
+
+
+def english_like_words(rng: random.Random, num_words: int) -> str:
+    """About ``num_words`` words of sentences (6-22 words each), the last one closed by a full stop."""
+    words, weights = vocabulary(), _zipf_weights(len(vocabulary()))
+    out: list[str] = []
+    while len(out) < num_words:
+        sentence = _sentence(rng, words, weights, 6, 22)
+        sentence[-1] += "."
+        out.extend(sentence)
+    out = out[:num_words]
+    if not out[-1].endswith("."):
+        out[-1] = out[-1].rstrip(",") + "."
+    return " ".join(out)
+
+
+def english_like_text(num_lines: int = 8_000, seed: int = 0) -> list[str]:
+    """Training text for the tokenizer: ``num_lines`` paragraphs of 20-80 words."""
+    rng = random.Random(seed)
+    return [english_like_words(rng, rng.randint(20, 80)) for _ in range(num_lines)]
+
+
+@lru_cache(maxsize=4)
+def _tokenizer_json(vocab_size: int, seed: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(english_like_text(seed=seed), trainer=trainer)
+    return backend.to_str()
+
+
+def train_bpe_tokenizer(vocab_size: int = 4096, seed: int = 0):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` of ``vocab_size`` tokens (pad/bos/eos included)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size, seed)),
+        pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>",
+    )
+
+
+# Words per token-target, measured for the 4,096-token tokenizer on this text (~1.3 tokens a word).
+WORDS_PER_TOKEN = 0.63
+
+
+def generate_pairs(
+    n: int,
+    seed: int = 0,
+    *,
+    prompt_tokens: tuple[int, int] = (85, 105),
+    response_tokens: tuple[int, int] = (60, 160),
+) -> list[dict[str, str]]:
+    """``n`` rows ``{"prompt", "chosen", "rejected"}``: a prompt (a question ending in '?') and two
+    responses, each starting with a space. Lengths are drawn in tokens and converted to words."""
+    rng = random.Random(seed)
+
+    def words_for(tokens: int) -> int:
+        return max(3, round(tokens * WORDS_PER_TOKEN))
+
+    rows = []
+    for _ in range(n):
+        prompt = english_like_words(rng, words_for(rng.randint(*prompt_tokens)))[:-1] + "?"
+        chosen = " " + english_like_words(rng, words_for(rng.randint(*response_tokens)))
+        rejected = " " + english_like_words(rng, words_for(rng.randint(*response_tokens)))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def llama_config(vocab_size: int = 4096, *, max_positions: int = 2048, **overrides):
+    """The benchmark model: Llama architecture, hidden 256, intermediate 688, 4 layers, 4 heads, 2 KV heads."""
+    from transformers import LlamaConfig
+
+    settings = dict(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_positions, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def token_stats(rows: list[dict[str, str]], tokenizer) -> dict[str, float]:
+    """Mean prompt tokens and min/mean/max response tokens of ``rows`` under ``tokenizer``."""
+    prompts = [len(ids) for ids in tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]]
+    responses = [
+        len(ids) for ids in tokenizer([r[k] for r in rows for k in ("chosen", "rejected")], add_special_tokens=False)["input_ids"]
+    ]
+    return {
+        "prompt_mean": sum(prompts) / len(prompts),
+        "response_min": min(responses),
+        "response_mean": sum(responses) / len(responses),
+        "response_max": max(responses),
+    }
