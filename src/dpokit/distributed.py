@@ -51,6 +51,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -288,7 +289,10 @@ class LogpsModule(nn.Module):
         if reference:
             with reference_mode(self.model) as model:
                 return compute_logps(model, batch, chunk_size=self.chunk_size)
-        return compute_logps(self.model, batch, chunk_size=self.chunk_size)
+        out = compute_logps(self.model, batch, chunk_size=self.chunk_size)
+        # (B, K) logps is a transposed view; FSDP2 hooks an output's backward, which in-place ops on a
+        # view would bypass -- hand out a tensor of its own.
+        return dataclasses.replace(out, logps=out.logps.clone())
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -696,7 +700,9 @@ def load_checkpoint(
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options())
     loaded = {"model": model_state, "optimizer": optimizer_state}
     try:
-        dcp.load(loaded, checkpoint_id=str(path / DCP_DIR))
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*load in a single process.*")
+            dcp.load(loaded, checkpoint_id=str(path / DCP_DIR), no_dist=not dist.is_initialized())
     except Exception as exc:  # a different model / LoRA setting: keys or shapes do not match
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise TrainingError(f"checkpoint {str(path)!r} does not fit this model and optimizer: {message}") from None
