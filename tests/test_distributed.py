@@ -1,5 +1,5 @@
 """Real multi-process runs: ``python -m torch.distributed.run ... -m dpokit train`` on CPU (gloo),
-two processes, a tiny Llama (hidden 32, 2 layers), one torch thread per process.
+two processes, a tiny Llama with tied embeddings (hidden 32, 2 layers), one torch thread per process.
 
 The yardstick is one process with the same *global* batch: 2 ranks x ``optim.batch_size=4`` draw the
 micro-batches a single process with ``optim.batch_size=8`` draws, each cut in two slices, and the
@@ -38,7 +38,8 @@ NUM_TRAIN = 17  # global micro-batches of 8: 8, 8, 1
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist_assets")
-    write_tiny_model_dir(root / "model", hidden_size=32, layers=2)
+    # Tied input/output embeddings: under FSDP2 both live in the root's shards and must stay one tensor.
+    write_tiny_model_dir(root / "model", hidden_size=32, layers=2, tie_word_embeddings=True)
     write_preference_jsonl(root / "train.jsonl", n=NUM_TRAIN, seed=0)
     write_preference_jsonl(root / "eval.jsonl", n=5, seed=1)
     (root / "cfg.yaml").write_text("optim:\n  optimizer: adamw\n", encoding="utf-8")
@@ -144,8 +145,12 @@ def test_fsdp_equals_one_process_and_its_checkpoint_resumes_on_one_and_on_two_pr
                  "model.gradient_checkpointing=true", "checkpoint.every_steps=2", "checkpoint.keep_last=5"]
     check_ok(torchrun(assets / "cfg.yaml", [*overrides, "optim.batch_size=4"]))
     assert_same_losses(train_losses(run_dir), train_losses(baseline.run_dir))
+    (evaluation,) = read_metrics(run_dir, split="eval")  # eval shards: 3 + 2 examples, batches of 2
+    for name, value in baseline.eval_metrics.items():
+        assert evaluation[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     assert_same_weights(run_dir / "final", baseline.output_dir)
     reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight  # still tied after the export
     expected = load_file(str(baseline.output_dir / "model.safetensors"))
     for name, tensor in reloaded.state_dict().items():
         if name in expected:
