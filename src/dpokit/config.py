@@ -187,7 +187,7 @@ class LoggingConfig:
     wandb: bool = _f(False, "Also log to Weights & Biases (needs `pip install wandb`).")
     wandb_project: str | None = _f(None, "W&B project name (default 'dpokit').")
     progress_bar: bool = _f(True, "Show a progress bar with ETA, loss and reward accuracy.")
-    plot: bool = _f(True, "Write run_dir/training_curves.png at the end.")
+    plot: bool = _f(True, "Write run_dir/curves.png (loss, accuracy, margins, rewards) at the end.")
 
 
 @dataclass
@@ -490,7 +490,10 @@ def _field_type(dotted: str) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, preset: str | None = None) -> TrainConfig:
-    """Build a :class:`TrainConfig`: defaults < ``preset`` < YAML file at ``path`` < ``overrides``.
+    """Build a :class:`TrainConfig`: defaults < YAML file at ``path`` < ``preset`` < ``overrides``.
+
+    The preset is applied over the file on purpose: ``dpokit sft cfg.yaml`` must train the SFT
+    objective even when ``cfg.yaml`` names DPO losses (the same file serves both stages).
 
     ``overrides`` are ``"section.key=value"`` strings (``"loss.beta=0.2"``,
     ``"model.lora.enabled=true"``); values are parsed as YAML. Raises :class:`ConfigError` for a
