@@ -14,8 +14,8 @@ Granite ``1 / logits_scaling``, ...) and ``c * tanh(z / c)`` for soft-capped one
 Why chunked: the naive ``log_softmax(model(...).logits)`` holds a float32 (N, T, V) tensor (and
 autograd keeps another for backward) -- 2 GiB for one 2k-token sequence with a 128k vocabulary.
 Here only the M response positions are projected, ``chunk_size`` rows at a time, and the forward
-keeps nothing but two floats per token (the target logit and the log-partition). The backward
-recomputes each chunk's logits and forms the exact gradient
+keeps nothing beyond its inputs and the (M,) result. The backward recomputes each chunk's logits
+and forms the exact gradient
 
     d log p(y_m) / d z_m = onehot(y_m) - softmax(z_m),
 
@@ -120,28 +120,27 @@ def find_output_head(model: nn.Module) -> OutputHead:
 
 
 class _ChunkedLinearLogProb(torch.autograd.Function):
-    """log softmax(g(h W^T + b))[y] for M rows, chunk by chunk; saves (M,) statistics, recomputes
-    logits in backward. Logits are formed in the weight's dtype and raised to float32 (as a model's
+    """log softmax(g(h W^T + b))[y] for M rows, chunk by chunk; saves only the inputs and recomputes
+    each chunk's logits (and softmax) in backward. Logits are formed in the weight's dtype and raised to float32 (as a model's
     own ``.float()`` logits are); gradients are exact for that computation."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size: int, scale: float, softcap):  # type: ignore[override]
         num_tokens = hidden.shape[0]
-        log_partition = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
-        target_logits = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+        token_logps = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
         for start in range(0, num_tokens, chunk_size):
             stop = min(start + chunk_size, num_tokens)
             logits = _chunk_logits(hidden[start:stop], weight, bias, scale, softcap)[0]
-            log_partition[start:stop] = torch.logsumexp(logits, dim=-1)
-            target_logits[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1)
+            # log_softmax is one fused pass on CPU and GPU (about 3x faster than logsumexp on CPU).
+            token_logps[start:stop] = torch.log_softmax(logits, dim=-1).gather(1, targets[start:stop, None]).squeeze(1)
             del logits
-        ctx.save_for_backward(hidden, weight, bias, targets, log_partition)
+        ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
-        return target_logits - log_partition
+        return token_logps
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        hidden, weight, bias, targets, log_partition = ctx.saved_tensors
+        hidden, weight, bias, targets = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         # Accumulate over chunks in float32 whatever the parameter dtype.
@@ -154,7 +153,8 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
             logits, tanh_value = _chunk_logits(hidden_chunk, weight, bias, ctx.scale, ctx.softcap)
             g = grad_out[start:stop, None]
             # d/dz [z_y - logsumexp z] = onehot(y) - softmax(z); built in place in the logits buffer.
-            grad_logits = logits.sub_(log_partition[start:stop, None]).exp_().mul_(-g)
+            grad_logits = torch.softmax(logits, dim=-1).mul_(-g)
+            del logits
             grad_logits.scatter_add_(1, targets[start:stop, None], g)
             if ctx.softcap is not None:
                 grad_logits.mul_(1.0 - tanh_value.square_())  # d/du c tanh(u / c) = 1 - tanh^2
@@ -166,7 +166,7 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.t(), hidden_chunk.float())
             if need_bias:
                 grad_bias.add_(grad_logits.sum(dim=0))
-            del logits, grad_logits, tanh_value
+            del grad_logits, tanh_value
         return (
             grad_hidden,
             grad_weight.to(weight.dtype) if need_weight else None,
