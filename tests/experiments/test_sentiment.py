@@ -124,3 +124,10 @@ def test_demo_prints_reward_and_kl_before_and_after_with_paired_samples(tmp_path
     # Samples shown side by side answer the same prompts.
     shown = [line for line in lines if line.startswith("prompt: ")]
     assert shown and all(b["prompt"] == a["prompt"] for b, a in zip(result["before"]["samples"], result["after_samples"]))
+
+
+def test_stored_points_are_keyed_by_every_setting_except_the_method_selection():
+    full = MODES["full"]
+    assert dataclasses.replace(full, methods=("dpo",)).key() == full.key()
+    assert dataclasses.replace(full, lr=full.lr * 2).key() != full.key()
+    assert dataclasses.replace(full, lm=dataclasses.replace(full.lm, steps=1)).key() != full.key()

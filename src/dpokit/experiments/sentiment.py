@@ -84,7 +84,10 @@ class ExperimentSettings:
     seed: int = 0
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        """Hash of every setting that shapes a run's result. ``methods`` only picks which runs happen,
+        so it is left out: points stored by a ``--methods dpo`` run are reused by a full one."""
+        settings = {**asdict(self), "methods": list(ALL_METHODS)}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
 MODES: dict[str, ExperimentSettings] = {
