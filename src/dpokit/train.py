@@ -222,6 +222,9 @@ class Split:
 
     dataset: Any
     indices: list[int]
+    # What length-grouped batching sorts by: "row" = prompt + longest response (padded layout),
+    # "block" = prompt + all responses (shared-prompt / packed layouts).
+    length_kind: str = "row"
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -230,6 +233,8 @@ class Split:
         return [self.dataset.items[self.indices[p]] for p in positions]
 
     def lengths(self) -> np.ndarray:
+        if self.length_kind == "block" and hasattr(self.dataset, "block_lengths"):
+            return np.asarray(self.dataset.block_lengths)[self.indices]
         return np.asarray(self.dataset.lengths)[self.indices]
 
 
@@ -531,6 +536,8 @@ def _run(
 
     layout = choose_layout(cfg.data.layout, policy)
     collate = make_collator(layout, tokenizer.pad_token_id, pack_tokens=cfg.data.pack_tokens if layout == "packed" else None)
+    if layout != "padded":  # group batches by the length of a whole [prompt | responses] block
+        train_split.length_kind = "block"
     objective = build_objective(cfg.loss.terms, beta=cfg.loss.beta, reference_free=cfg.loss.reference_free)
     strategy = resolve_reference_strategy(cfg.reference.strategy, needs_reference=objective.needs_reference, lora=cfg.model.lora.enabled)
     _say(cfg, f"objective {objective!r}; reference: {strategy}; {len(train_split)} training examples"
