@@ -122,6 +122,11 @@ class PreparedDataset:
         return self.columns.lengths()
 
     @property
+    def block_lengths(self) -> np.ndarray:
+        """(E,) prompt + all responses per example: what a shared-prompt / packed block needs."""
+        return self.columns.block_lengths()
+
+    @property
     def max_responses(self) -> int:
         """The largest K in the dataset (2 for pairs)."""
         return int(np.diff(self.columns.example_segments).max()) - 1 if len(self) else 0

@@ -132,6 +132,12 @@ class TokenizedColumns:
             out[e] = segment_lengths[starts[e]] + segment_lengths[starts[e] + 1 : starts[e + 1]].max()
         return out
 
+    def block_lengths(self) -> np.ndarray:
+        """(E,) int64: prompt + every response, the length of a shared-prompt block."""
+        segment_lengths = np.diff(self.segment_offsets)
+        totals = np.add.reduceat(segment_lengths, self.example_segments[:-1]) if len(self) else np.zeros(0, dtype=np.int64)
+        return totals.astype(np.int64)
+
     @classmethod
     def from_lists(cls, examples: Sequence[tuple[list[int], list[list[int]]]]) -> "TokenizedColumns":
         segments: list[list[int]] = []
