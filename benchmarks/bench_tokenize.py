@@ -1,6 +1,7 @@
 """Tokenizing preference pairs: dpokit's ``prepare_dataset`` vs TRL 1.16 ``DPOTrainer`` dataset preparation.
 
-Both tokenize the same generated pairs with the same byte-level BPE tokenizer in one process:
+Both tokenize the same generated pairs (``benchmarks/fixtures.py``: English-like text, prompts ~95
+tokens, responses ~60-160) with the same 4,096-token byte-level BPE tokenizer in one process:
 
 * dpokit: ``prepare_dataset(jsonl_file, tokenizer, cache_dir=<empty dir>)`` -- a *cold* cache, and the
   time includes reading + validating the JSONL file, hashing it, tokenizing (batched calls) and
@@ -23,48 +24,15 @@ import argparse
 import json
 import logging
 import os
-import random
 import statistics
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-WORDS = (
-    "the a good bad great movie film story actor plot scene music was is very not really quite i you we they "
-    "liked loved hated enjoyed boring wonderful awful funny sad long short best worst and but so because then "
-    "it this that what why how when answer question please explain tell me about their ending characters"
-).split()
-
-
-def sentence(rng: random.Random, low: int, high: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
-
-
-def generate_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """Prompts of 8-40 words ending in '?', responses of 10-60 words starting with a space."""
-    rng = random.Random(seed)
-    return [
-        {"prompt": sentence(rng, 8, 40) + "?", "chosen": " " + sentence(rng, 10, 60) + ".", "rejected": " " + sentence(rng, 10, 60) + "."}
-        for _ in range(n)
-    ]
-
-
-def train_tokenizer(rows: list[dict[str, str]], vocab_size: int = 2048):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator((r["prompt"] + r["chosen"] for r in rows[:5000]), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures  # noqa: E402  (benchmarks/fixtures.py: English-like text, 4,096-token BPE, pair generator)
 
 
 def time_dpokit(path: Path, tokenizer, cache_dir: Path):
@@ -107,8 +75,8 @@ def main() -> None:
     logging.getLogger("dpokit").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
 
-    rows = generate_pairs(options.pairs)
-    tokenizer = train_tokenizer(rows)
+    rows = fixtures.generate_pairs(options.pairs)
+    tokenizer = fixtures.train_bpe_tokenizer(4096)
     with tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)
         path = work_dir / "pairs.jsonl"
