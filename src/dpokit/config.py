@@ -80,6 +80,9 @@ class ModelConfig:
         "none", "Load the frozen base weights quantized with bitsandbytes (QLoRA-style; needs lora.enabled and a GPU)."
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    compile: bool = _f(
+        False, "torch.compile each decoder layer (fuses element-wise kernels; pays a one-off compile time, so for long runs)."
+    )
     disable_dropout: bool = _f(True, "Set every dropout probability in the policy to 0 (as the DPO reference code does).")
     device: str = _f("auto", "Device to train on: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     lora: LoraConfig = _f(factory=LoraConfig, help="LoRA adapters.")

@@ -552,6 +552,10 @@ def _run(
         policy = apply_lora(policy, cfg.model.lora, gradient_checkpointing=cfg.model.gradient_checkpointing)
     if strategy not in ("copy", "precomputed"):
         train_reference, eval_reference = build_references(strategy, cfg, policy, train_split, eval_split, collate, device, dist_ctx)
+    if cfg.model.compile:
+        from dpokit.speed import compile_decoder_layers
+
+        compile_decoder_layers(policy)
 
     runner = None
     if dist_ctx is not None:  # DDP / FSDP2 wrapping; the optimizer must see the (sharded) parameters
