@@ -1,0 +1,42 @@
+"""model.compile: compiled decoder layers give the eager loss and gradients, keep parameter names,
+and leave models whose layers cannot be found running eagerly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpokit.data import make_collator
+from dpokit.logprobs import compute_logps
+from dpokit.speed import compile_decoder_layers, decoder_layers
+from tests.helpers import tiny_gpt2, tiny_llama
+
+ITEMS = [
+    {"example_id": 0, "prompt_ids": [5, 6, 7, 8], "response_ids": [[21, 22, 23], [31, 32, 33, 34, 35]]},
+    {"example_id": 1, "prompt_ids": [11, 12], "response_ids": [[24], [37, 38]]},
+]
+
+
+def summed_logps_and_grads(model):
+    out = compute_logps(model, make_collator("shared_prompt", 0)(ITEMS))
+    out.logps.sum().backward()
+    return out.logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_decoder_layers_are_found_for_llama_and_gpt2():
+    assert len(decoder_layers(tiny_llama(vocab_size=64, layers=2))) == 2
+    assert len(decoder_layers(tiny_gpt2(vocab_size=64, layers=3))) == 3
+    assert compile_decoder_layers(torch.nn.Linear(2, 2)) == 0  # nothing to compile: stays eager
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_eager_logps_and_gradients():
+    eager_logps, eager_grads = summed_logps_and_grads(tiny_llama(vocab_size=64, layers=1).train())
+    model = tiny_llama(vocab_size=64, layers=1).train()
+    names = [n for n, _ in model.named_parameters()]
+    assert compile_decoder_layers(model) == 1
+    logps, grads = summed_logps_and_grads(model)
+    assert [n for n, _ in model.named_parameters()] == names  # state_dict keys unchanged
+    torch.testing.assert_close(logps, eager_logps, atol=1e-5, rtol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4)
