@@ -10,6 +10,8 @@ Systems, each run in a fresh subprocess (so peak RSS is its own), alternated, ``
 
 * ``dpokit``       -- ``dpokit.train.run``: cold data cache, layout auto (shared prompt on SDPA),
                       precomputed reference log-probs (same layout), chunked output layer;
+* ``dpokit_compile``-- the same with ``model.compile=true`` (decoder layers compiled; the compile
+                      time is inside the epoch wall time);
 * ``trl_default``  -- ``DPOTrainer`` with its defaults: a separate reference model, gradient
                       checkpointing on;
 * ``trl_fast``     -- ``precompute_ref_log_probs=True``, gradient checkpointing off.
@@ -46,7 +48,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-SYSTEMS = ("dpokit", "trl_default", "trl_fast")
+SYSTEMS = ("dpokit", "dpokit_compile", "trl_default", "trl_fast")
 WARMUP_STEPS = 3
 BATCH_PAIRS = 8
 LR = 1e-6
@@ -143,7 +145,7 @@ class StepClock:
             self.step_peak = max(self.step_peak, peak - self.baseline)
 
 
-def run_dpokit(fixture: Path, work: Path, clock: StepClock, max_steps: int | None, batch_pairs: int) -> None:
+def run_dpokit(fixture: Path, work: Path, clock: StepClock, max_steps: int | None, batch_pairs: int, compile: bool = False) -> None:
     from dpokit.config import load_config
     from dpokit.train import run
 
@@ -159,6 +161,8 @@ def run_dpokit(fixture: Path, work: Path, clock: StepClock, max_steps: int | Non
     ]
     if max_steps:
         overrides.append(f"optim.max_steps={max_steps}")
+    if compile:
+        overrides.append("model.compile=true")
     cfg = load_config(None, overrides)
     run(cfg, on_step=lambda step, metrics: clock.tick(step))
 
@@ -209,8 +213,8 @@ def worker(options: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         start = time.perf_counter()
-        if options.worker == "dpokit":
-            run_dpokit(fixture, work, clock, options.max_steps, options.batch_pairs)
+        if options.worker.startswith("dpokit"):
+            run_dpokit(fixture, work, clock, options.max_steps, options.batch_pairs, compile=options.worker == "dpokit_compile")
         else:
             run_trl(fixture, work, clock, options.max_steps, options.batch_pairs, fast=options.worker == "trl_fast")
         wall = time.perf_counter() - start
@@ -340,7 +344,7 @@ def print_tables(options, results, matmul, flops, memory, loads) -> None:
         f"wall / speed / RSS vs {b}" for b in baselines) + " |"
     print(header)
     print("|" + "---|" * (6 + len(baselines)))
-    names = {"dpokit": "dpokit (shared prompt, precomputed ref)", "trl_default": "TRL 1.16 defaults", "trl_fast": "TRL 1.16 precompute, no GC"}
+    names = {"dpokit": "dpokit (shared prompt, precomputed ref)", "dpokit_compile": "dpokit + model.compile", "trl_default": "TRL 1.16 defaults", "trl_fast": "TRL 1.16 precompute, no GC"}
     for system, m in med.items():
         mfu = flops / m["wall_s"] / matmul
         cells = [f"{names[system]}", f"{m['wall_s']:.1f}", f"{m['pairs_per_s']:.2f}", f"{m['median_step_s']:.2f}",
