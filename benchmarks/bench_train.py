@@ -310,7 +310,11 @@ def parent(options: argparse.Namespace) -> None:
             order = options.systems if repeat % 2 == 0 else list(reversed(options.systems))
             for system in order:
                 matmul_rates.append(matmul_flops_per_second(options.threads))
-                result = launch(system, fixture, options, max_steps=options.max_steps)
+                try:
+                    result = launch(system, fixture, options, max_steps=options.max_steps)
+                except SystemExit as failure:  # report it, keep the other systems' numbers
+                    print(f"  repeat {repeat + 1} {system}: FAILED\n{failure}", flush=True)
+                    continue
                 results[system].append(result)
                 loads.append(load_average().split()[0])
                 print(f"  repeat {repeat + 1} {system:<12} wall {result['wall_s']:7.1f} s  steady {result['pairs_per_s']:5.2f} pairs/s  "
