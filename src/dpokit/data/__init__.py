@@ -1,11 +1,20 @@
 """Preference data: read and validate rows, tokenize with chat templates, and batch.
 
 One example flows: file row -> :class:`PreferenceExample` (``read_preferences``) -> token ids
-(``prepare_dataset``, cached on disk) -> :class:`~dpokit.data.batch.Batch` (``PaddedCollator``).
+(``prepare_dataset``, cached on disk) -> :class:`~dpokit.data.batch.Batch` (``make_collator``: padded,
+shared-prompt or packed layout).
 """
 
 from dpokit.data.batch import Batch
-from dpokit.data.collate import BatchLayout, LengthGroupedSampler, PaddedCollator, make_collator
+from dpokit.data.collate import (
+    LAYOUTS,
+    BatchLayout,
+    LengthGroupedSampler,
+    PackedCollator,
+    PaddedCollator,
+    SharedPromptCollator,
+    make_collator,
+)
 from dpokit.data.prepare import (
     DEFAULT_CACHE_DIR,
     PreparedDataset,
@@ -25,7 +34,10 @@ __all__ = [
     "DEFAULT_CACHE_DIR",
     "InvalidRowError",
     "LengthGroupedSampler",
+    "LAYOUTS",
+    "PackedCollator",
     "PaddedCollator",
+    "SharedPromptCollator",
     "PrepareReport",
     "PreparedDataset",
     "PreparedItems",

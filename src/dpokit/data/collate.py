@@ -2,9 +2,18 @@
 
 A *layout* is any callable ``items -> Batch``. Callers (the trainer, the log-prob code) only use the
 ``Batch`` contract -- ``model_inputs()``, ``score_index``/``score_target``/``score_seq``,
-``response_mask``, ``response_lengths`` -- so a packed layout (prompt shared by both responses,
-several pairs per row) is added as another :class:`BatchLayout` and chosen by name in
-:func:`make_collator`, with no change to the code that consumes batches.
+``response_mask``, ``response_lengths`` -- so every layout gives the same log-probs and the code
+that consumes batches never changes. Three layouts, chosen by name in :func:`make_collator`:
+
+* ``padded`` (:class:`PaddedCollator`): one right-padded row per (prompt, response); a 2-D mask;
+  works with every model and attention kernel;
+* ``shared_prompt`` (:class:`SharedPromptCollator`): one row ``[prompt | chosen | rejected]`` per
+  example -- the prompt is computed once instead of K times -- with a 4-D mask that hides the
+  responses from each other and position ids that restart after the prompt;
+* ``packed`` (:class:`PackedCollator`): shared-prompt blocks packed several per row up to a token
+  budget, block-diagonal mask. With a dense mask the attention cost grows with the row width
+  squared, so on CPU ``shared_prompt`` is faster; packing pays with a sparse-mask kernel
+  (FlexAttention on GPU, which skips masked tiles).
 """
 
 from __future__ import annotations
