@@ -24,12 +24,7 @@ def test_top_level_help_lists_every_command_and_a_quick_start(capsys):
     assert "quick start" in text and "dpokit demo" in text
 
 
-# dpokit.frontier's --max-new-tokens, --seed and --title have no help text yet.
-HELP_CASES = [
-    pytest.param(name, marks=pytest.mark.xfail(reason="frontier arguments without help text", strict=False))
-    if name == "frontier" else name
-    for name in COMMANDS
-]
+HELP_CASES = list(COMMANDS)
 
 
 @pytest.mark.parametrize("name", HELP_CASES)

@@ -1,4 +1,4 @@
-"""The ``dpokit`` command line: ``dpokit train | sft | eval | score | generate | demo``.
+"""The ``dpokit`` command line: ``dpokit train | sft | eval | score | generate | demo | frontier | experiment``.
 
 Each subcommand is one :class:`Subcommand` entry in :data:`SUBCOMMANDS` -- its help text, a function
 that adds its arguments, and a function that runs it -- so a new command is one new entry. Heavy
@@ -260,17 +260,34 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", default="runs/demo", help="where the demo writes its model, data and run (default: runs/demo)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of DPO training (default: the demo's own)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--run-dir", default="runs/demo",
+                        help="where the demo writes its data, DPO run and samples (default: runs/demo)")
+    parser.add_argument("--cache-dir", default=".dpokit_cache/sentiment",
+                        help="where the small SFT model is cached between runs (default: .dpokit_cache/sentiment)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from dpokit.demo import run_demo
+    from dpokit.experiments.sentiment import run_sentiment_demo
 
-    run_demo(run_dir=args.run_dir, steps=args.steps, seed=args.seed, progress=not args.no_progress)
+    run_sentiment_demo(args.run_dir, args.cache_dir)
     return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------- experiment
+
+
+def _add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    from dpokit.experiments import sentiment
+
+    parser.description = textwrap.fill(sentiment.EXPERIMENT_DESCRIPTION, width=100)
+    parser.epilog = sentiment.EXPERIMENT_EPILOG
+    sentiment.add_experiment_arguments(parser)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from dpokit.experiments.sentiment import experiment_main
+
+    return experiment_main(args)
 
 
 # ------------------------------------------------------------------------------------------ frontier
@@ -340,14 +357,16 @@ examples:
   dpokit generate --model runs/exp/checkpoints/step-200 --prompt "Hi" --chat-template always --seed 7"""
 
 _DEMO_EPILOG = """\
-With no arguments it builds a tiny Llama-style model and tokenizer and a synthetic preference set
-(chosen = a positive movie review, rejected = a negative one), runs SFT then DPO on the CPU (well
-under a minute), prints reward accuracy and margins as they rise and samples before and after DPO,
-and leaves the run directory with metrics.jsonl, TensorBoard events and curves.png.
+The quick mode of the paper's controlled-sentiment experiment (see `dpokit experiment --help`): a
+small GPT-2 trained from scratch on generated movie reviews plays the SFT model (cached after the
+first run), pairs of its own completions are labelled by VADER's sentiment score, and DPO teaches it
+to write positive continuations. Prints the ground-truth reward and KL(pi || pi_sft) before and after,
+with samples of both models for the same prompts, and leaves the DPO run directory with
+metrics.jsonl, TensorBoard events and curves.png. About 2 minutes on 2 CPU cores from a cold cache.
 
 examples:
   dpokit demo
-  dpokit demo --run-dir /tmp/dpokit-demo --steps 80"""
+  dpokit demo --run-dir /tmp/dpokit-demo"""
 
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand(
@@ -393,8 +412,8 @@ SUBCOMMANDS: list[Subcommand] = [
     ),
     Subcommand(
         "demo",
-        "SFT then DPO on a tiny self-built model, end to end in well under a minute on a CPU",
-        "A self-contained DPO run: tiny model, tokenizer and preference data built on the spot.",
+        "DPO teaches a tiny self-built review model to write positive continuations (a few minutes on a CPU)",
+        "A self-contained DPO run on the paper's sentiment task in miniature: model, data and reward built on the spot.",
         _DEMO_EPILOG,
         _add_demo_arguments,
         _run_demo,
@@ -407,11 +426,19 @@ SUBCOMMANDS: list[Subcommand] = [
         _add_frontier_arguments,
         _run_frontier,
     ),
+    Subcommand(
+        "experiment",
+        "reproduce the paper's controlled-sentiment reward-KL frontier (miniature, CPU)",
+        "",  # filled in from dpokit.experiments.sentiment when the command is built
+        "",
+        _add_experiment_arguments,
+        _run_experiment,
+    ),
 ]
 
 _MAIN_EPILOG = """\
 quick start:
-  dpokit demo                                    # a complete tiny SFT + DPO run, under a minute on a CPU
+  dpokit demo                                    # DPO on a tiny self-built model: reward and KL before/after
   dpokit train examples/full.yaml                # DPO on your data (edit the paths first)
   dpokit eval --model outputs/full --reference MODEL --data test.jsonl
   dpokit score --model outputs/full --reference MODEL --prompt "..." --response "..." --response "..."

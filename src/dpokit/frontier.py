@@ -560,12 +560,14 @@ def add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'module:function' (prompts=, completions= -> list of floats) or a sequence-classification model dir")
     parser.add_argument("--out", default="frontier", help="output directory (default: ./frontier)")
     parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="longest completion sampled per prompt, in tokens (default 32)")
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed; every model samples the same prompts with it (default 0)")
     parser.add_argument("--beta", action="append", default=[], metavar="NAME=BETA",
                         help="annotate a series with its beta (repeatable)")
-    parser.add_argument("--title", default=None)
+    parser.add_argument("--title", default=None, help="title of frontier.png (default: reward vs KL)")
 
 
 def add_frontier_parser(subparsers: Any) -> argparse.ArgumentParser:

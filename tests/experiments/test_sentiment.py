@@ -13,6 +13,7 @@ from dpokit.experiments.lm import LMSettings, load_or_pretrain
 from dpokit.experiments.preferences import make_preference_pairs, make_prompts
 from dpokit.experiments.reward import vader_reward, vader_score
 from dpokit.experiments.sentiment import MODES, run_experiment
+from dpokit.tracking import read_metrics
 
 SMOKE_LM = MODES["smoke"].lm
 
@@ -124,6 +125,12 @@ def test_demo_prints_reward_and_kl_before_and_after_with_paired_samples(tmp_path
     # Samples shown side by side answer the same prompts.
     shown = [line for line in lines if line.startswith("prompt: ")]
     assert shown and all(b["prompt"] == a["prompt"] for b, a in zip(result["before"]["samples"], result["after_samples"]))
+    # The DPO run directory is a normal dpokit run: held-out metrics, TensorBoard events and the plot.
+    run_dir = result["run_dir"]
+    evals = [r for r in read_metrics(run_dir) if r["split"] == "eval"]
+    assert evals and all("rewards/accuracies" in r and "rewards/margins" in r for r in evals)
+    assert "reward accuracy" in text and f"{evals[-1]['rewards/margins']:8.3f}" in text
+    assert list((run_dir / "tensorboard").iterdir()) and (run_dir / "curves.png").stat().st_size > 10_000
 
 
 def test_stored_points_are_keyed_by_every_setting_except_the_method_selection():
