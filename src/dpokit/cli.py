@@ -362,7 +362,7 @@ small GPT-2 trained from scratch on generated movie reviews plays the SFT model 
 first run), pairs of its own completions are labelled by VADER's sentiment score, and DPO teaches it
 to write positive continuations. Prints the ground-truth reward and KL(pi || pi_sft) before and after,
 with samples of both models for the same prompts, and leaves the DPO run directory with
-metrics.jsonl, TensorBoard events and curves.png. About 2 minutes on 2 CPU cores from a cold cache.
+metrics.jsonl, TensorBoard events and curves.png. About 35 seconds on 2 CPU cores from a cold cache.
 
 examples:
   dpokit demo
@@ -412,7 +412,7 @@ SUBCOMMANDS: list[Subcommand] = [
     ),
     Subcommand(
         "demo",
-        "DPO teaches a tiny self-built review model to write positive continuations (a few minutes on a CPU)",
+        "DPO teaches a tiny self-built review model to write positive continuations (under a minute on a CPU)",
         "A self-contained DPO run on the paper's sentiment task in miniature: model, data and reward built on the spot.",
         _DEMO_EPILOG,
         _add_demo_arguments,
