@@ -29,14 +29,6 @@ from tests.helpers import tiny_llama, tiny_tokenizer, write_preference_jsonl, wr
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _trained_state(seed: int = 0):
     """A tiny model after two AdamW steps, with its optimizer and a LambdaLR schedule."""
     model = tiny_llama(seed=seed).train()

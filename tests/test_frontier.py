@@ -221,10 +221,8 @@ def test_read_prompts_from_text_and_jsonl_with_located_errors(tmp_path):
 
 
 def test_frontier_command_evaluates_saved_runs_end_to_end(tmp_path):
-    """Two "runs" (the reference itself and another model) through the argparse entry point."""
-    import argparse
-
-    from dpokit.frontier import add_frontier_parser
+    """Two "runs" (the reference itself and another model) through `dpokit frontier`."""
+    from dpokit.cli import main
 
     tokenizer = tiny_tokenizer()
     reference = tiny_gpt2(vocab_size=len(tokenizer), seed=0, initializer_range=0.5)
@@ -233,14 +231,12 @@ def test_frontier_command_evaluates_saved_runs_end_to_end(tmp_path):
         model.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
     (tmp_path / "prompts.txt").write_text("the movie was\ni liked\n")
-    parser = argparse.ArgumentParser()
-    add_frontier_parser(parser.add_subparsers())
-    args = parser.parse_args([
+    exit_code = main([
         "frontier", str(tmp_path / "runs/other"), f"same={tmp_path / 'runs/same'}", "--reference", str(tmp_path / "ref"),
         "--prompts", str(tmp_path / "prompts.txt"), "--reward", "dpokit.experiments.reward:vader_reward",
         "--out", str(tmp_path / "out"), "--max-new-tokens", "5", "--num-samples", "4", "--beta", "same=0.1",
     ])
-    assert args.func(args) == 0
+    assert exit_code == 0
     points = json.loads((tmp_path / "out/results.json").read_text())["points"]
     by_run = {p["run"]: p for p in points}
     assert set(by_run) == {"reference", "other", "same"}

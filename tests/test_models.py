@@ -26,14 +26,6 @@ from dpokit.models import (
 from tests.helpers import preference_rows, tiny_gpt2, tiny_llama, tiny_tokenizer, write_tiny_model_dir
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return write_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny")

@@ -14,14 +14,6 @@ from dpokit.reference import cached_reference_files, load_or_compute_reference, 
 from tests.helpers import write_preference_jsonl, write_tiny_model_dir
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")

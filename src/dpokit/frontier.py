@@ -540,7 +540,6 @@ def read_prompts(path: str | Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-FRONTIER_HELP = "reward vs KL(policy || reference) for the checkpoints of one or more runs; draws frontier.png"
 FRONTIER_DESCRIPTION = (
     "Sample completions from every checkpoint of each run, score them with a reward, estimate "
     "KL(policy || reference) from the same samples, and write frontier.png, results.json and results.md."
@@ -568,15 +567,6 @@ def add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", action="append", default=[], metavar="NAME=BETA",
                         help="annotate a series with its beta (repeatable)")
     parser.add_argument("--title", default=None, help="title of frontier.png (default: reward vs KL)")
-
-
-def add_frontier_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``dpokit frontier`` on an ``argparse`` sub-parser collection; returns the parser."""
-    parser = subparsers.add_parser("frontier", help=FRONTIER_HELP, description=FRONTIER_DESCRIPTION,
-                                   epilog=FRONTIER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_frontier_arguments(parser)
-    parser.set_defaults(func=frontier_main)
-    return parser
 
 
 def _parse_run(spec: str) -> tuple[str, Path]:

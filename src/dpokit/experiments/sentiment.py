@@ -372,7 +372,6 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"torch intra-op threads (default {DEFAULT_THREADS}: fastest for these tiny models)")
 
 
-EXPERIMENT_HELP = "reproduce the paper's controlled-sentiment reward-KL frontier (miniature, CPU)"
 EXPERIMENT_DESCRIPTION = (
     "The DPO paper's IMDb sentiment experiment in miniature: a small GPT-2 trained on generated reviews, "
     "VADER as the ground-truth reward, DPO (beta sweep), Preferred-FT, Unlikelihood, Best-of-N and RLOO, "
@@ -382,15 +381,6 @@ EXPERIMENT_EPILOG = """examples:
   dpokit experiment sentiment --mode quick           # every method, under 5 minutes
   dpokit experiment sentiment --mode full             # the reproduction, ~25 minutes
   dpokit experiment sentiment --methods dpo,best-of-n"""
-
-
-def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``dpokit experiment`` on an ``argparse`` sub-parser collection; returns the parser."""
-    parser = subparsers.add_parser("experiment", help=EXPERIMENT_HELP, description=EXPERIMENT_DESCRIPTION,
-                                   epilog=EXPERIMENT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_experiment_arguments(parser)
-    parser.set_defaults(func=experiment_main)
-    return parser
 
 
 def experiment_main(args: argparse.Namespace) -> int:
