@@ -23,7 +23,7 @@ from dpokit.models import (
     resolve_reference_strategy,
     save_final_model,
 )
-from tests.helpers import preference_rows, tiny_gpt2, tiny_llama, tiny_tokenizer, write_tiny_model_dir
+from tests.helpers import preference_rows, tiny_gpt2, tiny_llama, write_tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from dpokit.reference import compute_reference_logps
 from dpokit.tracking import read_metrics
 from dpokit.train import run
 from tests.helpers import tiny_llama
-from tests.test_train import assets, make_config, one_thread  # noqa: F401  (fixtures)
+from tests.test_train import assets, make_config  # noqa: F401  (assets is a fixture)
 
 PAD = 0
 ITEMS = [

@@ -185,6 +185,24 @@ def remove_partial_checkpoints(run_dir: str | Path) -> None:
         shutil.rmtree(child, ignore_errors=True)
 
 
+def publish_checkpoint(tmp: Path, final: Path) -> None:
+    """Make the fully written ``tmp`` directory the checkpoint ``final`` with one atomic rename.
+
+    Everything in ``tmp`` is flushed to disk first. A checkpoint already at ``final`` (saved at this
+    step before, e.g. a periodic save then an interruption) is moved aside first and removed only
+    after the new one is in place, so some complete checkpoint exists at every instant.
+    """
+    _fsync_tree(tmp)
+    if final.exists():
+        stale = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-old-", dir=final.parent))
+        os.rename(final, stale / "old")
+        os.rename(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -208,15 +226,7 @@ def save_checkpoint(
     try:
         _write_model(tmp, model, tokenizer)
         _write_training_state(tmp, optimizer, scheduler, {**trainer_state, "global_step": step})
-        _fsync_tree(tmp)
-        if final.exists():  # saved at this step before (e.g. periodic save, then an interruption)
-            stale = Path(tempfile.mkdtemp(prefix=f"checkpoint-{step}.tmp-old-", dir=run_dir))
-            os.rename(final, stale / "old")
-            os.rename(tmp, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(run_dir)
+        publish_checkpoint(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

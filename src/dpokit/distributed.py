@@ -637,10 +637,9 @@ def save_checkpoint(
 
     from dpokit.checkpoint import (
         TRAINER_STATE,
-        _fsync_dir,
-        _fsync_tree,
         capture_rng_state,
         list_checkpoints,
+        publish_checkpoint,
         remove_partial_checkpoints,
     )
 
@@ -665,15 +664,7 @@ def save_checkpoint(
             state = {**trainer_state, "global_step": step, "checkpoint_format": "dcp", "world_size": ctx.world_size,
                      "strategy": ctx.strategy}
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
-            _fsync_tree(tmp)
-            if final.exists():
-                stale = Path(tempfile.mkdtemp(prefix=f"checkpoint-{step}.tmp-old-", dir=run_dir))
-                os.rename(final, stale / "old")
-                os.rename(tmp, final)
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
-            _fsync_dir(run_dir)
+            publish_checkpoint(tmp, final)
             for old in list_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         except BaseException:

@@ -9,7 +9,7 @@ import pytest
 
 from dpokit.experiments import corpus
 from dpokit.experiments.corpus import make_corpus
-from dpokit.experiments.lm import LMSettings, load_or_pretrain
+from dpokit.experiments.lm import load_or_pretrain
 from dpokit.experiments.preferences import make_preference_pairs, make_prompts
 from dpokit.experiments.reward import vader_reward, vader_score
 from dpokit.experiments.sentiment import MODES, run_experiment
