@@ -319,3 +319,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(assets, tmp_path):
     assert interrupted == "True" and int(step) >= 2
     assert Path(checkpoint).name == f"checkpoint-{step}"
     assert read_trainer_state(checkpoint)["global_step"] == int(step)
+
+
+def test_an_export_outside_the_run_dir_carries_the_run_config(assets, tmp_path):
+    """`dpokit eval`/`score` find the reference and beta of an exported model from the config beside it."""
+    from dpokit.evaluate import load_policy
+
+    out = tmp_path / "exports" / "dpo"
+    result = run(make_config(assets, tmp_path / "run", "optim.max_steps=1", f"output_dir={out}", "loss.beta=0.3"))
+    assert result.output_dir == out
+    saved = load_config(out / "config.yaml")
+    assert saved.loss.beta == 0.3 and saved.model.name_or_path == str(assets / "model")
+    assert load_policy(out).run_config["loss"]["beta"] == 0.3

@@ -31,8 +31,8 @@ from dpokit.errors import ConfigError
 # ------------------------------------------------------------------------------------------- loading
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Files the trainer may leave next to a saved model, recording the run's configuration.
-RUN_CONFIG_FILES = ("dpokit_config.json", "dpokit_config.yaml", "config.yaml", "train_config.yaml", "run_config.json")
+# The resolved config `dpokit train` writes into its run directory and beside the exported model.
+RUN_CONFIG_FILES = ("config.yaml",)
 # Subdirectories in which a checkpoint directory may keep the policy weights.
 CHECKPOINT_MODEL_SUBDIRS = ("model", "policy", "adapter")
 

@@ -757,6 +757,10 @@ def _run(
             save_final_model(policy, tokenizer, output_dir, lora_export=cfg.model.lora.export)
         else:
             distributed.export_final_model(dist_ctx, policy, tokenizer, output_dir)
+        if is_main and output_dir.is_dir():
+            # The run's config beside the exported model: `dpokit eval` / `dpokit score` read it to find
+            # the reference (the model the run started from) and beta, wherever output_dir is.
+            save_config(cfg, output_dir / CONFIG_FILENAME)
     return RunResult(
         run_dir=run_dir, output_dir=output_dir, global_step=step, train_metrics=train_metrics,
         eval_metrics=eval_metrics, interrupted=interrupted, last_checkpoint=last_checkpoint,
