@@ -512,26 +512,17 @@ def load_causal_lm(path: str | Path) -> torch.nn.Module:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a text file (one per line) or a JSONL file with a string ``prompt`` field."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"prompts file {path} does not exist")
-    prompts: list[str] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix in {".jsonl", ".json"}:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from error
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise DataError(f"{path}:{number}: field 'prompt' must be a string")
-            prompts.append(row["prompt"])
-        else:
-            prompts.append(line)
+    """Text prompts from a ``.txt`` file (one per line) or JSONL/JSON rows with a ``prompt`` field, read
+    as ``dpokit generate`` reads them; the frontier samples raw continuations, so chat-message prompts
+    are refused."""
+    from dpokit.generate import read_prompts as read_generation_prompts
+
+    prompts = read_generation_prompts(path)
     if not prompts:
         raise DataError(f"prompts file {path} has no prompts")
+    for number, prompt in enumerate(prompts, start=1):
+        if not isinstance(prompt, str):
+            raise DataError(f"{path}: prompt {number} is a list of chat messages; the frontier needs text prompts")
     return prompts
 
 

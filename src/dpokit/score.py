@@ -17,7 +17,6 @@ between responses to the *same* prompt.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 from dataclasses import dataclass
@@ -141,33 +140,10 @@ def _parse_mapping(row: Any, where: str) -> ScoreRow:
 
 
 def read_score_rows(path: str | Path) -> list[ScoreRow]:
-    """Rows from a JSONL, JSON (a list of objects) or CSV file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: input file not found")
-    text = path.read_text(encoding="utf-8")
-    rows: list[ScoreRow] = []
-    if path.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        for row_number, row in enumerate(reader, start=2):  # line 1 is the header
-            rows.append(_row_from_mapping(row, f"{path}:line {row_number}"))
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:line {error.lineno}: not valid JSON ({error.msg})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of rows")
-        rows = [_row_from_mapping(row, f"{path}:row {index}") for index, row in enumerate(data, start=1)]
-    else:
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:line {line_number}: not a JSON object ({error.msg})") from None
-            rows.append(_row_from_mapping(row, f"{path}:line {line_number}"))
+    """Rows from a JSONL, JSON (a list of objects), CSV or Parquet file, read by the data reader."""
+    from dpokit.data.reader import file_rows
+
+    rows = [_row_from_mapping(row, where) for where, row in file_rows(path)]
     if not rows:
         raise DataError(f"{path}: no rows to score")
     return rows

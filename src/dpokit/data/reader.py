@@ -308,6 +308,25 @@ def raw_rows(source: Any, *, split: str = "train") -> tuple[RawRows, bool]:
     return _dataset_rows(_load_datasets_source(str(source), split), str(source)), False
 
 
+def file_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(location, row) for every row of a ``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` file, with
+    the reader's own checks: blank lines are passed over and the first unusable row (malformed JSON or
+    CSV, not UTF-8, not an object) raises a :class:`DataError` naming its line. For the commands that
+    read rows of their own shape (``dpokit score``)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: input file not found")
+    rows, _ = raw_rows(path)
+    for where, row in rows:
+        if row is _BLANK:
+            continue
+        if isinstance(row, InvalidRowError):
+            raise row
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row
+
+
 def source_fingerprint(source: Any, *, split: str = "train") -> str:
     """A content hash of the data: file bytes, every file of a directory, or a dataset fingerprint."""
     import datasets
