@@ -565,24 +565,17 @@ def load_or_compute_reference(
     cache, each rank computes the log-probs of its strided shard of ``items`` with its (unsharded,
     not yet wrapped) model, the shards are gathered on every rank, and rank 0 writes the one cache."""
     from dpokit.reference import (
-        CACHE_FORMAT,
         PrecomputedReference,
-        _atomic_save,
-        cache_key,
         compute_reference_logps,
+        load_cached_reference,
         model_fingerprint,
+        reference_cache_path,
+        save_reference_table,
     )
-    from safetensors.torch import load_file
 
     model_fp = model_fp or model_fingerprint(model)
-    path = Path(cache_dir) / "reference" / f"{cache_key(model_fp, dataset_fingerprint)}.safetensors"
-    wanted = {int(item["example_id"]) for item in items}
-    cached = None
-    if path.is_file():
-        with contextlib.suppress(Exception):
-            tensors = load_file(str(path))
-            candidate = PrecomputedReference(tensors["example_id"], tensors["logps"], path=path, from_cache=True)
-            cached = candidate if wanted <= set(candidate.row_of) else None
+    path = reference_cache_path(cache_dir, model_fp, dataset_fingerprint)
+    cached = load_cached_reference(path, items)
     if ctx.all_reduce_sum([0.0 if cached is not None else 1.0])[0] == 0:
         return cached
     shard = list(items)[ctx.rank :: ctx.world_size]
@@ -595,8 +588,7 @@ def load_or_compute_reference(
     all_ids = torch.cat([part[0] for part in gathered])
     all_logps = torch.cat([torch.nn.functional.pad(part[1], (0, k_max - part[1].shape[1])) for part in gathered])
     if ctx.is_main:
-        metadata = {"format": CACHE_FORMAT, "model_fingerprint": model_fp, "dataset_fingerprint": dataset_fingerprint}
-        _atomic_save({"example_id": all_ids, "logps": all_logps}, path, metadata)
+        save_reference_table(path, all_ids, all_logps, model_fp=model_fp, dataset_fingerprint=dataset_fingerprint)
     ctx.barrier()
     return PrecomputedReference(all_ids, all_logps, path=path, from_cache=False)
 

@@ -199,25 +199,44 @@ def load_or_compute_reference(
     already known (it is :func:`model_fingerprint` of ``model``).
     """
     model_fp = model_fp or model_fingerprint(model)
-    key = cache_key(model_fp, dataset_fingerprint)
-    path = Path(cache_dir) / "reference" / f"{key}.safetensors"
-    wanted = {int(item["example_id"]) for item in items}
-    if path.is_file():
-        try:
-            tensors = load_file(str(path))
-            cached = PrecomputedReference(tensors["example_id"], tensors["logps"], path=path, from_cache=True)
-            if wanted <= set(cached.row_of):
-                logger.info("reusing precomputed reference log-probs from %s", path)
-                return cached
-        except Exception as exc:  # a damaged cache file is recomputed, never trusted
-            logger.warning("ignoring unreadable reference cache %s (%s)", path, exc)
+    path = reference_cache_path(cache_dir, model_fp, dataset_fingerprint)
+    cached = load_cached_reference(path, items)
+    if cached is not None:
+        logger.info("reusing precomputed reference log-probs from %s", path)
+        return cached
     example_ids, logps = compute_reference_logps(
         model, items, collate, batch_size=batch_size, chunk_size=chunk_size, progress=progress
     )
-    metadata = {"format": CACHE_FORMAT, "model_fingerprint": model_fp, "dataset_fingerprint": dataset_fingerprint}
-    _atomic_save({"example_id": example_ids, "logps": logps}, path, metadata)
+    save_reference_table(path, example_ids, logps, model_fp=model_fp, dataset_fingerprint=dataset_fingerprint)
     logger.info("cached reference log-probs for %d examples at %s", len(items), path)
     return PrecomputedReference(example_ids, logps, path=path, from_cache=False)
+
+
+def reference_cache_path(cache_dir: str | Path, model_fp: str, dataset_fingerprint: str) -> Path:
+    """Where the table for (model, dataset) lives: ``<cache_dir>/reference/<key>.safetensors``."""
+    return Path(cache_dir) / "reference" / f"{cache_key(model_fp, dataset_fingerprint)}.safetensors"
+
+
+def load_cached_reference(path: Path, items: Sequence[dict[str, Any]]) -> PrecomputedReference | None:
+    """The table at ``path`` if it is readable and covers every example of ``items``, else None
+    (a damaged cache file is recomputed, never trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+        cached = PrecomputedReference(tensors["example_id"], tensors["logps"], path=path, from_cache=True)
+    except Exception as exc:
+        logger.warning("ignoring unreadable reference cache %s (%s)", path, exc)
+        return None
+    wanted = {int(item["example_id"]) for item in items}
+    return cached if wanted <= set(cached.row_of) else None
+
+
+def save_reference_table(path: Path, example_ids: torch.Tensor, logps: torch.Tensor, *, model_fp: str,
+                         dataset_fingerprint: str) -> None:
+    """Write a reference table atomically, with the fingerprints it was computed for."""
+    metadata = {"format": CACHE_FORMAT, "model_fingerprint": model_fp, "dataset_fingerprint": dataset_fingerprint}
+    _atomic_save({"example_id": example_ids, "logps": logps}, path, metadata)
 
 
 def cached_reference_files(cache_dir: str | Path) -> list[Path]:
