@@ -28,7 +28,6 @@ All tokenizer calls are batched over the whole dataset (fast tokenizers encode i
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from dpokit.data.encode import Ragged, encode_texts
 from dpokit.data.schema import SKIP_REASONS, InvalidRowError, PreferenceExample
 from dpokit.errors import ConfigError, DataError
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
-_TOKENIZE_BATCH = 4096
 _MESSAGES_KEPT = 3
 
 
@@ -123,20 +122,43 @@ class TokenizedColumns:
         responses = [self.segment(s).tolist() for s in range(first + 1, end)]
         return prompt, responses
 
+    @property
+    def segments(self) -> Ragged:
+        return Ragged(self.tokens, self.segment_offsets)
+
     def lengths(self) -> np.ndarray:
         """(E,) int64: prompt length + longest response, the row length a padded batch needs."""
+        if not len(self):
+            return np.zeros(0, dtype=np.int64)
         segment_lengths = np.diff(self.segment_offsets)
-        out = np.empty(len(self), dtype=np.int64)
-        starts = self.example_segments
-        for e in range(len(self)):
-            out[e] = segment_lengths[starts[e]] + segment_lengths[starts[e] + 1 : starts[e + 1]].max()
-        return out
+        prompts = self.example_segments[:-1]
+        response_lengths = segment_lengths.copy()
+        response_lengths[prompts] = 0
+        return segment_lengths[prompts] + np.maximum.reduceat(response_lengths, prompts)
 
     def block_lengths(self) -> np.ndarray:
         """(E,) int64: prompt + every response, the length of a shared-prompt block."""
         segment_lengths = np.diff(self.segment_offsets)
         totals = np.add.reduceat(segment_lengths, self.example_segments[:-1]) if len(self) else np.zeros(0, dtype=np.int64)
         return totals.astype(np.int64)
+
+    def take(self, examples: np.ndarray) -> "TokenizedColumns":
+        """The examples ``examples[0], examples[1], ...``."""
+        examples = np.asarray(examples, dtype=np.int64)
+        counts = np.diff(self.example_segments)[examples]
+        example_segments = np.zeros(len(examples) + 1, dtype=np.int64)
+        np.cumsum(counts, out=example_segments[1:])
+        segments = np.repeat(self.example_segments[:-1][examples] - example_segments[:-1], counts) + np.arange(example_segments[-1])
+        taken = self.segments.take(segments)
+        return TokenizedColumns(taken.tokens, taken.offsets, example_segments)
+
+    @classmethod
+    def concat(cls, parts: Sequence["TokenizedColumns"]) -> "TokenizedColumns":
+        segments = Ragged.concat([p.segments for p in parts])
+        counts = np.concatenate([np.diff(p.example_segments) for p in parts]) if parts else np.zeros(0, dtype=np.int64)
+        example_segments = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=example_segments[1:])
+        return cls(segments.tokens, segments.offsets, example_segments)
 
     @classmethod
     def from_lists(cls, examples: Sequence[tuple[list[int], list[list[int]]]]) -> "TokenizedColumns":
@@ -146,11 +168,8 @@ class TokenizedColumns:
             segments.append(prompt)
             segments.extend(responses)
             example_segments.append(len(segments))
-        lengths = np.fromiter((len(s) for s in segments), dtype=np.int64, count=len(segments))
-        offsets = np.zeros(len(segments) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        tokens = np.fromiter(itertools.chain.from_iterable(segments), dtype=np.int32, count=int(offsets[-1]))
-        return cls(tokens, offsets, np.asarray(example_segments, dtype=np.int64))
+        ragged = Ragged.from_lists(segments)
+        return cls(ragged.tokens, ragged.offsets, np.asarray(example_segments, dtype=np.int64))
 
 
 def check_truncation_settings(max_length: int | None, max_prompt_length: int | None, truncation_mode: str) -> None:
@@ -164,35 +183,6 @@ def check_truncation_settings(max_length: int | None, max_prompt_length: int | N
         raise ConfigError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Batched encoding without special tokens.
-
-    Fast tokenizers go straight to the Rust ``encode_batch_fast`` (no offsets, no ``BatchEncoding``):
-    the same ids as ``tokenizer(texts, add_special_tokens=False)`` at a fraction of the Python cost.
-    Chunks keep peak memory flat on big datasets.
-    """
-    # Each distinct text is encoded once: a prompt repeats in every pair made from its ranking, and
-    # datasets often hold several pairs per prompt. (Lists may be shared; nothing mutates them.)
-    position: dict[str, int] = {}
-    for text in texts:
-        position.setdefault(text, len(position))
-    unique_texts = list(position)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    encode_batch = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
-    ids: list[list[int]] = []
-    for start in range(0, len(unique_texts), _TOKENIZE_BATCH):
-        chunk = unique_texts[start : start + _TOKENIZE_BATCH]
-        if encode_batch is not None:
-            ids.extend(encoding.ids for encoding in encode_batch(chunk, add_special_tokens=False))
-        else:  # slow (pure Python) tokenizers
-            ids.extend(
-                tokenizer(chunk, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-            )
-    if len(unique_texts) == len(texts):
-        return ids
-    return [ids[position[text]] for text in texts]
-
-
 def special_prefix(tokenizer: Any) -> list[int]:
     """The ids the tokenizer puts before a text by itself (e.g. ``[bos]``); ``[]`` for most BPE tokenizers."""
     probe = "probe text"
@@ -204,24 +194,48 @@ def special_prefix(tokenizer: Any) -> list[int]:
     return []
 
 
-def _tokenize_text(examples: list[PreferenceExample], tokenizer: Any) -> list[tuple[list[int], list[list[int]]]]:
+def _tokenize_text(examples: list[PreferenceExample], tokenizer: Any) -> TokenizedColumns:
+    """Plain-text examples -> columns: all prompts and responses in one :func:`encode_texts` call, then
+    the BOS-style prefix and the EOS added in one splice (module docstring)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("the tokenizer has no eos_token; set tokenizer.eos_token so responses can be terminated")
     prefix = special_prefix(tokenizer)
-    prompts = _encode(tokenizer, [ex.prompt for ex in examples])  # type: ignore[misc]
-    flat_responses = _encode(tokenizer, [r for ex in examples for r in ex.responses])  # type: ignore[misc]
-    out = []
-    cursor = 0
-    for ex, prompt in zip(examples, prompts):
-        if prefix and prompt[: len(prefix)] != prefix:  # not twice when the text already starts with BOS
-            prompt = prefix + prompt
-        responses = []
-        for ids in flat_responses[cursor : cursor + ex.num_responses]:
-            responses.append(ids if ids and ids[-1] == eos else ids + [eos])
-        cursor += ex.num_responses
-        out.append((prompt, responses))
-    return out
+    num_responses = np.fromiter((ex.num_responses for ex in examples), dtype=np.int64, count=len(examples))
+    texts = [ex.prompt for ex in examples]
+    texts.extend(r for ex in examples for r in ex.responses)
+    ids = encode_texts(tokenizer, texts)  # rows: E prompts, then every response in order
+    num_examples, lengths = len(examples), ids.lengths()
+
+    # Segment s of the output (a prompt, then its responses) is base row segment_rows[s].
+    example_segments = np.zeros(num_examples + 1, dtype=np.int64)
+    np.cumsum(num_responses + 1, out=example_segments[1:])
+    is_prompt = np.zeros(example_segments[-1], dtype=bool)
+    is_prompt[example_segments[:-1]] = True
+    segment_rows = np.empty(example_segments[-1], dtype=np.int64)
+    segment_rows[is_prompt] = np.arange(num_examples)
+    segment_rows[~is_prompt] = num_examples + np.arange(len(texts) - num_examples)
+
+    # EOS after a response unless it already ends with it; the prefix before a prompt unless it starts with it.
+    ends = ids.offsets[1:]
+    ends_with_eos = (lengths > 0) & (ids.tokens[np.maximum(ends - 1, 0)] == eos) if len(ids.tokens) else np.zeros(len(ids), dtype=bool)
+    add_tail = ~is_prompt & ~ends_with_eos[segment_rows]
+    starts_with_prefix = lengths >= len(prefix)
+    for j, token in enumerate(prefix):
+        starts_with_prefix &= ids.tokens[np.minimum(ids.offsets[:-1] + j, max(len(ids.tokens) - 1, 0))] == token
+    add_head = is_prompt & ~starts_with_prefix[segment_rows] if prefix else np.zeros(len(is_prompt), dtype=bool)
+
+    pieces = Ragged.from_lists([prefix, [eos]])  # rows len(texts) (prefix) and len(texts) + 1 (eos)
+    sizes = 1 + add_head + add_tail
+    groups = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=groups[1:])
+    rows = np.empty(groups[-1], dtype=np.int64)
+    body = groups[:-1] + add_head
+    rows[body] = segment_rows
+    rows[groups[:-1][add_head]] = len(texts)
+    rows[body[add_tail] + 1] = len(texts) + 1
+    segments = ids.splice(pieces, rows, groups)
+    return TokenizedColumns(segments.tokens, segments.offsets, example_segments)
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
@@ -252,8 +266,8 @@ def _tokenize_chat(
             continue
         prompt_texts.append(prompt_text)
         full_texts.extend(texts)
-    prompt_ids = _encode(tokenizer, prompt_texts)
-    full_ids = _encode(tokenizer, full_texts)
+    prompt_ids = encode_texts(tokenizer, prompt_texts).tolist()
+    full_ids = encode_texts(tokenizer, full_texts).tolist()
     out: list[tuple[list[int], list[list[int]]] | None] = []
     p_cursor = f_cursor = 0
     for e, ex in enumerate(examples):
@@ -348,33 +362,49 @@ def tokenize_examples(
 
     text_index = [i for i, ex in enumerate(examples) if not ex.is_conversational]
     chat_index = [i for i, ex in enumerate(examples) if ex.is_conversational]
-    tokenized: list[Any] = [None] * len(examples)
+    parts: list[TokenizedColumns] = []
+    indices: list[np.ndarray] = []
     if text_index:
-        for i, ids in zip(text_index, _tokenize_text([examples[i] for i in text_index], tokenizer)):
-            tokenized[i] = ids
+        parts.append(_tokenize_text([examples[i] for i in text_index], tokenizer))
+        indices.append(np.asarray(text_index, dtype=np.int64))
     if chat_index:
-        for i, ids in zip(chat_index, _tokenize_chat([examples[i] for i in chat_index], tokenizer, on_invalid)):
-            tokenized[i] = ids
+        chat = _tokenize_chat([examples[i] for i in chat_index], tokenizer, on_invalid)
+        parts.append(TokenizedColumns.from_lists([ids for ids in chat if ids is not None]))
+        indices.append(np.asarray([i for i, ids in zip(chat_index, chat) if ids is not None], dtype=np.int64))
+    columns = TokenizedColumns.concat(parts)
+    kept = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+    order: np.ndarray | None = None
+    if len(parts) > 1:  # back to the input order
+        order = np.argsort(kept, kind="stable")
+        kept = kept[order]
 
-    bos = tokenizer.bos_token_id
-    kept_lists: list[tuple[list[int], list[list[int]]]] = []
-    kept_index: list[int] = []
-    for i, ids in enumerate(tokenized):
-        if ids is None:
-            continue
-        prompt, responses = ids
-        keep_first = 1 if bos is not None and prompt and prompt[0] == bos else 0
-        prompt, responses, what = truncate(
-            prompt, responses, max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, keep_first=keep_first
-        )
-        if what == "drop":
-            report.dropped["prompt_fills_max_length"] += 1
-            continue
-        if what in ("prompt", "both"):
-            report.prompt_truncated += 1
-        if what in ("responses", "both"):
-            report.responses_truncated += 1
-        kept_lists.append((prompt, responses))
-        kept_index.append(i)
-    report.examples_out = len(kept_lists)
-    return TokenizedColumns.from_lists(kept_lists), kept_index, report
+    # Truncation: only the examples longer than max_length go through Python lists.
+    replaced: list[tuple[list[int], list[list[int]]]] = []
+    keep = np.ones(len(kept), dtype=bool)
+    replacement = np.full(len(kept), -1, dtype=np.int64)
+    if max_length is not None and len(kept):
+        row_of = order if order is not None else np.arange(len(kept))  # example kept[j] is row row_of[j] of `columns`
+        bos = tokenizer.bos_token_id
+        for j in np.flatnonzero(columns.lengths()[row_of] > max_length).tolist():
+            prompt, responses = columns.example(int(row_of[j]))
+            keep_first = 1 if bos is not None and prompt and prompt[0] == bos else 0
+            prompt, responses, what = truncate(
+                prompt, responses, max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, keep_first=keep_first
+            )
+            if what == "drop":
+                report.dropped["prompt_fills_max_length"] += 1
+                keep[j] = False
+                continue
+            if what in ("prompt", "both"):
+                report.prompt_truncated += 1
+            if what in ("responses", "both"):
+                report.responses_truncated += 1
+            replacement[j] = len(replaced)
+            replaced.append((prompt, responses))
+    if replaced or order is not None or not keep.all():
+        rows = order if order is not None else np.arange(len(kept))
+        rows = np.where(replacement >= 0, len(columns) + replacement, rows)[keep]
+        columns = TokenizedColumns.concat([columns, TokenizedColumns.from_lists(replaced)]).take(rows)
+        kept = kept[keep]
+    report.examples_out = len(columns)
+    return columns, kept.tolist(), report
