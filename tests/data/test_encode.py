@@ -51,11 +51,6 @@ ATOMS = [
 texts_strategy = st.lists(st.lists(st.sampled_from(ATOMS), min_size=1, max_size=14).map("".join), min_size=1, max_size=12)
 
 
-def test_whitespace_list_is_every_character_python_calls_space():
-    every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000 and chr(c).isspace())
-    assert encode.WHITESPACE == every
-
-
 def probe_characters() -> list[str]:
     """Every non-whitespace code point of planes 0-2 (all scripts, symbols, emoji, CJK) and every
     97th code point above (unassigned and private-use ranges behave as a class)."""

@@ -7,7 +7,7 @@ those same ids:
 1. **Word cache** (fast tokenizers whose pipeline cuts text at spaces; see below). Each text is split
    at its spaces (``"a b c" -> "a", " b", " c"``; the space goes with the word after it), each
    distinct word is encoded once by the Rust tokenizer, and every text is the concatenation of its
-   words' ids, gathered with numpy. Splitting and de-duplication run in Arrow (C++), so a dataset of
+   words' ids, gathered in one Arrow ``take``. Splitting and de-duplication run in Arrow (C++), so a dataset of
    millions of words costs a few hundred milliseconds plus one encode per *distinct* word, instead of
    running the whole pipeline over every occurrence of every word.
 2. **Batched Rust encoder** (``encode_batch_fast``) over the distinct texts, for any other fast
@@ -30,17 +30,19 @@ Why the word cache is exact
       ``WhitespaceSplit``. In each of those regexes a space can only be the *first* character of a
       piece or part of an all-whitespace piece, and every character is matched, so a space after a
       non-whitespace character always starts a piece; the only look-ahead, ``\\s+(?!\\S)``, acts on
-      whitespace runs, and no word but a text's last ends in whitespace (texts that would need it are
-      encoded whole). ``ByteLevel``'s ``add_prefix_space`` only acts on a piece that does not start
+      whitespace runs, and no word but a text's last ends in whitespace (see the glue, below). ``ByteLevel``'s ``add_prefix_space`` only acts on a piece that does not start
       with a space, i.e. on the text's first word, which is encoded exactly as in the whole text;
     * model: ``BPE`` without dropout, ``WordPiece``, ``WordLevel`` or ``Unigram`` (deterministic, per piece);
     * no truncation or padding set on the backend.
 
-    Texts in which a word ends in whitespace (``"a\\n b"``, double spaces) or an added token's content
-    occurs (raw, or after the normalizer) are encoded whole by path 2. Finally a sample of the texts is
-    encoded both ways and compared; any difference switches the whole call to path 2 with a warning.
+    Where a space follows whitespace or another space (``"a\\n b"``, double spaces, indented code) the
+    pieces are glued back into one word (``"x\\n    y z" -> "x\\n    y", " z"``); texts in which an
+    added token's content occurs (raw, or after the normalizer) are encoded whole by path 2. Finally
+    a sample of the texts is encoded both ways and compared; any difference switches the whole call to
+    path 2 with a warning.
     ``tests/data/test_encode.py`` checks the rules against the Rust tokenizer for every supported
-    pre-tokenizer, on every Unicode character before a space and on random texts.
+    pre-tokenizer, on every character of Unicode planes 0-2 (and a sweep of the rest) before a space,
+    and on random texts.
 """
 
 from __future__ import annotations
@@ -68,11 +70,6 @@ _QWEN2_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
 SPACE_SAFE_PATTERNS = frozenset({_GPT2_PATTERN, _LLAMA3_PATTERN, _QWEN2_PATTERN})
 _SAFE_NORMALIZERS = frozenset({"NFC", "Lowercase"})
 _SAFE_MODELS = frozenset({"BPE", "WordPiece", "WordLevel", "Unigram"})
-# Every character ``str.isspace`` accepts (a superset of Unicode's White_Space, which the Rust regexes
-# use); ``tests/data/test_encode.py`` checks the list against all code points.
-WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
-# RE2: a whitespace character, then a space.
-_SPACE_AFTER_WHITESPACE = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in WHITESPACE) + "] "
 
 
 @dataclass
@@ -241,17 +238,17 @@ def _encode_by_words(tokenizer: Any, texts: list[str]) -> Ragged | None:
 
     backend = tokenizer.backend_tokenizer
     column = pa.array(texts, type=pa.large_string() if sum(map(len, texts)) >= 2**29 else pa.string())
-    # A space right after whitespace ("a\n b", "a  b") is no provable boundary: those texts are encoded whole.
-    bad_text = pc.match_substring_regex(column, _SPACE_AFTER_WHITESPACE).to_numpy(zero_copy_only=False)
+    # Cut every text at every space, in Arrow, and number the distinct words.
     parts = pc.split_pattern(column, pattern=" ")
     text_parts = parts.offsets.to_numpy().astype(np.int64)  # text t = parts text_parts[t]:text_parts[t + 1] (at least one)
     encoded = parts.flatten().dictionary_encode()
     word_of_part = encoded.indices.to_numpy()
     words: list[str] = encoded.dictionary.to_pylist()
-    first_parts = text_parts[:-1]
 
+    # Texts holding an added token's content are cut differently by the tokenizer: encoded whole.
+    whole = np.zeros(len(texts), dtype=bool)
     added = _added_token_pattern(backend)
-    if added is not None:  # a word holding an added token's content is cut differently: encode its texts whole
+    if added is not None:
         normalizer = backend.normalizer
         has_added = np.fromiter(
             (bool(added.search(" " + w) or (normalizer is not None and added.search(normalizer.normalize_str(" " + w)))) for w in words),
@@ -259,27 +256,52 @@ def _encode_by_words(tokenizer: Any, texts: list[str]) -> Ragged | None:
             count=len(words),
         )
         if has_added.any():
-            bad_text |= np.logical_or.reduceat(has_added[word_of_part], first_parts)
+            whole |= np.logical_or.reduceat(has_added[word_of_part], text_parts[:-1])
         if any(any(c.isspace() for c in t.content) for t in backend.get_added_tokens_decoder().values()):
-            bad_text |= np.fromiter((added.search(t) is not None for t in texts), dtype=bool, count=len(texts))
+            whole |= np.fromiter((added.search(t) is not None for t in texts), dtype=bool, count=len(texts))
 
-    # The word table: rows 0..F-1 hold the words that start a text, as they are ("" -> no tokens: a
-    # text starting with a space); rows F.. hold " " + every word. Each part maps to one row.
+    # A space right after whitespace or after another space ("a\n b", "a  b", indented code, a leading
+    # space) is no provable boundary: glue such parts back onto the previous one (new words, in Python,
+    # only for the glued groups).
+    # A text's leading space is the exception: its empty first word encodes to nothing, and the rest
+    # of the text starts at a boundary (the empty text itself is encoded whole).
+    open_end = np.fromiter((not w or w[-1].isspace() for w in words), dtype=bool, count=len(words))
+    glue = np.zeros(len(word_of_part), dtype=bool)
+    glue[1:] = open_end[word_of_part[:-1]]
+    glue[text_parts[:-1]] = False
+    empty_word = words.index("") if "" in words else -1
+    leading_space = text_parts[:-1][word_of_part[text_parts[:-1]] == empty_word]
+    single = np.diff(text_parts) == 1
+    whole[single & (word_of_part[text_parts[:-1]] == empty_word)] = True
+    glue[leading_space[leading_space + 1 < len(glue)] + 1] = False
+    if glue.any():
+        starts = np.flatnonzero(~glue)  # each chunk = parts starts[c]:starts[c + 1]
+        chunk_of_part = np.cumsum(~glue) - 1
+        ends = np.append(starts[1:], len(word_of_part))
+        chunk_words = word_of_part[starts].astype(np.int64)
+        number = {w: i for i, w in enumerate(words)}
+        for c in np.flatnonzero(ends - starts > 1).tolist():
+            merged = " ".join(words[w] for w in word_of_part[starts[c] : ends[c]].tolist())
+            chunk_words[c] = number.setdefault(merged, len(number))
+        words = list(number)
+        word_of_part, text_parts = chunk_words, np.append(chunk_of_part[text_parts[:-1]], len(starts))
+
+    # The word table: rows 0..F-1 hold the words that start a text, as they are; rows F.. hold " " +
+    # every word. Each part (now: chunk) maps to one row.
+    first_parts = text_parts[:-1]
     first_words = np.unique(word_of_part[first_parts])
     first_ids = _encode_list(backend, [words[w] for w in first_words.tolist()])
-    for j, w in enumerate(first_words.tolist()):
-        if not words[w]:
-            first_ids[j] = []  # (ByteLevel's add_prefix_space would turn "" into a space)
+    if empty_word >= 0 and first_words.size and first_words[np.searchsorted(first_words, empty_word) % first_words.size] == empty_word:
+        first_ids[int(np.searchsorted(first_words, empty_word))] = []  # (ByteLevel's add_prefix_space would make it a space)
     table = Ragged.from_lists(first_ids + _encode_list(backend, [" " + w for w in words]))
-    table_rows = np.add(word_of_part, len(first_words), dtype=np.int64 if len(first_words) + len(words) >= 2**31 else np.int32)
+    table_rows = np.add(word_of_part, len(first_words), dtype=np.int64 if len(table) >= 2**31 else np.int32)
     table_rows[first_parts] = np.searchsorted(first_words, word_of_part[first_parts])
     result = table.take(table_rows).join_rows(text_parts)
-
-    if bad_text.any():
-        whole = np.flatnonzero(bad_text)
+    if whole.any():
+        by_whole = np.flatnonzero(whole)
         order = np.arange(len(texts), dtype=np.int64)
-        order[whole] = len(texts) + np.arange(len(whole))
-        result = Ragged.concat([result, _encode_whole(tokenizer, [texts[i] for i in whole])]).take(order)
+        order[by_whole] = len(texts) + np.arange(len(by_whole))
+        result = Ragged.concat([result, _encode_whole(tokenizer, [texts[i] for i in by_whole])]).take(order)
 
     # Self-check on a spread of texts: the word cache must agree with the whole-text encoder.
     sample = np.unique(np.linspace(0, len(texts) - 1, num=min(_SELF_CHECK_TEXTS, len(texts))).astype(np.int64))
