@@ -206,3 +206,11 @@ def test_ragged_take_splice_and_join_match_list_operations(rows, data):
         spliced = ragged.splice(Ragged.from_lists(pieces), flat, bounds)
         assert spliced.tolist() == [[t for i in g for t in all_rows[i]] for g in groups]
     assert Ragged.concat([ragged, ragged]).tolist() == rows + rows
+
+
+def test_blocks_of_texts_join_seamlessly(monkeypatch):
+    tokenizer = tiny_tokenizer()
+    texts = generated_text(40, seed=5) + [" leading space", "x\n  indented"]
+    expected = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    monkeypatch.setattr(encode, "_WORD_CACHE_BLOCK", 7)
+    assert encode_texts(tokenizer, texts).tolist() == expected

@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 _ENCODE_BATCH = 4096
 _SELF_CHECK_TEXTS = 64
+_WORD_CACHE_BLOCK = 262_144
 
 # The pre-tokenizer regexes whose pieces never hold a space except as their first character or in an
 # all-whitespace piece (see the module docstring): GPT-2, GPT-4 cl100k / Llama-3, Qwen2.
@@ -314,12 +315,19 @@ def _encode_by_words(tokenizer: Any, texts: list[str]) -> Ragged | None:
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str]) -> Ragged:
-    """Token ids of each text, without special tokens: ``tokenizer(text, add_special_tokens=False)``."""
+    """Token ids of each text, without special tokens: ``tokenizer(text, add_special_tokens=False)``.
+
+    The word cache works on blocks of ``_WORD_CACHE_BLOCK`` texts, so its Arrow buffers stay a few
+    hundred megabytes however large the dataset is.
+    """
     texts = list(texts)
     if not texts:
         return Ragged.concat([])
-    if word_cache_unsupported(tokenizer) is None:
-        result = _encode_by_words(tokenizer, texts)
-        if result is not None:
-            return result
-    return _encode_whole(tokenizer, texts)
+    if word_cache_unsupported(tokenizer) is not None:
+        return _encode_whole(tokenizer, texts)
+    blocks = []
+    for start in range(0, len(texts), _WORD_CACHE_BLOCK):
+        block = texts[start : start + _WORD_CACHE_BLOCK]
+        result = _encode_by_words(tokenizer, block)
+        blocks.append(result if result is not None else _encode_whole(tokenizer, block))
+    return blocks[0] if len(blocks) == 1 else Ragged.concat(blocks)

@@ -23,7 +23,9 @@ Truncation (only when ``prompt + longest response > max_length``)
     3. an example whose responses would get no token at all is dropped.
     Each case is counted in :class:`TokenizeReport`.
 
-All tokenizer calls are batched over the whole dataset (fast tokenizers encode in parallel in Rust).
+Texts are encoded by :func:`dpokit.data.encode.encode_texts`: the tokenizer's own ids, with each distinct
+word encoded once where that is provably exact, into flat arrays; only examples that need truncation
+pass through Python lists.
 """
 
 from __future__ import annotations
