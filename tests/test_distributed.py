@@ -116,6 +116,7 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(asse
     result = torchrun(assets / "cfg.yaml", [*common_overrides(assets, run_dir, cache=f"cache_{tmp_path.name}"), "optim.batch_size=4",
                        "distributed.strategy=ddp", "reference.strategy=precomputed"])
     check_ok(result)
+    assert result.stdout.count("finished after 3 optimizer steps") == 1  # the summary is printed by rank 0 only
     assert_same_losses(train_losses(run_dir), train_losses(baseline.run_dir))
     evals = read_metrics(run_dir, split="eval")
     assert len(evals) == 1 and len(read_metrics(run_dir, split="train")) == 3

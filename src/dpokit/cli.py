@@ -81,6 +81,8 @@ def _run_sft(args: argparse.Namespace) -> int:
 
 
 def _print_run_result(result: object) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the summary is rank 0's to print
+        return
     run_dir = getattr(result, "run_dir", None)
     output_dir = getattr(result, "output_dir", None)
     step = getattr(result, "global_step", None)

@@ -275,17 +275,14 @@ def _encode_by_words(tokenizer: Any, texts: list[str]) -> Ragged | None:
     single = np.diff(text_parts) == 1
     whole[single & (word_of_part[text_parts[:-1]] == empty_word)] = True
     glue[leading_space[leading_space + 1 < len(glue)] + 1] = False
-    if glue.any():
-        starts = np.flatnonzero(~glue)  # each chunk = parts starts[c]:starts[c + 1]
-        chunk_of_part = np.cumsum(~glue) - 1
-        ends = np.append(starts[1:], len(word_of_part))
-        chunk_words = word_of_part[starts].astype(np.int64)
-        number = {w: i for i, w in enumerate(words)}
-        for c in np.flatnonzero(ends - starts > 1).tolist():
-            merged = " ".join(words[w] for w in word_of_part[starts[c] : ends[c]].tolist())
-            chunk_words[c] = number.setdefault(merged, len(number))
-        words = list(number)
-        word_of_part, text_parts = chunk_words, np.append(chunk_of_part[text_parts[:-1]], len(starts))
+    if glue.any():  # chunks = runs of glued parts, joined with their spaces and numbered again, in Arrow
+        starts = np.flatnonzero(~glue)
+        chunks = pa.LargeListArray.from_arrays(pa.array(np.append(starts, len(word_of_part))), parts.flatten())
+        encoded = pc.binary_join(chunks, " ").dictionary_encode()
+        word_of_part = encoded.indices.to_numpy()
+        words = encoded.dictionary.to_pylist()
+        text_parts = np.searchsorted(starts, text_parts)  # texts start at chunk starts
+        empty_word = words.index("") if "" in words else -1
 
     # The word table: rows 0..F-1 hold the words that start a text, as they are; rows F.. hold " " +
     # every word. Each part (now: chunk) maps to one row.
