@@ -169,3 +169,26 @@ def test_truncation_counts_are_reported_end_to_end():
     dropped = prepare_from_examples(examples, tokenizer, max_length=24, max_prompt_length=None)
     assert len(dropped) == 2 and dropped.report.tokenize.dropped == {"prompt_fills_max_length": 1}
     assert "dropped 1" in dropped.report.summary()
+
+
+def test_mixed_text_and_chat_examples_keep_input_order_through_truncation_and_drops():
+    """Plain-text and conversational examples are tokenized on separate paths and truncated in place;
+    the kept examples come back in input order, each equal to tokenizing it on its own."""
+    tokenizer = tiny_tokenizer()
+    long_text = " ".join(["tell me a good story"] * 30) + "."
+    examples = [
+        PreferenceExample([USER], [[GOOD], [BAD]]),
+        PreferenceExample("short.", [" good", " bad"]),
+        PreferenceExample(long_text, [" good", " bad"]),  # dropped: the prompt fills max_length
+        PreferenceExample([SYSTEM, USER], [[GOOD], [BAD]]),
+        PreferenceExample("short.", [" the movie was great " * 20, " bad"]),  # responses cut
+    ]
+    settings = dict(max_length=40, max_prompt_length=None, truncation_mode="keep_end")
+    columns, kept, report = tokenize_examples(examples, tokenizer, **settings)
+    assert kept == [0, 1, 3, 4] and report.dropped == {"prompt_fills_max_length": 1}
+    cut = 0
+    for row, index in enumerate(kept):
+        alone, _, alone_report = tokenize_examples([examples[index]], tokenizer, **settings)
+        assert columns.example(row) == alone.example(0)
+        cut += alone_report.responses_truncated
+    assert report.responses_truncated == cut >= 1

@@ -261,11 +261,10 @@ def _encode_by_words(tokenizer: Any, texts: list[str]) -> Ragged | None:
         if any(any(c.isspace() for c in t.content) for t in backend.get_added_tokens_decoder().values()):
             whole |= np.fromiter((added.search(t) is not None for t in texts), dtype=bool, count=len(texts))
 
-    # A space right after whitespace or after another space ("a\n b", "a  b", indented code, a leading
-    # space) is no provable boundary: glue such parts back onto the previous one (new words, in Python,
-    # only for the glued groups).
-    # A text's leading space is the exception: its empty first word encodes to nothing, and the rest
-    # of the text starts at a boundary (the empty text itself is encoded whole).
+    # A space right after whitespace or after another space ("a\n b", "a  b", indented code) is no
+    # provable boundary: such a part is glued back onto the previous one. A text's leading space is the
+    # exception: its empty first word encodes to nothing and the rest of the text starts at a boundary
+    # (the empty text itself is encoded whole).
     open_end = np.fromiter((not w or w[-1].isspace() for w in words), dtype=bool, count=len(words))
     glue = np.zeros(len(word_of_part), dtype=bool)
     glue[1:] = open_end[word_of_part[:-1]]
@@ -288,9 +287,10 @@ def _encode_by_words(tokenizer: Any, texts: list[str]) -> Ragged | None:
     # every word. Each part (now: chunk) maps to one row.
     first_parts = text_parts[:-1]
     first_words = np.unique(word_of_part[first_parts])
-    first_ids = _encode_list(backend, [words[w] for w in first_words.tolist()])
-    if empty_word >= 0 and first_words.size and first_words[np.searchsorted(first_words, empty_word) % first_words.size] == empty_word:
-        first_ids[int(np.searchsorted(first_words, empty_word))] = []  # (ByteLevel's add_prefix_space would make it a space)
+    first_list = first_words.tolist()
+    first_ids = _encode_list(backend, [words[w] for w in first_list])
+    if empty_word in first_list:
+        first_ids[first_list.index(empty_word)] = []  # (ByteLevel's add_prefix_space would make "" a space)
     table = Ragged.from_lists(first_ids + _encode_list(backend, [" " + w for w in words]))
     table_rows = np.add(word_of_part, len(first_words), dtype=np.int64 if len(table) >= 2**31 else np.int32)
     table_rows[first_parts] = np.searchsorted(first_words, word_of_part[first_parts])
