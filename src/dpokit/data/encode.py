@@ -207,14 +207,10 @@ def _encode_whole(tokenizer: Any, texts: list[str]) -> Ragged:
         position.setdefault(text, len(position))
     unique = list(position)
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    direct = backend is not None and backend.truncation is None and backend.padding is None
-    ids: list[list[int]] = []
-    for start in range(0, len(unique), _ENCODE_BATCH):
-        chunk = unique[start : start + _ENCODE_BATCH]
-        if direct:
-            ids.extend(encoding.ids for encoding in backend.encode_batch_fast(chunk, add_special_tokens=False))
-        else:
-            ids.extend(tokenizer(chunk, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"])
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        ids = _encode_list(backend, unique)
+    else:
+        ids = tokenizer(unique, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
     rows = Ragged.from_lists(ids)
     if len(unique) == len(texts):
         return rows

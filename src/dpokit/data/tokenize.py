@@ -115,18 +115,14 @@ class TokenizedColumns:
     def __len__(self) -> int:
         return len(self.example_segments) - 1
 
-    def segment(self, i: int) -> np.ndarray:
-        return self.tokens[self.segment_offsets[i] : self.segment_offsets[i + 1]]
-
-    def example(self, e: int) -> tuple[list[int], list[list[int]]]:
-        first, end = int(self.example_segments[e]), int(self.example_segments[e + 1])
-        prompt = self.segment(first).tolist()
-        responses = [self.segment(s).tolist() for s in range(first + 1, end)]
-        return prompt, responses
-
     @property
     def segments(self) -> Ragged:
         return Ragged(self.tokens, self.segment_offsets)
+
+    def example(self, e: int) -> tuple[list[int], list[list[int]]]:
+        first, end = int(self.example_segments[e]), int(self.example_segments[e + 1])
+        segments = self.segments
+        return segments.row(first).tolist(), [segments.row(s).tolist() for s in range(first + 1, end)]
 
     def lengths(self) -> np.ndarray:
         """(E,) int64: prompt length + longest response, the row length a padded batch needs."""
