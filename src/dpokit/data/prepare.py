@@ -232,24 +232,10 @@ def _save_entry(path: Path, dataset: PreparedDataset) -> None:
 
 
 def _build(
-    examples: Sequence[PreferenceExample],
-    read_report: ReadReport,
-    tokenizer: Any,
-    fingerprint: str,
-    *,
-    max_length: int | None,
-    max_prompt_length: int | None,
-    truncation_mode: str,
-    skip_invalid: bool,
+    examples: Sequence[PreferenceExample], read_report: ReadReport, tokenizer: Any, fingerprint: str, tokenize_settings: dict[str, Any]
 ) -> PreparedDataset:
-    columns, kept, tokenize_report = tokenize_examples(
-        examples,
-        tokenizer,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        truncation_mode=truncation_mode,
-        skip_invalid=skip_invalid,
-    )
+    """Tokenize and truncate (``tokenize_settings``: the keyword arguments of :func:`tokenize_examples`)."""
+    columns, kept, tokenize_report = tokenize_examples(examples, tokenizer, **tokenize_settings)
     report = PrepareReport(read_report, tokenize_report)
     if len(columns) == 0:
         raise DataError(f"no examples left after tokenization of {read_report.source}.\n{report.summary()}")
@@ -313,15 +299,11 @@ def prepare_dataset(
     """
     check_read_options(format, ranked_mode)
     check_truncation_settings(max_length, max_prompt_length, truncation_mode)
+    tokenize_settings = dict(
+        max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, skip_invalid=skip_invalid
+    )
     settings = _settings_fingerprint(
-        format=format,
-        columns=dict(columns) if columns else None,
-        split=split,
-        skip_invalid=skip_invalid,
-        ranked_mode=ranked_mode,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
-        truncation_mode=truncation_mode,
+        format=format, columns=dict(columns) if columns else None, split=split, ranked_mode=ranked_mode, **tokenize_settings
     )
     fingerprint = _combine(source_fingerprint(source, split=split), tokenizer_fingerprint(tokenizer), settings)
 
@@ -329,16 +311,7 @@ def prepare_dataset(
         examples, read_report = read_preferences(
             source, format=format, columns=columns, split=split, skip_invalid=skip_invalid, ranked_mode=ranked_mode
         )
-        return _build(
-            examples,
-            read_report,
-            tokenizer,
-            fingerprint,
-            max_length=max_length,
-            max_prompt_length=max_prompt_length,
-            truncation_mode=truncation_mode,
-            skip_invalid=skip_invalid,
-        )
+        return _build(examples, read_report, tokenizer, fingerprint, tokenize_settings)
 
     return _cached(fingerprint, cache_dir, use_cache, build)
 
@@ -366,23 +339,10 @@ def prepare_from_examples(
     for ex in examples:
         if not isinstance(ex, PreferenceExample) or len(ex.responses) < 2:
             raise DataError(f"{getattr(ex, 'source', '') or 'example'}: expected a PreferenceExample with at least 2 responses")
-    settings = _settings_fingerprint(
+    tokenize_settings = dict(
         max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, skip_invalid=skip_invalid
     )
-    fingerprint = _combine(examples_fingerprint(examples), tokenizer_fingerprint(tokenizer), settings)
+    fingerprint = _combine(examples_fingerprint(examples), tokenizer_fingerprint(tokenizer), _settings_fingerprint(**tokenize_settings))
     read_report = ReadReport(source=describe_source(examples), rows=len(examples), examples=len(examples))
     read_report.formats["in_memory"] = len(examples)
-
-    def build() -> PreparedDataset:
-        return _build(
-            examples,
-            read_report,
-            tokenizer,
-            fingerprint,
-            max_length=max_length,
-            max_prompt_length=max_prompt_length,
-            truncation_mode=truncation_mode,
-            skip_invalid=skip_invalid,
-        )
-
-    return _cached(fingerprint, cache_dir, use_cache, build)
+    return _cached(fingerprint, cache_dir, use_cache, lambda: _build(examples, read_report, tokenizer, fingerprint, tokenize_settings))
