@@ -19,7 +19,7 @@ from dpokit.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoi
 from dpokit.config import load_config
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.tracking import read_metrics
-from dpokit.train import MetricSums, lr_factor, run
+from dpokit.train import MetricSums, StepMetrics, lr_factor, run
 from tests.helpers import write_preference_jsonl, write_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -331,3 +331,33 @@ def test_an_export_outside_the_run_dir_carries_the_run_config(assets, tmp_path):
     saved = load_config(out / "config.yaml")
     assert saved.loss.beta == 0.3 and saved.model.name_or_path == str(assets / "model")
     assert load_policy(out).run_config["loss"]["beta"] == 0.3
+
+
+def test_step_metrics_read_once_equal_per_micro_batch_sums_and_name_the_first_bad_loss():
+    """The step's micro-batch outputs are read in one go at the end: the sums equal adding each
+    micro-batch's per-example metrics, and the first non-finite loss (by index) is the one reported."""
+    from types import SimpleNamespace
+
+    outputs = [
+        SimpleNamespace(loss=torch.tensor(0.5), per_example=torch.tensor([0.25, 0.75]), metrics={"acc": torch.tensor([1.0, 0.0])}),
+        SimpleNamespace(loss=torch.tensor(0.1), per_example=torch.tensor([0.1]), metrics={"acc": torch.tensor([float("nan")])}),
+    ]
+    pending, expected = StepMetrics(), MetricSums()
+    for index, out in enumerate(outputs):
+        pending.add(index, out)
+        expected.add_per_example({"loss": out.per_example, **out.metrics})
+    seen: list[tuple[float, int]] = []
+    sums = pending.finish(lambda value, index: seen.append((value, index)))
+    assert seen == [(0.5, 0), (pytest.approx(0.1), 1)]
+    assert sums.sums == pytest.approx(expected.sums) and sums.counts == expected.counts  # the NaN is left out of acc
+
+    bad = StepMetrics()
+    for index, value in enumerate([1.0, float("inf"), float("nan")]):
+        bad.add(index, SimpleNamespace(loss=torch.tensor(value), per_example=torch.tensor([value]), metrics={}))
+
+    def check(value: float, index: int) -> None:
+        if not math.isfinite(value):
+            raise TrainingError(f"micro-batch {index}: {value}")
+
+    with pytest.raises(TrainingError, match="micro-batch 1: inf"):
+        bad.finish(check)

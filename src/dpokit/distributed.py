@@ -488,10 +488,10 @@ def train_step(
     Loss weight of rank r's slice of b_r examples: ``b_r * W / n_step`` (n_step: examples in the
     step, all ranks) -- ranks average gradients, so the sum is the single-process step mean.
     """
-    from dpokit.train import MetricSums
+    from dpokit.train import StepMetrics
 
     step_examples = sum(len(m) for m in micro_batches)
-    local = MetricSums()
+    pending = StepMetrics()
     names: list[str] = ["loss"]
     for index, positions in enumerate(micro_batches):
         mine = ctx.rank_slice(positions)
@@ -499,13 +499,12 @@ def train_step(
         batch = collate(split.items(mine if mine else list(positions[:1]))).to(ctx.device)
         with runner.gradient_sync(index == len(micro_batches) - 1):
             out = _forward(runner, batch, reference, objective)
-            if mine:
-                check_loss(out.loss.detach().float().item(), index)
             weight = len(mine) * ctx.world_size / step_examples
             (out.loss * weight).backward()
         names = ["loss", *out.metrics]
         if mine:
-            local.add_per_example({"loss": out.per_example, **out.metrics})
+            pending.add(index, out)
+    local = pending.finish(check_loss)
     grad_norm = runner.clip_grad_norm_(max_grad_norm)
     return _reduce(ctx, local, names), grad_norm
 
