@@ -8,7 +8,7 @@ loss, beta 0.1, AdamW lr 1e-6, gradient clipping 1.0, one epoch, 2 threads.
 
 Systems, each run in a fresh subprocess (so peak RSS is its own), alternated, ``--repeats`` times:
 
-* ``dpokit``       -- ``dpokit.train.run``: cold data cache, layout auto (shared prompt on SDPA),
+* ``dpokit``       -- ``dpokit.training.run``: cold data cache, layout auto (shared prompt on SDPA),
                       precomputed reference log-probs (same layout), chunked output layer;
 * ``dpokit_compile``-- the same with ``model.compile=true`` (decoder layers compiled; the compile
                       time is inside the epoch wall time);
@@ -147,7 +147,7 @@ class StepClock:
 
 def run_dpokit(fixture: Path, work: Path, clock: StepClock, max_steps: int | None, batch_pairs: int, compile: bool = False) -> None:
     from dpokit.config import load_config
-    from dpokit.train import run
+    from dpokit.training.trainer import run
 
     overrides = [
         f"model.name_or_path={fixture / 'model'}", "model.device=cpu",

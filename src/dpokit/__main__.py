@@ -1,4 +1,4 @@
-from dpokit.cli import main
+from dpokit.commands.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

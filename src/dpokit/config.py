@@ -547,7 +547,7 @@ def save_config(cfg: TrainConfig, path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------
-# Cross-field checks (also run by dpokit.train.run for configs built in code).
+# Cross-field checks (also run by dpokit.training.run for configs built in code).
 # ------------------------------------------------------------------------------------------------
 
 

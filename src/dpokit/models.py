@@ -7,7 +7,7 @@ A *reference strategy* answers one question per batch: what are the reference lo
 * :class:`CopyReference` -- a frozen second model (full fine-tuning; doubles model memory);
 * :class:`AdapterDisabledReference` -- the LoRA policy itself with its adapters switched off: the
   frozen base *is* the reference, so no second copy is held;
-* :class:`dpokit.reference.PrecomputedReference` -- log-probs computed once before training in
+* :class:`dpokit.training.reference.PrecomputedReference` -- log-probs computed once before training in
   large no-grad batches and cached on disk (no reference forward during training at all);
 * :class:`NoReference` -- reference-free objectives (returns None).
 """

@@ -13,7 +13,7 @@ from dpokit.experiments.lm import load_or_pretrain
 from dpokit.experiments.preferences import make_preference_pairs, make_prompts
 from dpokit.experiments.reward import vader_reward, vader_score
 from dpokit.experiments.sentiment import MODES, run_experiment
-from dpokit.tracking import read_metrics
+from dpokit.training.tracking import read_metrics
 
 SMOKE_LM = MODES["smoke"].lm
 

@@ -2,7 +2,7 @@
 
 * Best-of-N: sample N completions from the SFT model, keep the one the ground-truth reward likes
   best. Its reward is measured; its KL from the SFT model is the analytic ``log N - (N-1)/N``
-  (:func:`dpokit.frontier.best_of_n_kl`), as a best-of-N policy has no tractable density.
+  (:func:`dpokit.analysis.frontier.best_of_n_kl`), as a best-of-N policy has no tractable density.
 * RL with the ground-truth reward: TRL's ``RLOOTrainer`` (REINFORCE with a leave-one-out baseline,
   Ahmadian et al. 2024) -- a maintained implementation that, like the paper's PPO, maximises
   ``r(x, y) - beta_rl * [log pi(y|x) - log pi_ref(y|x)]`` with the KL penalty folded into the
@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dpokit.errors import ConfigError
-from dpokit.frontier import best_of_n_kl, sample_completions
+from dpokit.analysis.frontier import best_of_n_kl, sample_completions
 
 
 def best_of_n_points(
@@ -81,7 +81,7 @@ def train_rloo(
     Each step samples ``num_generations`` completions (temperature 1, no top-k/top-p) for
     ``prompts_per_step`` prompts, scores them, and takes one policy-gradient step on
     ``advantage = [r - beta kl] - leave-one-out mean``. Checkpoints land in
-    ``out_dir/checkpoint-<step>`` (full model + tokenizer), as :func:`dpokit.frontier.find_checkpoints` expects.
+    ``out_dir/checkpoint-<step>`` (full model + tokenizer), as :func:`dpokit.analysis.frontier.find_checkpoints` expects.
     """
     try:
         from datasets import Dataset

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dpokit.experiments.corpus import make_corpus
-from dpokit.frontier import sample_completions
+from dpokit.analysis.frontier import sample_completions
 
 
 def make_prompts(tokenizer: Any, num_prompts: int, seed: int, min_tokens: int = 2, max_tokens: int = 8) -> list[str]:

@@ -9,10 +9,10 @@ Pipeline (``dpokit experiment sentiment --mode full|quick``):
 3. **Preferences** -- prompts are 2-8-token prefixes of held-out reviews; completions sampled from
    the SFT model are paired and labelled by the reward (:mod:`dpokit.experiments.preferences`).
 4. **Methods** -- DPO over a sweep of beta, Preferred-FT (SFT on the chosen completions) and
-   Unlikelihood, all through :func:`dpokit.train.run`; Best-of-N from the SFT model; and RL on the
+   Unlikelihood, all through :func:`dpokit.training.run`; Best-of-N from the SFT model; and RL on the
    ground-truth reward with TRL's RLOOTrainer (:mod:`dpokit.experiments.baselines`).
 5. **Evaluation** -- for every saved checkpoint, mean reward and sequence KL(pi || pi_sft) from
-   samples on held-out prompts (:func:`dpokit.frontier.estimate_reward_kl`), drawn as the
+   samples on held-out prompts (:func:`dpokit.analysis.frontier.estimate_reward_kl`), drawn as the
    reward-KL frontier (``frontier.png``) with ``results.json`` and ``results.md``.
 
 Each finished run's points are stored under ``<out>/points/`` keyed by the settings, so an
@@ -39,7 +39,7 @@ from dpokit.errors import ConfigError
 from dpokit.experiments.lm import LMSettings, load_or_pretrain
 from dpokit.experiments.preferences import make_preference_pairs, make_prompts, write_jsonl
 from dpokit.experiments.reward import vader_reward
-from dpokit.frontier import dominance_summary, estimate_reward_kl, find_checkpoints, results_markdown, write_results
+from dpokit.analysis.frontier import dominance_summary, estimate_reward_kl, find_checkpoints, results_markdown, write_results
 
 ALL_METHODS = ("dpo", "preferred-ft", "unlikelihood", "best-of-n", "rl")
 METHOD_LABELS = {
@@ -229,7 +229,7 @@ class Experiment:
                                     "samples": self.samples.get(run, [])}, indent=2))
 
     def _evaluate_run_dir(self, run: str, method: str, run_dir: Path, beta: float | None) -> list[dict[str, Any]]:
-        from dpokit.frontier import load_causal_lm
+        from dpokit.analysis.frontier import load_causal_lm
 
         points = []
         checkpoints = [(step, path) for step, path in find_checkpoints(run_dir) if step is not None]
@@ -251,7 +251,7 @@ class Experiment:
         if cached is not None:
             self.log(f"{run}: cached")
             return cached
-        from dpokit.train import run as train_run
+        from dpokit.training.trainer import run as train_run
 
         start = time.time()
         run_dir = self.out_dir / "runs" / run
@@ -406,7 +406,7 @@ def run_sentiment_demo(out_dir: str | Path = "runs/demo", cache_dir: str | Path 
     """``dpokit demo``: teach the tiny review model to write positive continuations with DPO.
 
     Pretrains (or loads from the cache) the small GPT-2, labels pairs of its own completions with
-    VADER, runs DPO through :func:`dpokit.train.run`, and prints the ground-truth reward and
+    VADER, runs DPO through :func:`dpokit.training.run`, and prints the ground-truth reward and
     KL(pi || pi_sft) before and after, with samples of both models for the same prompts. Returns
     ``{"before": point, "after": point, "samples": {...}, "seconds": ...}``.
     """
@@ -434,7 +434,7 @@ def _sentiment_demo(out_dir: str | Path, cache_dir: str | Path, settings: Experi
     # answers the same prompt.
     after_samples = experiment.samples.get(f"dpo-beta{beta:g}", [])
     run_dir = Path(out_dir) / "runs" / f"dpo-beta{beta:g}"
-    from dpokit.tracking import read_metrics
+    from dpokit.training.tracking import read_metrics
 
     out("")
     out("held-out preference pairs during DPO (the implicit reward r = beta * log pi/pi_sft):")

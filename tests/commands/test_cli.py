@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dpokit.cli import SUBCOMMANDS, build_parser, main
+from dpokit.commands.main import SUBCOMMANDS, build_parser, main
 
 COMMANDS = [command.name for command in SUBCOMMANDS]
 
@@ -42,7 +42,7 @@ def test_every_command_help_describes_each_argument_and_shows_examples(name, cap
 
 
 def test_top_level_help_does_not_import_torch():
-    code = "import sys; from dpokit.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\nassert 'torch' not in sys.modules"
+    code = "import sys; from dpokit.commands.main import main\ntry: main(['--help'])\nexcept SystemExit: pass\nassert 'torch' not in sys.modules"
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
 
@@ -72,7 +72,7 @@ def test_python_dash_m_dpokit_runs_the_cli():
     assert completed.stdout.startswith("dpokit ")
 
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_examples_cover_full_lora_ipo_and_listwise_and_all_validate():

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from dpokit.cli import main
+from dpokit.commands.main import main
 from dpokit.data import prepare_dataset
-from dpokit.evaluate import load_policy
+from dpokit.analysis.evaluate import load_policy
 from tests.helpers import tiny_llama, tiny_tokenizer
 
 BETA = 0.5

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.frontier import (
+from dpokit.analysis.frontier import (
     best_of_n_kl,
     completion_logps,
     dominance_summary,
@@ -220,7 +220,7 @@ def test_read_prompts_from_text_and_jsonl_with_located_errors(tmp_path):
 
 def test_frontier_command_evaluates_saved_runs_end_to_end(tmp_path):
     """Two "runs" (the reference itself and another model) through `dpokit frontier`."""
-    from dpokit.cli import main
+    from dpokit.commands.main import main
 
     tokenizer = tiny_tokenizer()
     reference = tiny_gpt2(vocab_size=len(tokenizer), seed=0, initializer_range=0.5)

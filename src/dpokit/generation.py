@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.evaluate import load_policy, quiet_loading_bars
+from dpokit.analysis.evaluate import load_policy, quiet_loading_bars
 
 Prompt = str | list[dict[str, str]]
 

@@ -116,7 +116,7 @@ def compute_reference_logps(
     device = device or next(model.parameters()).device
     bar = None
     if progress:
-        from dpokit.tracking import progress_bar
+        from dpokit.training.tracking import progress_bar
 
         bar = progress_bar(n, enabled=True, desc="reference log-probs")
     with reference_mode(model) as reference:

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from dpokit.cli import main
+from dpokit.commands.main import main
 from dpokit.data import PreferenceExample, prepare_from_examples
 from dpokit.errors import DataError
-from dpokit.evaluate import ReferenceChoice, load_policy
-from dpokit.score import ScoreRow, read_score_rows, score_rows
+from dpokit.analysis.evaluate import ReferenceChoice, load_policy
+from dpokit.analysis.score import ScoreRow, read_score_rows, score_rows
 from tests.helpers import tiny_llama, tiny_tokenizer
 
 BETA = 0.25

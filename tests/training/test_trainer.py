@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_trainer_state
+from dpokit.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_trainer_state
 from dpokit.config import load_config
 from dpokit.errors import ConfigError, TrainingError
-from dpokit.tracking import read_metrics
-from dpokit.train import MetricSums, StepMetrics, lr_factor, run
+from dpokit.training.tracking import read_metrics
+from dpokit.training.trainer import MetricSums, StepMetrics, lr_factor, run
 from tests.helpers import write_preference_jsonl, write_tiny_model_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +282,7 @@ CHILD = """
 import sys, torch
 torch.set_num_threads(1)
 from dpokit.config import load_config
-from dpokit.train import run
+from dpokit.training.trainer import run
 result = run(load_config(None, sys.argv[1:]))
 print("RESULT", result.interrupted, result.global_step, result.last_checkpoint, flush=True)
 """
@@ -323,7 +323,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(assets, tmp_path):
 
 def test_an_export_outside_the_run_dir_carries_the_run_config(assets, tmp_path):
     """`dpokit eval`/`score` find the reference and beta of an exported model from the config beside it."""
-    from dpokit.evaluate import load_policy
+    from dpokit.analysis.evaluate import load_policy
 
     out = tmp_path / "exports" / "dpo"
     result = run(make_config(assets, tmp_path / "run", "optim.max_steps=1", f"output_dir={out}", "loss.beta=0.3"))

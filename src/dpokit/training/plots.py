@@ -1,6 +1,6 @@
 """Training curves as a PNG: loss, reward accuracy, reward margin, chosen/rejected rewards.
 
-Reads the run's ``metrics.jsonl`` (see :mod:`dpokit.tracking`) and draws one panel per quantity,
+Reads the run's ``metrics.jsonl`` (see :mod:`dpokit.training.tracking`) and draws one panel per quantity,
 train as a line and eval as markers joined by a dashed line. A metric the run did not log (an SFT
 run has no rewards) leaves its panel with a "not logged" note instead of failing.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dpokit.tracking import read_metrics
+from dpokit.training.tracking import read_metrics
 
 # (panel title, [(metric name, label suffix)], y-axis label). Chosen and rejected share a panel so the
 # gap between them -- the margin DPO widens -- is visible directly.

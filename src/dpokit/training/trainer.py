@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpokit import distributed
-from dpokit.checkpoint import (
+from dpokit.training import parallel as distributed
+from dpokit.training.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     remove_partial_checkpoints,
@@ -412,7 +412,7 @@ def build_references(
         reference = CopyReference(separate, chunk_size=chunk) if separate is not None else CopyReference.from_policy(policy, chunk_size=chunk)
         return reference, reference
     if strategy == "precomputed":
-        from dpokit.reference import load_or_compute_reference, model_fingerprint
+        from dpokit.training.reference import load_or_compute_reference, model_fingerprint
 
         model = separate if separate is not None else policy
         model_fp = model_fingerprint(model)
@@ -521,7 +521,7 @@ def run(
         ConfigError / DataError for unusable settings or data; TrainingError when training cannot go
         on (non-finite loss -- the message names the step and the last good checkpoint).
 
-    Under torchrun (``WORLD_SIZE`` set) every process calls this; see :mod:`dpokit.distributed`.
+    Under torchrun (``WORLD_SIZE`` set) every process calls this; see :mod:`dpokit.training.parallel`.
     """
     validate_config(cfg)
     require_paths(cfg)
@@ -577,7 +577,7 @@ def _run(
     if strategy not in ("copy", "precomputed"):
         train_reference, eval_reference = build_references(strategy, cfg, policy, train_split, eval_split, collate, device, dist_ctx)
     if cfg.model.compile:
-        from dpokit.speed import compile_decoder_layers
+        from dpokit.training.speed import compile_decoder_layers
 
         compile_decoder_layers(policy)
 
@@ -622,8 +622,8 @@ def _run(
             remove_partial_checkpoints(run_dir)
         _say(cfg, f"resumed from {resume_from} at step {step} (epoch {epoch}, micro-batch {batch_in_epoch})")
 
-    from dpokit.plots import plot_training_curves
-    from dpokit.tracking import MetricsTracker, progress_bar
+    from dpokit.training.plots import plot_training_curves
+    from dpokit.training.tracking import MetricsTracker, progress_bar
 
     tracker = MetricsTracker(
         run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,

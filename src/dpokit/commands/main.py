@@ -60,7 +60,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from dpokit.config import load_config
-    from dpokit.train import run
+    from dpokit.training.trainer import run
 
     config = load_config(args.config, list(args.overrides))
     result = run(config, resume=args.resume)
@@ -70,7 +70,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _run_sft(args: argparse.Namespace) -> int:
     from dpokit.config import load_config
-    from dpokit.train import run
+    from dpokit.training.trainer import run
 
     # SFT ("Preferred-FT" in the paper) is the same loop with the "sft" preset: one negative
     # log-likelihood term on the chosen responses and no reference model.
@@ -180,7 +180,7 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from dpokit.evaluate import run_eval_command
+    from dpokit.analysis.evaluate import run_eval_command
 
     return run_eval_command(args)
 
@@ -213,7 +213,7 @@ def _add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from dpokit.score import run_score_command
+    from dpokit.analysis.score import run_score_command
 
     return run_score_command(args)
 
@@ -253,7 +253,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from dpokit.generate import run_generate_command
+    from dpokit.generation import run_generate_command
 
     return run_generate_command(args)
 
@@ -293,12 +293,12 @@ def _run_experiment(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ frontier
-# Its arguments, description and examples live in dpokit.frontier, which imports torch; they are only
+# Its arguments, description and examples live in dpokit.analysis.frontier, which imports torch; they are only
 # built when `dpokit frontier` itself is invoked (see build_parser's `only`).
 
 
 def _add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
-    from dpokit import frontier
+    from dpokit.analysis import frontier
 
     parser.description = textwrap.fill(frontier.FRONTIER_DESCRIPTION, width=100)
     parser.epilog = frontier.FRONTIER_EPILOG
@@ -306,7 +306,7 @@ def _add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_frontier(args: argparse.Namespace) -> int:
-    from dpokit.frontier import frontier_main
+    from dpokit.analysis.frontier import frontier_main
 
     return frontier_main(args)
 
@@ -423,7 +423,7 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand(
         "frontier",
         "reward vs KL(policy || reference) over the checkpoints of runs (frontier.png)",
-        "",  # filled in from dpokit.frontier when the command is built
+        "",  # filled in from dpokit.analysis.frontier when the command is built
         "",
         _add_frontier_arguments,
         _run_frontier,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpokit.checkpoint import (
+from dpokit.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -26,7 +26,7 @@ from dpokit.checkpoint import (
 from dpokit.errors import TrainingError
 from tests.helpers import tiny_llama, tiny_tokenizer, write_preference_jsonl, write_tiny_model_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _trained_state(seed: int = 0):
@@ -143,9 +143,9 @@ KILLED_CHILD = """
 import sys, time, torch
 from pathlib import Path
 torch.set_num_threads(1)
-import dpokit.checkpoint as checkpoint
+import dpokit.training.checkpoint as checkpoint
 from dpokit.config import load_config
-from dpokit.train import run
+from dpokit.training.trainer import run
 
 marker = Path(sys.argv[1])
 write_state = checkpoint._write_training_state
@@ -195,7 +195,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadabl
 
     from dpokit.config import load_config
     from dpokit.models import load_model_and_tokenizer
-    from dpokit.train import run
+    from dpokit.training.trainer import run
 
     cfg = load_config(None, args)
     policy, _ = load_model_and_tokenizer(cfg.model)

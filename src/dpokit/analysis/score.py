@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.evaluate import (
+from dpokit.analysis.evaluate import (
     LoadedPolicy,
     ReferenceChoice,
     iterate_batches,

@@ -4,7 +4,7 @@ Launch the ordinary ``dpokit train`` under PyTorch's own launcher::
 
     torchrun --nproc_per_node 8 -m dpokit train cfg.yaml distributed.strategy=fsdp
 
-Every process (rank) runs :func:`dpokit.train.run`; this module holds what differs from a single
+Every process (rank) runs :func:`dpokit.training.run`; this module holds what differs from a single
 process. A run not started by torchrun (``WORLD_SIZE`` unset) never touches it.
 
 **The model.** :func:`dpokit.logprobs.compute_logps` calls the decoder and applies the output layer
@@ -460,7 +460,7 @@ def _forward(runner: ParallelPolicy, batch: Batch, reference: Any, objective: An
 
 def _reduce(ctx: DistContext, local: Any, names: list[str]) -> Any:
     """(sum, count) of every metric summed over ranks -> a MetricSums with the global totals."""
-    from dpokit.train import MetricSums
+    from dpokit.training.trainer import MetricSums
 
     values = [local.sums.get(n, 0.0) for n in names] + [local.counts.get(n, 0.0) for n in names]
     totals = ctx.all_reduce_sum(values) if values else []
@@ -488,7 +488,7 @@ def train_step(
     Loss weight of rank r's slice of b_r examples: ``b_r * W / n_step`` (n_step: examples in the
     step, all ranks) -- ranks average gradients, so the sum is the single-process step mean.
     """
-    from dpokit.train import StepMetrics
+    from dpokit.training.trainer import StepMetrics
 
     step_examples = sum(len(m) for m in micro_batches)
     pending = StepMetrics()
@@ -521,7 +521,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss and reward metrics over every example of ``split``: each rank a contiguous shard, the same
     number of forwards on every rank (an exhausted rank runs a stand-in batch and discards it)."""
-    from dpokit.train import MetricSums
+    from dpokit.training.trainer import MetricSums
 
     shard = ctx.rank_slice(range(len(split)))
     per_rank = -(-len(split) // ctx.world_size)
@@ -560,10 +560,10 @@ def load_or_compute_reference(
     model_fp: str | None = None,
     progress: bool = False,
 ) -> Any:
-    """:func:`dpokit.reference.load_or_compute_reference` over ranks: when any rank lacks a complete
+    """:func:`dpokit.training.reference.load_or_compute_reference` over ranks: when any rank lacks a complete
     cache, each rank computes the log-probs of its strided shard of ``items`` with its (unsharded,
     not yet wrapped) model, the shards are gathered on every rank, and rank 0 writes the one cache."""
-    from dpokit.reference import (
+    from dpokit.training.reference import (
         PrecomputedReference,
         compute_reference_logps,
         load_cached_reference,
@@ -621,12 +621,12 @@ def save_checkpoint(
 ) -> Path:
     """Write ``<run_dir>/checkpoint-<step>`` from every rank: DCP shards of the trainable weights and
     optimizer state under ``dcp/``; scheduler, RNG (rank 0's) and trainer state from rank 0. Atomic
-    like :func:`dpokit.checkpoint.save_checkpoint`: written under a temporary name, renamed last."""
+    like :func:`dpokit.training.checkpoint.save_checkpoint`: written under a temporary name, renamed last."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from dpokit.checkpoint import (
+    from dpokit.training.checkpoint import (
         TRAINER_STATE,
         capture_rng_state,
         list_checkpoints,
@@ -675,7 +675,7 @@ def load_checkpoint(
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from dpokit.checkpoint import read_trainer_state, restore_rng_state
+    from dpokit.training.checkpoint import read_trainer_state, restore_rng_state
 
     path = Path(path)
     state = read_trainer_state(path)
@@ -702,7 +702,7 @@ def resume(ctx: DistContext, path: str | Path, *, model: nn.Module, optimizer: t
     if is_dcp_checkpoint(path):
         return load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
     if ctx.strategy == "ddp":  # every rank holds the whole model and optimizer: the ordinary files fit
-        from dpokit.checkpoint import load_checkpoint as load_single
+        from dpokit.training.checkpoint import load_checkpoint as load_single
 
         return load_single(path, model=model, optimizer=optimizer, scheduler=scheduler)
     raise TrainingError(

@@ -8,7 +8,7 @@ import torch
 
 from dpokit.data import make_collator
 from dpokit.logprobs import compute_logps
-from dpokit.speed import compile_decoder_layers, decoder_layers
+from dpokit.training.speed import compile_decoder_layers, decoder_layers
 from tests.helpers import tiny_gpt2, tiny_llama
 
 ITEMS = [

@@ -10,11 +10,11 @@ import torch
 from dpokit.data import make_collator
 from dpokit.logprobs import compute_logps
 from dpokit.losses import LossInputs, build_objective
-from dpokit.reference import compute_reference_logps
-from dpokit.tracking import read_metrics
-from dpokit.train import run
+from dpokit.training.reference import compute_reference_logps
+from dpokit.training.tracking import read_metrics
+from dpokit.training.trainer import run
 from tests.helpers import tiny_llama
-from tests.test_train import assets, make_config  # noqa: F401  (assets is a fixture)
+from tests.training.test_trainer import assets, make_config  # noqa: F401  (assets is a fixture)
 
 PAD = 0
 ITEMS = [

@@ -10,7 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.tracking import MetricsTracker, progress_bar, read_metrics
+from dpokit.training.tracking import MetricsTracker, progress_bar, read_metrics
 
 
 def _logged_run(run_dir):

@@ -515,7 +515,7 @@ def read_prompts(path: str | Path) -> list[str]:
     """Text prompts from a ``.txt`` file (one per line) or JSONL/JSON rows with a ``prompt`` field, read
     as ``dpokit generate`` reads them; the frontier samples raw continuations, so chat-message prompts
     are refused."""
-    from dpokit.generate import read_prompts as read_generation_prompts
+    from dpokit.generation import read_prompts as read_generation_prompts
 
     prompts = read_generation_prompts(path)
     if not prompts:

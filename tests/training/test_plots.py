@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import matplotlib.image
 
-from dpokit.plots import plot_training_curves
-from dpokit.tracking import MetricsTracker
+from dpokit.training.plots import plot_training_curves
+from dpokit.training.tracking import MetricsTracker
 
 
 def _write_dpo_run(run_dir, steps=20):

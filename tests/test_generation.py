@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from dpokit.cli import main
-from dpokit.evaluate import load_policy
-from dpokit.generate import format_prompt, generate_samples, read_prompts
+from dpokit.commands.main import main
+from dpokit.analysis.evaluate import load_policy
+from dpokit.generation import format_prompt, generate_samples, read_prompts
 from tests.helpers import tiny_llama, tiny_tokenizer
 
 

@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 
 from dpokit.config import load_config
 from dpokit.data import LengthGroupedSampler
-from dpokit.distributed import DistContext, apply_global_batch_size, is_dcp_checkpoint
+from dpokit.training.parallel import DistContext, apply_global_batch_size, is_dcp_checkpoint
 from dpokit.errors import ConfigError, TrainingError
-from dpokit.tracking import read_metrics
-from dpokit.train import run
+from dpokit.training.tracking import read_metrics
+from dpokit.training.trainer import run
 from tests.helpers import write_preference_jsonl, write_tiny_model_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

@@ -1,0 +1,1 @@
+"""Evaluations of trained policies: preference metrics, implicit-reward scores, the reward-KL frontier."""
