@@ -13,16 +13,8 @@ from dpokit.data import PaddedCollator, prepare_from_examples
 from dpokit.data.schema import PreferenceExample
 from dpokit.errors import ConfigError
 from dpokit.logprobs import compute_logps
-from dpokit.models import (
-    AdapterDisabledReference,
-    CopyReference,
-    NoReference,
-    apply_lora,
-    disable_dropout,
-    load_model_and_tokenizer,
-    resolve_reference_strategy,
-    save_final_model,
-)
+from dpokit.models import apply_lora, disable_dropout, load_model_and_tokenizer, save_final_model
+from dpokit.training.reference import AdapterDisabledReference, CopyReference, NoReference, resolve_reference_strategy
 from tests.helpers import preference_rows, tiny_gpt2, tiny_llama, write_tiny_model_dir
 
 

@@ -9,7 +9,8 @@ import torch
 
 from dpokit.config import LoraConfig, ModelConfig
 from dpokit.data import PaddedCollator, prepare_dataset
-from dpokit.models import CopyReference, apply_lora, load_model_and_tokenizer
+from dpokit.models import apply_lora, load_model_and_tokenizer
+from dpokit.training.reference import CopyReference
 from dpokit.training.reference import cached_reference_files, load_or_compute_reference, model_fingerprint
 from tests.helpers import write_preference_jsonl, write_tiny_model_dir
 

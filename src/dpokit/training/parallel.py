@@ -284,7 +284,7 @@ class LogpsModule(nn.Module):
 
     def forward(self, batch: Batch, reference: bool = False) -> Any:
         from dpokit.logprobs import compute_logps
-        from dpokit.models import reference_mode
+        from dpokit.training.reference import reference_mode
 
         if reference:
             with reference_mode(self.model) as model:
@@ -421,7 +421,7 @@ def wrap_for_training(ctx: DistContext, policy: nn.Module, references: tuple[Any
     adapter-disabled reference goes through the policy's sharded root. Precomputed and no reference
     need nothing.
     """
-    from dpokit.models import AdapterDisabledReference, CopyReference
+    from dpokit.training.reference import AdapterDisabledReference, CopyReference
 
     runner = ParallelPolicy(ctx, policy, chunk_size=chunk_size)
     adapted: dict[int, Any] = {}

@@ -19,6 +19,7 @@ shuffling, eval carving and batch size do not matter.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -26,15 +27,16 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dpokit.data.batch import Batch
-from dpokit.errors import TrainingError
-from dpokit.models import reference_mode
+
+from dpokit.errors import ConfigError, TrainingError
+from dpokit.models import is_peft_model
 
 logger = logging.getLogger(__name__)
 
@@ -243,3 +245,122 @@ def cached_reference_files(cache_dir: str | Path) -> list[Path]:
     """Reference tables present in ``cache_dir`` (for inspection and tests)."""
     folder = Path(cache_dir) / "reference"
     return sorted(p for p in folder.glob("*.safetensors") if re.fullmatch(r"[0-9a-f]{32}\.safetensors", p.name))
+
+
+# ------------------------------------------------------------------------------------------------
+# Live references.
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as the reference: eval mode, no grad, and (for a peft model) adapters off.
+
+    Train/eval mode is restored on exit, so the policy can be used as its own reference mid-training.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if is_peft_model(model):
+                with model.disable_adapter():
+                    yield model
+            else:
+                yield model
+    finally:
+        model.train(was_training)
+
+
+class ReferenceStrategy(Protocol):
+    """What the training loop needs from a reference."""
+
+    name: str
+
+    def logps(self, batch: Batch) -> torch.Tensor | None:
+        """Reference summed log-probs (B, K) for ``batch`` (no grad), or None if reference-free."""
+        ...
+
+    def sampling_model(self) -> contextlib.AbstractContextManager[nn.Module | None]:
+        """A context giving a model to sample reference generations from (None when there is none)."""
+        ...
+
+
+def _compute_logps(model: nn.Module, batch: Batch, chunk_size: int) -> Any:
+    from dpokit.logprobs import compute_logps
+
+    return compute_logps(model, batch, chunk_size=chunk_size)
+
+
+class NoReference:
+    """Reference-free objectives (sft, unlikelihood, reference_free=true)."""
+
+    name = "none"
+
+    def logps(self, batch: Batch) -> None:
+        return None
+
+    @contextlib.contextmanager
+    def sampling_model(self) -> Iterator[None]:
+        yield None
+
+
+class CopyReference:
+    """A frozen, separate copy of the initial policy (or of ``reference.name_or_path``)."""
+
+    name = "copy"
+
+    def __init__(self, model: nn.Module, *, chunk_size: int = 1024) -> None:
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def from_policy(cls, policy: nn.Module, *, chunk_size: int = 1024) -> "CopyReference":
+        return cls(copy.deepcopy(policy), chunk_size=chunk_size)
+
+    def logps(self, batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return _compute_logps(self.model, batch, self.chunk_size).logps.detach()
+
+    @contextlib.contextmanager
+    def sampling_model(self) -> Iterator[nn.Module]:
+        yield self.model
+
+
+class AdapterDisabledReference:
+    """The LoRA policy with its adapters switched off: the frozen base model, no second copy."""
+
+    name = "adapter_disabled"
+
+    def __init__(self, policy: nn.Module, *, chunk_size: int = 1024) -> None:
+        if not is_peft_model(policy):
+            raise ConfigError("reference.strategy=adapter_disabled needs a LoRA policy (model.lora.enabled=true)")
+        self.policy = policy
+        self.chunk_size = chunk_size
+
+    def logps(self, batch: Batch) -> torch.Tensor:
+        with reference_mode(self.policy) as model:
+            return _compute_logps(model, batch, self.chunk_size).logps.detach()
+
+    @contextlib.contextmanager
+    def sampling_model(self) -> Iterator[nn.Module]:
+        with reference_mode(self.policy) as model:
+            yield model
+
+
+def resolve_reference_strategy(strategy: str, *, needs_reference: bool, lora: bool) -> str:
+    """The concrete strategy for ``reference.strategy`` (``auto`` resolved), checked against the loss."""
+    if strategy == "auto":
+        if not needs_reference:
+            return "none"
+        return "adapter_disabled" if lora else "copy"
+    if strategy == "none" and needs_reference:
+        raise ConfigError(
+            "reference.strategy=none but the loss needs reference log-probs; choose reference.strategy "
+            "copy/adapter_disabled/precomputed/auto, or set loss.reference_free=true"
+        )
+    if strategy == "adapter_disabled" and not lora:
+        raise ConfigError("reference.strategy=adapter_disabled needs model.lora.enabled=true")
+    return strategy
+
+

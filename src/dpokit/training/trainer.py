@@ -54,17 +54,19 @@ from dpokit.config import CONFIG_FILENAME, TrainConfig, config_to_dict, require_
 from dpokit.data.batch import Batch
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.models import (
-    AdapterDisabledReference,
-    CopyReference,
-    NoReference,
-    ReferenceStrategy,
     apply_lora,
     enable_gradient_checkpointing,
     load_model,
     load_model_and_tokenizer,
     resolve_device,
-    resolve_reference_strategy,
     save_final_model,
+)
+from dpokit.training.reference import (
+    AdapterDisabledReference,
+    CopyReference,
+    NoReference,
+    ReferenceStrategy,
+    resolve_reference_strategy,
 )
 
 logger = logging.getLogger(__name__)
