@@ -243,3 +243,35 @@ def run_generate_command(args: argparse.Namespace) -> int:
         if args.output:
             print(f"wrote {len(rows)} samples to {args.output}")
     return 0
+
+
+@torch.no_grad()
+def policy_and_reference_samples(
+    policy: Any, reference: Any, tokenizer: Any, prompt_ids: list[list[int]], *, max_new_tokens: int,
+) -> list[dict[str, str]]:
+    """Greedy continuations of tokenized prompts from the policy and (when the reference keeps a
+    model in memory: ``reference.sampling_model()`` yields one) the reference -- the samples the
+    trainer writes at each evaluation."""
+    device = next(policy.parameters()).device
+
+    def greedy(model: Any, ids: list[int]) -> str:
+        input_ids = torch.tensor([ids], device=device)
+        output = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        )
+        return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+    samples = []
+    was_training = policy.training
+    policy.eval()
+    try:
+        for ids in prompt_ids:
+            sample = {"prompt": tokenizer.decode(ids, skip_special_tokens=False), "policy": greedy(policy, ids)}
+            with reference.sampling_model() as reference_model:
+                if reference_model is not None:
+                    sample["reference"] = greedy(reference_model, ids)
+            samples.append(sample)
+    finally:
+        policy.train(was_training)
+    return samples

@@ -359,38 +359,6 @@ def evaluate(
     return sums.averages()
 
 
-def generate_samples(
-    policy: nn.Module, reference: ReferenceStrategy, tokenizer: Any, split: Split, *, num_prompts: int,
-    max_new_tokens: int, device: torch.device,
-) -> list[dict[str, str]]:
-    """Greedy continuations of the first ``num_prompts`` eval prompts from the policy and (when a
-    reference model is in memory) the reference."""
-
-    def greedy(model: nn.Module, prompt_ids: list[int]) -> str:
-        input_ids = torch.tensor([prompt_ids], device=device)
-        output = model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-        )
-        return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
-
-    samples = []
-    was_training = policy.training
-    policy.eval()
-    try:
-        with torch.no_grad():
-            for item in split.items(range(min(num_prompts, len(split)))):
-                prompt_ids = list(item["prompt_ids"])
-                sample = {"prompt": tokenizer.decode(prompt_ids, skip_special_tokens=False), "policy": greedy(policy, prompt_ids)}
-                with reference.sampling_model() as reference_model:
-                    if reference_model is not None:
-                        sample["reference"] = greedy(reference_model, prompt_ids)
-                samples.append(sample)
-    finally:
-        policy.train(was_training)
-    return samples
-
-
 # ------------------------------------------------------------------------------------------------
 # The reference.
 # ------------------------------------------------------------------------------------------------
@@ -673,8 +641,11 @@ def _run(
                                                batch_size=cfg.eval.batch_size)
             # Samples come from rank 0's whole model: not available when the weights are sharded.
             if cfg.eval.sample_prompts and is_main and (dist_ctx is None or dist_ctx.strategy == "ddp"):
-                samples = generate_samples(policy, eval_reference, tokenizer, eval_split, num_prompts=cfg.eval.sample_prompts,
-                                           max_new_tokens=cfg.eval.max_new_tokens, device=device)
+                from dpokit.generation import policy_and_reference_samples
+
+                prompt_ids = [list(item["prompt_ids"]) for item in eval_split.items(range(min(cfg.eval.sample_prompts, len(eval_split))))]
+                samples = policy_and_reference_samples(policy, eval_reference, tokenizer, prompt_ids,
+                                                       max_new_tokens=cfg.eval.max_new_tokens)
                 with open(run_dir / SAMPLES_FILENAME, "a", encoding="utf-8") as handle:
                     for sample in samples:
                         handle.write(json.dumps({"step": step, **sample}) + "\n")
