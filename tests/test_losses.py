@@ -12,7 +12,8 @@ import torch
 from dpokit import losses as L
 from dpokit.errors import ConfigError, DataError
 
-ORACLE_PATH = Path(__file__).resolve().parents[1] / ".." / "shared" / "oracles" / "trl_1.16_losses_seed0.json"
+# In-repository copy (see tests/oracles/README.md; scripts/regenerate_trl_oracles.py rebuilds it from TRL).
+ORACLE_PATH = Path(__file__).resolve().parent / "oracles" / "trl_1.16_losses_seed0.json"
 
 # TRL parameter names -> dpokit parameter names (only those a given loss takes are passed on).
 _TRL_PARAM_NAMES = {"label_smoothing": "label_smoothing", "f_divergence_type": "f_divergence",
@@ -20,8 +21,8 @@ _TRL_PARAM_NAMES = {"label_smoothing": "label_smoothing", "f_divergence_type": "
 
 
 def _load_oracle() -> dict:
-    if not ORACLE_PATH.exists():  # CI always has ../shared; a missing oracle is an error, not a skip
-        raise FileNotFoundError(f"TRL oracle file not found at {ORACLE_PATH.resolve()}")
+    if not ORACLE_PATH.exists():  # part of the repository: a missing oracle is an error, not a skip
+        raise FileNotFoundError(f"TRL oracle file not found at {ORACLE_PATH}; run scripts/regenerate_trl_oracles.py")
     return json.loads(ORACLE_PATH.read_text())
 
 
@@ -100,6 +101,22 @@ def test_ipo_on_summed_log_ratios_is_trl_ipo_with_unit_lengths(name):
     averaged_rho = rho / inputs.lengths
     trl = torch.tensor(case["losses"], dtype=torch.float64)
     torch.testing.assert_close((averaged_rho[:, 0] - averaged_rho[:, 1] - 1 / (2 * beta)) ** 2, trl, atol=1e-6, rtol=0)
+
+
+def test_oracle_file_is_what_the_installed_trl_computes():
+    """scripts/regenerate_trl_oracles.py, run against the installed TRL 1.16, rebuilds the in-repo
+    oracle to 1e-9 (so the numbers above are TRL's, not a stale copy)."""
+    trl = pytest.importorskip("trl")
+    if trl.__version__ != "1.16.0":
+        pytest.skip(f"the oracle is TRL 1.16.0's; installed {trl.__version__}")
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "regenerate_trl_oracles.py"
+    spec = importlib.util.spec_from_file_location("regenerate_trl_oracles", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rebuilt = module.build_dpo_oracle(ORACLE["inputs"], ORACLE["seed"])
+    assert module.compare(rebuilt, ORACLE) == []
 
 
 # ------------------------------------------------------------------ hand-worked examples
