@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
 import math
+import os
+import pty
+import re
+import struct
+import termios
 
 import pytest
 import torch
@@ -89,16 +96,99 @@ def test_read_metrics_names_file_and_line_of_a_corrupt_record_but_tolerates_a_to
         read_metrics(tmp_path / "missing")
 
 
-def test_progress_bar_shows_eta_loss_and_reward_accuracy(capsys):
+def _trained(bar, steps: int, *, metrics: bool = True) -> None:
+    """What the trainer does each step: advance one step, then show that step's metrics."""
+    for step in range(bar.n + 1, bar.n + steps + 1):
+        bar.update(1)
+        if metrics:
+            bar.set_metrics({"loss": 1.0 / step, "rewards/accuracies": 0.5, "other": 3.0})
+    bar.close()
+
+
+def test_progress_bar_off_a_terminal_writes_one_plain_line_every_n_steps_with_eta_and_metrics():
+    stream = io.StringIO()
+    _trained(progress_bar(total=10, line_every=3, file=stream), 10)
+    output = stream.getvalue()
+    assert "\r" not in output
+    lines = output.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["train: 3/10 (30%)", "train: 6/10 (60%)", "train: 9/10 (90%)", "train: 10/10 (100%)"]
+    assert re.fullmatch(r"train: 3/10 \(30%\), elapsed 00:00, ETA 00:00, loss=0\.3333, acc=0\.5", lines[0])
+    assert lines[-1].endswith("loss=0.1, acc=0.5")  # each line carries its own step's metrics
+    assert all("other" not in line for line in lines)
+
+
+def test_plain_lines_of_a_resumed_run_fall_on_the_same_steps_as_the_metrics_log():
+    stream = io.StringIO()
+    bar = progress_bar(total=10, initial=4, line_every=3, file=stream)
+    assert bar.n == 4
+    _trained(bar, 6)
+    assert [line.split(" ")[1].rstrip(",") for line in stream.getvalue().splitlines()] == ["6/10", "9/10", "10/10"]
+
+
+def test_plain_lines_count_units_of_any_size_and_are_flushed_by_write_and_close():
+    stream = io.StringIO()
+    bar = progress_bar(total=7, desc="reference log-probs", file=stream)  # line_every=1: every update
+    bar.update(3)
+    bar.write("a message")
+    bar.update(3)
+    bar.update(1)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        "reference log-probs: 3/7 (42%)", "a message", "reference log-probs: 6/7 (85%)", "reference log-probs: 7/7 (100%)"]
+
+
+def test_plain_lines_without_a_total_have_no_eta():
+    stream = io.StringIO()
+    _trained(progress_bar(total=None, line_every=2, file=stream), 2)
+    (line,) = stream.getvalue().splitlines()
+    assert line.startswith("train: 2/?, elapsed ") and "ETA" not in line
+
+
+def test_progress_bar_to_captured_stderr_is_plain_lines(capsys):
     bar = progress_bar(total=4, initial=1)
     bar.update(1)
     bar.set_metrics({"loss": 0.6412345, "rewards/accuracies": 0.625, "other": 3.0})
     bar.close()
     shown = capsys.readouterr().err
-    assert "2/4" in shown
-    assert "<" in shown  # elapsed<remaining: the ETA
+    assert shown.startswith("train: 2/4 (50%), elapsed ") and "ETA " in shown
+    assert shown.endswith("loss=0.6412, acc=0.625\n") and "\r" not in shown
+
+
+def test_progress_bar_on_a_terminal_redraws_in_place_with_eta_and_metrics():
+    master, replica = pty.openpty()
+    fcntl.ioctl(replica, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    with os.fdopen(replica, "w") as terminal:
+        bar = progress_bar(total=4, initial=1, line_every=3, file=terminal)
+        bar.update(1)
+        bar.set_metrics({"loss": 0.6412345, "rewards/accuracies": 0.625})
+        bar.close()
+    shown = _read_all(master).decode()
+    assert re.search("\r(?!\n)", shown)  # a carriage return that is not a newline: a redraw
+    assert "2/4" in shown and "<" in shown  # elapsed<remaining: tqdm's ETA
     assert "loss=0.6412" in shown and "acc=0.625" in shown
-    assert "other" not in shown
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if len(chunk) < 65536:
+                break
+    except OSError:  # EIO: the terminal side is closed and everything was read
+        pass
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def test_line_every_must_be_positive():
+    with pytest.raises(ValueError, match="line_every must be >= 1"):
+        progress_bar(total=3, line_every=0, file=io.StringIO())
 
 
 def test_disabled_progress_bar_prints_nothing(capsys):

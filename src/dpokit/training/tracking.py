@@ -1,5 +1,5 @@
 """Where training metrics go: a JSON-lines file, TensorBoard, optionally Weights & Biases, and a
-progress bar on the terminal.
+progress bar (redrawn on a terminal, one plain line every N steps in logs).
 
 Every logged record becomes one line of ``run_dir/metrics.jsonl``::
 
@@ -18,9 +18,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Mapping
 
 from dpokit.errors import ConfigError, DataError
 
@@ -192,18 +193,116 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+def _is_terminal(stream: IO[str]) -> bool:
+    """Whether ``stream`` redraws in place: a TTY, or a notebook (tqdm.auto draws a widget there)."""
+    from tqdm.autonotebook import tqdm as chosen_tqdm  # the notebook bar inside Jupyter, else tqdm.std's
+    from tqdm.std import tqdm as std_tqdm
+
+    try:
+        if stream.isatty():
+            return True
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+    return chosen_tqdm is not std_tqdm and stream in (sys.stdout, sys.stderr)
+
+
+class _LineProgress:
+    """Progress for logs, CI and nohup: one plain line every ``every`` steps (and at the last),
+    never a carriage return, e.g. ``train: 20/100 (20%), elapsed 00:12, ETA 00:48, loss=0.6412, acc=0.625``.
+
+    A step's line waits for the metrics set right after its ``update`` (the trainer updates, then
+    sets the step's metrics) and is written at the next ``set_postfix``, ``update``, ``write`` or ``close``;
+    its elapsed time and ETA are taken at the ``update``.
+    """
+
+    def __init__(self, total: int | None, initial: int, desc: str, every: int, file: IO[str]) -> None:
+        self.n = initial
+        self._initial = initial
+        self._total = total
+        self._desc = desc
+        self._every = every
+        self._file = file
+        self._start = time.monotonic()
+        self._postfix: dict[str, str] = {}
+        self._due: tuple[int, float] | None = None  # (n, elapsed seconds) of the line not written yet
+
+    def update(self, n: int) -> None:
+        self._write_due()
+        previous, self.n = self.n, self.n + n
+        crossed = self.n // self._every > previous // self._every
+        finished = self._total is not None and previous < self._total <= self.n
+        if crossed or finished:
+            self._due = (self.n, time.monotonic() - self._start)
+
+    def set_postfix(self, values: dict[str, str]) -> None:
+        self._postfix = values
+        self._write_due()
+
+    def write(self, message: str) -> None:
+        self._write_due()
+        self._print(message)
+
+    def close(self) -> None:
+        self._write_due()
+
+    def line(self, n: int, elapsed: float) -> str:
+        """The progress line at step ``n`` after ``elapsed`` seconds."""
+        from tqdm import tqdm
+
+        parts = [f"{self._desc}: {n}/{self._total if self._total is not None else '?'}"]
+        if self._total:
+            parts[0] += f" ({100 * n // self._total}%)"
+        parts.append(f"elapsed {tqdm.format_interval(elapsed)}")
+        done = n - self._initial
+        if self._total is not None and done > 0:
+            parts.append(f"ETA {tqdm.format_interval(elapsed / done * max(self._total - n, 0))}")
+        parts.extend(f"{name}={value}" for name, value in self._postfix.items())
+        return ", ".join(parts)
+
+    def _write_due(self) -> None:
+        if self._due is not None:
+            n, elapsed = self._due
+            self._due = None
+            self._print(self.line(n, elapsed))
+
+    def _print(self, text: str) -> None:
+        self._file.write(text + "\n")
+        self._file.flush()
+
+
 class ProgressBar:
-    """A tqdm progress bar over optimizer steps showing elapsed time, ETA and the latest metrics.
+    """Progress over optimizer steps showing elapsed time, ETA and the latest metrics.
+
+    On a terminal it is a tqdm bar redrawn in place; on anything else (a log file, CI, nohup, a pipe)
+    it writes one plain line every ``line_every`` steps and at the last step (:class:`_LineProgress`),
+    so logs hold no carriage-return redraws.
 
     ``update(n)`` advances ``n`` steps; ``set_metrics(metrics)`` shows the loss and reward accuracy
     (``loss=0.6412 acc=0.625``); ``set_postfix(**values)`` shows anything else. Disabled bars
-    (non-main ranks, ``enabled=False``) print nothing.
+    (non-main ranks, ``enabled=False``) print nothing. ``file`` is the stream (default: standard error).
     """
 
     # Which metric names the bar shows, and the short label it shows them under.
     SHOWN_METRICS = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"))
 
-    def __init__(self, total: int | None, initial: int = 0, enabled: bool = True, desc: str = "train") -> None:
+    def __init__(
+        self,
+        total: int | None,
+        initial: int = 0,
+        enabled: bool = True,
+        desc: str = "train",
+        *,
+        line_every: int = 1,
+        file: IO[str] | None = None,
+    ) -> None:
+        if line_every < 1:
+            raise ValueError(f"line_every must be >= 1, got {line_every}")
+        stream = file if file is not None else sys.stderr
+        self._lines: _LineProgress | None = None
+        self._bar: Any = None
+        if enabled and not _is_terminal(stream):
+            self._lines = _LineProgress(total, initial, desc, line_every, stream)
+            return
         from tqdm.auto import tqdm
 
         self._bar = tqdm(
@@ -213,19 +312,27 @@ class ProgressBar:
             desc=desc,
             unit="step",
             dynamic_ncols=True,
+            file=stream,
             # elapsed<remaining is tqdm's ETA; the postfix carries loss and accuracy.
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}",
         )
 
     @property
     def n(self) -> int:
-        return int(self._bar.n)
+        return self._lines.n if self._lines is not None else int(self._bar.n)
 
     def update(self, n: int = 1) -> None:
-        self._bar.update(n)
+        if self._lines is not None:
+            self._lines.update(n)
+        else:
+            self._bar.update(n)
 
     def set_postfix(self, **values: Any) -> None:
-        self._bar.set_postfix({name: _format_value(value) for name, value in values.items()}, refresh=True)
+        shown = {name: _format_value(value) for name, value in values.items()}
+        if self._lines is not None:
+            self._lines.set_postfix(shown)
+        else:
+            self._bar.set_postfix(shown, refresh=True)
 
     def set_metrics(self, metrics: Mapping[str, Any]) -> None:
         shown = {}
@@ -238,10 +345,16 @@ class ProgressBar:
 
     def write(self, message: str) -> None:
         """Print a line above the bar without breaking it."""
-        self._bar.write(message)
+        if self._lines is not None:
+            self._lines.write(message)
+        else:
+            self._bar.write(message)
 
     def close(self) -> None:
-        self._bar.close()
+        if self._lines is not None:
+            self._lines.close()
+        else:
+            self._bar.close()
 
     def __enter__(self) -> "ProgressBar":
         return self
@@ -250,6 +363,17 @@ class ProgressBar:
         self.close()
 
 
-def progress_bar(total: int | None, initial: int = 0, enabled: bool = True, desc: str = "train") -> ProgressBar:
-    """A :class:`ProgressBar` over ``total`` optimizer steps, starting at ``initial`` (resumed runs)."""
-    return ProgressBar(total, initial=initial, enabled=enabled, desc=desc)
+def progress_bar(
+    total: int | None,
+    initial: int = 0,
+    enabled: bool = True,
+    desc: str = "train",
+    *,
+    line_every: int = 1,
+    file: IO[str] | None = None,
+) -> ProgressBar:
+    """A :class:`ProgressBar` over ``total`` optimizer steps, starting at ``initial`` (resumed runs).
+
+    ``line_every``: when ``file`` (default standard error) is not a terminal, one line every that many
+    steps (the trainer passes ``logging.log_every``); on a terminal the bar redraws at every update."""
+    return ProgressBar(total, initial=initial, enabled=enabled, desc=desc, line_every=line_every, file=file)
