@@ -147,7 +147,7 @@ class StepClock:
 
 def run_dpokit(fixture: Path, work: Path, clock: StepClock, max_steps: int | None, batch_pairs: int, compile: bool = False) -> None:
     from dpokit.config import load_config
-    from dpokit.training.trainer import run
+    from dpokit.training import run
 
     overrides = [
         f"model.name_or_path={fixture / 'model'}", "model.device=cpu",

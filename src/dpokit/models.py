@@ -197,6 +197,25 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, peft.PeftModel)
 
 
+@contextlib.contextmanager
+def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as the reference: eval mode, no grad, and (for a peft model) adapters off.
+
+    Train/eval mode is restored on exit, so the policy can be used as its own reference mid-training.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if is_peft_model(model):
+                with model.disable_adapter():
+                    yield model
+            else:
+                yield model
+    finally:
+        model.train(was_training)
+
+
 # ------------------------------------------------------------------------------------------------
 # Exporting the final model.
 # ------------------------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ from pathlib import Path
 torch.set_num_threads(1)
 import dpokit.training.checkpoint as checkpoint
 from dpokit.config import load_config
-from dpokit.training.trainer import run
+from dpokit.training import run
 
 marker = Path(sys.argv[1])
 write_state = checkpoint._write_training_state
@@ -195,7 +195,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadabl
 
     from dpokit.config import load_config
     from dpokit.models import load_model_and_tokenizer
-    from dpokit.training.trainer import run
+    from dpokit.training import run
 
     cfg = load_config(None, args)
     policy, _ = load_model_and_tokenizer(cfg.model)

@@ -24,10 +24,11 @@ from safetensors.torch import load_file
 
 from dpokit.config import load_config
 from dpokit.data import LengthGroupedSampler
-from dpokit.training.parallel import DistContext, apply_global_batch_size, is_dcp_checkpoint
+from dpokit.training.checkpoint import is_dcp_checkpoint
+from dpokit.training.parallel import ParallelContext, apply_global_batch_size
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.training.tracking import read_metrics
-from dpokit.training.trainer import run
+from dpokit.training import run
 from tests.helpers import write_preference_jsonl, write_tiny_model_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -206,7 +207,7 @@ def test_every_example_is_trained_exactly_once_per_epoch_across_ranks(world_size
     sampler = LengthGroupedSampler(list(range(num_examples)), batch_size * world_size, shuffle=True, seed=7)
     seen: list[int] = []
     for global_batch in sampler:
-        slices = [DistContext("ddp", "gloo", r, r, world_size, torch.device("cpu"), None).rank_slice(global_batch)
+        slices = [ParallelContext(strategy="ddp", rank=r, world_size=world_size).rank_slice(global_batch)
                   for r in range(world_size)]
         assert sum(slices, []) == list(global_batch)
         assert max(map(len, slices)) - min(map(len, slices)) <= 1 and max(map(len, slices)) <= batch_size

@@ -12,7 +12,7 @@ from dpokit.logprobs import compute_logps
 from dpokit.losses import LossInputs, build_objective
 from dpokit.training.reference import compute_reference_logps
 from dpokit.training.tracking import read_metrics
-from dpokit.training.trainer import run
+from dpokit.training import run
 from tests.helpers import tiny_llama
 from tests.training.test_trainer import assets, make_config  # noqa: F401  (assets is a fixture)
 

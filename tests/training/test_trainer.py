@@ -19,7 +19,9 @@ from dpokit.training.checkpoint import latest_checkpoint, list_checkpoints, load
 from dpokit.config import load_config
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.training.tracking import read_metrics
-from dpokit.training.trainer import MetricSums, StepMetrics, lr_factor, run
+from dpokit.training import run
+from dpokit.training.metrics import MetricSums, StepMetrics
+from dpokit.training.optim import lr_factor
 from tests.helpers import write_preference_jsonl, write_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -282,7 +284,7 @@ CHILD = """
 import sys, torch
 torch.set_num_threads(1)
 from dpokit.config import load_config
-from dpokit.training.trainer import run
+from dpokit.training import run
 result = run(load_config(None, sys.argv[1:]))
 print("RESULT", result.interrupted, result.global_step, result.last_checkpoint, flush=True)
 """

@@ -1,20 +1,11 @@
-"""Resumable checkpoints, written atomically.
+"""Resumable checkpoints, written atomically, in one of two formats, by any number of processes.
 
-A checkpoint is a directory ``<run_dir>/checkpoint-<step>/`` holding
-
-* ``model/`` -- the policy via ``save_pretrained`` (safetensors; for LoRA only the adapter), plus the
-  tokenizer, so a checkpoint also loads as a model with ``transformers``/``peft``;
-* ``optimizer.pt`` and ``scheduler.pt`` -- ``state_dict()``s (tensors and plain numbers), read back
-  with ``torch.load(weights_only=True)``: nothing in a checkpoint can execute code when loaded;
-* ``rng.safetensors`` + ``rng.json`` -- torch (CPU and CUDA), python and numpy random states;
-* ``trainer_state.json`` -- step, data position (epoch, micro-batch within the epoch), partially
-  accumulated metrics, best eval metrics. Written last.
-
-Atomicity: everything is written into ``checkpoint-<step>.tmp-<random>/``, flushed to disk, then
-renamed to ``checkpoint-<step>`` in one ``os.rename``. A crash or kill mid-save leaves only a
-``.tmp-`` directory, which :func:`list_checkpoints` never returns and the next save deletes; the
-previous checkpoint is untouched. Older checkpoints beyond ``keep_last`` are deleted only after the
-new one is in place.
+``<run_dir>/checkpoint-<step>/`` holds the weights and optimizer state -- ``model/`` (save_pretrained,
+safetensors, loadable by transformers/peft) + ``optimizer.pt`` from a single process, or ``dcp/``
+(torch.distributed.checkpoint shards, keyed by parameter name, loadable on any number of ranks)
+under torchrun -- plus ``scheduler.pt``, ``rng.safetensors`` + ``rng.json`` and, written last,
+``trainer_state.json``. Everything is written into a ``.tmp-`` directory and published with one
+rename; see ``docs/engine.md`` for the guarantees.
 """
 
 from __future__ import annotations
@@ -35,12 +26,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dpokit.errors import TrainingError
+from dpokit.training.parallel import ParallelContext
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 MODEL_DIR = "model"
+DCP_DIR = "dcp"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,30 +146,47 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_model(directory: Path, model: nn.Module, tokenizer: Any | None) -> None:
-    """The policy (or, for a peft model, its adapter) with save_pretrained, in safetensors."""
+def _write_weights(ctx: ParallelContext, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  tokenizer: Any | None) -> None:
+    """Weights and optimizer state: ``model/`` + ``optimizer.pt`` from a single process (the policy,
+    or for a peft model its adapter, with save_pretrained; the tokenizer beside it), or DCP shards of
+    the trainable weights and the optimizer state from every rank under torchrun."""
+    if _format(ctx) == "dcp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options())
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory / DCP_DIR))
+        return
     from dpokit.models import quiet_progress_bars
 
     with quiet_progress_bars():
         model.save_pretrained(directory / MODEL_DIR, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory / MODEL_DIR)
-
-
-def _write_training_state(
-    directory: Path,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    trainer_state: dict[str, Any],
-) -> None:
-    """Optimizer, scheduler, RNG states, then the trainer state (which marks the checkpoint complete)."""
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+
+
+def _write_training_state(directory: Path, scheduler: Any, trainer_state: dict[str, Any]) -> None:
+    """Scheduler, RNG states (this process's), then the trainer state (which marks the checkpoint complete)."""
     if scheduler is not None:
         torch.save(scheduler.state_dict(), directory / "scheduler.pt")
     rng_tensors, rng_plain = capture_rng_state()
     save_file(rng_tensors, str(directory / "rng.safetensors"))
     (directory / "rng.json").write_text(json.dumps(rng_plain))
     (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+
+
+def _format(ctx: ParallelContext) -> str:
+    """``files`` for a single process, ``dcp`` (sharded, any-world-size) under torchrun."""
+    return "files" if ctx.strategy == "none" else "dcp"
+
+
+def _state_dict_options(**kwargs: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Frozen weights (a LoRA base) come from the model files, not the checkpoint.
+    return StateDictOptions(ignore_frozen_params=True, **kwargs)
 
 
 def remove_partial_checkpoints(run_dir: str | Path) -> None:
@@ -213,25 +223,39 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer: Any | None = None,
     keep_last: int = 2,
+    ctx: ParallelContext | None = None,
 ) -> Path:
     """Write ``<run_dir>/checkpoint-<step>`` atomically and prune to the newest ``keep_last``.
 
-    ``trainer_state`` must be JSON-serialisable (step, data position, ...). Returns the final path.
+    Called by every rank with the same arguments (``ctx``: a world of one when None). Rank 0 makes
+    the temporary directory, writes scheduler, RNG and ``trainer_state`` (JSON-serialisable: step,
+    data position, ...), publishes and prunes. Returns the final path.
     """
+    ctx = ctx or ParallelContext()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_partial_checkpoints(run_dir)
     final = run_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"checkpoint-{step}.tmp-", dir=run_dir))
+    tmp = None
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(run_dir)
+        tmp = tempfile.mkdtemp(prefix=f"checkpoint-{step}.tmp-", dir=run_dir)
+    tmp_dir = Path(ctx.broadcast_object(tmp))
     try:
-        _write_model(tmp, model, tokenizer)
-        _write_training_state(tmp, optimizer, scheduler, {**trainer_state, "global_step": step})
-        publish_checkpoint(tmp, final)
+        _write_weights(ctx, tmp_dir, model, optimizer, tokenizer)
+        ctx.barrier()
+        if ctx.is_main:
+            state = {**trainer_state, "global_step": step, "checkpoint_format": _format(ctx), "world_size": ctx.world_size,
+                     "strategy": ctx.strategy}
+            _write_training_state(tmp_dir, scheduler, state)
+            publish_checkpoint(tmp_dir, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if ctx.is_main:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    if ctx.is_main:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
     return final
 
 
@@ -286,6 +310,34 @@ def load_model_weights(path: str | Path, model: nn.Module) -> None:
         raise TrainingError(f"checkpoint {str(path)!r} lacks weights for {missing[:3]}...")
 
 
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / DCP_DIR / ".metadata").is_file()
+
+
+def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Restore DCP shards into ``model`` / ``optimizer`` -- sharded (FSDP2), replicated (DDP) or plain
+    (a single process: DCP needs no process group to load); the number of ranks may differ."""
+    import warnings
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if optimizer is None:
+        raise TrainingError(f"checkpoint {str(path)!r} is a torchrun (DCP) checkpoint; load it with its optimizer")
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options())
+    loaded = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*load in a single process.*")
+            dcp.load(loaded, checkpoint_id=str(path / DCP_DIR), no_dist=not dist.is_initialized())
+    except Exception as exc:  # a different model / LoRA setting: keys or shapes do not match
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(f"checkpoint {str(path)!r} does not fit this model and optimizer: {message}") from None
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"],
+                   options=_state_dict_options())
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -293,16 +345,64 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     restore_rng: bool = True,
+    ctx: ParallelContext | None = None,
 ) -> dict[str, Any]:
-    """Restore model/adapter weights, optimizer, scheduler and RNG states from ``path``; return the
-    trainer state. Everything is read with safetensors or ``torch.load(weights_only=True)``."""
+    """Restore weights (adapter only for a peft model), optimizer, scheduler and RNG states from
+    ``path``, in either format; return the trainer state. Everything is read with safetensors or
+    ``torch.load(weights_only=True)``. A single-process checkpoint resumes in one process or under
+    DDP (every rank holds the whole model), not under FSDP."""
+    ctx = ctx or ParallelContext()
     path = Path(path)
     state = read_trainer_state(path)
-    load_model_weights(path, model)
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if is_dcp_checkpoint(path):
+        _load_dcp(path, model, optimizer)
+    elif ctx.strategy == "fsdp":
+        raise TrainingError(
+            f"checkpoint {str(path)!r} was written by a single-process run; distributed.strategy=fsdp resumes only "
+            "torchrun checkpoints (checkpoint-N/dcp). Resume it once with distributed.strategy=ddp or in one process."
+        )
+    else:
+        load_model_weights(path, model)
+        if optimizer is not None:
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     if scheduler is not None and (path / "scheduler.pt").is_file():
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     if restore_rng:
         restore_rng_state(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
     return state
+
+
+# ------------------------------------------------------------------------------------------------
+# The final export.
+# ------------------------------------------------------------------------------------------------
+
+
+def export_final_model(ctx: ParallelContext, policy: nn.Module, tokenizer: Any, out_dir: str | Path, model_cfg: Any) -> Path:
+    """Save the trained policy for ``from_pretrained`` from rank 0 (LoRA merged or as an adapter, per
+    ``model_cfg.lora.export``).
+
+    A whole model on rank 0 (one process, DDP) is saved as it is. FSDP: every rank sends its shards
+    to rank 0's CPU (``full_state_dict=True, cpu_offload=True``); rank 0 loads them into an unsharded
+    copy built from ``model_cfg`` (plus the same LoRA adapters) and saves that.
+    """
+    from dpokit.models import apply_lora, load_model, save_final_model
+
+    out = Path(out_dir)
+    if ctx.holds_whole_model:
+        if ctx.is_main:
+            save_final_model(policy, tokenizer, out, lora_export=model_cfg.lora.export)
+        ctx.barrier()
+        return out
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full_state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.is_main:
+        plain = load_model(model_cfg, device=torch.device("cpu"))
+        if model_cfg.lora.enabled:
+            plain = apply_lora(plain, model_cfg.lora)
+        result = plain.load_state_dict(full_state, strict=False)
+        if result.unexpected_keys:
+            raise TrainingError(f"the gathered weights do not fit the exported model (unexpected {result.unexpected_keys[:3]})")
+        save_final_model(plain, tokenizer, out, lora_export=model_cfg.lora.export)
+    ctx.barrier()
+    return out

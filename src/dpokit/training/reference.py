@@ -1,20 +1,20 @@
-"""Precomputed reference log-probs: computed once, cached on disk, looked up by example id.
+"""The reference: one protocol, four implementations, one constructor.
 
-With a frozen reference, ``log pi_ref(y_k | x_b)`` is a constant per example, so it can be computed
-before training in large no-grad batches (sorted by length, so little padding) and the training
-loop then does no reference forward at all -- and holds no reference model. The table is cached as
-safetensors under ``<data.cache_dir>/reference/<key>.safetensors`` where ``key`` hashes
+A reference answers one question per batch: the reference log-probs ``log pi_ref(y_k | x_b)``,
+shape (B, K), without gradient (or None for reference-free objectives):
 
-* the reference model's fingerprint (:func:`model_fingerprint`: architecture config, dtype and the
-  bytes of every base weight -- adapters excluded, since with adapters disabled the reference is
-  the base);
-* the prepared dataset's fingerprint (data file contents, tokenizer, tokenization settings);
-* the cache format version (log-probs summed over response tokens, float32).
+* :class:`NoReference` -- reference-free objectives;
+* :class:`CopyReference` -- a frozen copy of the initial policy, or another model (sharded like
+  the policy under FSDP);
+* :class:`AdapterDisabledReference` -- the LoRA policy with its adapters off: the frozen base is the
+  reference, no second copy is held;
+* :class:`PrecomputedReference` -- computed once before training (each rank a shard under
+  torchrun), cached on disk, looked up by example id; no reference forward while training.
 
-So a later run with another beta or loss reuses the table, while a change of model, data or
-tokenization gives a new key and a fresh computation. The lookup is by ``extras["example_id"]``, so
-shuffling, eval carving and batch size do not matter.
+:func:`build_references` makes them for ``dpokit train``; ``eval``, ``score`` and ``frontier``
+construct the same classes. The cache key and fingerprints are described in ``docs/engine.md``.
 """
+
 
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dpokit.config import TrainConfig
 from dpokit.data.batch import Batch
-
 from dpokit.errors import ConfigError, TrainingError
-from dpokit.models import is_peft_model
+from dpokit.models import is_peft_model, load_model, reference_mode
+from dpokit.training.parallel import ParallelContext, ParallelPolicy, shard_frozen
 
 logger = logging.getLogger(__name__)
 
@@ -194,24 +195,34 @@ def load_or_compute_reference(
     chunk_size: int = 1024,
     model_fp: str | None = None,
     progress: bool = False,
+    ctx: ParallelContext | None = None,
 ) -> PrecomputedReference:
-    """The cached table for (model, dataset) if present and complete, else compute and cache it.
+    """The cached table for (model, dataset) when every rank finds it complete, else compute and cache it.
 
-    ``model`` is used as the reference (eval, no grad, adapters off); ``model_fp`` may be passed when
-    already known (it is :func:`model_fingerprint` of ``model``).
+    ``model`` (unwrapped, used as the reference: eval, no grad, adapters off) computes the log-probs
+    of this rank's strided shard of ``items``; the shards are gathered on every rank and rank 0
+    writes the one cache file. ``model_fp`` may be passed when already known.
     """
+    ctx = ctx or ParallelContext()
     model_fp = model_fp or model_fingerprint(model)
     path = reference_cache_path(cache_dir, model_fp, dataset_fingerprint)
     cached = load_cached_reference(path, items)
-    if cached is not None:
+    if ctx.all_reduce_sum([0.0 if cached is not None else 1.0])[0] == 0:
         logger.info("reusing precomputed reference log-probs from %s", path)
-        return cached
+        return cached  # type: ignore[return-value]  # not None on every rank
+    shard = list(items)[ctx.rank :: ctx.world_size]
     example_ids, logps = compute_reference_logps(
-        model, items, collate, batch_size=batch_size, chunk_size=chunk_size, progress=progress
+        model, shard, collate, batch_size=batch_size, chunk_size=chunk_size, progress=progress and ctx.is_main,
     )
-    save_reference_table(path, example_ids, logps, model_fp=model_fp, dataset_fingerprint=dataset_fingerprint)
-    logger.info("cached reference log-probs for %d examples at %s", len(items), path)
-    return PrecomputedReference(example_ids, logps, path=path, from_cache=False)
+    gathered = [part for part in ctx.all_gather_object((example_ids, logps)) if part[0].numel()]
+    k_max = max((part[1].shape[1] for part in gathered), default=2)
+    all_ids = torch.cat([part[0] for part in gathered]) if gathered else example_ids
+    all_logps = torch.cat([torch.nn.functional.pad(part[1], (0, k_max - part[1].shape[1])) for part in gathered]) if gathered else logps
+    if ctx.is_main:
+        save_reference_table(path, all_ids, all_logps, model_fp=model_fp, dataset_fingerprint=dataset_fingerprint)
+        logger.info("cached reference log-probs for %d examples at %s", len(all_ids), path)
+    ctx.barrier()
+    return PrecomputedReference(all_ids, all_logps, path=path, from_cache=False)
 
 
 def reference_cache_path(cache_dir: str | Path, model_fp: str, dataset_fingerprint: str) -> Path:
@@ -247,32 +258,15 @@ def cached_reference_files(cache_dir: str | Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.safetensors") if re.fullmatch(r"[0-9a-f]{32}\.safetensors", p.name))
 
 
+
+
 # ------------------------------------------------------------------------------------------------
 # Live references.
 # ------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` as the reference: eval mode, no grad, and (for a peft model) adapters off.
-
-    Train/eval mode is restored on exit, so the policy can be used as its own reference mid-training.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if is_peft_model(model):
-                with model.disable_adapter():
-                    yield model
-            else:
-                yield model
-    finally:
-        model.train(was_training)
-
-
-class ReferenceStrategy(Protocol):
-    """What the training loop needs from a reference."""
+class Reference(Protocol):
+    """What the engine needs from a reference."""
 
     name: str
 
@@ -281,14 +275,8 @@ class ReferenceStrategy(Protocol):
         ...
 
     def sampling_model(self) -> contextlib.AbstractContextManager[nn.Module | None]:
-        """A context giving a model to sample reference generations from (None when there is none)."""
+        """A context giving a whole model to sample reference generations from (None when there is none)."""
         ...
-
-
-def _compute_logps(model: nn.Module, batch: Batch, chunk_size: int) -> Any:
-    from dpokit.logprobs import compute_logps
-
-    return compute_logps(model, batch, chunk_size=chunk_size)
 
 
 class NoReference:
@@ -305,46 +293,61 @@ class NoReference:
 
 
 class CopyReference:
-    """A frozen, separate copy of the initial policy (or of ``reference.name_or_path``)."""
+    """A frozen model: a copy of the initial policy, or a separate reference model.
+
+    Under FSDP it is sharded like the policy and run as its own root (see
+    :func:`dpokit.training.parallel.shard_frozen`); a sharded copy cannot generate.
+    """
 
     name = "copy"
 
-    def __init__(self, model: nn.Module, *, chunk_size: int = 1024) -> None:
+    def __init__(self, model: nn.Module, *, chunk_size: int = 1024, ctx: ParallelContext | None = None) -> None:
+        ctx = ctx or ParallelContext(device=next(model.parameters()).device)
+        model.requires_grad_(False)
         self.model = model.eval()
-        self.model.requires_grad_(False)
-        self.chunk_size = chunk_size
+        self.module = shard_frozen(ctx, model, chunk_size=chunk_size)
+        self.whole = ctx.holds_whole_model
 
     @classmethod
-    def from_policy(cls, policy: nn.Module, *, chunk_size: int = 1024) -> "CopyReference":
-        return cls(copy.deepcopy(policy), chunk_size=chunk_size)
+    def from_policy(cls, policy: nn.Module, *, chunk_size: int = 1024, ctx: ParallelContext | None = None) -> "CopyReference":
+        return cls(copy.deepcopy(policy), chunk_size=chunk_size, ctx=ctx)
 
     def logps(self, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
-            return _compute_logps(self.model, batch, self.chunk_size).logps.detach()
+            values = self.module(batch, reference=True).logps.detach()
+        reshard = getattr(self.module, "reshard", None)
+        if reshard is not None:  # an FSDP2 root keeps its gathered parameters after forward; free them
+            reshard()
+        return values
 
     @contextlib.contextmanager
-    def sampling_model(self) -> Iterator[nn.Module]:
-        yield self.model
+    def sampling_model(self) -> Iterator[nn.Module | None]:
+        yield self.model if self.whole else None
 
 
 class AdapterDisabledReference:
-    """The LoRA policy with its adapters switched off: the frozen base model, no second copy."""
+    """The LoRA policy with its adapters switched off: the frozen base model, no second copy.
+
+    Runs through the wrapped policy (:meth:`ParallelPolicy.reference_logps`), which under FSDP is
+    the only way to reach the sharded base weights.
+    """
 
     name = "adapter_disabled"
 
-    def __init__(self, policy: nn.Module, *, chunk_size: int = 1024) -> None:
-        if not is_peft_model(policy):
+    def __init__(self, policy: ParallelPolicy) -> None:
+        if not is_peft_model(policy.model):
             raise ConfigError("reference.strategy=adapter_disabled needs a LoRA policy (model.lora.enabled=true)")
         self.policy = policy
-        self.chunk_size = chunk_size
 
     def logps(self, batch: Batch) -> torch.Tensor:
-        with reference_mode(self.policy) as model:
-            return _compute_logps(model, batch, self.chunk_size).logps.detach()
+        return self.policy.reference_logps(batch)
 
     @contextlib.contextmanager
-    def sampling_model(self) -> Iterator[nn.Module]:
-        with reference_mode(self.policy) as model:
+    def sampling_model(self) -> Iterator[nn.Module | None]:
+        if not self.policy.ctx.holds_whole_model:
+            yield None
+            return
+        with reference_mode(self.policy.model) as model:
             yield model
 
 
@@ -364,3 +367,35 @@ def resolve_reference_strategy(strategy: str, *, needs_reference: bool, lora: bo
     return strategy
 
 
+def build_references(
+    strategy: str, cfg: TrainConfig, ctx: ParallelContext, initial_policy: nn.Module, datasets: Sequence[Any],
+    collate: Callable[[list[dict[str, Any]]], Batch],
+) -> list[Reference | None]:
+    """One reference per prepared dataset in ``datasets`` (training first, then evaluation).
+
+    Called with the *initial* policy, before LoRA is applied, the policy is wrapped and checkpoint
+    weights are loaded: the reference is the model the run starts from, unless
+    ``reference.name_or_path`` names another. ``adapter_disabled`` needs the wrapped LoRA policy
+    and is returned as None here: make it with :class:`AdapterDisabledReference` once it exists.
+    A dataset that appears twice (a carved eval split) shares its reference.
+    """
+    chunk = cfg.optim.logps_chunk_size
+    if strategy in ("none", "adapter_disabled"):
+        return [NoReference() if strategy == "none" else None for _ in datasets]
+    separate = load_model(cfg.model, cfg.reference.name_or_path, device=ctx.device) if cfg.reference.name_or_path else None
+    if strategy == "copy":
+        copy_reference = CopyReference(separate, chunk_size=chunk, ctx=ctx) if separate is not None else \
+            CopyReference.from_policy(initial_policy, chunk_size=chunk, ctx=ctx)
+        return [copy_reference for _ in datasets]
+    if strategy != "precomputed":
+        raise ConfigError(f"unknown reference strategy {strategy!r}")
+    model = separate if separate is not None else initial_policy
+    model_fp = model_fingerprint(model)
+    tables: dict[int, PrecomputedReference] = {}
+    for dataset in datasets:
+        if id(dataset) not in tables:
+            tables[id(dataset)] = load_or_compute_reference(
+                model, dataset.items, collate, dataset_fingerprint=dataset.fingerprint, cache_dir=cfg.data.cache_dir,
+                batch_size=cfg.reference.batch_size, chunk_size=chunk, model_fp=model_fp, progress=cfg.logging.progress_bar, ctx=ctx,
+            )
+    return [tables[id(dataset)] for dataset in datasets]

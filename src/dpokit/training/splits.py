@@ -1,0 +1,79 @@
+"""The training and evaluation splits of prepared data, and the seeded order of an epoch's batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from dpokit.config import TrainConfig
+from dpokit.errors import TrainingError
+
+
+@dataclass
+class Split:
+    """A view of a prepared dataset: ``indices`` into ``dataset.items``."""
+
+    dataset: Any
+    indices: list[int]
+    # What length-grouped batching sorts by: "row" = prompt + longest response (padded layout),
+    # "block" = prompt + all responses (shared-prompt / packed layouts).
+    length_kind: str = "row"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def items(self, positions: Sequence[int]) -> list[dict[str, Any]]:
+        return [self.dataset.items[self.indices[p]] for p in positions]
+
+    def lengths(self) -> np.ndarray:
+        if self.length_kind == "block" and hasattr(self.dataset, "block_lengths"):
+            return np.asarray(self.dataset.block_lengths)[self.indices]
+        return np.asarray(self.dataset.lengths)[self.indices]
+
+
+def load_data(cfg: TrainConfig, tokenizer: Any, say: Callable[[str], None] = print) -> tuple[Split, Split | None]:
+    """Tokenized train and eval splits. Eval is ``data.eval_path``, else a seeded carve-out of
+    ``data.eval_split_fraction`` of the training examples, else None. The data report goes to ``say``."""
+    from dpokit.data import prepare_dataset
+
+    d = cfg.data
+    common = dict(
+        format=d.format, columns=d.columns, skip_invalid=d.skip_invalid, ranked_mode=d.ranked_mode,
+        max_length=d.max_length, max_prompt_length=d.max_prompt_length, truncation_mode=d.truncation_mode,
+        cache_dir=d.cache_dir,
+    )
+    train_data = prepare_dataset(d.train_path, tokenizer, split=d.train_split, **common)
+    say(f"training data {d.train_path}: {train_data.report.summary()}")
+    indices = list(range(len(train_data)))
+    eval_split: Split | None = None
+    if d.eval_path:
+        eval_data = prepare_dataset(d.eval_path, tokenizer, split=d.eval_split, **common)
+        eval_split = Split(eval_data, list(range(len(eval_data))))
+    elif d.eval_split_fraction > 0:
+        generator = torch.Generator().manual_seed(cfg.optim.seed)
+        permutation = torch.randperm(len(indices), generator=generator).tolist()
+        num_eval = max(1, round(d.eval_split_fraction * len(indices)))
+        held_out = set(permutation[:num_eval])
+        eval_split = Split(train_data, sorted(held_out))
+        indices = [i for i in indices if i not in held_out]
+    if not indices:
+        raise TrainingError(f"no training examples left in {d.train_path!r} (see the data report above)")
+    if eval_split is not None and cfg.eval.max_examples is not None:
+        eval_split.indices = eval_split.indices[: cfg.eval.max_examples]
+    return Split(train_data, indices), eval_split
+
+
+def epoch_batches(split: Split, *, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The micro-batches (positions into ``split``) of one epoch: a pure function of (seed, epoch).
+
+    Examples are shuffled and grouped by length (less padding; the longest batch first, so an
+    out-of-memory error shows at step one) by :class:`~dpokit.data.LengthGroupedSampler`.
+    """
+    from dpokit.data import LengthGroupedSampler
+
+    sampler = LengthGroupedSampler(split.lengths(), batch_size, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return [list(b) for b in sampler]

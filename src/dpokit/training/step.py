@@ -1,0 +1,140 @@
+"""One optimizer step and one evaluation pass, for any number of processes.
+
+Both work on *global* micro-batches (positions into a split) and take this rank's slice of each
+(:meth:`ParallelContext.rank_slice`; all of it in a world of one). A rank whose slice is empty (a
+last micro-batch smaller than the world) runs a stand-in example with loss weight 0, since the
+collectives inside DDP/FSDP need every rank, and adds nothing to the metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from dpokit.data.batch import Batch
+from dpokit.training.metrics import MetricSums, StepMetrics
+from dpokit.training.parallel import ParallelContext, ParallelPolicy
+from dpokit.training.reference import Reference
+
+Collate = Callable[[list[dict[str, Any]]], Batch]
+
+
+def forward_batch(policy: ParallelPolicy, batch: Batch, reference: Reference, objective: Any) -> Any:
+    """Reference log-probs (no grad), policy log-probs (one forward for all K responses), objective output."""
+    from dpokit.losses import LossInputs
+
+    reference_logps = reference.logps(batch) if objective.needs_reference else None
+    policy_out = policy.logps(batch)
+    return objective(
+        LossInputs(
+            policy_logps=policy_out.logps, reference_logps=reference_logps, lengths=batch.response_lengths,
+            response_mask=batch.response_mask, policy_token_logps=policy_out.token_logps, token_seq=batch.score_seq,
+        )
+    )
+
+
+def train_step(
+    policy: ParallelPolicy,
+    micro_batches: Sequence[Sequence[int]],
+    split: Any,
+    collate: Collate,
+    reference: Reference,
+    objective: Any,
+    *,
+    max_grad_norm: float,
+    check_loss: Callable[[float, int], None],
+) -> tuple[MetricSums, float]:
+    """Forward/backward this rank's slices of ``micro_batches`` (global micro-batches of positions
+    into ``split``); return (metric sums over all ranks, global gradient norm before clipping).
+
+    Rank r's slice of b_r examples has loss weight ``b_r * W / n_step`` (n_step: examples in the
+    step, all ranks; W ranks). DDP/FSDP average gradients over ranks, so the step's gradient is
+    exactly that of the mean loss over its examples -- with W = 1, ``b / n_step``, whatever the
+    micro-batch sizes. ``check_loss`` sees every micro-batch loss before the optimizer may step.
+    """
+    ctx = policy.ctx
+    step_examples = sum(len(m) for m in micro_batches)
+    pending = StepMetrics()
+    names: list[str] = ["loss"]
+    for index, positions in enumerate(micro_batches):
+        mine = ctx.rank_slice(positions)
+        batch = collate(split.items(mine if mine else list(positions[:1]))).to(ctx.device)
+        with policy.gradient_sync(index == len(micro_batches) - 1):
+            out = forward_batch(policy, batch, reference, objective)
+            (out.loss * (len(mine) * ctx.world_size / step_examples)).backward()
+        names = ["loss", *out.metrics]
+        if mine:
+            pending.add(index, out)
+    local = pending.finish(check_loss)
+    grad_norm = policy.clip_grad_norm_(max_grad_norm)
+    return local.reduced(ctx, names), grad_norm
+
+
+@dataclass
+class EvalResult:
+    """Means of the objective's metrics over every example, and (optionally) this rank's per-example values."""
+
+    metrics: dict[str, float]
+    num_examples: int
+    per_example: list[dict[str, Any]] = field(default_factory=list)
+
+
+def evaluate(
+    policy: ParallelPolicy,
+    split: Any,
+    reference: Reference,
+    objective: Any,
+    collate: Collate,
+    *,
+    batch_size: int,
+    keep_per_example: bool = False,
+) -> EvalResult:
+    """Loss and reward metrics over every example of ``split`` (eval mode, no grad).
+
+    Each rank takes a contiguous shard, in order; every rank runs the same number of forwards (an
+    exhausted rank runs a stand-in batch and discards it). Metrics are per-example (B,) tensors, so
+    the means weight every example equally whatever the batch sizes and the number of ranks.
+    ``keep_per_example`` keeps ``{"example_id", "loss", <metric>: value}`` records of this rank's shard.
+    """
+    ctx = policy.ctx
+    shard = ctx.rank_slice(range(len(split)))
+    per_rank = -(-len(split) // ctx.world_size)
+    local = MetricSums()
+    names: list[str] = ["loss"]
+    records: list[dict[str, Any]] = []
+    was_training = policy.module.training
+    policy.train(False)
+    try:
+        with torch.no_grad():
+            for start in range(0, per_rank, batch_size):
+                mine = shard[start : start + batch_size]
+                batch = collate(split.items(mine if mine else [0])).to(ctx.device)
+                out = forward_batch(policy, batch, reference, objective)
+                columns = {"loss": out.per_example, **out.metrics}
+                names = list(columns)
+                if mine:
+                    local.add_per_example(columns)
+                    if keep_per_example:
+                        records.extend(_per_example_records(batch, columns, mine))
+    finally:
+        policy.train(was_training)
+    totals = local.reduced(ctx, names)
+    return EvalResult(totals.averages(), len(split), records)
+
+
+def _per_example_records(batch: Batch, columns: dict[str, torch.Tensor], positions: Sequence[int]) -> list[dict[str, Any]]:
+    """One ``{"example_id", <column>: float or None}`` dict per example (non-finite values become None);
+    the example id is the batch's ``example_id`` extra, else the example's position in the split."""
+    ids = batch.extras.get("example_id")
+    values = {name: tensor.detach().float().reshape(-1).cpu().tolist() for name, tensor in columns.items()
+              if tensor.numel() == batch.batch_size}
+    records = []
+    for row in range(batch.batch_size):
+        record: dict[str, Any] = {"example_id": int(ids[row]) if ids is not None else int(positions[row])}
+        for name, column in values.items():
+            record[name] = column[row] if math.isfinite(column[row]) else None
+        records.append(record)
+    return records
