@@ -381,7 +381,8 @@ class Trainer:
         cfg, is_main = self.cfg, self.ctx.is_main
         self.tracker = MetricsTracker(self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                       wandb_project=cfg.logging.wandb_project, config_dict=config_to_dict(cfg), enabled=is_main)
-        self.bar = progress_bar(self.total_steps, initial=self.position.step, enabled=cfg.logging.progress_bar and is_main)
+        self.bar = progress_bar(self.total_steps, initial=self.position.step, enabled=cfg.logging.progress_bar and is_main,
+                                line_every=cfg.logging.log_every)  # off a terminal: one line per log
         try:
             yield
         finally:
