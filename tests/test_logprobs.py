@@ -15,6 +15,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from dpokit.compat import adapters_disabled
 from dpokit.data.batch import Batch
 from dpokit.errors import TrainingError
 from dpokit.logprobs import chunked_token_logps, compute_logps, find_output_head
@@ -258,7 +259,7 @@ def test_lora_adapter_applies_and_disable_adapter_gives_the_base_model():
     _assert_same_value_and_grads(peft_model, batch, chunk_size=4)
     with torch.no_grad():
         adapted = compute_logps(peft_model, batch).logps
-        with peft_model.disable_adapter():
+        with adapters_disabled(peft_model):
             disabled = compute_logps(peft_model, batch).logps
             naive_disabled, _ = _naive_sequence_logps(peft_model, batch)
     assert not torch.allclose(adapted, base_logps, atol=1e-3)

@@ -9,7 +9,7 @@ weight ``W`` (V, H), optional bias ``b`` (V,) and target token ``y_m``:
 
 ``g`` is identity for most models, ``a * z`` for models that scale logits (Cohere ``logit_scale``,
 Granite ``1 / logits_scaling``, ...) and ``c * tanh(z / c)`` for soft-capped ones (Gemma 2/3
-``final_logit_softcapping``).
+``final_logit_softcapping``); the per-architecture table is :func:`dpokit.compat.logit_scale`.
 
 Why chunked: the naive ``log_softmax(model(...).logits)`` holds a float32 (N, T, V) tensor (and
 autograd keeps another for backward) -- 2 GiB for one 2k-token sequence with a 128k vocabulary.
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from dpokit.compat import attention_implementation, final_logit_softcap, logit_scale, text_config
 from dpokit.data.batch import Batch
 from dpokit.errors import ConfigError, TrainingError
 
@@ -82,22 +83,6 @@ class OutputHead:
         return logits
 
 
-def _logit_scale(model: nn.Module, config) -> float:
-    """Multiplicative logit scaling some architectures apply after the output layer."""
-    model_type = str(getattr(config, "model_type", ""))
-    if model_type.startswith("cohere") and getattr(config, "logit_scale", None) is not None:
-        return float(config.logit_scale)  # logits * logit_scale
-    if model_type.startswith("granite") and getattr(config, "logits_scaling", None) is not None:
-        return 1.0 / float(config.logits_scaling)  # logits / logits_scaling
-    if model_type == "minicpm3" and getattr(config, "logits_scaling", None) is not None:
-        return 1.0 / float(config.logits_scaling)  # hidden / logits_scaling before a bias-free head
-    if model_type.startswith("hyperclovax") and getattr(config, "logits_scaling", None) is not None:
-        return float(config.logits_scaling)  # logits * logits_scaling
-    if model_type == "falcon_h1" and getattr(config, "lm_head_multiplier", None) is not None:
-        return float(config.lm_head_multiplier)
-    return 1.0
-
-
 def find_output_head(model: nn.Module) -> OutputHead:
     """The output layer (``model.get_output_embeddings()``, tied or not) and the logit transform
     from the model's config."""
@@ -105,17 +90,14 @@ def find_output_head(model: nn.Module) -> OutputHead:
     if module is None:
         raise TrainingError(f"{type(model).__name__} has no output layer (get_output_embeddings() is None); "
                             "dpokit needs a causal language model")
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-    softcap = getattr(text_config, "final_logit_softcapping", None)
-    scale = _logit_scale(model, text_config)
+    config = text_config(model)
     plain_linear = type(module) is nn.Linear and module.weight.is_floating_point()
     return OutputHead(
         module=module,
         weight=module.weight if plain_linear else None,
         bias=module.bias if plain_linear else None,
-        scale=scale,
-        softcap=float(softcap) if softcap else None,
+        scale=logit_scale(config),
+        softcap=final_logit_softcap(config),
     )
 
 
@@ -224,12 +206,6 @@ def _module_token_logps(head: OutputHead, hidden: Tensor, targets: Tensor, chunk
 _DENSE_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
-def _attention_implementation(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-    return str(getattr(text_config, "_attn_implementation", None) or "eager")
-
-
 def attention_inputs(model: nn.Module, batch: Batch) -> dict[str, Any]:
     """``batch.model_inputs()`` adapted to the model's attention implementation.
 
@@ -244,7 +220,7 @@ def attention_inputs(model: nn.Module, batch: Batch) -> dict[str, Any]:
     mask = batch.attention_mask
     if mask.dim() != 4:
         return inputs
-    implementation = _attention_implementation(model)
+    implementation = attention_implementation(model)
     if implementation not in _DENSE_MASK_ATTENTION:
         raise ConfigError(
             f"the '{getattr(model.config, 'model_type', '?')}' model uses attn_implementation='{implementation}', which does "
@@ -311,7 +287,7 @@ def _verify_custom_mask(model: nn.Module, input_ids: Tensor) -> None:
     if not torch.allclose(padded.float(), shared.float(), rtol=1e-2, atol=1e-2 * (1.0 + padded.abs().max().item())):
         raise ConfigError(
             f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')}, attn_implementation="
-            f"'{_attention_implementation(model)}') gives different log-probs in the shared-prompt layout than in the padded "
+            f"'{attention_implementation(model)}') gives different log-probs in the shared-prompt layout than in the padded "
             "one: its attention ignores custom 4-D masks or position ids. Use data.layout=padded for this model."
         )
     _MASK_VERIFIED[model] = True
@@ -323,7 +299,7 @@ def choose_layout(layout: str, model: nn.Module) -> str:
     Any other name is returned unchanged (and checked on the first batch)."""
     if layout != "auto":
         return layout
-    if _attention_implementation(model) not in _DENSE_MASK_ATTENTION:
+    if attention_implementation(model) not in _DENSE_MASK_ATTENTION:
         return "padded"
     try:
         _verify_custom_mask(model, torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))

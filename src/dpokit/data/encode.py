@@ -47,7 +47,6 @@ Why the word cache is exact
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -56,6 +55,8 @@ from itertools import chain
 from typing import Any
 
 import numpy as np
+
+from dpokit.compat import tokenizer_backend, tokenizer_component_state
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +141,6 @@ class Ragged:
 # Which tokenizers the word cache is exact for
 
 
-def _state(component: Any) -> dict[str, Any] | None:
-    return None if component is None else json.loads(component.__getstate__())
-
-
 def _normalizer_ok(state: dict[str, Any] | None) -> bool:
     if state is None:
         return True
@@ -179,7 +176,7 @@ def _pre_tokenizer_ok(state: dict[str, Any] | None) -> bool:
 
 def word_cache_unsupported(tokenizer: Any) -> str | None:
     """Why :func:`encode_texts` cannot use the word cache for ``tokenizer`` (None: it can)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend = tokenizer_backend(tokenizer)
     if backend is None:
         return "not a fast tokenizer"
     if backend.truncation is not None or backend.padding is not None:
@@ -189,10 +186,10 @@ def word_cache_unsupported(tokenizer: Any) -> str | None:
         return f"model {type(model).__name__}"
     if getattr(model, "dropout", None):
         return "BPE dropout makes encodings random"
-    if not _normalizer_ok(_state(backend.normalizer)):
-        return f"normalizer {_state(backend.normalizer)}"
-    if not _pre_tokenizer_ok(_state(backend.pre_tokenizer)):
-        return f"pre-tokenizer {_state(backend.pre_tokenizer)}"
+    if not _normalizer_ok(tokenizer_component_state(backend.normalizer)):
+        return f"normalizer {tokenizer_component_state(backend.normalizer)}"
+    if not _pre_tokenizer_ok(tokenizer_component_state(backend.pre_tokenizer)):
+        return f"pre-tokenizer {tokenizer_component_state(backend.pre_tokenizer)}"
     return None
 
 
@@ -206,7 +203,7 @@ def _encode_whole(tokenizer: Any, texts: list[str]) -> Ragged:
     for text in texts:
         position.setdefault(text, len(position))
     unique = list(position)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend = tokenizer_backend(tokenizer)
     if backend is not None and backend.truncation is None and backend.padding is None:
         ids = _encode_list(backend, unique)
     else:
@@ -233,7 +230,7 @@ def _encode_by_words(tokenizer: Any, texts: list[str]) -> Ragged | None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    backend = tokenizer.backend_tokenizer
+    backend = tokenizer_backend(tokenizer)
     column = pa.array(texts, type=pa.large_string() if sum(map(len, texts)) >= 2**29 else pa.string())
     # Cut every text at every space, in Arrow, and number the distinct words.
     parts = pc.split_pattern(column, pattern=" ")

@@ -28,6 +28,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from dpokit.compat import serialized_tokenizer, tokenizer_backend
 from dpokit.data.reader import ReadReport, check_read_options, describe_source, read_preferences, source_fingerprint
 from dpokit.data.schema import PreferenceExample
 from dpokit.data.tokenize import TokenizedColumns, TokenizeReport, check_truncation_settings, tokenize_examples
@@ -146,9 +147,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """SHA-256 over what decides the token ids: the serialized tokenizer, special tokens, chat template."""
     digest = hashlib.sha256()
     digest.update(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend = tokenizer_backend(tokenizer)
     if backend is not None:
-        digest.update(backend.to_str().encode())
+        digest.update(serialized_tokenizer(backend).encode())
     else:  # slow tokenizers: the vocabulary and init settings
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
         digest.update(repr(sorted(getattr(tokenizer, "init_kwargs", {}).items())).encode())

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpokit.compat import dataset_fingerprint
 from dpokit.data.formats import FORMATS, check_columns, parse_row
 from dpokit.data.schema import SKIP_REASONS, InvalidRowError, PreferenceExample
 from dpokit.errors import ConfigError, DataError
@@ -335,7 +336,7 @@ def source_fingerprint(source: Any, *, split: str = "train") -> str:
     if isinstance(source, datasets.DatasetDict):
         source = _pick_split(source, split, "<DatasetDict>")
     if isinstance(source, datasets.Dataset):
-        digest.update(b"dataset:" + source._fingerprint.encode())
+        digest.update(b"dataset:" + dataset_fingerprint(source).encode())
     elif isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         digest.update(b"rows:" + json.dumps(list(source), sort_keys=True, default=repr).encode())
     elif isinstance(source, (str, Path)) and Path(source).expanduser().is_file():
@@ -348,7 +349,7 @@ def source_fingerprint(source: Any, *, split: str = "train") -> str:
             digest.update(hashlib.sha256(file.read_bytes()).digest())
     else:  # a dataset name: load (datasets caches it) and use its fingerprint
         dataset = _load_datasets_source(str(source), split)
-        digest.update(b"name:" + str(source).encode() + b"\0" + dataset._fingerprint.encode())
+        digest.update(b"name:" + str(source).encode() + b"\0" + dataset_fingerprint(dataset).encode())
     return digest.hexdigest()
 
 
