@@ -194,9 +194,9 @@ class SharedPromptCollator:
                 room.append(self.pack_tokens - block_lengths[b])
         return rows
 
-    def __call__(self, items: Sequence[Mapping[str, Any]]) -> Batch:
-        batch_size = len(items)
-        if batch_size == 0:
+    def _token_arrays(self, items: Sequence[Mapping[str, Any]]) -> tuple[list[np.ndarray], list[list[np.ndarray]], int]:
+        """(prompts, responses per item, K): the items' token ids as arrays, K checked against the collator's."""
+        if len(items) == 0:
             raise ValueError("cannot collate an empty list of items")
         prompts = [np.asarray(item["prompt_ids"], dtype=np.int64) for item in items]
         responses = [[np.asarray(r, dtype=np.int64) for r in item["response_ids"]] for item in items]
@@ -204,6 +204,11 @@ class SharedPromptCollator:
         num_responses = self.num_responses or most
         if most > num_responses:
             raise ConfigError(f"an item has {most} responses but the collator was built with num_responses={num_responses}")
+        return prompts, responses, num_responses
+
+    def __call__(self, items: Sequence[Mapping[str, Any]]) -> Batch:
+        batch_size = len(items)
+        prompts, responses, num_responses = self._token_arrays(items)
         block_lengths = [len(p) + sum(len(r) for r in rs) for p, rs in zip(prompts, responses)]
         rows = self._rows(block_lengths)
         width = max(sum(block_lengths[b] for b in row) for row in rows)
