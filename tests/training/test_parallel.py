@@ -269,3 +269,36 @@ def test_a_failing_rank_brings_the_run_down_with_its_cause(assets, tmp_path):
     assert "rank      : 1" in summary and cause in summary
     assert node0.returncode != 0
     assert "remote worker crashing" in err0 or "Connection closed by peer" in err0
+
+
+def test_a_single_process_is_a_world_of_one_whose_collectives_are_identities():
+    """The trainer calls the same collectives on 1 and N processes; on one they return their input."""
+    ctx = ParallelContext()
+    assert (ctx.world_size, ctx.rank, ctx.is_main, ctx.strategy) == (1, 0, True, "none")
+    assert ctx.handles_signals and ctx.holds_whole_model
+    ctx.barrier()
+    payload = {"run_dir": "runs/x"}
+    assert ctx.broadcast_object(payload) is payload
+    assert ctx.all_reduce_sum([1.5, 2]) == [1.5, 2.0]
+    assert ctx.all_gather_object(payload) == [payload]
+    assert ctx.rank_slice([4, 5, 6]) == [4, 5, 6]
+    with ctx.main_first():
+        pass
+
+
+def test_one_process_and_torchrun_ranks_run_the_same_trainer(assets, tmp_path, monkeypatch):
+    """``dpokit.training.run`` in one process builds a world-of-one context and the same Trainer whose
+    ``fit`` the torchrun ranks run (the 2-process tests above compare their results)."""
+    from dpokit.training import trainer as trainer_module
+
+    seen = []
+    original_fit = trainer_module.Trainer.fit
+
+    def recording_fit(self, on_step=None):
+        seen.append((type(self).__name__, self.ctx.world_size, type(self.runner.module).__name__))
+        return original_fit(self, on_step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "fit", recording_fit)
+    cfg = load_config(assets / "cfg.yaml", common_overrides(assets, tmp_path / "one") + ["optim.max_steps=1"])
+    assert run(cfg).global_step == 1
+    assert seen == [("Trainer", 1, "LogpsModule")]
