@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dpokit.compat import no_split_module_class_names
 from dpokit.config import DistributedConfig, TrainConfig
 from dpokit.data.batch import Batch
 from dpokit.errors import ConfigError, DpokitError
@@ -287,9 +288,7 @@ class LogpsModule(nn.Module):
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks: modules whose class is in a ``_no_split_modules`` list (the
     transformers convention), else the children of the largest ``nn.ModuleList``."""
-    block_names: set[str] = set()
-    for module in model.modules():
-        block_names.update(getattr(module, "_no_split_modules", None) or [])
+    block_names = no_split_module_class_names(model)
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     if blocks:
         return blocks

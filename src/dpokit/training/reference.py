@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dpokit.compat import architecture_config_dict, peft_base_parameter_name
 from dpokit.config import TrainConfig
 from dpokit.data.batch import Batch
 from dpokit.errors import ConfigError, TrainingError
@@ -42,16 +43,6 @@ from dpokit.training.parallel import ParallelContext, ParallelPolicy, shard_froz
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "dpokit-reference-logps-v1 (summed response log-probs, float32)"
-_PEFT_PREFIX = "base_model.model."
-
-
-def _normalized_parameter_name(name: str) -> str | None:
-    """The plain-model name of a (possibly peft-wrapped) parameter; None for adapter weights."""
-    if "lora_" in name or "modules_to_save" in name:
-        return None
-    if name.startswith(_PEFT_PREFIX):
-        name = name[len(_PEFT_PREFIX):]
-    return name.replace(".base_layer.", ".")
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -65,13 +56,11 @@ def model_fingerprint(model: nn.Module) -> str:
     hasher = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
-        config_dict = config.to_dict()
-        for volatile in ("_name_or_path", "transformers_version", "use_cache", "torch_dtype", "dtype"):
-            config_dict.pop(volatile, None)
+        config_dict = architecture_config_dict(config)
         hasher.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        key = _normalized_parameter_name(name)
+        key = peft_base_parameter_name(name)
         if key is not None and key not in tensors:
             tensors[key] = tensor
     for key in sorted(tensors):
