@@ -14,6 +14,7 @@ from dpokit.data.schema import PreferenceExample
 from dpokit.errors import ConfigError
 from dpokit.logprobs import compute_logps
 from dpokit.models import apply_lora, disable_dropout, load_model_and_tokenizer, save_final_model
+from dpokit.training.parallel import ParallelContext, ParallelPolicy
 from dpokit.training.reference import AdapterDisabledReference, CopyReference, NoReference, resolve_reference_strategy
 from tests.helpers import preference_rows, tiny_gpt2, tiny_llama, write_tiny_model_dir
 
@@ -107,11 +108,11 @@ def test_lora_reference_with_adapters_disabled_equals_the_base_model(model_dir):
         expected = compute_logps(base, batch).logps
         torch.testing.assert_close(compute_logps(policy, batch).logps, expected, rtol=1e-5, atol=1e-5)  # B = 0 at init
     _perturb_adapters(policy)
-    reference = AdapterDisabledReference(policy)
+    reference = AdapterDisabledReference(ParallelPolicy(ParallelContext(), policy))
     with torch.no_grad():
         assert not torch.allclose(compute_logps(policy, batch).logps, expected, atol=1e-2)
     torch.testing.assert_close(reference.logps(batch), expected, rtol=1e-5, atol=1e-5)
-    assert reference.policy is policy and policy.training
+    assert reference.policy.model is policy and policy.training
     assert sum(p.numel() for p in policy.parameters() if p.requires_grad) < sum(p.numel() for p in base.parameters()) / 5
 
 

@@ -1,39 +1,416 @@
-"""``dpokit generate``: sample completions from a model, LoRA adapter or checkpoint.
+"""Generation: the one place dpokit produces completions.
 
-Prompts are either plain text or chat messages (``[{"role": "user", "content": ...}]``). Chat prompts
-go through the tokenizer's chat template with the generation prompt appended (``<|im_start|>assistant\\n``
-for ChatML), exactly as the data pipeline formats them for training, so the policy continues where it
-learned to answer. Sampling is reproducible: prompt ``i`` is sampled with seed ``seed + i``, so the
-same prompt and seed give the same samples whatever else is in the batch.
+One batched generator, :func:`generate`, serves ``dpokit generate`` (:func:`generate_samples`),
+the trainer's evaluation samples (:func:`policy_and_reference_samples`), the reward-KL frontier
+(:func:`sample_with_kl`) and the experiments (:func:`sample_completions`). For N prompt rows
+(``len(prompt_ids) * num_samples``, prompt-major) it
+
+* left-pads each batch of rows to a common width P (position ids restart at 0 at each row's first
+  real token, so a padded row computes what it would alone), runs the prompt once and then one token
+  per step against the model's KV cache (a module that returns no cache gets the whole prefix again);
+* picks each next token greedily (``temperature == 0``) or by sampling from
+  ``softmax(logits / temperature)`` restricted to the top-k tokens and the top-p nucleus;
+* stops a row at its first stop token (EOS, and a chat template's end-of-turn token, see
+  :func:`stop_token_ids`) -- kept as the completion's last token -- or after ``max_new_tokens``;
+* optionally scores every completion by teacher forcing (:func:`completion_logps`):
+  ``log pi(y|x) = sum_t log softmax(logits)[y_t]`` under the policy and under a reference model.
+
+Sampling is reproducible and independent of the batch: the row for sample ``j`` of prompt ``i``
+draws its uniforms ``u[j, t]`` (float64, on the CPU) from a generator seeded with ``seed + i`` and
+picks token ``min{v : F_t(v) > u[j, t]}`` (inverse CDF of the step's distribution ``F_t``). So a
+prompt's samples do not depend on which prompts share its batch, the batch size or the device the
+model runs on (beyond the model's own floating-point differences).
+
+Prompts are plain text or chat messages (``[{"role": "user", "content": ...}]``); chat prompts go
+through the tokenizer's chat template with the generation prompt appended (``<|im_start|>assistant\\n``
+for ChatML), exactly as the data pipeline formats them for training (:func:`format_prompt`).
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import dataclasses
+import functools
 import json
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.analysis.evaluate import load_policy, quiet_loading_bars
+from dpokit.models import LoadOptions, pad_id_of
 
 Prompt = str | list[dict[str, str]]
+# Rows (prompt x sample) per forward pass when a caller does not say.
+DEFAULT_BATCH_SIZE = 64
+# End-of-turn markers of common chat templates; generation stops at them as at EOS.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 
 @dataclass
-class Sample:
-    """One generated completion. ``prompt_text`` is the exact text the model was conditioned on."""
+class SamplingConfig:
+    """How completions are drawn. The defaults are ``dpokit generate``'s.
+
+    ``temperature == 0`` is greedy decoding (``top_p``/``top_k``/``seed`` then do not matter);
+    ``top_k == 0`` and ``top_p == 1`` switch those filters off; ``seed`` seeds prompt ``i`` with
+    ``seed + i``.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    num_samples: int = 1
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for settings no sampler can use."""
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples must be at least 1, got {self.num_samples}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
+
+@dataclass
+class Completion:
+    """One generated completion, as token ids.
+
+    ``token_ids`` end with the stop token when one ended the completion (``stopped``);
+    ``sampling_logp`` is ``sum_t log q_t(y_t)`` under the distributions the tokens were drawn from
+    (tempered and truncated; the model's own softmax for greedy decoding), accumulated while
+    generating. ``policy_logp`` / ``reference_logp`` are the teacher-forced ``log pi(y|x)`` /
+    ``log pi_ref(y|x)`` when they were asked for.
+    """
 
     prompt_index: int
     sample_index: int
-    prompt: Prompt
-    prompt_text: str
-    completion: str
-    num_tokens: int
+    token_ids: list[int]
+    stopped: bool
+    sampling_logp: float
+    policy_logp: float | None = None
+    reference_logp: float | None = None
+
+    @property
+    def content_ids(self) -> list[int]:
+        """The completion without its stop token."""
+        return self.token_ids[:-1] if self.stopped else self.token_ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Padding, positions, the KV cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _left_padded(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) ids and 0/1 mask, rows aligned to the right edge (so generation appends at column T)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 at each row's first real token (left padding gets position 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@functools.lru_cache(maxsize=1)
+def _cache_keyword() -> str:
+    """The name transformers gives the KV cache in forward arguments and outputs: ``cache`` in
+    recent 5.x releases (``past_key_values`` is then deprecated and warns), ``past_key_values`` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    """Last-position logits (N, V) and the updated KV cache (None when the model keeps none)."""
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
+    if cache is not None:
+        kwargs[_cache_keyword()] = cache
+    out = model(**kwargs)
+    return out.logits[:, -1, :], getattr(out, _cache_keyword(), None)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: torch.nn.Module | None) -> Iterator[None]:
+    """Eval mode for ``models`` inside the block; each model's train/eval mode is restored after it."""
+    present = [m for m in dict.fromkeys(models) if m is not None]
+    modes = [m.training for m in present]
+    for model in present:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(present, modes):
+            model.train(mode)
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing the next token
+# --------------------------------------------------------------------------------------------------
+
+
+def _truncated(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """``logits`` (N, V) with every token outside the top-k and outside the top-p nucleus set to -inf.
+
+    The nucleus is the smallest set of likeliest tokens whose probability reaches ``top_p``: a token
+    stays when the mass of the tokens ranked above it is still below ``top_p`` (so the first always stays).
+    """
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row (N,) and its log-prob (N,) under the distribution it came from.
+
+    Greedy: ``argmax(logits)``. Sampling: the inverse CDF of ``q = softmax(truncated(logits / T))``
+    at the row's uniform ``u``: the first token ``v`` with ``sum_{w <= v} q_w > u * sum_w q_w``
+    (computed in float64; tokens with ``q_v = 0`` can never be that first token).
+    """
+    logits = logits.float()
+    if sampling.greedy or uniforms is None:
+        log_probs = logits.log_softmax(-1)
+        tokens = logits.argmax(-1)
+    else:
+        log_probs = _truncated(logits / sampling.temperature, sampling.top_k, sampling.top_p).log_softmax(-1)
+        cdf = log_probs.double().exp().cumsum(-1)
+        targets = uniforms.to(cdf.device)[:, None] * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
+    return tokens, log_probs.gather(1, tokens[:, None]).squeeze(1)
+
+
+def _row_uniforms(num_prompts: int, sampling: SamplingConfig) -> torch.Tensor:
+    """(num_prompts * num_samples, max_new_tokens) float64 uniforms; prompt i's rows from seed + i."""
+    blocks = []
+    for prompt_index in range(num_prompts):
+        generator = torch.Generator().manual_seed(sampling.seed + prompt_index)
+        blocks.append(torch.rand((sampling.num_samples, sampling.max_new_tokens), dtype=torch.float64, generator=generator))
+    return torch.cat(blocks) if blocks else torch.zeros((0, sampling.max_new_tokens), dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# The batched generator
+# --------------------------------------------------------------------------------------------------
+
+
+def _decode_batch(
+    model: torch.nn.Module,
+    rows: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    uniforms: torch.Tensor | None,
+    stop_ids: torch.Tensor,
+    pad_token_id: int,
+) -> tuple[list[list[int]], list[bool], list[float]]:
+    """Complete one batch of prompt rows: (completion ids, stopped, summed sampling log-probs) per row.
+
+    ``uniforms`` (N, max_new_tokens) drive the sampler (None for greedy). A row that has stopped
+    keeps receiving pad tokens with mask 0 until every row has stopped or the length limit is hit.
+    """
+    device = _device_of(model)
+    ids, mask = _left_padded(rows, pad_token_id)
+    ids, mask, stop_ids = ids.to(device), mask.to(device), stop_ids.to(device)
+    n, steps = ids.shape[0], sampling.max_new_tokens
+    generated = torch.full((n, steps), pad_token_id, dtype=torch.long, device=device)
+    logp_sum = torch.zeros(n, dtype=torch.float64, device=device)
+    lengths = torch.zeros(n, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    logits, cache = _forward(model, ids, mask, _positions(mask), None)
+    for t in range(steps):
+        next_tokens, logps = _next_tokens(logits, sampling, None if uniforms is None else uniforms[:, t])
+        alive = ~done
+        next_tokens = torch.where(alive, next_tokens, torch.full_like(next_tokens, pad_token_id))
+        logp_sum += torch.where(alive, logps.double(), 0.0)
+        generated[:, t] = next_tokens
+        lengths += alive.long()
+        done = done | (alive & torch.isin(next_tokens, stop_ids))
+        if t == steps - 1 or bool(done.all()):
+            break
+        mask = torch.cat([mask, alive.long()[:, None]], dim=1)
+        if cache is not None:
+            position = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+            logits, cache = _forward(model, next_tokens[:, None], mask, position, cache)
+        else:
+            ids = torch.cat([ids, next_tokens[:, None]], dim=1)
+            logits, _ = _forward(model, ids, mask, _positions(mask), None)
+    completions = [generated[i, : int(lengths[i])].tolist() for i in range(n)]
+    return completions, done.tolist(), logp_sum.tolist()
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    *,
+    stop_token_ids: Sequence[int],
+    pad_token_id: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    score: bool = False,
+    reference: torch.nn.Module | None = None,
+) -> list[Completion]:
+    """``sampling.num_samples`` completions of every tokenized prompt, prompt-major.
+
+    Rows go through the model ``batch_size`` at a time (left-padded, KV-cached; see the module
+    docstring). ``score=True`` adds each completion's teacher-forced ``policy_logp``; a
+    ``reference`` model adds ``reference_logp`` as well (and implies ``score``). When ``reference
+    is model`` the two are the same numbers, so ``policy_logp - reference_logp`` is exactly 0. Both
+    models are in eval mode meanwhile and get their previous mode back.
+    """
+    sampling.validate()
+    if any(len(ids) == 0 for ids in prompt_ids):
+        raise DataError(f"prompt {next(i for i, ids in enumerate(prompt_ids) if len(ids) == 0)} has no tokens")
+    rows = [(p, s) for p in range(len(prompt_ids)) for s in range(sampling.num_samples)]
+    uniforms = None if sampling.greedy else _row_uniforms(len(prompt_ids), sampling)
+    stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
+    completions: list[Completion] = []
+    with _eval_mode(model, reference):
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            ids, stopped, logps = _decode_batch(
+                model, [prompt_ids[p] for p, _ in batch], sampling,
+                None if uniforms is None else uniforms[start:start + len(batch)], stops, pad_token_id,
+            )
+            completions += [Completion(p, s, c, d, lp) for (p, s), c, d, lp in zip(batch, ids, stopped, logps)]
+        if score or reference is not None:
+            _score(completions, model, reference, prompt_ids, pad_token_id=pad_token_id, batch_size=batch_size)
+    return completions
+
+
+def _score(
+    completions: list[Completion], model: torch.nn.Module, reference: torch.nn.Module | None,
+    prompt_ids: Sequence[Sequence[int]], *, pad_token_id: int, batch_size: int,
+) -> None:
+    """Fill in ``policy_logp`` (and ``reference_logp`` when there is a reference) by teacher forcing."""
+    prompts = [prompt_ids[c.prompt_index] for c in completions]
+    outputs = [c.token_ids for c in completions]
+    policy = completion_logps(model, prompts, outputs, pad_token_id=pad_token_id, batch_size=batch_size)
+    if reference is None:
+        ref = None
+    elif reference is model:
+        ref = policy
+    else:
+        ref = completion_logps(reference, prompts, outputs, pad_token_id=pad_token_id, batch_size=batch_size)
+    for index, completion in enumerate(completions):
+        completion.policy_logp = float(policy[index])
+        completion.reference_logp = None if ref is None else float(ref[index])
+
+
+@torch.no_grad()
+def completion_logps(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 128,
+) -> torch.Tensor:
+    """``log pi(y|x) = sum_t log softmax(logits)[y_t]`` over completion tokens, shape (N,), float64.
+
+    Rows are ``[pad ... prompt | completion ... pad]`` (prompt left-padded to a common width P,
+    completion right-padded), so the logit at column ``P - 1 + t`` predicts completion token ``t``
+    in every row. An empty completion has log-prob 0.
+    """
+    device = _device_of(model)
+    results = []
+    for start in range(0, len(prompt_ids), batch_size):
+        prompts = prompt_ids[start:start + batch_size]
+        completions = completion_ids[start:start + batch_size]
+        prompt_block, prompt_mask = _left_padded(prompts, pad_token_id)
+        width = max(1, max(len(c) for c in completions))
+        completion_block = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+        completion_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, c in enumerate(completions):
+            completion_block[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+            completion_mask[i, : len(c)] = 1
+        ids = torch.cat([prompt_block, completion_block], dim=1).to(device)
+        mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
+        p = prompt_block.shape[1]
+        predicting = logits[:, p - 1: p - 1 + width, :].float().log_softmax(-1)  # (N, C, V)
+        token_logps = predicting.gather(2, completion_block.to(device)[:, :, None]).squeeze(2)
+        results.append((token_logps.double() * completion_mask.to(device)).sum(-1).cpu())
+    return torch.cat(results) if results else torch.zeros(0, dtype=torch.float64)
+
+
+def sample_completions(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int],
+    pad_token_id: int,
+    seed: int = 0,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    batch_size: int = 128,
+) -> list[Completion]:
+    """Ancestral sampling ``y ~ pi(.|x)``: every token from the full ``softmax(logits / temperature)``
+    (no top-k, no top-p), ``num_samples`` per prompt, prompt-major. At temperature 1 each
+    completion's ``sampling_logp`` is ``log pi(y|x)`` as computed while sampling."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
+                              num_samples=num_samples, seed=seed)
+    return generate(model, prompt_ids, sampling, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+                    batch_size=batch_size)
+
+
+def sample_with_kl(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int],
+    pad_token_id: int,
+    seed: int = 0,
+    num_samples: int = 1,
+    batch_size: int = 128,
+) -> tuple[list[Completion], torch.Tensor]:
+    """Sample ``y_i ~ pi(.|x_i)`` (temperature 1, full softmax) and return the completions and
+    ``log pi(y_i|x_i) - log pi_ref(y_i|x_i)`` (N,), float64.
+
+    Both log-probs are recomputed by one teacher-forced forward each over the same padded rows, so
+    the two terms differ only by the model. The mean of the returned vector estimates the
+    sequence-level KL(pi || pi_ref); when ``reference is policy`` every term is exactly 0.
+    """
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                              num_samples=num_samples, seed=seed)
+    completions = generate(policy, prompt_ids, sampling, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
+                           batch_size=batch_size, reference=reference)
+    kl = torch.tensor([c.policy_logp - c.reference_logp for c in completions], dtype=torch.float64)  # type: ignore[operator]
+    return completions, kl
+
+
+# --------------------------------------------------------------------------------------------------
+# Text: prompts in, decoded completions out
+# --------------------------------------------------------------------------------------------------
 
 
 def format_prompt(tokenizer: Any, prompt: Prompt, *, chat_template: str = "auto", system: str | None = None) -> str:
@@ -64,105 +441,103 @@ def format_prompt(tokenizer: Any, prompt: Prompt, *, chat_template: str = "auto"
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _prompt_token_ids(tokenizer: Any, prompt_text: str, templated: bool) -> list[int]:
-    # A chat template writes its own special tokens (BOS included where it wants one); adding them
-    # again would double the BOS. Plain text gets the tokenizer's usual special tokens.
-    return tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[Prompt], *, chat_template: str = "auto", system: str | None = None,
+) -> tuple[list[str], list[list[int]]]:
+    """The formatted text (:func:`format_prompt`) and token ids of every prompt.
+
+    A chat template writes its own special tokens (BOS included where it wants one), so templated
+    text is tokenized without adding them again; plain text gets the tokenizer's usual special tokens.
+    """
+    texts, ids = [], []
+    for index, prompt in enumerate(prompts):
+        text = format_prompt(tokenizer, prompt, chat_template=chat_template, system=system)
+        templated = (not isinstance(prompt, str) or chat_template == "always") and chat_template != "never"
+        token_ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        if not token_ids:
+            raise DataError(f"prompt {index} is empty after tokenization")
+        texts.append(text)
+        ids.append(token_ids)
+    return texts, ids
 
 
-@torch.no_grad()
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """EOS and, when the vocabulary has one, a chat template's end-of-turn token (``<|im_end|>``, ...)."""
+    stop = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    vocab = tokenizer.get_vocab()
+    for marker in END_OF_TURN_TOKENS:
+        if marker in vocab and int(vocab[marker]) not in stop:
+            stop.append(int(vocab[marker]))
+    return stop
+
+
+def decode_completions(tokenizer: Any, completions: Sequence[Completion]) -> list[str]:
+    """Each completion's text without its stop token and without special tokens."""
+    return tokenizer.batch_decode([c.content_ids for c in completions], skip_special_tokens=True)
+
+
+@dataclass
+class Sample:
+    """One generated completion. ``prompt_text`` is the exact text the model was conditioned on."""
+
+    prompt_index: int
+    sample_index: int
+    prompt: Prompt
+    prompt_text: str
+    completion: str
+    num_tokens: int
+
+
 def generate_samples(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[Prompt],
+    sampling: SamplingConfig | None = None,
     *,
-    max_new_tokens: int = 64,
-    temperature: float = 0.7,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    num_samples: int = 1,
-    seed: int = 0,
     chat_template: str = "auto",
     system: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> list[Sample]:
-    """Sample ``num_samples`` completions per prompt. ``temperature == 0`` means greedy decoding.
-
-    Returns ``len(prompts) * num_samples`` samples, prompt-major. Generation stops at the tokenizer's
-    EOS token (and the chat template's end-of-turn token when it is a single token) or after
-    ``max_new_tokens``.
-    """
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if num_samples < 1:
-        raise ConfigError(f"num_samples must be at least 1, got {num_samples}")
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    stop_ids = _stop_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
-    greedy = temperature == 0
-    samples: list[Sample] = []
-    for prompt_index, prompt in enumerate(prompts):
-        templated = not isinstance(prompt, str) or chat_template == "always"
-        prompt_text = format_prompt(tokenizer, prompt, chat_template=chat_template, system=system)
-        prompt_ids = _prompt_token_ids(tokenizer, prompt_text, templated and chat_template != "never")
-        if not prompt_ids:
-            raise DataError(f"prompt {prompt_index} is empty after tokenization")
-        input_ids = torch.tensor([prompt_ids], device=device)
-        # Seed per prompt so a prompt's samples do not depend on which prompts came before it.
-        torch.manual_seed(seed + prompt_index)
-        sampling: dict[str, Any] = {"do_sample": False} if greedy else {
-            "do_sample": True,
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,  # 0 switches top-k off (None would fall back to the model's default, often 50)
-        }
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_samples,
-            eos_token_id=stop_ids or None,
-            pad_token_id=pad_id,
-            **sampling,
+    """``sampling.num_samples`` decoded completions per prompt (default :class:`SamplingConfig`),
+    ``len(prompts) * num_samples`` samples, prompt-major. ``num_tokens`` counts the completion's
+    tokens before its stop token."""
+    sampling = sampling or SamplingConfig()
+    texts, ids = encode_prompts(tokenizer, prompts, chat_template=chat_template, system=system)
+    completions = generate(model, ids, sampling, stop_token_ids=stop_token_ids(tokenizer),
+                           pad_token_id=pad_id_of(tokenizer), batch_size=batch_size)
+    return [
+        Sample(
+            prompt_index=c.prompt_index, sample_index=c.sample_index, prompt=prompts[c.prompt_index],
+            prompt_text=texts[c.prompt_index], completion=text, num_tokens=len(c.content_ids),
         )
-        for sample_index, sequence in enumerate(output[:, input_ids.shape[1]:].tolist()):
-            completion_ids = _until_stop(sequence, stop_ids)
-            samples.append(
-                Sample(
-                    prompt_index=prompt_index,
-                    sample_index=sample_index,
-                    prompt=prompt,
-                    prompt_text=prompt_text,
-                    completion=tokenizer.decode(completion_ids, skip_special_tokens=True),
-                    num_tokens=len(completion_ids),
-                )
-            )
-    model.train(was_training)
+        for c, text in zip(completions, decode_completions(tokenizer, completions))
+    ]
+
+
+def policy_and_reference_samples(
+    policy: Any, reference: Any, tokenizer: Any, prompt_ids: list[list[int]], *, max_new_tokens: int,
+) -> list[dict[str, str]]:
+    """Greedy continuations of tokenized prompts from the policy and (when the reference keeps a
+    model in memory: ``reference.sampling_model()`` yields one) the reference -- the samples the
+    trainer writes at each evaluation: ``[{"prompt", "policy"[, "reference"]}]``."""
+    greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    stops, pad = stop_token_ids(tokenizer), pad_id_of(tokenizer)
+
+    def continuations(model: Any) -> list[str]:
+        return decode_completions(tokenizer, generate(model, prompt_ids, greedy, stop_token_ids=stops, pad_token_id=pad))
+
+    samples = [{"prompt": tokenizer.decode(ids, skip_special_tokens=False), "policy": text}
+               for ids, text in zip(prompt_ids, continuations(policy))]
+    with reference.sampling_model() as reference_model:
+        if reference_model is not None:
+            for sample, text in zip(samples, continuations(reference_model)):
+                sample["reference"] = text
     return samples
 
 
-def _stop_token_ids(tokenizer: Any) -> list[int]:
-    stop = []
-    if tokenizer.eos_token_id is not None:
-        stop.append(int(tokenizer.eos_token_id))
-    # ChatML-style templates end a turn with <|im_end|> rather than EOS.
-    for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        token_id = tokenizer.convert_tokens_to_ids(marker) if marker in tokenizer.get_vocab() else None
-        if token_id is not None and token_id not in stop:
-            stop.append(int(token_id))
-    return stop
-
-
-def _until_stop(token_ids: list[int], stop_ids: list[int]) -> list[int]:
-    for position, token_id in enumerate(token_ids):
-        if token_id in stop_ids:
-            return token_ids[:position]
-    return token_ids
+# --------------------------------------------------------------------------------------------------
+# dpokit generate
+# --------------------------------------------------------------------------------------------------
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
@@ -203,75 +578,27 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     return prompts
 
 
-def run_generate_command(args: argparse.Namespace) -> int:
-    """``dpokit generate``: load the model, sample, print and optionally write JSON lines."""
-    prompts: list[Prompt] = list(args.prompt or [])
-    if args.prompts_file:
-        prompts.extend(read_prompts(args.prompts_file))
+@dataclass
+class GenerateJob:
+    """What ``dpokit generate`` does: sample from ``model`` for ``prompts`` (plus those of ``prompts_file``)."""
+
+    model: str
+    prompts: list[Prompt] = field(default_factory=list)
+    prompts_file: str | None = None
+    chat_template: str = "auto"
+    system: str | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    load: LoadOptions = field(default_factory=LoadOptions)
+
+
+def run_generate(job: GenerateJob) -> list[Sample]:
+    """Load the model (directory, LoRA adapter or checkpoint) and sample the job's prompts."""
+    from dpokit.models import load_policy
+
+    prompts = list(job.prompts) + (read_prompts(job.prompts_file) if job.prompts_file else [])
     if not prompts:
         raise ConfigError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
-    quiet_loading_bars()
-    loaded = load_policy(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-    samples = generate_samples(
-        loaded.model,
-        loaded.tokenizer,
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        num_samples=args.num_samples,
-        seed=args.seed,
-        chat_template=args.chat_template,
-        system=args.system,
-    )
-    rows = [asdict(sample) for sample in samples]
-    if args.output:
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with open(output, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    if args.json:
-        for row in rows:
-            print(json.dumps(row, ensure_ascii=False))
-    else:
-        for sample in samples:
-            header = f"--- prompt {sample.prompt_index}" + (f", sample {sample.sample_index}" if args.num_samples > 1 else "")
-            print(header)
-            print(f"{sample.prompt_text}\033[1m{sample.completion}\033[0m" if sys.stdout.isatty() else f"{sample.prompt_text}{sample.completion}")
-        if args.output:
-            print(f"wrote {len(rows)} samples to {args.output}")
-    return 0
-
-
-@torch.no_grad()
-def policy_and_reference_samples(
-    policy: Any, reference: Any, tokenizer: Any, prompt_ids: list[list[int]], *, max_new_tokens: int,
-) -> list[dict[str, str]]:
-    """Greedy continuations of tokenized prompts from the policy and (when the reference keeps a
-    model in memory: ``reference.sampling_model()`` yields one) the reference -- the samples the
-    trainer writes at each evaluation."""
-    device = next(policy.parameters()).device
-
-    def greedy(model: Any, ids: list[int]) -> str:
-        input_ids = torch.tensor([ids], device=device)
-        output = model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-        )
-        return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
-
-    samples = []
-    was_training = policy.training
-    policy.eval()
-    try:
-        for ids in prompt_ids:
-            sample = {"prompt": tokenizer.decode(ids, skip_special_tokens=False), "policy": greedy(policy, ids)}
-            with reference.sampling_model() as reference_model:
-                if reference_model is not None:
-                    sample["reference"] = greedy(reference_model, ids)
-            samples.append(sample)
-    finally:
-        policy.train(was_training)
-    return samples
+    job.sampling.validate()
+    loaded = load_policy(job.model, dtype=job.load.dtype, device=job.load.device, trust_remote_code=job.load.trust_remote_code)
+    return generate_samples(loaded.model, loaded.tokenizer, prompts, job.sampling,
+                            chat_template=job.chat_template, system=job.system)

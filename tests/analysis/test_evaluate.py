@@ -10,7 +10,7 @@ import torch
 
 from dpokit.commands.main import main
 from dpokit.data import prepare_dataset
-from dpokit.analysis.evaluate import load_policy
+from dpokit.models import load_policy
 from tests.helpers import tiny_llama, tiny_tokenizer
 
 BETA = 0.5

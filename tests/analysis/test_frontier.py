@@ -13,16 +13,14 @@ import torch
 from dpokit.errors import ConfigError, DataError
 from dpokit.analysis.frontier import (
     best_of_n_kl,
-    completion_logps,
     dominance_summary,
     estimate_reward_kl,
     find_checkpoints,
     load_reward,
-    read_prompts,
-    sample_completions,
-    sample_with_kl,
+    read_text_prompts,
     write_results,
 )
+from dpokit.generation import completion_logps, sample_completions, sample_with_kl
 from tests.helpers import tiny_gpt2, tiny_tokenizer
 
 
@@ -55,8 +53,8 @@ def test_kl_over_fixed_length_two_token_sequences_matches_the_analytic_value():
     """
     policy, reference = FixedLogits(logits_for(0.7)), FixedLogits(logits_for(0.4))
     prompts = [[0, 1]] * 4000
-    _, kls = sample_with_kl(policy, reference, prompts, max_new_tokens=6, eos_token_id=None, pad_token_id=0,
-                            generator=torch.Generator().manual_seed(0), batch_size=1000)
+    _, kls = sample_with_kl(policy, reference, prompts, max_new_tokens=6, stop_token_ids=[], pad_token_id=0,
+                            seed=0, batch_size=1000)
     expected = 6 * bernoulli_kl(0.7, 0.4)
     assert expected == pytest.approx(1.1025, abs=1e-3)
     standard_error = kls.std().item() / math.sqrt(len(kls))
@@ -72,8 +70,9 @@ def test_kl_with_eos_counts_each_step_only_while_the_sequence_is_alive():
     """
     a, b, steps = 0.3, 0.1, 5
     policy, reference = FixedLogits(logits_for(a)), FixedLogits(logits_for(b))
-    completions, kls = sample_with_kl(policy, reference, [[0]] * 6000, max_new_tokens=steps, eos_token_id=1,
-                                      pad_token_id=0, generator=torch.Generator().manual_seed(1), batch_size=2000)
+    completions, kls = sample_with_kl(policy, reference, [[0]] * 6000, max_new_tokens=steps, stop_token_ids=[1],
+                                      pad_token_id=0, seed=1, batch_size=2000)
+    completions = [c.token_ids for c in completions]
     expected = sum((1 - a) ** t for t in range(steps)) * bernoulli_kl(a, b)
     assert expected == pytest.approx(0.4261, abs=1e-3)
     standard_error = kls.std().item() / math.sqrt(len(kls))
@@ -114,8 +113,9 @@ def test_sampling_log_probs_agree_with_teacher_forcing_across_left_padded_prompt
     tokenizer = tiny_tokenizer()
     model = tiny_gpt2(vocab_size=len(tokenizer))
     prompt_ids = [tokenizer(p)["input_ids"] for p in ["a", "the movie was very good and", "i liked it"]]
-    completions, sampled = sample_completions(model, prompt_ids, max_new_tokens=7, eos_token_id=tokenizer.eos_token_id,
-                                              pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(3))
+    samples = sample_completions(model, prompt_ids, max_new_tokens=7, stop_token_ids=[tokenizer.eos_token_id],
+                                 pad_token_id=tokenizer.pad_token_id, seed=3)
+    completions, sampled = [c.token_ids for c in samples], [c.sampling_logp for c in samples]
     forced = completion_logps(model, prompt_ids, completions, pad_token_id=tokenizer.pad_token_id)
     assert torch.allclose(forced, torch.tensor(sampled, dtype=torch.float64), atol=1e-4)
     # Each row equals the unpadded forward of that prompt alone.
@@ -212,10 +212,10 @@ def test_find_checkpoints_orders_by_step_with_the_final_export_last(tmp_path):
 
 def test_read_prompts_from_text_and_jsonl_with_located_errors(tmp_path):
     (tmp_path / "p.txt").write_text("first\n\nsecond\n")
-    assert read_prompts(tmp_path / "p.txt") == ["first", "second"]
+    assert read_text_prompts(tmp_path / "p.txt") == ["first", "second"]
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": 3}\n')
     with pytest.raises(DataError, match=r"p.jsonl:2: field 'prompt'"):
-        read_prompts(tmp_path / "p.jsonl")
+        read_text_prompts(tmp_path / "p.jsonl")
 
 
 def test_frontier_command_evaluates_saved_runs_end_to_end(tmp_path):

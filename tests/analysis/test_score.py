@@ -11,7 +11,8 @@ import torch
 from dpokit.commands.main import main
 from dpokit.data import PreferenceExample, prepare_from_examples
 from dpokit.errors import DataError
-from dpokit.analysis.evaluate import ReferenceChoice, load_policy
+from dpokit.models import load_policy
+from dpokit.analysis.evaluate import ReferenceChoice
 from dpokit.analysis.score import ScoreRow, read_score_rows, score_rows
 from tests.helpers import tiny_llama, tiny_tokenizer
 
@@ -37,11 +38,13 @@ def reference_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory, policy_dir):
     """A LoRA adapter over ``policy_dir`` whose B matrices start at zero: policy == base exactly."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from dpokit.config import LoraConfig
+    from dpokit.models import apply_lora
+
     base = AutoModelForCausalLM.from_pretrained(policy_dir)
-    adapter = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    adapter = apply_lora(base, LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     directory = tmp_path_factory.mktemp("adapter")
     adapter.save_pretrained(directory)
     return directory

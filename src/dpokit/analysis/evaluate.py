@@ -10,167 +10,25 @@ is *ranked correctly* when r(x, y_w) > r(x, y_l). ``dpokit eval`` reports, over 
 
 using the same log-prob code and objective as training, so the numbers match the run's eval metrics.
 
-This module also holds the loading shared by ``eval``, ``score`` and ``generate``: a plain model
-directory, a LoRA adapter directory (policy = base + adapter; reference = base with the adapter
-switched off), or a directory written by ``dpokit train``.
+Models are loaded by :func:`dpokit.models.load_policy` (a model directory, a LoRA adapter
+directory -- policy = base + adapter; reference = base with the adapter switched off -- or a
+directory written by ``dpokit train``). Settings left open in an :class:`EvalJob` come from the
+training configuration (:func:`training_defaults`), so no default is repeated here.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 
 from dpokit.errors import ConfigError
+from dpokit.models import LoadedPolicy, LoadOptions, load_policy, pad_id_of
 
-# ------------------------------------------------------------------------------------------- loading
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The resolved config `dpokit train` writes into its run directory and beside the exported model.
-RUN_CONFIG_FILES = ("config.yaml",)
-# Subdirectories in which a checkpoint directory may keep the policy weights.
-CHECKPOINT_MODEL_SUBDIRS = ("model", "policy", "adapter")
-
-
-@dataclass
-class LoadedPolicy:
-    """A policy ready for inference.
-
-    ``kind`` is ``"model"`` (full weights), ``"adapter"`` (a peft LoRA model over ``base_path``), or the
-    same inside a ``dpokit train`` checkpoint. ``run_config`` is the training configuration found next
-    to the weights (a plain dict), or None.
-    """
-
-    model: Any
-    tokenizer: Any
-    path: str
-    kind: str
-    base_path: str | None = None
-    run_config: dict[str, Any] | None = None
-
-    @property
-    def is_adapter(self) -> bool:
-        return self.kind == "adapter"
-
-
-def quiet_loading_bars() -> None:
-    """Hide transformers' per-file loading bars when stderr is not a terminal (logs, pipes)."""
-    import sys
-
-    if not sys.stderr.isatty():
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _torch_dtype(dtype: str) -> Any:
-    if dtype == "auto":
-        return "auto"
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def _read_run_config(directory: Path) -> dict[str, Any] | None:
-    """The training configuration saved with a model or checkpoint (looked up in it and its parents)."""
-    import yaml
-
-    for candidate_dir in (directory, directory.parent, directory.parent.parent):
-        for name in RUN_CONFIG_FILES:
-            candidate = candidate_dir / name
-            if candidate.is_file():
-                text = candidate.read_text(encoding="utf-8")
-                loaded = json.loads(text) if candidate.suffix == ".json" else yaml.safe_load(text)
-                if isinstance(loaded, dict) and ("model" in loaded or "loss" in loaded):
-                    return loaded
-    return None
-
-
-def _model_directory(path: Path) -> Path:
-    """The directory holding the weights (or adapter) inside ``path``."""
-    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
-        return path
-    for name in CHECKPOINT_MODEL_SUBDIRS:
-        sub = path / name
-        if (sub / "config.json").is_file() or (sub / "adapter_config.json").is_file():
-            return sub
-    return path
-
-
-def _load_tokenizer(candidates: Sequence[str | Path], trust_remote_code: bool) -> Any:
-    from transformers import AutoTokenizer
-
-    errors = []
-    for candidate in candidates:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(candidate), trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError) as error:
-            errors.append(f"{candidate}: {error}")
-            continue
-        if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
-    raise ConfigError("cannot load a tokenizer from " + "; ".join(errors))
-
-
-def load_policy(
-    path: str | Path,
-    *,
-    dtype: str = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
-) -> LoadedPolicy:
-    """Load a model directory / hub id, a LoRA adapter directory, or a ``dpokit train`` checkpoint.
-
-    The model is put in eval mode on ``device``. A LoRA adapter is loaded on top of the base model named
-    in its ``adapter_config.json`` (kept as a peft model so its adapter can be disabled for the
-    reference log-probs).
-    """
-    from transformers import AutoModelForCausalLM
-
-    given = Path(path)
-    if not given.exists() and (str(path).startswith((".", "/")) or given.suffix):
-        raise ConfigError(f"{path}: no such model directory")
-    model_dir = _model_directory(given) if given.exists() else given
-    run_config = _read_run_config(given) if given.exists() else None
-    torch_dtype = _torch_dtype(dtype)
-    target = pick_device(device)
-    try:
-        if (model_dir / "adapter_config.json").is_file():
-            from peft import PeftModel
-
-            adapter_config = json.loads((model_dir / "adapter_config.json").read_text())
-            base_path = adapter_config.get("base_model_name_or_path")
-            if not base_path:
-                raise ConfigError(f"{model_dir / 'adapter_config.json'}: no base_model_name_or_path; cannot find the base model")
-            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-            model = PeftModel.from_pretrained(base, str(model_dir))
-            tokenizer = _load_tokenizer([model_dir, base_path], trust_remote_code)
-            kind = "adapter"
-        else:
-            base_path = None
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code)
-            tokenizer = _load_tokenizer([model_dir], trust_remote_code)
-            kind = "model"
-    except OSError as error:
-        raise ConfigError(
-            f"{path}: cannot load a model from here ({error}). Give a model directory with config.json, "
-            "a LoRA adapter directory with adapter_config.json, or a checkpoint directory from `dpokit train`"
-        ) from None
-    model.to(target)
-    model.eval()
-    return LoadedPolicy(model=model, tokenizer=tokenizer, path=str(path), kind=kind, base_path=base_path, run_config=run_config)
+# ------------------------------------------------------------------------------------- reference
 
 
 @dataclass
@@ -220,13 +78,22 @@ def resolve_reference(
     )
 
 
-def run_defaults(policy: LoadedPolicy, config_path: str | None) -> dict[str, Any]:
-    """Training-config defaults for eval/score: from ``--config`` if given, else the run's saved config."""
-    if config_path:
-        from dpokit.config import config_to_dict, load_config
+def training_defaults(policy: LoadedPolicy, config_path: str | None = None) -> Any:
+    """The :class:`dpokit.config.TrainConfig` that eval/score take unset settings from: the file
+    ``config_path`` when given, else the run configuration saved with the model, else the defaults."""
+    from dpokit.config import TrainConfig, config_from_dict, load_config
 
-        return config_to_dict(load_config(config_path, []))
-    return policy.run_config or {}
+    if config_path:
+        return load_config(config_path)
+    if policy.run_config:
+        try:
+            return config_from_dict(policy.run_config)
+        except ConfigError as error:
+            raise ConfigError(
+                f"{policy.path}: the training configuration saved with this model cannot be read ({error}); "
+                "pass --config CONFIG.yaml"
+            ) from None
+    return TrainConfig()
 
 
 # ---------------------------------------------------------------------------------------- log-probs
@@ -333,51 +200,79 @@ def _first(*values: Any) -> Any:
     return next((value for value in values if value is not None), None)
 
 
-def run_eval_command(args: argparse.Namespace) -> int:
-    """``dpokit eval``: load, prepare the data, evaluate, print and write."""
+@dataclass
+class EvalJob:
+    """What ``dpokit eval`` evaluates: ``model`` on preference data against a reference.
+
+    Every setting left None comes from the training configuration (:func:`training_defaults`):
+    ``beta``, ``reference_free`` and the loss terms (``loss`` names a single term instead) from its
+    ``loss`` section; ``data`` (its ``eval_path``), ``split``, ``format``, ``cache_dir`` and the
+    lengths from its ``data`` section. ``limit`` keeps the first N examples.
+    """
+
+    model: str
+    reference: str | None = None
+    reference_free: bool = False
+    data: str | None = None
+    split: str | None = None
+    format: str | None = None
+    limit: int | None = None
+    cache_dir: str | None = None
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    batch_size: int = 8
+    loss: str | None = None
+    beta: float | None = None
+    config: str | None = None
+    load: LoadOptions = field(default_factory=LoadOptions)
+
+
+@dataclass
+class EvalReport:
+    """An evaluation: ``summary`` (model, reference, data, num_examples, beta, loss_terms, metrics --
+    what ``--json`` prints), the per-example ``result`` and the data pipeline's ``data_report``."""
+
+    summary: dict[str, Any]
+    result: EvalResult
+    data_report: Any
+
+
+def run_eval(job: EvalJob) -> EvalReport:
+    """Load the policy and reference, prepare the data as training does, and evaluate."""
     from dpokit.data import prepare_dataset
     from dpokit.losses import build_objective
 
-    quiet_loading_bars()
-    policy = load_policy(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-    defaults = run_defaults(policy, args.config)
-    loss_defaults = defaults.get("loss") or {}
-    data_defaults = defaults.get("data") or {}
-    beta = float(_first(args.beta, loss_defaults.get("beta"), 0.1))
-    reference_free = bool(args.reference_free or loss_defaults.get("reference_free", False))
-    terms = [{"name": args.loss}] if args.loss else (loss_defaults.get("terms") or [{"name": "sigmoid"}])
-    data_path = _first(args.data, data_defaults.get("eval_path"))
+    options = {"dtype": job.load.dtype, "device": job.load.device, "trust_remote_code": job.load.trust_remote_code}
+    policy = load_policy(job.model, **options)
+    train = training_defaults(policy, job.config)
+    data, loss = train.data, train.loss
+    beta = float(_first(job.beta, loss.beta))
+    terms = [{"name": job.loss}] if job.loss else loss.terms
+    data_path = _first(job.data, data.eval_path)
     if not data_path:
         raise ConfigError("no evaluation data: pass --data PATH (or --config with data.eval_path set)")
-    reference = resolve_reference(
-        policy,
-        args.reference,
-        reference_free=reference_free,
-        dtype=args.dtype,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-    )
+    reference = resolve_reference(policy, job.reference, reference_free=job.reference_free or loss.reference_free, **options)
     objective = build_objective(terms, beta=beta, reference_free=reference.mode == "none")
     dataset = prepare_dataset(
         data_path,
         policy.tokenizer,
-        format=args.format if args.format != "auto" else data_defaults.get("format", "auto"),
-        split=_first(args.split, data_defaults.get("eval_split"), "test"),
-        columns=data_defaults.get("columns"),
-        skip_invalid=bool(data_defaults.get("skip_invalid", False)),
-        ranked_mode=data_defaults.get("ranked_mode", "listwise"),
-        max_length=int(_first(args.max_length, data_defaults.get("max_length"), 512)),
-        max_prompt_length=int(_first(args.max_prompt_length, data_defaults.get("max_prompt_length"), 256)),
-        truncation_mode=data_defaults.get("truncation_mode", "keep_end"),
-        cache_dir=_first(args.cache_dir, data_defaults.get("cache_dir")),
+        format=_first(job.format, data.format),
+        split=_first(job.split, data.eval_split),
+        columns=data.columns,
+        skip_invalid=data.skip_invalid,
+        ranked_mode=data.ranked_mode,
+        max_length=int(_first(job.max_length, data.max_length)),
+        max_prompt_length=int(_first(job.max_prompt_length, data.max_prompt_length)),
+        truncation_mode=data.truncation_mode,
+        cache_dir=_first(job.cache_dir, data.cache_dir),
     )
     items = dataset.items
-    if args.limit is not None:
-        items = [items[index] for index in range(min(args.limit, len(items)))]
-    pad_id = policy.tokenizer.pad_token_id if policy.tokenizer.pad_token_id is not None else 0
-    result = evaluate_preferences(policy.model, reference, items, objective, batch_size=args.batch_size, pad_token_id=pad_id)
+    if job.limit is not None:
+        items = [items[index] for index in range(min(job.limit, len(items)))]
+    result = evaluate_preferences(policy.model, reference, items, objective, batch_size=job.batch_size,
+                                  pad_token_id=pad_id_of(policy.tokenizer))
     summary = {
-        "model": str(args.model),
+        "model": str(job.model),
         "reference": reference.describe(),
         "data": str(data_path),
         "num_examples": result.num_examples,
@@ -385,22 +280,4 @@ def run_eval_command(args: argparse.Namespace) -> int:
         "loss_terms": terms,
         "metrics": result.metrics,
     }
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    if args.per_example:
-        Path(args.per_example).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.per_example, "w", encoding="utf-8") as handle:
-            for record in result.per_example:
-                handle.write(json.dumps(record) + "\n")
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(f"model:     {args.model}")
-        print(f"reference: {reference.describe()}")
-        print(f"data:      {data_path} ({result.num_examples} examples)")
-        for line in dataset.report.summary().splitlines():
-            print(f"           {line}")
-        print(f"beta:      {beta}   loss: {', '.join(term['name'] for term in terms)}")
-        print(format_metrics_table(result.metrics))
-    return 0
+    return EvalReport(summary=summary, result=result, data_report=dataset.report)

@@ -15,150 +15,30 @@ prefix it is: the estimate is then the KL between the two distributions over ``m
 prefixes, which is what the samples' quality is judged on. Individual terms can be negative; their
 mean is not (up to sampling error), and it is exactly 0 when ``pi`` is ``pi_ref``.
 
+Sampling and scoring go through :mod:`dpokit.generation` (:func:`~dpokit.generation.sample_with_kl`).
+
 Entry points: :func:`estimate_reward_kl` (one policy), :func:`plot_frontier` /
-:func:`write_results` (many points), and :func:`frontier_main` behind ``dpokit frontier``.
+:func:`write_results` (many points), and :func:`run_frontier` (a :class:`FrontierJob`, behind
+``dpokit frontier``).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
 import re
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from dpokit.errors import ConfigError, DataError
+from dpokit.generation import decode_completions, encode_prompts, sample_with_kl, stop_token_ids
+from dpokit.models import LoadOptions, pad_id_of
 
 RewardFn = Callable[..., Sequence[float]]
-
-
-# --------------------------------------------------------------------------------------------------
-# Sampling and log-probs
-# --------------------------------------------------------------------------------------------------
-
-
-def _left_padded(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T) ids and 0/1 mask, rows aligned to the right edge (so generation appends at column T)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids, mask
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 at each row's first real token (left padding gets position 0)."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
-def sample_completions(
-    model: torch.nn.Module,
-    prompt_ids: list[list[int]],
-    *,
-    max_new_tokens: int,
-    eos_token_id: int | None,
-    pad_token_id: int,
-    generator: torch.Generator,
-    temperature: float = 1.0,
-    batch_size: int = 128,
-) -> tuple[list[list[int]], list[float]]:
-    """Ancestral sampling ``y ~ pi(.|x)``: each token from the full softmax(logits / temperature).
-
-    Returns the completions (token ids, ending with EOS when one was sampled, at most
-    ``max_new_tokens`` long) and, per completion, ``sum_t log pi(y_t | x, y_<t)`` as computed while
-    sampling (at ``temperature``). Uses the model's KV cache when it returns one and re-runs the
-    whole prefix otherwise (e.g. a hand-built module returning only ``logits``).
-    """
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
-    completions: list[list[int]] = []
-    sample_logps: list[float] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        rows = prompt_ids[start:start + batch_size]
-        ids, mask = _left_padded(rows, pad_token_id)
-        ids, mask = ids.to(device), mask.to(device)
-        n = ids.shape[0]
-        generated = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        logp_sum = torch.zeros(n, dtype=torch.float64, device=device)
-        lengths = torch.zeros(n, dtype=torch.long, device=device)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
-        cache = getattr(out, "past_key_values", None)
-        logits = out.logits[:, -1, :]
-        for t in range(max_new_tokens):
-            log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
-            # The sampler's generator lives on the CPU so results do not depend on the device.
-            next_tokens = torch.multinomial(log_probs.exp().cpu(), 1, generator=generator).squeeze(1).to(device)
-            alive = ~done
-            next_tokens = torch.where(alive, next_tokens, torch.full_like(next_tokens, pad_token_id))
-            logp_sum += torch.where(alive, log_probs.gather(1, next_tokens[:, None]).squeeze(1).double(), 0.0)
-            generated[:, t] = next_tokens
-            lengths += alive.long()
-            if eos_token_id is not None:
-                done = done | (alive & (next_tokens == eos_token_id))
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, alive.long()[:, None]], dim=1)
-            if cache is not None:
-                position = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
-                out = model(
-                    input_ids=next_tokens[:, None], attention_mask=mask, position_ids=position,
-                    past_key_values=cache, use_cache=True,
-                )
-                cache = out.past_key_values
-            else:
-                ids = torch.cat([ids, next_tokens[:, None]], dim=1)
-                out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask))
-            logits = out.logits[:, -1, :]
-        for i in range(n):
-            completions.append(generated[i, : int(lengths[i])].tolist())
-        sample_logps.extend(logp_sum.tolist())
-    return completions, sample_logps
-
-
-@torch.no_grad()
-def completion_logps(
-    model: torch.nn.Module,
-    prompt_ids: list[list[int]],
-    completion_ids: list[list[int]],
-    *,
-    pad_token_id: int,
-    batch_size: int = 128,
-) -> torch.Tensor:
-    """``log pi(y|x) = sum_t log softmax(logits)[y_t]`` over completion tokens, shape (N,), float64.
-
-    Rows are ``[pad ... prompt | completion ... pad]`` (prompt left-padded to a common width P,
-    completion right-padded), so the logit at column ``P - 1 + t`` predicts completion token ``t``
-    in every row. An empty completion has log-prob 0.
-    """
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
-    results = []
-    for start in range(0, len(prompt_ids), batch_size):
-        prompts = prompt_ids[start:start + batch_size]
-        completions = completion_ids[start:start + batch_size]
-        prompt_block, prompt_mask = _left_padded(prompts, pad_token_id)
-        width = max(1, max(len(c) for c in completions))
-        completion_block = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-        completion_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, c in enumerate(completions):
-            completion_block[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-            completion_mask[i, : len(c)] = 1
-        ids = torch.cat([prompt_block, completion_block], dim=1).to(device)
-        mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
-        p = prompt_block.shape[1]
-        predicting = logits[:, p - 1: p - 1 + width, :].float().log_softmax(-1)  # (N, C, V)
-        token_logps = predicting.gather(2, completion_block.to(device)[:, :, None]).squeeze(2)
-        results.append((token_logps.double() * completion_mask.to(device)).sum(-1).cpu())
-    return torch.cat(results) if results else torch.zeros(0, dtype=torch.float64)
 
 
 def _mean_sem(values: Sequence[float]) -> tuple[float, float]:
@@ -170,52 +50,14 @@ def _mean_sem(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / n)
 
 
-def sample_with_kl(
-    policy: torch.nn.Module,
-    reference: torch.nn.Module,
-    prompt_ids: list[list[int]],
-    *,
-    max_new_tokens: int,
-    eos_token_id: int | None,
-    pad_token_id: int,
-    generator: torch.Generator,
-    batch_size: int = 128,
-) -> tuple[list[list[int]], torch.Tensor]:
-    """Sample ``y_i ~ pi(.|x_i)`` and return the completions and ``log pi(y_i|x_i) - log pi_ref(y_i|x_i)`` (N,).
-
-    Both log-probs are recomputed by one teacher-forced forward each over the same padded rows, so
-    the two terms differ only by the model. The mean of the returned vector estimates the
-    sequence-level KL(pi || pi_ref); when ``reference is policy`` every term is exactly 0.
-    """
-    was_training = (policy.training, reference.training)
-    policy.eval()
-    reference.eval()
-    try:
-        completion_ids, _ = sample_completions(
-            policy, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, generator=generator, batch_size=batch_size,
-        )
-        policy_logps = completion_logps(policy, prompt_ids, completion_ids, pad_token_id=pad_token_id, batch_size=batch_size)
-        if reference is policy:
-            reference_logps = policy_logps
-        else:
-            reference_logps = completion_logps(
-                reference, prompt_ids, completion_ids, pad_token_id=pad_token_id, batch_size=batch_size
-            )
-    finally:
-        policy.train(was_training[0])
-        reference.train(was_training[1])
-    return completion_ids, policy_logps - reference_logps
-
-
 def estimate_reward_kl(
     policy: torch.nn.Module,
     reference: torch.nn.Module,
     tokenizer: Any,
     prompts: Sequence[str],
     reward_fn: RewardFn,
-    num_samples: int = 1,
-    max_new_tokens: int = 24,
+    num_samples: int,
+    max_new_tokens: int,
     seed: int = 0,
     *,
     batch_size: int = 128,
@@ -223,23 +65,23 @@ def estimate_reward_kl(
 ) -> dict[str, Any]:
     """Mean ground-truth reward and sequence KL(pi || pi_ref) from samples of ``policy``.
 
-    For each prompt draw ``num_samples`` completions ``y ~ pi(.|x)`` (temperature 1, full softmax),
-    score them with ``reward_fn(prompts=[x...], completions=[y...]) -> list[float]`` (decoded text,
-    special tokens dropped) and compute ``kl_i = log pi(y_i|x_i) - log pi_ref(y_i|x_i)``.
+    For each prompt draw ``num_samples`` completions ``y ~ pi(.|x)`` (temperature 1, full softmax,
+    at most ``max_new_tokens`` tokens, ending at a stop token), score them with
+    ``reward_fn(prompts=[x...], completions=[y...]) -> list[float]`` (decoded text, special tokens
+    dropped) and compute ``kl_i = log pi(y_i|x_i) - log pi_ref(y_i|x_i)``.
 
     Returns ``reward_mean``, ``reward_sem``, ``kl_mean``, ``kl_sem`` (standard errors of the means),
     ``num_samples`` (total), ``mean_length`` (completion tokens) and, when ``keep_samples > 0``,
     ``samples``: the first few ``{"prompt", "completion", "reward", "kl"}``.
     """
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompt_texts = [p for p in prompts for _ in range(num_samples)]
-    prompt_ids = [list(ids) for ids in tokenizer(list(prompt_texts))["input_ids"]]
-    completion_ids, kl_values = sample_with_kl(
-        policy, reference, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad_token_id, generator=torch.Generator().manual_seed(seed), batch_size=batch_size,
+    _, prompt_ids = encode_prompts(tokenizer, prompts)
+    completions, kl_values = sample_with_kl(
+        policy, reference, prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(tokenizer),
+        pad_token_id=pad_id_of(tokenizer), seed=seed, num_samples=num_samples, batch_size=batch_size,
     )
     kls = kl_values.tolist()
-    completion_texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    prompt_texts = [prompts[c.prompt_index] for c in completions]
+    completion_texts = decode_completions(tokenizer, completions)
     rewards = [float(r) for r in reward_fn(prompts=prompt_texts, completions=completion_texts)]
     if len(rewards) != len(completion_texts):
         raise ConfigError(f"the reward function returned {len(rewards)} rewards for {len(completion_texts)} completions")
@@ -251,7 +93,7 @@ def estimate_reward_kl(
         "kl_mean": kl_mean,
         "kl_sem": kl_sem,
         "num_samples": len(rewards),
-        "mean_length": sum(len(c) for c in completion_ids) / max(1, len(completion_ids)),
+        "mean_length": sum(len(c.token_ids) for c in completions) / max(1, len(completions)),
     }
     if keep_samples:
         result["samples"] = [
@@ -407,18 +249,19 @@ def write_results(points: list[dict[str, Any]], out_dir: str | Path, *, title: s
 # --------------------------------------------------------------------------------------------------
 
 
-def load_reward(spec: str) -> RewardFn:
+def load_reward(spec: str, *, device: str | None = LoadOptions.device) -> RewardFn:
     """A reward from ``module:function`` or from a sequence-classification model directory.
 
     ``module:function`` must accept ``prompts=[...]`` and ``completions=[...]`` (lists of strings)
     and return one float per pair (the same signature TRL's online trainers use). A directory is
-    loaded with ``AutoModelForSequenceClassification`` and scores ``prompt + completion``: a
-    single-label head gives its logit; otherwise the probability of the label named ``positive``
-    (any case), or of the last label when none is, as the paper's p(positive | x, y).
+    loaded with :func:`dpokit.models.load_sequence_classifier` (on ``device``) and scores
+    ``prompt + completion``: a single-label head gives its logit; otherwise the probability of the
+    label named ``positive`` (any case), or of the last label when none is, as the paper's
+    p(positive | x, y).
     """
     path = Path(spec)
     if path.is_dir():
-        return _classifier_reward(path)
+        return _classifier_reward(path, device=device)
     if ":" not in spec:
         raise ConfigError(
             f"reward {spec!r} is neither a directory nor 'module:function' (e.g. dpokit.experiments.reward:vader_reward)"
@@ -434,23 +277,21 @@ def load_reward(spec: str) -> RewardFn:
     return function
 
 
-def _classifier_reward(model_dir: Path) -> RewardFn:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _classifier_reward(model_dir: Path, *, device: str | None, batch_size: int = 64) -> RewardFn:
+    from dpokit.models import load_sequence_classifier
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model, tokenizer = load_sequence_classifier(model_dir, device=device)
     labels = {int(k): str(v).lower() for k, v in (model.config.id2label or {}).items()}
     positive = next((i for i, name in labels.items() if name == "positive"), model.config.num_labels - 1)
+    model_device = next(model.parameters()).device
 
     @torch.no_grad()
     def reward(prompts: Sequence[str], completions: Sequence[str], **_: Any) -> list[float]:
         scores: list[float] = []
         texts = [p + c for p, c in zip(prompts, completions)]
-        for start in range(0, len(texts), 64):
-            inputs = tokenizer(texts[start:start + 64], return_tensors="pt", padding=True, truncation=True)
-            logits = model(**inputs).logits.float()
+        for start in range(0, len(texts), batch_size):
+            inputs = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True)
+            logits = model(**inputs.to(model_device)).logits.float()
             if logits.shape[-1] == 1:
                 scores.extend(logits[:, 0].tolist())
             else:
@@ -499,107 +340,71 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int | None, Path]]:
     return sorted(with_steps, key=lambda sp: (sp[0] is None, sp[0] or 0, str(sp[1])))
 
 
-def load_causal_lm(path: str | Path) -> torch.nn.Module:
-    """A causal LM from a model directory, or a LoRA adapter directory applied to its base model."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
-        from peft import AutoPeftModelForCausalLM
-
-        return AutoPeftModelForCausalLM.from_pretrained(path).eval()
-    return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def read_prompts(path: str | Path) -> list[str]:
+def read_text_prompts(path: str | Path) -> list[str]:
     """Text prompts from a ``.txt`` file (one per line) or JSONL/JSON rows with a ``prompt`` field, read
     as ``dpokit generate`` reads them; the frontier samples raw continuations, so chat-message prompts
     are refused."""
-    from dpokit.generation import read_prompts as read_generation_prompts
+    from dpokit.generation import read_prompts
 
-    prompts = read_generation_prompts(path)
+    prompts = read_prompts(path)
     if not prompts:
         raise DataError(f"prompts file {path} has no prompts")
     for number, prompt in enumerate(prompts, start=1):
         if not isinstance(prompt, str):
             raise DataError(f"{path}: prompt {number} is a list of chat messages; the frontier needs text prompts")
-    return prompts
+    return prompts  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------------
-# Command line: dpokit frontier
+# A whole frontier: dpokit frontier
 # --------------------------------------------------------------------------------------------------
 
 
-FRONTIER_DESCRIPTION = (
-    "Sample completions from every checkpoint of each run, score them with a reward, estimate "
-    "KL(policy || reference) from the same samples, and write frontier.png, results.json and results.md."
-)
-FRONTIER_EPILOG = """examples:
-  dpokit frontier runs/dpo-b0.1 runs/dpo-b0.5 sft=runs/sft --reference models/sft --prompts prompts.txt \\
-      --reward dpokit.experiments.reward:vader_reward --out frontier/
-  dpokit frontier runs/dpo --reference models/sft --prompts eval.jsonl --reward models/sentiment-classifier"""
+@dataclass
+class FrontierJob:
+    """What ``dpokit frontier`` evaluates: every checkpoint of every run against one reference.
+
+    ``runs`` are ``(series name, run or model directory)``; ``betas`` annotate series by name.
+    ``num_samples`` completions of at most ``max_new_tokens`` tokens are sampled per prompt (the
+    first ``max_prompts`` of the ``prompts`` file), with the same ``seed`` for every model.
+    """
+
+    runs: list[tuple[str, str]]
+    reference: str
+    prompts: str
+    reward: str
+    out: str = "frontier"
+    num_samples: int = 1
+    max_new_tokens: int = 32
+    max_prompts: int | None = None
+    seed: int = 0
+    betas: dict[str, float] = field(default_factory=dict)
+    title: str | None = None
+    load: LoadOptions = field(default_factory=LoadOptions)
 
 
-def add_frontier_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of ``dpokit frontier`` (run by :func:`frontier_main`)."""
-    parser.add_argument("runs", nargs="+", help="run or model directories; NAME=DIR sets the series name")
-    parser.add_argument("--reference", required=True, help="reference model directory (pi_ref)")
-    parser.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with 'prompt'")
-    parser.add_argument("--reward", required=True,
-                        help="'module:function' (prompts=, completions= -> list of floats) or a sequence-classification model dir")
-    parser.add_argument("--out", default="frontier", help="output directory (default: ./frontier)")
-    parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=32,
-                        help="longest completion sampled per prompt, in tokens (default 32)")
-    parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="sampling seed; every model samples the same prompts with it (default 0)")
-    parser.add_argument("--beta", action="append", default=[], metavar="NAME=BETA",
-                        help="annotate a series with its beta (repeatable)")
-    parser.add_argument("--title", default=None, help="title of frontier.png (default: reward vs KL)")
+def run_frontier(job: FrontierJob, *, log: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Evaluate the reference and every checkpoint of every run; write the figure and tables into
+    ``job.out``. Returns the points and the written paths (``png``, ``json``, ``md``)."""
+    from dpokit.models import load_policy
 
+    say = log or (lambda line: None)
+    options = {"dtype": job.load.dtype, "device": job.load.device, "trust_remote_code": job.load.trust_remote_code}
+    reward_fn = load_reward(job.reward, device=job.load.device)
+    prompts = read_text_prompts(job.prompts)[: job.max_prompts]
+    reference = load_policy(job.reference, **options)
 
-def _parse_run(spec: str) -> tuple[str, Path]:
-    if "=" in spec and not Path(spec).exists():
-        name, path = spec.split("=", 1)
-        return name, Path(path)
-    return Path(spec).name, Path(spec)
+    def estimate(policy: torch.nn.Module) -> dict[str, Any]:
+        return estimate_reward_kl(policy, reference.model, reference.tokenizer, prompts, reward_fn,
+                                  job.num_samples, job.max_new_tokens, job.seed)
 
-
-def frontier_main(args: argparse.Namespace) -> int:
-    """``dpokit frontier``: evaluate every checkpoint of every run and write the figure and tables."""
-    from transformers import AutoTokenizer
-
-    reward_fn = load_reward(args.reward)
-    prompts = read_prompts(args.prompts)[: args.max_prompts]
-    reference = load_causal_lm(args.reference)
-    tokenizer = AutoTokenizer.from_pretrained(args.reference)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    betas = {}
-    for item in args.beta:
-        name, _, value = item.partition("=")
-        try:
-            betas[name] = float(value)
-        except ValueError as error:
-            raise ConfigError(f"--beta {item!r}: expected NAME=NUMBER") from error
-    points: list[dict[str, Any]] = []
-    base = estimate_reward_kl(reference, reference, tokenizer, prompts, reward_fn, args.num_samples,
-                              args.max_new_tokens, args.seed)
-    points.append({"method": "reference", "run": "reference", "step": 0, **base})
-    print(f"reference: reward {base['reward_mean']:.3f}  KL 0", file=sys.stderr)
-    for spec in args.runs:
-        name, run_dir = _parse_run(spec)
+    base = estimate(reference.model)
+    points: list[dict[str, Any]] = [{"method": "reference", "run": "reference", "step": 0, **base}]
+    say(f"reference: reward {base['reward_mean']:.3f}  KL 0")
+    for name, run_dir in job.runs:
         for step, checkpoint in find_checkpoints(run_dir):
-            policy = load_causal_lm(checkpoint)
-            estimate = estimate_reward_kl(policy, reference, tokenizer, prompts, reward_fn, args.num_samples,
-                                          args.max_new_tokens, args.seed)
+            result = estimate(load_policy(checkpoint, **options).model)
             points.append({"method": name, "run": name, "step": step, "checkpoint": str(checkpoint),
-                           "beta": betas.get(name), **estimate})
-            print(f"{name} {checkpoint.name}: reward {estimate['reward_mean']:.3f}  KL {estimate['kl_mean']:.2f}",
-                  file=sys.stderr)
-    paths = write_results(points, args.out, title=args.title)
-    print(results_markdown(points))
-    print(f"wrote {paths['png']}, {paths['json']}, {paths['md']}")
-    return 0
+                           "beta": job.betas.get(name), **result})
+            say(f"{name} {checkpoint.name}: reward {result['reward_mean']:.3f}  KL {result['kl_mean']:.2f}")
+    return points, write_results(points, job.out, title=job.title)

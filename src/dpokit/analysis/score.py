@@ -16,29 +16,24 @@ between responses to the *same* prompt.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from dpokit.errors import ConfigError, DataError
-from dpokit.analysis.evaluate import (
-    LoadedPolicy,
-    ReferenceChoice,
-    iterate_batches,
-    load_policy,
-    quiet_loading_bars,
-    reference_logps,
-    resolve_reference,
-    run_defaults,
-)
+from dpokit.analysis.evaluate import ReferenceChoice, iterate_batches, reference_logps, resolve_reference, training_defaults
+from dpokit.errors import DataError
+from dpokit.models import LoadOptions, load_policy, pad_id_of
 
 Text = str | list[dict[str, str]]
 logger = logging.getLogger(__name__)
+# Token limits for a model without a run configuration: scoring reads whole responses, so these are
+# twice training's defaults (dpokit.config.DataConfig); a run's own data.max_length/max_prompt_length win.
+DEFAULT_MAX_LENGTH = 1024
+DEFAULT_MAX_PROMPT_LENGTH = 512
 
 
 @dataclass
@@ -139,6 +134,14 @@ def _parse_mapping(row: Any, where: str) -> ScoreRow:
     raise DataError(f"{where}: no responses: give 'response', 'responses' (a list) or 'chosen' and 'rejected'")
 
 
+def text_rows(prompt: str, responses: Sequence[str], *, chat: bool = False) -> list[ScoreRow]:
+    """One row from a prompt and its responses given as text; ``chat`` makes them a user turn and
+    assistant turns (scored through the chat template)."""
+    if chat:
+        return [ScoreRow([{"role": "user", "content": prompt}], [[{"role": "assistant", "content": r}] for r in responses], "command line")]
+    return [ScoreRow(prompt, list(responses), "command line")]
+
+
 def read_score_rows(path: str | Path) -> list[ScoreRow]:
     """Rows from a JSONL, JSON (a list of objects), CSV or Parquet file, read by the data reader."""
     from dpokit.data.reader import file_rows
@@ -177,8 +180,8 @@ def score_rows(
     rows: Sequence[ScoreRow],
     *,
     beta: float,
-    max_length: int = 1024,
-    max_prompt_length: int = 512,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
     batch_size: int = 8,
 ) -> list[ScoredRow]:
     """r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) for every response of every row.
@@ -199,7 +202,7 @@ def score_rows(
     if len(items) != len(rows):
         raise DataError(f"{len(rows) - len(items)} of {len(rows)} rows could not be tokenized: {prepared.report.summary()}")
     device = next(policy_model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     scored: list[ScoredRow] = []
     row_index = 0
     for batch in iterate_batches(items, batch_size, pad_id):
@@ -249,53 +252,44 @@ def format_scores(scored: Sequence[ScoredRow]) -> str:
     return "\n".join(lines)
 
 
-def run_score_command(args: argparse.Namespace) -> int:
-    """``dpokit score``: read rows or --prompt/--response, score, print and optionally write JSONL."""
-    if args.input and (args.prompt is not None or args.response):
-        raise ConfigError("give either --input FILE or --prompt with --response, not both")
-    if args.input:
-        rows = read_score_rows(args.input)
-    elif args.prompt is not None and args.response:
-        prompt: Text = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-        responses: list[Text] = [[{"role": "assistant", "content": r}] if args.chat else r for r in args.response]
-        rows = [ScoreRow(prompt, responses, "command line")]
-    else:
-        raise ConfigError("nothing to score: give --input FILE, or --prompt TEXT with one or more --response TEXT")
-    quiet_loading_bars()
-    policy: LoadedPolicy = load_policy(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-    defaults = run_defaults(policy, None)
-    loss_defaults = defaults.get("loss") or {}
-    data_defaults = defaults.get("data") or {}
-    beta = float(args.beta if args.beta is not None else loss_defaults.get("beta", 0.1))
-    reference = resolve_reference(
-        policy,
-        args.reference,
-        reference_free=args.reference_free,
-        dtype=args.dtype,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-    )
-    scored = score_rows(
-        policy.model,
-        policy.tokenizer,
-        reference,
-        rows,
-        beta=beta,
-        max_length=int(args.max_length or data_defaults.get("max_length") or 1024),
-        max_prompt_length=int(args.max_prompt_length or data_defaults.get("max_prompt_length") or 512),
-        batch_size=args.batch_size,
-    )
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as handle:
-            for row in scored:
-                handle.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
-    if args.json:
-        for row in scored:
-            print(json.dumps(row.to_dict(), ensure_ascii=False))
-    else:
-        print(f"r(x, y) = {beta} * (log pi - log pi_ref); reference: {reference.describe()}")
-        print(format_scores(scored))
-        if args.output:
-            print(f"wrote {len(scored)} rows to {args.output}")
-    return 0
+@dataclass
+class ScoreJob:
+    """How ``dpokit score`` scores rows with ``model``.
+
+    ``beta`` None: the run's ``loss.beta`` (:func:`dpokit.analysis.evaluate.training_defaults`);
+    ``max_length`` / ``max_prompt_length`` None: the run's data settings when the model has a run
+    configuration, else :data:`DEFAULT_MAX_LENGTH` / :data:`DEFAULT_MAX_PROMPT_LENGTH`.
+    """
+
+    model: str
+    reference: str | None = None
+    reference_free: bool = False
+    beta: float | None = None
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    batch_size: int = 8
+    load: LoadOptions = field(default_factory=LoadOptions)
+
+
+@dataclass
+class ScoreReport:
+    """Scored rows, the beta used and a description of the reference."""
+
+    rows: list[ScoredRow]
+    beta: float
+    reference: str
+
+
+def run_score(job: ScoreJob, rows: Sequence[ScoreRow]) -> ScoreReport:
+    """Load the policy and its reference and score ``rows``."""
+    options = {"dtype": job.load.dtype, "device": job.load.device, "trust_remote_code": job.load.trust_remote_code}
+    policy = load_policy(job.model, **options)
+    train = training_defaults(policy)
+    beta = float(job.beta if job.beta is not None else train.loss.beta)
+    has_run = policy.run_config is not None
+    max_length = job.max_length or (train.data.max_length if has_run else DEFAULT_MAX_LENGTH)
+    max_prompt_length = job.max_prompt_length or (train.data.max_prompt_length if has_run else DEFAULT_MAX_PROMPT_LENGTH)
+    reference = resolve_reference(policy, job.reference, reference_free=job.reference_free, **options)
+    scored = score_rows(policy.model, policy.tokenizer, reference, rows, beta=beta, max_length=int(max_length),
+                        max_prompt_length=int(max_prompt_length), batch_size=job.batch_size)
+    return ScoreReport(rows=scored, beta=beta, reference=reference.describe())

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from dpokit.analysis.frontier import best_of_n_kl
 from dpokit.errors import ConfigError
-from dpokit.analysis.frontier import best_of_n_kl, sample_completions
+from dpokit.generation import decode_completions, encode_prompts, sample_completions, stop_token_ids
+from dpokit.models import load_policy, pad_id_of
 
 
 def best_of_n_points(
@@ -40,14 +43,13 @@ def best_of_n_points(
     ``reward_mean``/``reward_sem`` over prompts and ``kl_mean = log n - (n-1)/n`` (``kl_sem`` 0).
     """
     pool = max(ns)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompt_texts = [p for p in prompts for _ in range(pool)]
-    prompt_ids = [list(ids) for ids in tokenizer(prompt_texts)["input_ids"]]
-    completions, _ = sample_completions(
-        model.eval(), prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad_token_id, generator=torch.Generator().manual_seed(seed), batch_size=batch_size,
+    _, prompt_ids = encode_prompts(tokenizer, prompts)
+    completions = sample_completions(
+        model, prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(tokenizer),
+        pad_token_id=pad_id_of(tokenizer), seed=seed, num_samples=pool, batch_size=batch_size,
     )
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    prompt_texts = [prompts[c.prompt_index] for c in completions]
+    texts = decode_completions(tokenizer, completions)
     rewards = torch.tensor([float(r) for r in reward_fn(prompts=prompt_texts, completions=texts)]).view(len(prompts), pool)
     points = []
     for n in ns:
@@ -90,16 +92,35 @@ def train_rloo(
         raise ConfigError(
             "the RL baseline needs TRL: pip install 'dpokit[experiment]' (or skip it with --methods)"
         ) from error
-    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
-
     os.environ.setdefault("WANDB_DISABLED", "true")
     out_dir = Path(out_dir)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(sft_dir)
+    sft = load_policy(sft_dir, dtype="float32", device="cpu")  # TRL moves it where it trains
+    tokenizer, model = sft.tokenizer, sft.model
     tokenizer.padding_side = "left"
-    model = GPT2LMHeadModel.from_pretrained(sft_dir)
     repeats = math.ceil(steps * prompts_per_step / max(1, len(prompts))) + 1
     dataset = Dataset.from_dict({"prompt": list(prompts) * repeats})
-    config = RLOOConfig(
+    # TRL 1.16 still uses transformers' old "gradient checkpointing" names, which 5.x deprecates with a
+    # FutureWarning each time; TRL's business, nothing for a user to act on.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
+        config = _rloo_config(RLOOConfig, out_dir, prompts_per_step=prompts_per_step, num_generations=num_generations,
+                              max_new_tokens=max_new_tokens, beta=beta, lr=lr, steps=steps, save_every=save_every, seed=seed)
+        trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=dataset,
+                              processing_class=tokenizer)
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # its per-step dicts would drown the experiment's log
+        trainer.train()
+    for checkpoint in out_dir.glob("checkpoint-*"):
+        tokenizer.save_pretrained(checkpoint)
+    return out_dir
+
+
+def _rloo_config(config_class: Any, out_dir: Path, *, prompts_per_step: int, num_generations: int, max_new_tokens: int,
+                 beta: float, lr: float, steps: int, save_every: int, seed: int) -> Any:
+    """TRL's ``RLOOConfig``: sampling at temperature 1 with no top-k/top-p (as the frontier measures),
+    a constant learning rate, a checkpoint every ``save_every`` steps, CPU unless CUDA is there."""
+    return config_class(
         output_dir=str(out_dir),
         per_device_train_batch_size=prompts_per_step * num_generations,
         num_generations=num_generations,
@@ -123,12 +144,3 @@ def train_rloo(
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=dataset,
-                          processing_class=tokenizer)
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # its per-step dicts would drown the experiment's log
-    trainer.train()
-    for checkpoint in out_dir.glob("checkpoint-*"):
-        tokenizer.save_pretrained(checkpoint)
-    return out_dir

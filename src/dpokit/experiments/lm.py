@@ -124,8 +124,10 @@ def pretrain(
         for i, r in enumerate(batch):
             input_ids[i, : len(r)] = torch.tensor(r)
             attention_mask[i, : len(r)] = 1
-        labels = input_ids.masked_fill(attention_mask == 0, -100)  # no loss on padding
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        # Next-token cross-entropy, mean over the real tokens that have a predecessor (no loss on padding).
+        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -152,9 +154,7 @@ def load_or_pretrain(
     if (model_dir / "pretrain.json").exists():
         if log:
             log(f"SFT model: cached at {model_dir}")
-        model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
-        return model, tokenizer, model_dir
+        return *_load(model_dir), model_dir
     if log:
         log(f"SFT model: pretraining a GPT-2 on {settings.num_texts} reviews (cached afterwards in {model_dir})")
     texts = make_corpus(settings.num_texts, settings.corpus_seed)
@@ -173,4 +173,12 @@ def load_or_pretrain(
     if log:
         log(f"SFT model: {summary['parameters'] / 1e6:.2f}M parameters, loss {summary['final_loss']:.3f}, "
             f"{summary['seconds']:.0f}s")
-    return GPT2LMHeadModel.from_pretrained(model_dir).eval(), PreTrainedTokenizerFast.from_pretrained(model_dir), model_dir
+    return *_load(model_dir), model_dir
+
+
+def _load(model_dir: Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    """The saved SFT model (eval mode, float32, on the CPU: the experiment is sized for it) and tokenizer."""
+    from dpokit.models import load_policy
+
+    loaded = load_policy(model_dir, dtype="float32", device="cpu")
+    return loaded.model, loaded.tokenizer

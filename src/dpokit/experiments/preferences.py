@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dpokit.experiments.corpus import make_corpus
-from dpokit.analysis.frontier import sample_completions
+from dpokit.generation import decode_completions, encode_prompts, sample_completions, stop_token_ids
+from dpokit.models import pad_id_of
 
 
 def make_prompts(tokenizer: Any, num_prompts: int, seed: int, min_tokens: int = 2, max_tokens: int = 8) -> list[str]:
@@ -58,16 +59,15 @@ def make_preference_pairs(
     format ``dpokit train`` reads. ``stats`` has the number of samples, pairs, dropped
     (unterminated, when ``require_eos``) completions, tied pairs skipped and the SFT model's mean reward.
     """
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompt_texts = [p for p in prompts for _ in range(completions_per_prompt)]
-    prompt_ids = [list(ids) for ids in tokenizer(prompt_texts)["input_ids"]]
-    completion_ids, _ = sample_completions(
-        model.eval(), prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad_token_id, generator=torch.Generator().manual_seed(seed), batch_size=256,
+    _, prompt_ids = encode_prompts(tokenizer, prompts)
+    completions = sample_completions(
+        model, prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(tokenizer),
+        pad_token_id=pad_id_of(tokenizer), seed=seed, num_samples=completions_per_prompt, batch_size=256,
     )
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    prompt_texts = [prompts[c.prompt_index] for c in completions]
+    texts = decode_completions(tokenizer, completions)
     rewards = [float(r) for r in reward_fn(prompts=prompt_texts, completions=texts)]
-    terminated = [(bool(ids) and ids[-1] == tokenizer.eos_token_id) or not require_eos for ids in completion_ids]
+    terminated = [c.stopped or not require_eos for c in completions]
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
     ties = 0

@@ -21,13 +21,11 @@ interrupted experiment picks up where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +44,8 @@ METHOD_LABELS = {
     "dpo": "DPO", "preferred-ft": "Preferred-FT", "unlikelihood": "Unlikelihood", "best-of-n": "Best-of-N",
     "rl": "RLOO (TRL, true reward)", "reference": "SFT (reference)",
 }
+DEFAULT_CACHE_DIR = ".dpokit_cache/sentiment"  # where the SFT model is cached between runs
+DEMO_RUN_DIR = "runs/demo"  # where `dpokit demo` writes its data and DPO run
 KEEP_SAMPLES = 6  # samples kept per evaluated model (the last checkpoint of each run) for results.json
 TRAIN_PROMPT_SEED = 1001  # held-out reviews for training prompts: a corpus seed the SFT model never saw
 EVAL_PROMPT_SEED = 2002  # and another for evaluation prompts
@@ -177,9 +177,6 @@ class Experiment:
     # -- shared pieces ---------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars drown the experiment's log
         s = self.settings
         start = time.time()
         self.sft_model, self.tokenizer, self.sft_dir = load_or_pretrain(s.lm, self.cache_dir, log=self.log)
@@ -229,13 +226,15 @@ class Experiment:
                                     "samples": self.samples.get(run, [])}, indent=2))
 
     def _evaluate_run_dir(self, run: str, method: str, run_dir: Path, beta: float | None) -> list[dict[str, Any]]:
-        from dpokit.analysis.frontier import load_causal_lm
+        from dpokit.models import load_policy
 
         points = []
         checkpoints = [(step, path) for step, path in find_checkpoints(run_dir) if step is not None]
+        device = str(next(self.sft_model.parameters()).device)  # policy and reference side by side
         for index, (step, path) in enumerate(checkpoints):
             last = index == len(checkpoints) - 1
-            estimate = self.evaluate(load_causal_lm(path), keep_samples=KEEP_SAMPLES if last else 0)
+            policy = load_policy(path, dtype="float32", device=device).model
+            estimate = self.evaluate(policy, keep_samples=KEEP_SAMPLES if last else 0)
             if last:
                 self.samples[run] = estimate.pop("samples")
             points.append({"method": METHOD_LABELS[method], "run": run, "beta": beta, "step": step, **estimate})
@@ -343,56 +342,18 @@ class Experiment:
 
 
 def run_experiment(mode: str | ExperimentSettings = "full", out_dir: str | Path = "runs/sentiment",
-                   cache_dir: str | Path = ".dpokit_cache/sentiment", **kwargs: Any) -> dict[str, Any]:
-    """Run the experiment with a named mode (``full``, ``quick``, ``demo``, ``smoke``) or explicit settings."""
+                   cache_dir: str | Path = DEFAULT_CACHE_DIR, *, threads: int = DEFAULT_THREADS,
+                   **kwargs: Any) -> dict[str, Any]:
+    """Run the experiment with a named mode (``full``, ``quick``, ``demo``, ``smoke``) or explicit
+    settings, on ``threads`` torch threads; ``kwargs`` go to :class:`Experiment`."""
     if isinstance(mode, str):
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; choose from {sorted(MODES)}")
         settings = MODES[mode]
     else:
         settings = mode
-    return Experiment(settings, out_dir, cache_dir, **kwargs).run()
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line: dpokit experiment sentiment
-# ------------------------------------------------------------------------------------------------
-
-
-def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=["sentiment"], help="which experiment (the paper's controlled sentiment)")
-    parser.add_argument("--mode", choices=["full", "quick"], default="full",
-                        help="full (about 18 min on 2 CPU cores) or quick (about 2 min: every method, smaller)")
-    parser.add_argument("--out", default=None, help="output directory (default runs/sentiment-<mode>)")
-    parser.add_argument("--cache-dir", default=".dpokit_cache/sentiment", help="where the SFT model is cached")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS),
-                        help=f"comma-separated subset of {','.join(ALL_METHODS)}")
-    parser.add_argument("--keep-checkpoints", action="store_true", help="keep run checkpoints after evaluating them")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help=f"torch intra-op threads (default {DEFAULT_THREADS}: fastest for these tiny models)")
-
-
-EXPERIMENT_DESCRIPTION = (
-    "The DPO paper's IMDb sentiment experiment in miniature: a small GPT-2 trained on generated reviews, "
-    "VADER as the ground-truth reward, DPO (beta sweep), Preferred-FT, Unlikelihood, Best-of-N and RLOO, "
-    "each evaluated on the reward-KL frontier."
-)
-EXPERIMENT_EPILOG = """examples:
-  dpokit experiment sentiment --mode quick           # every method, about 2 minutes
-  dpokit experiment sentiment --mode full             # the reproduction, about 18 minutes
-  dpokit experiment sentiment --methods dpo,best-of-n"""
-
-
-def experiment_main(args: argparse.Namespace) -> int:
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    settings = dataclasses.replace(MODES[args.mode], methods=methods)
-    out_dir = args.out or f"runs/sentiment-{args.mode}"
-    with torch_threads(args.threads):
-        result = run_experiment(settings, out_dir, args.cache_dir, keep_checkpoints=args.keep_checkpoints,
-                                log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(results_markdown([{k: v for k, v in p.items() if k != "samples"} for p in result["points"]]))
-    print(f"wrote {out_dir}/frontier.png, results.json, results.md")
-    return 0
+    with torch_threads(threads):
+        return Experiment(settings, out_dir, cache_dir, **kwargs).run()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,7 +361,7 @@ def experiment_main(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_sentiment_demo(out_dir: str | Path = "runs/demo", cache_dir: str | Path = ".dpokit_cache/sentiment",
+def run_sentiment_demo(out_dir: str | Path = DEMO_RUN_DIR, cache_dir: str | Path = DEFAULT_CACHE_DIR,
                        *, settings: ExperimentSettings | None = None,
                        log: Callable[[str], None] | None = print, threads: int = DEFAULT_THREADS) -> dict[str, Any]:
     """``dpokit demo``: teach the tiny review model to write positive continuations with DPO.

@@ -1,0 +1,100 @@
+"""What every command module shares: the :class:`Subcommand` record, reading defaults from the
+library's dataclasses, and the model-loading arguments.
+
+Nothing here imports torch: a command's library module (and with it torch) is imported only when
+that command's arguments are built or it runs, which keeps ``dpokit --help`` instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``dpokit <name>`` command."""
+
+    name: str
+    help: str  # one line, shown in ``dpokit --help``
+    description: str  # shown at the top of ``dpokit <name> --help``
+    epilog: str  # examples, shown at the bottom of ``dpokit <name> --help``
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of dataclass ``cls``'s field ``name`` -- the one place that default is written."""
+    for dataclass_field in dataclasses.fields(cls):
+        if dataclass_field.name == name:
+            if dataclass_field.default is not dataclasses.MISSING:
+                return dataclass_field.default
+            if dataclass_field.default_factory is not dataclasses.MISSING:
+                return dataclass_field.default_factory()
+            raise KeyError(f"{cls.__name__}.{name} has no default")
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, with_model: bool = True, with_reference: bool = False) -> None:
+    """``--model`` (optional), the reference arguments (optional) and the loading options
+    (``--dtype``, ``--device``, ``--trust-remote-code``, defaults from :class:`dpokit.models.LoadOptions`)."""
+    from dpokit.config import LossConfig
+    from dpokit.models import DTYPES, LoadOptions
+
+    group = parser.add_argument_group("model")
+    if with_model:
+        group.add_argument(
+            "--model",
+            required=True,
+            metavar="PATH",
+            help="the policy: a model directory (or hub id), a LoRA adapter directory, or a checkpoint "
+            "directory written by `dpokit train`",
+        )
+    if with_reference:
+        group.add_argument(
+            "--reference",
+            metavar="PATH",
+            default=None,
+            help="the reference model pi_ref. Default: for a LoRA adapter, its base model with the adapter "
+            "disabled; for a `dpokit train` output or checkpoint, the model the run started from",
+        )
+        group.add_argument(
+            "--reference-free",
+            action="store_true",
+            help="use no reference model (pi_ref uniform): r(x, y) = beta * log pi(y|x)",
+        )
+        group.add_argument(
+            "--beta", type=float, default=None,
+            help=f"the KL weight beta (default: the run's loss.beta, else {field_default(LossConfig, 'beta')})",
+        )
+    dtype = field_default(LoadOptions, "dtype")
+    group.add_argument("--dtype", default=dtype, choices=["auto", *DTYPES],
+                       help=f"weights dtype; auto keeps the checkpoint's (default: {dtype})")
+    group.add_argument("--device", default=field_default(LoadOptions, "device"),
+                       help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ... (default: auto)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="allow custom model code from the model directory (off by default)")
+
+
+def load_options(args: argparse.Namespace) -> Any:
+    """The :class:`dpokit.models.LoadOptions` of the parsed loading arguments."""
+    from dpokit.models import LoadOptions
+
+    return LoadOptions(dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def add_length_arguments(parser: argparse.ArgumentParser, job_cls: type, *, max_length: int, max_prompt_length: int) -> None:
+    """``--max-length`` / ``--max-prompt-length`` (None: the run's, else the given fallbacks, which the
+    caller reads from the library) and ``--batch-size`` (default: ``job_cls.batch_size``)."""
+    group = parser.add_argument_group("tokenization")
+    group.add_argument(
+        "--max-length", type=int, default=None, help=f"max prompt+response tokens (default: the run's, else {max_length})"
+    )
+    group.add_argument(
+        "--max-prompt-length", type=int, default=None,
+        help=f"max prompt tokens (default: the run's, else {max_prompt_length})",
+    )
+    batch_size = field_default(job_cls, "batch_size")
+    group.add_argument("--batch-size", type=int, default=batch_size, help=f"examples per forward pass (default: {batch_size})")
