@@ -162,3 +162,75 @@ def test_quantization_without_bitsandbytes_is_a_clear_config_error(model_dir):
     cfg = ModelConfig(name_or_path=str(model_dir), quantization="4bit", device="cpu", lora=LoraConfig(enabled=True))
     with pytest.raises(ConfigError, match="bitsandbytes"):
         load_model_and_tokenizer(cfg)
+
+
+# ------------------------------------------------------------------ loading for inference
+
+
+def test_load_policy_finds_a_checkpoints_model_and_its_run_config(model_dir, tmp_path):
+    import shutil
+
+    import yaml
+
+    from dpokit.models import load_policy
+
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "checkpoint-4" / "model")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)}, "loss": {"beta": 0.3}}))
+    loaded = load_policy(run / "checkpoint-4", device="cpu")
+    assert loaded.kind == "model" and not loaded.is_adapter and not loaded.model.training
+    assert loaded.run_config["loss"]["beta"] == 0.3
+    assert loaded.tokenizer.pad_token == "<|pad|>"
+    assert next(loaded.model.parameters()).dtype == torch.float32  # "auto": the checkpoint's dtype
+
+
+def test_load_policy_of_a_lora_adapter_keeps_the_adapter_switchable(model_dir, tmp_path):
+    from dpokit.models import is_peft_model, load_policy
+
+    policy, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=str(model_dir), device="cpu"))
+    policy = apply_lora(policy, LoraConfig(enabled=True, r=4))
+    _perturb_adapters(policy)
+    save_final_model(policy, tokenizer, tmp_path / "adapter", lora_export="adapter")
+    loaded = load_policy(tmp_path / "adapter", dtype="float32")
+    assert loaded.is_adapter and loaded.base_path == str(model_dir) and is_peft_model(loaded.model)
+    batch = batch_for(loaded.tokenizer)
+    with torch.no_grad():
+        base = compute_logps(load_policy(model_dir).model, batch).logps
+        with loaded.model.disable_adapter():
+            torch.testing.assert_close(compute_logps(loaded.model, batch).logps, base)
+        assert not torch.allclose(compute_logps(loaded.model, batch).logps, base, atol=1e-3)
+
+
+def test_bad_locations_dtypes_and_devices_are_located_config_errors(model_dir, tmp_path):
+    from dpokit.models import load_policy, load_tokenizer, resolve_device
+
+    with pytest.raises(ConfigError, match="no such model directory"):
+        load_policy(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="dtype must be one of auto, float32"):
+        load_policy(model_dir, dtype="float8")
+    with pytest.raises(ConfigError, match="--device 'tpu!'"):
+        resolve_device("tpu!", setting="--device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            load_policy(model_dir, device="cuda")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="cannot load a causal language model"):
+        load_policy(empty)
+    # The tokenizer comes from the first location that has one.
+    assert load_tokenizer(empty, model_dir).pad_token == "<|pad|>"
+
+
+def test_loading_shows_no_progress_bars_and_restores_the_setting(model_dir, capfd):
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.compat import set_transformers_progress_bars, transformers_progress_bars_enabled
+    from dpokit.models import load_model_and_tokenizer, load_policy
+
+    set_transformers_progress_bars(True)
+    AutoModelForCausalLM.from_pretrained(model_dir)
+    assert "Loading weights" in capfd.readouterr().err  # transformers' own bar, on unless silenced
+    load_policy(model_dir)
+    load_model_and_tokenizer(ModelConfig(name_or_path=str(model_dir), device="cpu"))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers_progress_bars_enabled()  # the setting is restored

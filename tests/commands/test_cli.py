@@ -203,3 +203,51 @@ def test_lora_adapter_output_is_evaluated_against_its_base_with_the_adapter_disa
     final_eval = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "eval"][-1]
     assert result["metrics"]["rewards/margins"] == pytest.approx(final_eval["rewards/margins"], abs=1e-5)
     assert result["metrics"]["rewards/margins"] != 0
+
+
+# ------------------------------------------------------------------ one source for every default
+
+
+def _parse(argv: list[str]):
+    return build_parser(only=argv[0]).parse_args(argv)
+
+
+def test_command_defaults_are_the_library_dataclass_defaults():
+    """Each command only translates arguments: its defaults are read from the typed jobs, not re-typed."""
+    import dataclasses
+
+    from dpokit.analysis.evaluate import EvalJob
+    from dpokit.analysis.frontier import FrontierJob
+    from dpokit.analysis.score import ScoreJob
+    from dpokit.generation import GenerateJob, SamplingConfig
+    from dpokit.models import LoadOptions
+
+    generate = _parse(["generate", "--model", "m", "--prompt", "p"])
+    for field in dataclasses.fields(SamplingConfig):
+        assert getattr(generate, field.name) == getattr(SamplingConfig(), field.name), field.name
+    assert generate.chat_template == GenerateJob(model="m").chat_template
+    for name in ("dtype", "device", "trust_remote_code"):
+        assert getattr(generate, name) == getattr(LoadOptions(), name)
+    assert _parse(["eval", "--model", "m"]).batch_size == EvalJob(model="m").batch_size
+    assert _parse(["score", "--model", "m"]).batch_size == ScoreJob(model="m").batch_size
+    frontier = _parse(["frontier", "run", "--reference", "r", "--prompts", "p", "--reward", "x:y"])
+    job = FrontierJob(runs=[], reference="r", prompts="p", reward="x:y")
+    assert (frontier.out, frontier.num_samples, frontier.max_new_tokens, frontier.seed) == (
+        job.out, job.num_samples, job.max_new_tokens, job.seed)
+
+
+def test_help_shows_the_fallbacks_of_the_training_config(capsys):
+    from dpokit.config import DataConfig, LossConfig
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"the run's, else {DataConfig().max_length}" in text
+    assert f"the run's loss.beta, else {LossConfig().beta}" in text
+
+
+def test_frontier_betas_must_be_name_equals_number(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a\n")
+    code = main(["frontier", str(tmp_path), "--reference", str(tmp_path), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--reward", "dpokit.experiments.reward:vader_reward", "--beta", "dpo=high"])
+    assert code == 2 and "expected NAME=NUMBER" in capsys.readouterr().err

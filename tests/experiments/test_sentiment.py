@@ -113,12 +113,20 @@ def test_smoke_run_of_the_whole_pipeline_writes_the_frontier(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_prints_reward_and_kl_before_and_after_with_paired_samples(tmp_path):
+def test_demo_prints_reward_and_kl_before_and_after_with_paired_samples(tmp_path, capfd):
+    import warnings
+
     from dpokit.experiments.sentiment import run_sentiment_demo
 
     lines: list[str] = []
     settings = dataclasses.replace(MODES["smoke"], warmup_steps=0)
-    result = run_sentiment_demo(tmp_path / "demo", tmp_path / "cache", settings=settings, log=lines.append)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_sentiment_demo(tmp_path / "demo", tmp_path / "cache", settings=settings, log=lines.append)
+    # Quiet: no deprecation/future warnings, no transformers logger notices, no "Loading weights" bars.
+    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], [str(w.message) for w in caught]
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "deprecated" not in err and "[transformers]" not in err, err
     text = "\n".join(lines)
     assert "before (SFT model)" in text and "after DPO (beta=0.1)" in text
     assert result["before"]["kl_mean"] == 0.0 and result["after"]["kl_mean"] != 0.0
