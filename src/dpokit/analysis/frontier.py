@@ -5,12 +5,13 @@ This is the evaluation of the DPO paper's Figure 2 (left). For a policy ``pi``, 
 
 * reward: ``E_x E_{y ~ pi(.|x)} r(x, y)``;
 * sequence-level KL: ``KL(pi || pi_ref) = E_x E_{y ~ pi(.|x)} [log pi(y|x) - log pi_ref(y|x)]``,
-  where ``log pi(y|x)`` sums the token log-probs of the completion (up to and including EOS).
+  where ``log pi(y|x)`` sums the token log-probs of the completion (up to and including its stop
+  token: EOS, or a chat template's end-of-turn token when the vocabulary has one).
 
 Both are estimated from the *same* samples ``y ~ pi(.|x)``. Sampling is plain ancestral sampling at
 temperature 1 with no top-k / top-p, so the samples come from exactly the distribution whose
 log-probs are summed and the KL estimate is unbiased (any truncation of the sampler would make
-``log pi`` the wrong density). A completion cut at ``max_new_tokens`` without EOS is scored as the
+``log pi`` the wrong density). A completion cut at ``max_new_tokens`` without a stop is scored as the
 prefix it is: the estimate is then the KL between the two distributions over ``max_new_tokens``-long
 prefixes, which is what the samples' quality is judged on. Individual terms can be negative; their
 mean is not (up to sampling error), and it is exactly 0 when ``pi`` is ``pi_ref``.
