@@ -407,5 +407,6 @@ def run_frontier(job: FrontierJob, *, log: Callable[[str], None] | None = None) 
             result = estimate(load_policy(checkpoint, **options).model)
             points.append({"method": name, "run": name, "step": step, "checkpoint": str(checkpoint),
                            "beta": job.betas.get(name), **result})
-            say(f"{name} {checkpoint.name}: reward {result['reward_mean']:.3f}  KL {result['kl_mean']:.2f}")
+            where = f"step {step}" if step is not None else checkpoint.name
+            say(f"{name} {where}: reward {result['reward_mean']:.3f}  KL {result['kl_mean']:.2f}")
     return points, write_results(points, job.out, title=job.title)
