@@ -12,7 +12,8 @@ from dpokit.commands.main import main
 from dpokit.data import PreferenceExample, prepare_from_examples
 from dpokit.errors import DataError
 from dpokit.models import load_policy
-from dpokit.analysis.evaluate import ReferenceChoice
+from dpokit.analysis.evaluate import policy_runner
+from dpokit.training.reference import CopyReference, NoReference
 from dpokit.analysis.score import ScoreRow, read_score_rows, score_rows
 from tests.helpers import tiny_llama, tiny_tokenizer
 
@@ -67,7 +68,7 @@ def test_scores_equal_beta_times_policy_minus_reference_logps(policy_dir, refere
         ScoreRow([{"role": "user", "content": "tell me about the film"}], [[{"role": "assistant", "content": "it is great"}]], "row 2"),
         ScoreRow("i liked", [" the actor.", " the plot.", " the music and the scene."], "row 3"),
     ]
-    scored = score_rows(policy.model, policy.tokenizer, ReferenceChoice("model", reference.model, "ref"), rows, beta=BETA, batch_size=2)
+    scored = score_rows(policy_runner(policy), policy.tokenizer, CopyReference(reference.model), rows, beta=BETA, batch_size=2)
     for row, result in zip(rows, scored):
         responses = row.responses if len(row.responses) > 1 else row.responses * 2
         item = prepare_from_examples([PreferenceExample(row.prompt, responses)], policy.tokenizer).items[0]
@@ -148,7 +149,7 @@ def test_truncated_responses_are_reported(policy_dir, caplog):
     policy = load_policy(policy_dir)
     rows = [ScoreRow("the movie", [" was very very very very good and the plot was long.", " bad."], "row 1")]
     with caplog.at_level("WARNING"):
-        score_rows(policy.model, policy.tokenizer, ReferenceChoice("none"), rows, beta=0.1, max_length=6, max_prompt_length=2)
+        score_rows(policy_runner(policy), policy.tokenizer, NoReference(), rows, beta=0.1, max_length=6, max_prompt_length=2)
     assert "cut to max_length=6" in caplog.text
 
 

@@ -18,60 +18,53 @@ training configuration (:func:`training_defaults`), so no default is repeated he
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
-import torch
 
 from dpokit.errors import ConfigError
 from dpokit.models import LoadedPolicy, LoadOptions, load_policy, pad_id_of
+from dpokit.training.parallel import ParallelContext, ParallelPolicy
+from dpokit.training.reference import AdapterDisabledReference, CopyReference, NoReference, Reference
+from dpokit.training.splits import Split
+from dpokit.training.step import EvalResult, evaluate
 
 # ------------------------------------------------------------------------------------- reference
 
 
-@dataclass
-class ReferenceChoice:
-    """How reference log-probs are obtained: a separate model, the policy with its adapter disabled, or none."""
-
-    mode: str  # "model" | "adapter_disabled" | "none"
-    model: Any = None
-    path: str | None = None
-
-    def describe(self) -> str:
-        if self.mode == "model":
-            return f"reference model {self.path}"
-        if self.mode == "adapter_disabled":
-            return "base model with the adapter disabled"
-        return "no reference (reference-free)"
+def policy_runner(policy: LoadedPolicy, chunk_size: int = 1024) -> ParallelPolicy:
+    """The loaded policy as the engine runs it: a world of one on the policy's device."""
+    return ParallelPolicy(ParallelContext(device=next(policy.model.parameters()).device), policy.model, chunk_size=chunk_size)
 
 
 def resolve_reference(
     policy: LoadedPolicy,
+    runner: ParallelPolicy,
     reference_path: str | None,
     *,
     reference_free: bool = False,
     dtype: str = "auto",
     device: str | None = None,
     trust_remote_code: bool = False,
-) -> ReferenceChoice:
-    """Pick pi_ref: ``--reference``, else the adapter's base, else the model the run started from."""
+) -> tuple[Reference, str]:
+    """pi_ref and a description of it: ``--reference``, else the adapter's base (the policy with its
+    adapter disabled), else the model the run started from; or none for ``--reference-free``."""
     if reference_free:
         if reference_path:
             raise ConfigError("give either --reference or --reference-free, not both")
-        return ReferenceChoice("none")
+        return NoReference(), "no reference (reference-free)"
     if reference_path:
         reference = load_policy(reference_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        return ReferenceChoice("model", reference.model, reference_path)
+        return CopyReference(reference.model), f"reference model {reference_path}"
     if policy.is_adapter:
-        return ReferenceChoice("adapter_disabled", path=policy.base_path)
+        return AdapterDisabledReference(runner), "base model with the adapter disabled"
     run_config = policy.run_config or {}
     # The run's reference: reference.name_or_path when it set one, else the model it started from.
     start_model = (run_config.get("reference") or {}).get("name_or_path") or (run_config.get("model") or {}).get("name_or_path")
     if start_model and Path(str(start_model)).resolve() != Path(policy.path).resolve():
         reference = load_policy(start_model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        return ReferenceChoice("model", reference.model, str(start_model))
+        return CopyReference(reference.model), f"reference model {start_model}"
     raise ConfigError(
         f"{policy.path} is a full model with no record of its reference model: pass --reference PATH "
         "(usually the SFT model training started from) or --reference-free"
@@ -96,23 +89,11 @@ def training_defaults(policy: LoadedPolicy, config_path: str | None = None) -> A
     return TrainConfig()
 
 
-# ---------------------------------------------------------------------------------------- log-probs
-
-
-def reference_logps(reference: ReferenceChoice, policy_model: Any, batch: Any) -> torch.Tensor | None:
-    """Summed reference log-probs ``(B, K)`` for ``batch``, or None for reference-free."""
-    from dpokit.logprobs import compute_logps
-
-    if reference.mode == "none":
-        return None
-    if reference.mode == "adapter_disabled":
-        with policy_model.disable_adapter():
-            return compute_logps(policy_model, batch).logps
-    return compute_logps(reference.model, batch).logps
+# --------------------------------------------------------------------------------------------- eval
 
 
 def iterate_batches(items: Any, batch_size: int, pad_token_id: int) -> Iterator[Any]:
-    """Batches of ``batch_size`` consecutive prepared items, in dataset order."""
+    """Padded batches of ``batch_size`` consecutive prepared items, in dataset order."""
     from dpokit.data import PaddedCollator
 
     collate = PaddedCollator(pad_token_id)
@@ -120,70 +101,18 @@ def iterate_batches(items: Any, batch_size: int, pad_token_id: int) -> Iterator[
         yield collate([items[index] for index in range(start, min(start + batch_size, len(items)))])
 
 
-# --------------------------------------------------------------------------------------------- eval
-
-
-@dataclass
-class EvalResult:
-    """Dataset means of the objective's metrics and per-example values (in dataset order)."""
-
-    metrics: dict[str, float]
-    num_examples: int
-    per_example: list[dict[str, Any]] = field(default_factory=list)
-
-
-@torch.no_grad()
 def evaluate_preferences(
-    policy_model: Any,
-    reference: ReferenceChoice,
-    items: Any,
-    objective: Any,
-    *,
-    batch_size: int = 8,
-    pad_token_id: int = 0,
+    runner: ParallelPolicy, reference: Reference, items: Sequence[dict[str, Any]], objective: Any, *,
+    batch_size: int = 8, pad_token_id: int = 0,
 ) -> EvalResult:
-    """Mean loss and reward metrics of ``objective`` over prepared ``items``.
-
-    Each batch: policy log-probs ``(B, K)`` and reference log-probs ``(B, K)`` from the same
-    ``compute_logps`` the trainer uses, then ``objective(LossInputs(...))``. Metrics are per-example
-    ``(B,)`` tensors, so dataset means weight every example equally whatever the batch sizes.
-    """
-    from dpokit.logprobs import compute_logps
-    from dpokit.losses import LossInputs
+    """Mean loss and reward metrics of ``objective`` over prepared ``items``, with per-example values:
+    the trainer's own evaluation loop (:func:`dpokit.training.step.evaluate`) on padded batches."""
+    from dpokit.data import PaddedCollator
 
     if len(items) == 0:
         raise ConfigError("the evaluation dataset is empty")
-    device = next(policy_model.parameters()).device
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    per_example: list[dict[str, Any]] = []
-    for batch in iterate_batches(items, batch_size, pad_token_id):
-        batch = batch.to(device)
-        policy = compute_logps(policy_model, batch)
-        inputs = LossInputs(
-            policy_logps=policy.logps,
-            reference_logps=reference_logps(reference, policy_model, batch),
-            lengths=policy.lengths,
-            response_mask=batch.response_mask,
-            policy_token_logps=policy.token_logps,
-            token_seq=batch.score_seq,
-        )
-        output = objective(inputs)
-        columns = {"loss": output.per_example, **output.metrics}
-        for name, values in columns.items():
-            values = values.detach().float().reshape(-1).cpu()
-            finite = values[torch.isfinite(values)]
-            sums[name] = sums.get(name, 0.0) + float(finite.sum())
-            counts[name] = counts.get(name, 0) + int(finite.numel())
-        example_ids = batch.extras.get("example_id")
-        for row in range(batch.batch_size):
-            record: dict[str, Any] = {"example_id": int(example_ids[row]) if example_ids is not None else len(per_example)}
-            for name, values in columns.items():
-                value = float(values.reshape(-1)[row]) if values.numel() == batch.batch_size else None
-                record[name] = value if value is None or math.isfinite(value) else None
-            per_example.append(record)
-    metrics = {name: sums[name] / counts[name] for name in sums if counts[name] > 0}
-    return EvalResult(metrics=metrics, num_examples=len(per_example), per_example=per_example)
+    return evaluate(runner, Split.of_items(items), reference, objective, PaddedCollator(pad_token_id),
+                    batch_size=batch_size, keep_per_example=True)
 
 
 # Shown first, in this order, in the printed table.
@@ -251,8 +180,10 @@ def run_eval(job: EvalJob) -> EvalReport:
     data_path = _first(job.data, data.eval_path)
     if not data_path:
         raise ConfigError("no evaluation data: pass --data PATH (or --config with data.eval_path set)")
-    reference = resolve_reference(policy, job.reference, reference_free=job.reference_free or loss.reference_free, **options)
-    objective = build_objective(terms, beta=beta, reference_free=reference.mode == "none")
+    runner = policy_runner(policy)
+    reference, described = resolve_reference(policy, runner, job.reference,
+                                             reference_free=job.reference_free or loss.reference_free, **options)
+    objective = build_objective(terms, beta=beta, reference_free=isinstance(reference, NoReference))
     dataset = prepare_dataset(
         data_path,
         policy.tokenizer,
@@ -269,11 +200,11 @@ def run_eval(job: EvalJob) -> EvalReport:
     items = dataset.items
     if job.limit is not None:
         items = [items[index] for index in range(min(job.limit, len(items)))]
-    result = evaluate_preferences(policy.model, reference, items, objective, batch_size=job.batch_size,
+    result = evaluate_preferences(runner, reference, items, objective, batch_size=job.batch_size,
                                   pad_token_id=pad_id_of(policy.tokenizer))
     summary = {
         "model": str(job.model),
-        "reference": reference.describe(),
+        "reference": described,
         "data": str(data_path),
         "num_examples": result.num_examples,
         "beta": beta,

@@ -24,7 +24,9 @@ from typing import Any, Sequence
 
 import torch
 
-from dpokit.analysis.evaluate import ReferenceChoice, iterate_batches, reference_logps, resolve_reference, training_defaults
+from dpokit.analysis.evaluate import iterate_batches, policy_runner, resolve_reference, training_defaults
+from dpokit.training.parallel import ParallelPolicy
+from dpokit.training.reference import Reference
 from dpokit.errors import DataError
 from dpokit.models import LoadOptions, load_policy, pad_id_of
 
@@ -174,9 +176,9 @@ def _prepare(rows: Sequence[ScoreRow], tokenizer: Any, *, max_length: int, max_p
 
 @torch.no_grad()
 def score_rows(
-    policy_model: Any,
+    policy: ParallelPolicy,
     tokenizer: Any,
-    reference: ReferenceChoice,
+    reference: Reference,
     rows: Sequence[ScoreRow],
     *,
     beta: float,
@@ -189,8 +191,6 @@ def score_rows(
     Log-probs come from ``compute_logps`` on batches of the data pipeline's token ids (the same as
     training), shape ``(B, K)``; responses beyond a row's own count are masked out.
     """
-    from dpokit.logprobs import compute_logps
-
     prepared = _prepare(rows, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
     items = prepared.items
     truncated = prepared.report.tokenize.prompt_truncated + prepared.report.tokenize.responses_truncated
@@ -201,14 +201,14 @@ def score_rows(
         )
     if len(items) != len(rows):
         raise DataError(f"{len(rows) - len(items)} of {len(rows)} rows could not be tokenized: {prepared.report.summary()}")
-    device = next(policy_model.parameters()).device
+    device = policy.ctx.device
     pad_id = pad_id_of(tokenizer)
     scored: list[ScoredRow] = []
     row_index = 0
     for batch in iterate_batches(items, batch_size, pad_id):
         batch = batch.to(device)
-        policy_logps = compute_logps(policy_model, batch).logps.float().cpu()  # (B, K)
-        ref = reference_logps(reference, policy_model, batch)
+        policy_logps = policy.logps(batch).logps.float().cpu()  # (B, K)
+        ref = reference.logps(batch)
         ref_logps = ref.float().cpu() if ref is not None else None
         rewards = beta * (policy_logps - ref_logps) if ref_logps is not None else beta * policy_logps  # (B, K)
         for b in range(batch.batch_size):
@@ -289,7 +289,8 @@ def run_score(job: ScoreJob, rows: Sequence[ScoreRow]) -> ScoreReport:
     has_run = policy.run_config is not None
     max_length = job.max_length or (train.data.max_length if has_run else DEFAULT_MAX_LENGTH)
     max_prompt_length = job.max_prompt_length or (train.data.max_prompt_length if has_run else DEFAULT_MAX_PROMPT_LENGTH)
-    reference = resolve_reference(policy, job.reference, reference_free=job.reference_free, **options)
-    scored = score_rows(policy.model, policy.tokenizer, reference, rows, beta=beta, max_length=int(max_length),
+    runner = policy_runner(policy)
+    reference, described = resolve_reference(policy, runner, job.reference, reference_free=job.reference_free, **options)
+    scored = score_rows(runner, policy.tokenizer, reference, rows, beta=beta, max_length=int(max_length),
                         max_prompt_length=int(max_prompt_length), batch_size=job.batch_size)
-    return ScoreReport(rows=scored, beta=beta, reference=reference.describe())
+    return ScoreReport(rows=scored, beta=beta, reference=described)

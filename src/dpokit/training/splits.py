@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -21,6 +22,11 @@ class Split:
     # What length-grouped batching sorts by: "row" = prompt + longest response (padded layout),
     # "block" = prompt + all responses (shared-prompt / packed layouts).
     length_kind: str = "row"
+
+    @classmethod
+    def of_items(cls, items: Sequence[dict[str, Any]]) -> "Split":
+        """All of a plain list of prepared items, in order."""
+        return cls(SimpleNamespace(items=list(items)), list(range(len(items))))
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -16,7 +16,7 @@ import torch
 
 from dpokit.data.batch import Batch
 from dpokit.training.metrics import MetricSums, StepMetrics
-from dpokit.training.parallel import ParallelContext, ParallelPolicy
+from dpokit.training.parallel import ParallelPolicy
 from dpokit.training.reference import Reference
 
 Collate = Callable[[list[dict[str, Any]]], Batch]

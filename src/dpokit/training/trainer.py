@@ -41,7 +41,7 @@ from dpokit.training.optim import build_optimizer, build_scheduler
 from dpokit.training.parallel import ParallelContext, ParallelPolicy, apply_global_batch_size, launched_world_size, setup_parallel
 from dpokit.training.reference import AdapterDisabledReference, build_references, resolve_reference_strategy
 from dpokit.training.resume import check_resume_compatible, invariants, resolve_run_dir, trim_metrics_file
-from dpokit.training.splits import Split, epoch_batches, load_data
+from dpokit.training.splits import epoch_batches, load_data
 from dpokit.training.stop import StopRequest
 
 logger = logging.getLogger(__name__)
