@@ -280,3 +280,14 @@ def test_dataset_fingerprint_follows_the_data_and_its_transforms():
     assert compat.dataset_fingerprint(datasets.Dataset.from_list(preference_rows(6, seed=2))) != fingerprint
     mapped = dataset.map(lambda row: {"prompt": row["prompt"].upper()})
     assert compat.dataset_fingerprint(mapped) != fingerprint
+
+
+def test_kv_cache_keyword_is_the_name_the_installed_transformers_returns_the_cache_under():
+    """A causal LM's forward output carries its KV cache under exactly this name."""
+    from dpokit.compat import kv_cache_keyword
+    from tests.helpers import tiny_llama
+
+    model = tiny_llama()
+    out = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+    assert kv_cache_keyword() in ("cache", "past_key_values")
+    assert getattr(out, kv_cache_keyword()) is not None

@@ -14,8 +14,6 @@ from dpokit.data.schema import PreferenceExample
 from dpokit.errors import ConfigError
 from dpokit.logprobs import compute_logps
 from dpokit.models import apply_lora, disable_dropout, load_model_and_tokenizer, save_final_model
-from dpokit.training.parallel import ParallelContext, ParallelPolicy
-from dpokit.training.reference import AdapterDisabledReference, CopyReference, NoReference, resolve_reference_strategy
 from tests.helpers import preference_rows, tiny_gpt2, tiny_llama, write_tiny_model_dir
 
 
@@ -93,51 +91,6 @@ def _perturb_adapters(model, seed: int = 0):
         for name, parameter in model.named_parameters():
             if "lora_" in name:
                 parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
-
-
-def test_lora_reference_with_adapters_disabled_equals_the_base_model(model_dir):
-    """After the adapters have moved (policy != base), the adapter-disabled reference still gives
-    exactly the base model's log-probs, without holding a second copy, and restores train mode."""
-    cfg = ModelConfig(name_or_path=str(model_dir), device="cpu")
-    base, tokenizer = load_model_and_tokenizer(cfg)
-    base.eval()
-    policy, _ = load_model_and_tokenizer(cfg)
-    policy = apply_lora(policy, LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj", "lm_head"])).train()
-    batch = batch_for(tokenizer)
-    with torch.no_grad():
-        expected = compute_logps(base, batch).logps
-        torch.testing.assert_close(compute_logps(policy, batch).logps, expected, rtol=1e-5, atol=1e-5)  # B = 0 at init
-    _perturb_adapters(policy)
-    reference = AdapterDisabledReference(ParallelPolicy(ParallelContext(), policy))
-    with torch.no_grad():
-        assert not torch.allclose(compute_logps(policy, batch).logps, expected, atol=1e-2)
-    torch.testing.assert_close(reference.logps(batch), expected, rtol=1e-5, atol=1e-5)
-    assert reference.policy.model is policy and policy.training
-    assert sum(p.numel() for p in policy.parameters() if p.requires_grad) < sum(p.numel() for p in base.parameters()) / 5
-
-
-def test_copy_reference_is_frozen_and_unaffected_by_policy_updates(model_dir):
-    policy, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=str(model_dir), device="cpu"))
-    reference = CopyReference.from_policy(policy)
-    batch = batch_for(tokenizer)
-    before = reference.logps(batch)
-    with torch.no_grad():
-        for parameter in policy.parameters():
-            parameter.add_(0.01)
-    torch.testing.assert_close(reference.logps(batch), before, rtol=0, atol=0)
-    assert not any(p.requires_grad for p in reference.model.parameters())
-    assert NoReference().logps(batch) is None
-
-
-def test_auto_strategy_resolution_and_mismatches():
-    assert resolve_reference_strategy("auto", needs_reference=False, lora=True) == "none"
-    assert resolve_reference_strategy("auto", needs_reference=True, lora=True) == "adapter_disabled"
-    assert resolve_reference_strategy("auto", needs_reference=True, lora=False) == "copy"
-    assert resolve_reference_strategy("precomputed", needs_reference=True, lora=True) == "precomputed"
-    with pytest.raises(ConfigError, match="loss.reference_free=true"):
-        resolve_reference_strategy("none", needs_reference=True, lora=False)
-    with pytest.raises(ConfigError, match="lora"):
-        resolve_reference_strategy("adapter_disabled", needs_reference=True, lora=False)
 
 
 @pytest.mark.parametrize("export", ["merged", "adapter"])

@@ -15,6 +15,8 @@ cache key.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import importlib.metadata
 import json
 from typing import TYPE_CHECKING, Any, Iterator
@@ -196,6 +198,23 @@ def set_transformers_progress_bars(enabled: bool) -> None:
         hf_logging.enable_progress_bar()
     else:
         hf_logging.disable_progress_bar()
+
+
+@functools.lru_cache(maxsize=1)
+def kv_cache_keyword() -> str:
+    """The name transformers gives the KV cache in a causal LM's forward arguments and outputs:
+    ``cache`` in recent 5.x releases (``past_key_values`` then warns as deprecated), else
+    ``past_key_values``.
+
+    transformers ``modeling_outputs.CausalLMOutputWithPast`` field names; checked with transformers 5.24."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    if "cache" in names:
+        return "cache"
+    if "past_key_values" in names:
+        return "past_key_values"
+    raise _incompatible("transformers", "CausalLMOutputWithPast has neither a 'cache' nor a 'past_key_values' field")
 
 
 # ----------------------------------------------------------------------------------------------

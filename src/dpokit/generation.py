@@ -29,8 +29,6 @@ for ChatML), exactly as the data pipeline formats them for training (:func:`form
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from dpokit.compat import kv_cache_keyword
 from dpokit.errors import ConfigError, DataError
 from dpokit.models import LoadOptions, pad_id_of
 
@@ -129,22 +128,13 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-@functools.lru_cache(maxsize=1)
-def _cache_keyword() -> str:
-    """The name transformers gives the KV cache in forward arguments and outputs: ``cache`` in
-    recent 5.x releases (``past_key_values`` is then deprecated and warns), ``past_key_values`` before."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
-
-
 def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
     """Last-position logits (N, V) and the updated KV cache (None when the model keeps none)."""
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
     if cache is not None:
-        kwargs[_cache_keyword()] = cache
+        kwargs[kv_cache_keyword()] = cache
     out = model(**kwargs)
-    return out.logits[:, -1, :], getattr(out, _cache_keyword(), None)
+    return out.logits[:, -1, :], getattr(out, kv_cache_keyword(), None)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from dpokit.compat import adapters_disabled
 from dpokit.config import LoraConfig, ModelConfig
 from dpokit.errors import ConfigError, TrainingError
 
@@ -440,7 +441,7 @@ def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
     try:
         with torch.no_grad():
             if is_peft_model(model):
-                with model.disable_adapter():
+                with adapters_disabled(model):
                     yield model
             else:
                 yield model

@@ -1,4 +1,5 @@
-"""Precomputed reference log-probs: equal to the live reference, cached, reused and invalidated."""
+"""The references: adapters-off and frozen-copy references equal the base model; strategy resolution;
+precomputed log-probs equal the live reference, cached, reused and invalidated."""
 
 from __future__ import annotations
 
@@ -10,9 +11,20 @@ import torch
 from dpokit.config import LoraConfig, ModelConfig
 from dpokit.data import PaddedCollator, prepare_dataset
 from dpokit.models import apply_lora, load_model_and_tokenizer
-from dpokit.training.reference import CopyReference
-from dpokit.training.reference import cached_reference_files, load_or_compute_reference, model_fingerprint
-from tests.helpers import write_preference_jsonl, write_tiny_model_dir
+from dpokit.data import PreferenceExample, prepare_from_examples
+from dpokit.errors import ConfigError
+from dpokit.logprobs import compute_logps
+from dpokit.training.parallel import ParallelContext, ParallelPolicy
+from dpokit.training.reference import (
+    AdapterDisabledReference,
+    CopyReference,
+    NoReference,
+    cached_reference_files,
+    load_or_compute_reference,
+    model_fingerprint,
+    resolve_reference_strategy,
+)
+from tests.helpers import preference_rows, write_preference_jsonl, write_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +119,62 @@ def test_fingerprint_sees_weights_and_dtype_but_not_lora_adapters(assets):
     with torch.no_grad():
         model.lm_head.weight[3, 3] += 1e-3
     assert model_fingerprint(model) != plain
+
+
+def batch_for(tokenizer, n: int = 6):
+    examples = [PreferenceExample(prompt=row["prompt"], responses=[row["chosen"], row["rejected"]], scores=None, source=f"test:{i}")
+                for i, row in enumerate(preference_rows(n))]
+    return PaddedCollator(tokenizer.pad_token_id)(prepare_from_examples(examples, tokenizer).items)
+
+
+def _perturb_adapters(model, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+
+
+def test_lora_reference_with_adapters_disabled_equals_the_base_model(assets):
+    """After the adapters have moved (policy != base), the adapter-disabled reference still gives
+    exactly the base model's log-probs, without holding a second copy, and restores train mode."""
+    cfg = ModelConfig(name_or_path=str(assets / "model"), device="cpu")
+    base, tokenizer = load_model_and_tokenizer(cfg)
+    base.eval()
+    policy, _ = load_model_and_tokenizer(cfg)
+    policy = apply_lora(policy, LoraConfig(enabled=True, r=4, target_modules=["q_proj", "v_proj", "lm_head"])).train()
+    batch = batch_for(tokenizer)
+    with torch.no_grad():
+        expected = compute_logps(base, batch).logps
+        torch.testing.assert_close(compute_logps(policy, batch).logps, expected, rtol=1e-5, atol=1e-5)  # B = 0 at init
+    _perturb_adapters(policy)
+    reference = AdapterDisabledReference(ParallelPolicy(ParallelContext(), policy))
+    with torch.no_grad():
+        assert not torch.allclose(compute_logps(policy, batch).logps, expected, atol=1e-2)
+    torch.testing.assert_close(reference.logps(batch), expected, rtol=1e-5, atol=1e-5)
+    assert reference.policy.model is policy and policy.training
+    assert sum(p.numel() for p in policy.parameters() if p.requires_grad) < sum(p.numel() for p in base.parameters()) / 5
+
+
+def test_copy_reference_is_frozen_and_unaffected_by_policy_updates(assets):
+    policy, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=str(assets / "model"), device="cpu"))
+    reference = CopyReference.from_policy(policy)
+    batch = batch_for(tokenizer)
+    before = reference.logps(batch)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.01)
+    torch.testing.assert_close(reference.logps(batch), before, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in reference.model.parameters())
+    assert NoReference().logps(batch) is None
+
+
+def test_auto_strategy_resolution_and_mismatches():
+    assert resolve_reference_strategy("auto", needs_reference=False, lora=True) == "none"
+    assert resolve_reference_strategy("auto", needs_reference=True, lora=True) == "adapter_disabled"
+    assert resolve_reference_strategy("auto", needs_reference=True, lora=False) == "copy"
+    assert resolve_reference_strategy("precomputed", needs_reference=True, lora=True) == "precomputed"
+    with pytest.raises(ConfigError, match="loss.reference_free=true"):
+        resolve_reference_strategy("none", needs_reference=True, lora=False)
+    with pytest.raises(ConfigError, match="lora"):
+        resolve_reference_strategy("adapter_disabled", needs_reference=True, lora=False)
