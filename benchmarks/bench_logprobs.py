@@ -62,8 +62,17 @@ print(json.dumps({"peak_extra_bytes": peak - baseline, "seconds": seconds, "valu
 
 
 def run_once(method: str, args: argparse.Namespace, chunk_size: int) -> dict:
-    command = [sys.executable, "-c", WORKER, method, str(args.vocab), str(args.tokens), str(args.hidden),
-               str(chunk_size), str(args.threads)]
+    command = [
+        sys.executable,
+        "-c",
+        WORKER,
+        method,
+        str(args.vocab),
+        str(args.tokens),
+        str(args.hidden),
+        str(chunk_size),
+        str(args.threads),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -90,8 +99,10 @@ def main() -> None:
     naive_value = statistics.median(r["value"] for r in runs["naive"])
     naive_peak = statistics.median(r["peak_extra_bytes"] for r in runs["naive"])
     gib = 2**30
-    print(f"vocab {args.vocab:,}, {args.tokens:,} scored tokens, hidden {args.hidden}, float32, forward + backward, "
-          f"{args.threads} threads, median of {args.repeats} alternating runs")
+    print(
+        f"vocab {args.vocab:,}, {args.tokens:,} scored tokens, hidden {args.hidden}, float32, forward + backward, "
+        f"{args.threads} threads, median of {args.repeats} alternating runs"
+    )
     print(f"{'method':<16}{'peak extra memory':>20}{'vs naive':>10}{'time':>10}{'|sum diff|':>12}")
     summary = {}
     for key, results in runs.items():

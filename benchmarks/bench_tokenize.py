@@ -55,8 +55,19 @@ def build_trl_trainer(tokenizer, output_dir: str, rows: list[dict[str, str]]):
 
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=512)
     model, ref_model = GPT2LMHeadModel(config), GPT2LMHeadModel(config)
-    args = DPOConfig(output_dir=output_dir, report_to=[], dataset_num_proc=None, max_length=512, logging_strategy="no", save_strategy="no", use_cpu=True, bf16=False)
-    return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows[:8]), processing_class=tokenizer)
+    args = DPOConfig(
+        output_dir=output_dir,
+        report_to=[],
+        dataset_num_proc=None,
+        max_length=512,
+        logging_strategy="no",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+    )
+    return DPOTrainer(
+        model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows[:8]), processing_class=tokenizer
+    )
 
 
 def time_trl(trainer, dataset, tokenizer):
@@ -112,7 +123,9 @@ def main() -> None:
     threads = os.environ.get("RAYON_NUM_THREADS") or os.environ.get("RAYON_RS_NUM_CPUS") or f"default ({os.cpu_count()} cores)"
     print()
     print(f"Tokenizing {options.pairs:,} preference pairs, {options.repeats} alternating repeats, medians")
-    print(f"(byte-level BPE, vocab {len(tokenizer)}, one process; tokenizer threads: {threads}{'; indented text' if options.indented else ''})")
+    print(
+        f"(byte-level BPE, vocab {len(tokenizer)}, one process; tokenizer threads: {threads}{'; indented text' if options.indented else ''})"
+    )
     print()
     print(f"| {'pipeline':<44} | {'seconds':>8} | {'pairs/s':>9} | {'vs TRL':>7} |")
     print(f"|{'-' * 46}|{'-' * 10}|{'-' * 11}|{'-' * 9}|")

@@ -145,19 +145,36 @@ class StepClock:
             self.step_peak = max(self.step_peak, peak - self.baseline)
 
 
-def run_dpokit(fixture: Path, work: Path, clock: StepClock, max_steps: int | None, batch_pairs: int, compile: bool = False) -> None:
+def run_dpokit(
+    fixture: Path, work: Path, clock: StepClock, max_steps: int | None, batch_pairs: int, compile: bool = False
+) -> None:
     from dpokit.config import load_config
     from dpokit.training import run
 
     overrides = [
-        f"model.name_or_path={fixture / 'model'}", "model.device=cpu",
-        f"data.train_path={fixture / 'pairs.jsonl'}", f"data.cache_dir={work / 'cache'}",
-        f"data.max_length={MAX_LENGTH}", f"data.max_prompt_length={MAX_PROMPT_LENGTH}",
-        f"logging.run_dir={work / 'run'}", "logging.progress_bar=false", "logging.tensorboard=false",
-        "logging.plot=false", "logging.log_every=1000000",
-        "optim.optimizer=adamw", f"optim.lr={LR}", "optim.warmup_steps=0", "optim.schedule=linear",
-        f"optim.batch_size={batch_pairs}", "optim.grad_accumulation=1", "optim.max_grad_norm=1.0", "optim.epochs=1",
-        f"loss.beta={BETA}", "reference.strategy=precomputed", "eval.every_steps=0", "checkpoint.every_steps=0",
+        f"model.name_or_path={fixture / 'model'}",
+        "model.device=cpu",
+        f"data.train_path={fixture / 'pairs.jsonl'}",
+        f"data.cache_dir={work / 'cache'}",
+        f"data.max_length={MAX_LENGTH}",
+        f"data.max_prompt_length={MAX_PROMPT_LENGTH}",
+        f"logging.run_dir={work / 'run'}",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+        "logging.log_every=1000000",
+        "optim.optimizer=adamw",
+        f"optim.lr={LR}",
+        "optim.warmup_steps=0",
+        "optim.schedule=linear",
+        f"optim.batch_size={batch_pairs}",
+        "optim.grad_accumulation=1",
+        "optim.max_grad_norm=1.0",
+        "optim.epochs=1",
+        f"loss.beta={BETA}",
+        "reference.strategy=precomputed",
+        "eval.every_steps=0",
+        "checkpoint.every_steps=0",
     ]
     if max_steps:
         overrides.append(f"optim.max_steps={max_steps}")
@@ -181,14 +198,31 @@ def run_trl(fixture: Path, work: Path, clock: StepClock, max_steps: int | None, 
     ref_model = None if fast else AutoModelForCausalLM.from_pretrained(fixture / "model")
     dataset = datasets.load_dataset("json", data_files=str(fixture / "pairs.jsonl"), split="train", cache_dir=str(work / "hf"))
     args = DPOConfig(
-        output_dir=str(work / "trl"), report_to=[], use_cpu=True, bf16=False, per_device_train_batch_size=batch_pairs,
-        gradient_accumulation_steps=1, num_train_epochs=1, max_steps=max_steps or -1, learning_rate=LR, beta=BETA,
-        loss_type=["sigmoid"], max_length=MAX_LENGTH, max_grad_norm=1.0, warmup_steps=0, lr_scheduler_type="linear",
-        logging_strategy="no", save_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        output_dir=str(work / "trl"),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=batch_pairs,
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        max_steps=max_steps or -1,
+        learning_rate=LR,
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=MAX_LENGTH,
+        max_grad_norm=1.0,
+        warmup_steps=0,
+        lr_scheduler_type="linear",
+        logging_strategy="no",
+        save_strategy="no",
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
         **({"precompute_ref_log_probs": True, "gradient_checkpointing": False} if fast else {}),
     )
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[Clock()])
+    trainer = DPOTrainer(
+        model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()]
+    )
     trainer.train()
     trainer.save_model(str(work / "trl" / "final"))
 
@@ -221,13 +255,22 @@ def worker(options: argparse.Namespace) -> None:
     steady = clock.times[WARMUP_STEPS - 1 :] if len(clock.times) > WARMUP_STEPS + 1 else clock.times
     pairs_per_second = (len(steady) - 1) * options.batch_pairs / (steady[-1] - steady[0]) if len(steady) > 1 else float("nan")
     step_seconds = [b - a for a, b in zip(clock.times, clock.times[1:])]
-    print("RESULT " + json.dumps({
-        "system": options.worker, "wall_s": wall, "steps": len(clock.times), "pairs_per_s": pairs_per_second,
-        "median_step_s": statistics.median(step_seconds) if step_seconds else float("nan"),
-        "peak_rss": rss_now_and_peak()[1] if not options.memory else None,
-        "step_peak_above_idle": clock.step_peak if options.memory else None,
-        "first_step_at_s": clock.times[0] - start if clock.times else None,
-    }), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "system": options.worker,
+                "wall_s": wall,
+                "steps": len(clock.times),
+                "pairs_per_s": pairs_per_second,
+                "median_step_s": statistics.median(step_seconds) if step_seconds else float("nan"),
+                "peak_rss": rss_now_and_peak()[1] if not options.memory else None,
+                "step_peak_above_idle": clock.step_peak if options.memory else None,
+                "first_step_at_s": clock.times[0] - start if clock.times else None,
+            }
+        ),
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,25 +278,46 @@ def worker(options: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def launch(system: str, fixture: Path, options: argparse.Namespace, *, memory: bool = False, max_steps: int | None = None,
-           batch_pairs: int = BATCH_PAIRS) -> dict:
+def launch(
+    system: str,
+    fixture: Path,
+    options: argparse.Namespace,
+    *,
+    memory: bool = False,
+    max_steps: int | None = None,
+    batch_pairs: int = BATCH_PAIRS,
+) -> dict:
     import resource
 
-    command = [sys.executable, __file__, "--worker", system, "--fixture", str(fixture), "--threads", str(options.threads),
-               "--batch-pairs", str(batch_pairs)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        system,
+        "--fixture",
+        str(fixture),
+        "--threads",
+        str(options.threads),
+        "--batch-pairs",
+        str(batch_pairs),
+    ]
     if memory:
         command.append("--memory")
     if max_steps:
         command += ["--max-steps", str(max_steps)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(options.threads), "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(options.threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"{system} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     result["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return result
 
@@ -268,7 +332,9 @@ def useful_flops(fixture: Path) -> tuple[float, int, int]:
     model = AutoModelForCausalLM.from_pretrained(fixture / "model")
     n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
     with tempfile.TemporaryDirectory() as tmp:
-        data = prepare_dataset(fixture / "pairs.jsonl", tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, cache_dir=tmp)
+        data = prepare_dataset(
+            fixture / "pairs.jsonl", tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, cache_dir=tmp
+        )
         tokens = sum(len(item["prompt_ids"]) + sum(len(r) for r in item["response_ids"]) for item in data.items)
     return (6 + 2) * n_params * tokens, n_params, tokens
 
@@ -295,14 +361,20 @@ def machine() -> str:
 def parent(options: argparse.Namespace) -> None:
     import torch
 
-    print(f"# DPO training benchmark -- {time.strftime('%Y-%m-%d %H:%M %Z')} -- {machine()}, torch {torch.__version__}, "
-          f"{options.threads} threads per run; load average before: {load_average()}", flush=True)
+    print(
+        f"# DPO training benchmark -- {time.strftime('%Y-%m-%d %H:%M %Z')} -- {machine()}, torch {torch.__version__}, "
+        f"{options.threads} threads per run; load average before: {load_average()}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         fixture = build_fixture(root / "main", pairs=options.pairs, vocab_size=4096)
         flops, n_params, tokens = useful_flops(fixture)
-        print(f"fixture: {options.pairs} pairs, {tokens:,} tokens (prompt once), N = {n_params:,} parameters without the "
-              f"input embedding; useful work {flops / 1e12:.2f} TFLOP", flush=True)
+        print(
+            f"fixture: {options.pairs} pairs, {tokens:,} tokens (prompt once), N = {n_params:,} parameters without the "
+            f"input embedding; useful work {flops / 1e12:.2f} TFLOP",
+            flush=True,
+        )
         results: dict[str, list[dict]] = {s: [] for s in options.systems}
         matmul_rates: list[float] = []
         loads: list[str] = []
@@ -317,52 +389,84 @@ def parent(options: argparse.Namespace) -> None:
                     continue
                 results[system].append(result)
                 loads.append(load_average().split()[0])
-                print(f"  repeat {repeat + 1} {system:<12} wall {result['wall_s']:7.1f} s  steady {result['pairs_per_s']:5.2f} pairs/s  "
-                      f"step {result['median_step_s']:.2f} s  peak RSS {result['peak_rss'] / 2**20:6.0f} MiB  "
-                      f"(cpu {result['cpu_s']:.0f} s, load {loads[-1]})", flush=True)
+                print(
+                    f"  repeat {repeat + 1} {system:<12} wall {result['wall_s']:7.1f} s  steady {result['pairs_per_s']:5.2f} pairs/s  "
+                    f"step {result['median_step_s']:.2f} s  peak RSS {result['peak_rss'] / 2**20:6.0f} MiB  "
+                    f"(cpu {result['cpu_s']:.0f} s, load {loads[-1]})",
+                    flush=True,
+                )
         matmul_rates.append(matmul_flops_per_second(options.threads))
         matmul = statistics.median(matmul_rates)
 
         memory: dict[str, list[int]] = {}
         if options.memory:
-            memory_fixture = build_fixture(root / "memory", pairs=4 * 4, vocab_size=32000, prompt_tokens=(200, 256),
-                                           response_tokens=(600, 760))
+            memory_fixture = build_fixture(
+                root / "memory", pairs=4 * 4, vocab_size=32000, prompt_tokens=(200, 256), response_tokens=(600, 760)
+            )
             for repeat in range(max(1, options.memory_repeats)):
                 for system in [s for s in ("dpokit", "trl_default") if s in options.systems]:
                     result = launch(system, memory_fixture, options, memory=True, max_steps=4, batch_pairs=4)
                     memory.setdefault(system, []).append(result["step_peak_above_idle"])
-                    print(f"  memory {system:<12} step peak above idle {result['step_peak_above_idle'] / 2**20:7.0f} MiB", flush=True)
+                    print(
+                        f"  memory {system:<12} step peak above idle {result['step_peak_above_idle'] / 2**20:7.0f} MiB",
+                        flush=True,
+                    )
 
     print_tables(options, results, matmul, flops, memory, loads)
 
 
 def print_tables(options, results, matmul, flops, memory, loads) -> None:
-    med = {s: {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "pairs_per_s", "peak_rss", "median_step_s")}
-           for s, runs in results.items() if runs}
+    med = {
+        s: {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "pairs_per_s", "peak_rss", "median_step_s")}
+        for s, runs in results.items()
+        if runs
+    }
     print()
-    print(f"Medians of {options.repeats} alternating runs; matmul rate {matmul / 1e9:.1f} GFLOP/s "
-          f"(float32 2048^3, {options.threads} threads); load average during runs {', '.join(loads)} (now {load_average()})")
+    print(
+        f"Medians of {options.repeats} alternating runs; matmul rate {matmul / 1e9:.1f} GFLOP/s "
+        f"(float32 2048^3, {options.threads} threads); load average during runs {', '.join(loads)} (now {load_average()})"
+    )
     print()
     baselines = [s for s in ("trl_default", "trl_fast") if s in med]
-    header = "| system | epoch wall (s) | steady pairs/s | step (s) | peak RSS (MiB) | MFU | " + " | ".join(
-        f"wall / speed / RSS vs {b}" for b in baselines) + " |"
+    header = (
+        "| system | epoch wall (s) | steady pairs/s | step (s) | peak RSS (MiB) | MFU | "
+        + " | ".join(f"wall / speed / RSS vs {b}" for b in baselines)
+        + " |"
+    )
     print(header)
     print("|" + "---|" * (6 + len(baselines)))
-    names = {"dpokit": "dpokit (shared prompt, precomputed ref)", "dpokit_compile": "dpokit + model.compile", "trl_default": "TRL 1.16 defaults", "trl_fast": "TRL 1.16 precompute, no GC"}
+    names = {
+        "dpokit": "dpokit (shared prompt, precomputed ref)",
+        "dpokit_compile": "dpokit + model.compile",
+        "trl_default": "TRL 1.16 defaults",
+        "trl_fast": "TRL 1.16 precompute, no GC",
+    }
     for system, m in med.items():
         mfu = flops / m["wall_s"] / matmul
-        cells = [f"{names[system]}", f"{m['wall_s']:.1f}", f"{m['pairs_per_s']:.2f}", f"{m['median_step_s']:.2f}",
-                 f"{m['peak_rss'] / 2**20:.0f}", f"{mfu:.0%}"]
+        cells = [
+            f"{names[system]}",
+            f"{m['wall_s']:.1f}",
+            f"{m['pairs_per_s']:.2f}",
+            f"{m['median_step_s']:.2f}",
+            f"{m['peak_rss'] / 2**20:.0f}",
+            f"{mfu:.0%}",
+        ]
         for b in baselines:
-            cells.append(f"{med[b]['wall_s'] / m['wall_s']:.2f}x faster / {m['pairs_per_s'] / med[b]['pairs_per_s']:.2f}x / "
-                         f"{m['peak_rss'] / med[b]['peak_rss']:.2f}x")
+            cells.append(
+                f"{med[b]['wall_s'] / m['wall_s']:.2f}x faster / {m['pairs_per_s'] / med[b]['pairs_per_s']:.2f}x / "
+                f"{m['peak_rss'] / med[b]['peak_rss']:.2f}x"
+            )
         print("| " + " | ".join(cells) + " |")
     print()
-    print("MFU = (6N + 2N) x tokens (prompt once) / epoch wall time / matmul rate; epoch wall includes loading, data "
-          "preparation, reference log-probs and saving.")
+    print(
+        "MFU = (6N + 2N) x tokens (prompt once) / epoch wall time / matmul rate; epoch wall includes loading, data "
+        "preparation, reference log-probs and saving."
+    )
     if memory:
         print()
-        print("Large-vocabulary fixture (vocab 32,000, up to 1,024 tokens, batch 4 pairs): peak RSS of a training step above the idle trainer")
+        print(
+            "Large-vocabulary fixture (vocab 32,000, up to 1,024 tokens, batch 4 pairs): peak RSS of a training step above the idle trainer"
+        )
         print()
         print("| system | step peak above idle (MiB) | vs TRL defaults |")
         print("|---|---|---|")

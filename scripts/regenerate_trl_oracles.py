@@ -31,9 +31,10 @@ import sys
 import tempfile
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -133,7 +134,9 @@ class _StubPolicy:
     def __call__(self, **kwargs: Any) -> SimpleNamespace:
         logps = self.per_token_logps
         zeros = torch.zeros_like(logps)
-        return SimpleNamespace(log_probs=logps, entropy=zeros, mean_logits=zeros, is_top1=torch.zeros_like(logps, dtype=torch.bool))
+        return SimpleNamespace(
+            log_probs=logps, entropy=zeros, mean_logits=zeros, is_top1=torch.zeros_like(logps, dtype=torch.bool)
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,8 +149,13 @@ def dpo_config(loss_types: list[str], settings: dict[str, Any], output_dir: str)
 
     options = {key: value for key, value in settings.items() if key != "loss_weights"}
     return trl.DPOConfig(
-        output_dir=output_dir, report_to=[], use_cpu=True, loss_type=list(loss_types),
-        loss_weights=settings.get("loss_weights"), precompute_ref_log_probs=True, **options,
+        output_dir=output_dir,
+        report_to=[],
+        use_cpu=True,
+        loss_type=list(loss_types),
+        loss_weights=settings.get("loss_weights"),
+        precompute_ref_log_probs=True,
+        **options,
     )
 
 
@@ -228,8 +236,12 @@ def dpo_result(loss_type: str | list[str], settings: dict[str, Any], inputs: dic
     with tempfile.TemporaryDirectory() as output_dir, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         args = dpo_config(loss_types, settings, output_dir)
-    result: dict[str, Any] = {"name": dpo_case_name(loss_types, settings), "loss_type": loss_type,
-                              "beta": args.beta, "label_smoothing": args.label_smoothing}
+    result: dict[str, Any] = {
+        "name": dpo_case_name(loss_types, settings),
+        "loss_type": loss_type,
+        "beta": args.beta,
+        "label_smoothing": args.label_smoothing,
+    }
     if "discopop_tau" in settings:
         result["discopop_tau"] = args.discopop_tau
     if "loss_weights" in settings:
@@ -263,14 +275,20 @@ def build_dpo_oracle(inputs: dict[str, list], seed: int) -> dict[str, Any]:
     import trl
 
     if trl.__version__ != TRL_VERSION:
-        raise SystemExit(f"these oracles are for TRL {TRL_VERSION}; installed: {trl.__version__} (pip install trl=={TRL_VERSION})")
+        raise SystemExit(
+            f"these oracles are for TRL {TRL_VERSION}; installed: {trl.__version__} (pip install trl=={TRL_VERSION})"
+        )
     results, failed = [], []
     for loss_type, settings in DPO_CASES:
         try:
             results.append(dpo_result(loss_type, settings, inputs))
         except Exception as error:  # recorded, as the original file does
-            failed.append({"name": dpo_case_name(loss_type if isinstance(loss_type, list) else [loss_type], settings),
-                           "error": f"{type(error).__name__}: {error}"})
+            failed.append(
+                {
+                    "name": dpo_case_name(loss_type if isinstance(loss_type, list) else [loss_type], settings),
+                    "error": f"{type(error).__name__}: {error}",
+                }
+            )
     return {
         "source": "trl.DPOTrainer._compute_loss (real code path, stub model; see scripts/regenerate_trl_oracles.py)",
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},

@@ -10,11 +10,61 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-WORDS = (
-    "the a good bad great movie film story actor plot scene music was is very not really quite "
-    "i you we they liked loved hated enjoyed boring wonderful awful funny sad long short best worst "
-    "and but so because then it this that what why how when answer question please explain tell me"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "good",
+    "bad",
+    "great",
+    "movie",
+    "film",
+    "story",
+    "actor",
+    "plot",
+    "scene",
+    "music",
+    "was",
+    "is",
+    "very",
+    "not",
+    "really",
+    "quite",
+    "i",
+    "you",
+    "we",
+    "they",
+    "liked",
+    "loved",
+    "hated",
+    "enjoyed",
+    "boring",
+    "wonderful",
+    "awful",
+    "funny",
+    "sad",
+    "long",
+    "short",
+    "best",
+    "worst",
+    "and",
+    "but",
+    "so",
+    "because",
+    "then",
+    "it",
+    "this",
+    "that",
+    "what",
+    "why",
+    "how",
+    "when",
+    "answer",
+    "question",
+    "please",
+    "explain",
+    "tell",
+    "me",
+]
 
 # A ChatML-shaped template: special markers around every turn, no BOS.
 CHATML_TEMPLATE = (
@@ -131,7 +181,9 @@ def write_preference_jsonl(path, n: int = 64, seed: int = 0):
     return path
 
 
-def write_tiny_model_dir(path, *, vocab_size: int = 384, hidden_size: int = 32, layers: int = 2, seed: int = 0, pad_token: bool = True, **overrides):
+def write_tiny_model_dir(
+    path, *, vocab_size: int = 384, hidden_size: int = 32, layers: int = 2, seed: int = 0, pad_token: bool = True, **overrides
+):
     """Save a tiny Llama and its tokenizer with ``save_pretrained`` into ``path`` (the real
     ``from_pretrained`` path is then exercised by whoever loads it); return the path."""
     from pathlib import Path

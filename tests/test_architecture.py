@@ -37,8 +37,10 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in sources else node.module
-                           for alias in node.names]
+                targets = [
+                    f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in sources else node.module
+                    for alias in node.names
+                ]
             graph[name].update(t for t in targets if t in sources and t != name)
     return graph
 
@@ -52,7 +54,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -107,6 +109,10 @@ def test_the_training_loop_and_step_never_branch_on_the_number_of_processes(modu
 
 def test_library_modules_take_no_argparse_namespace():
     """Commands translate arguments into typed configs; nothing outside ``dpokit.commands`` sees argparse."""
-    users = [name for name, tree in _sources().items() if not name.startswith("dpokit.commands")
-             and any(isinstance(n, (ast.Import, ast.ImportFrom)) and "argparse" in ast.unparse(n) for n in ast.walk(tree))]
+    users = [
+        name
+        for name, tree in _sources().items()
+        if not name.startswith("dpokit.commands")
+        and any(isinstance(n, (ast.Import, ast.ImportFrom)) and "argparse" in ast.unparse(n) for n in ast.walk(tree))
+    ]
     assert not users, users

@@ -241,7 +241,11 @@ def test_serialized_tokenizer_is_the_whole_pipeline_and_rebuilds_the_same_tokeni
 def test_component_state_of_the_trained_tokenizers_pre_tokenizer():
     backend = compat.tokenizer_backend(tiny_tokenizer())
     assert compat.tokenizer_component_state(backend.pre_tokenizer) == {
-        "type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        "type": "ByteLevel",
+        "add_prefix_space": False,
+        "trim_offsets": True,
+        "use_regex": True,
+    }
     assert backend.normalizer is None and compat.tokenizer_component_state(backend.normalizer) is None
 
 

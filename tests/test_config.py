@@ -45,8 +45,16 @@ optim:
 
 
 def test_yaml_then_overrides_win_and_values_parse_as_yaml(tmp_path):
-    cfg = load_config(write(tmp_path, YAML), ["loss.beta=0.2", "model.lora.r=4", "optim.max_steps=10",
-                                              "loss.terms=[{name: ipo}, {name: sft, weight: 0.5}]", "output_dir=out"])
+    cfg = load_config(
+        write(tmp_path, YAML),
+        [
+            "loss.beta=0.2",
+            "model.lora.r=4",
+            "optim.max_steps=10",
+            "loss.terms=[{name: ipo}, {name: sft, weight: 0.5}]",
+            "output_dir=out",
+        ],
+    )
     assert cfg.model.name_or_path == "models/tiny"
     assert cfg.model.lora.enabled is True and cfg.model.lora.r == 4
     assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]

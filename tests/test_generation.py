@@ -36,9 +36,15 @@ def test_chat_prompts_go_through_the_chat_template_with_the_generation_prompt():
 def test_same_seed_gives_the_same_samples_and_another_seed_differs(model_dir):
     loaded = load_policy(model_dir)
     prompts = ["the movie was", [{"role": "user", "content": "tell me about the plot"}]]
-    first = generate_samples(loaded.model, loaded.tokenizer, prompts, SamplingConfig(max_new_tokens=12, temperature=1.0, num_samples=2, seed=3))
-    again = generate_samples(loaded.model, loaded.tokenizer, prompts, SamplingConfig(max_new_tokens=12, temperature=1.0, num_samples=2, seed=3))
-    other = generate_samples(loaded.model, loaded.tokenizer, prompts, SamplingConfig(max_new_tokens=12, temperature=1.0, num_samples=2, seed=4))
+    first = generate_samples(
+        loaded.model, loaded.tokenizer, prompts, SamplingConfig(max_new_tokens=12, temperature=1.0, num_samples=2, seed=3)
+    )
+    again = generate_samples(
+        loaded.model, loaded.tokenizer, prompts, SamplingConfig(max_new_tokens=12, temperature=1.0, num_samples=2, seed=3)
+    )
+    other = generate_samples(
+        loaded.model, loaded.tokenizer, prompts, SamplingConfig(max_new_tokens=12, temperature=1.0, num_samples=2, seed=4)
+    )
     assert len(first) == 4
     assert [s.completion for s in first] == [s.completion for s in again]
     assert [s.completion for s in first] != [s.completion for s in other]
@@ -48,9 +54,13 @@ def test_same_seed_gives_the_same_samples_and_another_seed_differs(model_dir):
 
 def test_a_prompts_samples_do_not_depend_on_the_prompts_before_it(model_dir):
     loaded = load_policy(model_dir)
-    alone = generate_samples(loaded.model, loaded.tokenizer, ["a good film"], SamplingConfig(max_new_tokens=8, temperature=1.0, seed=5))
+    alone = generate_samples(
+        loaded.model, loaded.tokenizer, ["a good film"], SamplingConfig(max_new_tokens=8, temperature=1.0, seed=5)
+    )
     # Prompt i is seeded with seed + i, so shift the seed with the position.
-    second = generate_samples(loaded.model, loaded.tokenizer, ["the plot", "a good film"], SamplingConfig(max_new_tokens=8, temperature=1.0, seed=4))
+    second = generate_samples(
+        loaded.model, loaded.tokenizer, ["the plot", "a good film"], SamplingConfig(max_new_tokens=8, temperature=1.0, seed=4)
+    )
     assert alone[0].completion == second[1].completion
 
 
@@ -74,8 +84,21 @@ def test_cli_writes_jsonl_samples_from_a_prompts_file(model_dir, tmp_path, capsy
     )
     output = tmp_path / "samples.jsonl"
     code = main(
-        ["generate", "--model", str(model_dir), "--prompts-file", str(prompts_file), "--num-samples", "2",
-         "--max-new-tokens", "6", "--seed", "1", "--output", str(output)]
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompts-file",
+            str(prompts_file),
+            "--num-samples",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--seed",
+            "1",
+            "--output",
+            str(output),
+        ]
     )
     assert code == 0
     rows = [json.loads(line) for line in output.read_text().splitlines()]
@@ -97,10 +120,17 @@ def test_read_prompts_names_the_line_of_a_bad_row(tmp_path):
 def test_top_k_one_sampling_is_greedy_and_top_k_zero_is_unrestricted(model_dir):
     loaded = load_policy(model_dir)
     greedy = generate_samples(loaded.model, loaded.tokenizer, ["the plot"], SamplingConfig(max_new_tokens=8, temperature=0))
-    top_one = generate_samples(loaded.model, loaded.tokenizer, ["the plot"], SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=1, seed=9))
+    top_one = generate_samples(
+        loaded.model, loaded.tokenizer, ["the plot"], SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=1, seed=9)
+    )
     assert top_one[0].completion == greedy[0].completion
     # A random model spreads probability widely: unrestricted samples differ from greedy ones.
-    free = generate_samples(loaded.model, loaded.tokenizer, ["the plot"], SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=0, num_samples=4, seed=9))
+    free = generate_samples(
+        loaded.model,
+        loaded.tokenizer,
+        ["the plot"],
+        SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=0, num_samples=4, seed=9),
+    )
     assert any(sample.completion != greedy[0].completion for sample in free)
 
 
@@ -154,10 +184,15 @@ def test_batched_left_padded_greedy_equals_one_prompt_at_a_time_and_hf_generate(
     assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
     # transformers' own greedy search over the unpadded prompt gives the same tokens.
     for row, completion in zip(ids, batched):
-        output = model.generate(torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
-                                max_new_tokens=10, do_sample=False, eos_token_id=kwargs["stop_token_ids"],
-                                pad_token_id=tokenizer.pad_token_id)
-        expected = output[0, len(row):].tolist()
+        output = model.generate(
+            torch.tensor([row]),
+            attention_mask=torch.ones(1, len(row), dtype=torch.long),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=kwargs["stop_token_ids"],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        expected = output[0, len(row) :].tolist()
         assert completion.token_ids == expected[: len(completion.token_ids)]
 
 
@@ -183,10 +218,17 @@ def test_returned_log_probs_equal_teacher_forcing_and_the_sampler():
     tokenizer = tiny_tokenizer()
     model = tiny_gpt2(vocab_size=len(tokenizer), seed=3)
     ids = _prompt_ids(tokenizer)
-    completions = generate(model, ids, SamplingConfig(max_new_tokens=7, temperature=1.0, num_samples=2, seed=0),
-                           stop_token_ids=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, score=True)
-    forced = completion_logps(model, [ids[c.prompt_index] for c in completions], [c.token_ids for c in completions],
-                              pad_token_id=tokenizer.pad_token_id)
+    completions = generate(
+        model,
+        ids,
+        SamplingConfig(max_new_tokens=7, temperature=1.0, num_samples=2, seed=0),
+        stop_token_ids=stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        score=True,
+    )
+    forced = completion_logps(
+        model, [ids[c.prompt_index] for c in completions], [c.token_ids for c in completions], pad_token_id=tokenizer.pad_token_id
+    )
     assert [c.policy_logp for c in completions] == forced.tolist()
     assert all(c.reference_logp is None for c in completions)
     for completion in completions:
@@ -206,8 +248,9 @@ def test_reference_log_probs_equal_policy_log_probs_when_the_reference_is_the_po
     assert all(c.policy_logp == c.reference_logp for c in same)  # KL term exactly 0
     different = generate(policy, ids, sampling, reference=other, **kwargs)
     assert [c.token_ids for c in different] == [c.token_ids for c in same]  # the reference does not sample
-    expected = completion_logps(other, [ids[c.prompt_index] for c in different], [c.token_ids for c in different],
-                                pad_token_id=tokenizer.pad_token_id)
+    expected = completion_logps(
+        other, [ids[c.prompt_index] for c in different], [c.token_ids for c in different], pad_token_id=tokenizer.pad_token_id
+    )
     assert [c.reference_logp for c in different] == expected.tolist()
     assert any(c.reference_logp != c.policy_logp for c in different)
 
@@ -272,4 +315,3 @@ def test_trainer_samples_come_from_policy_and_reference_and_restore_train_mode()
     assert [s["prompt"] for s in samples] == [tokenizer.decode(row) for row in ids]
     assert all("reference" in s for s in samples)
     assert "reference" not in policy_and_reference_samples(policy, Reference(None), tokenizer, ids[:1], max_new_tokens=2)[0]
-

@@ -48,9 +48,15 @@ def _padded_batch(examples: list[tuple[list[int], list[list[int]]]], pad_id: int
             score_index.append(n * width + t - 1)  # position t-1 predicts token t
             score_target.append(ids[t])
             score_seq.append(seq)
-    return Batch(input_ids=input_ids, attention_mask=attention_mask, score_index=torch.tensor(score_index),
-                 score_target=torch.tensor(score_target), score_seq=torch.tensor(score_seq),
-                 response_mask=mask, response_lengths=lengths)
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        score_index=torch.tensor(score_index),
+        score_target=torch.tensor(score_target),
+        score_seq=torch.tensor(score_seq),
+        response_mask=mask,
+        response_lengths=lengths,
+    )
 
 
 def _examples(seed: int = 0, num_examples: int = 3, num_responses: int = 2):
@@ -171,23 +177,48 @@ def test_chunk_size_must_be_positive():
 def _gemma2(softcap: float | None = 0.05):
     """Random-init logits are small (|z| ~ 0.1), so a small cap makes the tanh bite."""
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                          final_logit_softcapping=softcap, pad_token_id=0)
+    config = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        final_logit_softcapping=softcap,
+        pad_token_id=0,
+    )
     return Gemma2ForCausalLM(config).eval()
 
 
 def _cohere():
     torch.manual_seed(0)
-    config = CohereConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, logit_scale=0.3, pad_token_id=0)
+    config = CohereConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        logit_scale=0.3,
+        pad_token_id=0,
+    )
     return CohereForCausalLM(config).eval()
 
 
 def _granite():
     torch.manual_seed(0)
-    config = GraniteConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0, pad_token_id=0)
+    config = GraniteConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        logits_scaling=4.0,
+        pad_token_id=0,
+    )
     return GraniteForCausalLM(config).eval()
 
 
@@ -236,10 +267,15 @@ def test_rankings_of_different_lengths_and_row_order_do_not_change_log_probs():
     rows, width = batch.input_ids.shape
     reverse = torch.arange(rows - 1, -1, -1)
     row, column = batch.score_index // width, batch.score_index % width
-    reordered = Batch(input_ids=batch.input_ids[reverse], attention_mask=batch.attention_mask[reverse],
-                      score_index=(rows - 1 - row) * width + column, score_target=batch.score_target,
-                      score_seq=batch.score_seq, response_mask=batch.response_mask,
-                      response_lengths=batch.response_lengths)
+    reordered = Batch(
+        input_ids=batch.input_ids[reverse],
+        attention_mask=batch.attention_mask[reverse],
+        score_index=(rows - 1 - row) * width + column,
+        score_target=batch.score_target,
+        score_seq=batch.score_seq,
+        response_mask=batch.response_mask,
+        response_lengths=batch.response_lengths,
+    )
     torch.testing.assert_close(compute_logps(model, reordered).logps, out.logps, atol=1e-5, rtol=1e-5)
 
 

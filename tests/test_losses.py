@@ -16,8 +16,12 @@ from dpokit.errors import ConfigError, DataError
 ORACLE_PATH = Path(__file__).resolve().parent / "oracles" / "trl_1.16_losses_seed0.json"
 
 # TRL parameter names -> dpokit parameter names (only those a given loss takes are passed on).
-_TRL_PARAM_NAMES = {"label_smoothing": "label_smoothing", "f_divergence_type": "f_divergence",
-                    "f_alpha_divergence_coef": "f_alpha", "discopop_tau": "tau"}
+_TRL_PARAM_NAMES = {
+    "label_smoothing": "label_smoothing",
+    "f_divergence_type": "f_divergence",
+    "f_alpha_divergence_coef": "f_alpha",
+    "discopop_tau": "tau",
+}
 
 
 def _load_oracle() -> dict:
@@ -82,8 +86,12 @@ def test_loss_matches_trl_oracle(name):
         expected = -_oracle_inputs().policy_logps[:, 0] * len(case["losses"]) / batch_tokens
         torch.testing.assert_close(out.per_example, expected)
     if case.get("chosen_rewards") is not None:
-        torch.testing.assert_close(out.metrics["rewards/chosen"], torch.tensor(case["chosen_rewards"], dtype=torch.float64), atol=1e-6, rtol=0)
-        torch.testing.assert_close(out.metrics["rewards/rejected"], torch.tensor(case["rejected_rewards"], dtype=torch.float64), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            out.metrics["rewards/chosen"], torch.tensor(case["chosen_rewards"], dtype=torch.float64), atol=1e-6, rtol=0
+        )
+        torch.testing.assert_close(
+            out.metrics["rewards/rejected"], torch.tensor(case["rejected_rewards"], dtype=torch.float64), atol=1e-6, rtol=0
+        )
 
 
 @pytest.mark.parametrize("name", ["ipo", "ipo|beta=0.5"])
@@ -170,8 +178,12 @@ def test_plackett_luce_with_two_responses_equals_sigmoid():
     dpo = L.sigmoid_loss(logratios[:, 0], logratios[:, 1], beta=0.3)
     torch.testing.assert_close(pl, dpo, atol=1e-12, rtol=0)
     inputs = L.LossInputs(logratios, torch.zeros_like(logratios), torch.ones(32, 2), torch.ones(32, 2, dtype=torch.bool))
-    torch.testing.assert_close(L.build_objective([{"name": "plackett_luce"}], beta=0.3)(inputs).loss,
-                               L.build_objective([{"name": "sigmoid"}], beta=0.3)(inputs).loss, atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        L.build_objective([{"name": "plackett_luce"}], beta=0.3)(inputs).loss,
+        L.build_objective([{"name": "sigmoid"}], beta=0.3)(inputs).loss,
+        atol=1e-12,
+        rtol=0,
+    )
 
 
 def test_plackett_luce_mask_ignores_missing_responses_and_their_values():
@@ -205,15 +217,21 @@ def test_robust_at_zero_smoothing_is_dpo_and_is_unbiased_for_flipped_labels():
     w, l = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
     torch.testing.assert_close(L.robust_loss(w, l, beta=0.2), L.sigmoid_loss(w, l, beta=0.2))
     eps = 0.2
-    expected_over_flips = (1 - eps) * L.robust_loss(w, l, beta=0.2, label_smoothing=eps) + eps * L.robust_loss(l, w, beta=0.2, label_smoothing=eps)
+    expected_over_flips = (1 - eps) * L.robust_loss(w, l, beta=0.2, label_smoothing=eps) + eps * L.robust_loss(
+        l, w, beta=0.2, label_smoothing=eps
+    )
     torch.testing.assert_close(expected_over_flips, L.sigmoid_loss(w, l, beta=0.2))
 
 
 def test_unlikelihood_hand_worked():
     """One example: chosen summed log-prob -2 over 2 tokens, one rejected token with p = 0.5, alpha 1:
     loss = 2 / 2 + (-log(1 - 0.5)) / 1 = 1 + 0.693147 = 1.693147."""
-    loss = L.unlikelihood_loss(torch.tensor([-2.0], dtype=torch.float64), torch.tensor([2]),
-                               torch.tensor([math.log(0.5)], dtype=torch.float64), torch.tensor([0]))
+    loss = L.unlikelihood_loss(
+        torch.tensor([-2.0], dtype=torch.float64),
+        torch.tensor([2]),
+        torch.tensor([math.log(0.5)], dtype=torch.float64),
+        torch.tensor([0]),
+    )
     assert loss.item() == pytest.approx(1.6931472)
 
 
@@ -237,7 +255,9 @@ def test_unlikelihood_term_reads_rejected_tokens_of_every_lower_ranked_response(
     inputs = L.LossInputs(policy, None, lengths, torch.ones(B, 3, dtype=torch.bool), token_logps, token_seq)
     out = L.build_objective([{"name": "unlikelihood", "alpha": 0.5}], beta=0.1)(inputs)
     # rejected tokens: example 0 -> p 0.5 (s=2), 0.2 (s=4); example 1 -> p 0.4 (s=3), 0.1, 0.3 (s=5); mean count 2.5
-    unl = torch.tensor([-math.log(0.5) - math.log(0.8), -math.log(0.6) - math.log(0.9) - math.log(0.7)], dtype=torch.float64) / 2.5
+    unl = (
+        torch.tensor([-math.log(0.5) - math.log(0.8), -math.log(0.6) - math.log(0.9) - math.log(0.7)], dtype=torch.float64) / 2.5
+    )
     nll = -policy[:, 0] / 1.5
     torch.testing.assert_close(out.per_example, nll + 0.5 * unl)
 
@@ -274,9 +294,12 @@ _GRADCHECK_CALLS = {
     "aot_unpaired": lambda w, l: L.aot_unpaired_loss(w, l, beta=0.3, label_smoothing=0.1),
     "sigmoid_norm": lambda w, l: L.sigmoid_norm_loss(w, l, *_LENGTHS, beta=0.3),
     "sft": lambda w, l: L.sft_loss(w, _LENGTHS[0]),
-    "unlikelihood": lambda w, l: L.unlikelihood_loss(w, _LENGTHS[0], -torch.nn.functional.softplus(l), torch.arange(6), alpha=0.5),
+    "unlikelihood": lambda w, l: L.unlikelihood_loss(
+        w, _LENGTHS[0], -torch.nn.functional.softplus(l), torch.arange(6), alpha=0.5
+    ),
     "plackett_luce": lambda w, l: L.plackett_luce_loss(
-        torch.stack([w, l, 0.5 * l - 1.0], dim=1), torch.tensor([[True, True, True]] * 3 + [[True, True, False]] * 3), beta=0.3),
+        torch.stack([w, l, 0.5 * l - 1.0], dim=1), torch.tensor([[True, True, True]] * 3 + [[True, True, False]] * 3), beta=0.3
+    ),
 }
 
 
@@ -319,7 +342,9 @@ def _random_inputs(batch=8, k=2, seed=0, dtype=torch.float64) -> L.LossInputs:
 
 def test_weighted_sum_of_terms_is_the_weighted_sum_of_each_loss():
     inputs = _random_inputs()
-    combined = L.build_objective([{"name": "sigmoid", "weight": 0.8}, {"name": "bco_pair", "weight": 0.2}, {"name": "sft"}], beta=0.1)(inputs)
+    combined = L.build_objective(
+        [{"name": "sigmoid", "weight": 0.8}, {"name": "bco_pair", "weight": 0.2}, {"name": "sft"}], beta=0.1
+    )(inputs)
     parts = [L.build_objective([{"name": n}], beta=0.1)(inputs).per_example for n in ("sigmoid", "bco_pair", "sft")]
     torch.testing.assert_close(combined.per_example, 0.8 * parts[0] + 0.2 * parts[1] + parts[2])
     torch.testing.assert_close(combined.loss, combined.per_example.mean())
@@ -329,11 +354,19 @@ def test_weighted_sum_of_terms_is_the_weighted_sum_of_each_loss():
 def test_metrics_for_a_pair():
     """policy (-10, -20), reference (-12, -18), beta 0.5: rewards chosen 0.5*2 = 1, rejected 0.5*(-2) = -1,
     margin 2, accuracy 1, preference probability sigma(2) = 0.880797."""
-    inputs = L.LossInputs(torch.tensor([[-10.0, -20.0]]), torch.tensor([[-12.0, -18.0]]), torch.tensor([[5, 5]]),
-                          torch.tensor([[True, True]]))
+    inputs = L.LossInputs(
+        torch.tensor([[-10.0, -20.0]]), torch.tensor([[-12.0, -18.0]]), torch.tensor([[5, 5]]), torch.tensor([[True, True]])
+    )
     m = L.build_objective([{"name": "sigmoid"}], beta=0.5)(inputs).metrics
-    expected = {"rewards/chosen": 1.0, "rewards/rejected": -1.0, "rewards/accuracies": 1.0, "rewards/margins": 2.0,
-                "logps/chosen": -10.0, "logps/rejected": -20.0, "preference_prob": 0.8807971}
+    expected = {
+        "rewards/chosen": 1.0,
+        "rewards/rejected": -1.0,
+        "rewards/accuracies": 1.0,
+        "rewards/margins": 2.0,
+        "logps/chosen": -10.0,
+        "logps/rejected": -20.0,
+        "preference_prob": 0.8807971,
+    }
     for key, value in expected.items():
         assert m[key].shape == (1,) and m[key].item() == pytest.approx(value, abs=1e-6), key
 
@@ -363,7 +396,9 @@ def test_needs_reference_only_when_some_term_compares_to_the_reference():
     assert L.build_objective([{"name": "sigmoid"}, {"name": "sft"}], beta=0.1).needs_reference
     assert not L.build_objective([{"name": "sft"}, {"name": "unlikelihood"}], beta=0.1).needs_reference
     with pytest.raises(ConfigError, match="reference"):
-        L.build_objective([{"name": "ipo"}], beta=0.1)(L.LossInputs(torch.zeros(2, 2), None, torch.ones(2, 2), torch.ones(2, 2, dtype=torch.bool)))
+        L.build_objective([{"name": "ipo"}], beta=0.1)(
+            L.LossInputs(torch.zeros(2, 2), None, torch.ones(2, 2), torch.ones(2, 2, dtype=torch.bool))
+        )
 
 
 def test_unknown_loss_name_lists_the_valid_ones():
@@ -378,14 +413,17 @@ def test_parameter_the_loss_does_not_take_lists_the_ones_it_does():
         L.build_objective([{"name": "sigmoid", "tau": 0.1}], beta=0.1)
 
 
-@pytest.mark.parametrize("term, message", [
-    ({"name": "robust", "label_smoothing": 0.5}, r"must be in \[0.0, 0.5\)"),
-    ({"name": "exo_pair", "label_smoothing": 0.0}, r"must be in \(0.0, 1.0\)"),
-    ({"name": "sigmoid", "f_divergence": "kl"}, "must be one of reverse_kl"),
-    ({"name": "ipo", "length_normalize": "yes"}, "expected true/false"),
-    ({"name": "discopop", "tau": 0}, "must be > 0"),
-    ({"name": "sigmoid", "weight": "heavy"}, "weight must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "term, message",
+    [
+        ({"name": "robust", "label_smoothing": 0.5}, r"must be in \[0.0, 0.5\)"),
+        ({"name": "exo_pair", "label_smoothing": 0.0}, r"must be in \(0.0, 1.0\)"),
+        ({"name": "sigmoid", "f_divergence": "kl"}, "must be one of reverse_kl"),
+        ({"name": "ipo", "length_normalize": "yes"}, "expected true/false"),
+        ({"name": "discopop", "tau": 0}, "must be > 0"),
+        ({"name": "sigmoid", "weight": "heavy"}, "weight must be a finite number"),
+    ],
+)
 def test_out_of_range_parameters_are_config_errors(term, message):
     with pytest.raises(ConfigError, match=message):
         L.build_objective([term], beta=0.1)

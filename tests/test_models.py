@@ -35,8 +35,9 @@ def batch_for(tokenizer, n: int = 6):
 
 
 def test_loads_from_a_local_directory_with_dtype_and_attention_kernel(model_dir):
-    model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=str(model_dir), dtype="bfloat16",
-                                                            attn_implementation="eager", device="cpu"))
+    model, tokenizer = load_model_and_tokenizer(
+        ModelConfig(name_or_path=str(model_dir), dtype="bfloat16", attn_implementation="eager", device="cpu")
+    )
     assert next(model.parameters()).dtype == torch.bfloat16
     assert model.config._attn_implementation == "eager"
     assert tokenizer.pad_token == "<|pad|>"
@@ -74,7 +75,9 @@ def test_remote_code_is_not_run_unless_asked(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("build", [lambda: tiny_llama(attention_dropout=0.5), lambda: tiny_gpt2(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)])
+@pytest.mark.parametrize(
+    "build", [lambda: tiny_llama(attention_dropout=0.5), lambda: tiny_gpt2(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)]
+)
 def test_disable_dropout_makes_train_mode_forward_deterministic(build):
     model = build().train()
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -20,8 +20,13 @@ def test_readme_config_reference_is_the_generated_one_verbatim():
 
 
 def test_every_example_config_named_in_the_readme_loads():
-    named = sorted({word.strip("`,.()") for word in README.split() if word.strip("`,.()").startswith("examples/")
-                    and word.strip("`,.()").endswith(".yaml")})
+    named = sorted(
+        {
+            word.strip("`,.()")
+            for word in README.split()
+            if word.strip("`,.()").startswith("examples/") and word.strip("`,.()").endswith(".yaml")
+        }
+    )
     assert named, "the README names the example configs"
     for name in named:
         load_config(REPO / name)

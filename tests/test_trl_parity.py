@@ -30,15 +30,26 @@ def trl_reference_values(tmp_path_factory):
     rows = preference_rows(NUM_PAIRS, seed=3)
     tokenizer = tiny_tokenizer()
     args = trl.DPOConfig(
-        output_dir=str(tmp_path_factory.mktemp("trl")), report_to=[], use_cpu=True, bf16=False, beta=BETA,
-        loss_type=["sigmoid"], per_device_train_batch_size=NUM_PAIRS, max_length=None, logging_strategy="no",
-        save_strategy="no", disable_dropout=True,
+        output_dir=str(tmp_path_factory.mktemp("trl")),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        beta=BETA,
+        loss_type=["sigmoid"],
+        per_device_train_batch_size=NUM_PAIRS,
+        max_length=None,
+        logging_strategy="no",
+        save_strategy="no",
+        disable_dropout=True,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = trl.DPOTrainer(
-            model=tiny_llama(seed=0), ref_model=tiny_llama(seed=1), args=args,
-            train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+            model=tiny_llama(seed=0),
+            ref_model=tiny_llama(seed=1),
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
         )
     examples = [trainer.train_dataset[i] for i in range(NUM_PAIRS)]
     trainer.model.train()
@@ -57,8 +68,10 @@ def trl_reference_values(tmp_path_factory):
 @pytest.mark.parametrize("layout", ["padded", "shared_prompt", "packed"])
 def test_sequence_logps_and_sigmoid_loss_equal_trl(trl_reference_values, layout):
     rows, tokenizer, trl_logps, trl_loss, trl_token_ids = trl_reference_values
-    examples = [PreferenceExample(prompt=r["prompt"], responses=[r["chosen"], r["rejected"]], source=f"row {i}")
-                for i, r in enumerate(rows)]
+    examples = [
+        PreferenceExample(prompt=r["prompt"], responses=[r["chosen"], r["rejected"]], source=f"row {i}")
+        for i, r in enumerate(rows)
+    ]
     items = prepare_from_examples(examples, tokenizer, max_length=None, max_prompt_length=None).items
     # The same token ids go in (TRL: prompt, then each response + EOS).
     assert [(item["prompt_ids"], item["response_ids"]) for item in items] == trl_token_ids

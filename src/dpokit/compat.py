@@ -19,7 +19,8 @@ import dataclasses
 import functools
 import importlib.metadata
 import json
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from dpokit.errors import DpokitError
 
@@ -237,7 +238,7 @@ def peft_base_parameter_name(name: str) -> str | None:
     if "lora_" in name or "modules_to_save" in name:
         return None
     if name.startswith(_PEFT_PREFIX):
-        name = name[len(_PEFT_PREFIX):]
+        name = name[len(_PEFT_PREFIX) :]
     return name.replace(".base_layer.", ".")
 
 

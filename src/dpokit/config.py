@@ -107,9 +107,7 @@ class DataConfig:
     )
     max_length: int = _f(512, "Maximum tokens of prompt + response.")
     max_prompt_length: int = _f(256, "Maximum prompt tokens (the prompt is truncated first).")
-    truncation_mode: Literal["keep_end", "keep_start"] = _f(
-        "keep_end", "Which end of an over-long prompt is kept."
-    )
+    truncation_mode: Literal["keep_end", "keep_start"] = _f("keep_end", "Which end of an over-long prompt is kept.")
     cache_dir: str = _f(".dpokit_cache", "Cache for tokenized data and precomputed reference log-probs.")
     layout: Literal["auto", "padded", "shared_prompt", "packed"] = _f(
         "auto",
@@ -213,23 +211,28 @@ class DistributedConfig:
         "(WORLD_SIZE unset) the run is single-process whatever this says.",
     )
     backend: Literal["auto", "gloo", "nccl"] = _f(
-        "auto", "Collective backend: 'nccl' (one CUDA GPU per process, cuda:LOCAL_RANK), 'gloo' (CPU), 'auto' = nccl "
+        "auto",
+        "Collective backend: 'nccl' (one CUDA GPU per process, cuda:LOCAL_RANK), 'gloo' (CPU), 'auto' = nccl "
         "when CUDA is available and model.device is not cpu, else gloo.",
     )
     global_batch_size: int | None = _f(
-        None, "Examples per optimizer step over all processes; when set, optim.grad_accumulation is derived as "
+        None,
+        "Examples per optimizer step over all processes; when set, optim.grad_accumulation is derived as "
         "global_batch_size / (optim.batch_size x processes), which must be a whole number. null = "
         "optim.batch_size x processes x optim.grad_accumulation.",
     )
     fsdp_param_dtype: Literal["float32", "bfloat16", "float16"] | None = _f(
-        None, "FSDP mixed precision: dtype parameters are all-gathered and computed in (sharded master weights keep "
+        None,
+        "FSDP mixed precision: dtype parameters are all-gathered and computed in (sharded master weights keep "
         "model.dtype); null = model.dtype.",
     )
     fsdp_reduce_dtype: Literal["float32", "bfloat16", "float16"] | None = _f(
-        None, "FSDP mixed precision: dtype gradients are reduce-scattered in; null = fsdp_param_dtype.",
+        None,
+        "FSDP mixed precision: dtype gradients are reduce-scattered in; null = fsdp_param_dtype.",
     )
     fsdp_reshard_after_forward: bool = _f(
-        True, "FSDP: free each block's gathered parameters after its forward (less memory, one more all-gather in "
+        True,
+        "FSDP: free each block's gathered parameters after its forward (less memory, one more all-gather in "
         "backward). Activation checkpointing is model.gradient_checkpointing, applied per block.",
     )
     timeout_s: int = _f(1800, "Seconds a collective may wait for the other processes before the run fails.")
@@ -389,9 +392,7 @@ def _build(cls: type, data: Any, prefix: str, where: dict[str, str]) -> Any:
         try:
             kwargs[key] = _coerce(value, tp)
         except _Mismatch:
-            raise ConfigError(
-                f"config key {dotted!r}{where.get(dotted, '')} must be {_type_name(tp)}, got {value!r}"
-            ) from None
+            raise ConfigError(f"config key {dotted!r}{where.get(dotted, '')} must be {_type_name(tp)}, got {value!r}") from None
     return cls(**kwargs)
 
 
@@ -444,9 +445,7 @@ def _yaml_key_lines(text: str, filename: str) -> dict[str, str]:
 
 def _parse_override(override: str) -> tuple[list[str], Any]:
     if "=" not in override:
-        raise ConfigError(
-            f"cannot read override {override!r}: write it as section.key=value, e.g. loss.beta=0.2"
-        )
+        raise ConfigError(f"cannot read override {override!r}: write it as section.key=value, e.g. loss.beta=0.2")
     key, _, raw = override.partition("=")
     key = key.strip()
     if key.startswith("--"):
@@ -492,7 +491,9 @@ def _field_type(dotted: str) -> Any:
     return tp
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, preset: str | None = None) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, preset: str | None = None
+) -> TrainConfig:
     """Build a :class:`TrainConfig`: defaults < YAML file at ``path`` < ``preset`` < ``overrides``.
 
     The preset is applied over the file on purpose: ``dpokit sft cfg.yaml`` must train the SFT
@@ -562,7 +563,10 @@ def validate_config(cfg: TrainConfig) -> None:
     o, d, m = cfg.optim, cfg.data, cfg.model
     need(math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be a positive number, got {o.lr}")
     need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    need(len(o.adam_betas) == 2 and all(0 <= b < 1 for b in o.adam_betas), f"optim.adam_betas must be two numbers in [0, 1), got {o.adam_betas}")
+    need(
+        len(o.adam_betas) == 2 and all(0 <= b < 1 for b in o.adam_betas),
+        f"optim.adam_betas must be two numbers in [0, 1), got {o.adam_betas}",
+    )
     need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     need(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
@@ -574,16 +578,24 @@ def validate_config(cfg: TrainConfig) -> None:
     need(0 <= d.eval_split_fraction < 1, f"data.eval_split_fraction must be in [0, 1), got {d.eval_split_fraction}")
     need(d.pack_tokens >= 2, f"data.pack_tokens must be >= 2, got {d.pack_tokens}")
     need(d.max_length >= 2, f"data.max_length must be >= 2, got {d.max_length}")
-    need(0 < d.max_prompt_length < d.max_length,
-         f"data.max_prompt_length must be in [1, data.max_length), got {d.max_prompt_length} with max_length {d.max_length}")
+    need(
+        0 < d.max_prompt_length < d.max_length,
+        f"data.max_prompt_length must be in [1, data.max_length), got {d.max_prompt_length} with max_length {d.max_length}",
+    )
     need(m.lora.r >= 1, f"model.lora.r must be >= 1, got {m.lora.r}")
     need(0 <= m.lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {m.lora.dropout}")
-    need(not (m.quantization != "none" and not m.lora.enabled),
-         "model.quantization needs model.lora.enabled=true (quantized base weights cannot be trained directly)")
-    need(cfg.reference.strategy != "adapter_disabled" or m.lora.enabled,
-         "reference.strategy=adapter_disabled needs model.lora.enabled=true; use 'copy' or 'precomputed' for full fine-tuning")
-    need(not (cfg.reference.strategy == "adapter_disabled" and cfg.reference.name_or_path),
-         "reference.name_or_path cannot be used with reference.strategy=adapter_disabled (the reference is the policy's base)")
+    need(
+        not (m.quantization != "none" and not m.lora.enabled),
+        "model.quantization needs model.lora.enabled=true (quantized base weights cannot be trained directly)",
+    )
+    need(
+        cfg.reference.strategy != "adapter_disabled" or m.lora.enabled,
+        "reference.strategy=adapter_disabled needs model.lora.enabled=true; use 'copy' or 'precomputed' for full fine-tuning",
+    )
+    need(
+        not (cfg.reference.strategy == "adapter_disabled" and cfg.reference.name_or_path),
+        "reference.name_or_path cannot be used with reference.strategy=adapter_disabled (the reference is the policy's base)",
+    )
     need(cfg.reference.batch_size >= 1, f"reference.batch_size must be >= 1, got {cfg.reference.batch_size}")
     need(cfg.eval.every_steps >= 0, f"eval.every_steps must be >= 0, got {cfg.eval.every_steps}")
     need(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
@@ -596,8 +608,10 @@ def validate_config(cfg: TrainConfig) -> None:
     need(bool(cfg.loss.terms), "loss.terms must list at least one loss, e.g. [{name: sigmoid}]")
     dd = cfg.distributed
     need(dd.timeout_s >= 1, f"distributed.timeout_s must be >= 1, got {dd.timeout_s}")
-    need(dd.global_batch_size is None or dd.global_batch_size >= 1,
-         f"distributed.global_batch_size must be >= 1 or null, got {dd.global_batch_size}")
+    need(
+        dd.global_batch_size is None or dd.global_batch_size >= 1,
+        f"distributed.global_batch_size must be >= 1 or null, got {dd.global_batch_size}",
+    )
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -118,8 +119,8 @@ def _left_padded(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torc
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if len(r):
-            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r) :] = 1
     return ids, mask
 
 
@@ -128,7 +129,9 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+def _forward(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+) -> tuple[torch.Tensor, Any]:
     """Last-position logits (N, V) and the updated KV cache (None when the model keeps none)."""
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
     if cache is not None:
@@ -178,7 +181,9 @@ def _truncated(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
-def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _next_tokens(
+    logits: torch.Tensor, sampling: SamplingConfig, uniforms: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token of each row (N,) and its log-prob (N,) under the distribution it came from.
 
     Greedy: ``argmax(logits)``. Sampling: the inverse CDF of ``q = softmax(truncated(logits / T))``
@@ -283,10 +288,14 @@ def generate(
     completions: list[Completion] = []
     with _eval_mode(model, reference):
         for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
+            batch = rows[start : start + batch_size]
             ids, stopped, logps = _decode_batch(
-                model, [prompt_ids[p] for p, _ in batch], sampling,
-                None if uniforms is None else uniforms[start:start + len(batch)], stops, pad_token_id,
+                model,
+                [prompt_ids[p] for p, _ in batch],
+                sampling,
+                None if uniforms is None else uniforms[start : start + len(batch)],
+                stops,
+                pad_token_id,
             )
             completions += [Completion(p, s, c, d, lp) for (p, s), c, d, lp in zip(batch, ids, stopped, logps)]
         if score or reference is not None:
@@ -295,8 +304,13 @@ def generate(
 
 
 def _score(
-    completions: list[Completion], model: torch.nn.Module, reference: torch.nn.Module | None,
-    prompt_ids: Sequence[Sequence[int]], *, pad_token_id: int, batch_size: int,
+    completions: list[Completion],
+    model: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    batch_size: int,
 ) -> None:
     """Fill in ``policy_logp`` (and ``reference_logp`` when there is a reference) by teacher forcing."""
     prompts = [prompt_ids[c.prompt_index] for c in completions]
@@ -331,8 +345,8 @@ def completion_logps(
     device = _device_of(model)
     results = []
     for start in range(0, len(prompt_ids), batch_size):
-        prompts = prompt_ids[start:start + batch_size]
-        completions = completion_ids[start:start + batch_size]
+        prompts = prompt_ids[start : start + batch_size]
+        completions = completion_ids[start : start + batch_size]
         prompt_block, prompt_mask = _left_padded(prompts, pad_token_id)
         width = max(1, max(len(c) for c in completions))
         completion_block = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -344,7 +358,7 @@ def completion_logps(
         mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
         p = prompt_block.shape[1]
-        predicting = logits[:, p - 1: p - 1 + width, :].float().log_softmax(-1)  # (N, C, V)
+        predicting = logits[:, p - 1 : p - 1 + width, :].float().log_softmax(-1)  # (N, C, V)
         token_logps = predicting.gather(2, completion_block.to(device)[:, :, None]).squeeze(2)
         results.append((token_logps.double() * completion_mask.to(device)).sum(-1).cpu())
     return torch.cat(results) if results else torch.zeros(0, dtype=torch.float64)
@@ -365,10 +379,10 @@ def sample_completions(
     """Ancestral sampling ``y ~ pi(.|x)``: every token from the full ``softmax(logits / temperature)``
     (no top-k, no top-p), ``num_samples`` per prompt, prompt-major. At temperature 1 each
     completion's ``sampling_logp`` is ``log pi(y|x)`` as computed while sampling."""
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
-                              num_samples=num_samples, seed=seed)
-    return generate(model, prompt_ids, sampling, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
-                    batch_size=batch_size)
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0, num_samples=num_samples, seed=seed
+    )
+    return generate(model, prompt_ids, sampling, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, batch_size=batch_size)
 
 
 def sample_with_kl(
@@ -390,10 +404,18 @@ def sample_with_kl(
     the two terms differ only by the model. The mean of the returned vector estimates the
     sequence-level KL(pi || pi_ref); when ``reference is policy`` every term is exactly 0.
     """
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                              num_samples=num_samples, seed=seed)
-    completions = generate(policy, prompt_ids, sampling, stop_token_ids=stop_token_ids, pad_token_id=pad_token_id,
-                           batch_size=batch_size, reference=reference)
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=num_samples, seed=seed
+    )
+    completions = generate(
+        policy,
+        prompt_ids,
+        sampling,
+        stop_token_ids=stop_token_ids,
+        pad_token_id=pad_token_id,
+        batch_size=batch_size,
+        reference=reference,
+    )
     kl = torch.tensor([c.policy_logp - c.reference_logp for c in completions], dtype=torch.float64)  # type: ignore[operator]
     return completions, kl
 
@@ -432,7 +454,11 @@ def format_prompt(tokenizer: Any, prompt: Prompt, *, chat_template: str = "auto"
 
 
 def encode_prompts(
-    tokenizer: Any, prompts: Sequence[Prompt], *, chat_template: str = "auto", system: str | None = None,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    *,
+    chat_template: str = "auto",
+    system: str | None = None,
 ) -> tuple[list[str], list[list[int]]]:
     """The formatted text (:func:`format_prompt`) and token ids of every prompt.
 
@@ -493,19 +519,29 @@ def generate_samples(
     tokens before its stop token."""
     sampling = sampling or SamplingConfig()
     texts, ids = encode_prompts(tokenizer, prompts, chat_template=chat_template, system=system)
-    completions = generate(model, ids, sampling, stop_token_ids=stop_token_ids(tokenizer),
-                           pad_token_id=pad_id_of(tokenizer), batch_size=batch_size)
+    completions = generate(
+        model, ids, sampling, stop_token_ids=stop_token_ids(tokenizer), pad_token_id=pad_id_of(tokenizer), batch_size=batch_size
+    )
     return [
         Sample(
-            prompt_index=c.prompt_index, sample_index=c.sample_index, prompt=prompts[c.prompt_index],
-            prompt_text=texts[c.prompt_index], completion=text, num_tokens=len(c.content_ids),
+            prompt_index=c.prompt_index,
+            sample_index=c.sample_index,
+            prompt=prompts[c.prompt_index],
+            prompt_text=texts[c.prompt_index],
+            completion=text,
+            num_tokens=len(c.content_ids),
         )
         for c, text in zip(completions, decode_completions(tokenizer, completions))
     ]
 
 
 def policy_and_reference_samples(
-    policy: Any, reference: Any, tokenizer: Any, prompt_ids: list[list[int]], *, max_new_tokens: int,
+    policy: Any,
+    reference: Any,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
 ) -> list[dict[str, str]]:
     """Greedy continuations of tokenized prompts from the policy and (when the reference keeps a
     model in memory: ``reference.sampling_model()`` yields one) the reference -- the samples the
@@ -516,8 +552,10 @@ def policy_and_reference_samples(
     def continuations(model: Any) -> list[str]:
         return decode_completions(tokenizer, generate(model, prompt_ids, greedy, stop_token_ids=stops, pad_token_id=pad))
 
-    samples = [{"prompt": tokenizer.decode(ids, skip_special_tokens=False), "policy": text}
-               for ids, text in zip(prompt_ids, continuations(policy))]
+    samples = [
+        {"prompt": tokenizer.decode(ids, skip_special_tokens=False), "policy": text}
+        for ids, text in zip(prompt_ids, continuations(policy))
+    ]
     with reference.sampling_model() as reference_model:
         if reference_model is not None:
             for sample, text in zip(samples, continuations(reference_model)):
@@ -561,10 +599,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt)):
             prompts.append(prompt)
         else:
-            raise DataError(
-                f"{path}:{line_number}: field 'prompt' must be a string or a list of "
-                "{'role', 'content'} messages"
-            )
+            raise DataError(f"{path}:{line_number}: field 'prompt' must be a string or a list of {{'role', 'content'}} messages")
     return prompts
 
 
@@ -590,5 +625,6 @@ def run_generate(job: GenerateJob) -> list[Sample]:
         raise ConfigError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
     job.sampling.validate()
     loaded = load_policy(job.model, dtype=job.load.dtype, device=job.load.device, trust_remote_code=job.load.trust_remote_code)
-    return generate_samples(loaded.model, loaded.tokenizer, prompts, job.sampling,
-                            chat_template=job.chat_template, system=job.system)
+    return generate_samples(
+        loaded.model, loaded.tokenizer, prompts, job.sampling, chat_template=job.chat_template, system=job.system
+    )

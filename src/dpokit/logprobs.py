@@ -38,7 +38,16 @@ from dpokit.compat import attention_implementation, final_logit_softcap, logit_s
 from dpokit.data.batch import Batch
 from dpokit.errors import ConfigError, TrainingError
 
-__all__ = ["SequenceLogps", "OutputHead", "attention_inputs", "choose_layout", "compute_logps", "chunked_token_logps", "find_output_head", "final_hidden_states"]
+__all__ = [
+    "SequenceLogps",
+    "OutputHead",
+    "attention_inputs",
+    "choose_layout",
+    "compute_logps",
+    "chunked_token_logps",
+    "find_output_head",
+    "final_hidden_states",
+]
 
 
 @dataclass
@@ -88,8 +97,9 @@ def find_output_head(model: nn.Module) -> OutputHead:
     from the model's config."""
     module = model.get_output_embeddings()
     if module is None:
-        raise TrainingError(f"{type(model).__name__} has no output layer (get_output_embeddings() is None); "
-                            "dpokit needs a causal language model")
+        raise TrainingError(
+            f"{type(model).__name__} has no output layer (get_output_embeddings() is None); dpokit needs a causal language model"
+        )
     config = text_config(model)
     plain_linear = type(module) is nn.Linear and module.weight.is_floating_point()
     return OutputHead(
@@ -123,7 +133,11 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         hidden, weight, bias, targets = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        need_hidden, need_weight, need_bias = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        )
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         # Accumulate over chunks in float32 whatever the parameter dtype.
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
@@ -153,7 +167,10 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
             grad_hidden,
             grad_weight.to(weight.dtype) if need_weight else None,
             grad_bias.to(bias.dtype) if need_bias else None,
-            None, None, None, None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -197,7 +214,7 @@ def _module_token_logps(head: OutputHead, hidden: Tensor, targets: Tensor, chunk
 
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         pieces.append(checkpoint(chunk_logps, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_logps(h, t))
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
@@ -256,7 +273,7 @@ def flex_block_mask(block_id: Tensor, segment_id: Tensor) -> Any:
 
 
 # Models whose attention was checked to honour a custom 4-D mask and restarted position ids.
-_MASK_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_MASK_VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def _verify_custom_mask(model: nn.Module, input_ids: Tensor) -> None:
@@ -319,7 +336,7 @@ def final_hidden_states(model: nn.Module, model_inputs: dict[str, Tensor]) -> Te
 
 
 # Models whose decoder + output-head decomposition was checked against their own logits.
-_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def _verify_decomposition(model: nn.Module, head: OutputHead, input_ids: Tensor) -> None:
@@ -372,8 +389,13 @@ def _sequence_logps(model: nn.Module, batch: Batch, chunk_size: int, head: Outpu
     scored_hidden = flat_hidden.index_select(0, batch.score_index)
     if head.weight is not None:
         token_logps = chunked_token_logps(
-            scored_hidden, head.weight, batch.score_target, bias=head.bias,
-            chunk_size=chunk_size, scale=head.scale, softcap=head.softcap,
+            scored_hidden,
+            head.weight,
+            batch.score_target,
+            bias=head.bias,
+            chunk_size=chunk_size,
+            scale=head.scale,
+            softcap=head.softcap,
         )
     else:
         token_logps = _module_token_logps(head, scored_hidden, batch.score_target, chunk_size)

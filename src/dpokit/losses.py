@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +178,7 @@ def exo_pair_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, *, beta:
 def nca_pair_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, *, beta: float) -> Tensor:
     """NCA (Chen et al., 2024) for a pair, on absolute rewards rather than their margin:
 
-        loss = -log sigma(r_w) - 0.5 log sigma(-r_w) - 0.5 log sigma(-r_l).
+    loss = -log sigma(r_w) - 0.5 log sigma(-r_w) - 0.5 log sigma(-r_l).
     """
     chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
     return -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
@@ -197,7 +198,7 @@ def bco_pair_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, *, beta:
 def sppo_hard_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, *, beta: float) -> Tensor:
     """SPPO (Wu et al., 2024, eq. 4.7) with hard win probabilities (1 for chosen, 0 for rejected):
 
-        loss = (rho_w - 1/(2 beta))^2 + (rho_l + 1/(2 beta))^2.
+    loss = (rho_w - 1/(2 beta))^2 + (rho_l + 1/(2 beta))^2.
     """
     return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
 
@@ -205,7 +206,7 @@ def sppo_hard_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, *, beta
 def apo_zero_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, *, beta: float) -> Tensor:
     """APO-zero (D'Oosterlinck et al., 2024, eq. 7): push chosen up and rejected down,
 
-        loss = 1 - sigma(r_w) + sigma(r_l).
+    loss = 1 - sigma(r_w) + sigma(r_l).
     """
     return 1.0 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
 
@@ -213,7 +214,7 @@ def apo_zero_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, *, beta:
 def apo_down_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, *, beta: float) -> Tensor:
     """APO-down (eq. 8): chosen answers are worse than the model's own, push both down, rejected more,
 
-        loss = sigma(r_w) + 1 - sigma(r_w - r_l).
+    loss = sigma(r_w) + 1 - sigma(r_w - r_l).
     """
     return torch.sigmoid(beta * chosen_logratios) + 1.0 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
 
@@ -254,10 +255,12 @@ def aot_loss(
     return _conservative_logistic(policy_gaps - reference_gaps, beta, label_smoothing)
 
 
-def aot_unpaired_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, *, beta: float, label_smoothing: float = 0.0) -> Tensor:
+def aot_unpaired_loss(
+    chosen_logratios: Tensor, rejected_logratios: Tensor, *, beta: float, label_smoothing: float = 0.0
+) -> Tensor:
     """AOT unpaired: chosen log-ratios should dominate rejected ones as distributions,
 
-        d = sort_b(rho_w) - sort_b(rho_l),   loss_i = cDPO(d_i).   (entries are order statistics)
+    d = sort_b(rho_w) - sort_b(rho_l),   loss_i = cDPO(d_i).   (entries are order statistics)
     """
     chosen_sorted, _ = torch.sort(chosen_logratios, dim=0)
     rejected_sorted, _ = torch.sort(rejected_logratios, dim=0)
@@ -340,7 +343,9 @@ def plackett_luce_loss(logratios: Tensor, response_mask: Tensor, *, beta: float)
     # diagonal is always included, so no row is all -inf (that would give NaN gradients through
     # logsumexp even for masked-out steps).
     later = position.view(1, -1) >= position.view(-1, 1)  # (k, j)
-    include = (later.unsqueeze(0) & response_mask.unsqueeze(1)) | torch.eye(num_responses, dtype=torch.bool, device=rewards.device)
+    include = (later.unsqueeze(0) & response_mask.unsqueeze(1)) | torch.eye(
+        num_responses, dtype=torch.bool, device=rewards.device
+    )
     candidates = rewards.unsqueeze(1).expand(-1, num_responses, -1).masked_fill(~include, float("-inf"))
     step_log_probs = rewards - torch.logsumexp(candidates, dim=-1)  # (B, K)
     return -(step_log_probs * response_mask.to(rewards.dtype)).sum(dim=-1)
@@ -479,41 +484,122 @@ _SMOOTHING = _in_range(0.0, 0.5, high_open=True)
 LOSSES: dict[str, LossSpec] = {
     spec.name: spec
     for spec in [
-        LossSpec("sigmoid", sigmoid_loss, _pair(sigmoid_loss), "pairwise", True,
-                 "-(1-eps) log sig(beta h) - eps log sig(-beta h)",
-                 {"label_smoothing": _SMOOTHING, "f_divergence": _one_of(*F_DIVERGENCES), "f_alpha": _positive}),
-        LossSpec("robust", robust_loss, _pair(robust_loss), "pairwise", True,
-                 "[-(1-eps) log sig(beta h) + eps log sig(-beta h)] / (1-2 eps)", {"label_smoothing": _SMOOTHING}),
-        LossSpec("ipo", ipo_loss, _pair_with_lengths(ipo_loss), "pairwise", True,
-                 "(h - 1/(2 beta))^2, log-ratios / length by default", {}),
+        LossSpec(
+            "sigmoid",
+            sigmoid_loss,
+            _pair(sigmoid_loss),
+            "pairwise",
+            True,
+            "-(1-eps) log sig(beta h) - eps log sig(-beta h)",
+            {"label_smoothing": _SMOOTHING, "f_divergence": _one_of(*F_DIVERGENCES), "f_alpha": _positive},
+        ),
+        LossSpec(
+            "robust",
+            robust_loss,
+            _pair(robust_loss),
+            "pairwise",
+            True,
+            "[-(1-eps) log sig(beta h) + eps log sig(-beta h)] / (1-2 eps)",
+            {"label_smoothing": _SMOOTHING},
+        ),
+        LossSpec(
+            "ipo",
+            ipo_loss,
+            _pair_with_lengths(ipo_loss),
+            "pairwise",
+            True,
+            "(h - 1/(2 beta))^2, log-ratios / length by default",
+            {},
+        ),
         LossSpec("hinge", hinge_loss, _pair(hinge_loss), "pairwise", True, "max(0, 1 - beta h)"),
-        LossSpec("exo_pair", exo_pair_loss, _pair(exo_pair_loss), "pairwise", True,
-                 "KL((sig(beta h), sig(-beta h)) || (1-eps, eps))",
-                 {"label_smoothing": _in_range(0.0, 1.0, low_open=True, high_open=True)}),
-        LossSpec("nca_pair", nca_pair_loss, _pair(nca_pair_loss), "pairwise", True,
-                 "-log sig(r_w) - 0.5 log sig(-r_w) - 0.5 log sig(-r_l)"),
+        LossSpec(
+            "exo_pair",
+            exo_pair_loss,
+            _pair(exo_pair_loss),
+            "pairwise",
+            True,
+            "KL((sig(beta h), sig(-beta h)) || (1-eps, eps))",
+            {"label_smoothing": _in_range(0.0, 1.0, low_open=True, high_open=True)},
+        ),
+        LossSpec(
+            "nca_pair",
+            nca_pair_loss,
+            _pair(nca_pair_loss),
+            "pairwise",
+            True,
+            "-log sig(r_w) - 0.5 log sig(-r_w) - 0.5 log sig(-r_l)",
+        ),
         LossSpec("bco_pair", bco_pair_loss, _pair(bco_pair_loss), "pairwise", True, "-log sig(r_w) - log sig(-r_l)"),
-        LossSpec("sppo_hard", sppo_hard_loss, _pair(sppo_hard_loss), "pairwise", True,
-                 "(rho_w - 1/(2 beta))^2 + (rho_l + 1/(2 beta))^2"),
+        LossSpec(
+            "sppo_hard",
+            sppo_hard_loss,
+            _pair(sppo_hard_loss),
+            "pairwise",
+            True,
+            "(rho_w - 1/(2 beta))^2 + (rho_l + 1/(2 beta))^2",
+        ),
         LossSpec("apo_zero", apo_zero_loss, _pair(apo_zero_loss), "pairwise", True, "1 - sig(r_w) + sig(r_l)"),
         LossSpec("apo_down", apo_down_loss, _pair(apo_down_loss), "pairwise", True, "sig(r_w) + 1 - sig(r_w - r_l)"),
-        LossSpec("discopop", discopop_loss, _pair(discopop_loss), "pairwise", True,
-                 "(1-m) (-log sig(beta h)) + m exp(-beta h), m = sig(beta h / tau)", {"tau": _positive}),
-        LossSpec("aot", aot_loss,
-                 lambda v, p: aot_loss(v.policy[:, 0], v.policy[:, 1], v.reference[:, 0], v.reference[:, 1], beta=v.beta, **p),
-                 "pairwise", True, "cDPO(sort(pi_w - pi_l) - sort(ref_w - ref_l))", {"label_smoothing": _SMOOTHING}),
-        LossSpec("aot_unpaired", aot_unpaired_loss, _pair(aot_unpaired_loss), "pairwise", True,
-                 "cDPO(sort(rho_w) - sort(rho_l))", {"label_smoothing": _SMOOTHING}),
-        LossSpec("sigmoid_norm", sigmoid_norm_loss, _pair_with_lengths(sigmoid_norm_loss), "pairwise", True,
-                 "-log sig(beta (rho_w/|y_w| - rho_l/|y_l|))"),
-        LossSpec("plackett_luce", plackett_luce_loss,
-                 lambda v, p: plackett_luce_loss(v.logratios, v.inputs.response_mask, beta=v.beta, **p),
-                 "listwise", True, "-sum_k [r_k - log sum_{j>=k} exp r_j]"),
-        LossSpec("sft", sft_loss, lambda v, p: sft_loss(v.policy[:, 0], v.lengths[:, 0], **p), "sequence", False,
-                 "-pi_w / mean |y_w| (token-mean NLL of chosen)"),
-        LossSpec("unlikelihood", unlikelihood_loss,
-                 lambda v, p: unlikelihood_loss(v.policy[:, 0], v.lengths[:, 0], *_rejected_tokens(v), **p),
-                 "token", False, "NLL(chosen) - alpha sum_{rejected tokens} log(1 - p)", {"alpha": _non_negative}),
+        LossSpec(
+            "discopop",
+            discopop_loss,
+            _pair(discopop_loss),
+            "pairwise",
+            True,
+            "(1-m) (-log sig(beta h)) + m exp(-beta h), m = sig(beta h / tau)",
+            {"tau": _positive},
+        ),
+        LossSpec(
+            "aot",
+            aot_loss,
+            lambda v, p: aot_loss(v.policy[:, 0], v.policy[:, 1], v.reference[:, 0], v.reference[:, 1], beta=v.beta, **p),
+            "pairwise",
+            True,
+            "cDPO(sort(pi_w - pi_l) - sort(ref_w - ref_l))",
+            {"label_smoothing": _SMOOTHING},
+        ),
+        LossSpec(
+            "aot_unpaired",
+            aot_unpaired_loss,
+            _pair(aot_unpaired_loss),
+            "pairwise",
+            True,
+            "cDPO(sort(rho_w) - sort(rho_l))",
+            {"label_smoothing": _SMOOTHING},
+        ),
+        LossSpec(
+            "sigmoid_norm",
+            sigmoid_norm_loss,
+            _pair_with_lengths(sigmoid_norm_loss),
+            "pairwise",
+            True,
+            "-log sig(beta (rho_w/|y_w| - rho_l/|y_l|))",
+        ),
+        LossSpec(
+            "plackett_luce",
+            plackett_luce_loss,
+            lambda v, p: plackett_luce_loss(v.logratios, v.inputs.response_mask, beta=v.beta, **p),
+            "listwise",
+            True,
+            "-sum_k [r_k - log sum_{j>=k} exp r_j]",
+        ),
+        LossSpec(
+            "sft",
+            sft_loss,
+            lambda v, p: sft_loss(v.policy[:, 0], v.lengths[:, 0], **p),
+            "sequence",
+            False,
+            "-pi_w / mean |y_w| (token-mean NLL of chosen)",
+        ),
+        LossSpec(
+            "unlikelihood",
+            unlikelihood_loss,
+            lambda v, p: unlikelihood_loss(v.policy[:, 0], v.lengths[:, 0], *_rejected_tokens(v), **p),
+            "token",
+            False,
+            "NLL(chosen) - alpha sum_{rejected tokens} log(1 - p)",
+            {"alpha": _non_negative},
+        ),
     ]
 }
 
@@ -577,8 +663,9 @@ class Objective:
             policy = policy.float()  # the losses' exp/log need more than half precision
         if self.needs_reference:
             if inputs.reference_logps is None:
-                raise ConfigError("this objective needs reference log-probs (reference_logps is None); "
-                                  "compute them or set reference_free: true")
+                raise ConfigError(
+                    "this objective needs reference log-probs (reference_logps is None); compute them or set reference_free: true"
+                )
             reference = inputs.reference_logps.to(policy.dtype)
         elif inputs.reference_logps is not None and not self.reference_free:
             reference = inputs.reference_logps.to(policy.dtype)

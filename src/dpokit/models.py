@@ -22,9 +22,10 @@ import contextlib
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -150,7 +151,9 @@ def _from_pretrained(auto_class: Any, location: str | Path, *, what: str, hint: 
             return auto_class.from_pretrained(str(location), **kwargs)
     except (OSError, ValueError) as exc:
         if "trust_remote_code" in str(exc):
-            hint = " (allow the repository's own code -- model.trust_remote_code=true, --trust-remote-code -- only if you trust it)"
+            hint = (
+                " (allow the repository's own code -- model.trust_remote_code=true, --trust-remote-code -- only if you trust it)"
+            )
         raise ConfigError(f"cannot load {what} from {str(location)!r}: {exc}{hint}") from None
 
 
@@ -316,15 +319,23 @@ def load_policy(
         tokenizer = load_tokenizer(model_dir, base_path, trust_remote_code=trust_remote_code)
     else:
         model = _from_pretrained(
-            AutoModelForCausalLM, model_dir, what="a causal language model", hint=_POLICY_HINT,
-            dtype=torch_dtype, trust_remote_code=trust_remote_code,
+            AutoModelForCausalLM,
+            model_dir,
+            what="a causal language model",
+            hint=_POLICY_HINT,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
         )
         tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     model.to(target)
     model.eval()
     return LoadedPolicy(
-        model=model, tokenizer=tokenizer, path=str(path), kind="adapter" if base_path else "model",
-        base_path=base_path, run_config=run_config,
+        model=model,
+        tokenizer=tokenizer,
+        path=str(path),
+        kind="adapter" if base_path else "model",
+        base_path=base_path,
+        run_config=run_config,
     )
 
 
@@ -338,21 +349,29 @@ def _load_adapter(adapter_dir: Path, dtype: torch.dtype | str, trust_remote_code
     if not base_path:
         raise ConfigError(f"{config_file}: no base_model_name_or_path; cannot find the base model")
     base = _from_pretrained(
-        AutoModelForCausalLM, base_path, what=f"the base model of the adapter {str(adapter_dir)!r}",
-        dtype=dtype, trust_remote_code=trust_remote_code,
+        AutoModelForCausalLM,
+        base_path,
+        what=f"the base model of the adapter {str(adapter_dir)!r}",
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
     )
     with quiet_progress_bars(), _quiet_peft_deprecation():
         return PeftModel.from_pretrained(base, str(adapter_dir)), str(base_path)
 
 
 def load_sequence_classifier(
-    path: str | Path, *, device: str | None = LoadOptions.device, trust_remote_code: bool = LoadOptions.trust_remote_code,
+    path: str | Path,
+    *,
+    device: str | None = LoadOptions.device,
+    trust_remote_code: bool = LoadOptions.trust_remote_code,
 ) -> tuple[nn.Module, Any]:
     """A sequence-classification model (e.g. a reward model) in eval mode on ``device``, and its tokenizer."""
     from transformers import AutoModelForSequenceClassification
 
     model = _from_pretrained(
-        AutoModelForSequenceClassification, path, what="a sequence-classification model",
+        AutoModelForSequenceClassification,
+        path,
+        what="a sequence-classification model",
         trust_remote_code=trust_remote_code,
     )
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
@@ -478,9 +497,7 @@ def _save_policy(policy: nn.Module, out: Path, lora_export: str) -> None:
             policy.save_pretrained(out, safe_serialization=True)
         elif lora_export == "merged":
             if getattr(policy, "is_loaded_in_4bit", False) or getattr(policy, "is_loaded_in_8bit", False):
-                raise TrainingError(
-                    "cannot merge adapters into quantized base weights; set model.lora.export=adapter"
-                )
+                raise TrainingError("cannot merge adapters into quantized base weights; set model.lora.export=adapter")
             policy.merge_and_unload().save_pretrained(out, safe_serialization=True)
         else:
             raise ConfigError(f"model.lora.export must be 'merged' or 'adapter', got {lora_export!r}")

@@ -54,8 +54,23 @@ def test_eval_reports_accuracy_margin_and_dpo_loss_matching_a_plain_forward(setu
     accuracy = fraction with m > 0. Each log-prob is recomputed here by an ordinary forward pass."""
     policy_dir, reference_dir, data = setup
     output = tmp_path / "eval.json"
-    code = main(["eval", "--model", str(policy_dir), "--reference", str(reference_dir), "--data", str(data),
-                 "--beta", str(BETA), "--batch-size", "2", "--output", str(output)])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(policy_dir),
+            "--reference",
+            str(reference_dir),
+            "--data",
+            str(data),
+            "--beta",
+            str(BETA),
+            "--batch-size",
+            "2",
+            "--output",
+            str(output),
+        ]
+    )
     assert code == 0
     result = json.loads(output.read_text())
     policy, reference = load_policy(policy_dir).model, load_policy(reference_dir).model
@@ -78,8 +93,20 @@ def test_eval_reports_accuracy_margin_and_dpo_loss_matching_a_plain_forward(setu
 def test_eval_of_a_model_against_itself_has_zero_margin_and_loss_log_2(setup, tmp_path, capsys):
     policy_dir, _, data = setup
     per_example = tmp_path / "per_example.jsonl"
-    code = main(["eval", "--model", str(policy_dir), "--reference", str(policy_dir), "--data", str(data),
-                 "--json", "--per-example", str(per_example)])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(policy_dir),
+            "--reference",
+            str(policy_dir),
+            "--data",
+            str(data),
+            "--json",
+            "--per-example",
+            str(per_example),
+        ]
+    )
     assert code == 0
     metrics = json.loads(capsys.readouterr().out)["metrics"]
     assert metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
@@ -93,8 +120,25 @@ def test_eval_of_a_model_against_itself_has_zero_margin_and_loss_log_2(setup, tm
 def test_eval_with_ipo_loss_reports_the_ipo_objective(setup, capsys):
     """IPO per pair: (h - 1/(2 beta))^2 with h the log-ratio margin; with pi == pi_ref, h = 0 so the loss is 1/(4 beta^2)."""
     policy_dir, _, data = setup
-    assert main(["eval", "--model", str(policy_dir), "--reference", str(policy_dir), "--data", str(data),
-                 "--loss", "ipo", "--beta", "0.5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(policy_dir),
+                "--reference",
+                str(policy_dir),
+                "--data",
+                str(data),
+                "--loss",
+                "ipo",
+                "--beta",
+                "0.5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(capsys.readouterr().out)["metrics"]
     assert metrics["loss"] == pytest.approx(1.0, abs=1e-6)
 
@@ -103,5 +147,7 @@ def test_eval_without_data_or_with_a_bad_loss_is_a_clear_error(setup, capsys):
     policy_dir, reference_dir, data = setup
     assert main(["eval", "--model", str(policy_dir), "--reference", str(reference_dir)]) == 2
     assert "--data" in capsys.readouterr().err
-    assert main(["eval", "--model", str(policy_dir), "--reference", str(reference_dir), "--data", str(data), "--loss", "nope"]) == 2
+    assert (
+        main(["eval", "--model", str(policy_dir), "--reference", str(reference_dir), "--data", str(data), "--loss", "nope"]) == 2
+    )
     assert "unknown loss 'nope'" in capsys.readouterr().err

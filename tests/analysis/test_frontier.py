@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dpokit.errors import ConfigError, DataError
 from dpokit.analysis.frontier import (
     best_of_n_kl,
     dominance_summary,
@@ -20,6 +19,7 @@ from dpokit.analysis.frontier import (
     read_text_prompts,
     write_results,
 )
+from dpokit.errors import ConfigError, DataError
 from dpokit.generation import completion_logps, sample_completions, sample_with_kl
 from tests.helpers import tiny_gpt2, tiny_tokenizer
 
@@ -53,8 +53,9 @@ def test_kl_over_fixed_length_two_token_sequences_matches_the_analytic_value():
     """
     policy, reference = FixedLogits(logits_for(0.7)), FixedLogits(logits_for(0.4))
     prompts = [[0, 1]] * 4000
-    _, kls = sample_with_kl(policy, reference, prompts, max_new_tokens=6, stop_token_ids=[], pad_token_id=0,
-                            seed=0, batch_size=1000)
+    _, kls = sample_with_kl(
+        policy, reference, prompts, max_new_tokens=6, stop_token_ids=[], pad_token_id=0, seed=0, batch_size=1000
+    )
     expected = 6 * bernoulli_kl(0.7, 0.4)
     assert expected == pytest.approx(1.1025, abs=1e-3)
     standard_error = kls.std().item() / math.sqrt(len(kls))
@@ -70,8 +71,9 @@ def test_kl_with_eos_counts_each_step_only_while_the_sequence_is_alive():
     """
     a, b, steps = 0.3, 0.1, 5
     policy, reference = FixedLogits(logits_for(a)), FixedLogits(logits_for(b))
-    completions, kls = sample_with_kl(policy, reference, [[0]] * 6000, max_new_tokens=steps, stop_token_ids=[1],
-                                      pad_token_id=0, seed=1, batch_size=2000)
+    completions, kls = sample_with_kl(
+        policy, reference, [[0]] * 6000, max_new_tokens=steps, stop_token_ids=[1], pad_token_id=0, seed=1, batch_size=2000
+    )
     completions = [c.token_ids for c in completions]
     expected = sum((1 - a) ** t for t in range(steps)) * bernoulli_kl(a, b)
     assert expected == pytest.approx(0.4261, abs=1e-3)
@@ -87,8 +89,14 @@ def test_policy_equal_to_reference_gives_exactly_zero_kl():
     policy = tiny_gpt2(vocab_size=len(tokenizer))
     reference = copy.deepcopy(policy)  # equal weights, a different object: every term must still be 0
     result = estimate_reward_kl(
-        policy, reference, tokenizer, ["the movie was", "i", "a great story and"], lambda prompts, completions: [1.0] * len(prompts),
-        num_samples=3, max_new_tokens=8, seed=0,
+        policy,
+        reference,
+        tokenizer,
+        ["the movie was", "i", "a great story and"],
+        lambda prompts, completions: [1.0] * len(prompts),
+        num_samples=3,
+        max_new_tokens=8,
+        seed=0,
     )
     assert result["kl_mean"] == 0.0 and result["kl_sem"] == 0.0
     assert result["reward_mean"] == 1.0 and result["num_samples"] == 9
@@ -100,9 +108,15 @@ def test_a_policy_different_from_the_reference_has_positive_kl_and_reward_is_the
     policy = tiny_gpt2(vocab_size=len(tokenizer), seed=1, initializer_range=0.5)
     reference = tiny_gpt2(vocab_size=len(tokenizer), seed=2, initializer_range=0.5)
     result = estimate_reward_kl(
-        policy, reference, tokenizer, ["the movie was", "i liked"] * 8,
-        lambda prompts, completions: [float(len(c)) for c in completions], num_samples=2, max_new_tokens=6,
-        seed=0, keep_samples=3,
+        policy,
+        reference,
+        tokenizer,
+        ["the movie was", "i liked"] * 8,
+        lambda prompts, completions: [float(len(c)) for c in completions],
+        num_samples=2,
+        max_new_tokens=6,
+        seed=0,
+        keep_samples=3,
     )
     assert result["kl_mean"] > 5 * result["kl_sem"]
     assert [s["reward"] for s in result["samples"]] == [float(len(s["completion"])) for s in result["samples"]]
@@ -113,8 +127,9 @@ def test_sampling_log_probs_agree_with_teacher_forcing_across_left_padded_prompt
     tokenizer = tiny_tokenizer()
     model = tiny_gpt2(vocab_size=len(tokenizer))
     prompt_ids = [tokenizer(p)["input_ids"] for p in ["a", "the movie was very good and", "i liked it"]]
-    samples = sample_completions(model, prompt_ids, max_new_tokens=7, stop_token_ids=[tokenizer.eos_token_id],
-                                 pad_token_id=tokenizer.pad_token_id, seed=3)
+    samples = sample_completions(
+        model, prompt_ids, max_new_tokens=7, stop_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, seed=3
+    )
     completions, sampled = [c.token_ids for c in samples], [c.sampling_logp for c in samples]
     forced = completion_logps(model, prompt_ids, completions, pad_token_id=tokenizer.pad_token_id)
     assert torch.allclose(forced, torch.tensor(sampled, dtype=torch.float64), atol=1e-4)
@@ -156,10 +171,36 @@ def test_dominance_counts_points_matched_at_no_more_kl():
 
 def test_write_results_produces_png_json_and_markdown(tmp_path):
     points = [
-        {"method": "reference", "run": "reference", "step": 0, "kl_mean": 0.0, "reward_mean": 0.1, "kl_sem": 0.0, "reward_sem": 0.02},
-        {"method": "DPO", "run": "dpo-b0.1", "beta": 0.1, "step": 10, "kl_mean": 2.0, "reward_mean": 0.6, "kl_sem": 0.1, "reward_sem": 0.03},
-        {"method": "DPO", "run": "dpo-b0.1", "beta": 0.1, "step": 20, "kl_mean": 3.0, "reward_mean": 0.7, "kl_sem": 0.1, "reward_sem": 0.03,
-         "samples": [{"prompt": "x", "completion": "y"}]},
+        {
+            "method": "reference",
+            "run": "reference",
+            "step": 0,
+            "kl_mean": 0.0,
+            "reward_mean": 0.1,
+            "kl_sem": 0.0,
+            "reward_sem": 0.02,
+        },
+        {
+            "method": "DPO",
+            "run": "dpo-b0.1",
+            "beta": 0.1,
+            "step": 10,
+            "kl_mean": 2.0,
+            "reward_mean": 0.6,
+            "kl_sem": 0.1,
+            "reward_sem": 0.03,
+        },
+        {
+            "method": "DPO",
+            "run": "dpo-b0.1",
+            "beta": 0.1,
+            "step": 20,
+            "kl_mean": 3.0,
+            "reward_mean": 0.7,
+            "kl_sem": 0.1,
+            "reward_sem": 0.03,
+            "samples": [{"prompt": "x", "completion": "y"}],
+        },
     ]
     paths = write_results(points, tmp_path, extra={"settings": {"mode": "test"}})
     assert paths["png"].stat().st_size > 1000
@@ -188,9 +229,16 @@ def test_load_reward_from_a_sequence_classification_directory(tmp_path):
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, num_labels=2,
-                        pad_token_id=tokenizer.pad_token_id, id2label={0: "NEGATIVE", 1: "POSITIVE"},
-                        label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        num_labels=2,
+        pad_token_id=tokenizer.pad_token_id,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
     GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     scores = load_reward(str(tmp_path))(prompts=["the movie", "a"], completions=[" was good", " bad plot"])
@@ -204,7 +252,9 @@ def test_find_checkpoints_orders_by_step_with_the_final_export_last(tmp_path):
     (tmp_path / "logs").mkdir()
     found = find_checkpoints(tmp_path)
     assert [(step, path.relative_to(tmp_path).as_posix()) for step, path in found] == [
-        (50, "checkpoint-50/model"), (200, "checkpoints/step-200"), (None, "final")
+        (50, "checkpoint-50/model"),
+        (200, "checkpoints/step-200"),
+        (None, "final"),
     ]
     with pytest.raises(ConfigError, match="no model directory"):
         find_checkpoints(tmp_path / "logs")
@@ -229,11 +279,27 @@ def test_frontier_command_evaluates_saved_runs_end_to_end(tmp_path):
         model.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
     (tmp_path / "prompts.txt").write_text("the movie was\ni liked\n")
-    exit_code = main([
-        "frontier", str(tmp_path / "runs/other"), f"same={tmp_path / 'runs/same'}", "--reference", str(tmp_path / "ref"),
-        "--prompts", str(tmp_path / "prompts.txt"), "--reward", "dpokit.experiments.reward:vader_reward",
-        "--out", str(tmp_path / "out"), "--max-new-tokens", "5", "--num-samples", "4", "--beta", "same=0.1",
-    ])
+    exit_code = main(
+        [
+            "frontier",
+            str(tmp_path / "runs/other"),
+            f"same={tmp_path / 'runs/same'}",
+            "--reference",
+            str(tmp_path / "ref"),
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--reward",
+            "dpokit.experiments.reward:vader_reward",
+            "--out",
+            str(tmp_path / "out"),
+            "--max-new-tokens",
+            "5",
+            "--num-samples",
+            "4",
+            "--beta",
+            "same=0.1",
+        ]
+    )
     assert exit_code == 0
     points = json.loads((tmp_path / "out/results.json").read_text())["points"]
     by_run = {p["run"]: p for p in points}

@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
+from dpokit.analysis.evaluate import policy_runner
+from dpokit.analysis.score import ScoreRow, read_score_rows, score_rows
 from dpokit.commands.main import main
 from dpokit.data import PreferenceExample, prepare_from_examples
 from dpokit.errors import DataError
 from dpokit.models import load_policy
-from dpokit.analysis.evaluate import policy_runner
 from dpokit.training.reference import CopyReference, NoReference
-from dpokit.analysis.score import ScoreRow, read_score_rows, score_rows
 from tests.helpers import tiny_llama, tiny_tokenizer
 
 BETA = 0.25
@@ -65,7 +65,9 @@ def test_scores_equal_beta_times_policy_minus_reference_logps(policy_dir, refere
     reference = load_policy(reference_dir)
     rows = [
         ScoreRow("the movie was", [" very good.", " boring and long."], "row 1"),
-        ScoreRow([{"role": "user", "content": "tell me about the film"}], [[{"role": "assistant", "content": "it is great"}]], "row 2"),
+        ScoreRow(
+            [{"role": "user", "content": "tell me about the film"}], [[{"role": "assistant", "content": "it is great"}]], "row 2"
+        ),
         ScoreRow("i liked", [" the actor.", " the plot.", " the music and the scene."], "row 3"),
     ]
     scored = score_rows(policy_runner(policy), policy.tokenizer, CopyReference(reference.model), rows, beta=BETA, batch_size=2)
@@ -88,8 +90,21 @@ def test_scores_equal_beta_times_policy_minus_reference_logps(policy_dir, refere
 def test_policy_equal_to_reference_scores_zero_and_probability_one_half(policy_dir, tmp_path, capsys):
     output = tmp_path / "scores.jsonl"
     code = main(
-        ["score", "--model", str(policy_dir), "--reference", str(policy_dir), "--prompt", "the film was",
-         "--response", " wonderful.", "--response", " awful.", "--output", str(output)]
+        [
+            "score",
+            "--model",
+            str(policy_dir),
+            "--reference",
+            str(policy_dir),
+            "--prompt",
+            "the film was",
+            "--response",
+            " wonderful.",
+            "--response",
+            " awful.",
+            "--output",
+            str(output),
+        ]
     )
     assert code == 0
     row = json.loads(output.read_text())
@@ -112,8 +127,26 @@ def test_lora_adapter_is_scored_against_its_base_with_the_adapter_disabled(lora_
 
 def test_reference_free_reward_is_beta_times_policy_logp(policy_dir, tmp_path):
     output = tmp_path / "scores.jsonl"
-    assert main(["score", "--model", str(policy_dir), "--reference-free", "--beta", "0.1", "--prompt", "a",
-                 "--response", " good movie.", "--output", str(output), "--json"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(policy_dir),
+                "--reference-free",
+                "--beta",
+                "0.1",
+                "--prompt",
+                "a",
+                "--response",
+                " good movie.",
+                "--output",
+                str(output),
+                "--json",
+            ]
+        )
+        == 0
+    )
     row = json.loads(output.read_text())
     assert row["rewards"][0] == pytest.approx(0.1 * row["policy_logps"][0], rel=1e-6)
     assert "reference_logps" not in row
@@ -127,12 +160,18 @@ def test_a_full_model_without_a_reference_is_a_clear_error(policy_dir, capsys):
 def test_score_input_rows_accept_pairs_lists_single_responses_and_csv(tmp_path):
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text(
-        "\n".join(json.dumps(r) for r in (
-            {"prompt": "p", "response": "one"},
-            {"prompt": "p", "responses": ["a", "b", "c"]},
-            {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "x"}],
-             "rejected": [{"role": "assistant", "content": "y"}]},
-        ))
+        "\n".join(
+            json.dumps(r)
+            for r in (
+                {"prompt": "p", "response": "one"},
+                {"prompt": "p", "responses": ["a", "b", "c"]},
+                {
+                    "prompt": [{"role": "user", "content": "q"}],
+                    "chosen": [{"role": "assistant", "content": "x"}],
+                    "rejected": [{"role": "assistant", "content": "y"}],
+                },
+            )
+        )
     )
     rows = read_score_rows(jsonl)
     assert [len(r.responses) for r in rows] == [1, 3, 2]
@@ -155,19 +194,40 @@ def test_truncated_responses_are_reported(policy_dir, caplog):
 
 def test_chat_scoring_uses_the_chat_template_and_mixed_rows_become_chat(policy_dir, tmp_path):
     rows_file = tmp_path / "rows.jsonl"
-    rows_file.write_text(json.dumps({"prompt": [{"role": "user", "content": "how was the film"}], "response": "it was great"}) + "\n")
+    rows_file.write_text(
+        json.dumps({"prompt": [{"role": "user", "content": "how was the film"}], "response": "it was great"}) + "\n"
+    )
     (row,) = read_score_rows(rows_file)
     assert row.responses == [[{"role": "assistant", "content": "it was great"}]]
     output = tmp_path / "scores.jsonl"
-    assert main(["score", "--model", str(policy_dir), "--reference", str(policy_dir), "--chat", "--prompt", "how was the film",
-                 "--response", "it was great", "--response", "it was bad", "--output", str(output)]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(policy_dir),
+                "--reference",
+                str(policy_dir),
+                "--chat",
+                "--prompt",
+                "how was the film",
+                "--response",
+                "it was great",
+                "--response",
+                "it was bad",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     scored = json.loads(output.read_text())
     assert scored["prompt"] == [{"role": "user", "content": "how was the film"}]
     assert scored["preference_prob"] == pytest.approx(0.5, abs=1e-6)
     policy = load_policy(policy_dir)
     # The summed log-prob covers the templated assistant turn: its tokens end with <|im_end|>.
-    item = prepare_from_examples(
-        [PreferenceExample(scored["prompt"], scored["responses"])], policy.tokenizer
-    ).items[0]
+    item = prepare_from_examples([PreferenceExample(scored["prompt"], scored["responses"])], policy.tokenizer).items[0]
     assert policy.tokenizer.decode(item["response_ids"][0]).startswith("it was great<|im_end|>")
-    assert scored["policy_logps"][0] == pytest.approx(_summed_logp(policy.model, item["prompt_ids"], item["response_ids"][0]), abs=1e-4)
+    assert scored["policy_logps"][0] == pytest.approx(
+        _summed_logp(policy.model, item["prompt_ids"], item["response_ids"][0]), abs=1e-4
+    )

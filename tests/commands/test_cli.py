@@ -144,7 +144,14 @@ def test_train_then_eval_score_generate_on_its_outputs(project, capsys):
     out = capsys.readouterr().out
     assert "finished after 4 optimizer steps" in out and str(root / "run" / "final") in out
     run_dir = root / "run"
-    assert {p.name for p in run_dir.iterdir()} >= {"metrics.jsonl", "tensorboard", "curves.png", "config.yaml", "final", "checkpoint-4"}
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "metrics.jsonl",
+        "tensorboard",
+        "curves.png",
+        "config.yaml",
+        "final",
+        "checkpoint-4",
+    }
 
     # A checkpoint directory: eval with the run's beta and loss, reference = the start model.
     assert main(["eval", "--model", str(run_dir / "checkpoint-4"), "--data", str(data), "--json"]) == 0
@@ -156,17 +163,40 @@ def test_train_then_eval_score_generate_on_its_outputs(project, capsys):
     assert result["metrics"]["rewards/margins"] == pytest.approx(final_eval["rewards/margins"], abs=1e-5)
 
     # --config supplies data, beta and loss terms from a training config (here: eval_path, beta default 0.1).
-    assert main(["eval", "--model", str(run_dir / "final"), "--reference", str(root / "base"), "--config", str(config), "--json"]) == 0
+    assert (
+        main(["eval", "--model", str(run_dir / "final"), "--reference", str(root / "base"), "--config", str(config), "--json"])
+        == 0
+    )
     from_config = json.loads(capsys.readouterr().out)
     assert from_config["data"] == str(data) and from_config["beta"] == 0.1 and from_config["num_examples"] == len(PAIRS)
 
     # The exported model scores pairs against the start model, which differs from it after training.
-    assert main(["score", "--model", str(run_dir / "final"), "--prompt", "the movie was",
-                 "--response", " very good and funny.", "--response", " very bad and long.", "--json"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(run_dir / "final"),
+                "--prompt",
+                "the movie was",
+                "--response",
+                " very good and funny.",
+                "--response",
+                " very bad and long.",
+                "--json",
+            ]
+        )
+        == 0
+    )
     row = json.loads(capsys.readouterr().out)
     assert abs(row["rewards"][0]) > 1e-4 and 0 < row["preference_prob"] < 1
 
-    assert main(["generate", "--model", str(run_dir / "checkpoint-4"), "--prompt", "the movie was", "--max-new-tokens", "4", "--json"]) == 0
+    assert (
+        main(
+            ["generate", "--model", str(run_dir / "checkpoint-4"), "--prompt", "the movie was", "--max-new-tokens", "4", "--json"]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["prompt"] == "the movie was"
 
 
@@ -193,8 +223,21 @@ def test_lora_adapter_output_is_evaluated_against_its_base_with_the_adapter_disa
 
     root, config, data = project
     run_dir = root / "lora-run"
-    assert main(["train", str(config), f"logging.run_dir={run_dir}", "model.lora.enabled=true", "model.lora.r=4",
-                 "model.lora.export=adapter", "optim.lr=1e-2", "checkpoint.every_steps=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(config),
+                f"logging.run_dir={run_dir}",
+                "model.lora.enabled=true",
+                "model.lora.r=4",
+                "model.lora.export=adapter",
+                "optim.lr=1e-2",
+                "checkpoint.every_steps=0",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert (run_dir / "final" / "adapter_config.json").is_file()
     assert main(["eval", "--model", str(run_dir / "final"), "--data", str(data), "--json"]) == 0
@@ -233,7 +276,11 @@ def test_command_defaults_are_the_library_dataclass_defaults():
     frontier = _parse(["frontier", "run", "--reference", "r", "--prompts", "p", "--reward", "x:y"])
     job = FrontierJob(runs=[], reference="r", prompts="p", reward="x:y")
     assert (frontier.out, frontier.num_samples, frontier.max_new_tokens, frontier.seed) == (
-        job.out, job.num_samples, job.max_new_tokens, job.seed)
+        job.out,
+        job.num_samples,
+        job.max_new_tokens,
+        job.seed,
+    )
 
 
 def test_help_shows_the_fallbacks_of_the_training_config(capsys):
@@ -248,6 +295,18 @@ def test_help_shows_the_fallbacks_of_the_training_config(capsys):
 
 def test_frontier_betas_must_be_name_equals_number(tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("a\n")
-    code = main(["frontier", str(tmp_path), "--reference", str(tmp_path), "--prompts", str(tmp_path / "prompts.txt"),
-                 "--reward", "dpokit.experiments.reward:vader_reward", "--beta", "dpo=high"])
+    code = main(
+        [
+            "frontier",
+            str(tmp_path),
+            "--reference",
+            str(tmp_path),
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--reward",
+            "dpokit.experiments.reward:vader_reward",
+            "--beta",
+            "dpo=high",
+        ]
+    )
     assert code == 2 and "expected NAME=NUMBER" in capsys.readouterr().err

@@ -116,6 +116,8 @@ def test_sampler_order_is_seeded_and_changes_per_epoch():
 def test_sampler_deals_equal_batch_counts_to_ranks():
     lengths = list(range(50))
     ranks = [list(LengthGroupedSampler(lengths, 4, seed=0, num_replicas=3, rank=r)) for r in range(3)]
-    assert [len(r) for r in ranks] == [5, 5, 5] == [len(LengthGroupedSampler(lengths, 4, num_replicas=3, rank=r)) for r in range(3)]
+    assert (
+        [len(r) for r in ranks] == [5, 5, 5] == [len(LengthGroupedSampler(lengths, 4, num_replicas=3, rank=r)) for r in range(3)]
+    )
     seen = {i for r in ranks for batch in r for i in batch}
     assert seen == set(range(50))

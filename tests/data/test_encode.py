@@ -10,8 +10,7 @@ tabs, no-break spaces, contractions, digit runs, combining marks, CJK, emoji, ad
 from __future__ import annotations
 
 import logging
-import unicodedata
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -29,7 +28,10 @@ PATTERNS = {"gpt2": encode._GPT2_PATTERN, "llama3": encode._LLAMA3_PATTERN, "qwe
 
 def split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
 
 
@@ -70,14 +72,19 @@ def test_a_space_after_any_non_whitespace_character_starts_a_piece(name):
     assert not missing, f"{name}: no boundary before the space after {[hex(ord(c)) for c in missing[:10]]}"
 
 
-@given(st.lists(st.sampled_from(ATOMS), min_size=1, max_size=10).map("".join), st.lists(st.sampled_from(ATOMS), max_size=10).map("".join))
+@given(
+    st.lists(st.sampled_from(ATOMS), min_size=1, max_size=10).map("".join),
+    st.lists(st.sampled_from(ATOMS), max_size=10).map("".join),
+)
 @settings(max_examples=300, deadline=None)
 def test_nfc_and_lowercase_never_act_across_a_space(left, right):
     for normalizer in (normalizers.NFC(), normalizers.Lowercase()):
-        assert normalizer.normalize_str(left + " " + right) == normalizer.normalize_str(left) + normalizer.normalize_str(" " + right)
+        assert normalizer.normalize_str(left + " " + right) == normalizer.normalize_str(left) + normalizer.normalize_str(
+            " " + right
+        )
 
 
-@lru_cache(maxsize=None)
+@cache
 def trained(kind: str, pre_tokenizer: str, normalizer: str | None = None) -> PreTrainedTokenizerFast:
     """A real fast tokenizer of the given model kind and pre-tokenizer, trained on the spot, with added
     tokens: special <|eos|>/<|bos|>, a plain one containing a space, and one matched after normalization."""
@@ -93,7 +100,9 @@ def trained(kind: str, pre_tokenizer: str, normalizer: str | None = None) -> Pre
         trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[UNK]", *specials], show_progress=False)
     else:
         backend = Tokenizer(models.Unigram())
-        trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["[UNK]", *specials], unk_token="[UNK]", show_progress=False)
+        trainer = trainers.UnigramTrainer(
+            vocab_size=300, special_tokens=["[UNK]", *specials], unk_token="[UNK]", show_progress=False
+        )
     backend.pre_tokenizer = SUPPORTED_PRE_TOKENIZERS[pre_tokenizer]()
     if normalizer == "nfc":
         backend.normalizer = normalizers.NFC()

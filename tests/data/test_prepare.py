@@ -14,7 +14,11 @@ from tests.helpers import LLAMA2_TEMPLATE, tiny_tokenizer
 
 ROWS = [
     {"prompt": "tell me a story.", "chosen": " it was great", "rejected": " boring"},
-    {"prompt": [{"role": "user", "content": "why"}], "chosen": [{"role": "assistant", "content": "because"}], "rejected": [{"role": "assistant", "content": "no"}]},
+    {
+        "prompt": [{"role": "user", "content": "why"}],
+        "chosen": [{"role": "assistant", "content": "because"}],
+        "rejected": [{"role": "assistant", "content": "no"}],
+    },
     {"prompt": "rank these.", "responses": ["good", "bad", "ok"], "scores": [3, 1, 2]},
 ]
 
@@ -40,11 +44,22 @@ def test_second_prepare_is_a_cache_hit_with_identical_items_and_report(tmp_path)
 
 @pytest.mark.parametrize(
     "change",
-    ["data content", "tokenizer vocabulary", "chat template", "max_length", "max_prompt_length", "truncation_mode", "ranked_mode", "columns"],
+    [
+        "data content",
+        "tokenizer vocabulary",
+        "chat template",
+        "max_length",
+        "max_prompt_length",
+        "truncation_mode",
+        "ranked_mode",
+        "columns",
+    ],
 )
 def test_any_change_to_data_tokenizer_or_settings_misses_the_cache(tmp_path, change):
     data = write(tmp_path / "d.jsonl", ROWS)
-    base = dict(cache_dir=tmp_path / "cache", max_length=64, max_prompt_length=32, truncation_mode="keep_end", ranked_mode="listwise")
+    base = dict(
+        cache_dir=tmp_path / "cache", max_length=64, max_prompt_length=32, truncation_mode="keep_end", ranked_mode="listwise"
+    )
     first = prepare_dataset(data, tiny_tokenizer(), **base)
     tokenizer, settings = tiny_tokenizer(), dict(base)
     if change == "data content":
@@ -56,7 +71,12 @@ def test_any_change_to_data_tokenizer_or_settings_misses_the_cache(tmp_path, cha
     elif change == "columns":
         settings["columns"] = {"scores": "scores"}
     else:
-        settings[change] = {"max_length": 63, "max_prompt_length": 31, "truncation_mode": "keep_start", "ranked_mode": "all_pairs"}[change]
+        settings[change] = {
+            "max_length": 63,
+            "max_prompt_length": 31,
+            "truncation_mode": "keep_start",
+            "ranked_mode": "all_pairs",
+        }[change]
     second = prepare_dataset(data, tokenizer, **settings)
     assert not second.from_cache and second.fingerprint != first.fingerprint
     assert prepare_dataset(data, tokenizer, **settings).from_cache

@@ -73,9 +73,9 @@ def test_reads_parquet(tmp_path):
 
 
 def test_reads_save_to_disk_directory_and_picks_the_split(tmp_path):
-    datasets.DatasetDict({"train": datasets.Dataset.from_list([PAIR] * 3), "test": datasets.Dataset.from_list([PAIR])}).save_to_disk(
-        tmp_path / "saved"
-    )
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list([PAIR] * 3), "test": datasets.Dataset.from_list([PAIR])}
+    ).save_to_disk(tmp_path / "saved")
     assert len(read_preferences(tmp_path / "saved")[0]) == 3
     assert len(read_preferences(tmp_path / "saved", split="test")[0]) == 1
     with pytest.raises(DataError, match="no split 'dev'.*train"):
@@ -147,7 +147,9 @@ def test_anthropic_hh_prompt_is_everything_up_to_the_last_assistant_marker():
 
 
 def test_column_mapping_renames_fields(tmp_path):
-    path = write_jsonl(tmp_path / "se.jsonl", [{"question": "Q?", "response_j": " good", "response_k": " bad", "prompt": "ignored"}])
+    path = write_jsonl(
+        tmp_path / "se.jsonl", [{"question": "Q?", "response_j": " good", "response_k": " bad", "prompt": "ignored"}]
+    )
     [example], _ = read_preferences(path, columns={"question": "prompt", "response_j": "chosen", "response_k": "rejected"})
     assert (example.prompt, example.responses) == ("Q?", [" good", " bad"])
 
@@ -181,7 +183,10 @@ def test_ranked_without_scores_is_taken_as_given_best_first():
 
 
 def test_ultrafeedback_style_completion_objects_with_scores():
-    row = {"instruction": "Q?", "completions": [{"response": "ok", "overall_score": 6}, {"response": "great", "overall_score": 8.5}]}
+    row = {
+        "instruction": "Q?",
+        "completions": [{"response": "ok", "overall_score": 6}, {"response": "great", "overall_score": 8.5}],
+    }
     [example], _ = read_preferences([row], columns={"instruction": "prompt", "completions": "responses"})
     assert example.responses == ["great", "ok"] and example.scores == [8.5, 6.0]
 
@@ -189,7 +194,10 @@ def test_ultrafeedback_style_completion_objects_with_scores():
 @pytest.mark.parametrize(
     "mode, expected",
     [
-        ("all_pairs", [("best", "good"), ("best", "mid"), ("best", "worst"), ("good", "mid"), ("good", "worst"), ("mid", "worst")]),
+        (
+            "all_pairs",
+            [("best", "good"), ("best", "mid"), ("best", "worst"), ("good", "mid"), ("good", "worst"), ("mid", "worst")],
+        ),
         ("best_vs_rest", [("best", "good"), ("best", "mid"), ("best", "worst")]),
         ("best_vs_worst", [("best", "worst")]),
     ],
@@ -227,7 +235,11 @@ def test_unknown_ranked_mode_is_a_config_error():
         ({"prompt": "", "chosen": "a", "rejected": "b"}, "prompt", "empty"),
         ({"prompt": [USER], "chosen": [{"role": "assistant"}], "rejected": [BAD]}, "chosen", "no 'content'"),
         ({"chosen": [USER, GOOD], "rejected": [BAD]}, "chosen", "share no leading message"),
-        ({"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: other\n\nAssistant: b"}, "rejected", "same dialogue"),
+        (
+            {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: other\n\nAssistant: b"},
+            "rejected",
+            "same dialogue",
+        ),
         ({"chosen": "no markers", "rejected": "b"}, "prompt", "Assistant"),
         ({"prompt": "Q", "responses": ["a"]}, "responses", "at least 2"),
         ({"prompt": "Q", "responses": ["a", "b"], "scores": [1, "x"]}, "scores[1]", "expected a number"),
@@ -288,7 +300,13 @@ def test_skip_invalid_skips_and_counts_each_reason(tmp_path):
     examples, report = read_preferences(path, skip_invalid=True)
     assert len(examples) == 2
     assert report.rows == 7 and report.blank_lines == 2
-    assert dict(report.skipped) == {"malformed_json": 1, "identical_responses": 1, "missing_field": 1, "empty_response": 1, "not_utf8": 1}
+    assert dict(report.skipped) == {
+        "malformed_json": 1,
+        "identical_responses": 1,
+        "missing_field": 1,
+        "empty_response": 1,
+        "not_utf8": 1,
+    }
     summary = report.summary()
     assert "skipped 5 invalid rows" in summary and "mixed.jsonl:line 2" in summary
 

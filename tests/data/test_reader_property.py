@@ -24,7 +24,9 @@ json_scalars = st.one_of(
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=4), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=4), children, max_size=4)
+    ),
     max_leaves=12,
 )
 message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", ""]), "content": st.text(max_size=8)})

@@ -53,7 +53,10 @@ def test_eos_is_not_doubled_when_the_response_already_ends_with_it():
 def test_tokenizer_bos_is_kept_on_the_prompt_once_and_never_on_responses():
     tokenizer = bos_adding_tokenizer()
     bos = tokenizer.bos_token_id
-    examples = [PreferenceExample("tell me a story.", [" great", " bad"]), PreferenceExample("<|bos|>tell me a story.", [" great", " bad"])]
+    examples = [
+        PreferenceExample("tell me a story.", [" great", " bad"]),
+        PreferenceExample("<|bos|>tell me a story.", [" great", " bad"]),
+    ]
     [(prompt_a, responses), (prompt_b, _)], _ = tokenize(examples, tokenizer)
     assert prompt_a[0] == bos and prompt_a.count(bos) == 1
     assert prompt_b == prompt_a  # text that already starts with BOS does not get a second one
@@ -74,7 +77,9 @@ def test_chat_boundary_matches_apply_chat_template_for_two_template_shapes(templ
     tokenizer = tiny_tokenizer(chat_template=template)
     prompt_messages = [SYSTEM, USER] if template == CHATML_TEMPLATE else [USER]
     [(prompt, responses)], _ = tokenize([PreferenceExample(prompt_messages, [[GOOD], [BAD]])], tokenizer)
-    expected_prompt = tokenizer.apply_chat_template(prompt_messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    expected_prompt = tokenizer.apply_chat_template(prompt_messages, tokenize=True, add_generation_prompt=True, return_dict=True)[
+        "input_ids"
+    ]
     expected_full = tokenizer.apply_chat_template(prompt_messages + [GOOD], tokenize=True, return_dict=True)["input_ids"]
     assert prompt == expected_prompt
     assert prompt + responses[0] == expected_full
@@ -124,7 +129,11 @@ RESPONSES = [list(range(200, 206)), list(range(300, 304))]  # 6 and 4 tokens
 
 
 def test_nothing_is_cut_when_prompt_plus_longest_response_fits():
-    assert truncate(PROMPT, RESPONSES, max_length=16, max_prompt_length=3, truncation_mode="keep_end") == (PROMPT, RESPONSES, None)
+    assert truncate(PROMPT, RESPONSES, max_length=16, max_prompt_length=3, truncation_mode="keep_end") == (
+        PROMPT,
+        RESPONSES,
+        None,
+    )
 
 
 def test_keep_end_cuts_the_prompt_from_the_left_first():

@@ -86,8 +86,9 @@ def test_pairs_prefer_the_higher_reward_and_noisy_labels_sometimes_flip(smoke_mo
 def test_requiring_eos_drops_completions_cut_at_the_length_limit(smoke_model):
     model, tokenizer, _ = smoke_model
     prompts = make_prompts(tokenizer, 6, seed=6)
-    rows, stats = make_preference_pairs(model, tokenizer, prompts, vader_reward, completions_per_prompt=3,
-                                        max_new_tokens=1, require_eos=True, seed=0)
+    rows, stats = make_preference_pairs(
+        model, tokenizer, prompts, vader_reward, completions_per_prompt=3, max_new_tokens=1, require_eos=True, seed=0
+    )
     # One new token can only end the text if it is EOS, which leaves an empty completion: no pairs.
     assert rows == [] and stats["unterminated_dropped"] + stats["ties_skipped"] > 0
 
@@ -124,7 +125,9 @@ def test_demo_prints_reward_and_kl_before_and_after_with_paired_samples(tmp_path
         warnings.simplefilter("always")
         result = run_sentiment_demo(tmp_path / "demo", tmp_path / "cache", settings=settings, log=lines.append)
     # Quiet: no deprecation/future warnings, no transformers logger notices, no "Loading weights" bars.
-    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], [str(w.message) for w in caught]
+    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], [
+        str(w.message) for w in caught
+    ]
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "deprecated" not in err and "[transformers]" not in err, err
     text = "\n".join(lines)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from dpokit.errors import TrainingError
 from dpokit.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -23,7 +24,6 @@ from dpokit.training.checkpoint import (
     resolve_resume_path,
     save_checkpoint,
 )
-from dpokit.errors import TrainingError
 from tests.helpers import tiny_llama, tiny_tokenizer, write_preference_jsonl, write_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,20 +44,32 @@ def _trained_state(seed: int = 0):
 
 
 def _save(run_dir: Path, step: int, model, optimizer, scheduler, keep_last: int = 2) -> Path:
-    return save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                           trainer_state={"epoch": 1, "batch_in_epoch": 3}, tokenizer=tiny_tokenizer(), keep_last=keep_last)
+    return save_checkpoint(
+        run_dir,
+        step,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainer_state={"epoch": 1, "batch_in_epoch": 3},
+        tokenizer=tiny_tokenizer(),
+        keep_last=keep_last,
+    )
 
 
 def test_round_trip_restores_weights_optimizer_scheduler_rng_and_position(tmp_path):
     model, optimizer, scheduler = _trained_state()
-    random.seed(7); np.random.seed(7); torch.manual_seed(7)
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
     path = _save(tmp_path, 2, model, optimizer, scheduler)
     expected_draws = (random.random(), float(np.random.rand()), torch.rand(3))
 
     fresh, fresh_optimizer, fresh_scheduler = tiny_llama(seed=1).train(), None, None
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 1.0 / (step + 1))
-    random.seed(0); np.random.seed(0); torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
     state = load_checkpoint(path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
 
     assert (state["global_step"], state["epoch"], state["batch_in_epoch"]) == (2, 1, 3)
@@ -125,8 +137,9 @@ def test_partial_directories_are_never_picked_and_are_cleaned_by_the_next_save(t
 def test_saving_the_same_step_twice_replaces_it(tmp_path):
     model, optimizer, scheduler = _trained_state()
     _save(tmp_path, 3, model, optimizer, scheduler)
-    path = save_checkpoint(tmp_path, 3, model=model, optimizer=optimizer, scheduler=scheduler,
-                           trainer_state={"epoch": 9, "batch_in_epoch": 0})
+    path = save_checkpoint(
+        tmp_path, 3, model=model, optimizer=optimizer, scheduler=scheduler, trainer_state={"epoch": 9, "batch_in_epoch": 0}
+    )
     assert read_trainer_state(path)["epoch"] == 9
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]
 
@@ -169,13 +182,32 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadabl
     model_dir = write_tiny_model_dir(tmp_path / "model")
     data = write_preference_jsonl(tmp_path / "train.jsonl", n=32)
     run_dir, marker = tmp_path / "run", tmp_path / "saving"
-    args = [f"model.name_or_path={model_dir}", f"data.train_path={data}", f"data.cache_dir={tmp_path / 'cache'}",
-            f"logging.run_dir={run_dir}", "optim.max_steps=6", "optim.batch_size=8", "optim.grad_accumulation=1",
-            "optim.optimizer=adamw", "optim.lr=1e-3", "checkpoint.every_steps=2", "checkpoint.keep_last=1",
-            "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false", "logging.log_every=1"]
+    args = [
+        f"model.name_or_path={model_dir}",
+        f"data.train_path={data}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"logging.run_dir={run_dir}",
+        "optim.max_steps=6",
+        "optim.batch_size=8",
+        "optim.grad_accumulation=1",
+        "optim.optimizer=adamw",
+        "optim.lr=1e-3",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=1",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+        "logging.log_every=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(marker), *args], env=env, cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CHILD, str(marker), *args],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not marker.exists() and child.poll() is None and time.time() < deadline:

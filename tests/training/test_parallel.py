@@ -24,11 +24,11 @@ from safetensors.torch import load_file
 
 from dpokit.config import load_config
 from dpokit.data import LengthGroupedSampler
+from dpokit.errors import ConfigError, TrainingError
+from dpokit.training import run
 from dpokit.training.checkpoint import is_dcp_checkpoint
 from dpokit.training.parallel import ParallelContext, apply_global_batch_size
-from dpokit.errors import ConfigError, TrainingError
 from dpokit.training.tracking import read_metrics
-from dpokit.training import run
 from tests.helpers import write_preference_jsonl, write_tiny_model_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -54,9 +54,17 @@ def common_overrides(assets: Path, run_dir: Path, cache: str = "cache") -> list[
         f"data.eval_path={assets / 'eval.jsonl'}",
         f"data.cache_dir={assets / cache}",
         f"logging.run_dir={run_dir}",
-        "optim.optimizer=adamw", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.grad_accumulation=1",
-        "optim.max_steps=3", "eval.every_steps=0", "eval.batch_size=2",
-        "logging.log_every=1", "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false",
+        "optim.optimizer=adamw",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=0",
+        "optim.grad_accumulation=1",
+        "optim.max_steps=3",
+        "eval.every_steps=0",
+        "eval.batch_size=2",
+        "logging.log_every=1",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
         "checkpoint.every_steps=0",
     ]
 
@@ -67,8 +75,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(config: Path, overrides: list[str], *, nproc: int = 2, launcher: list[str] | None = None, resume: str | None = None,
-             timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(
+    config: Path,
+    overrides: list[str],
+    *,
+    nproc: int = 2,
+    launcher: list[str] | None = None,
+    resume: str | None = None,
+    timeout: int = 240,
+) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc_per_node N --master_port P -m dpokit train cfg.yaml overrides...``"""
     launch = launcher or ["--nproc_per_node", str(nproc), "--master_port", str(free_port())]
     command = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "dpokit", "train", str(config), *overrides]
@@ -104,8 +119,9 @@ def baseline(assets, tmp_path_factory):
     """One process, optim.batch_size=8: the run every 2-process run with global batch 8 must equal."""
     torch.set_num_threads(1)
     run_dir = tmp_path_factory.mktemp("baseline") / "run"
-    cfg = load_config(None, [*common_overrides(assets, run_dir, cache="cache_single"), "optim.batch_size=8",
-                             "reference.strategy=precomputed"])
+    cfg = load_config(
+        None, [*common_overrides(assets, run_dir, cache="cache_single"), "optim.batch_size=8", "reference.strategy=precomputed"]
+    )
     return run(cfg)
 
 
@@ -114,8 +130,15 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(asse
     precomputed reference table -- each rank computes a strided half, gathered, rank 0 writes it --
     equals the single-process one; only rank 0 logs (3 train records, 1 eval record)."""
     run_dir = tmp_path / "ddp"
-    result = torchrun(assets / "cfg.yaml", [*common_overrides(assets, run_dir, cache=f"cache_{tmp_path.name}"), "optim.batch_size=4",
-                       "distributed.strategy=ddp", "reference.strategy=precomputed"])
+    result = torchrun(
+        assets / "cfg.yaml",
+        [
+            *common_overrides(assets, run_dir, cache=f"cache_{tmp_path.name}"),
+            "optim.batch_size=4",
+            "distributed.strategy=ddp",
+            "reference.strategy=precomputed",
+        ],
+    )
     check_ok(result)
     assert result.stdout.count("finished after 3 optimizer steps") == 1  # the summary is printed by rank 0 only
     assert_same_losses(train_losses(run_dir), train_losses(baseline.run_dir))
@@ -143,8 +166,14 @@ def test_fsdp_equals_one_process_and_its_checkpoint_resumes_on_one_and_on_two_pr
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "fsdp"
-    overrides = [*common_overrides(assets, run_dir), "distributed.strategy=fsdp", "reference.strategy=copy",
-                 "model.gradient_checkpointing=true", "checkpoint.every_steps=2", "checkpoint.keep_last=5"]
+    overrides = [
+        *common_overrides(assets, run_dir),
+        "distributed.strategy=fsdp",
+        "reference.strategy=copy",
+        "model.gradient_checkpointing=true",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=5",
+    ]
     check_ok(torchrun(assets / "cfg.yaml", [*overrides, "optim.batch_size=4"]))
     assert_same_losses(train_losses(run_dir), train_losses(baseline.run_dir))
     (evaluation,) = read_metrics(run_dir, split="eval")  # eval shards: 3 + 2 examples, batches of 2
@@ -191,7 +220,11 @@ def test_fsdp_lora_reference_is_the_sharded_model_with_adapters_disabled(assets,
     lora = ["model.lora.enabled=true", "model.lora.r=4", "optim.lr=5e-3", "reference.strategy=adapter_disabled"]
     single = run(load_config(None, [*common_overrides(assets, tmp_path / "single"), "optim.batch_size=8", *lora]))
     run_dir = tmp_path / "fsdp_lora"
-    check_ok(torchrun(assets / "cfg.yaml", [*common_overrides(assets, run_dir), "optim.batch_size=4", "distributed.strategy=fsdp", *lora]))
+    check_ok(
+        torchrun(
+            assets / "cfg.yaml", [*common_overrides(assets, run_dir), "optim.batch_size=4", "distributed.strategy=fsdp", *lora]
+        )
+    )
     losses = train_losses(run_dir)
     assert losses[0][1] == pytest.approx(0.6931472, abs=1e-6)
     assert_same_losses(losses, train_losses(single.run_dir))
@@ -207,8 +240,9 @@ def test_every_example_is_trained_exactly_once_per_epoch_across_ranks(world_size
     sampler = LengthGroupedSampler(list(range(num_examples)), batch_size * world_size, shuffle=True, seed=7)
     seen: list[int] = []
     for global_batch in sampler:
-        slices = [ParallelContext(strategy="ddp", rank=r, world_size=world_size).rank_slice(global_batch)
-                  for r in range(world_size)]
+        slices = [
+            ParallelContext(strategy="ddp", rank=r, world_size=world_size).rank_slice(global_batch) for r in range(world_size)
+        ]
         assert sum(slices, []) == list(global_batch)
         assert max(map(len, slices)) - min(map(len, slices)) <= 1 and max(map(len, slices)) <= batch_size
         seen.extend(sum(slices, []))
@@ -224,7 +258,10 @@ def test_global_batch_size_sets_accumulation_and_refuses_a_remainder(assets, tmp
     with pytest.raises(ConfigError, match="not a multiple"):
         apply_global_batch_size(cfg, 3)
 
-    result = torchrun(assets / "cfg.yaml", [*common_overrides(assets, tmp_path / "run"), "optim.batch_size=4", "distributed.global_batch_size=10"])
+    result = torchrun(
+        assets / "cfg.yaml",
+        [*common_overrides(assets, tmp_path / "run"), "optim.batch_size=4", "distributed.global_batch_size=10"],
+    )
     assert result.returncode != 0
     message = "distributed.global_batch_size=10 is not a multiple of optim.batch_size (4) x 2 process(es) = 8"
     assert result.stderr.count(message) >= 2  # printed by both ranks
@@ -233,8 +270,11 @@ def test_global_batch_size_sets_accumulation_and_refuses_a_remainder(assets, tmp
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_nccl_on_a_machine_without_gpus_is_a_clear_error(assets, tmp_path):
-    result = torchrun(assets / "cfg.yaml", [*common_overrides(assets, tmp_path / "run"), "distributed.strategy=fsdp", "distributed.backend=nccl"],
-                      nproc=1)
+    result = torchrun(
+        assets / "cfg.yaml",
+        [*common_overrides(assets, tmp_path / "run"), "distributed.strategy=fsdp", "distributed.backend=nccl"],
+        nproc=1,
+    )
     assert result.returncode != 0
     assert "error: distributed.backend=nccl needs NVIDIA GPUs, but CUDA is not available" in result.stderr
     assert "Traceback" not in result.stderr.split("error: distributed.backend=nccl")[0]
@@ -250,12 +290,33 @@ def test_a_failing_rank_brings_the_run_down_with_its_cause(assets, tmp_path):
     bad = [o if not o.startswith("model.name_or_path=") else f"model.name_or_path={tmp_path / 'no-such-model'}" for o in good]
 
     def launcher(node_rank: int) -> list[str]:
-        return ["--nnodes", "2", "--node_rank", str(node_rank), "--nproc_per_node", "1",
-                "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        return [
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(node_rank),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+        ]
 
-    command = [sys.executable, "-m", "torch.distributed.run", *launcher(0), "-m", "dpokit", "train", str(assets / "cfg.yaml"), *good]
-    node0 = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launcher(0),
+        "-m",
+        "dpokit",
+        "train",
+        str(assets / "cfg.yaml"),
+        *good,
+    ]
+    node0 = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     try:
         node1 = torchrun(assets / "cfg.yaml", bad, launcher=launcher(1), timeout=120)
         out0, err0 = node0.communicate(timeout=120)

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from dpokit.config import LoraConfig, ModelConfig
-from dpokit.data import PaddedCollator, prepare_dataset
-from dpokit.models import apply_lora, load_model_and_tokenizer
-from dpokit.data import PreferenceExample, prepare_from_examples
+from dpokit.data import PaddedCollator, PreferenceExample, prepare_dataset, prepare_from_examples
 from dpokit.errors import ConfigError
 from dpokit.logprobs import compute_logps
+from dpokit.models import apply_lora, load_model_and_tokenizer
 from dpokit.training.parallel import ParallelContext, ParallelPolicy
 from dpokit.training.reference import (
     AdapterDisabledReference,
@@ -40,8 +39,9 @@ def load(assets):
 
 
 def precompute(model, data, collate, cache_dir, **kwargs):
-    return load_or_compute_reference(model, data.items, collate, dataset_fingerprint=data.fingerprint,
-                                     cache_dir=cache_dir, **kwargs)
+    return load_or_compute_reference(
+        model, data.items, collate, dataset_fingerprint=data.fingerprint, cache_dir=cache_dir, **kwargs
+    )
 
 
 def test_precomputed_reference_equals_the_live_reference(assets, tmp_path):
@@ -122,8 +122,10 @@ def test_fingerprint_sees_weights_and_dtype_but_not_lora_adapters(assets):
 
 
 def batch_for(tokenizer, n: int = 6):
-    examples = [PreferenceExample(prompt=row["prompt"], responses=[row["chosen"], row["rejected"]], scores=None, source=f"test:{i}")
-                for i, row in enumerate(preference_rows(n))]
+    examples = [
+        PreferenceExample(prompt=row["prompt"], responses=[row["chosen"], row["rejected"]], scores=None, source=f"test:{i}")
+        for i, row in enumerate(preference_rows(n))
+    ]
     return PaddedCollator(tokenizer.pad_token_id)(prepare_from_examples(examples, tokenizer).items)
 
 

@@ -10,9 +10,9 @@ import torch
 from dpokit.data import make_collator
 from dpokit.logprobs import compute_logps
 from dpokit.losses import LossInputs, build_objective
+from dpokit.training import run
 from dpokit.training.reference import compute_reference_logps
 from dpokit.training.tracking import read_metrics
-from dpokit.training import run
 from tests.helpers import tiny_llama
 from tests.training.test_trainer import assets, make_config  # noqa: F401  (assets is a fixture)
 
@@ -73,8 +73,16 @@ def test_training_loss_curve_is_the_same_in_every_layout(assets, tmp_path):  # n
     so visit smaller batches in another order.)"""
     curves = {}
     for layout in ("padded", "shared_prompt", "packed"):
-        cfg = make_config(assets, tmp_path / layout, "optim.max_steps=4", "optim.batch_size=64", "reference.strategy=precomputed",
-                          f"data.layout={layout}", "data.pack_tokens=96", f"data.cache_dir={tmp_path / ('cache-' + layout)}")
+        cfg = make_config(
+            assets,
+            tmp_path / layout,
+            "optim.max_steps=4",
+            "optim.batch_size=64",
+            "reference.strategy=precomputed",
+            f"data.layout={layout}",
+            "data.pack_tokens=96",
+            f"data.cache_dir={tmp_path / ('cache-' + layout)}",
+        )
         result = run(cfg)
         curves[layout] = [record["loss"] for record in read_metrics(result.run_dir, split="train")]
     assert len(curves["padded"]) == 4

@@ -111,7 +111,12 @@ def test_progress_bar_off_a_terminal_writes_one_plain_line_every_n_steps_with_et
     output = stream.getvalue()
     assert "\r" not in output
     lines = output.splitlines()
-    assert [line.split(",")[0] for line in lines] == ["train: 3/10 (30%)", "train: 6/10 (60%)", "train: 9/10 (90%)", "train: 10/10 (100%)"]
+    assert [line.split(",")[0] for line in lines] == [
+        "train: 3/10 (30%)",
+        "train: 6/10 (60%)",
+        "train: 9/10 (90%)",
+        "train: 10/10 (100%)",
+    ]
     assert re.fullmatch(r"train: 3/10 \(30%\), elapsed 00:00, ETA 00:00, loss=0\.3333, acc=0\.5", lines[0])
     assert lines[-1].endswith("loss=0.1, acc=0.5")  # each line carries its own step's metrics
     assert all("other" not in line for line in lines)
@@ -135,7 +140,11 @@ def test_plain_lines_count_units_of_any_size_and_are_flushed_by_write_and_close(
     bar.close()
     lines = stream.getvalue().splitlines()
     assert [line.split(",")[0] for line in lines] == [
-        "reference log-probs: 3/7 (42%)", "a message", "reference log-probs: 6/7 (85%)", "reference log-probs: 7/7 (100%)"]
+        "reference log-probs: 3/7 (42%)",
+        "a message",
+        "reference log-probs: 6/7 (85%)",
+        "reference log-probs: 7/7 (100%)",
+    ]
 
 
 def test_plain_lines_without_a_total_have_no_eta():

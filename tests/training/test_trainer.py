@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_trainer_state
 from dpokit.config import load_config
 from dpokit.errors import ConfigError, TrainingError
-from dpokit.training.tracking import read_metrics
 from dpokit.training import run
+from dpokit.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_trainer_state
 from dpokit.training.metrics import MetricSums, StepMetrics
 from dpokit.training.optim import lr_factor
+from dpokit.training.tracking import read_metrics
 from tests.helpers import write_preference_jsonl, write_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,8 +65,15 @@ def losses(run_dir: Path, split: str = "train") -> list[tuple[int, float]]:
 def test_dpo_raises_heldout_reward_accuracy_well_above_chance(assets, tmp_path):
     """Before training the policy equals the reference, so every implicit reward is 0 and no pair is
     ordered correctly (accuracy 0, loss log 2 = 0.693); 20 steps later held-out accuracy is >= 0.9."""
-    cfg = make_config(assets, tmp_path / "run", "optim.max_steps=20", f"data.eval_path={assets / 'eval.jsonl'}",
-                      "eval.every_steps=10", "logging.plot=true", "logging.tensorboard=true")
+    cfg = make_config(
+        assets,
+        tmp_path / "run",
+        "optim.max_steps=20",
+        f"data.eval_path={assets / 'eval.jsonl'}",
+        "eval.every_steps=10",
+        "logging.plot=true",
+        "logging.tensorboard=true",
+    )
     result = run(cfg)
     first = read_metrics(result.run_dir, split="train")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
@@ -88,8 +95,15 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(assets, tmp_path):
     """Stop after step 5 (checkpoint), resume, finish at 12: the 12 per-step losses equal those of a
     run that never stopped, to float32 tolerance. Grad accumulation, log windows of 2 steps
     (so a window is cut by the checkpoint) and a cosine schedule are all in play."""
-    common = ("optim.max_steps=12", "optim.batch_size=4", "optim.grad_accumulation=2", "optim.schedule=cosine",
-              "optim.warmup_steps=3", "logging.log_every=2", "model.lora.enabled=false")
+    common = (
+        "optim.max_steps=12",
+        "optim.batch_size=4",
+        "optim.grad_accumulation=2",
+        "optim.schedule=cosine",
+        "optim.warmup_steps=3",
+        "logging.log_every=2",
+        "model.lora.enabled=false",
+    )
     straight = run(make_config(assets, tmp_path / "straight", *common))
 
     stopped = run(make_config(assets, tmp_path / "resumed", *common), on_step=lambda step, metrics: step == 5)
@@ -205,8 +219,16 @@ def test_precomputed_reference_run_equals_copy_reference_run(assets, tmp_path):
     """Same seed, same data, same model: reference log-probs from the disk cache or from a frozen
     copy give the same loss curve."""
     copy_run = run(make_config(assets, tmp_path / "copy", "optim.max_steps=5", "reference.strategy=copy"))
-    pre_run = run(make_config(assets, tmp_path / "pre", "optim.max_steps=5", "reference.strategy=precomputed",
-                              "reference.batch_size=64", f"data.cache_dir={tmp_path / 'cache'}"))
+    pre_run = run(
+        make_config(
+            assets,
+            tmp_path / "pre",
+            "optim.max_steps=5",
+            "reference.strategy=precomputed",
+            "reference.batch_size=64",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        )
+    )
     assert list((tmp_path / "cache" / "reference").glob("*.safetensors"))
     for (_, a), (_, b) in zip(losses(copy_run.run_dir), losses(pre_run.run_dir), strict=True):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
@@ -215,8 +237,17 @@ def test_precomputed_reference_run_equals_copy_reference_run(assets, tmp_path):
 def test_lora_run_uses_the_disabled_adapter_reference_and_exports_adapter_or_merged(assets, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    adapter = run(make_config(assets, tmp_path / "adapter", "optim.max_steps=4", "model.lora.enabled=true",
-                              "model.lora.r=4", "optim.lr=5e-3", "model.lora.export=adapter"))
+    adapter = run(
+        make_config(
+            assets,
+            tmp_path / "adapter",
+            "optim.max_steps=4",
+            "model.lora.enabled=true",
+            "model.lora.r=4",
+            "optim.lr=5e-3",
+            "model.lora.export=adapter",
+        )
+    )
     assert (adapter.output_dir / "adapter_config.json").is_file()
     assert not (adapter.output_dir / "model.safetensors").exists()
     first = read_metrics(adapter.run_dir, split="train")[0]
@@ -224,8 +255,11 @@ def test_lora_run_uses_the_disabled_adapter_reference_and_exports_adapter_or_mer
     reloaded = AutoModelForCausalLM.from_pretrained(adapter.output_dir)
     assert any("lora_" in name for name, _ in reloaded.named_parameters())
 
-    merged = run(make_config(assets, tmp_path / "merged", "optim.max_steps=4", "model.lora.enabled=true",
-                             "model.lora.r=4", "optim.lr=5e-3"))
+    merged = run(
+        make_config(
+            assets, tmp_path / "merged", "optim.max_steps=4", "model.lora.enabled=true", "model.lora.r=4", "optim.lr=5e-3"
+        )
+    )
     assert (merged.output_dir / "model.safetensors").is_file()
     plain = AutoModelForCausalLM.from_pretrained(merged.output_dir)
     assert not any("lora_" in name for name, _ in plain.named_parameters())
@@ -251,8 +285,17 @@ def test_reference_strategy_none_with_a_reference_loss_is_a_config_error(assets,
 
 
 def test_eval_samples_from_policy_and_reference_are_written(assets, tmp_path):
-    result = run(make_config(assets, tmp_path / "run", "optim.max_steps=2", "data.eval_split_fraction=0.25",
-                             "eval.sample_prompts=2", "eval.max_new_tokens=4", "eval.every_steps=1"))
+    result = run(
+        make_config(
+            assets,
+            tmp_path / "run",
+            "optim.max_steps=2",
+            "data.eval_split_fraction=0.25",
+            "eval.sample_prompts=2",
+            "eval.max_new_tokens=4",
+            "eval.every_steps=1",
+        )
+    )
     samples = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [1, 1, 2, 2]
     assert all({"prompt", "policy", "reference"} <= set(s) for s in samples)
@@ -296,14 +339,24 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(assets, tmp_path):
     for that step, prints its result and exits 0; resuming continues from step N."""
     run_dir = tmp_path / "run"
     cfg_args = [
-        f"model.name_or_path={assets / 'model'}", f"data.train_path={assets / 'train.jsonl'}",
-        f"data.cache_dir={assets / 'cache'}", f"logging.run_dir={run_dir}", "optim.max_steps=100000",
-        "optim.batch_size=8", "optim.grad_accumulation=1", "logging.log_every=1", "logging.progress_bar=false",
-        "logging.tensorboard=false", "logging.plot=false", "checkpoint.every_steps=0", "optim.lr=1e-4",
+        f"model.name_or_path={assets / 'model'}",
+        f"data.train_path={assets / 'train.jsonl'}",
+        f"data.cache_dir={assets / 'cache'}",
+        f"logging.run_dir={run_dir}",
+        "optim.max_steps=100000",
+        "optim.batch_size=8",
+        "optim.grad_accumulation=1",
+        "logging.log_every=1",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+        "checkpoint.every_steps=0",
+        "optim.lr=1e-4",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, *cfg_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env, cwd=tmp_path)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, *cfg_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    )
     try:
         deadline = time.time() + 120
         metrics = run_dir / "metrics.jsonl"
@@ -341,7 +394,9 @@ def test_step_metrics_read_once_equal_per_micro_batch_sums_and_name_the_first_ba
     from types import SimpleNamespace
 
     outputs = [
-        SimpleNamespace(loss=torch.tensor(0.5), per_example=torch.tensor([0.25, 0.75]), metrics={"acc": torch.tensor([1.0, 0.0])}),
+        SimpleNamespace(
+            loss=torch.tensor(0.5), per_example=torch.tensor([0.25, 0.75]), metrics={"acc": torch.tensor([1.0, 0.0])}
+        ),
         SimpleNamespace(loss=torch.tensor(0.1), per_example=torch.tensor([0.1]), metrics={"acc": torch.tensor([float("nan")])}),
     ]
     pending, expected = StepMetrics(), MetricSums()

@@ -18,10 +18,10 @@ training configuration (:func:`training_defaults`), so no default is repeated he
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
+from typing import Any
 
 from dpokit.errors import ConfigError
 from dpokit.models import LoadedPolicy, LoadOptions, load_policy, pad_id_of
@@ -102,8 +102,13 @@ def iterate_batches(items: Any, batch_size: int, pad_token_id: int) -> Iterator[
 
 
 def evaluate_preferences(
-    runner: ParallelPolicy, reference: Reference, items: Sequence[dict[str, Any]], objective: Any, *,
-    batch_size: int = 8, pad_token_id: int = 0,
+    runner: ParallelPolicy,
+    reference: Reference,
+    items: Sequence[dict[str, Any]],
+    objective: Any,
+    *,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
 ) -> EvalResult:
     """Mean loss and reward metrics of ``objective`` over prepared ``items``, with per-example values:
     the trainer's own evaluation loop (:func:`dpokit.training.step.evaluate`) on padded batches."""
@@ -111,8 +116,15 @@ def evaluate_preferences(
 
     if len(items) == 0:
         raise ConfigError("the evaluation dataset is empty")
-    return evaluate(runner, Split.of_items(items), reference, objective, PaddedCollator(pad_token_id),
-                    batch_size=batch_size, keep_per_example=True)
+    return evaluate(
+        runner,
+        Split.of_items(items),
+        reference,
+        objective,
+        PaddedCollator(pad_token_id),
+        batch_size=batch_size,
+        keep_per_example=True,
+    )
 
 
 # Shown first, in this order, in the printed table.
@@ -181,8 +193,9 @@ def run_eval(job: EvalJob) -> EvalReport:
     if not data_path:
         raise ConfigError("no evaluation data: pass --data PATH (or --config with data.eval_path set)")
     runner = policy_runner(policy)
-    reference, described = resolve_reference(policy, runner, job.reference,
-                                             reference_free=job.reference_free or loss.reference_free, **options)
+    reference, described = resolve_reference(
+        policy, runner, job.reference, reference_free=job.reference_free or loss.reference_free, **options
+    )
     objective = build_objective(terms, beta=beta, reference_free=isinstance(reference, NoReference))
     dataset = prepare_dataset(
         data_path,
@@ -200,8 +213,9 @@ def run_eval(job: EvalJob) -> EvalReport:
     items = dataset.items
     if job.limit is not None:
         items = [items[index] for index in range(min(job.limit, len(items)))]
-    result = evaluate_preferences(runner, reference, items, objective, batch_size=job.batch_size,
-                                  pad_token_id=pad_id_of(policy.tokenizer))
+    result = evaluate_preferences(
+        runner, reference, items, objective, batch_size=job.batch_size, pad_token_id=pad_id_of(policy.tokenizer)
+    )
     summary = {
         "model": str(job.model),
         "reference": described,

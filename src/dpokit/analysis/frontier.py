@@ -29,9 +29,10 @@ import importlib
 import json
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -77,8 +78,15 @@ def estimate_reward_kl(
     """
     _, prompt_ids = encode_prompts(tokenizer, prompts)
     completions, kl_values = sample_with_kl(
-        policy, reference, prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(tokenizer),
-        pad_token_id=pad_id_of(tokenizer), seed=seed, num_samples=num_samples, batch_size=batch_size,
+        policy,
+        reference,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        stop_token_ids=stop_token_ids(tokenizer),
+        pad_token_id=pad_id_of(tokenizer),
+        seed=seed,
+        num_samples=num_samples,
+        batch_size=batch_size,
     )
     kls = kl_values.tolist()
     prompt_texts = [prompts[c.prompt_index] for c in completions]
@@ -148,16 +156,27 @@ def plot_frontier(points: list[dict[str, Any]], out_png: str | Path, title: str 
             ys = [p["reward_mean"] for p in run_points]
             axis.plot(xs, ys, "-", color=color, alpha=0.35, linewidth=1)
             axis.errorbar(
-                xs, ys,
-                xerr=[p.get("kl_sem") or 0.0 for p in run_points], yerr=[p.get("reward_sem") or 0.0 for p in run_points],
-                fmt=marker, color=color, markersize=5, alpha=0.85, elinewidth=0.6, capsize=0,
+                xs,
+                ys,
+                xerr=[p.get("kl_sem") or 0.0 for p in run_points],
+                yerr=[p.get("reward_sem") or 0.0 for p in run_points],
+                fmt=marker,
+                color=color,
+                markersize=5,
+                alpha=0.85,
+                elinewidth=0.6,
+                capsize=0,
                 label=method if r_index == 0 else None,
             )
             last = run_points[-1]
             if last.get("beta") is not None:
                 axis.annotate(
-                    f"β={last['beta']:g}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, -10),
-                    fontsize=7, color=color,
+                    f"β={last['beta']:g}",
+                    (xs[-1], ys[-1]),
+                    textcoords="offset points",
+                    xytext=(4, -10),
+                    fontsize=7,
+                    color=color,
                 )
     axis.set_xlabel("KL(π ‖ π_ref)  [nats per completion]")
     axis.set_ylabel("mean ground-truth reward")
@@ -233,8 +252,9 @@ def results_markdown(points: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(points: list[dict[str, Any]], out_dir: str | Path, *, title: str | None = None,
-                  extra: dict[str, Any] | None = None) -> dict[str, Path]:
+def write_results(
+    points: list[dict[str, Any]], out_dir: str | Path, *, title: str | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Path]:
     """Write ``frontier.png``, ``results.json`` (points + ``extra``) and ``results.md`` into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -291,7 +311,7 @@ def _classifier_reward(model_dir: Path, *, device: str | None, batch_size: int =
         scores: list[float] = []
         texts = [p + c for p, c in zip(prompts, completions)]
         for start in range(0, len(texts), batch_size):
-            inputs = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True)
+            inputs = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True)
             logits = model(**inputs.to(model_device)).logits.float()
             if logits.shape[-1] == 1:
                 scores.extend(logits[:, 0].tolist())
@@ -334,9 +354,7 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int | None, Path]]:
         if child.is_dir() and _is_model_dir(child):
             found.append(child)
     if not found:
-        raise ConfigError(
-            f"no model directory (config.json or adapter_config.json) in {run_dir} or its sub-directories"
-        )
+        raise ConfigError(f"no model directory (config.json or adapter_config.json) in {run_dir} or its sub-directories")
     with_steps = [(_step_of(p), p) for p in dict.fromkeys(found)]
     return sorted(with_steps, key=lambda sp: (sp[0] is None, sp[0] or 0, str(sp[1])))
 
@@ -396,8 +414,9 @@ def run_frontier(job: FrontierJob, *, log: Callable[[str], None] | None = None) 
     reference = load_policy(job.reference, **options)
 
     def estimate(policy: torch.nn.Module) -> dict[str, Any]:
-        return estimate_reward_kl(policy, reference.model, reference.tokenizer, prompts, reward_fn,
-                                  job.num_samples, job.max_new_tokens, job.seed)
+        return estimate_reward_kl(
+            policy, reference.model, reference.tokenizer, prompts, reward_fn, job.num_samples, job.max_new_tokens, job.seed
+        )
 
     base = estimate(reference.model)
     points: list[dict[str, Any]] = [{"method": "reference", "run": "reference", "step": 0, **base}]
@@ -405,8 +424,9 @@ def run_frontier(job: FrontierJob, *, log: Callable[[str], None] | None = None) 
     for name, run_dir in job.runs:
         for step, checkpoint in find_checkpoints(run_dir):
             result = estimate(load_policy(checkpoint, **options).model)
-            points.append({"method": name, "run": name, "step": step, "checkpoint": str(checkpoint),
-                           "beta": job.betas.get(name), **result})
+            points.append(
+                {"method": name, "run": name, "step": step, "checkpoint": str(checkpoint), "beta": job.betas.get(name), **result}
+            )
             where = f"step {step}" if step is not None else checkpoint.name
             say(f"{name} {where}: reward {result['reward_mean']:.3f}  KL {result['kl_mean']:.2f}")
     return points, write_results(points, job.out, title=job.title)

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from dpokit.analysis.evaluate import iterate_batches, policy_runner, resolve_reference, training_defaults
-from dpokit.training.parallel import ParallelPolicy
-from dpokit.training.reference import Reference
 from dpokit.errors import DataError
 from dpokit.models import LoadOptions, load_policy, pad_id_of
+from dpokit.training.parallel import ParallelPolicy
+from dpokit.training.reference import Reference
 
 Text = str | list[dict[str, str]]
 logger = logging.getLogger(__name__)
@@ -140,7 +141,11 @@ def text_rows(prompt: str, responses: Sequence[str], *, chat: bool = False) -> l
     """One row from a prompt and its responses given as text; ``chat`` makes them a user turn and
     assistant turns (scored through the chat template)."""
     if chat:
-        return [ScoreRow([{"role": "user", "content": prompt}], [[{"role": "assistant", "content": r}] for r in responses], "command line")]
+        return [
+            ScoreRow(
+                [{"role": "user", "content": prompt}], [[{"role": "assistant", "content": r}] for r in responses], "command line"
+            )
+        ]
     return [ScoreRow(prompt, list(responses), "command line")]
 
 
@@ -197,7 +202,10 @@ def score_rows(
     if truncated:
         logger.warning(
             "%d rows were cut to max_length=%d / max_prompt_length=%d tokens; their rewards cover only the kept "
-            "tokens (raise --max-length / --max-prompt-length to score them whole)", truncated, max_length, max_prompt_length,
+            "tokens (raise --max-length / --max-prompt-length to score them whole)",
+            truncated,
+            max_length,
+            max_prompt_length,
         )
     if len(items) != len(rows):
         raise DataError(f"{len(rows) - len(items)} of {len(rows)} rows could not be tokenized: {prepared.report.summary()}")
@@ -291,6 +299,14 @@ def run_score(job: ScoreJob, rows: Sequence[ScoreRow]) -> ScoreReport:
     max_prompt_length = job.max_prompt_length or (train.data.max_prompt_length if has_run else DEFAULT_MAX_PROMPT_LENGTH)
     runner = policy_runner(policy)
     reference, described = resolve_reference(policy, runner, job.reference, reference_free=job.reference_free, **options)
-    scored = score_rows(runner, policy.tokenizer, reference, rows, beta=beta, max_length=int(max_length),
-                        max_prompt_length=int(max_prompt_length), batch_size=job.batch_size)
+    scored = score_rows(
+        runner,
+        policy.tokenizer,
+        reference,
+        rows,
+        beta=beta,
+        max_length=int(max_length),
+        max_prompt_length=int(max_prompt_length),
+        batch_size=job.batch_size,
+    )
     return ScoreReport(rows=scored, beta=beta, reference=described)

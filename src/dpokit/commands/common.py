@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -66,16 +67,23 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_model: bool = T
             help="use no reference model (pi_ref uniform): r(x, y) = beta * log pi(y|x)",
         )
         group.add_argument(
-            "--beta", type=float, default=None,
+            "--beta",
+            type=float,
+            default=None,
             help=f"the KL weight beta (default: the run's loss.beta, else {field_default(LossConfig, 'beta')})",
         )
     dtype = field_default(LoadOptions, "dtype")
-    group.add_argument("--dtype", default=dtype, choices=["auto", *DTYPES],
-                       help=f"weights dtype; auto keeps the checkpoint's (default: {dtype})")
-    group.add_argument("--device", default=field_default(LoadOptions, "device"),
-                       help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ... (default: auto)")
-    group.add_argument("--trust-remote-code", action="store_true",
-                       help="allow custom model code from the model directory (off by default)")
+    group.add_argument(
+        "--dtype", default=dtype, choices=["auto", *DTYPES], help=f"weights dtype; auto keeps the checkpoint's (default: {dtype})"
+    )
+    group.add_argument(
+        "--device",
+        default=field_default(LoadOptions, "device"),
+        help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ... (default: auto)",
+    )
+    group.add_argument(
+        "--trust-remote-code", action="store_true", help="allow custom model code from the model directory (off by default)"
+    )
 
 
 def load_options(args: argparse.Namespace) -> Any:
@@ -93,7 +101,9 @@ def add_length_arguments(parser: argparse.ArgumentParser, job_cls: type, *, max_
         "--max-length", type=int, default=None, help=f"max prompt+response tokens (default: the run's, else {max_length})"
     )
     group.add_argument(
-        "--max-prompt-length", type=int, default=None,
+        "--max-prompt-length",
+        type=int,
+        default=None,
         help=f"max prompt tokens (default: the run's, else {max_prompt_length})",
     )
     batch_size = field_default(job_cls, "batch_size")

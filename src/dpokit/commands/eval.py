@@ -32,39 +32,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="preference data (JSONL/JSON/CSV/Parquet file, directory, or hub dataset); default: the "
         "eval data of the run the model came from",
     )
-    data.add_argument("--split", default=None,
-                      help=f"dataset split for hub/saved datasets (default: the run's data.eval_split, else "
-                      f"{field_default(DataConfig, 'eval_split')})")
-    data.add_argument("--format", default=None,
-                      help=f"data format, as in the training config's data.format (default: the run's, else "
-                      f"{field_default(DataConfig, 'format')})")
+    data.add_argument(
+        "--split",
+        default=None,
+        help=f"dataset split for hub/saved datasets (default: the run's data.eval_split, else "
+        f"{field_default(DataConfig, 'eval_split')})",
+    )
+    data.add_argument(
+        "--format",
+        default=None,
+        help=f"data format, as in the training config's data.format (default: the run's, else "
+        f"{field_default(DataConfig, 'format')})",
+    )
     data.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    data.add_argument("--cache-dir", default=None,
-                      help=f"where tokenized data is cached (default: the run's data.cache_dir, else "
-                      f"{field_default(DataConfig, 'cache_dir')})")
-    add_length_arguments(parser, EvalJob, max_length=field_default(DataConfig, "max_length"),
-                         max_prompt_length=field_default(DataConfig, "max_prompt_length"))
+    data.add_argument(
+        "--cache-dir",
+        default=None,
+        help=f"where tokenized data is cached (default: the run's data.cache_dir, else {field_default(DataConfig, 'cache_dir')})",
+    )
+    add_length_arguments(
+        parser,
+        EvalJob,
+        max_length=field_default(DataConfig, "max_length"),
+        max_prompt_length=field_default(DataConfig, "max_prompt_length"),
+    )
     loss = parser.add_argument_group("objective")
     default_terms = ", ".join(term["name"] for term in field_default(LossConfig, "terms"))
-    loss.add_argument("--loss", default=None, metavar="NAME",
-                      help=f"loss to report (sigmoid, ipo, plackett_luce, ...; default: the run's, else {default_terms})")
-    loss.add_argument("--config", metavar="CONFIG.yaml", default=None,
-                      help="take beta, loss terms, data and lengths from this training config (flags still win)")
+    loss.add_argument(
+        "--loss",
+        default=None,
+        metavar="NAME",
+        help=f"loss to report (sigmoid, ipo, plackett_luce, ...; default: the run's, else {default_terms})",
+    )
+    loss.add_argument(
+        "--config",
+        metavar="CONFIG.yaml",
+        default=None,
+        help="take beta, loss terms, data and lengths from this training config (flags still win)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="FILE.json", default=None, help="also write the results as JSON here")
     out.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    out.add_argument("--per-example", metavar="FILE.jsonl", default=None,
-                     help="write per-example rewards/margins/loss as JSON lines")
+    out.add_argument(
+        "--per-example", metavar="FILE.jsonl", default=None, help="write per-example rewards/margins/loss as JSON lines"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from dpokit.analysis.evaluate import EvalJob, format_metrics_table, run_eval
 
     job = EvalJob(
-        model=args.model, reference=args.reference, reference_free=args.reference_free, data=args.data,
-        split=args.split, format=args.format, limit=args.limit, cache_dir=args.cache_dir,
-        max_length=args.max_length, max_prompt_length=args.max_prompt_length, batch_size=args.batch_size,
-        loss=args.loss, beta=args.beta, config=args.config, load=load_options(args),
+        model=args.model,
+        reference=args.reference,
+        reference_free=args.reference_free,
+        data=args.data,
+        split=args.split,
+        format=args.format,
+        limit=args.limit,
+        cache_dir=args.cache_dir,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        batch_size=args.batch_size,
+        loss=args.loss,
+        beta=args.beta,
+        config=args.config,
+        load=load_options(args),
     )
     report = run_eval(job)
     summary = report.summary

@@ -34,29 +34,48 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     from dpokit.experiments import sentiment
 
     parser.add_argument("name", choices=["sentiment"], help="which experiment (the paper's controlled sentiment)")
-    parser.add_argument("--mode", choices=["full", "quick"], default="full",
-                        help="full (about 18 min on 2 CPU cores) or quick (about 2 min: every method, smaller)")
+    parser.add_argument(
+        "--mode",
+        choices=["full", "quick"],
+        default="full",
+        help="full (about 18 min on 2 CPU cores) or quick (about 2 min: every method, smaller)",
+    )
     parser.add_argument("--out", default=None, help="output directory (default runs/sentiment-<mode>)")
-    parser.add_argument("--cache-dir", default=sentiment.DEFAULT_CACHE_DIR,
-                        help=f"where the SFT model is cached (default {sentiment.DEFAULT_CACHE_DIR})")
-    parser.add_argument("--methods", default=",".join(sentiment.ALL_METHODS),
-                        help=f"comma-separated subset of {','.join(sentiment.ALL_METHODS)}")
+    parser.add_argument(
+        "--cache-dir",
+        default=sentiment.DEFAULT_CACHE_DIR,
+        help=f"where the SFT model is cached (default {sentiment.DEFAULT_CACHE_DIR})",
+    )
+    parser.add_argument(
+        "--methods", default=",".join(sentiment.ALL_METHODS), help=f"comma-separated subset of {','.join(sentiment.ALL_METHODS)}"
+    )
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep run checkpoints after evaluating them")
-    parser.add_argument("--threads", type=int, default=sentiment.DEFAULT_THREADS,
-                        help=f"torch intra-op threads (default {sentiment.DEFAULT_THREADS}: fastest for these tiny models)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=sentiment.DEFAULT_THREADS,
+        help=f"torch intra-op threads (default {sentiment.DEFAULT_THREADS}: fastest for these tiny models)",
+    )
 
 
 def run_experiment(args: argparse.Namespace) -> int:
     import dataclasses
 
     from dpokit.analysis.frontier import results_markdown
-    from dpokit.experiments.sentiment import MODES, run_experiment as run_sentiment_experiment
+    from dpokit.experiments.sentiment import MODES
+    from dpokit.experiments.sentiment import run_experiment as run_sentiment_experiment
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     settings = dataclasses.replace(MODES[args.mode], methods=methods)
     out_dir = args.out or f"runs/sentiment-{args.mode}"
-    result = run_sentiment_experiment(settings, out_dir, args.cache_dir, keep_checkpoints=args.keep_checkpoints,
-                                      threads=args.threads, log=lambda line: print(line, file=sys.stderr, flush=True))
+    result = run_sentiment_experiment(
+        settings,
+        out_dir,
+        args.cache_dir,
+        keep_checkpoints=args.keep_checkpoints,
+        threads=args.threads,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     print(results_markdown([{k: v for k, v in p.items() if k != "samples"} for p in result["points"]]))
     print(f"wrote {out_dir}/frontier.png, results.json, results.md")
     return 0
@@ -65,10 +84,16 @@ def run_experiment(args: argparse.Namespace) -> int:
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     from dpokit.experiments import sentiment
 
-    parser.add_argument("--run-dir", default=sentiment.DEMO_RUN_DIR,
-                        help=f"where the demo writes its data, DPO run and samples (default: {sentiment.DEMO_RUN_DIR})")
-    parser.add_argument("--cache-dir", default=sentiment.DEFAULT_CACHE_DIR,
-                        help=f"where the small SFT model is cached between runs (default: {sentiment.DEFAULT_CACHE_DIR})")
+    parser.add_argument(
+        "--run-dir",
+        default=sentiment.DEMO_RUN_DIR,
+        help=f"where the demo writes its data, DPO run and samples (default: {sentiment.DEMO_RUN_DIR})",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=sentiment.DEFAULT_CACHE_DIR,
+        help=f"where the small SFT model is cached between runs (default: {sentiment.DEFAULT_CACHE_DIR})",
+    )
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -27,18 +27,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="run or model directories; NAME=DIR sets the series name")
     parser.add_argument("--reference", required=True, help="reference model directory (pi_ref)")
     parser.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with 'prompt'")
-    parser.add_argument("--reward", required=True,
-                        help="'module:function' (prompts=, completions= -> list of floats) or a sequence-classification model dir")
+    parser.add_argument(
+        "--reward",
+        required=True,
+        help="'module:function' (prompts=, completions= -> list of floats) or a sequence-classification model dir",
+    )
     parser.add_argument("--out", default=default("out"), help=f"output directory (default: ./{default('out')})")
-    parser.add_argument("--num-samples", type=int, default=default("num_samples"),
-                        help=f"completions per prompt (default {default('num_samples')})")
-    parser.add_argument("--max-new-tokens", type=int, default=default("max_new_tokens"),
-                        help=f"longest completion sampled per prompt, in tokens (default {default('max_new_tokens')})")
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=default("num_samples"),
+        help=f"completions per prompt (default {default('num_samples')})",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=default("max_new_tokens"),
+        help=f"longest completion sampled per prompt, in tokens (default {default('max_new_tokens')})",
+    )
     parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
-    parser.add_argument("--seed", type=int, default=default("seed"),
-                        help=f"sampling seed; every model samples the same prompts with it (default {default('seed')})")
-    parser.add_argument("--beta", action="append", default=[], metavar="NAME=BETA",
-                        help="annotate a series with its beta (repeatable)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=default("seed"),
+        help=f"sampling seed; every model samples the same prompts with it (default {default('seed')})",
+    )
+    parser.add_argument(
+        "--beta", action="append", default=[], metavar="NAME=BETA", help="annotate a series with its beta (repeatable)"
+    )
     parser.add_argument("--title", default=None, help="title of frontier.png (default: reward vs KL)")
     add_model_arguments(parser, with_model=False)
 
@@ -68,9 +84,17 @@ def run(args: argparse.Namespace) -> int:
     from dpokit.analysis.frontier import FrontierJob, results_markdown, run_frontier
 
     job = FrontierJob(
-        runs=[_parse_run(spec) for spec in args.runs], reference=args.reference, prompts=args.prompts,
-        reward=args.reward, out=args.out, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-        max_prompts=args.max_prompts, seed=args.seed, betas=_parse_betas(args.beta), title=args.title,
+        runs=[_parse_run(spec) for spec in args.runs],
+        reference=args.reference,
+        prompts=args.prompts,
+        reward=args.reward,
+        out=args.out,
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        max_prompts=args.max_prompts,
+        seed=args.seed,
+        betas=_parse_betas(args.beta),
+        title=args.title,
         load=load_options(args),
     )
     points, paths = run_frontier(job, log=lambda line: print(line, file=sys.stderr))

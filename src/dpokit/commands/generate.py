@@ -50,8 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     }
     for name, text in helps.items():
         default = field_default(SamplingConfig, name)
-        sampling.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
-                              help=f"{text} (default: {default})")
+        sampling.add_argument(
+            f"--{name.replace('_', '-')}", type=type(default), default=default, help=f"{text} (default: {default})"
+        )
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="FILE.jsonl", default=None, help="write {prompt, sample, completion} JSON lines here")
     out.add_argument("--json", action="store_true", help="print JSON lines instead of text")
@@ -61,11 +62,22 @@ def run(args: argparse.Namespace) -> int:
     from dpokit.generation import GenerateJob, SamplingConfig, run_generate
 
     sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        num_samples=args.num_samples, seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        num_samples=args.num_samples,
+        seed=args.seed,
     )
-    job = GenerateJob(model=args.model, prompts=list(args.prompt or []), prompts_file=args.prompts_file,
-                      chat_template=args.chat_template, system=args.system, sampling=sampling, load=load_options(args))
+    job = GenerateJob(
+        model=args.model,
+        prompts=list(args.prompt or []),
+        prompts_file=args.prompts_file,
+        chat_template=args.chat_template,
+        system=args.system,
+        sampling=sampling,
+        load=load_options(args),
+    )
     samples = run_generate(job)
     rows = [asdict(sample) for sample in samples]
     if args.output:

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 import textwrap
-from typing import Sequence
+from collections.abc import Sequence
 
 from dpokit import __version__
 from dpokit.commands.common import Subcommand

@@ -38,10 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="a response to --prompt; repeat for several (two make a pair: the first is scored against the second)",
     )
-    inputs.add_argument("--chat", action="store_true",
-                        help="treat --prompt/--response as a user turn and an assistant turn (chat template)")
-    add_length_arguments(parser, score.ScoreJob, max_length=score.DEFAULT_MAX_LENGTH,
-                         max_prompt_length=score.DEFAULT_MAX_PROMPT_LENGTH)
+    inputs.add_argument(
+        "--chat", action="store_true", help="treat --prompt/--response as a user turn and an assistant turn (chat template)"
+    )
+    add_length_arguments(
+        parser, score.ScoreJob, max_length=score.DEFAULT_MAX_LENGTH, max_prompt_length=score.DEFAULT_MAX_PROMPT_LENGTH
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="FILE.jsonl", default=None, help="write one JSON line per input row here")
     out.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
@@ -60,8 +62,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("nothing to score: give --input FILE, or --prompt TEXT with one or more --response TEXT")
     job = ScoreJob(
-        model=args.model, reference=args.reference, reference_free=args.reference_free, beta=args.beta,
-        max_length=args.max_length, max_prompt_length=args.max_prompt_length, batch_size=args.batch_size,
+        model=args.model,
+        reference=args.reference,
+        reference_free=args.reference_free,
+        beta=args.beta,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        batch_size=args.batch_size,
         load=load_options(args),
     )
     report = run_score(job, rows)
@@ -84,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
 COMMAND = Subcommand(
     "score",
     "score responses with the policy's implicit reward r(x, y)",
-    "Use a trained policy as a reward model: print or write r(x, y) per response and, for pairs, "
-    "the preference probability.",
+    "Use a trained policy as a reward model: print or write r(x, y) per response and, for pairs, the preference probability.",
     EPILOG,
     add_arguments,
     run,

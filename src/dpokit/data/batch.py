@@ -68,7 +68,7 @@ class Batch:
             inputs["position_ids"] = self.position_ids
         return inputs
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)

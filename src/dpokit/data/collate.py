@@ -282,8 +282,14 @@ class SharedPromptCollator:
         )
 
 
-def may_attend(block_q: torch.Tensor, segment_q: torch.Tensor, column_q: torch.Tensor,
-               block_kv: torch.Tensor, segment_kv: torch.Tensor, column_kv: torch.Tensor) -> torch.Tensor:
+def may_attend(
+    block_q: torch.Tensor,
+    segment_q: torch.Tensor,
+    column_q: torch.Tensor,
+    block_kv: torch.Tensor,
+    segment_kv: torch.Tensor,
+    column_kv: torch.Tensor,
+) -> torch.Tensor:
     """The shared-prompt attention rule, elementwise (broadcasting): query token q may attend key
     token j iff both are in the same example block, j is not after q, and j is a prompt token or
     in q's own response; a padding token (block -1) attends only to itself.
@@ -301,8 +307,12 @@ def block_attention_mask(block_id: torch.Tensor, segment_id: torch.Tensor) -> to
     width = block_id.shape[1]
     columns = torch.arange(width)
     mask = may_attend(
-        block_id[:, :, None], segment_id[:, :, None], columns[None, :, None],
-        block_id[:, None, :], segment_id[:, None, :], columns[None, None, :],
+        block_id[:, :, None],
+        segment_id[:, :, None],
+        columns[None, :, None],
+        block_id[:, None, :],
+        segment_id[:, None, :],
+        columns[None, None, :],
     )
     return mask[:, None]
 

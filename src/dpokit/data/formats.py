@@ -117,7 +117,9 @@ def _messages(row: _Row, field: str, value: Any) -> list[dict[str, str]]:
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
-            raise row.error(field, "wrong_type", f"message {i} must be an object with 'role' and 'content', got {type_name(message)}")
+            raise row.error(
+                field, "wrong_type", f"message {i} must be an object with 'role' and 'content', got {type_name(message)}"
+            )
         role, content = message.get("role"), message.get("content")
         if role is None or content is None:
             missing = "role" if role is None else "content"
@@ -180,7 +182,9 @@ def _check_responses(row: _Row, responses: list, fields: list[str]) -> None:
         if key in seen:
             j = seen[key]
             if fields[j] == "chosen" and fields[i] == "rejected":
-                raise row.error("rejected", "identical_responses", "chosen and rejected are identical; a pair needs two different responses")
+                raise row.error(
+                    "rejected", "identical_responses", "chosen and rejected are identical; a pair needs two different responses"
+                )
             raise row.error(fields[i], "identical_responses", f"identical to {fields[j]}; ranked responses must differ")
         seen[key] = i
 
@@ -269,10 +273,14 @@ def split_conversations(row: _Row, chosen: list, rejected: list) -> tuple[list, 
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
     if shared == len(chosen) == len(rejected):
-        raise row.error("rejected", "identical_responses", "chosen and rejected are identical; a pair needs two different responses")
+        raise row.error(
+            "rejected", "identical_responses", "chosen and rejected are identical; a pair needs two different responses"
+        )
     if shared == 0:
         raise row.error(
-            "chosen", "no_shared_prompt", "chosen and rejected share no leading message, so the prompt cannot be inferred; add a 'prompt' field"
+            "chosen",
+            "no_shared_prompt",
+            "chosen and rejected share no leading message, so the prompt cannot be inferred; add a 'prompt' field",
         )
     if shared == len(chosen) or shared == len(rejected):
         field = "chosen" if shared == len(chosen) else "rejected"
@@ -293,8 +301,10 @@ def parse_hh(row: _Row) -> PreferenceExample:
         )
     prompt = chosen[: cut + len(HH_ASSISTANT)]
     if not rejected.startswith(prompt):
-        raise row.error("rejected", "prompt_mismatch", "does not start with the same dialogue as 'chosen' (up to the last '\\n\\nAssistant:')")
-    responses = [chosen[len(prompt):], rejected[len(prompt):]]
+        raise row.error(
+            "rejected", "prompt_mismatch", "does not start with the same dialogue as 'chosen' (up to the last '\\n\\nAssistant:')"
+        )
+    responses = [chosen[len(prompt) :], rejected[len(prompt) :]]
     _check_nonempty_prompt(row, prompt)
     _check_responses(row, responses, ["chosen", "rejected"])
     return PreferenceExample(prompt, responses, None, row.source)
@@ -317,7 +327,9 @@ def parse_ranked(row: _Row) -> PreferenceExample:
         if isinstance(item, dict):
             text_key = next((k for k in RESPONSE_TEXT_KEYS if k in item), None)
             if text_key is None:
-                raise row.error(field, "missing_field", f"a response object needs one of the keys {', '.join(RESPONSE_TEXT_KEYS)}")
+                raise row.error(
+                    field, "missing_field", f"a response object needs one of the keys {', '.join(RESPONSE_TEXT_KEYS)}"
+                )
             score_key = next((k for k in RESPONSE_SCORE_KEYS if k in item), None)
             if score_key is not None:
                 score = _score(row, f"{field}.{score_key}", item[score_key])
@@ -344,7 +356,9 @@ def parse_ranked(row: _Row) -> PreferenceExample:
     _check_responses(row, responses, fields)
     if scores is not None:
         if len(set(scores)) == 1:
-            raise row.error("scores", "tied_scores", f"all {len(scores)} responses score {scores[0]:g}, so there is no preference")
+            raise row.error(
+                "scores", "tied_scores", f"all {len(scores)} responses score {scores[0]:g}, so there is no preference"
+            )
         order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep input order
         responses = [responses[i] for i in order]
         scores = [scores[i] for i in order]
@@ -367,7 +381,9 @@ def parse_row(
     Raises :class:`InvalidRowError` naming ``source`` and the field for anything unusable.
     """
     if not isinstance(raw, Mapping):
-        raise InvalidRowError(source, None, "malformed_row", f"expected an object with prompt/chosen/rejected fields, got {type_name(raw)}")
+        raise InvalidRowError(
+            source, None, "malformed_row", f"expected an object with prompt/chosen/rejected fields, got {type_name(raw)}"
+        )
     row = _Row(raw, source, inverse_columns or {}, text_table)
     fmt = detect_format(row) if format == "auto" else format
     return PARSERS[fmt](row), fmt

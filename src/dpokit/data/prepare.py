@@ -55,7 +55,7 @@ class PrepareReport:
         return {"read": self.read.to_dict(), "tokenize": self.tokenize.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PrepareReport":
+    def from_dict(cls, data: Mapping[str, Any]) -> PrepareReport:
         return cls(ReadReport.from_dict(data["read"]), TokenizeReport.from_dict(data["tokenize"]))
 
 
@@ -233,7 +233,11 @@ def _save_entry(path: Path, dataset: PreparedDataset) -> None:
 
 
 def _build(
-    examples: Sequence[PreferenceExample], read_report: ReadReport, tokenizer: Any, fingerprint: str, tokenize_settings: dict[str, Any]
+    examples: Sequence[PreferenceExample],
+    read_report: ReadReport,
+    tokenizer: Any,
+    fingerprint: str,
+    tokenize_settings: dict[str, Any],
 ) -> PreparedDataset:
     """Tokenize and truncate (``tokenize_settings``: the keyword arguments of :func:`tokenize_examples`)."""
     columns, kept, tokenize_report = tokenize_examples(examples, tokenizer, **tokenize_settings)
@@ -343,7 +347,11 @@ def prepare_from_examples(
     tokenize_settings = dict(
         max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, skip_invalid=skip_invalid
     )
-    fingerprint = _combine(examples_fingerprint(examples), tokenizer_fingerprint(tokenizer), _settings_fingerprint(**tokenize_settings))
+    fingerprint = _combine(
+        examples_fingerprint(examples), tokenizer_fingerprint(tokenizer), _settings_fingerprint(**tokenize_settings)
+    )
     read_report = ReadReport(source=describe_source(examples), rows=len(examples), examples=len(examples))
     read_report.formats["in_memory"] = len(examples)
-    return _cached(fingerprint, cache_dir, use_cache, lambda: _build(examples, read_report, tokenizer, fingerprint, tokenize_settings))
+    return _cached(
+        fingerprint, cache_dir, use_cache, lambda: _build(examples, read_report, tokenizer, fingerprint, tokenize_settings)
+    )

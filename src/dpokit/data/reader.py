@@ -104,7 +104,7 @@ class ReadReport:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ReadReport":
+    def from_dict(cls, data: Mapping[str, Any]) -> ReadReport:
         data = dict(data)
         data["formats"] = Counter(data.get("formats", {}))
         data["skipped"] = Counter(data.get("skipped", {}))
@@ -134,7 +134,12 @@ def _jsonl_rows(path: Path, data: bytes | None = None, start_line: int = 1) -> R
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            yield where, InvalidRowError(where, None, "not_utf8", f"byte {e.start + 1} of the line is not valid UTF-8; re-save the file as UTF-8")
+            yield (
+                where,
+                InvalidRowError(
+                    where, None, "not_utf8", f"byte {e.start + 1} of the line is not valid UTF-8; re-save the file as UTF-8"
+                ),
+            )
             continue
         try:
             yield where, json.loads(text.lstrip("\ufeff"))
@@ -149,7 +154,9 @@ def _json_rows(path: Path, split: str) -> RawRows:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:line {line}: not valid UTF-8 (byte {e.start + 1} of the file); re-save the file as UTF-8") from None
+        raise DataError(
+            f"{path}:line {line}: not valid UTF-8 (byte {e.start + 1} of the file); re-save the file as UTF-8"
+        ) from None
     try:
         document = json.loads(text.lstrip("\ufeff"))
     except json.JSONDecodeError as e:
@@ -264,7 +271,12 @@ def _dataset_rows(dataset: Any, label: str) -> RawRows:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.lower().endswith(FILE_SUFFIXES) or source.startswith((".", "/", "~")) or os.sep in source and not _is_hub_name(source)
+    return (
+        source.lower().endswith(FILE_SUFFIXES)
+        or source.startswith((".", "/", "~"))
+        or os.sep in source
+        and not _is_hub_name(source)
+    )
 
 
 def _is_hub_name(source: str) -> bool:
@@ -289,7 +301,9 @@ def raw_rows(source: Any, *, split: str = "train") -> tuple[RawRows, bool]:
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         return ((f"row {i}", row) for i, row in enumerate(source, 1)), False
     if not isinstance(source, (str, Path)):
-        raise DataError(f"cannot read preference data from a {type(source).__name__}; pass a file path, directory, dataset name or rows")
+        raise DataError(
+            f"cannot read preference data from a {type(source).__name__}; pass a file path, directory, dataset name or rows"
+        )
     path = Path(source).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()

@@ -73,7 +73,9 @@ class TokenizeReport:
     def summary(self) -> str:
         lines = [f"tokenized {self.examples_in} examples -> {self.examples_out} kept"]
         if self.prompt_truncated:
-            lines.append(f"  {self.prompt_truncated} prompts cut to max_prompt_length={self.max_prompt_length} ({self.truncation_mode})")
+            lines.append(
+                f"  {self.prompt_truncated} prompts cut to max_prompt_length={self.max_prompt_length} ({self.truncation_mode})"
+            )
         if self.responses_truncated:
             lines.append(f"  {self.responses_truncated} examples had responses cut to fit max_length={self.max_length}")
         for reason, count in self.dropped.most_common():
@@ -91,7 +93,7 @@ class TokenizeReport:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TokenizeReport":
+    def from_dict(cls, data: dict[str, Any]) -> TokenizeReport:
         data = dict(data)
         data["dropped"] = Counter(data.get("dropped", {}))
         data["skipped"] = Counter(data.get("skipped", {}))
@@ -140,18 +142,20 @@ class TokenizedColumns:
         totals = np.add.reduceat(segment_lengths, self.example_segments[:-1]) if len(self) else np.zeros(0, dtype=np.int64)
         return totals.astype(np.int64)
 
-    def take(self, examples: np.ndarray) -> "TokenizedColumns":
+    def take(self, examples: np.ndarray) -> TokenizedColumns:
         """The examples ``examples[0], examples[1], ...``."""
         examples = np.asarray(examples, dtype=np.int64)
         counts = np.diff(self.example_segments)[examples]
         example_segments = np.zeros(len(examples) + 1, dtype=np.int64)
         np.cumsum(counts, out=example_segments[1:])
-        segments = np.repeat(self.example_segments[:-1][examples] - example_segments[:-1], counts) + np.arange(example_segments[-1])
+        segments = np.repeat(self.example_segments[:-1][examples] - example_segments[:-1], counts) + np.arange(
+            example_segments[-1]
+        )
         taken = self.segments.take(segments)
         return TokenizedColumns(taken.tokens, taken.offsets, example_segments)
 
     @classmethod
-    def concat(cls, parts: Sequence["TokenizedColumns"]) -> "TokenizedColumns":
+    def concat(cls, parts: Sequence[TokenizedColumns]) -> TokenizedColumns:
         segments = Ragged.concat([p.segments for p in parts])
         counts = np.concatenate([np.diff(p.example_segments) for p in parts]) if parts else np.zeros(0, dtype=np.int64)
         example_segments = np.zeros(len(counts) + 1, dtype=np.int64)
@@ -159,7 +163,7 @@ class TokenizedColumns:
         return cls(segments.tokens, segments.offsets, example_segments)
 
     @classmethod
-    def from_lists(cls, examples: Sequence[tuple[list[int], list[list[int]]]]) -> "TokenizedColumns":
+    def from_lists(cls, examples: Sequence[tuple[list[int], list[list[int]]]]) -> TokenizedColumns:
         segments: list[list[int]] = []
         example_segments = [0]
         for prompt, responses in examples:
@@ -216,7 +220,9 @@ def _tokenize_text(examples: list[PreferenceExample], tokenizer: Any) -> Tokeniz
 
     # EOS after a response unless it already ends with it; the prefix before a prompt unless it starts with it.
     ends = ids.offsets[1:]
-    ends_with_eos = (lengths > 0) & (ids.tokens[np.maximum(ends - 1, 0)] == eos) if len(ids.tokens) else np.zeros(len(ids), dtype=bool)
+    ends_with_eos = (
+        (lengths > 0) & (ids.tokens[np.maximum(ends - 1, 0)] == eos) if len(ids.tokens) else np.zeros(len(ids), dtype=bool)
+    )
     add_tail = ~is_prompt & ~ends_with_eos[segment_rows]
     starts_with_prefix = lengths >= len(prefix)
     for j, token in enumerate(prefix):
@@ -259,7 +265,11 @@ def _tokenize_chat(
             prompt_text = tokenizer.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=True)
             texts = [tokenizer.apply_chat_template(ex.prompt + response, tokenize=False) for response in ex.responses]  # type: ignore[operator]
         except Exception as error:  # jinja raises its own types (e.g. a template enforcing role order)
-            on_invalid(InvalidRowError(ex.source, None, "chat_template_error", f"the chat template failed: {type(error).__name__}: {error}"))
+            on_invalid(
+                InvalidRowError(
+                    ex.source, None, "chat_template_error", f"the chat template failed: {type(error).__name__}: {error}"
+                )
+            )
             failed.add(e)
             continue
         prompt_texts.append(prompt_text)
@@ -284,12 +294,12 @@ def _tokenize_chat(
                     None,
                     "chat_template_prefix",
                     f"the chat template renders the prompt (with add_generation_prompt=True) differently from the start of "
-                    f"the conversation with response {k}: token {at} is {tokenizer.decode(prompt[at:at + 8])!r} in the prompt but "
-                    f"{tokenizer.decode(full[at:at + 8])!r} in the conversation, so the response boundary is unknown. "
+                    f"the conversation with response {k}: token {at} is {tokenizer.decode(prompt[at : at + 8])!r} in the prompt but "
+                    f"{tokenizer.decode(full[at : at + 8])!r} in the conversation, so the response boundary is unknown. "
                     "Use a chat template whose generation prompt is a prefix of the rendered conversation",
                 )
                 break
-            response = full[len(prompt):]
+            response = full[len(prompt) :]
             if not response:
                 bad = InvalidRowError(ex.source, None, "empty_response", f"response {k} renders to no tokens after the prompt")
                 break
@@ -332,7 +342,11 @@ def truncate(
         return prompt, responses, "drop"
     responses_cut = any(len(r) > room for r in responses)
     responses = [r[:room] for r in responses]
-    return prompt, responses, ("both" if prompt_cut and responses_cut else "prompt" if prompt_cut else "responses" if responses_cut else None)
+    return (
+        prompt,
+        responses,
+        ("both" if prompt_cut and responses_cut else "prompt" if prompt_cut else "responses" if responses_cut else None),
+    )
 
 
 def tokenize_examples(
@@ -387,7 +401,12 @@ def tokenize_examples(
             prompt, responses = columns.example(int(row_of[j]))
             keep_first = 1 if bos is not None and prompt and prompt[0] == bos else 0
             prompt, responses, what = truncate(
-                prompt, responses, max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, keep_first=keep_first
+                prompt,
+                responses,
+                max_length=max_length,
+                max_prompt_length=max_prompt_length,
+                truncation_mode=truncation_mode,
+                keep_first=keep_first,
             )
             if what == "drop":
                 report.dropped["prompt_fills_max_length"] += 1

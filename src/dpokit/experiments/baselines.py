@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -45,8 +46,14 @@ def best_of_n_points(
     pool = max(ns)
     _, prompt_ids = encode_prompts(tokenizer, prompts)
     completions = sample_completions(
-        model, prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(tokenizer),
-        pad_token_id=pad_id_of(tokenizer), seed=seed, num_samples=pool, batch_size=batch_size,
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        stop_token_ids=stop_token_ids(tokenizer),
+        pad_token_id=pad_id_of(tokenizer),
+        seed=seed,
+        num_samples=pool,
+        batch_size=batch_size,
     )
     prompt_texts = [prompts[c.prompt_index] for c in completions]
     texts = decode_completions(tokenizer, completions)
@@ -55,11 +62,19 @@ def best_of_n_points(
     for n in ns:
         best = rewards[:, :n].max(dim=1).values
         sem = best.std().item() / math.sqrt(len(best)) if len(best) > 1 else float("nan")
-        points.append({
-            "method": "Best-of-N", "run": "best-of-n", "step": n, "n": n,
-            "reward_mean": best.mean().item(), "reward_sem": sem, "kl_mean": best_of_n_kl(n), "kl_sem": 0.0,
-            "num_samples": len(best),
-        })
+        points.append(
+            {
+                "method": "Best-of-N",
+                "run": "best-of-n",
+                "step": n,
+                "n": n,
+                "reward_mean": best.mean().item(),
+                "reward_sem": sem,
+                "kl_mean": best_of_n_kl(n),
+                "kl_sem": 0.0,
+                "num_samples": len(best),
+            }
+        )
     return points
 
 
@@ -89,9 +104,7 @@ def train_rloo(
         from datasets import Dataset
         from trl import RLOOConfig, RLOOTrainer
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ConfigError(
-            "the RL baseline needs TRL: pip install 'dpokit[experiment]' (or skip it with --methods)"
-        ) from error
+        raise ConfigError("the RL baseline needs TRL: pip install 'dpokit[experiment]' (or skip it with --methods)") from error
     os.environ.setdefault("WANDB_DISABLED", "true")
     out_dir = Path(out_dir)
     sft = load_policy(sft_dir, dtype="float32", device="cpu")  # TRL moves it where it trains
@@ -103,10 +116,19 @@ def train_rloo(
     # FutureWarning each time; TRL's business, nothing for a user to act on.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
-        config = _rloo_config(RLOOConfig, out_dir, prompts_per_step=prompts_per_step, num_generations=num_generations,
-                              max_new_tokens=max_new_tokens, beta=beta, lr=lr, steps=steps, save_every=save_every, seed=seed)
-        trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=dataset,
-                              processing_class=tokenizer)
+        config = _rloo_config(
+            RLOOConfig,
+            out_dir,
+            prompts_per_step=prompts_per_step,
+            num_generations=num_generations,
+            max_new_tokens=max_new_tokens,
+            beta=beta,
+            lr=lr,
+            steps=steps,
+            save_every=save_every,
+            seed=seed,
+        )
+        trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=dataset, processing_class=tokenizer)
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # its per-step dicts would drown the experiment's log
@@ -116,8 +138,19 @@ def train_rloo(
     return out_dir
 
 
-def _rloo_config(config_class: Any, out_dir: Path, *, prompts_per_step: int, num_generations: int, max_new_tokens: int,
-                 beta: float, lr: float, steps: int, save_every: int, seed: int) -> Any:
+def _rloo_config(
+    config_class: Any,
+    out_dir: Path,
+    *,
+    prompts_per_step: int,
+    num_generations: int,
+    max_new_tokens: int,
+    beta: float,
+    lr: float,
+    steps: int,
+    save_every: int,
+    seed: int,
+) -> Any:
     """TRL's ``RLOOConfig``: sampling at temperature 1 with no top-k/top-p (as the frontier measures),
     a constant learning rate, a checkpoint every ``save_every`` steps, CPU unless CUDA is there."""
     return config_class(

@@ -25,22 +25,81 @@ from __future__ import annotations
 import random
 import re
 
-POSITIVE_ADJECTIVES = (
-    "good great wonderful excellent brilliant beautiful fun funny charming lovely amazing perfect "
-    "clever fantastic enjoyable superb delightful"
-).split()
-NEGATIVE_ADJECTIVES = (
-    "bad terrible awful boring dull horrible stupid weak poor painful ugly disappointing lame dreadful annoying"
-).split()
-NEUTRAL_ADJECTIVES = "long short slow quiet simple typical old new dark loud predictable plain familiar".split()
-POSITIVE_VERBS = "loved enjoyed liked adored".split()
-NEGATIVE_VERBS = "hated disliked".split()
-NEUTRAL_VERBS = "watched saw expected remember".split()
-NOUNS = (
-    "movie film story plot acting cast ending script music soundtrack dialogue director characters pacing "
-    "effects scenes camera work"
-).split()
-FILMS = "movie film picture show".split()
+POSITIVE_ADJECTIVES = [
+    "good",
+    "great",
+    "wonderful",
+    "excellent",
+    "brilliant",
+    "beautiful",
+    "fun",
+    "funny",
+    "charming",
+    "lovely",
+    "amazing",
+    "perfect",
+    "clever",
+    "fantastic",
+    "enjoyable",
+    "superb",
+    "delightful",
+]
+NEGATIVE_ADJECTIVES = [
+    "bad",
+    "terrible",
+    "awful",
+    "boring",
+    "dull",
+    "horrible",
+    "stupid",
+    "weak",
+    "poor",
+    "painful",
+    "ugly",
+    "disappointing",
+    "lame",
+    "dreadful",
+    "annoying",
+]
+NEUTRAL_ADJECTIVES = [
+    "long",
+    "short",
+    "slow",
+    "quiet",
+    "simple",
+    "typical",
+    "old",
+    "new",
+    "dark",
+    "loud",
+    "predictable",
+    "plain",
+    "familiar",
+]
+POSITIVE_VERBS = ["loved", "enjoyed", "liked", "adored"]
+NEGATIVE_VERBS = ["hated", "disliked"]
+NEUTRAL_VERBS = ["watched", "saw", "expected", "remember"]
+NOUNS = [
+    "movie",
+    "film",
+    "story",
+    "plot",
+    "acting",
+    "cast",
+    "ending",
+    "script",
+    "music",
+    "soundtrack",
+    "dialogue",
+    "director",
+    "characters",
+    "pacing",
+    "effects",
+    "scenes",
+    "camera",
+    "work",
+]
+FILMS = ["movie", "film", "picture", "show"]
 INTENSIFIERS = ("very", "really", "quite", "so", "rather", "")
 
 # Slots: {adj}/{adj2} sentiment adjectives, {verb} sentiment verb, {noun}/{noun2}, {film}, {int} intensifier.

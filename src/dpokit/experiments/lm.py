@@ -65,9 +65,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
     fast.model_max_length = 1024
     return fast
 
@@ -98,9 +96,7 @@ def _encode_rows(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_len: 
     return rows
 
 
-def pretrain(
-    settings: LMSettings, texts: list[str], log=print
-) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast, dict]:
+def pretrain(settings: LMSettings, texts: list[str], log=print) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast, dict]:
     """Train tokenizer and model on ``texts``; returns them and a small summary (final loss, time)."""
     start = time.time()
     tokenizer = train_tokenizer(texts, settings.vocab_size)
@@ -171,8 +167,10 @@ def load_or_pretrain(
     else:
         tmp_dir.rename(model_dir)
     if log:
-        log(f"SFT model: {summary['parameters'] / 1e6:.2f}M parameters, loss {summary['final_loss']:.3f}, "
-            f"{summary['seconds']:.0f}s")
+        log(
+            f"SFT model: {summary['parameters'] / 1e6:.2f}M parameters, loss {summary['final_loss']:.3f}, "
+            f"{summary['seconds']:.0f}s"
+        )
     return *_load(model_dir), model_dir
 
 

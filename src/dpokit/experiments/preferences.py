@@ -19,8 +19,9 @@ import itertools
 import json
 import math
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -61,8 +62,14 @@ def make_preference_pairs(
     """
     _, prompt_ids = encode_prompts(tokenizer, prompts)
     completions = sample_completions(
-        model, prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(tokenizer),
-        pad_token_id=pad_id_of(tokenizer), seed=seed, num_samples=completions_per_prompt, batch_size=256,
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        stop_token_ids=stop_token_ids(tokenizer),
+        pad_token_id=pad_id_of(tokenizer),
+        seed=seed,
+        num_samples=completions_per_prompt,
+        batch_size=256,
     )
     prompt_texts = [prompts[c.prompt_index] for c in completions]
     texts = decode_completions(tokenizer, completions)
@@ -73,7 +80,8 @@ def make_preference_pairs(
     ties = 0
     for p_index, prompt in enumerate(prompts):
         group = [
-            i for i in range(p_index * completions_per_prompt, (p_index + 1) * completions_per_prompt)
+            i
+            for i in range(p_index * completions_per_prompt, (p_index + 1) * completions_per_prompt)
             if terminated[i] and texts[i].strip()
         ]
         for a, b in itertools.combinations(group, 2):
@@ -86,10 +94,15 @@ def make_preference_pairs(
             else:
                 a_wins = rewards[a] > rewards[b]
             chosen, rejected = (a, b) if a_wins else (b, a)
-            rows.append({
-                "prompt": prompt, "chosen": texts[chosen], "rejected": texts[rejected],
-                "chosen_reward": rewards[chosen], "rejected_reward": rewards[rejected],
-            })
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": texts[chosen],
+                    "rejected": texts[rejected],
+                    "chosen_reward": rewards[chosen],
+                    "rejected_reward": rewards[rejected],
+                }
+            )
     rng.shuffle(rows)
     stats = {
         "samples": len(texts),

@@ -12,8 +12,9 @@ negative prefix can still be turned around (VADER weighs a clause after "but" mo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 
 @lru_cache(maxsize=1)

@@ -27,22 +27,27 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from dpokit.analysis.frontier import dominance_summary, estimate_reward_kl, find_checkpoints, write_results
 from dpokit.errors import ConfigError
 from dpokit.experiments.lm import LMSettings, load_or_pretrain
 from dpokit.experiments.preferences import make_preference_pairs, make_prompts, write_jsonl
 from dpokit.experiments.reward import vader_reward
-from dpokit.analysis.frontier import dominance_summary, estimate_reward_kl, find_checkpoints, results_markdown, write_results
 
 ALL_METHODS = ("dpo", "preferred-ft", "unlikelihood", "best-of-n", "rl")
 METHOD_LABELS = {
-    "dpo": "DPO", "preferred-ft": "Preferred-FT", "unlikelihood": "Unlikelihood", "best-of-n": "Best-of-N",
-    "rl": "RLOO (TRL, true reward)", "reference": "SFT (reference)",
+    "dpo": "DPO",
+    "preferred-ft": "Preferred-FT",
+    "unlikelihood": "Unlikelihood",
+    "best-of-n": "Best-of-N",
+    "rl": "RLOO (TRL, true reward)",
+    "reference": "SFT (reference)",
 }
 DEFAULT_CACHE_DIR = ".dpokit_cache/sentiment"  # where the SFT model is cached between runs
 DEMO_RUN_DIR = "runs/demo"  # where `dpokit demo` writes its data and DPO run
@@ -114,54 +119,109 @@ MODES: dict[str, ExperimentSettings] = {
     # Every method, smaller everything: 96 s measured from an empty cache (the budget is 5 minutes).
     "quick": ExperimentSettings(
         lm=LMSettings(num_texts=3000, n_embd=128, n_layer=3, steps=150, batch_size=48),
-        num_train_prompts=300, num_eval_prompts=128, dpo_betas=(0.1, 0.5), epochs=2, lr=1e-4,
-        checkpoints_per_run=2, best_of_n=(1, 4, 16), rl_betas=(0.05,), rl_steps=16, rl_prompts_per_step=8,
+        num_train_prompts=300,
+        num_eval_prompts=128,
+        dpo_betas=(0.1, 0.5),
+        epochs=2,
+        lr=1e-4,
+        checkpoints_per_run=2,
+        best_of_n=(1, 4, 16),
+        rl_betas=(0.05,),
+        rl_steps=16,
+        rl_prompts_per_step=8,
     ),
     # `dpokit demo`: DPO only, one beta; about 35 s on 2 CPU cores from a cold cache (the budget is 3 minutes).
     "demo": ExperimentSettings(
         lm=LMSettings(num_texts=3000, n_embd=128, n_layer=3, steps=150, batch_size=48),
-        methods=("dpo",), lr=2e-4, num_train_prompts=200, num_eval_prompts=96, dpo_betas=(0.1,), epochs=2,
+        methods=("dpo",),
+        lr=2e-4,
+        num_train_prompts=200,
+        num_eval_prompts=96,
+        dpo_betas=(0.1,),
+        epochs=2,
         checkpoints_per_run=1,
     ),
     # Tests: seconds.
     "smoke": ExperimentSettings(
         lm=LMSettings(num_texts=300, vocab_size=384, n_embd=32, n_layer=1, n_head=2, steps=20, batch_size=16, lr=1e-2),
-        require_eos=False, num_train_prompts=12, completions_per_prompt=3, num_eval_prompts=6, eval_samples_per_prompt=1,
-        max_new_tokens=12, dpo_betas=(0.1,), epochs=2, batch_size=8, checkpoints_per_run=2, best_of_n=(1, 2),
-        rl_betas=(0.1,), rl_steps=2, rl_prompts_per_step=2, rl_generations=2,
+        require_eos=False,
+        num_train_prompts=12,
+        completions_per_prompt=3,
+        num_eval_prompts=6,
+        eval_samples_per_prompt=1,
+        max_new_tokens=12,
+        dpo_betas=(0.1,),
+        epochs=2,
+        batch_size=8,
+        checkpoints_per_run=2,
+        best_of_n=(1, 2),
+        rl_betas=(0.1,),
+        rl_steps=2,
+        rl_prompts_per_step=2,
+        rl_generations=2,
     ),
 }
 
 
-def _trainer_config(settings: ExperimentSettings, *, sft_dir: Path, train_path: Path, run_dir: Path,
-                    terms: list[dict[str, Any]], beta: float, num_pairs: int, cache_dir: Path) -> Any:
+def _trainer_config(
+    settings: ExperimentSettings,
+    *,
+    sft_dir: Path,
+    train_path: Path,
+    run_dir: Path,
+    terms: list[dict[str, Any]],
+    beta: float,
+    num_pairs: int,
+    cache_dir: Path,
+) -> Any:
     """A :class:`dpokit.config.TrainConfig` for one preference run on the experiment's data."""
     from dpokit.config import config_from_dict
 
     steps = settings.epochs * -(-num_pairs // settings.batch_size)
     needs_reference = any(t["name"] not in ("sft", "unlikelihood") for t in terms)
-    return config_from_dict({
-        "model": {"name_or_path": str(sft_dir), "dtype": "float32"},
-        # 5% of the pairs are held out: the run logs held-out reward accuracy and margins as it trains.
-        "data": {"train_path": str(train_path), "max_length": 96, "max_prompt_length": 16,
-                 "eval_split_fraction": 0.05, "cache_dir": str(cache_dir / "data")},
-        "loss": {"beta": beta, "terms": terms},
-        "reference": {"strategy": "auto" if needs_reference else "none"},
-        "optim": {"optimizer": "adamw", "lr": settings.lr, "warmup_steps": settings.warmup_steps,
-                  "schedule": "constant", "epochs": settings.epochs, "batch_size": settings.batch_size,
-                  "grad_accumulation": 1, "seed": settings.seed, "weight_decay": 0.0},
-        "eval": {"every_steps": max(1, steps // 5), "batch_size": 64},
-        "logging": {"run_dir": str(run_dir), "log_every": 10, "tensorboard": True, "progress_bar": False,
-                    "plot": True},
-        "checkpoint": {"every_steps": max(1, steps // settings.checkpoints_per_run), "keep_last": 1000},
-    })
+    return config_from_dict(
+        {
+            "model": {"name_or_path": str(sft_dir), "dtype": "float32"},
+            # 5% of the pairs are held out: the run logs held-out reward accuracy and margins as it trains.
+            "data": {
+                "train_path": str(train_path),
+                "max_length": 96,
+                "max_prompt_length": 16,
+                "eval_split_fraction": 0.05,
+                "cache_dir": str(cache_dir / "data"),
+            },
+            "loss": {"beta": beta, "terms": terms},
+            "reference": {"strategy": "auto" if needs_reference else "none"},
+            "optim": {
+                "optimizer": "adamw",
+                "lr": settings.lr,
+                "warmup_steps": settings.warmup_steps,
+                "schedule": "constant",
+                "epochs": settings.epochs,
+                "batch_size": settings.batch_size,
+                "grad_accumulation": 1,
+                "seed": settings.seed,
+                "weight_decay": 0.0,
+            },
+            "eval": {"every_steps": max(1, steps // 5), "batch_size": 64},
+            "logging": {"run_dir": str(run_dir), "log_every": 10, "tensorboard": True, "progress_bar": False, "plot": True},
+            "checkpoint": {"every_steps": max(1, steps // settings.checkpoints_per_run), "keep_last": 1000},
+        }
+    )
 
 
 class Experiment:
     """One experiment in ``out_dir``: the shared pieces (SFT model, prompts, data) and the method runs."""
 
-    def __init__(self, settings: ExperimentSettings, out_dir: str | Path, cache_dir: str | Path, *,
-                 keep_checkpoints: bool = False, log: Callable[[str], None] | None = print) -> None:
+    def __init__(
+        self,
+        settings: ExperimentSettings,
+        out_dir: str | Path,
+        cache_dir: str | Path,
+        *,
+        keep_checkpoints: bool = False,
+        log: Callable[[str], None] | None = print,
+    ) -> None:
         unknown = set(settings.methods) - set(ALL_METHODS)
         if unknown:
             raise ConfigError(f"unknown methods {sorted(unknown)}; choose from {list(ALL_METHODS)}")
@@ -187,22 +247,36 @@ class Experiment:
         (self.out_dir / "data").mkdir(parents=True, exist_ok=True)
         (self.out_dir / "data" / "eval_prompts.txt").write_text("\n".join(self.eval_prompts) + "\n")
         rows, self.preference_stats = make_preference_pairs(
-            self.sft_model, self.tokenizer, self.train_prompts, self.reward_fn,
-            completions_per_prompt=s.completions_per_prompt, max_new_tokens=s.max_new_tokens,
-            label_temperature=s.label_temperature, require_eos=s.require_eos, seed=s.seed,
+            self.sft_model,
+            self.tokenizer,
+            self.train_prompts,
+            self.reward_fn,
+            completions_per_prompt=s.completions_per_prompt,
+            max_new_tokens=s.max_new_tokens,
+            label_temperature=s.label_temperature,
+            require_eos=s.require_eos,
+            seed=s.seed,
         )
         if not rows:
             raise ConfigError("no preference pairs were produced; raise num_train_prompts or completions_per_prompt")
         self.train_path = write_jsonl(rows, self.out_dir / "data" / "preferences.jsonl")
         self.timings["preferences"] = time.time() - start
-        self.log(f"preferences: {self.preference_stats['pairs']} pairs from {len(self.train_prompts)} prompts "
-                 f"(SFT mean reward {self.preference_stats['sft_reward_mean']:.3f}) in {self.timings['preferences']:.0f}s")
+        self.log(
+            f"preferences: {self.preference_stats['pairs']} pairs from {len(self.train_prompts)} prompts "
+            f"(SFT mean reward {self.preference_stats['sft_reward_mean']:.3f}) in {self.timings['preferences']:.0f}s"
+        )
 
     def evaluate(self, policy: torch.nn.Module, keep_samples: int = 0) -> dict[str, Any]:
         s = self.settings
         return estimate_reward_kl(
-            policy, self.sft_model, self.tokenizer, self.eval_prompts, self.reward_fn,
-            num_samples=s.eval_samples_per_prompt, max_new_tokens=s.max_new_tokens, seed=s.seed + 7,
+            policy,
+            self.sft_model,
+            self.tokenizer,
+            self.eval_prompts,
+            self.reward_fn,
+            num_samples=s.eval_samples_per_prompt,
+            max_new_tokens=s.max_new_tokens,
+            seed=s.seed + 7,
             keep_samples=keep_samples,
         )
 
@@ -222,8 +296,12 @@ class Experiment:
         path = self.out_dir / "points" / f"{run}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.timings[run] = seconds
-        path.write_text(json.dumps({"settings_key": self.settings.key(), "points": points, "seconds": seconds,
-                                    "samples": self.samples.get(run, [])}, indent=2))
+        path.write_text(
+            json.dumps(
+                {"settings_key": self.settings.key(), "points": points, "seconds": seconds, "samples": self.samples.get(run, [])},
+                indent=2,
+            )
+        )
 
     def _evaluate_run_dir(self, run: str, method: str, run_dir: Path, beta: float | None) -> list[dict[str, Any]]:
         from dpokit.models import load_policy
@@ -255,15 +333,23 @@ class Experiment:
         start = time.time()
         run_dir = self.out_dir / "runs" / run
         shutil.rmtree(run_dir, ignore_errors=True)
-        cfg = _trainer_config(self.settings, sft_dir=self.sft_dir, train_path=self.train_path, run_dir=run_dir,
-                              terms=terms, beta=beta if beta is not None else 0.1,
-                              num_pairs=self.preference_stats["pairs"], cache_dir=self.cache_dir)
+        cfg = _trainer_config(
+            self.settings,
+            sft_dir=self.sft_dir,
+            train_path=self.train_path,
+            run_dir=run_dir,
+            terms=terms,
+            beta=beta if beta is not None else 0.1,
+            num_pairs=self.preference_stats["pairs"],
+            cache_dir=self.cache_dir,
+        )
         self.log(f"{run}: training ({cfg.optim.epochs} epochs, checkpoint every {cfg.checkpoint.every_steps} steps)")
         result = train_run(cfg)
         train_seconds = time.time() - start
         points = self._evaluate_run_dir(run, method, run_dir, beta)
-        self.log(f"{run}: {result.global_step} steps in {train_seconds:.0f}s, evaluated in "
-                 f"{time.time() - start - train_seconds:.0f}s")
+        self.log(
+            f"{run}: {result.global_step} steps in {train_seconds:.0f}s, evaluated in {time.time() - start - train_seconds:.0f}s"
+        )
         self._store_points(run, points, time.time() - start)
         return points
 
@@ -275,8 +361,15 @@ class Experiment:
             return cached
         start = time.time()
         s = self.settings
-        points = best_of_n_points(self.sft_model, self.tokenizer, self.eval_prompts, self.reward_fn, s.best_of_n,
-                                  max_new_tokens=s.max_new_tokens, seed=s.seed + 11)
+        points = best_of_n_points(
+            self.sft_model,
+            self.tokenizer,
+            self.eval_prompts,
+            self.reward_fn,
+            s.best_of_n,
+            max_new_tokens=s.max_new_tokens,
+            seed=s.seed + 11,
+        )
         for point in points:
             self.log(f"  best-of-{point['n']}: reward {point['reward_mean']:.3f}  KL {point['kl_mean']:.2f} (analytic)")
         self._store_points("best-of-n", points, time.time() - start)
@@ -295,9 +388,20 @@ class Experiment:
         run_dir = self.out_dir / "runs" / run
         shutil.rmtree(run_dir, ignore_errors=True)
         self.log(f"{run}: TRL RLOOTrainer, {s.rl_steps} steps of {s.rl_prompts_per_step} prompts x {s.rl_generations}")
-        train_rloo(self.sft_dir, self.train_prompts, run_dir, self.reward_fn, beta=beta, steps=s.rl_steps,
-                   save_every=max(1, s.rl_steps // s.checkpoints_per_run), prompts_per_step=s.rl_prompts_per_step,
-                   num_generations=s.rl_generations, max_new_tokens=s.max_new_tokens, lr=s.rl_lr, seed=s.seed)
+        train_rloo(
+            self.sft_dir,
+            self.train_prompts,
+            run_dir,
+            self.reward_fn,
+            beta=beta,
+            steps=s.rl_steps,
+            save_every=max(1, s.rl_steps // s.checkpoints_per_run),
+            prompts_per_step=s.rl_prompts_per_step,
+            num_generations=s.rl_generations,
+            max_new_tokens=s.max_new_tokens,
+            lr=s.rl_lr,
+            seed=s.seed,
+        )
         points = self._evaluate_run_dir(run, "rl", run_dir, beta)
         self._store_points(run, points, time.time() - start)
         return points
@@ -318,8 +422,9 @@ class Experiment:
         if "preferred-ft" in s.methods:
             points += self.run_trainer("preferred-ft", "preferred-ft", [{"name": "sft"}], None)
         if "unlikelihood" in s.methods:
-            points += self.run_trainer("unlikelihood", "unlikelihood",
-                                       [{"name": "unlikelihood", "alpha": s.unlikelihood_alpha}], None)
+            points += self.run_trainer(
+                "unlikelihood", "unlikelihood", [{"name": "unlikelihood", "alpha": s.unlikelihood_alpha}], None
+            )
         if "best-of-n" in s.methods:
             points += self.run_best_of_n()
         if "rl" in s.methods:
@@ -341,9 +446,14 @@ class Experiment:
         return {"points": points, **summary}
 
 
-def run_experiment(mode: str | ExperimentSettings = "full", out_dir: str | Path = "runs/sentiment",
-                   cache_dir: str | Path = DEFAULT_CACHE_DIR, *, threads: int = DEFAULT_THREADS,
-                   **kwargs: Any) -> dict[str, Any]:
+def run_experiment(
+    mode: str | ExperimentSettings = "full",
+    out_dir: str | Path = "runs/sentiment",
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    *,
+    threads: int = DEFAULT_THREADS,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Run the experiment with a named mode (``full``, ``quick``, ``demo``, ``smoke``) or explicit
     settings, on ``threads`` torch threads; ``kwargs`` go to :class:`Experiment`."""
     if isinstance(mode, str):
@@ -361,9 +471,14 @@ def run_experiment(mode: str | ExperimentSettings = "full", out_dir: str | Path 
 # ------------------------------------------------------------------------------------------------
 
 
-def run_sentiment_demo(out_dir: str | Path = DEMO_RUN_DIR, cache_dir: str | Path = DEFAULT_CACHE_DIR,
-                       *, settings: ExperimentSettings | None = None,
-                       log: Callable[[str], None] | None = print, threads: int = DEFAULT_THREADS) -> dict[str, Any]:
+def run_sentiment_demo(
+    out_dir: str | Path = DEMO_RUN_DIR,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    *,
+    settings: ExperimentSettings | None = None,
+    log: Callable[[str], None] | None = print,
+    threads: int = DEFAULT_THREADS,
+) -> dict[str, Any]:
     """``dpokit demo``: teach the tiny review model to write positive continuations with DPO.
 
     Pretrains (or loads from the cache) the small GPT-2, labels pairs of its own completions with
@@ -375,8 +490,9 @@ def run_sentiment_demo(out_dir: str | Path = DEMO_RUN_DIR, cache_dir: str | Path
         return _sentiment_demo(out_dir, cache_dir, settings, log)
 
 
-def _sentiment_demo(out_dir: str | Path, cache_dir: str | Path, settings: ExperimentSettings | None,
-                    log: Callable[[str], None] | None) -> dict[str, Any]:
+def _sentiment_demo(
+    out_dir: str | Path, cache_dir: str | Path, settings: ExperimentSettings | None, log: Callable[[str], None] | None
+) -> dict[str, Any]:
     out = log or (lambda line: None)
     settings = settings or MODES["demo"]
     settings = dataclasses.replace(settings, methods=("dpo",), dpo_betas=settings.dpo_betas[:1])
@@ -403,14 +519,17 @@ def _sentiment_demo(out_dir: str | Path, cache_dir: str | Path, settings: Experi
     out(f"{0:6d} {'(ties)':>16s} {0.0:8.3f} {0.6931:7.4f}   <- policy = reference: every reward is 0")
     for record in read_metrics(run_dir):
         if record.get("split") == "eval":
-            out(f"{record['step']:6d} {record['rewards/accuracies']:16.3f} {record['rewards/margins']:8.3f} "
-                f"{record['loss']:7.4f}")
+            out(
+                f"{record['step']:6d} {record['rewards/accuracies']:16.3f} {record['rewards/margins']:8.3f} {record['loss']:7.4f}"
+            )
     out("")
     out(f"{'':24s} {'reward':>8s} {'KL(pi||pi_sft)':>16s}")
     out(f"{'before (SFT model)':24s} {before['reward_mean']:8.3f} {0.0:16.2f}")
     out(f"{f'after DPO (beta={beta:g})':24s} {after['reward_mean']:8.3f} {after['kl_mean']:16.2f}")
-    out(f"(means over {before['num_samples']} samples for {len(experiment.eval_prompts)} held-out prompts; "
-        "KL in nats per completion)")
+    out(
+        f"(means over {before['num_samples']} samples for {len(experiment.eval_prompts)} held-out prompts; "
+        "KL in nats per completion)"
+    )
     out("")
     step = settings.eval_samples_per_prompt
     for b, a in list(zip(before["samples"], after_samples))[::step][:3]:

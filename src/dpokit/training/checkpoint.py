@@ -146,8 +146,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_weights(ctx: ParallelContext, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                  tokenizer: Any | None) -> None:
+def _write_weights(
+    ctx: ParallelContext, directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer: Any | None
+) -> None:
     """Weights and optimizer state: ``model/`` + ``optimizer.pt`` from a single process (the policy,
     or for a peft model its adapter, with save_pretrained; the tokenizer beside it), or DCP shards of
     the trainable weights and the optimizer state from every rank under torchrun."""
@@ -244,8 +245,13 @@ def save_checkpoint(
         _write_weights(ctx, tmp_dir, model, optimizer, tokenizer)
         ctx.barrier()
         if ctx.is_main:
-            state = {**trainer_state, "global_step": step, "checkpoint_format": _format(ctx), "world_size": ctx.world_size,
-                     "strategy": ctx.strategy}
+            state = {
+                **trainer_state,
+                "global_step": step,
+                "checkpoint_format": _format(ctx),
+                "world_size": ctx.world_size,
+                "strategy": ctx.strategy,
+            }
             _write_training_state(tmp_dir, scheduler, state)
             publish_checkpoint(tmp_dir, final)
     except BaseException:
@@ -334,8 +340,9 @@ def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | N
     except Exception as exc:  # a different model / LoRA setting: keys or shapes do not match
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise TrainingError(f"checkpoint {str(path)!r} does not fit this model and optimizer: {message}") from None
-    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"],
-                   options=_state_dict_options())
+    set_state_dict(
+        model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"], options=_state_dict_options()
+    )
 
 
 def load_checkpoint(

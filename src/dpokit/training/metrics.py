@@ -6,7 +6,8 @@ each metric is a running sum and a count of the examples that had a finite value
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ class MetricSums:
         self.sums[name] = self.sums.get(name, 0.0) + float(total)
         self.counts[name] = self.counts.get(name, 0.0) + float(count)
 
-    def merge(self, other: "MetricSums") -> None:
+    def merge(self, other: MetricSums) -> None:
         for name in other.sums:
             self.add(name, other.sums[name], other.counts[name])
 
@@ -41,7 +42,7 @@ class MetricSums:
         for name, total, count in zip(names, totals.tolist(), counts.tolist()):
             self.add(name, total, count)
 
-    def reduced(self, ctx: ParallelContext, names: Sequence[str]) -> "MetricSums":
+    def reduced(self, ctx: ParallelContext, names: Sequence[str]) -> MetricSums:
         """The sums and counts of ``names`` over all ranks (one all-reduce; every rank passes the same names)."""
         values = [self.sums.get(n, 0.0) for n in names] + [self.counts.get(n, 0.0) for n in names]
         totals = ctx.all_reduce_sum(values) if values else []

@@ -38,8 +38,9 @@ def build_optimizer(o: OptimConfig, parameters: list[nn.Parameter]) -> torch.opt
     if o.optimizer == "adamw":
         # The fused kernel (one pass per tensor) is ~5x faster than the per-op loop on CPU as well as GPU.
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in parameters)
-        return torch.optim.AdamW(parameters, lr=o.lr, betas=tuple(o.adam_betas), eps=o.eps, weight_decay=o.weight_decay,
-                                 fused=fused)
+        return torch.optim.AdamW(
+            parameters, lr=o.lr, betas=tuple(o.adam_betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused
+        )
     if o.optimizer == "rmsprop":
         return torch.optim.RMSprop(parameters, lr=o.lr, eps=o.eps, weight_decay=o.weight_decay)
     raise ConfigError(f"optim.optimizer must be adamw or rmsprop, got {o.optimizer!r}")
@@ -49,6 +50,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, o: OptimConfig, total_step
     """The warm-up + constant/cosine/linear schedule of :func:`lr_factor`, stepped once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: lr_factor(step, warmup_steps=o.warmup_steps, total_steps=total_steps, schedule=o.schedule,
-                               min_lr_ratio=o.min_lr_ratio),
+        lambda step: lr_factor(
+            step, warmup_steps=o.warmup_steps, total_steps=total_steps, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio
+        ),
     )

@@ -15,8 +15,9 @@ import dataclasses
 import datetime
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -83,8 +84,6 @@ def resolve_backend(requested: str, model_device: str) -> str:
     if requested == "auto":
         return "nccl" if cuda and not model_device.startswith("cpu") else "gloo"
     return requested
-
-
 
 
 @dataclass
@@ -173,7 +172,7 @@ class ParallelContext:
             stop.request("another rank")
 
     @contextlib.contextmanager
-    def running(self) -> Iterator["ParallelContext"]:
+    def running(self) -> Iterator[ParallelContext]:
         """Around a whole run: name this rank in a failure (for torchrun's summary), end the process group."""
         try:
             yield self
@@ -211,7 +210,8 @@ def setup_parallel(cfg: TrainConfig) -> ParallelContext:
             print(
                 f"note: distributed.strategy={settings.strategy} but the run was not started by torchrun "
                 "(WORLD_SIZE is unset): training in this one process",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
         return ParallelContext(device=resolve_device(cfg.model.device), settings=settings)
     strategy = resolve_strategy(settings.strategy, world_size)
@@ -222,14 +222,19 @@ def setup_parallel(cfg: TrainConfig) -> ParallelContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _rank_device(backend, local_rank, cfg.model.device)
     if strategy == "fsdp" and cfg.model.quantization != "none":
-        raise ConfigError("distributed.strategy=fsdp cannot shard quantized (bitsandbytes) weights; use ddp or model.quantization=none")
+        raise ConfigError(
+            "distributed.strategy=fsdp cannot shard quantized (bitsandbytes) weights; use ddp or model.quantization=none"
+        )
     if rank != 0:  # one set of transformers progress bars, from rank 0
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     if not dist.is_initialized():
         dist.init_process_group(
-            backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=settings.timeout_s),
+            backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=settings.timeout_s),
             device_id=device if backend == "nccl" else None,
         )
     return ParallelContext(device, strategy, backend, rank, local_rank, world_size, settings)
@@ -313,7 +318,6 @@ def shard(ctx: ParallelContext, module: nn.Module, inner: nn.Module) -> nn.Modul
         fully_shard(block, reshard_after_forward=d.fsdp_reshard_after_forward, **options)
     fully_shard(module, **options)
     return module
-
 
 
 class ParallelPolicy:

@@ -15,7 +15,6 @@ shape (B, K), without gradient (or None for reference-free objectives):
 construct the same classes. The cache key and fingerprints are described in ``docs/engine.md``.
 """
 
-
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +25,9 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -132,7 +132,9 @@ class PrecomputedReference:
 
     name = "precomputed"
 
-    def __init__(self, example_ids: torch.Tensor, logps: torch.Tensor, *, path: Path | None = None, from_cache: bool = False) -> None:
+    def __init__(
+        self, example_ids: torch.Tensor, logps: torch.Tensor, *, path: Path | None = None, from_cache: bool = False
+    ) -> None:
         self.logps_table = logps.float()
         self.row_of = {int(e): row for row, e in enumerate(example_ids.tolist())}
         self.path = path
@@ -201,12 +203,19 @@ def load_or_compute_reference(
         return cached  # type: ignore[return-value]  # not None on every rank
     shard = list(items)[ctx.rank :: ctx.world_size]
     example_ids, logps = compute_reference_logps(
-        model, shard, collate, batch_size=batch_size, chunk_size=chunk_size, progress=progress and ctx.is_main,
+        model,
+        shard,
+        collate,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        progress=progress and ctx.is_main,
     )
     gathered = [part for part in ctx.all_gather_object((example_ids, logps)) if part[0].numel()]
     k_max = max((part[1].shape[1] for part in gathered), default=2)
     all_ids = torch.cat([part[0] for part in gathered]) if gathered else example_ids
-    all_logps = torch.cat([torch.nn.functional.pad(part[1], (0, k_max - part[1].shape[1])) for part in gathered]) if gathered else logps
+    all_logps = (
+        torch.cat([torch.nn.functional.pad(part[1], (0, k_max - part[1].shape[1])) for part in gathered]) if gathered else logps
+    )
     if ctx.is_main:
         save_reference_table(path, all_ids, all_logps, model_fp=model_fp, dataset_fingerprint=dataset_fingerprint)
         logger.info("cached reference log-probs for %d examples at %s", len(all_ids), path)
@@ -234,8 +243,9 @@ def load_cached_reference(path: Path, items: Sequence[dict[str, Any]]) -> Precom
     return cached if wanted <= set(cached.row_of) else None
 
 
-def save_reference_table(path: Path, example_ids: torch.Tensor, logps: torch.Tensor, *, model_fp: str,
-                         dataset_fingerprint: str) -> None:
+def save_reference_table(
+    path: Path, example_ids: torch.Tensor, logps: torch.Tensor, *, model_fp: str, dataset_fingerprint: str
+) -> None:
     """Write a reference table atomically, with the fingerprints it was computed for."""
     metadata = {"format": CACHE_FORMAT, "model_fingerprint": model_fp, "dataset_fingerprint": dataset_fingerprint}
     _atomic_save({"example_id": example_ids, "logps": logps}, path, metadata)
@@ -245,8 +255,6 @@ def cached_reference_files(cache_dir: str | Path) -> list[Path]:
     """Reference tables present in ``cache_dir`` (for inspection and tests)."""
     folder = Path(cache_dir) / "reference"
     return sorted(p for p in folder.glob("*.safetensors") if re.fullmatch(r"[0-9a-f]{32}\.safetensors", p.name))
-
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,7 +306,7 @@ class CopyReference:
         self.whole = ctx.holds_whole_model
 
     @classmethod
-    def from_policy(cls, policy: nn.Module, *, chunk_size: int = 1024, ctx: ParallelContext | None = None) -> "CopyReference":
+    def from_policy(cls, policy: nn.Module, *, chunk_size: int = 1024, ctx: ParallelContext | None = None) -> CopyReference:
         return cls(copy.deepcopy(policy), chunk_size=chunk_size, ctx=ctx)
 
     def logps(self, batch: Batch) -> torch.Tensor:
@@ -357,7 +365,11 @@ def resolve_reference_strategy(strategy: str, *, needs_reference: bool, lora: bo
 
 
 def build_references(
-    strategy: str, cfg: TrainConfig, ctx: ParallelContext, initial_policy: nn.Module, datasets: Sequence[Any],
+    strategy: str,
+    cfg: TrainConfig,
+    ctx: ParallelContext,
+    initial_policy: nn.Module,
+    datasets: Sequence[Any],
     collate: Callable[[list[dict[str, Any]]], Batch],
 ) -> list[Reference | None]:
     """One reference per prepared dataset in ``datasets`` (training first, then evaluation).
@@ -373,8 +385,11 @@ def build_references(
         return [NoReference() if strategy == "none" else None for _ in datasets]
     separate = load_model(cfg.model, cfg.reference.name_or_path, device=ctx.device) if cfg.reference.name_or_path else None
     if strategy == "copy":
-        copy_reference = CopyReference(separate, chunk_size=chunk, ctx=ctx) if separate is not None else \
-            CopyReference.from_policy(initial_policy, chunk_size=chunk, ctx=ctx)
+        copy_reference = (
+            CopyReference(separate, chunk_size=chunk, ctx=ctx)
+            if separate is not None
+            else CopyReference.from_policy(initial_policy, chunk_size=chunk, ctx=ctx)
+        )
         return [copy_reference for _ in datasets]
     if strategy != "precomputed":
         raise ConfigError(f"unknown reference strategy {strategy!r}")
@@ -384,7 +399,15 @@ def build_references(
     for dataset in datasets:
         if id(dataset) not in tables:
             tables[id(dataset)] = load_or_compute_reference(
-                model, dataset.items, collate, dataset_fingerprint=dataset.fingerprint, cache_dir=cfg.data.cache_dir,
-                batch_size=cfg.reference.batch_size, chunk_size=chunk, model_fp=model_fp, progress=cfg.logging.progress_bar, ctx=ctx,
+                model,
+                dataset.items,
+                collate,
+                dataset_fingerprint=dataset.fingerprint,
+                cache_dir=cfg.data.cache_dir,
+                batch_size=cfg.reference.batch_size,
+                chunk_size=chunk,
+                model_fp=model_fp,
+                progress=cfg.logging.progress_bar,
+                ctx=ctx,
             )
     return [tables[id(dataset)] for dataset in datasets]

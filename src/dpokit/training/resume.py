@@ -48,7 +48,9 @@ def resolve_run_dir(cfg: TrainConfig, resume: str | None) -> tuple[Path, Path | 
 _RESUME_INVARIANTS = ("model.name_or_path", "model.lora", "data.train_path", "optim.grad_accumulation", "optim.seed")
 
 
-def check_resume_compatible(state: dict[str, Any], cfg: TrainConfig, num_train: int, micro_batch_examples: int | None = None) -> None:
+def check_resume_compatible(
+    state: dict[str, Any], cfg: TrainConfig, num_train: int, micro_batch_examples: int | None = None
+) -> None:
     saved = state.get("invariants", {})
     current = invariants(cfg, num_train, micro_batch_examples)
     changed = [k for k in current if k in saved and saved[k] != current[k]]

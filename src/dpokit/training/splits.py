@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ class Split:
     length_kind: str = "row"
 
     @classmethod
-    def of_items(cls, items: Sequence[dict[str, Any]]) -> "Split":
+    def of_items(cls, items: Sequence[dict[str, Any]]) -> Split:
         """All of a plain list of prepared items, in order."""
         return cls(SimpleNamespace(items=list(items)), list(range(len(items))))
 
@@ -47,8 +48,13 @@ def load_data(cfg: TrainConfig, tokenizer: Any, say: Callable[[str], None] = pri
 
     d = cfg.data
     common = dict(
-        format=d.format, columns=d.columns, skip_invalid=d.skip_invalid, ranked_mode=d.ranked_mode,
-        max_length=d.max_length, max_prompt_length=d.max_prompt_length, truncation_mode=d.truncation_mode,
+        format=d.format,
+        columns=d.columns,
+        skip_invalid=d.skip_invalid,
+        ranked_mode=d.ranked_mode,
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        truncation_mode=d.truncation_mode,
         cache_dir=d.cache_dir,
     )
     train_data = prepare_dataset(d.train_path, tokenizer, split=d.train_split, **common)

@@ -9,8 +9,9 @@ collectives inside DDP/FSDP need every rank, and adds nothing to the metrics.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -30,8 +31,12 @@ def forward_batch(policy: ParallelPolicy, batch: Batch, reference: Reference, ob
     policy_out = policy.logps(batch)
     return objective(
         LossInputs(
-            policy_logps=policy_out.logps, reference_logps=reference_logps, lengths=batch.response_lengths,
-            response_mask=batch.response_mask, policy_token_logps=policy_out.token_logps, token_seq=batch.score_seq,
+            policy_logps=policy_out.logps,
+            reference_logps=reference_logps,
+            lengths=batch.response_lengths,
+            response_mask=batch.response_mask,
+            policy_token_logps=policy_out.token_logps,
+            token_seq=batch.score_seq,
         )
     )
 
@@ -129,8 +134,11 @@ def _per_example_records(batch: Batch, columns: dict[str, torch.Tensor], positio
     """One ``{"example_id", <column>: float or None}`` dict per example (non-finite values become None);
     the example id is the batch's ``example_id`` extra, else the example's position in the split."""
     ids = batch.extras.get("example_id")
-    values = {name: tensor.detach().float().reshape(-1).cpu().tolist() for name, tensor in columns.items()
-              if tensor.numel() == batch.batch_size}
+    values = {
+        name: tensor.detach().float().reshape(-1).cpu().tolist()
+        for name, tensor in columns.items()
+        if tensor.numel() == batch.batch_size
+    }
     records = []
     for row in range(batch.batch_size):
         record: dict[str, Any] = {"example_id": int(ids[row]) if ids is not None else int(positions[row])}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 class StopRequest:
@@ -17,7 +18,7 @@ class StopRequest:
         self.signals = tuple(signals)
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)

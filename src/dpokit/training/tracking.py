@@ -20,8 +20,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import IO, Any
 
 from dpokit.errors import ConfigError, DataError
 
@@ -153,7 +154,7 @@ class MetricsTracker:
             self._wandb_run.finish()
             self._wandb_run = None
 
-    def __enter__(self) -> "MetricsTracker":
+    def __enter__(self) -> MetricsTracker:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -356,7 +357,7 @@ class ProgressBar:
         else:
             self._bar.close()
 
-    def __enter__(self) -> "ProgressBar":
+    def __enter__(self) -> ProgressBar:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -24,9 +24,10 @@ import math
 import random
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -149,8 +150,13 @@ class Trainer:
                 self.finish()
         output_dir = None if interrupted else self.export()
         return RunResult(
-            run_dir=self.run_dir, output_dir=output_dir, global_step=p.step, train_metrics=self.train_metrics,
-            eval_metrics=self.eval_metrics, interrupted=interrupted, last_checkpoint=self.last_checkpoint,
+            run_dir=self.run_dir,
+            output_dir=output_dir,
+            global_step=p.step,
+            train_metrics=self.train_metrics,
+            eval_metrics=self.eval_metrics,
+            interrupted=interrupted,
+            last_checkpoint=self.last_checkpoint,
         )
 
     def train_step(self) -> tuple[MetricSums, float, float]:
@@ -165,8 +171,14 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         step_sums, grad_norm = steps.train_step(
-            self.runner, micro_batches, self.train_split, self.collate, self.train_reference, self.objective,
-            max_grad_norm=o.max_grad_norm if o.max_grad_norm is not None else math.inf, check_loss=check_loss,
+            self.runner,
+            micro_batches,
+            self.train_split,
+            self.collate,
+            self.train_reference,
+            self.objective,
+            max_grad_norm=o.max_grad_norm if o.max_grad_norm is not None else math.inf,
+            check_loss=check_loss,
         )
         if not math.isfinite(grad_norm):
             raise self.non_finite("the gradient norm", grad_norm, f"epoch {p.epoch}")
@@ -206,8 +218,9 @@ class Trainer:
         """Stopped early: save a checkpoint (unless this step has one) and say how to continue."""
         if self.last_saved_step != self.position.step:
             self.checkpoint()
-        self.bar.write(f"stopped by {reason} at step {self.position.step}; checkpoint {self.last_checkpoint} "
-                       "(continue with --resume latest)")
+        self.bar.write(
+            f"stopped by {reason} at step {self.position.step}; checkpoint {self.last_checkpoint} (continue with --resume latest)"
+        )
 
     # -- evaluation, checkpoints, export ------------------------------------------------------------
 
@@ -218,8 +231,9 @@ class Trainer:
         # Evaluation must not move the training RNG streams (a resumed run evaluates at other times).
         device = self.ctx.device
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            metrics = steps.evaluate(self.runner, self.eval_split, self.eval_reference, self.objective, self.collate,
-                                     batch_size=cfg.eval.batch_size).metrics
+            metrics = steps.evaluate(
+                self.runner, self.eval_split, self.eval_reference, self.objective, self.collate, batch_size=cfg.eval.batch_size
+            ).metrics
             if cfg.eval.sample_prompts and self.ctx.is_main and self.ctx.holds_whole_model:
                 self.write_samples()
         self.tracker.log(p.step, metrics, split="eval")
@@ -236,8 +250,13 @@ class Trainer:
         assert self.eval_split is not None
         cfg = self.cfg.eval
         items = self.eval_split.items(range(min(cfg.sample_prompts, len(self.eval_split))))
-        samples = policy_and_reference_samples(self.runner.model, self.eval_reference, self.tokenizer,
-                                               [list(item["prompt_ids"]) for item in items], max_new_tokens=cfg.max_new_tokens)
+        samples = policy_and_reference_samples(
+            self.runner.model,
+            self.eval_reference,
+            self.tokenizer,
+            [list(item["prompt_ids"]) for item in items],
+            max_new_tokens=cfg.max_new_tokens,
+        )
         with open(self.run_dir / SAMPLES_FILENAME, "a", encoding="utf-8") as handle:
             for sample in samples:
                 handle.write(json.dumps({"step": self.position.step, **sample}) + "\n")
@@ -245,13 +264,25 @@ class Trainer:
     def checkpoint(self) -> Path:
         p = self.position
         state = {
-            "global_step": p.step, "epoch": p.epoch, "batch_in_epoch": p.batch_in_epoch, "total_steps": self.total_steps,
-            "pending_metrics": p.window.state(), "best_eval": p.best_eval, "invariants": self.invariants,
+            "global_step": p.step,
+            "epoch": p.epoch,
+            "batch_in_epoch": p.batch_in_epoch,
+            "total_steps": self.total_steps,
+            "pending_metrics": p.window.state(),
+            "best_eval": p.best_eval,
+            "invariants": self.invariants,
             "reference_strategy": self.reference_strategy,
         }
         self.last_checkpoint = save_checkpoint(
-            self.run_dir, p.step, model=self.runner.model, optimizer=self.optimizer, scheduler=self.scheduler,
-            trainer_state=state, tokenizer=self.tokenizer, keep_last=self.cfg.checkpoint.keep_last, ctx=self.ctx,
+            self.run_dir,
+            p.step,
+            model=self.runner.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=state,
+            tokenizer=self.tokenizer,
+            keep_last=self.cfg.checkpoint.keep_last,
+            ctx=self.ctx,
         )
         self.last_saved_step = p.step
         return self.last_checkpoint
@@ -266,7 +297,11 @@ class Trainer:
         return output_dir
 
     def non_finite(self, what: str, value: float, where: str) -> TrainingError:
-        kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint had been written yet"
+        kept = (
+            f"the last good checkpoint is {self.last_checkpoint}"
+            if self.last_checkpoint
+            else "no checkpoint had been written yet"
+        )
         return TrainingError(
             f"{what} is {value} at optimizer step {self.position.step + 1} ({where}); training stopped and {kept}. "
             "Try a lower optim.lr, gradient clipping (optim.max_grad_norm), model.dtype=float32 or bfloat16 "
@@ -276,8 +311,10 @@ class Trainer:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The global micro-batches of ``epoch`` (cached: the order is a pure function of seed and epoch)."""
         if self._batches[0] != epoch:
-            self._batches = (epoch, epoch_batches(self.train_split, batch_size=self.micro_examples, seed=self.cfg.optim.seed,
-                                                  epoch=epoch))
+            self._batches = (
+                epoch,
+                epoch_batches(self.train_split, batch_size=self.micro_examples, seed=self.cfg.optim.seed, epoch=epoch),
+            )
         return self._batches[1]
 
     # -- set-up -------------------------------------------------------------------------------------
@@ -306,15 +343,19 @@ class Trainer:
         with ctx.main_first():  # one rank fills the tokenized-data cache
             self.train_split, self.eval_split = load_data(cfg, self.tokenizer, say=self.say)
         layout = choose_layout(cfg.data.layout, policy)
-        self.collate = make_collator(layout, self.tokenizer.pad_token_id,
-                                     pack_tokens=cfg.data.pack_tokens if layout == "packed" else None)
+        self.collate = make_collator(
+            layout, self.tokenizer.pad_token_id, pack_tokens=cfg.data.pack_tokens if layout == "packed" else None
+        )
         if layout != "padded":  # group batches by the length of a whole [prompt | responses] block
             self.train_split.length_kind = "block"
         self.objective = build_objective(cfg.loss.terms, beta=cfg.loss.beta, reference_free=cfg.loss.reference_free)
         self.reference_strategy = resolve_reference_strategy(
-            cfg.reference.strategy, needs_reference=self.objective.needs_reference, lora=cfg.model.lora.enabled)
-        self.say(f"objective {self.objective!r}; reference: {self.reference_strategy}; {len(self.train_split)} training "
-                 "examples" + (f", {len(self.eval_split)} held out" if self.eval_split is not None else ""))
+            cfg.reference.strategy, needs_reference=self.objective.needs_reference, lora=cfg.model.lora.enabled
+        )
+        self.say(
+            f"objective {self.objective!r}; reference: {self.reference_strategy}; {len(self.train_split)} training "
+            "examples" + (f", {len(self.eval_split)} held out" if self.eval_split is not None else "")
+        )
         self.setup_policy_and_references(policy)
         self.setup_optimizer()
         if self.resume_from is not None:
@@ -325,8 +366,7 @@ class Trainer:
         gradient checkpointing, LoRA and compilation, then the DDP / FSDP2 wrapping."""
         cfg = self.cfg
         splits = [self.train_split] + ([self.eval_split] if self.eval_split is not None else [])
-        references = build_references(self.reference_strategy, cfg, self.ctx, policy, [s.dataset for s in splits],
-                                       self.collate)
+        references = build_references(self.reference_strategy, cfg, self.ctx, policy, [s.dataset for s in splits], self.collate)
         for reference in dict.fromkeys(references):
             path = getattr(reference, "path", None)
             if path is not None:
@@ -359,11 +399,17 @@ class Trainer:
 
     def restore(self, checkpoint: Path) -> None:
         """Weights, optimizer, scheduler, RNG and data position from ``checkpoint``."""
-        state = load_checkpoint(checkpoint, model=self.runner.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                ctx=self.ctx)
+        state = load_checkpoint(
+            checkpoint, model=self.runner.model, optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx
+        )
         check_resume_compatible(state, self.cfg, len(self.train_split), self.micro_examples)
-        self.position = Position(state["global_step"], state["epoch"], state["batch_in_epoch"],
-                                 MetricSums(state.get("pending_metrics")), state.get("best_eval", {}))
+        self.position = Position(
+            state["global_step"],
+            state["epoch"],
+            state["batch_in_epoch"],
+            MetricSums(state.get("pending_metrics")),
+            state.get("best_eval", {}),
+        )
         self.last_checkpoint = checkpoint
         if self.ctx.is_main:
             trim_metrics_file(self.run_dir, self.position.step)
@@ -379,10 +425,20 @@ class Trainer:
         from dpokit.training.tracking import MetricsTracker, progress_bar
 
         cfg, is_main = self.cfg, self.ctx.is_main
-        self.tracker = MetricsTracker(self.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                                      wandb_project=cfg.logging.wandb_project, config_dict=config_to_dict(cfg), enabled=is_main)
-        self.bar = progress_bar(self.total_steps, initial=self.position.step, enabled=cfg.logging.progress_bar and is_main,
-                                line_every=cfg.logging.log_every)  # off a terminal: one line per log
+        self.tracker = MetricsTracker(
+            self.run_dir,
+            tensorboard=cfg.logging.tensorboard,
+            wandb=cfg.logging.wandb,
+            wandb_project=cfg.logging.wandb_project,
+            config_dict=config_to_dict(cfg),
+            enabled=is_main,
+        )
+        self.bar = progress_bar(
+            self.total_steps,
+            initial=self.position.step,
+            enabled=cfg.logging.progress_bar and is_main,
+            line_every=cfg.logging.log_every,
+        )  # off a terminal: one line per log
         try:
             yield
         finally:
