@@ -67,7 +67,9 @@ _WORD_CACHE_BLOCK = 262_144
 # The pre-tokenizer regexes whose pieces never hold a space except as their first character or in an
 # all-whitespace piece (see the module docstring): GPT-2, GPT-4 cl100k / Llama-3, Qwen2.
 _GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _QWEN2_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 SPACE_SAFE_PATTERNS = frozenset({_GPT2_PATTERN, _LLAMA3_PATTERN, _QWEN2_PATTERN})
 _SAFE_NORMALIZERS = frozenset({"NFC", "Lowercase"})
@@ -96,7 +98,7 @@ class Ragged:
         return [flat[bounds[i] : bounds[i + 1]] for i in range(len(self))]
 
     @classmethod
-    def from_lists(cls, rows: Sequence[Sequence[int]]) -> "Ragged":
+    def from_lists(cls, rows: Sequence[Sequence[int]]) -> Ragged:
         lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -104,7 +106,7 @@ class Ragged:
         return cls(tokens, offsets)
 
     @classmethod
-    def concat(cls, parts: Sequence["Ragged"]) -> "Ragged":
+    def concat(cls, parts: Sequence[Ragged]) -> Ragged:
         """The rows of ``parts[0]``, then of ``parts[1]``, ..."""
         if not parts:
             return cls(np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int64))
@@ -113,7 +115,7 @@ class Ragged:
         np.cumsum(np.concatenate([p.lengths() for p in parts]), out=offsets[1:])
         return cls(tokens, offsets)
 
-    def take(self, index: np.ndarray) -> "Ragged":
+    def take(self, index: np.ndarray) -> Ragged:
         """The rows ``index[0], index[1], ...`` (repeats allowed). One pass in Arrow, whose memory
         pool reuses its buffers: numpy's repeat/arange/gather would allocate (and fault in) several
         token-sized temporaries."""
@@ -127,11 +129,11 @@ class Ragged:
         offsets = taken.offsets.to_numpy()
         return Ragged(tokens.astype(np.int32, copy=False), offsets - offsets[0] if len(offsets) and offsets[0] else offsets)
 
-    def join_rows(self, group_offsets: np.ndarray) -> "Ragged":
+    def join_rows(self, group_offsets: np.ndarray) -> Ragged:
         """Merge consecutive rows: new row ``j`` = rows ``group_offsets[j]:group_offsets[j + 1]`` back to back."""
         return Ragged(self.tokens, self.offsets[np.asarray(group_offsets, dtype=np.int64)])
 
-    def splice(self, pieces: "Ragged", rows: np.ndarray, groups: np.ndarray) -> "Ragged":
+    def splice(self, pieces: Ragged, rows: np.ndarray, groups: np.ndarray) -> Ragged:
         """New rows made of old rows and extra ``pieces``: row ``j`` is the rows ``rows[groups[j]:groups[j + 1]]``
         back to back, where ``rows`` index this ragged's rows first, then ``pieces``' (one pass)."""
         return Ragged.concat([self, pieces]).take(rows).join_rows(groups)
@@ -215,14 +217,29 @@ def _encode_whole(tokenizer: Any, texts: list[str]) -> Ragged:
 
 
 def _added_token_pattern(backend: Any) -> re.Pattern[str] | None:
-    contents = sorted({token.content for token in backend.get_added_tokens_decoder().values() if token.content}, key=len, reverse=True)
+    contents = sorted(
+        {token.content for token in backend.get_added_tokens_decoder().values() if token.content}, key=len, reverse=True
+    )
     return re.compile("|".join(map(re.escape, contents))) if contents else None
+
+
+def _words_with_added_tokens(backend: Any, added: re.Pattern[str], words: list[str]) -> np.ndarray:
+    """Which words, with their leading space (raw or normalized), hold an added token's content."""
+    normalizer = backend.normalizer
+
+    def holds_added(word: str) -> bool:
+        spaced = " " + word
+        return bool(added.search(spaced) or (normalizer is not None and added.search(normalizer.normalize_str(spaced))))
+
+    return np.fromiter(map(holds_added, words), dtype=bool, count=len(words))
 
 
 def _encode_list(backend: Any, texts: list[str]) -> list[list[int]]:
     ids: list[list[int]] = []
     for start in range(0, len(texts), _ENCODE_BATCH):
-        ids.extend(encoding.ids for encoding in backend.encode_batch_fast(texts[start : start + _ENCODE_BATCH], add_special_tokens=False))
+        ids.extend(
+            encoding.ids for encoding in backend.encode_batch_fast(texts[start : start + _ENCODE_BATCH], add_special_tokens=False)
+        )
     return ids
 
 
@@ -243,12 +260,7 @@ def _encode_by_words(tokenizer: Any, texts: list[str]) -> Ragged | None:
     whole = np.zeros(len(texts), dtype=bool)
     added = _added_token_pattern(backend)
     if added is not None:
-        normalizer = backend.normalizer
-        has_added = np.fromiter(
-            (bool(added.search(" " + w) or (normalizer is not None and added.search(normalizer.normalize_str(" " + w)))) for w in words),
-            dtype=bool,
-            count=len(words),
-        )
+        has_added = _words_with_added_tokens(backend, added, words)
         if has_added.any():
             whole |= np.logical_or.reduceat(has_added[word_of_part], text_parts[:-1])
         if any(any(c.isspace() for c in t.content) for t in backend.get_added_tokens_decoder().values()):
@@ -299,7 +311,11 @@ def _encode_by_words(tokenizer: Any, texts: list[str]) -> Ragged | None:
     expected = _encode_whole(tokenizer, [texts[i] for i in sample])
     for j, i in enumerate(sample.tolist()):
         if not np.array_equal(result.row(i), expected.row(j)):
-            logger.warning("the word-level token cache disagrees with the tokenizer on text %d (%r); encoding every text whole", i, texts[i][:60])
+            logger.warning(
+                "the word-level token cache disagrees with the tokenizer on text %d (%r); encoding every text whole",
+                i,
+                texts[i][:60],
+            )
             return None
     return result
 
