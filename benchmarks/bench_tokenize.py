@@ -116,7 +116,7 @@ def main() -> None:
         trl_rows = trl_dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_list()
         agree = sum(
             item["prompt_ids"] == t["prompt_ids"] and item["response_ids"] == [t["chosen_ids"], t["rejected_ids"]]
-            for item, t in zip(dataset.items, trl_rows)
+            for item, t in zip(dataset.items, trl_rows, strict=True)
         )
 
     dpokit_median, trl_median, warm_median = map(statistics.median, (dpokit_times, trl_times, warm_times))
@@ -124,7 +124,8 @@ def main() -> None:
     print()
     print(f"Tokenizing {options.pairs:,} preference pairs, {options.repeats} alternating repeats, medians")
     print(
-        f"(byte-level BPE, vocab {len(tokenizer)}, one process; tokenizer threads: {threads}{'; indented text' if options.indented else ''})"
+        f"(byte-level BPE, vocab {len(tokenizer)}, one process; tokenizer threads: {threads}"
+        f"{'; indented text' if options.indented else ''})"
     )
     print()
     print(f"| {'pipeline':<44} | {'seconds':>8} | {'pairs/s':>9} | {'vs TRL':>7} |")

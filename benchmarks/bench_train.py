@@ -36,6 +36,7 @@ system's own configuration.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -254,7 +255,7 @@ def worker(options: argparse.Namespace) -> None:
         wall = time.perf_counter() - start
     steady = clock.times[WARMUP_STEPS - 1 :] if len(clock.times) > WARMUP_STEPS + 1 else clock.times
     pairs_per_second = (len(steady) - 1) * options.batch_pairs / (steady[-1] - steady[0]) if len(steady) > 1 else float("nan")
-    step_seconds = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    step_seconds = [b - a for a, b in itertools.pairwise(clock.times)]
     print(
         "RESULT "
         + json.dumps(
@@ -390,7 +391,8 @@ def parent(options: argparse.Namespace) -> None:
                 results[system].append(result)
                 loads.append(load_average().split()[0])
                 print(
-                    f"  repeat {repeat + 1} {system:<12} wall {result['wall_s']:7.1f} s  steady {result['pairs_per_s']:5.2f} pairs/s  "
+                    f"  repeat {repeat + 1} {system:<12} wall {result['wall_s']:7.1f} s  "
+                    f"steady {result['pairs_per_s']:5.2f} pairs/s  "
                     f"step {result['median_step_s']:.2f} s  peak RSS {result['peak_rss'] / 2**20:6.0f} MiB  "
                     f"(cpu {result['cpu_s']:.0f} s, load {loads[-1]})",
                     flush=True,
@@ -403,7 +405,7 @@ def parent(options: argparse.Namespace) -> None:
             memory_fixture = build_fixture(
                 root / "memory", pairs=4 * 4, vocab_size=32000, prompt_tokens=(200, 256), response_tokens=(600, 760)
             )
-            for repeat in range(max(1, options.memory_repeats)):
+            for _repeat in range(max(1, options.memory_repeats)):
                 for system in [s for s in ("dpokit", "trl_default") if s in options.systems]:
                     result = launch(system, memory_fixture, options, memory=True, max_steps=4, batch_pairs=4)
                     memory.setdefault(system, []).append(result["step_peak_above_idle"])
@@ -465,7 +467,8 @@ def print_tables(options, results, matmul, flops, memory, loads) -> None:
     if memory:
         print()
         print(
-            "Large-vocabulary fixture (vocab 32,000, up to 1,024 tokens, batch 4 pairs): peak RSS of a training step above the idle trainer"
+            "Large-vocabulary fixture (vocab 32,000, up to 1,024 tokens, batch 4 pairs): "
+            "peak RSS of a training step above the idle trainer"
         )
         print()
         print("| system | step peak above idle (MiB) | vs TRL defaults |")

@@ -267,7 +267,7 @@ def dpo_result(loss_type: str | list[str], settings: dict[str, Any], inputs: dic
 def _max_abs_diff(single: dict[str, Any], double: dict[str, Any]) -> float:
     if double["losses"] is None:
         return abs(single["mean_loss"] - double["mean_loss"])
-    return max(abs(a - b) for a, b in zip(single["losses"], double["losses"]))
+    return max(abs(a - b) for a, b in zip(single["losses"], double["losses"], strict=True))
 
 
 def build_dpo_oracle(inputs: dict[str, list], seed: int) -> dict[str, Any]:
@@ -315,7 +315,7 @@ def compare(new: Any, old: Any, where: str = "") -> list[str]:
     if isinstance(new, list) and isinstance(old, list):
         if len(new) != len(old):
             return [f"{where}: length {len(new)} != {len(old)}"]
-        return [d for i, (a, b) in enumerate(zip(new, old)) for d in compare(a, b, f"{where}[{i}]")]
+        return [d for i, (a, b) in enumerate(zip(new, old, strict=True)) for d in compare(a, b, f"{where}[{i}]")]
     if isinstance(new, (int, float)) and isinstance(old, (int, float)) and not isinstance(new, bool):
         same = (math.isnan(new) and math.isnan(old)) or abs(new - old) <= 1e-9
         return [] if same else [f"{where}: {new!r} != {old!r} (diff {abs(new - old):.3g})"]

@@ -198,9 +198,11 @@ def test_adapters_disabled_computes_as_the_base_model():
 
 
 def test_adapters_disabled_on_a_model_without_adapters_is_a_compatibility_error():
-    with pytest.raises(LibraryCompatibilityError, match=r"peft .*: LlamaForCausalLM has no disable_adapter\(\)"):
-        with compat.adapters_disabled(tiny_llama()):
-            pass
+    with (
+        pytest.raises(LibraryCompatibilityError, match=r"peft .*: LlamaForCausalLM has no disable_adapter\(\)"),
+        compat.adapters_disabled(tiny_llama()),
+    ):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- tokenizers

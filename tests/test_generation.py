@@ -183,7 +183,7 @@ def test_batched_left_padded_greedy_equals_one_prompt_at_a_time_and_hf_generate(
     alone = [generate(model, [row], greedy, batch_size=1, **kwargs)[0] for row in ids]
     assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
     # transformers' own greedy search over the unpadded prompt gives the same tokens.
-    for row, completion in zip(ids, batched):
+    for row, completion in zip(ids, batched, strict=True):
         output = model.generate(
             torch.tensor([row]),
             attention_mask=torch.ones(1, len(row), dtype=torch.long),

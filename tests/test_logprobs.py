@@ -83,7 +83,7 @@ def _assert_same_value_and_grads(model, batch: Batch, chunk_size: int) -> None:
     torch.testing.assert_close(out.logps, naive, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.token_logps, naive_tokens, atol=1e-5, rtol=1e-5)
     chunked_grads = torch.autograd.grad((out.logps * weights).sum(), params, allow_unused=True)
-    for param_grad_naive, param_grad_chunked in zip(naive_grads, chunked_grads):
+    for param_grad_naive, param_grad_chunked in zip(naive_grads, chunked_grads, strict=True):
         if param_grad_naive is None:
             assert param_grad_chunked is None or param_grad_chunked.abs().max() == 0
             continue
@@ -114,7 +114,7 @@ def test_chunked_token_logps_equals_full_log_softmax_in_value_and_gradient(chunk
     chunked = chunked_token_logps(hidden, weight, targets, bias=bias, chunk_size=chunk_size, **transform)
     chunked_grads = torch.autograd.grad((chunked * upstream).sum(), (hidden, weight, bias))
     torch.testing.assert_close(chunked, naive)
-    for a, b in zip(chunked_grads, naive_grads):
+    for a, b in zip(chunked_grads, naive_grads, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -161,7 +161,7 @@ def test_bfloat16_weights_give_float32_log_probs_matching_the_bfloat16_logits_pa
     torch.testing.assert_close(chunked, naive)
     naive_grads = torch.autograd.grad(naive.sum(), (hidden, weight))
     chunked_grads = torch.autograd.grad(chunked.sum(), (hidden, weight))
-    for a, b in zip(chunked_grads, naive_grads):
+    for a, b in zip(chunked_grads, naive_grads, strict=True):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 

@@ -47,7 +47,7 @@ def _terms_for(case: dict) -> list[dict]:
     loss_types = case["loss_type"] if isinstance(case["loss_type"], list) else [case["loss_type"]]
     weights = case.get("loss_weights") or [1.0] * len(loss_types)
     terms = []
-    for loss_type, weight in zip(loss_types, weights):
+    for loss_type, weight in zip(loss_types, weights, strict=True):
         takes = L.LOSSES[loss_type].params
         term = {"name": loss_type, "weight": weight}
         for trl_name, ours in _TRL_PARAM_NAMES.items():

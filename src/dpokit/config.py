@@ -19,6 +19,7 @@ key reference for the README -- generated from the code, so it cannot drift.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -436,10 +437,8 @@ def _yaml_key_lines(text: str, filename: str) -> dict[str, str]:
                     where[dotted] = f" ({filename} line {key_node.start_mark.line + 1})"
                     walk(value_node, dotted + ".")
 
-    try:
+    with contextlib.suppress(yaml.YAMLError):  # a file that does not parse has no locations to add
         walk(yaml.compose(text), "")
-    except yaml.YAMLError:
-        pass
     return where
 
 
@@ -506,9 +505,8 @@ def load_config(
     """
     data: dict[str, Any] = {}
     where: dict[str, str] = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -154,7 +154,7 @@ def _eval_mode(*models: torch.nn.Module | None) -> Iterator[None]:
     try:
         yield
     finally:
-        for model, mode in zip(present, modes):
+        for model, mode in zip(present, modes, strict=True):
             model.train(mode)
 
 
@@ -297,7 +297,7 @@ def generate(
                 stops,
                 pad_token_id,
             )
-            completions += [Completion(p, s, c, d, lp) for (p, s), c, d, lp in zip(batch, ids, stopped, logps)]
+            completions += [Completion(p, s, c, d, lp) for (p, s), c, d, lp in zip(batch, ids, stopped, logps, strict=True)]
         if score or reference is not None:
             _score(completions, model, reference, prompt_ids, pad_token_id=pad_token_id, batch_size=batch_size)
     return completions
@@ -531,7 +531,7 @@ def generate_samples(
             completion=text,
             num_tokens=len(c.content_ids),
         )
-        for c, text in zip(completions, decode_completions(tokenizer, completions))
+        for c, text in zip(completions, decode_completions(tokenizer, completions), strict=True)
     ]
 
 
@@ -554,11 +554,11 @@ def policy_and_reference_samples(
 
     samples = [
         {"prompt": tokenizer.decode(ids, skip_special_tokens=False), "policy": text}
-        for ids, text in zip(prompt_ids, continuations(policy))
+        for ids, text in zip(prompt_ids, continuations(policy), strict=True)
     ]
     with reference.sampling_model() as reference_model:
         if reference_model is not None:
-            for sample, text in zip(samples, continuations(reference_model)):
+            for sample, text in zip(samples, continuations(reference_model), strict=True):
                 sample["reference"] = text
     return samples
 

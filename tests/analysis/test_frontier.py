@@ -134,7 +134,7 @@ def test_sampling_log_probs_agree_with_teacher_forcing_across_left_padded_prompt
     forced = completion_logps(model, prompt_ids, completions, pad_token_id=tokenizer.pad_token_id)
     assert torch.allclose(forced, torch.tensor(sampled, dtype=torch.float64), atol=1e-4)
     # Each row equals the unpadded forward of that prompt alone.
-    for i, (prompt, completion) in enumerate(zip(prompt_ids, completions)):
+    for i, (prompt, completion) in enumerate(zip(prompt_ids, completions, strict=True)):
         alone = completion_logps(model, [prompt], [completion], pad_token_id=tokenizer.pad_token_id)
         assert alone.item() == pytest.approx(forced[i].item(), abs=1e-4)
 

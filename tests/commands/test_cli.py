@@ -42,7 +42,11 @@ def test_every_command_help_describes_each_argument_and_shows_examples(name, cap
 
 
 def test_top_level_help_does_not_import_torch():
-    code = "import sys; from dpokit.commands.main import main\ntry: main(['--help'])\nexcept SystemExit: pass\nassert 'torch' not in sys.modules"
+    code = (
+        "import sys; from dpokit.commands.main import main\n"
+        "try: main(['--help'])\nexcept SystemExit: pass\n"
+        "assert 'torch' not in sys.modules"
+    )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
 

@@ -56,7 +56,7 @@ def test_sft_model_is_cached_by_settings(smoke_model, tmp_path_factory):
     model, tokenizer, model_dir = smoke_model
     again, _, again_dir = load_or_pretrain(SMOKE_LM, model_dir.parent, log=None)
     assert again_dir == model_dir
-    assert all((a == b).all() for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert all((a == b).all() for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
     other = dataclasses.replace(SMOKE_LM, steps=SMOKE_LM.steps + 1)
     assert other.cache_key() != SMOKE_LM.cache_key()
 
@@ -67,7 +67,7 @@ def test_prompts_are_two_to_eight_token_prefixes_of_reviews(smoke_model):
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
     assert min(lengths) >= 2 and max(lengths) <= 8
     assert len(set(lengths)) > 3  # the prefix length varies
-    assert all(review.startswith(p) for review, p in zip(make_corpus(40, seed=5), prompts))
+    assert all(review.startswith(p) for review, p in zip(make_corpus(40, seed=5), prompts, strict=True))
 
 
 def test_pairs_prefer_the_higher_reward_and_noisy_labels_sometimes_flip(smoke_model):
@@ -135,7 +135,9 @@ def test_demo_prints_reward_and_kl_before_and_after_with_paired_samples(tmp_path
     assert result["before"]["kl_mean"] == 0.0 and result["after"]["kl_mean"] != 0.0
     # Samples shown side by side answer the same prompts.
     shown = [line for line in lines if line.startswith("prompt: ")]
-    assert shown and all(b["prompt"] == a["prompt"] for b, a in zip(result["before"]["samples"], result["after_samples"]))
+    assert shown and all(
+        b["prompt"] == a["prompt"] for b, a in zip(result["before"]["samples"], result["after_samples"], strict=True)
+    )
     # The DPO run directory is a normal dpokit run: held-out metrics, TensorBoard events and the plot.
     run_dir = result["run_dir"]
     evals = [r for r in read_metrics(run_dir) if r["split"] == "eval"]

@@ -73,7 +73,7 @@ def test_round_trip_restores_weights_optimizer_scheduler_rng_and_position(tmp_pa
     state = load_checkpoint(path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
 
     assert (state["global_step"], state["epoch"], state["batch_in_epoch"]) == (2, 1, 3)
-    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     saved_opt, loaded_opt = optimizer.state_dict(), fresh_optimizer.state_dict()
     for key in saved_opt["state"]:

@@ -103,7 +103,7 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
 
 def assert_same_losses(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
     assert [s for s, _ in got] == [s for s, _ in expected]
-    for (_, a), (_, b) in zip(got, expected):
+    for (_, a), (_, b) in zip(got, expected, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
 
 
@@ -151,7 +151,7 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(asse
     single_tables = sorted((assets / "cache_single" / "reference").glob("*.safetensors"))
     gathered_tables = sorted((assets / f"cache_{tmp_path.name}" / "reference").glob("*.safetensors"))
     assert [p.name for p in gathered_tables] == [p.name for p in single_tables] and gathered_tables
-    for ours, theirs in zip(gathered_tables, single_tables):
+    for ours, theirs in zip(gathered_tables, single_tables, strict=True):
         a, b = load_file(str(ours)), load_file(str(theirs))
         order_a, order_b = a["example_id"].argsort(), b["example_id"].argsort()
         assert a["example_id"][order_a].tolist() == b["example_id"][order_b].tolist()

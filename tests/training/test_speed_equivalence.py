@@ -47,7 +47,7 @@ def test_layout_gives_the_padded_loss_and_gradients(layout, options):
     loss, grads = loss_and_gradients(layout, options)
     torch.testing.assert_close(loss, expected_loss, atol=1e-6, rtol=1e-5)
     for name, grad in expected_grads.items():
-        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_output_layer_chunk_size_does_not_change_loss_or_gradients():

@@ -114,7 +114,7 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(assets, tmp_path):
 
     expected, got = losses(straight.run_dir), losses(resumed.run_dir)
     assert [s for s, _ in got] == [s for s, _ in expected] == [2, 4, 6, 8, 10, 12]
-    for (_, a), (_, b) in zip(expected, got):
+    for (_, a), (_, b) in zip(expected, got, strict=True):
         assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
     assert resumed.train_metrics["loss"] == pytest.approx(straight.train_metrics["loss"], rel=1e-5)
 
@@ -167,7 +167,7 @@ def test_same_seed_same_run_and_other_seed_other_order(assets, tmp_path):
     again = run(make_config(assets, tmp_path / "s0b", "optim.max_steps=4"))
     other = run(make_config(assets, tmp_path / "s1", "optim.max_steps=4", "optim.seed=1"))
     assert losses(first.run_dir) == losses(again.run_dir)
-    assert [l for _, l in losses(first.run_dir)][1:] != [l for _, l in losses(other.run_dir)][1:]
+    assert [loss for _, loss in losses(first.run_dir)][1:] != [loss for _, loss in losses(other.run_dir)][1:]
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(assets, tmp_path):
@@ -369,7 +369,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(assets, tmp_path):
             child.kill()
     assert child.returncode == 0, err
     assert "SIGTERM received" in err and "Traceback" not in err
-    line = [l for l in out.splitlines() if l.startswith("RESULT")][0]
+    line = [text for text in out.splitlines() if text.startswith("RESULT")][0]
     _, interrupted, step, checkpoint = line.split(" ", 3)
     assert interrupted == "True" and int(step) >= 2
     assert Path(checkpoint).name == f"checkpoint-{step}"

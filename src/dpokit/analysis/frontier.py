@@ -107,7 +107,7 @@ def estimate_reward_kl(
     if keep_samples:
         result["samples"] = [
             {"prompt": p, "completion": c, "reward": r, "kl": k}
-            for p, c, r, k in list(zip(prompt_texts, completion_texts, rewards, kls))[:keep_samples]
+            for p, c, r, k in list(zip(prompt_texts, completion_texts, rewards, kls, strict=True))[:keep_samples]
         ]
     return result
 
@@ -309,7 +309,7 @@ def _classifier_reward(model_dir: Path, *, device: str | None, batch_size: int =
     @torch.no_grad()
     def reward(prompts: Sequence[str], completions: Sequence[str], **_: Any) -> list[float]:
         scores: list[float] = []
-        texts = [p + c for p, c in zip(prompts, completions)]
+        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
         for start in range(0, len(texts), batch_size):
             inputs = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True)
             logits = model(**inputs.to(model_device)).logits.float()

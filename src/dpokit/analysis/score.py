@@ -251,7 +251,7 @@ def format_scores(scored: Sequence[ScoredRow]) -> str:
     lines = []
     for index, row in enumerate(scored):
         lines.append(f"[{index}] prompt: {_short(row.prompt)}")
-        for k, (response, reward) in enumerate(zip(row.responses, row.rewards)):
+        for response, reward in zip(row.responses, row.rewards, strict=True):
             lines.append(f"    r={reward:+.4f}  {_short(response)}")
         if row.preference_prob is not None:
             lines.append(f"    P(first preferred) = {row.preference_prob:.4f}")

@@ -209,7 +209,7 @@ class SharedPromptCollator:
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> Batch:
         batch_size = len(items)
         prompts, responses, num_responses = self._token_arrays(items)
-        block_lengths = [len(p) + sum(len(r) for r in rs) for p, rs in zip(prompts, responses)]
+        block_lengths = [len(p) + sum(len(r) for r in rs) for p, rs in zip(prompts, responses, strict=True)]
         rows = self._rows(block_lengths)
         width = max(sum(block_lengths[b] for b in row) for row in rows)
         if self.pad_to_multiple_of:

@@ -30,8 +30,9 @@ Why the word cache is exact
       ``WhitespaceSplit``. In each of those regexes a space can only be the *first* character of a
       piece or part of an all-whitespace piece, and every character is matched, so a space after a
       non-whitespace character always starts a piece; the only look-ahead, ``\\s+(?!\\S)``, acts on
-      whitespace runs, and no word but a text's last ends in whitespace (see the glue, below). ``ByteLevel``'s ``add_prefix_space`` only acts on a piece that does not start
-      with a space, i.e. on the text's first word, which is encoded exactly as in the whole text;
+      whitespace runs, and no word but a text's last ends in whitespace (see the glue, below).
+      ``ByteLevel``'s ``add_prefix_space`` only acts on a piece that does not start with a space,
+      i.e. on the text's first word, which is encoded exactly as in the whole text;
     * model: ``BPE`` without dropout, ``WordPiece``, ``WordLevel`` or ``Unigram`` (deterministic, per piece);
     * no truncation or padding set on the backend.
 

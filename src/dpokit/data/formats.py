@@ -169,7 +169,7 @@ def _response_is_empty(response: Any) -> bool:
 
 def _check_responses(row: _Row, responses: list, fields: list[str]) -> None:
     """Every response must be non-empty, start with an assistant turn (chat) and be distinct."""
-    for response, field in zip(responses, fields):
+    for response, field in zip(responses, fields, strict=True):
         if _response_is_empty(response):
             raise row.error(field, "empty_response", "the response is empty")
         if isinstance(response, list) and response[0]["role"] != "assistant":
@@ -225,7 +225,7 @@ def detect_format(row: _Row) -> str:
         if _is_conversation(chosen):
             return "conversational"
         return "hh"
-    present = sorted(k for k in row.raw.keys()) if isinstance(row.raw, Mapping) else []
+    present = sorted(k for k in row.raw) if isinstance(row.raw, Mapping) else []
     raise row.error(
         "chosen",
         "missing_field",

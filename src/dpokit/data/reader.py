@@ -213,7 +213,7 @@ def _csv_rows(path: Path) -> RawRows:
         elif len(cells) != len(header):
             yield where, InvalidRowError(where, None, "malformed_row", f"has {len(cells)} cells but the header has {len(header)}")
         else:
-            yield where, dict(zip(header, cells))
+            yield where, dict(zip(header, cells, strict=True))
 
 
 def _has_surrogates(text: str) -> bool:

@@ -8,13 +8,13 @@ Everything downstream of the reader (tokenization, batching, the losses) sees on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from dpokit.errors import DataError
 
-Message = dict  # {"role": str, "content": str}
-Conversation = list  # list[Message]
-Text = Union[str, Conversation]
+Message = dict[str, str]  # {"role": ..., "content": ...}
+Conversation = list[Message]
+Text = str | Conversation
 
 
 @dataclass

@@ -243,7 +243,7 @@ def _tokenize_text(examples: list[PreferenceExample], tokenizer: Any) -> Tokeniz
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):  # a and b may differ in length
         if x != y:
             return i
     return min(len(a), len(b))
@@ -294,7 +294,8 @@ def _tokenize_chat(
                     None,
                     "chat_template_prefix",
                     f"the chat template renders the prompt (with add_generation_prompt=True) differently from the start of "
-                    f"the conversation with response {k}: token {at} is {tokenizer.decode(prompt[at : at + 8])!r} in the prompt but "
+                    f"the conversation with response {k}: "
+                    f"token {at} is {tokenizer.decode(prompt[at : at + 8])!r} in the prompt but "
                     f"{tokenizer.decode(full[at : at + 8])!r} in the conversation, so the response boundary is unknown. "
                     "Use a chat template whose generation prompt is a prefix of the rendered conversation",
                 )
@@ -382,7 +383,7 @@ def tokenize_examples(
     if chat_index:
         chat = _tokenize_chat([examples[i] for i in chat_index], tokenizer, on_invalid)
         parts.append(TokenizedColumns.from_lists([ids for ids in chat if ids is not None]))
-        indices.append(np.asarray([i for i, ids in zip(chat_index, chat) if ids is not None], dtype=np.int64))
+        indices.append(np.asarray([i for i, ids in zip(chat_index, chat, strict=True) if ids is not None], dtype=np.int64))
     columns = TokenizedColumns.concat(parts)
     kept = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
     order: np.ndarray | None = None

@@ -31,7 +31,7 @@ def vader_score(text: str) -> float:
 
 def vader_reward(prompts: Sequence[Any], completions: Sequence[Any], **_: Any) -> list[float]:
     """``compound(prompt + completion)`` for each pair; extra keyword arguments (TRL's) are ignored."""
-    return [vader_score(_text(p) + _text(c)) for p, c in zip(prompts, completions)]
+    return [vader_score(_text(p) + _text(c)) for p, c in zip(prompts, completions, strict=True)]
 
 
 def _text(value: Any) -> str:

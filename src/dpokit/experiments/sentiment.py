@@ -532,7 +532,8 @@ def _sentiment_demo(
     )
     out("")
     step = settings.eval_samples_per_prompt
-    for b, a in list(zip(before["samples"], after_samples))[::step][:3]:
+    # after_samples is empty when the DPO run left none: then no examples are shown.
+    for b, a in list(zip(before["samples"], after_samples, strict=False))[::step][:3]:
         out(f"prompt: {b['prompt']!r}")
         out(f"  SFT  [{b['reward']:+.2f}] {b['completion'].strip()}")
         out(f"  DPO  [{a['reward']:+.2f}] {a['completion'].strip()}")

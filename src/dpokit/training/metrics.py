@@ -39,7 +39,7 @@ class MetricSums:
         totals = torch.where(finite, values, torch.zeros_like(values)).sum(dim=1)
         counts = finite.sum(dim=1)
         # One device-to-host transfer for all metrics, not one per metric.
-        for name, total, count in zip(names, totals.tolist(), counts.tolist()):
+        for name, total, count in zip(names, totals.tolist(), counts.tolist(), strict=True):
             self.add(name, total, count)
 
     def reduced(self, ctx: ParallelContext, names: Sequence[str]) -> MetricSums:
@@ -80,7 +80,7 @@ class StepMetrics:
         sums = MetricSums()
         if not self.losses:
             return sums
-        for (index, _), value in zip(self.losses, torch.cat([loss for _, loss in self.losses]).tolist()):
+        for (index, _), value in zip(self.losses, torch.cat([loss for _, loss in self.losses]).tolist(), strict=True):
             check_loss(value, index)
         sums.add_per_example({name: torch.cat([m[name].reshape(-1) for m in self.per_example]) for name in self.per_example[0]})
         return sums

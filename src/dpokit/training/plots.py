@@ -54,7 +54,7 @@ def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path, title: 
 
     figure, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for axis, (panel_title, metrics, y_label) in zip(axes.flat, PANELS):
+    for axis, (panel_title, metrics, y_label) in zip(axes.flat, PANELS, strict=True):
         drawn = 0
         for metric_index, (metric, suffix) in enumerate(metrics):
             color = colors[metric_index % len(colors)]

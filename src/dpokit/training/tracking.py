@@ -92,7 +92,7 @@ class MetricsTracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Line-buffered append: a crash or Ctrl-C leaves every completed record on disk, and a
         # resumed run keeps adding to the same file.
-        self._file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)
+        self._file = open(self.metrics_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (open for the run; close() closes it)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: it pulls in tensorboard
 

@@ -18,6 +18,7 @@ batches the uninterrupted run would have seen.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -107,7 +108,13 @@ def run(cfg: TrainConfig, *, resume: str | None = None, on_step: OnStep | None =
     ctx = setup_parallel(cfg)
     with ctx.running():
         trainer = Trainer(cfg, ctx, resume=resume)
-        return trainer.fit(on_step)
+        try:
+            return trainer.fit(on_step)
+        finally:
+            # The wrapped models (DDP / FSDP2 state, sharded copies) go before the process group does:
+            # torch aborts a process whose collective state outlives its group.
+            del trainer
+            gc.collect()
 
 
 class Trainer:
