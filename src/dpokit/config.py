@@ -27,13 +27,18 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
 
 from dpokit.errors import ConfigError
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 CONFIG_FILENAME = "config.yaml"
+
+_Section = TypeVar("_Section", bound="DataclassInstance")
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
@@ -374,7 +379,7 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise _Mismatch
 
 
-def _build(cls: type, data: Any, prefix: str, where: dict[str, str]) -> Any:
+def _build(cls: type[_Section], data: Any, prefix: str, where: dict[str, str]) -> _Section:
     """Instantiate dataclass ``cls`` from a mapping, checking keys and types."""
     section = prefix.rstrip(".") or "the config"
     if not isinstance(data, dict):
@@ -387,7 +392,7 @@ def _build(cls: type, data: Any, prefix: str, where: dict[str, str]) -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key {dotted!r}{where.get(dotted, '')}{_suggest(dotted, all_keys())}")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, {} if value is None else value, dotted + ".", where)
             continue
         try:
@@ -408,7 +413,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _is_section(key: str, value: dict) -> bool:
+def _is_section(key: str, value: dict[str, Any]) -> bool:
     # Only schema sections merge; a free-form dict field (data.columns) is replaced as a whole.
     return key in {f.name for f in dataclasses.fields(TrainConfig)} or key == "lora"
 
@@ -483,7 +488,7 @@ def _field_type(dotted: str) -> Any:
     cls: Any = TrainConfig
     tp: Any = None
     for part in dotted.split("."):
-        if not dataclasses.is_dataclass(cls):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
             return None
         tp = _type_hints(cls).get(part)
         cls = tp
@@ -629,11 +634,12 @@ def require_paths(cfg: TrainConfig) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _default_text(f: dataclasses.Field) -> str:
+def _default_text(f: dataclasses.Field[Any]) -> str:
+    value: Any
     if f.default is not dataclasses.MISSING:
         value = f.default
-    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = f.default_factory()  # type: ignore[misc]
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
     else:
         return ""
     if dataclasses.is_dataclass(value):
@@ -655,7 +661,7 @@ def config_reference_markdown() -> str:
         subsections = []
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
-            if dataclasses.is_dataclass(tp):
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
                 subsections.append((tp, prefix + f.name))
                 continue
             help_text = f.metadata.get("help", "").replace("|", "\\|")

@@ -421,11 +421,11 @@ def _rejected_tokens(view: _View) -> tuple[Tensor, Tensor]:
     return inputs.policy_token_logps[is_rejected], inputs.token_seq[is_rejected] % batch_size
 
 
-def _pair(fn: Callable[..., Tensor]) -> Callable[[_View, dict], Tensor]:
+def _pair(fn: Callable[..., Tensor]) -> Callable[[_View, dict[str, Any]], Tensor]:
     return lambda v, p: fn(v.chosen_logratios, v.rejected_logratios, beta=v.beta, **p)
 
 
-def _pair_with_lengths(fn: Callable[..., Tensor]) -> Callable[[_View, dict], Tensor]:
+def _pair_with_lengths(fn: Callable[..., Tensor]) -> Callable[[_View, dict[str, Any]], Tensor]:
     return lambda v, p: fn(v.chosen_logratios, v.rejected_logratios, v.lengths[:, 0], v.lengths[:, 1], beta=v.beta, **p)
 
 
@@ -463,7 +463,7 @@ class LossSpec:
 
     name: str
     function: Callable[..., Tensor]
-    apply: Callable[[_View, dict], Tensor]
+    apply: Callable[[_View, dict[str, Any]], Tensor]
     kind: str
     needs_reference: bool
     formula: str

@@ -176,6 +176,14 @@ def test_conversational_a_response_equal_to_the_prompt_is_not_a_repeat():
     assert (error.field, error.reason) == ("chosen", "prompt_mismatch")
 
 
+def test_forced_conversational_on_an_all_text_row_keeps_the_texts():
+    # Only message lists can repeat the prompt's turns; strings are never cut at the prompt's text.
+    example, fmt = parse({"prompt": "Hi", "chosen": "Hi there", "rejected": "Hi you"}, format="conversational")
+    assert fmt == "conversational" and example == PreferenceExample("Hi", ["Hi there", "Hi you"], None, SRC)
+    example, _ = parse({"prompt": "A", "chosen": "A lot", "rejected": "Nope"}, format="conversational")
+    assert example.responses == ["A lot", "Nope"]
+
+
 def test_string_prompt_with_chat_responses_becomes_one_user_message():
     example, _ = parse({"prompt": "Hi", "chosen": [GOOD], "rejected": [BAD]})
     assert example.prompt == [{"role": "user", "content": "Hi"}]

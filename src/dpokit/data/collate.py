@@ -19,7 +19,7 @@ that consumes batches never changes. Three layouts, chosen by name in :func:`mak
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -324,7 +324,11 @@ class PackedCollator(SharedPromptCollator):
         super().__init__(pad_token_id, pack_tokens=pack_tokens, **options)
 
 
-LAYOUTS = {"padded": PaddedCollator, "shared_prompt": SharedPromptCollator, "packed": PackedCollator}
+LAYOUTS: dict[str, Callable[..., BatchLayout]] = {
+    "padded": PaddedCollator,
+    "shared_prompt": SharedPromptCollator,
+    "packed": PackedCollator,
+}
 
 
 def make_collator(layout: str, pad_token_id: int, **options: Any) -> BatchLayout:

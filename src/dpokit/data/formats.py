@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dpokit.data.schema import InvalidRowError, PreferenceExample, type_name
+from dpokit.data.schema import Conversation, InvalidRowError, PreferenceExample, Text, type_name
 from dpokit.errors import ConfigError
 
 CANONICAL_FIELDS = ("prompt", "chosen", "rejected", "responses", "scores")
@@ -167,7 +167,7 @@ def _response_is_empty(response: Any) -> bool:
     return not any(m["content"].strip() for m in response)
 
 
-def _check_responses(row: _Row, responses: list, fields: list[str]) -> None:
+def _check_responses(row: _Row, responses: Sequence[Text], fields: list[str]) -> None:
     """Every response must be non-empty, start with an assistant turn (chat) and be distinct."""
     for response, field in zip(responses, fields, strict=True):
         if _response_is_empty(response):
@@ -189,7 +189,7 @@ def _check_responses(row: _Row, responses: list, fields: list[str]) -> None:
         seen[key] = i
 
 
-def _unify(prompt: Any, responses: list) -> tuple[Any, list]:
+def _unify(prompt: Text, responses: list[Text]) -> tuple[Text, list[Text]]:
     """Make a row all-text or all-chat (see module docstring)."""
     if isinstance(prompt, list) or any(isinstance(r, list) for r in responses):
         if isinstance(prompt, str):
@@ -198,7 +198,9 @@ def _unify(prompt: Any, responses: list) -> tuple[Any, list]:
     return prompt, responses
 
 
-def _strip_repeated_prompt(row: _Row, prompt: list, chosen: list, rejected: list) -> tuple[list, list]:
+def _strip_repeated_prompt(
+    row: _Row, prompt: Conversation, chosen: Conversation, rejected: Conversation
+) -> tuple[Conversation, Conversation]:
     """Datasets often store full conversations next to the prompt; drop the repeated prompt turns."""
     n = len(prompt)
     chosen_repeats = len(chosen) > n and chosen[:n] == prompt
@@ -256,7 +258,9 @@ def parse_conversational(row: _Row) -> PreferenceExample:
         prompt = _text_or_messages(row, "prompt", row.get("prompt"))
         _check_nonempty_prompt(row, prompt)
         prompt, (chosen, rejected) = _unify(prompt, [chosen, rejected])
-        chosen, rejected = _strip_repeated_prompt(row, prompt, chosen, rejected)
+        # Repeated prompt turns are messages: an all-text row (format="conversational" forced) keeps its strings.
+        if isinstance(prompt, list) and isinstance(chosen, list) and isinstance(rejected, list):
+            chosen, rejected = _strip_repeated_prompt(row, prompt, chosen, rejected)
     else:
         if not isinstance(chosen, list):
             raise row.error("chosen", "wrong_type", f"expected a list of {{role, content}} messages, got {type_name(chosen)}")
@@ -267,7 +271,9 @@ def parse_conversational(row: _Row) -> PreferenceExample:
     return PreferenceExample(prompt, [chosen, rejected], None, row.source)
 
 
-def split_conversations(row: _Row, chosen: list, rejected: list) -> tuple[list, list, list]:
+def split_conversations(
+    row: _Row, chosen: Conversation, rejected: Conversation
+) -> tuple[Conversation, Conversation, Conversation]:
     """Implicit prompt: the longest common prefix of whole messages; the split is after the last common one."""
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
@@ -304,7 +310,7 @@ def parse_hh(row: _Row) -> PreferenceExample:
         raise row.error(
             "rejected", "prompt_mismatch", "does not start with the same dialogue as 'chosen' (up to the last '\\n\\nAssistant:')"
         )
-    responses = [chosen[len(prompt) :], rejected[len(prompt) :]]
+    responses: list[Text] = [chosen[len(prompt) :], rejected[len(prompt) :]]
     _check_nonempty_prompt(row, prompt)
     _check_responses(row, responses, ["chosen", "rejected"])
     return PreferenceExample(prompt, responses, None, row.source)
@@ -319,7 +325,7 @@ def parse_ranked(row: _Row) -> PreferenceExample:
         raise row.error("responses", "wrong_type", f"expected a list of responses, got {type_name(raw_responses)}")
     if len(raw_responses) < 2:
         raise row.error("responses", "too_few_responses", f"a ranking needs at least 2 responses, got {len(raw_responses)}")
-    responses: list = []
+    responses: list[Text] = []
     item_scores: list[float | None] = []
     for i, item in enumerate(raw_responses):
         field = f"responses[{i}]"
@@ -349,7 +355,7 @@ def parse_ranked(row: _Row) -> PreferenceExample:
         if any(s is None for s in item_scores):
             missing = item_scores.index(None)
             raise row.error(f"responses[{missing}]", "missing_field", "has no score while other responses do")
-        scores = [float(s) for s in item_scores]  # type: ignore[arg-type]
+        scores = [s for s in item_scores if s is not None]  # all present here
 
     prompt, responses = _unify(prompt, responses)
     fields = [f"responses[{i}]" for i in range(len(responses))]
@@ -359,7 +365,7 @@ def parse_ranked(row: _Row) -> PreferenceExample:
             raise row.error(
                 "scores", "tied_scores", f"all {len(scores)} responses score {scores[0]:g}, so there is no preference"
             )
-        order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: ties keep input order
+        order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)  # stable: ties keep input order
         responses = [responses[i] for i in order]
         scores = [scores[i] for i in order]
     return PreferenceExample(prompt, responses, scores, row.source)

@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
@@ -59,7 +59,7 @@ class PrepareReport:
         return cls(ReadReport.from_dict(data["read"]), TokenizeReport.from_dict(data["tokenize"]))
 
 
-class PreparedItems(Sequence):
+class PreparedItems(Sequence[dict[str, Any]]):
     """``items[i] -> {"example_id": i, "prompt_ids": list[int], "response_ids": list[list[int]]}``.
 
     Backed by flat numpy arrays; dicts are built on access. ``response_ids`` are ranked best first
@@ -77,7 +77,7 @@ class PreparedItems(Sequence):
     @overload
     def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
 
-    def __getitem__(self, index):  # type: ignore[override]
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         index = int(index)
@@ -190,7 +190,7 @@ def examples_fingerprint(examples: Sequence[PreferenceExample]) -> str:
 # The on-disk cache
 
 
-def _entry_dir(cache_dir: str | os.PathLike | None, fingerprint: str) -> Path:
+def _entry_dir(cache_dir: str | os.PathLike[str] | None, fingerprint: str) -> Path:
     return Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR) / f"prepared-{fingerprint[:40]}"
 
 
@@ -247,7 +247,7 @@ def _build(
     return PreparedDataset(columns, fingerprint, report, [examples[i].source for i in kept])
 
 
-def _cached(fingerprint: str, cache_dir: Any, use_cache: bool, build: Any) -> PreparedDataset:
+def _cached(fingerprint: str, cache_dir: Any, use_cache: bool, build: Callable[[], PreparedDataset]) -> PreparedDataset:
     path = _entry_dir(cache_dir, fingerprint) if use_cache else None
     if path is not None:
         hit = _load_entry(path, fingerprint)
@@ -274,7 +274,7 @@ def prepare_dataset(
     max_length: int | None = 512,
     max_prompt_length: int | None = 256,
     truncation_mode: str = "keep_end",
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
 ) -> PreparedDataset:
     """Read, validate, tokenize and truncate a preference dataset, with an on-disk cache.
@@ -329,7 +329,7 @@ def prepare_from_examples(
     max_length: int | None = 512,
     max_prompt_length: int | None = 256,
     truncation_mode: str = "keep_end",
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = False,
 ) -> PreparedDataset:
     """Tokenize in-memory :class:`PreferenceExample` s (already validated; responses best first).

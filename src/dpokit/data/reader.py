@@ -53,8 +53,8 @@ class ReadReport:
     rows: int = 0
     examples: int = 0
     blank_lines: int = 0
-    formats: Counter = field(default_factory=Counter)
-    skipped: Counter = field(default_factory=Counter)
+    formats: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
     skipped_messages: dict[str, list[str]] = field(default_factory=dict)
     ranked_mode: str = "listwise"
     pairs_from_rankings: int = 0

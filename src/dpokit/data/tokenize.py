@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -63,8 +63,8 @@ class TokenizeReport:
     examples_out: int = 0
     prompt_truncated: int = 0
     responses_truncated: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    skipped: Counter = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
     skipped_messages: dict[str, list[str]] = field(default_factory=dict)
     max_length: int | None = None
     max_prompt_length: int | None = None
@@ -134,7 +134,9 @@ class TokenizedColumns:
         prompts = self.example_segments[:-1]
         response_lengths = segment_lengths.copy()
         response_lengths[prompts] = 0
-        return segment_lengths[prompts] + np.maximum.reduceat(response_lengths, prompts)
+        # numpy types ufunc methods (reduceat) as returning Any.
+        row_lengths: np.ndarray = segment_lengths[prompts] + np.maximum.reduceat(response_lengths, prompts)
+        return row_lengths
 
     def block_lengths(self) -> np.ndarray:
         """(E,) int64: prompt + every response, the length of a shared-prompt block."""
@@ -204,8 +206,9 @@ def _tokenize_text(examples: list[PreferenceExample], tokenizer: Any) -> Tokeniz
         raise ConfigError("the tokenizer has no eos_token; set tokenizer.eos_token so responses can be terminated")
     prefix = special_prefix(tokenizer)
     num_responses = np.fromiter((ex.num_responses for ex in examples), dtype=np.int64, count=len(examples))
-    texts = [ex.prompt for ex in examples]
-    texts.extend(r for ex in examples for r in ex.responses)
+    # Plain-text examples: the prompt and every response are strings.
+    texts = [cast(str, ex.prompt) for ex in examples]
+    texts.extend(cast(str, r) for ex in examples for r in ex.responses)
     ids = encode_texts(tokenizer, texts)  # rows: E prompts, then every response in order
     num_examples, lengths = len(examples), ids.lengths()
 
