@@ -19,6 +19,8 @@ import dataclasses
 import functools
 import importlib.metadata
 import json
+import os
+import pickle
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -137,7 +139,7 @@ def architecture_config_dict(config: Any) -> dict[str, Any]:
 
     transformers ``PretrainedConfig.to_dict`` and its private ``_name_or_path`` key; checked with
     transformers 5.24."""
-    config_dict = config.to_dict()
+    config_dict: dict[str, Any] = config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "use_cache", "torch_dtype", "dtype"):
         config_dict.pop(volatile, None)
     return config_dict
@@ -195,10 +197,11 @@ def set_transformers_progress_bars(enabled: bool) -> None:
     checked with transformers 5.24."""
     from transformers.utils import logging as hf_logging
 
+    # Both are unannotated in transformers 5.24 (no return type), hence the narrow ignores.
     if enabled:
-        hf_logging.enable_progress_bar()
+        hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     else:
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 @functools.lru_cache(maxsize=1)
@@ -216,6 +219,92 @@ def kv_cache_keyword() -> str:
     if "past_key_values" in names:
         return "past_key_values"
     raise _incompatible("transformers", "CausalLMOutputWithPast has neither a 'cache' nor a 'past_key_values' field")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.distributed.checkpoint: loading without unpickling code
+
+
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+}
+
+
+class UnsafeCheckpointError(DpokitError):
+    """A checkpoint file asks to run or build something a checkpoint never needs."""
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` allowing only the checkpoint metadata classes, ``torch.Size`` and
+    torch's dtype/layout/memory-format constants: a crafted file cannot call anything else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch":
+            import torch
+
+            value = getattr(torch, name, None)
+            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                return value
+        raise UnsafeCheckpointError(f"refusing to load {module}.{name}: checkpoint metadata never contains it")
+
+
+def dcp_safe_reader_and_planner(checkpoint_dir: str | os.PathLike[str]) -> tuple[Any, Any]:
+    """A ``torch.distributed.checkpoint`` storage reader and load planner for ``dcp.load`` that unpickle
+    nothing but data: the metadata file through an allow-list unpickler, and non-tensor entries (the
+    optimizer's param_groups: numbers, tuples, strings) with ``torch.load(weights_only=True)``.
+    Either raises :class:`UnsafeCheckpointError` (metadata) or ``pickle.UnpicklingError`` (entries)
+    on a crafted checkpoint instead of running its code.
+
+    torch ``FileSystemReader.read_metadata`` (plain ``pickle.load``; re-implemented here with the
+    reader's private ``_get_metadata_path``, ``fs`` and ``load_id``) and ``DefaultLoadPlanner.load_bytes``
+    (``torch.load(weights_only=False)``); checked with torch 2.13."""
+    import torch
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):  # type: ignore[misc]
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            get_path = getattr(self, "_get_metadata_path", None)
+            if get_path is None or not hasattr(self, "fs"):
+                raise _incompatible("torch", "FileSystemReader has no _get_metadata_path / fs")
+            with self.fs.create_stream(get_path(kwargs.get("rank")), "rb") as stream:
+                metadata = _DcpMetadataUnpickler(stream).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafePlanner(DefaultLoadPlanner):  # type: ignore[misc]
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafeReader(checkpoint_dir), SafePlanner()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +368,8 @@ def serialized_tokenizer(backend: Any) -> str:
     to_str = getattr(backend, "to_str", None)
     if to_str is None:
         raise _incompatible("tokenizers", f"{type(backend).__name__} has no to_str()")
-    return to_str()
+    serialized: str = to_str()
+    return serialized
 
 
 def tokenizer_component_state(component: Any) -> dict[str, Any] | None:

@@ -450,7 +450,8 @@ def format_prompt(tokenizer: Any, prompt: Prompt, *, chat_template: str = "auto"
             "the prompt is a chat conversation but the tokenizer has no chat template: use text prompts, "
             "pass --chat-template never, or add a chat_template to the tokenizer"
         )
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text
 
 
 def encode_prompts(
@@ -489,7 +490,8 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 
 def decode_completions(tokenizer: Any, completions: Sequence[Completion]) -> list[str]:
     """Each completion's text without its stop token and without special tokens."""
-    return tokenizer.batch_decode([c.content_ids for c in completions], skip_special_tokens=True)
+    texts: list[str] = tokenizer.batch_decode([c.content_ids for c in completions], skip_special_tokens=True)
+    return texts
 
 
 @dataclass

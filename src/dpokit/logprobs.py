@@ -95,7 +95,7 @@ class OutputHead:
 def find_output_head(model: nn.Module) -> OutputHead:
     """The output layer (``model.get_output_embeddings()``, tied or not) and the logit transform
     from the model's config."""
-    module = model.get_output_embeddings()
+    module = model.get_output_embeddings()  # type: ignore[operator]  # a transformers method, typed Tensor | Module by nn.Module.__getattr__
     if module is None:
         raise TrainingError(
             f"{type(model).__name__} has no output layer (get_output_embeddings() is None); dpokit needs a causal language model"
@@ -117,7 +117,16 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
     own ``.float()`` logits are); gradients are exact for that computation."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, scale: float, softcap):  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        chunk_size: int,
+        scale: float,
+        softcap: float | None,
+    ) -> Tensor:
         num_tokens = hidden.shape[0]
         token_logps = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
         for start in range(0, num_tokens, chunk_size):
@@ -131,7 +140,7 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
         return token_logps
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, targets = ctx.saved_tensors
         need_hidden, need_weight, need_bias = (
             ctx.needs_input_grad[0],
@@ -152,21 +161,21 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
             grad_logits = torch.softmax(logits, dim=-1).mul_(-g)
             del logits
             grad_logits.scatter_add_(1, targets[start:stop, None], g)
-            if ctx.softcap is not None:
+            if tanh_value is not None:  # soft-capped
                 grad_logits.mul_(1.0 - tanh_value.square_())  # d/du c tanh(u / c) = 1 - tanh^2
             if ctx.scale != 1.0:
                 grad_logits.mul_(ctx.scale)
-            if need_hidden:
+            if grad_hidden is not None:
                 grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_weight:
+            if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t(), hidden_chunk.float())
-            if need_bias:
+            if grad_bias is not None:
                 grad_bias.add_(grad_logits.sum(dim=0))
             del grad_logits, tanh_value
         return (
             grad_hidden,
-            grad_weight.to(weight.dtype) if need_weight else None,
-            grad_bias.to(bias.dtype) if need_bias else None,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
             None,
             None,
             None,
@@ -174,7 +183,9 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
         )
 
 
-def _chunk_logits(hidden_chunk: Tensor, weight: Tensor, bias: Tensor | None, scale: float, softcap):
+def _chunk_logits(
+    hidden_chunk: Tensor, weight: Tensor, bias: Tensor | None, scale: float, softcap: float | None
+) -> tuple[Tensor, Tensor | None]:
     """float32 logits g(h W^T + b) of one chunk, and tanh(u / c) when soft-capped (for backward)."""
     logits = F.linear(hidden_chunk.to(weight.dtype), weight, bias).float()
     if scale != 1.0:
@@ -201,7 +212,11 @@ def chunked_token_logps(
     buffers; gradients flow to ``hidden``, ``weight`` and ``bias`` exactly."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _ChunkedLinearLogProb.apply(hidden, weight, bias, targets, int(chunk_size), float(scale), softcap)
+    # torch types Function.apply without annotations.
+    token_logps: Tensor = _ChunkedLinearLogProb.apply(  # type: ignore[no-untyped-call]
+        hidden, weight, bias, targets, int(chunk_size), float(scale), softcap
+    )
+    return token_logps
 
 
 def _module_token_logps(head: OutputHead, hidden: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
@@ -265,7 +280,7 @@ def flex_block_mask(block_id: Tensor, segment_id: Tensor) -> Any:
 
     from dpokit.data.collate import may_attend
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return may_attend(block_id[b, q_idx], segment_id[b, q_idx], q_idx, block_id[b, kv_idx], segment_id[b, kv_idx], kv_idx)
 
     rows, width = block_id.shape
@@ -285,7 +300,7 @@ def _verify_custom_mask(model: nn.Module, input_ids: Tensor) -> None:
     from dpokit.data.collate import PaddedCollator, SharedPromptCollator
 
     ids = input_ids.reshape(-1)[:1].tolist() or [0]
-    vocab = int(getattr(model.get_input_embeddings(), "num_embeddings", 0) or 0)
+    vocab = int(getattr(model.get_input_embeddings(), "num_embeddings", 0) or 0)  # type: ignore[operator]  # a transformers method, typed Tensor | Module by nn.Module.__getattr__
     tokens = [(ids[0] + i) % vocab if vocab else ids[0] for i in range(1, 9)]
     items = [
         {"example_id": 0, "prompt_ids": tokens[:3], "response_ids": [tokens[3:6], tokens[6:8]]},
@@ -329,9 +344,9 @@ def final_hidden_states(model: nn.Module, model_inputs: dict[str, Tensor]) -> Te
     """(N, T, H) hidden states after the final norm, from the model's decoder (the network without
     its output layer). Works through peft wrappers: LoRA layers live inside the decoder, so they
     apply, and ``with model.disable_adapter():`` switches them off."""
-    decoder = model.get_decoder()
+    decoder = model.get_decoder()  # type: ignore[operator]  # a transformers method, typed Tensor | Module by nn.Module.__getattr__
     outputs = decoder(**model_inputs, use_cache=False)
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    hidden: Tensor = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     return hidden
 
 

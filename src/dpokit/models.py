@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -60,6 +60,10 @@ def resolve_device(name: str | None = "auto", *, setting: str = "model.device") 
     return device
 
 
+@overload
+def resolve_dtype(name: str, *, setting: str = ..., allow_auto: Literal[False] = ...) -> torch.dtype: ...
+@overload
+def resolve_dtype(name: str, *, setting: str = ..., allow_auto: bool) -> torch.dtype | str: ...
 def resolve_dtype(name: str, *, setting: str = "model.dtype", allow_auto: bool = False) -> torch.dtype | str:
     """The torch dtype named ``name`` (a key of :data:`DTYPES`); ``"auto"`` (kept as the string
     transformers understands: the checkpoint's own dtype) only when ``allow_auto``."""
@@ -173,11 +177,12 @@ def _quantization_config(model_cfg: ModelConfig, dtype: torch.dtype) -> Any:
             f"model.quantization={model_cfg.quantization} needs the 'bitsandbytes' package and a CUDA GPU: "
             "`pip install bitsandbytes`, or set model.quantization=none"
         ) from None
+    # BitsAndBytesConfig.__init__ is unannotated in transformers 5.24.
     if model_cfg.quantization == "4bit":
-        return BitsAndBytesConfig(
+        return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )
-    return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
 
 
 def load_model(model_cfg: ModelConfig, name_or_path: str | None = None, *, device: torch.device | None = None) -> nn.Module:
@@ -195,7 +200,7 @@ def load_model(model_cfg: ModelConfig, name_or_path: str | None = None, *, devic
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": device.index or 0} if device is not None and device.type == "cuda" else {"": 0}
-    model = _from_pretrained(AutoModelForCausalLM, location, what="a causal language model", **kwargs)
+    model: nn.Module = _from_pretrained(AutoModelForCausalLM, location, what="a causal language model", **kwargs)
     if quantization is None and device is not None:
         model.to(device)
     if model_cfg.disable_dropout:
@@ -209,15 +214,18 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | N
         model_cfg.tokenizer_name_or_path or model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code
     )
     model = load_model(model_cfg, device=device if device is not None else resolve_device(model_cfg.device))
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    # A transformers model: its config and get_input_embeddings are typed Tensor | Module through nn.Module.__getattr__.
+    hf_model: Any = model
+    if getattr(hf_model.config, "pad_token_id", None) is None:
+        hf_model.config.pad_token_id = tokenizer.pad_token_id
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tokenizer.pad_token_id
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    embedding_rows = hf_model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > embedding_rows:
         raise ConfigError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix only "
-            f"{model.get_input_embeddings().weight.shape[0]} rows; use the tokenizer that belongs to the model"
+            f"{embedding_rows} rows; use the tokenizer that belongs to the model"
         )
     return model, tokenizer
 
@@ -410,11 +418,12 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, *, gradient_checkpointing
     import peft
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # Unannotated in peft.
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)  # type: ignore[no-untyped-call]
     target = lora_cfg.target_modules
     peft_config = peft.LoraConfig(
         r=lora_cfg.r,
-        lora_alpha=lora_cfg.alpha,
+        lora_alpha=lora_cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; the scale alpha / r takes a float
         lora_dropout=lora_cfg.dropout,
         target_modules=target if isinstance(target, str) else list(target),
         task_type="CAUSAL_LM",
@@ -433,12 +442,13 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     Recent transformers 5.x call it "activation checkpointing" (the old method name warns).
     """
     kwargs = {"use_reentrant": False}
+    hf_model: Any = model  # transformers methods, typed Tensor | Module through nn.Module.__getattr__
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "config"):
-        model.config.use_cache = False
+        hf_model.config.use_cache = False
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -492,14 +502,15 @@ def save_final_model(policy: nn.Module, tokenizer: Any, out_dir: str | Path, *, 
 
 
 def _save_policy(policy: nn.Module, out: Path, lora_export: str) -> None:
+    hf_policy: Any = policy  # transformers / peft methods, typed Tensor | Module through nn.Module.__getattr__
     if is_peft_model(policy):
         if lora_export == "adapter":
-            policy.save_pretrained(out, safe_serialization=True)
+            hf_policy.save_pretrained(out, safe_serialization=True)
         elif lora_export == "merged":
             if getattr(policy, "is_loaded_in_4bit", False) or getattr(policy, "is_loaded_in_8bit", False):
                 raise TrainingError("cannot merge adapters into quantized base weights; set model.lora.export=adapter")
-            policy.merge_and_unload().save_pretrained(out, safe_serialization=True)
+            hf_policy.merge_and_unload().save_pretrained(out, safe_serialization=True)
         else:
             raise ConfigError(f"model.lora.export must be 'merged' or 'adapter', got {lora_export!r}")
     else:
-        policy.save_pretrained(out, safe_serialization=True)
+        hf_policy.save_pretrained(out, safe_serialization=True)

@@ -235,3 +235,71 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadabl
     result = run(cfg, resume="latest")
     assert result.global_step == 6 and not partial.exists()
     assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-6"]
+
+
+class _CreatesAFile:
+    """A pickle payload: unpickling it calls ``open(path, "w")``, which creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def _dcp_checkpoint(tmp_path: Path):
+    """A torchrun-format (DCP) checkpoint written in this process, and a fresh model/optimizer to load it into."""
+    import warnings
+
+    from dpokit.training.parallel import ParallelContext
+
+    model, optimizer, scheduler = _trained_state()
+    with warnings.catch_warnings():  # DCP notes that it saves without a process group: it does
+        warnings.simplefilter("ignore")
+        path = save_checkpoint(
+            tmp_path / "run",
+            2,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            trainer_state={"epoch": 0, "batch_in_epoch": 2},
+            ctx=ParallelContext(strategy="ddp"),
+        )
+    fresh = tiny_llama(seed=1)
+    return path, model, fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+
+
+def test_a_dcp_checkpoint_loads_in_one_process_through_the_safe_reader(tmp_path):
+    path, model, fresh, fresh_optimizer = _dcp_checkpoint(tmp_path)
+    assert (path / "dcp" / ".metadata").is_file() and not (path / "model").exists()
+    load_checkpoint(path, model=fresh, optimizer=fresh_optimizer, restore_rng=False)
+    for (name, expected), actual in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=name)
+    assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 3)  # LambdaLR's lr after two steps
+
+
+def test_a_crafted_dcp_metadata_pickle_is_refused_and_runs_nothing(tmp_path):
+    """``torch.distributed.checkpoint`` unpickles ``dcp/.metadata`` with plain pickle: a crafted file
+    would run code on ``--resume``. dpokit reads it through an allow-list and refuses instead."""
+    path, _, fresh, fresh_optimizer = _dcp_checkpoint(tmp_path)
+    marker = tmp_path / "pwned"
+    (path / "dcp" / ".metadata").write_bytes(pickle.dumps(_CreatesAFile(marker)))
+    with pytest.raises(TrainingError, match="unsafe to load .refusing to load io.open"):
+        load_checkpoint(path, model=fresh, optimizer=fresh_optimizer)
+    assert not marker.exists()
+
+
+def test_a_crafted_non_tensor_entry_is_refused_and_runs_nothing(tmp_path):
+    """Non-tensor DCP entries (the optimizer's param_groups) are read with ``weights_only=True``."""
+    import io
+
+    from dpokit.compat import dcp_safe_reader_and_planner
+
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save(_CreatesAFile(marker), buffer)
+    buffer.seek(0)
+    _, planner = dcp_safe_reader_and_planner(tmp_path)
+    with pytest.raises(pickle.UnpicklingError):
+        planner.load_bytes(None, buffer)
+    assert not marker.exists()

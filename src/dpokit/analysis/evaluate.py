@@ -183,7 +183,11 @@ def run_eval(job: EvalJob) -> EvalReport:
     from dpokit.data import prepare_dataset
     from dpokit.losses import build_objective
 
-    options = {"dtype": job.load.dtype, "device": job.load.device, "trust_remote_code": job.load.trust_remote_code}
+    options: dict[str, Any] = {
+        "dtype": job.load.dtype,
+        "device": job.load.device,
+        "trust_remote_code": job.load.trust_remote_code,
+    }
     policy = load_policy(job.model, **options)
     train = training_defaults(policy, job.config)
     data, loss = train.data, train.loss
@@ -210,7 +214,7 @@ def run_eval(job: EvalJob) -> EvalReport:
         truncation_mode=data.truncation_mode,
         cache_dir=_first(job.cache_dir, data.cache_dir),
     )
-    items = dataset.items
+    items: Sequence[dict[str, Any]] = dataset.items
     if job.limit is not None:
         items = [items[index] for index in range(min(job.limit, len(items)))]
     result = evaluate_preferences(

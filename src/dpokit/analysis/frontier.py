@@ -295,15 +295,17 @@ def load_reward(spec: str, *, device: str | None = LoadOptions.device) -> Reward
     function = getattr(module, function_name, None)
     if not callable(function):
         raise ConfigError(f"reward {spec!r}: module {module_name!r} has no callable {function_name!r}")
-    return function
+    reward: RewardFn = function  # a user's function: its signature is taken on trust
+    return reward
 
 
 def _classifier_reward(model_dir: Path, *, device: str | None, batch_size: int = 64) -> RewardFn:
     from dpokit.models import load_sequence_classifier
 
     model, tokenizer = load_sequence_classifier(model_dir, device=device)
-    labels = {int(k): str(v).lower() for k, v in (model.config.id2label or {}).items()}
-    positive = next((i for i, name in labels.items() if name == "positive"), model.config.num_labels - 1)
+    config: Any = model.config  # a transformers config, typed Tensor | Module through nn.Module.__getattr__
+    labels = {int(k): str(v).lower() for k, v in (config.id2label or {}).items()}
+    positive = next((i for i, name in labels.items() if name == "positive"), config.num_labels - 1)
     model_device = next(model.parameters()).device
 
     @torch.no_grad()
@@ -408,7 +410,11 @@ def run_frontier(job: FrontierJob, *, log: Callable[[str], None] | None = None) 
     from dpokit.models import load_policy
 
     say = log or (lambda line: None)
-    options = {"dtype": job.load.dtype, "device": job.load.device, "trust_remote_code": job.load.trust_remote_code}
+    options: dict[str, Any] = {
+        "dtype": job.load.dtype,
+        "device": job.load.device,
+        "trust_remote_code": job.load.trust_remote_code,
+    }
     reward_fn = load_reward(job.reward, device=job.load.device)
     prompts = read_text_prompts(job.prompts)[: job.max_prompts]
     reference = load_policy(job.reference, **options)

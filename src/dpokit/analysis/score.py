@@ -97,7 +97,8 @@ def _text(value: Any, where: str, field: str) -> Text:
     if isinstance(value, str) and value != "":
         return value
     if _is_messages(value):
-        return value
+        messages: list[dict[str, str]] = value
+        return messages
     raise DataError(f"{where}: field '{field}' must be a non-empty string or a list of {{'role', 'content'}} messages")
 
 
@@ -290,7 +291,11 @@ class ScoreReport:
 
 def run_score(job: ScoreJob, rows: Sequence[ScoreRow]) -> ScoreReport:
     """Load the policy and its reference and score ``rows``."""
-    options = {"dtype": job.load.dtype, "device": job.load.device, "trust_remote_code": job.load.trust_remote_code}
+    options: dict[str, Any] = {
+        "dtype": job.load.dtype,
+        "device": job.load.device,
+        "trust_remote_code": job.load.trust_remote_code,
+    }
     policy = load_policy(job.model, **options)
     train = training_defaults(policy)
     beta = float(job.beta if job.beta is not None else train.loss.beta)

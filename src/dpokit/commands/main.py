@@ -83,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
-        return args._run(args)
+        status: int = args._run(args)
+        return status
     except DpokitError as error:
         if os.environ.get("DPOKIT_DEBUG"):
             raise

@@ -102,7 +102,8 @@ def train_rloo(
     """
     try:
         from datasets import Dataset
-        from trl import RLOOConfig, RLOOTrainer
+        from trl.trainer.rloo_config import RLOOConfig
+        from trl.trainer.rloo_trainer import RLOOTrainer
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ConfigError("the RL baseline needs TRL: pip install 'dpokit[experiment]' (or skip it with --methods)") from error
     os.environ.setdefault("WANDB_DISABLED", "true")
@@ -128,7 +129,13 @@ def train_rloo(
             save_every=save_every,
             seed=seed,
         )
-        trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=dataset, processing_class=tokenizer)
+        trainer = RLOOTrainer(
+            model=model,
+            reward_funcs=reward_fn,  # type: ignore[arg-type]  # TRL asks for list[float | None]; ours give a list[float]
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # its per-step dicts would drown the experiment's log

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 
 POSITIVE_ADJECTIVES = [
     "good",
@@ -120,7 +121,9 @@ TEMPLATES = (
 )
 
 
-def _sentiment_word(rng: random.Random, mood: float, positive, negative, neutral) -> str:
+def _sentiment_word(
+    rng: random.Random, mood: float, positive: Sequence[str], negative: Sequence[str], neutral: Sequence[str]
+) -> str:
     """A word whose polarity follows the review's mood: P(pos) = 0.8(1+m)/2, P(neg) = 0.8(1-m)/2."""
     u = rng.random()
     if u < 0.8 * (1 + mood) / 2:
@@ -136,7 +139,10 @@ def make_review(rng: random.Random) -> str:
     sentences = []
     for _ in range(rng.randint(2, 4)):
         template = rng.choice(TEMPLATES)
-        adj = lambda: _sentiment_word(rng, mood, POSITIVE_ADJECTIVES, NEGATIVE_ADJECTIVES, NEUTRAL_ADJECTIVES)  # noqa: E731
+
+        def adj() -> str:
+            return _sentiment_word(rng, mood, POSITIVE_ADJECTIVES, NEGATIVE_ADJECTIVES, NEUTRAL_ADJECTIVES)
+
         rec_positive = rng.random() < (1 + mood) / 2
         sentence = template.format(
             noun=rng.choice(NOUNS),

@@ -17,8 +17,10 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -65,7 +67,10 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    # PreTrainedTokenizerFast.__init__ is unannotated in transformers 5.24.
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
     fast.model_max_length = 1024
     return fast
 
@@ -96,7 +101,9 @@ def _encode_rows(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_len: 
     return rows
 
 
-def pretrain(settings: LMSettings, texts: list[str], log=print) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast, dict]:
+def pretrain(
+    settings: LMSettings, texts: list[str], log: Callable[[str], None] | None = print
+) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast, dict[str, Any]]:
     """Train tokenizer and model on ``texts``; returns them and a small summary (final loss, time)."""
     start = time.time()
     tokenizer = train_tokenizer(texts, settings.vocab_size)
@@ -110,7 +117,7 @@ def pretrain(settings: LMSettings, texts: list[str], log=print) -> tuple[GPT2LMH
         lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, settings.steps) / settings.steps)),
     )
     generator = torch.Generator().manual_seed(settings.seed)
-    recent = []
+    recent: list[float] = []
     for step in range(settings.steps):
         picks = torch.randint(len(rows), (settings.batch_size,), generator=generator).tolist()
         batch = [rows[i] for i in picks]
@@ -125,14 +132,14 @@ def pretrain(settings: LMSettings, texts: list[str], log=print) -> tuple[GPT2LMH
         targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         recent = (recent + [loss.item()])[-20:]
         if log and (step + 1) % max(1, settings.steps // 10) == 0:
             log(f"  pretrain step {step + 1}/{settings.steps}  loss {sum(recent) / len(recent):.3f}")
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]  # GPT2LMHeadModel.eval is unannotated in transformers
     summary = {
         "final_loss": sum(recent) / max(1, len(recent)),
         "seconds": time.time() - start,
@@ -143,7 +150,7 @@ def pretrain(settings: LMSettings, texts: list[str], log=print) -> tuple[GPT2LMH
 
 
 def load_or_pretrain(
-    settings: LMSettings, cache_dir: str | Path, log=print
+    settings: LMSettings, cache_dir: str | Path, log: Callable[[str], None] | None = print
 ) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast, Path]:
     """The cached SFT model for ``settings`` (trained and saved on first use). Returns (model, tokenizer, dir)."""
     model_dir = Path(cache_dir) / f"sft-{settings.cache_key()}"

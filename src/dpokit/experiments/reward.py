@@ -18,7 +18,7 @@ from typing import Any
 
 
 @lru_cache(maxsize=1)
-def _analyzer():
+def _analyzer() -> Any:  # vaderSentiment has no type information
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     return SentimentIntensityAnalyzer()

@@ -27,7 +27,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +103,7 @@ DEFAULT_THREADS = 1
 
 
 @contextlib.contextmanager
-def torch_threads(num_threads: int):
+def torch_threads(num_threads: int) -> Iterator[None]:
     """Run the enclosed code with ``num_threads`` torch intra-op threads, then restore the setting."""
     previous = torch.get_num_threads()
     torch.set_num_threads(num_threads)
@@ -289,7 +289,8 @@ class Experiment:
             if stored.get("settings_key") == self.settings.key():
                 self.samples[run] = stored.get("samples", [])
                 self.timings[run] = stored.get("seconds", 0.0)
-                return stored["points"]
+                points: list[dict[str, Any]] = stored["points"]
+                return points
         return None
 
     def _store_points(self, run: str, points: list[dict[str, Any]], seconds: float) -> None:
@@ -340,7 +341,7 @@ class Experiment:
             run_dir=run_dir,
             terms=terms,
             beta=beta if beta is not None else 0.1,
-            num_pairs=self.preference_stats["pairs"],
+            num_pairs=int(self.preference_stats["pairs"]),
             cache_dir=self.cache_dir,
         )
         self.log(f"{run}: training ({cfg.optim.epochs} epochs, checkpoint every {cfg.checkpoint.every_steps} steps)")

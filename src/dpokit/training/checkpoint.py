@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -25,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dpokit.compat import UnsafeCheckpointError, dcp_safe_reader_and_planner
 from dpokit.errors import TrainingError
 from dpokit.training.parallel import ParallelContext
 
@@ -48,7 +50,9 @@ def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{index}"] = state
     version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state(legacy=True)  # the 5-tuple (the default, which numpy's stubs get wrong)
+    assert isinstance(numpy_state, tuple)
+    name, keys, pos, has_gauss, cached = numpy_state
     plain = {
         "python": [version, list(internal), gauss],
         "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
@@ -153,16 +157,16 @@ def _write_weights(
     or for a peft model its adapter, with save_pretrained; the tokenizer beside it), or DCP shards of
     the trainable weights and the optimizer state from every rank under torchrun."""
     if _format(ctx) == "dcp":
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
         model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options())
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory / DCP_DIR))
+        dcp_save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory / DCP_DIR))
         return
     from dpokit.models import quiet_progress_bars
 
     with quiet_progress_bars():
-        model.save_pretrained(directory / MODEL_DIR, safe_serialization=True)
+        model.save_pretrained(directory / MODEL_DIR, safe_serialization=True)  # type: ignore[operator]  # a transformers method, typed Tensor | Module by nn.Module.__getattr__
     if tokenizer is not None:
         tokenizer.save_pretrained(directory / MODEL_DIR)
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
@@ -272,7 +276,8 @@ def save_checkpoint(
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     try:
-        return json.loads((Path(path) / TRAINER_STATE).read_text())
+        state: dict[str, Any] = json.loads((Path(path) / TRAINER_STATE).read_text())
+        return state
     except (OSError, json.JSONDecodeError) as exc:
         raise TrainingError(f"checkpoint {str(path)!r} has no readable {TRAINER_STATE}: {exc}") from None
 
@@ -326,23 +331,46 @@ def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | N
     import warnings
 
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     if optimizer is None:
         raise TrainingError(f"checkpoint {str(path)!r} is a torchrun (DCP) checkpoint; load it with its optimizer")
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options())
-    loaded = {"model": model_state, "optimizer": optimizer_state}
+    loaded: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message=".*load in a single process.*")
-            dcp.load(loaded, checkpoint_id=str(path / DCP_DIR), no_dist=not dist.is_initialized())
-    except Exception as exc:  # a different model / LoRA setting: keys or shapes do not match
+            reader, planner = dcp_safe_reader_and_planner(path / DCP_DIR)
+            dcp_load(loaded, storage_reader=reader, planner=planner, no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as exc:  # a different model / LoRA setting: keys or shapes do not match
+        if _refused_as_unsafe(exc):  # DCP wraps the reader's errors; the reason is in the text
+            raise TrainingError(
+                f"checkpoint {str(path)!r} is unsafe to load ({_unsafe_reason(exc)}); it was not written by dpokit or "
+                "has been tampered with. Resume from another checkpoint or start a new run."
+            ) from None
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise TrainingError(f"checkpoint {str(path)!r} does not fit this model and optimizer: {message}") from None
     set_state_dict(
         model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"], options=_state_dict_options()
     )
+
+
+_UNSAFE_MARKERS = ("refusing to load", "Weights only load failed")
+
+
+def _refused_as_unsafe(exc: BaseException) -> bool:
+    """Whether loading stopped because the safe reader refused a pickle (see :mod:`dpokit.compat`)."""
+    return isinstance(exc, (UnsafeCheckpointError, pickle.UnpicklingError)) or any(m in str(exc) for m in _UNSAFE_MARKERS)
+
+
+def _unsafe_reason(exc: BaseException) -> str:
+    text = str(exc)
+    for marker in _UNSAFE_MARKERS:
+        if marker in text:
+            return text[text.index(marker) :].split(";")[0].splitlines()[0].strip()
+    return type(exc).__name__
 
 
 def load_checkpoint(

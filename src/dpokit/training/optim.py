@@ -39,7 +39,7 @@ def build_optimizer(o: OptimConfig, parameters: list[nn.Parameter]) -> torch.opt
         # The fused kernel (one pass per tensor) is ~5x faster than the per-op loop on CPU as well as GPU.
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in parameters)
         return torch.optim.AdamW(
-            parameters, lr=o.lr, betas=tuple(o.adam_betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused
+            parameters, lr=o.lr, betas=(o.adam_betas[0], o.adam_betas[1]), eps=o.eps, weight_decay=o.weight_decay, fused=fused
         )
     if o.optimizer == "rmsprop":
         return torch.optim.RMSprop(parameters, lr=o.lr, eps=o.eps, weight_decay=o.weight_decay)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dpokit.compat import no_split_module_class_names
+from dpokit.compat import no_split_module_class_names, set_transformers_progress_bars
 from dpokit.config import DistributedConfig, TrainConfig
 from dpokit.data.batch import Batch
 from dpokit.errors import ConfigError, DpokitError
@@ -226,9 +226,7 @@ def setup_parallel(cfg: TrainConfig) -> ParallelContext:
             "distributed.strategy=fsdp cannot shard quantized (bitsandbytes) weights; use ddp or model.quantization=none"
         )
     if rank != 0:  # one set of transformers progress bars, from rank 0
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        set_transformers_progress_bars(False)
     if not dist.is_initialized():
         dist.init_process_group(
             backend,
@@ -298,7 +296,10 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     if blocks:
         return blocks
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    if not lists:
+        return []
+    largest = max(lists, key=len)
+    return list(largest)
 
 
 def shard(ctx: ParallelContext, module: nn.Module, inner: nn.Module) -> nn.Module:
@@ -310,13 +311,13 @@ def shard(ctx: ParallelContext, module: nn.Module, inner: nn.Module) -> nn.Modul
     param_dtype = DTYPES[d.fsdp_param_dtype] if d.fsdp_param_dtype else None
     reduce_dtype = DTYPES[d.fsdp_reduce_dtype] if d.fsdp_reduce_dtype else param_dtype
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-    options = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype))
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = transformer_blocks(inner)
     if not blocks:
         raise ConfigError(f"distributed.strategy=fsdp found no transformer blocks in {type(inner).__name__}; use ddp")
     for block in blocks:
-        fully_shard(block, reshard_after_forward=d.fsdp_reshard_after_forward, **options)
-    fully_shard(module, **options)
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=d.fsdp_reshard_after_forward)
+    fully_shard(module, mesh=mesh, mp_policy=mp_policy)
     return module
 
 
@@ -348,7 +349,8 @@ class ParallelPolicy:
         """Reference log-probs (B, K) from the policy itself with adapters off (LoRA)."""
         with torch.no_grad():
             module = self.module if self.ctx.strategy == "fsdp" else self.logps_module  # DDP needs no hook here
-            return module(batch, reference=True).logps.detach()
+            logps: torch.Tensor = module(batch, reference=True).logps.detach()
+            return logps
 
     @contextlib.contextmanager
     def gradient_sync(self, enabled: bool) -> Iterator[None]:
@@ -364,7 +366,7 @@ class ParallelPolicy:
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Global gradient norm (over all shards) before clipping; gradients scaled to ``max_norm``."""
         parameters = [p for p in self.module.parameters() if p.grad is not None]
-        total = torch.nn.utils.get_total_norm([p.grad for p in parameters], norm_type=2.0)
+        total = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None], norm_type=2.0)
         if hasattr(total, "full_tensor"):  # a DTensor under FSDP2: the norm over every shard
             total = total.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)

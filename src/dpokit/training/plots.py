@@ -21,7 +21,7 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
     ("Implicit rewards", (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")), "beta * log-ratio"),
 )
 
-SPLIT_STYLES = {
+SPLIT_STYLES: dict[str, dict[str, Any]] = {
     "train": {"linestyle": "-", "marker": None, "alpha": 0.9},
     "eval": {"linestyle": "--", "marker": "o", "markersize": 4, "alpha": 0.9},
 }

@@ -68,7 +68,8 @@ def model_fingerprint(model: nn.Module) -> str:
         hasher.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         flat = tensor.contiguous().reshape(-1)
         if flat.numel():
-            hasher.update(flat.view(torch.uint8).cpu().numpy())  # buffer protocol, no extra copy
+            # The buffer protocol, no extra copy (numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only).
+            hasher.update(flat.view(torch.uint8).cpu().numpy())  # type: ignore[arg-type]
     return hasher.hexdigest()
 
 
@@ -311,7 +312,7 @@ class CopyReference:
 
     def logps(self, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
-            values = self.module(batch, reference=True).logps.detach()
+            values: torch.Tensor = self.module(batch, reference=True).logps.detach()
         reshard = getattr(self.module, "reshard", None)
         if reshard is not None:  # an FSDP2 root keeps its gathered parameters after forward; free them
             reshard()

@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from dpokit.config import TrainConfig
 from dpokit.errors import TrainingError
+
+if TYPE_CHECKING:
+    from dpokit.data import PreparedDataset
 
 
 @dataclass
@@ -47,22 +50,28 @@ def load_data(cfg: TrainConfig, tokenizer: Any, say: Callable[[str], None] = pri
     from dpokit.data import prepare_dataset
 
     d = cfg.data
-    common = dict(
-        format=d.format,
-        columns=d.columns,
-        skip_invalid=d.skip_invalid,
-        ranked_mode=d.ranked_mode,
-        max_length=d.max_length,
-        max_prompt_length=d.max_prompt_length,
-        truncation_mode=d.truncation_mode,
-        cache_dir=d.cache_dir,
-    )
-    train_data = prepare_dataset(d.train_path, tokenizer, split=d.train_split, **common)
+
+    def prepare(path: str, split: str) -> PreparedDataset:
+        return prepare_dataset(
+            path,
+            tokenizer,
+            split=split,
+            format=d.format,
+            columns=d.columns,
+            skip_invalid=d.skip_invalid,
+            ranked_mode=d.ranked_mode,
+            max_length=d.max_length,
+            max_prompt_length=d.max_prompt_length,
+            truncation_mode=d.truncation_mode,
+            cache_dir=d.cache_dir,
+        )
+
+    train_data = prepare(d.train_path, d.train_split)
     say(f"training data {d.train_path}: {train_data.report.summary()}")
     indices = list(range(len(train_data)))
     eval_split: Split | None = None
     if d.eval_path:
-        eval_data = prepare_dataset(d.eval_path, tokenizer, split=d.eval_split, **common)
+        eval_data = prepare(d.eval_path, d.eval_split)
         eval_split = Split(eval_data, list(range(len(eval_data))))
     elif d.eval_split_fraction > 0:
         generator = torch.Generator().manual_seed(cfg.optim.seed)

@@ -41,7 +41,13 @@ from dpokit.training.checkpoint import export_final_model, load_checkpoint, remo
 from dpokit.training.metrics import MetricSums
 from dpokit.training.optim import build_optimizer, build_scheduler
 from dpokit.training.parallel import ParallelContext, ParallelPolicy, apply_global_batch_size, launched_world_size, setup_parallel
-from dpokit.training.reference import AdapterDisabledReference, build_references, resolve_reference_strategy
+from dpokit.training.reference import (
+    AdapterDisabledReference,
+    PrecomputedReference,
+    Reference,
+    build_references,
+    resolve_reference_strategy,
+)
 from dpokit.training.resume import check_resume_compatible, invariants, resolve_run_dir, trim_metrics_file
 from dpokit.training.splits import epoch_batches, load_data
 from dpokit.training.stop import StopRequest
@@ -129,6 +135,7 @@ class Trainer:
         self.last_saved_step = self.last_eval_step = -1
         self.train_metrics: dict[str, float] = {}
         self.eval_metrics: dict[str, float] = {}
+        self._batches: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its micro-batches), set in setup_optimizer
         self.setup()
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -189,7 +196,7 @@ class Trainer:
         )
         if not math.isfinite(grad_norm):
             raise self.non_finite("the gradient norm", grad_norm, f"epoch {p.epoch}")
-        learning_rate = self.scheduler.get_last_lr()[0]
+        learning_rate = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
         p.step += 1
@@ -375,9 +382,9 @@ class Trainer:
         splits = [self.train_split] + ([self.eval_split] if self.eval_split is not None else [])
         references = build_references(self.reference_strategy, cfg, self.ctx, policy, [s.dataset for s in splits], self.collate)
         for reference in dict.fromkeys(references):
-            path = getattr(reference, "path", None)
-            if path is not None:
-                self.say(f"reference log-probs {'reused from' if reference.from_cache else 'computed and cached in'} {path}")
+            if isinstance(reference, PrecomputedReference) and reference.path is not None:
+                how = "reused from" if reference.from_cache else "computed and cached in"
+                self.say(f"reference log-probs {how} {reference.path}")
         if cfg.model.gradient_checkpointing:
             enable_gradient_checkpointing(policy)
         if cfg.model.lora.enabled:
@@ -387,17 +394,21 @@ class Trainer:
 
             compile_decoder_layers(policy)
         self.runner = ParallelPolicy(self.ctx, policy, chunk_size=cfg.optim.logps_chunk_size)
-        if self.reference_strategy == "adapter_disabled":
-            references = [AdapterDisabledReference(self.runner) for _ in references]
-        self.train_reference = references[0]
-        self.eval_reference = references[-1]
+        # build_references leaves None only for adapter_disabled, made here from the wrapped policy.
+        resolved: list[Reference] = (
+            [AdapterDisabledReference(self.runner) for _ in references]
+            if self.reference_strategy == "adapter_disabled"
+            else [r for r in references if r is not None]
+        )
+        self.train_reference = resolved[0]
+        self.eval_reference = resolved[-1]
 
     def setup_optimizer(self) -> None:
         """Optimizer over the (possibly sharded) trainable parameters; the length of the run; the schedule."""
         o = self.cfg.optim
         # The sampler draws micro-batches of batch_size x processes examples; each rank gets a slice.
         self.micro_examples = o.batch_size * self.ctx.world_size
-        self._batches: tuple[int, list[list[int]]] = (-1, [])
+        self._batches = (-1, [])
         batches_per_epoch = math.ceil(len(self.train_split) / self.micro_examples)
         self.total_steps = o.max_steps or o.epochs * math.ceil(batches_per_epoch / o.grad_accumulation)
         self.optimizer = build_optimizer(o, [p for p in self.runner.model.parameters() if p.requires_grad])
