@@ -61,6 +61,13 @@ __all__ = [
     "sft_loss",
     "unlikelihood_loss",
     "plackett_luce_loss",
+    "orpo_loss",
+    "cpo_loss",
+    "simpo_loss",
+    "alphapo_loss",
+    "alphapo_rewards",
+    "kto_loss",
+    "apo_zero_unpaired_loss",
     "f_divergence_scores",
 ]
 
@@ -352,6 +359,208 @@ def plackett_luce_loss(logratios: Tensor, response_mask: Tensor, *, beta: float)
 
 
 # --------------------------------------------------------------------------------------------
+# Reference-free pairwise objectives (ORPO, CPO, SimPO, AlphaPO) and unpaired ones (KTO).
+# --------------------------------------------------------------------------------------------
+
+# A per-token average log-prob of exactly 0 (probability 1) would make ORPO's log(1 - p) -inf; it is
+# capped just below 0, which changes nothing for any average a model really produces.
+_MAX_AVERAGE_LOGP = -1e-9
+
+
+def _per_token(logps: Tensor, lengths: Tensor) -> Tensor:
+    return logps / lengths.clamp(min=1).to(logps.dtype)
+
+
+def orpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    beta: float,
+    nll_weight: float = 1.0,
+) -> Tensor:
+    """ORPO (Hong et al., 2024, eqs. 6-7), reference-free; beta is the paper's lambda. With per-token
+    average log-probs c = pi_w / |y_w| and r = pi_l / |y_l| (p = e^c is the geometric-mean token
+    probability, odds(p) = p / (1 - p)):
+
+        log_odds = (c - r) - (log(1 - e^c) - log(1 - e^r))
+        loss_b   = nll_weight * sft_b - beta * log sigma(log_odds)
+
+    with sft_b the chosen response's share of the batch token-mean NLL (:func:`sft_loss`).
+
+    Worked example (one example, beta 1): |y_w| = 2, pi_w = 2 log 0.5 (c = log 0.5, odds 1) and
+    |y_l| = 1, pi_l = log 0.25 (odds 1/3): log_odds = log 3, -log sigma(log 3) = -log 0.75 = 0.287682;
+    the NLL is -pi_w / 2 = 0.693147, so the loss is 0.980829 (0.287682 with nll_weight 0).
+    """
+    chosen = _per_token(policy_chosen_logps, chosen_lengths).clamp(max=_MAX_AVERAGE_LOGP)
+    rejected = _per_token(policy_rejected_logps, rejected_lengths).clamp(max=_MAX_AVERAGE_LOGP)
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+    odds_ratio_term = -beta * F.logsigmoid(log_odds)
+    if nll_weight == 0:
+        return odds_ratio_term
+    return nll_weight * sft_loss(policy_chosen_logps, chosen_lengths) + odds_ratio_term
+
+
+def alphapo_rewards(logps: Tensor, alpha: float) -> Tensor:
+    """AlphaPO's reward shape (Gupta et al., 2025): r = (1 - p^(-alpha)) / alpha with p = e^logps, i.e.
+    ``-expm1(-alpha * logps) / alpha`` (finite where TRL's ``exp(logps) ** -alpha`` overflows); the
+    log-prob itself at alpha = 0."""
+    if alpha == 0:
+        return logps
+    return -torch.expm1(-alpha * logps) / alpha
+
+
+CPO_VARIANTS = ("sigmoid", "hinge", "ipo")
+
+
+def cpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    beta: float,
+    variant: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    alpha: float = 0.0,
+    bc_weight: float = 1.0,
+) -> Tensor:
+    """CPO (Xu et al., 2024): a DPO-style loss on the policy's own log-probs (no reference) plus a
+    behaviour-cloning NLL of the chosen response. With d = R(pi_w) - R(pi_l),
+
+        sigmoid: -(1 - eps) log sigma(beta d) - eps log sigma(-beta d)    (summed log-probs)
+        hinge:   max(0, 1 - beta d)                                       (summed log-probs)
+        ipo:     (d - 1/(2 beta))^2                                       (per-token average log-probs)
+        loss_b = that + bc_weight * sft_b
+
+    R is the identity, or AlphaPO's :func:`alphapo_rewards` when ``alpha`` != 0. As in TRL 1.16,
+    sigmoid/hinge use summed log-probs and ipo per-token averages; hinge and ipo ignore eps.
+
+    Worked example (one example, beta 0.5, bc_weight 0): pi_w = -4, pi_l = -6: d = 2, the sigmoid loss
+    is -log sigma(1) = 0.313262, the hinge loss max(0, 1 - 1) = 0.
+    """
+    if variant not in CPO_VARIANTS:
+        raise ConfigError(f"unknown CPO variant {variant!r}; valid: {', '.join(CPO_VARIANTS)}")
+    chosen, rejected = policy_chosen_logps, policy_rejected_logps
+    if variant == "ipo":
+        chosen, rejected = _per_token(chosen, chosen_lengths), _per_token(rejected, rejected_lengths)
+    margin = alphapo_rewards(chosen, alpha) - alphapo_rewards(rejected, alpha)
+    if variant == "sigmoid":
+        loss = _conservative_logistic(margin, beta, label_smoothing)
+    elif variant == "hinge":
+        loss = torch.relu(1.0 - beta * margin)
+    else:
+        loss = (margin - 1.0 / (2.0 * beta)) ** 2
+    if bc_weight == 0:
+        return loss
+    return loss + bc_weight * sft_loss(policy_chosen_logps, chosen_lengths)
+
+
+def simpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    beta: float,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    alpha: float = 0.0,
+    bc_weight: float = 0.0,
+) -> Tensor:
+    """SimPO (Meng et al., 2024, eq. 6), reference-free and length-normalised, with a target margin
+    reward margin gamma (TRL's ``simpo_gamma``; in log-prob units the target is gamma / beta):
+
+        d = R(pi_w / |y_w|) - R(pi_l / |y_l|) - gamma / beta
+        loss_b = -(1 - eps) log sigma(beta d) - eps log sigma(-beta d) + bc_weight * sft_b
+
+    R is the identity, or AlphaPO's reward shape when ``alpha`` != 0 (see :func:`alphapo_loss`).
+
+    Worked example (one example, beta 2, gamma 1, bc_weight 0): pi_w = -2 over 4 tokens (-0.5 per
+    token), pi_l = -3 over 2 (-1.5): d = 1 - 0.5 = 0.5, loss = -log sigma(1) = 0.313262.
+    """
+    chosen = alphapo_rewards(_per_token(policy_chosen_logps, chosen_lengths), alpha)
+    rejected = alphapo_rewards(_per_token(policy_rejected_logps, rejected_lengths), alpha)
+    loss = _conservative_logistic(chosen - rejected - gamma / beta, beta, label_smoothing)
+    if bc_weight == 0:
+        return loss
+    return loss + bc_weight * sft_loss(policy_chosen_logps, chosen_lengths)
+
+
+def alphapo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    beta: float,
+    alpha: float = 0.25,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    bc_weight: float = 0.0,
+) -> Tensor:
+    """AlphaPO (Gupta et al., 2025): SimPO with the reward r = (1 - p^(-alpha)) / alpha of the per-token
+    average probability p instead of log p (alpha -> 0 gives SimPO). Unlike TRL 1.16's ``alphapo``
+    (which leaves alpha at 0, i.e. plain SimPO, unless it is given), alpha defaults to 0.25 here.
+
+    Worked example (beta 1, gamma 0, alpha 1, bc_weight 0): per-token averages log p_w = -log 2,
+    log p_l = -log 4: r_w = 1 - 2 = -1, r_l = 1 - 4 = -3, loss = -log sigma(2) = 0.126928.
+    """
+    return simpo_loss(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        beta=beta,
+        gamma=gamma,
+        label_smoothing=label_smoothing,
+        alpha=alpha,
+        bc_weight=bc_weight,
+    )
+
+
+def kto_loss(
+    logratios: Tensor,
+    desirable: Tensor,
+    kl: Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Tensor:
+    """KTO (Ethayarajh et al., 2024, eq. 8) on unpaired data: each example has one completion and a
+    label, desirable (True) or undesirable (False). With the reference point z0 = max(0, kl), kl the
+    batch-mean log-ratio of mismatched prompt/completion pairs (no gradient; averaged over processes
+    before the clamp; not times beta):
+
+        desirable:    desirable_weight   * (1 - sigma(beta (rho - z0)))
+        undesirable:  undesirable_weight * (1 - sigma(beta (z0 - rho)))
+
+    Worked example (beta 1, kl = -0.3 so z0 = 0): rho = log 3 desirable gives 1 - 3/4 = 0.25;
+    rho = log 3 undesirable gives 1 - 1/4 = 0.75. With kl = log 3 both give 0.5.
+    """
+    z0 = kl.detach().to(logratios.dtype).clamp(min=0.0)
+    desirable_loss = desirable_weight * (1.0 - torch.sigmoid(beta * (logratios - z0)))
+    undesirable_loss = undesirable_weight * (1.0 - torch.sigmoid(beta * (z0 - logratios)))
+    return torch.where(desirable.to(torch.bool), desirable_loss, undesirable_loss)
+
+
+def apo_zero_unpaired_loss(
+    logratios: Tensor, desirable: Tensor, *, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+) -> Tensor:
+    """APO-zero for unpaired data (D'Oosterlinck et al., 2024; TRL's KTO ``apo_zero_unpaired``): push
+    desirable completions up and undesirable ones down, with no reference point:
+
+        desirable: desirable_weight * (1 - sigma(beta rho)),   undesirable: undesirable_weight * sigma(beta rho)
+
+    Worked example (beta 1): rho = log 3 gives 0.25 if desirable, 0.75 if undesirable (= KTO at z0 = 0).
+    """
+    rewards = torch.sigmoid(beta * logratios)
+    return torch.where(desirable.to(torch.bool), desirable_weight * (1.0 - rewards), undesirable_weight * rewards)
+
+
+# --------------------------------------------------------------------------------------------
 # Inputs, outputs and the registry.
 # --------------------------------------------------------------------------------------------
 
@@ -365,6 +574,11 @@ class LossInputs:
     tokens per response; ``response_mask`` (B, K) bool, False for slots of rankings shorter than
     K; ``policy_token_logps`` (M,) per-token policy log-probs and ``token_seq`` (M,) their sequence
     index s = k * B + b -- needed only by token-level terms such as ``unlikelihood``.
+
+    Unpaired data (K = 1, one completion per example) adds ``labels`` (B,) bool, True = desirable,
+    and, for objectives with a KL reference point (``kto``), ``kl`` -- a scalar: the mean of
+    policy - reference log-probs over the batch's mismatched prompt/completion pairs (all processes),
+    computed without gradient and not yet clamped at zero.
     """
 
     policy_logps: Tensor
@@ -373,6 +587,8 @@ class LossInputs:
     response_mask: Tensor
     policy_token_logps: Tensor | None = None
     token_seq: Tensor | None = None
+    labels: Tensor | None = None
+    kl: Tensor | None = None
 
 
 @dataclass
@@ -421,6 +637,23 @@ def _rejected_tokens(view: _View) -> tuple[Tensor, Tensor]:
     return inputs.policy_token_logps[is_rejected], inputs.token_seq[is_rejected] % batch_size
 
 
+def _labels(view: _View) -> Tensor:
+    if view.inputs.labels is None:
+        raise DataError("unpaired losses need a desirable/undesirable label per example (LossInputs.labels)")
+    return view.inputs.labels
+
+
+def _kl(view: _View) -> Tensor:
+    if view.inputs.kl is None:
+        raise ConfigError("the 'kto' loss needs the KL reference point (LossInputs.kl) from mismatched prompt/completion pairs")
+    return view.inputs.kl
+
+
+def _own_pair_with_lengths(fn: Callable[..., Tensor]) -> Callable[[_View, dict[str, Any]], Tensor]:
+    """Reference-free pairwise losses: the policy's own log-probs and the response lengths."""
+    return lambda v, p: fn(v.policy[:, 0], v.policy[:, 1], v.lengths[:, 0], v.lengths[:, 1], beta=v.beta, **p)
+
+
 def _pair(fn: Callable[..., Tensor]) -> Callable[[_View, dict[str, Any]], Tensor]:
     return lambda v, p: fn(v.chosen_logratios, v.rejected_logratios, beta=v.beta, **p)
 
@@ -458,7 +691,9 @@ class LossSpec:
 
     ``function`` is the pure loss; its keyword-only parameters other than ``beta`` are the
     parameters a config may set (with their defaults). ``apply`` feeds it from a :class:`_View`.
-    ``kind``: "pairwise" (needs K = 2), "listwise" (any K) or "sequence"/"token" (likelihood terms).
+    ``kind``: "pairwise" (needs K = 2), "listwise" (any K), "sequence"/"token" (likelihood terms) or
+    "unpaired" (K = 1 with a desirable/undesirable label). ``needs_kl``: the loss takes KTO's KL
+    reference point, estimated from mismatched prompt/completion pairs (an extra no-grad forward).
     """
 
     name: str
@@ -468,6 +703,7 @@ class LossSpec:
     needs_reference: bool
     formula: str
     checks: dict[str, Callable[[Any], str | None]] = field(default_factory=dict)
+    needs_kl: bool = False
 
     @property
     def params(self) -> dict[str, Any]:
@@ -600,6 +836,61 @@ LOSSES: dict[str, LossSpec] = {
             "NLL(chosen) - alpha sum_{rejected tokens} log(1 - p)",
             {"alpha": _non_negative},
         ),
+        LossSpec(
+            "orpo",
+            orpo_loss,
+            _own_pair_with_lengths(orpo_loss),
+            "pairwise",
+            False,
+            "nll_weight NLL(chosen) - beta log sig(log odds(p_w) - log odds(p_l)), p = exp(pi/|y|)",
+            {"nll_weight": _non_negative},
+        ),
+        LossSpec(
+            "cpo",
+            cpo_loss,
+            _own_pair_with_lengths(cpo_loss),
+            "pairwise",
+            False,
+            "sigmoid/hinge on pi_w - pi_l (ipo: per-token averages), no reference, + bc_weight NLL(chosen)",
+            {"variant": _one_of(*CPO_VARIANTS), "label_smoothing": _SMOOTHING, "bc_weight": _non_negative},
+        ),
+        LossSpec(
+            "simpo",
+            simpo_loss,
+            _own_pair_with_lengths(simpo_loss),
+            "pairwise",
+            False,
+            "-log sig(beta (pi_w/|y_w| - pi_l/|y_l|) - gamma), no reference",
+            {"label_smoothing": _SMOOTHING, "gamma": _non_negative, "bc_weight": _non_negative},
+        ),
+        LossSpec(
+            "alphapo",
+            alphapo_loss,
+            _own_pair_with_lengths(alphapo_loss),
+            "pairwise",
+            False,
+            "simpo on r = (1 - p^-alpha)/alpha of per-token average p, no reference",
+            {"label_smoothing": _SMOOTHING, "gamma": _non_negative, "bc_weight": _non_negative},
+        ),
+        LossSpec(
+            "kto",
+            kto_loss,
+            lambda v, p: kto_loss(v.logratios[:, 0], _labels(v), _kl(v), beta=v.beta, **p),
+            "unpaired",
+            True,
+            "w_D (1 - sig(beta (rho - z0))) | w_U (1 - sig(beta (z0 - rho))), z0 = max(0, KL)",
+            {"desirable_weight": _non_negative, "undesirable_weight": _non_negative},
+            needs_kl=True,
+        ),
+        LossSpec(
+            "apo_zero_unpaired",
+            apo_zero_unpaired_loss,
+            lambda v, p: apo_zero_unpaired_loss(v.logratios[:, 0], _labels(v), beta=v.beta, **p),
+            "unpaired",
+            True,
+            "w_D (1 - sig(r)) | w_U sig(r)",
+            {"desirable_weight": _non_negative, "undesirable_weight": _non_negative},
+        ),
     ]
 }
 
@@ -651,6 +942,18 @@ class Objective:
         term is a likelihood term (sft, unlikelihood)."""
         return not self.reference_free and any(t.spec.needs_reference for t in self.terms)
 
+    @property
+    def unpaired(self) -> bool:
+        """Whether the objective trains on unpaired examples (one completion and a desirable/undesirable
+        label each); :func:`build_objective` does not mix them with paired terms."""
+        return any(t.spec.kind == "unpaired" for t in self.terms)
+
+    @property
+    def needs_kl(self) -> bool:
+        """Whether LossInputs.kl must be estimated: an extra no-grad forward of the policy and the
+        reference over mismatched prompt/completion pairs of the batch (KTO's reference point)."""
+        return any(t.spec.needs_kl for t in self.terms)
+
     def __repr__(self) -> str:
         parts = [f"{t.weight:g}*{t.spec.name}({', '.join(f'{k}={v!r}' for k, v in t.params.items())})" for t in self.terms]
         return f"Objective({' + '.join(parts)}, beta={self.beta:g}, reference_free={self.reference_free})"
@@ -673,6 +976,8 @@ class Objective:
             reference = torch.zeros_like(policy)
         mask = inputs.response_mask.to(torch.bool)
         num_responses = policy.shape[1]
+        if self.unpaired:
+            return self._unpaired(inputs, policy, reference, mask)
         pairwise = [t.spec.name for t in self.terms if t.spec.kind == "pairwise"]
         if pairwise and num_responses != 2:
             raise ConfigError(
@@ -693,6 +998,44 @@ class Objective:
 
         metrics.update(_reward_metrics(view, mask))
         return ObjectiveOutput(loss=per_example.mean(), per_example=per_example, metrics=metrics)
+
+    def _unpaired(self, inputs: LossInputs, policy: Tensor, reference: Tensor, mask: Tensor) -> ObjectiveOutput:
+        if policy.shape[1] != 1 or not bool(mask.all()):
+            raise DataError(
+                f"unpaired losses take one completion per example, got {policy.shape[1]}; "
+                "read paired data as unpaired (chosen -> desirable, rejected -> undesirable)"
+            )
+        view = _View(inputs=inputs, policy=policy, reference=reference, logratios=policy - reference, beta=self.beta)
+        per_example = torch.zeros(policy.shape[0], dtype=policy.dtype, device=policy.device)
+        metrics: dict[str, Tensor] = {}
+        for term in self.terms:
+            term_loss = term.spec.apply(view, term.params)
+            metrics[f"loss/{term.spec.name}"] = term_loss.detach()
+            per_example = per_example + term.weight * term_loss
+        metrics.update(_unpaired_metrics(view, _labels(view)))
+        return ObjectiveOutput(loss=per_example.mean(), per_example=per_example, metrics=metrics)
+
+
+def _unpaired_metrics(view: _View, labels: Tensor) -> dict[str, Tensor]:
+    """Per-example metrics for unpaired data. A desirable-only metric is NaN on undesirable examples
+    (and the other way round); NaN entries are left out of the (sum, count) averages, so
+    ``rewards/desirable`` averages over the desirable examples only (TRL's ``rewards/chosen``).
+    ``kl`` is the batch's KL estimate before the clamp, repeated per example."""
+    with torch.no_grad():
+        rewards = view.beta * view.logratios.detach()[:, 0]
+        policy = view.policy.detach()[:, 0]
+        desirable = labels.to(torch.bool).to(rewards.device)
+        nan = torch.full_like(rewards, math.nan)
+        metrics = {
+            "rewards/desirable": torch.where(desirable, rewards, nan),
+            "rewards/undesirable": torch.where(desirable, nan, rewards),
+            "logps/desirable": torch.where(desirable, policy, nan),
+            "logps/undesirable": torch.where(desirable, nan, policy),
+            "desirable": desirable.to(rewards.dtype),
+        }
+        if view.inputs.kl is not None:
+            metrics["kl"] = view.inputs.kl.detach().to(rewards.dtype).expand_as(rewards).clone()
+        return metrics
 
 
 def _reward_metrics(view: _View, mask: Tensor) -> dict[str, Tensor]:
@@ -754,4 +1097,11 @@ def build_objective(terms: list[dict[str, Any]], *, beta: float, reference_free:
         for key, value in params.items():
             _validate_value(spec, key, value)
         built.append(_Term(spec=spec, weight=float(weight), params={**valid, **params}))
+    unpaired = [t.spec.name for t in built if t.spec.kind == "unpaired"]
+    if unpaired and len(unpaired) != len(built):
+        others = [t.spec.name for t in built if t.spec.kind != "unpaired"]
+        raise ConfigError(
+            f"loss {', '.join(unpaired)} trains on unpaired examples and cannot be combined with {', '.join(others)}, "
+            "which need pairs or rankings"
+        )
     return Objective(built, beta=float(beta), reference_free=reference_free)
