@@ -279,10 +279,11 @@ def dcp_safe_reader_and_planner(checkpoint_dir: str | os.PathLike[str]) -> tuple
     reader's private ``_get_metadata_path``, ``fs`` and ``load_id``) and ``DefaultLoadPlanner.load_bytes``
     (``torch.load(weights_only=False)``); checked with torch 2.13."""
     import torch
-    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
-    class SafeReader(FileSystemReader):  # type: ignore[misc]
+    class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             get_path = getattr(self, "_get_metadata_path", None)
             if get_path is None or not hasattr(self, "fs"):
@@ -294,7 +295,7 @@ def dcp_safe_reader_and_planner(checkpoint_dir: str | os.PathLike[str]) -> tuple
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
-    class SafePlanner(DefaultLoadPlanner):  # type: ignore[misc]
+    class SafePlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item: Any, value: Any) -> None:
             loaded = torch.load(value, weights_only=True)
             if self.flatten_state_dict:

@@ -103,13 +103,18 @@ class DataConfig:
     eval_split_fraction: float = _f(0.0, "Fraction of the training examples held out for evaluation when eval_path is null.")
     train_split: str = _f("train", "Split to read from a hub dataset / dataset directory for training.")
     eval_split: str = _f("test", "Split to read from eval_path when it is a hub dataset / dataset directory.")
-    format: Literal["auto", "standard", "conversational", "hh", "ranked"] = _f(
+    format: Literal["auto", "standard", "conversational", "hh", "ranked", "unpaired"] = _f(
         "auto", "Row format: 'auto' (detected per file) or one of the reader's formats."
     )
     columns: dict[str, str] | None = _f(None, "Column renames, e.g. {prompt: question, chosen: good, rejected: bad}.")
     skip_invalid: bool = _f(False, "Skip malformed rows (counted in the data report) instead of failing on the first.")
     ranked_mode: Literal["listwise", "all_pairs", "best_vs_rest", "best_vs_worst"] = _f(
         "listwise", "How rankings of more than two responses become training examples."
+    )
+    score_threshold: float | None = _f(
+        None,
+        "Unpaired rows {prompt, completion, score}: desirable when score >= this (unpaired losses such as kto). "
+        "Paired data trains an unpaired loss as unpaired examples: chosen desirable, rejected undesirable.",
     )
     max_length: int = _f(512, "Maximum tokens of prompt + response.")
     max_prompt_length: int = _f(256, "Maximum prompt tokens (the prompt is truncated first).")

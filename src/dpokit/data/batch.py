@@ -36,6 +36,10 @@ class Batch:
     ``position_ids`` (N, T) or None; ``score_index``/``score_target``/``score_seq`` (M,);
     ``response_mask`` (B, K) bool -- False where a ranking has fewer than K responses (those
     sequences have no scored tokens); ``response_lengths`` (B, K) long -- scored tokens per response.
+
+    Unpaired data (K = 1) adds ``desirable`` (B,) bool, the label of each completion. ``mismatched``
+    is a second batch in the same layout, for objectives with a KL reference point (KTO): example b's
+    prompt with another example's completion; it is only ever run without gradient.
     """
 
     input_ids: torch.Tensor
@@ -48,6 +52,8 @@ class Batch:
     position_ids: torch.Tensor | None = None
     # Free-form extras a layout may carry (e.g. example ids for precomputed reference log-probs).
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    desirable: torch.Tensor | None = None
+    mismatched: Batch | None = None
 
     @property
     def batch_size(self) -> int:
@@ -76,5 +82,7 @@ class Batch:
                 value = value.to(device, non_blocking=non_blocking)
             elif isinstance(value, dict):
                 value = {k: v.to(device, non_blocking=non_blocking) for k, v in value.items()}
+            elif isinstance(value, Batch):
+                value = value.to(device, non_blocking=non_blocking)
             moved[f.name] = value
         return Batch(**moved)

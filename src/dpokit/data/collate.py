@@ -121,6 +121,7 @@ class PaddedCollator:
             response_mask=torch.from_numpy(response_mask),
             response_lengths=torch.from_numpy(response_lengths),
             extras={"example_id": torch.tensor(example_ids, dtype=torch.long), "labels": torch.from_numpy(labels)},
+            desirable=desirable_labels(items),
         )
 
 
@@ -279,7 +280,21 @@ class SharedPromptCollator:
             response_mask=torch.from_numpy(response_mask),
             response_lengths=torch.from_numpy(response_lengths),
             extras={"example_id": torch.tensor(example_ids, dtype=torch.long), "block_id": block, "segment_id": segment},
+            desirable=desirable_labels(items),
         )
+
+
+def desirable_labels(items: Sequence[Mapping[str, Any]]) -> torch.Tensor | None:
+    """(B,) bool labels of unpaired items (``item["desirable"]``), or None for paired data."""
+    if "desirable" not in items[0]:
+        return None
+    return torch.tensor([bool(item["desirable"]) for item in items], dtype=torch.bool)
+
+
+def mismatched_items(items: Sequence[Mapping[str, Any]], partners: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Item b's prompt with ``partners[b]``'s responses: the mismatched pairs of KTO's KL estimate
+    (TRL pairs prompt i with the completion of example i - 1 of the batch; the caller chooses partners)."""
+    return [{**item, "response_ids": partner["response_ids"]} for item, partner in zip(items, partners, strict=True)]
 
 
 def may_attend(

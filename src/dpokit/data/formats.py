@@ -14,6 +14,9 @@ Accepted shapes (after column mapping), detected per row when ``format="auto"``:
   ``scores`` (one number per response; higher is better) -- or responses given as objects with a
   text key (``response``/``text``/``completion``) and a score key
   (``score``/``overall_score``/``rating``), as in UltraFeedback-style data.
+* ``unpaired``: ``prompt`` and one ``completion`` (string or messages) with a ``label`` (true =
+  desirable, false = undesirable; "true"/"false" in CSV), or a numeric ``score`` that the reader
+  turns into a label with a threshold -- the data KTO learns from.
 
 Mixed text/chat rows are normalised: a string prompt with message-list responses becomes one user
 message; string responses to a message-list prompt become single assistant messages.
@@ -29,8 +32,8 @@ from typing import Any
 from dpokit.data.schema import Conversation, InvalidRowError, PreferenceExample, Text, type_name
 from dpokit.errors import ConfigError
 
-CANONICAL_FIELDS = ("prompt", "chosen", "rejected", "responses", "scores")
-FORMATS = ("auto", "standard", "conversational", "hh", "ranked")
+CANONICAL_FIELDS = ("prompt", "chosen", "rejected", "responses", "scores", "completion", "label", "score")
+FORMATS = ("auto", "standard", "conversational", "hh", "ranked", "unpaired")
 HH_ASSISTANT = "\n\nAssistant:"
 RESPONSE_TEXT_KEYS = ("response", "text", "completion")
 RESPONSE_SCORE_KEYS = ("score", "overall_score", "rating")
@@ -220,6 +223,8 @@ def _strip_repeated_prompt(
 def detect_format(row: _Row) -> str:
     if row.has("responses"):
         return "ranked"
+    if row.has("completion"):
+        return "unpaired"
     if row.has("chosen") or row.has("rejected"):
         chosen = row.get("chosen")
         if row.has("prompt"):
@@ -231,8 +236,9 @@ def detect_format(row: _Row) -> str:
     raise row.error(
         "chosen",
         "missing_field",
-        "missing; a row needs 'prompt' + 'chosen' + 'rejected', 'chosen' + 'rejected' dialogues, or 'prompt' + "
-        f"'responses' (found fields: {', '.join(map(str, present)) or 'none'}). Map other column names with columns={{...}}",
+        "missing; a row needs 'prompt' + 'chosen' + 'rejected', 'chosen' + 'rejected' dialogues, 'prompt' + "
+        "'responses', or 'prompt' + 'completion' + 'label' "
+        f"(found fields: {', '.join(map(str, present)) or 'none'}). Map other column names with columns={{...}}",
     )
 
 
@@ -371,11 +377,36 @@ def parse_ranked(row: _Row) -> PreferenceExample:
     return PreferenceExample(prompt, responses, scores, row.source)
 
 
+def _label(row: _Row) -> bool:
+    value = row.get("label")
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise row.error("label", "wrong_type", f"expected true (desirable) or false (undesirable), got {type_name(value)}")
+    return value
+
+
+def parse_unpaired(row: _Row) -> PreferenceExample:
+    """``prompt`` + one ``completion`` + ``label`` (bool) or ``score`` (labelled later by a threshold)."""
+    prompt = _text_or_messages(row, "prompt", _require(row, "prompt"))
+    completion = _text_or_messages(row, "completion", _require(row, "completion"))
+    _check_nonempty_prompt(row, prompt)
+    if _response_is_empty(completion):
+        raise row.error("completion", "empty_response", "is empty")
+    prompt, (completion,) = _unify(prompt, [completion])
+    if row.has("label"):
+        return PreferenceExample(prompt, [completion], None, row.source, label=_label(row))
+    if row.has("score"):
+        return PreferenceExample(prompt, [completion], [_score(row, "score", row.get("score"))], row.source)
+    raise row.error("label", "missing_field", "missing; an unpaired row needs 'label' (true/false) or a numeric 'score'")
+
+
 PARSERS = {
     "standard": parse_standard,
     "conversational": parse_conversational,
     "hh": parse_hh,
     "ranked": parse_ranked,
+    "unpaired": parse_unpaired,
 }
 
 

@@ -63,11 +63,12 @@ class PreparedItems(Sequence[dict[str, Any]]):
     """``items[i] -> {"example_id": i, "prompt_ids": list[int], "response_ids": list[list[int]]}``.
 
     Backed by flat numpy arrays; dicts are built on access. ``response_ids`` are ranked best first
-    (``[chosen, rejected]`` for pairs).
+    (``[chosen, rejected]`` for pairs). Unpaired data (one response each) adds ``"desirable": bool``.
     """
 
-    def __init__(self, columns: TokenizedColumns):
+    def __init__(self, columns: TokenizedColumns, desirable: np.ndarray | None = None):
         self.columns = columns
+        self.desirable = desirable
 
     def __len__(self) -> int:
         return len(self.columns)
@@ -86,7 +87,10 @@ class PreparedItems(Sequence[dict[str, Any]]):
         if not 0 <= index < len(self):
             raise IndexError(f"example {index} out of range for {len(self)} examples")
         prompt, responses = self.columns.example(index)
-        return {"example_id": index, "prompt_ids": prompt, "response_ids": responses}
+        item: dict[str, Any] = {"example_id": index, "prompt_ids": prompt, "response_ids": responses}
+        if self.desirable is not None:
+            item["desirable"] = bool(self.desirable[index])
+        return item
 
 
 @dataclass
@@ -112,10 +116,11 @@ class PreparedDataset:
     sources: list[str]
     from_cache: bool = False
     cache_path: Path | None = None
+    desirable: np.ndarray | None = None  # (E,) bool for unpaired data: True = desirable, False = undesirable
 
     @property
     def items(self) -> PreparedItems:
-        return PreparedItems(self.columns)
+        return PreparedItems(self.columns, self.desirable)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -203,12 +208,14 @@ def _load_entry(path: Path, fingerprint: str) -> PreparedDataset | None:
         if meta.get("fingerprint") != fingerprint:
             return None
         arrays = {name: np.load(path / f"{name}.npy") for name in _ARRAYS}
+        desirable = np.load(path / "desirable.npy") if meta.get("unpaired") else None
         report = PrepareReport.from_dict(meta["report"])
         sources = meta["sources"]
     except Exception as error:  # a damaged entry is rebuilt, never trusted
         logger.warning("ignoring unreadable cache entry %s (%s); re-tokenizing", path, error)
         return None
-    return PreparedDataset(TokenizedColumns(**arrays), fingerprint, report, sources, from_cache=True, cache_path=path)
+    columns = TokenizedColumns(**arrays)
+    return PreparedDataset(columns, fingerprint, report, sources, from_cache=True, cache_path=path, desirable=desirable)
 
 
 def _save_entry(path: Path, dataset: PreparedDataset) -> None:
@@ -217,7 +224,14 @@ def _save_entry(path: Path, dataset: PreparedDataset) -> None:
     try:
         for name in _ARRAYS:
             np.save(tmp / f"{name}.npy", getattr(dataset.columns, name))
-        meta = {"fingerprint": dataset.fingerprint, "report": dataset.report.to_dict(), "sources": dataset.sources}
+        meta: dict[str, Any] = {
+            "fingerprint": dataset.fingerprint,
+            "report": dataset.report.to_dict(),
+            "sources": dataset.sources,
+        }
+        if dataset.desirable is not None:
+            np.save(tmp / "desirable.npy", dataset.desirable)
+            meta["unpaired"] = True
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(tmp, path)  # atomic: readers see no entry or a complete one
@@ -244,7 +258,10 @@ def _build(
     report = PrepareReport(read_report, tokenize_report)
     if len(columns) == 0:
         raise DataError(f"no examples left after tokenization of {read_report.source}.\n{report.summary()}")
-    return PreparedDataset(columns, fingerprint, report, [examples[i].source for i in kept])
+    desirable = None
+    if any(ex.label is not None for ex in examples):
+        desirable = np.fromiter((bool(examples[i].label) for i in kept), dtype=bool, count=len(kept))
+    return PreparedDataset(columns, fingerprint, report, [examples[i].source for i in kept], desirable=desirable)
 
 
 def _cached(fingerprint: str, cache_dir: Any, use_cache: bool, build: Callable[[], PreparedDataset]) -> PreparedDataset:
@@ -276,6 +293,8 @@ def prepare_dataset(
     truncation_mode: str = "keep_end",
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
+    unpaired: bool = False,
+    score_threshold: float | None = None,
 ) -> PreparedDataset:
     """Read, validate, tokenize and truncate a preference dataset, with an on-disk cache.
 
@@ -298,6 +317,8 @@ def prepare_dataset(
             dialogue turns; a leading BOS is kept) or ``"keep_start"`` (keep its first tokens).
         cache_dir: where tokenized data is cached; None means ``./.dpokit_cache``.
         use_cache: False to neither read nor write the cache.
+        unpaired, score_threshold: read for an unpaired objective (KTO): see
+            :func:`~dpokit.data.reader.read_preferences`; the items then carry ``"desirable"``.
 
     Returns:
         a :class:`PreparedDataset`; check ``.report.summary()`` for skips, truncation and drops.
@@ -307,14 +328,27 @@ def prepare_dataset(
     tokenize_settings = dict(
         max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, skip_invalid=skip_invalid
     )
+    unpaired_settings: dict[str, Any] = {"unpaired": True, "score_threshold": score_threshold} if unpaired else {}
     settings = _settings_fingerprint(
-        format=format, columns=dict(columns) if columns else None, split=split, ranked_mode=ranked_mode, **tokenize_settings
+        format=format,
+        columns=dict(columns) if columns else None,
+        split=split,
+        ranked_mode=ranked_mode,
+        **tokenize_settings,
+        **unpaired_settings,
     )
     fingerprint = _combine(source_fingerprint(source, split=split), tokenizer_fingerprint(tokenizer), settings)
 
     def build() -> PreparedDataset:
         examples, read_report = read_preferences(
-            source, format=format, columns=columns, split=split, skip_invalid=skip_invalid, ranked_mode=ranked_mode
+            source,
+            format=format,
+            columns=columns,
+            split=split,
+            skip_invalid=skip_invalid,
+            ranked_mode=ranked_mode,
+            unpaired=unpaired,
+            score_threshold=score_threshold,
         )
         return _build(examples, read_report, tokenizer, fingerprint, tokenize_settings)
 

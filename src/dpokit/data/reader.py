@@ -60,6 +60,9 @@ class ReadReport:
     pairs_from_rankings: int = 0
     tied_pairs_skipped: int = 0
     rankings_with_ties: int = 0
+    desirable: int = 0
+    undesirable: int = 0
+    pairs_as_unpaired: int = 0
 
     @property
     def num_skipped(self) -> int:
@@ -80,6 +83,10 @@ class ReadReport:
             lines.append(f"  {self.tied_pairs_skipped} pairs not made because their scores tie")
         if self.rankings_with_ties:
             lines.append(f"  {self.rankings_with_ties} rankings have tied scores (ties keep the input order)")
+        if self.desirable or self.undesirable:
+            lines.append(f"  {balance_summary(self.desirable, self.undesirable)}")
+        if self.pairs_as_unpaired:
+            lines.append(f"  {self.pairs_as_unpaired} pairs/rankings read as unpaired (best -> desirable, others -> undesirable)")
         if self.skipped:
             lines.append(f"  skipped {self.num_skipped} invalid rows:")
             for reason, count in self.skipped.most_common():
@@ -101,6 +108,9 @@ class ReadReport:
             "pairs_from_rankings": self.pairs_from_rankings,
             "tied_pairs_skipped": self.tied_pairs_skipped,
             "rankings_with_ties": self.rankings_with_ties,
+            "desirable": self.desirable,
+            "undesirable": self.undesirable,
+            "pairs_as_unpaired": self.pairs_as_unpaired,
         }
 
     @classmethod
@@ -403,6 +413,91 @@ def expand_ranking(example: PreferenceExample, mode: str, report: ReadReport) ->
     return pairs
 
 
+# KTO paper (Ethayarajh et al., 2024, section 4.2): choose the weights so that
+# desirable_weight * n_desirable / (undesirable_weight * n_undesirable) lies in [1, 4/3].
+KTO_BALANCE_RANGE = (1.0, 4.0 / 3.0)
+
+
+def suggest_kto_weights(desirable: int, undesirable: int) -> tuple[float, float, float] | None:
+    """Weights for unbalanced unpaired data, as the KTO paper recommends (``KTO_BALANCE_RANGE``).
+
+    Returns ``(desirable_weight, undesirable_weight, upper)``: one weight stays 1 and the other is the
+    value that puts the ratio at 1; any value of that weight up to ``upper`` keeps the ratio within 4/3.
+    None when the classes are already balanced with weights (1, 1) or one class is missing.
+    """
+    if desirable <= 0 or undesirable <= 0:
+        return None
+    ratio = desirable / undesirable
+    low, high = KTO_BALANCE_RANGE
+    if low <= ratio <= high:
+        return None
+    if ratio < low:  # too few desirable examples: weigh them up
+        return undesirable / desirable, 1.0, high * undesirable / desirable
+    return 1.0, ratio, ratio  # too many desirable: weigh undesirable up, to between ratio * 3/4 and ratio
+    # (undesirable_weight = ratio gives exactly 1; ratio * 3/4 gives 4/3)
+
+
+def balance_summary(desirable: int, undesirable: int) -> str:
+    """The desirable/undesirable balance of unpaired data, with KTO's suggested weights when unbalanced."""
+    total = max(desirable + undesirable, 1)
+    line = f"unpaired labels: {desirable} desirable ({100 * desirable / total:.1f}%), {undesirable} undesirable"
+    suggestion = suggest_kto_weights(desirable, undesirable)
+    if suggestion is None:
+        if desirable and undesirable:
+            return line + "; balanced for KTO with weights 1 and 1"
+        return line + "; only one class present -- KTO needs both to learn a contrast"
+    d_weight, u_weight, upper = suggestion
+    if d_weight != 1.0:
+        advice = f"desirable_weight between {d_weight:.3g} and {upper:.3g} (undesirable_weight 1)"
+    else:
+        advice = f"undesirable_weight between {0.75 * u_weight:.3g} and {u_weight:.3g} (desirable_weight 1)"
+    return line + f"; unbalanced: the KTO paper keeps w_D n_D / (w_U n_U) in [1, 4/3], e.g. {advice}"
+
+
+def as_unpaired(example: PreferenceExample) -> list[PreferenceExample]:
+    """A pair or ranking as unpaired examples: the best response desirable, every other undesirable.
+    What the pairing said beyond that (which response beat which, for the same prompt) is lost."""
+    if example.is_unpaired:
+        return [example]
+    labels = [True] + [False] * (example.num_responses - 1)
+    return [
+        PreferenceExample(example.prompt, [response], None, f"{example.source} (response {k})", label=label)
+        for k, (response, label) in enumerate(zip(example.responses, labels, strict=True))
+    ]
+
+
+def _label_unpaired(example: PreferenceExample, score_threshold: float | None) -> None:
+    """Give a scored unpaired example its label: desirable when score >= ``score_threshold``."""
+    if example.label is not None or not example.is_unpaired:
+        return
+    if score_threshold is None or example.scores is None:
+        raise ConfigError(
+            f"{example.source}: an unpaired row with a 'score' needs a threshold (data.score_threshold): "
+            "scores at or above it are desirable"
+        )
+    example.label = example.scores[0] >= score_threshold
+
+
+def _finish_unpaired(examples: list[PreferenceExample], report: ReadReport, unpaired: bool) -> list[PreferenceExample]:
+    """Unpaired objectives: pairs/rankings become unpaired examples and the balance is counted.
+    Paired objectives refuse unpaired rows (one completion and a label is not a preference)."""
+    if not unpaired:
+        single = next((ex for ex in examples if ex.is_unpaired), None)
+        if single is not None:
+            raise DataError(
+                f"{single.source}: an unpaired row (prompt, completion, label) cannot train a paired objective; "
+                "use an unpaired loss (kto, apo_zero_unpaired) or pair the data"
+            )
+        return examples
+    out: list[PreferenceExample] = []
+    for example in examples:
+        report.pairs_as_unpaired += not example.is_unpaired
+        out.extend(as_unpaired(example))
+    report.desirable = sum(bool(ex.label) for ex in out)
+    report.undesirable = len(out) - report.desirable
+    return out
+
+
 def check_read_options(format: str, ranked_mode: str) -> None:
     if format not in FORMATS:
         raise ConfigError(f"unknown data format '{format}'; valid formats: {', '.join(FORMATS)}")
@@ -418,6 +513,8 @@ def read_preferences(
     split: str = "train",
     skip_invalid: bool = False,
     ranked_mode: str = "listwise",
+    unpaired: bool = False,
+    score_threshold: float | None = None,
 ) -> tuple[list[PreferenceExample], ReadReport]:
     """Read and validate preference rows.
 
@@ -436,6 +533,11 @@ def read_preferences(
         ranked_mode: how rankings with K > 2 responses are used: ``"listwise"`` keeps them whole
             (for the Plackett-Luce loss); ``"all_pairs"``, ``"best_vs_rest"``, ``"best_vs_worst"``
             expand them into chosen/rejected pairs.
+        unpaired: read for an unpaired objective (KTO): unpaired rows (``prompt``, ``completion``,
+            ``label`` or ``score``) are kept, pairs and rankings become unpaired examples (best
+            response desirable, the others undesirable), and the report counts the balance. False:
+            unpaired rows are an error.
+        score_threshold: unpaired rows with a ``score`` are desirable when score >= this.
 
     Returns:
         ``(examples, report)``: examples with responses ranked best first, and a :class:`ReadReport`.
@@ -464,7 +566,9 @@ def read_preferences(
             report.record_skip(error)
             continue
         report.formats[detected] += 1
+        _label_unpaired(example, score_threshold)
         examples.extend(expand_ranking(example, ranked_mode, report))
+    examples = _finish_unpaired(examples, report, unpaired)
     report.examples = len(examples)
     if not examples:
         raise DataError(f"no valid preference examples in {report.source}.\n{report.summary()}")

@@ -29,12 +29,20 @@ class PreferenceExample:
         scores: the numeric scores the ranking came from (same order as ``responses``), or None
             when the data gave the order directly.
         source: provenance, ``"path:line N"`` / ``"path:row N"``, used in every error message.
+        label: for *unpaired* data (one completion, ``responses == [completion]``): True when the
+            completion is desirable, False when undesirable; None for paired and ranked data (and for an
+            unpaired row with a ``score`` until the reader applies its threshold).
     """
 
     prompt: Text
     responses: list[Text]
     scores: list[float] | None = None
     source: str = ""
+    label: bool | None = None
+
+    @property
+    def is_unpaired(self) -> bool:
+        return len(self.responses) == 1
 
     @property
     def chosen(self) -> Text:
@@ -54,7 +62,10 @@ class PreferenceExample:
         return isinstance(self.prompt, list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "responses": self.responses, "scores": self.scores, "source": self.source}
+        out: dict[str, Any] = {"prompt": self.prompt, "responses": self.responses, "scores": self.scores, "source": self.source}
+        if self.label is not None:
+            out["label"] = self.label
+        return out
 
 
 # Reasons an input row can be rejected. They key the skip counts in the read report.

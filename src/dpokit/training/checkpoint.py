@@ -331,8 +331,8 @@ def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | N
     import warnings
 
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     if optimizer is None:

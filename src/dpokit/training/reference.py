@@ -349,8 +349,11 @@ class AdapterDisabledReference:
             yield model
 
 
-def resolve_reference_strategy(strategy: str, *, needs_reference: bool, lora: bool) -> str:
-    """The concrete strategy for ``reference.strategy`` (``auto`` resolved), checked against the loss."""
+def resolve_reference_strategy(strategy: str, *, needs_reference: bool, lora: bool, mismatched_pairs: bool = False) -> str:
+    """The concrete strategy for ``reference.strategy`` (``auto`` resolved), checked against the loss.
+
+    ``mismatched_pairs``: the objective's KL reference point (KTO) scores prompt/completion pairs
+    that change with every batch, so a table computed before training cannot hold them."""
     if strategy == "auto":
         if not needs_reference:
             return "none"
@@ -359,6 +362,11 @@ def resolve_reference_strategy(strategy: str, *, needs_reference: bool, lora: bo
         raise ConfigError(
             "reference.strategy=none but the loss needs reference log-probs; choose reference.strategy "
             "copy/adapter_disabled/precomputed/auto, or set loss.reference_free=true"
+        )
+    if strategy == "precomputed" and mismatched_pairs:
+        raise ConfigError(
+            "reference.strategy=precomputed cannot serve KTO's KL term: its mismatched prompt/completion pairs change "
+            "with every batch; use reference.strategy copy or adapter_disabled (or auto)"
         )
     if strategy == "adapter_disabled" and not lora:
         raise ConfigError("reference.strategy=adapter_disabled needs model.lora.enabled=true")

@@ -44,9 +44,12 @@ class Split:
         return np.asarray(self.dataset.lengths)[self.indices]
 
 
-def load_data(cfg: TrainConfig, tokenizer: Any, say: Callable[[str], None] = print) -> tuple[Split, Split | None]:
+def load_data(
+    cfg: TrainConfig, tokenizer: Any, say: Callable[[str], None] = print, *, unpaired: bool = False
+) -> tuple[Split, Split | None]:
     """Tokenized train and eval splits. Eval is ``data.eval_path``, else a seeded carve-out of
-    ``data.eval_split_fraction`` of the training examples, else None. The data report goes to ``say``."""
+    ``data.eval_split_fraction`` of the training examples, else None. The data report goes to ``say``.
+    ``unpaired``: the objective trains on unpaired examples (labels; pairs split into two)."""
     from dpokit.data import prepare_dataset
 
     d = cfg.data
@@ -64,6 +67,8 @@ def load_data(cfg: TrainConfig, tokenizer: Any, say: Callable[[str], None] = pri
             max_prompt_length=d.max_prompt_length,
             truncation_mode=d.truncation_mode,
             cache_dir=d.cache_dir,
+            unpaired=unpaired,
+            score_threshold=d.score_threshold,
         )
 
     train_data = prepare(d.train_path, d.train_split)

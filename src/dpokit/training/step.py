@@ -4,6 +4,12 @@ Both work on *global* micro-batches (positions into a split) and take this rank'
 (:meth:`ParallelContext.rank_slice`; all of it in a world of one). A rank whose slice is empty (a
 last micro-batch smaller than the world) runs a stand-in example with loss weight 0, since the
 collectives inside DDP/FSDP need every rank, and adds nothing to the metrics.
+
+Objectives with a KL reference point (KTO; ``objective.needs_kl``) get a second, mismatched batch:
+global example j's prompt with the completion of global example j - 1 of the same micro-batch (TRL
+pairs within each device's batch; pairing across the global micro-batch is what makes W processes
+equal one). Its log-ratios are computed without gradient through the same log-prob path and layout,
+summed over ranks, and their mean is the objective's ``kl`` (clamped at zero by the loss).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 import torch
 
 from dpokit.data.batch import Batch
+from dpokit.data.collate import mismatched_items
 from dpokit.training.metrics import MetricSums, StepMetrics
 from dpokit.training.parallel import ParallelPolicy
 from dpokit.training.reference import Reference
@@ -23,11 +30,45 @@ from dpokit.training.reference import Reference
 Collate = Callable[[list[dict[str, Any]]], Batch]
 
 
-def forward_batch(policy: ParallelPolicy, batch: Batch, reference: Reference, objective: Any) -> Any:
-    """Reference log-probs (no grad), policy log-probs (one forward for all K responses), objective output."""
+def rotated(positions: Sequence[int]) -> list[int]:
+    """Each position's partner in a mismatched pair: the previous one (the first takes the last)."""
+    return [positions[-1], *positions[:-1]] if positions else []
+
+
+def collate_examples(collate: Collate, split: Any, positions: Sequence[int], partners: Sequence[int], objective: Any) -> Batch:
+    """The batch of ``positions``; with ``objective.needs_kl`` also its mismatched batch (each
+    position's prompt with the responses of the same-index position of ``partners``)."""
+    items = split.items(list(positions))
+    batch = collate(items)
+    if objective.needs_kl:
+        batch.mismatched = collate(mismatched_items(items, split.items(list(partners))))
+    return batch
+
+
+def kl_reference_point(policy: ParallelPolicy, reference: Reference, mismatched: Batch, *, counted: bool) -> torch.Tensor:
+    """KTO's reference point before the clamp: the mean of policy - reference log-probs over the
+    mismatched pairs of every rank (no gradient; a rank whose slice is a stand-in counts nothing)."""
+    with torch.no_grad():
+        policy_logps = policy.logps(mismatched).logps
+        reference_logps = reference.logps(mismatched)
+        if reference_logps is None:
+            raise TypeError("the KL reference point needs a reference model")
+        logratios = (policy_logps.double() - reference_logps.double())[mismatched.response_mask]
+        local = torch.stack([logratios.sum(), torch.tensor(float(logratios.numel()), dtype=torch.float64)]) * float(counted)
+    total, count = policy.ctx.all_reduce_sum(local.tolist())
+    return torch.tensor(total / max(count, 1.0), dtype=torch.float64, device=policy_logps.device)
+
+
+def forward_batch(policy: ParallelPolicy, batch: Batch, reference: Reference, objective: Any, *, counted: bool = True) -> Any:
+    """Reference log-probs (no grad), the KL reference point when the batch has a mismatched batch,
+    policy log-probs (one forward for all K responses), objective output. ``counted``: False on a
+    stand-in batch (its KL pairs add nothing)."""
     from dpokit.losses import LossInputs
 
     reference_logps = reference.logps(batch) if objective.needs_reference else None
+    kl = None
+    if batch.mismatched is not None:
+        kl = kl_reference_point(policy, reference, batch.mismatched, counted=counted)
     policy_out = policy.logps(batch)
     return objective(
         LossInputs(
@@ -37,6 +78,8 @@ def forward_batch(policy: ParallelPolicy, batch: Batch, reference: Reference, ob
             response_mask=batch.response_mask,
             policy_token_logps=policy_out.token_logps,
             token_seq=batch.score_seq,
+            labels=batch.desirable,
+            kl=kl,
         )
     )
 
@@ -65,10 +108,11 @@ def train_step(
     pending = StepMetrics()
     names: list[str] = ["loss"]
     for index, positions in enumerate(micro_batches):
-        mine = ctx.rank_slice(positions)
-        batch = collate(split.items(mine if mine else list(positions[:1]))).to(ctx.device)
+        mine, partners = ctx.rank_slice(positions), ctx.rank_slice(rotated(positions))
+        stand_in = list(positions[:1])
+        batch = collate_examples(collate, split, mine or stand_in, partners or stand_in, objective).to(ctx.device)
         with policy.gradient_sync(index == len(micro_batches) - 1):
-            out = forward_batch(policy, batch, reference, objective)
+            out = forward_batch(policy, batch, reference, objective, counted=bool(mine))
             (out.loss * (len(mine) * ctx.world_size / step_examples)).backward()
         names = ["loss", *out.metrics]
         if mine:
@@ -116,8 +160,9 @@ def evaluate(
         with torch.no_grad():
             for start in range(0, per_rank, batch_size):
                 mine = shard[start : start + batch_size]
-                batch = collate(split.items(mine if mine else [0])).to(ctx.device)
-                out = forward_batch(policy, batch, reference, objective)
+                chosen = mine if mine else [0]
+                batch = collate_examples(collate, split, chosen, rotated(chosen), objective).to(ctx.device)
+                out = forward_batch(policy, batch, reference, objective, counted=bool(mine))
                 columns = {"loss": out.per_example, **out.metrics}
                 names = list(columns)
                 if mine:

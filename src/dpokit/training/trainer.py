@@ -354,17 +354,20 @@ class Trainer:
             save_config(cfg, self.run_dir / CONFIG_FILENAME)
         seed_everything(cfg.optim.seed)
         policy, self.tokenizer = load_model_and_tokenizer(cfg.model, device=ctx.device)
+        self.objective = build_objective(cfg.loss.terms, beta=cfg.loss.beta, reference_free=cfg.loss.reference_free)
         with ctx.main_first():  # one rank fills the tokenized-data cache
-            self.train_split, self.eval_split = load_data(cfg, self.tokenizer, say=self.say)
+            self.train_split, self.eval_split = load_data(cfg, self.tokenizer, say=self.say, unpaired=self.objective.unpaired)
         layout = choose_layout(cfg.data.layout, policy)
         self.collate = make_collator(
             layout, self.tokenizer.pad_token_id, pack_tokens=cfg.data.pack_tokens if layout == "packed" else None
         )
         if layout != "padded":  # group batches by the length of a whole [prompt | responses] block
             self.train_split.length_kind = "block"
-        self.objective = build_objective(cfg.loss.terms, beta=cfg.loss.beta, reference_free=cfg.loss.reference_free)
         self.reference_strategy = resolve_reference_strategy(
-            cfg.reference.strategy, needs_reference=self.objective.needs_reference, lora=cfg.model.lora.enabled
+            cfg.reference.strategy,
+            needs_reference=self.objective.needs_reference,
+            lora=cfg.model.lora.enabled,
+            mismatched_pairs=self.objective.needs_kl,
         )
         self.say(
             f"objective {self.objective!r}; reference: {self.reference_strategy}; {len(self.train_split)} training "
