@@ -416,6 +416,7 @@ def sample_with_kl(
         batch_size=batch_size,
         reference=reference,
     )
+    # With a reference, generate fills both log-probs of every completion (they are None otherwise).
     kl = torch.tensor([c.policy_logp - c.reference_logp for c in completions], dtype=torch.float64)  # type: ignore[operator]
     return completions, kl
 
@@ -440,7 +441,7 @@ def format_prompt(tokenizer: Any, prompt: Prompt, *, chat_template: str = "auto"
     else:
         messages = list(prompt)
     if messages is None:
-        return prompt  # type: ignore[return-value]
+        return prompt  # type: ignore[return-value]  # messages is None only for a text prompt
     if system is not None and not (messages and messages[0].get("role") == "system"):
         messages = [{"role": "system", "content": system}, *messages]
     if chat_template == "never":

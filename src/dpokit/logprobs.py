@@ -95,7 +95,7 @@ class OutputHead:
 def find_output_head(model: nn.Module) -> OutputHead:
     """The output layer (``model.get_output_embeddings()``, tied or not) and the logit transform
     from the model's config."""
-    module = model.get_output_embeddings()  # type: ignore[operator]  # a transformers method, typed Tensor | Module by nn.Module.__getattr__
+    module = model.get_output_embeddings()  # type: ignore[operator]  # transformers method via nn.Module.__getattr__
     if module is None:
         raise TrainingError(
             f"{type(model).__name__} has no output layer (get_output_embeddings() is None); dpokit needs a causal language model"
@@ -300,7 +300,7 @@ def _verify_custom_mask(model: nn.Module, input_ids: Tensor) -> None:
     from dpokit.data.collate import PaddedCollator, SharedPromptCollator
 
     ids = input_ids.reshape(-1)[:1].tolist() or [0]
-    vocab = int(getattr(model.get_input_embeddings(), "num_embeddings", 0) or 0)  # type: ignore[operator]  # a transformers method, typed Tensor | Module by nn.Module.__getattr__
+    vocab = int(getattr(model.get_input_embeddings(), "num_embeddings", 0) or 0)  # type: ignore[operator]  # transformers method via nn.Module.__getattr__
     tokens = [(ids[0] + i) % vocab if vocab else ids[0] for i in range(1, 9)]
     items = [
         {"example_id": 0, "prompt_ids": tokens[:3], "response_ids": [tokens[3:6], tokens[6:8]]},
@@ -344,7 +344,7 @@ def final_hidden_states(model: nn.Module, model_inputs: dict[str, Tensor]) -> Te
     """(N, T, H) hidden states after the final norm, from the model's decoder (the network without
     its output layer). Works through peft wrappers: LoRA layers live inside the decoder, so they
     apply, and ``with model.disable_adapter():`` switches them off."""
-    decoder = model.get_decoder()  # type: ignore[operator]  # a transformers method, typed Tensor | Module by nn.Module.__getattr__
+    decoder = model.get_decoder()  # type: ignore[operator]  # transformers method via nn.Module.__getattr__
     outputs = decoder(**model_inputs, use_cache=False)
     hidden: Tensor = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     return hidden

@@ -370,10 +370,12 @@ def read_text_prompts(path: str | Path) -> list[str]:
     prompts = read_prompts(path)
     if not prompts:
         raise DataError(f"prompts file {path} has no prompts")
+    texts: list[str] = []
     for number, prompt in enumerate(prompts, start=1):
         if not isinstance(prompt, str):
             raise DataError(f"{path}: prompt {number} is a list of chat messages; the frontier needs text prompts")
-    return prompts  # type: ignore[return-value]
+        texts.append(prompt)
+    return texts
 
 
 # --------------------------------------------------------------------------------------------------

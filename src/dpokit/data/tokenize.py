@@ -266,7 +266,9 @@ def _tokenize_chat(
     for e, ex in enumerate(examples):
         try:
             prompt_text = tokenizer.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=True)
-            texts = [tokenizer.apply_chat_template(ex.prompt + response, tokenize=False) for response in ex.responses]  # type: ignore[operator]
+            # Chat examples: the prompt and every response are message lists (Text does not say which).
+            conversations = [ex.prompt + response for response in ex.responses]  # type: ignore[operator]
+            texts = [tokenizer.apply_chat_template(conversation, tokenize=False) for conversation in conversations]
         except Exception as error:  # jinja raises its own types (e.g. a template enforcing role order)
             on_invalid(
                 InvalidRowError(

@@ -166,7 +166,7 @@ def _write_weights(
     from dpokit.models import quiet_progress_bars
 
     with quiet_progress_bars():
-        model.save_pretrained(directory / MODEL_DIR, safe_serialization=True)  # type: ignore[operator]  # a transformers method, typed Tensor | Module by nn.Module.__getattr__
+        model.save_pretrained(directory / MODEL_DIR, safe_serialization=True)  # type: ignore[operator]  # transformers method via nn.Module.__getattr__
     if tokenizer is not None:
         tokenizer.save_pretrained(directory / MODEL_DIR)
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")

@@ -356,6 +356,7 @@ class ParallelPolicy:
     def gradient_sync(self, enabled: bool) -> Iterator[None]:
         """Reduce gradients across ranks only on the last micro-batch of an optimizer step."""
         if self.ctx.strategy == "ddp" and not enabled:
+            # DDP's and FSDP2's methods, typed Tensor | Module by nn.Module.__getattr__.
             with self.module.no_sync():  # type: ignore[operator]
                 yield
             return

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks of a Hugging Face causal LM (plain or peft-wrapped)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model  # type: ignore[operator]  # a transformers method, typed Tensor | Module by nn.Module.__getattr__
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model  # type: ignore[operator]  # transformers method via nn.Module.__getattr__
     for name in ("layers", "h", "blocks", "block"):
         layers = getattr(decoder, name, None)
         if isinstance(layers, nn.ModuleList) and len(layers):
