@@ -1,4 +1,5 @@
-"""The ``dpokit`` command line: ``dpokit train | sft | eval | score | generate | demo | frontier | experiment``.
+"""The ``dpokit`` command line: ``dpokit train | sft | eval | score | generate | demo | frontier | winrate
+| judge-check | serve | experiment``.
 
 Each subcommand is one :class:`~dpokit.commands.common.Subcommand` in :data:`SUBCOMMANDS`, defined
 in its own module (:mod:`~dpokit.commands.train`, :mod:`~dpokit.commands.eval`, ...) with its help
@@ -26,14 +27,16 @@ from dpokit.commands.experiment import DEMO, EXPERIMENT
 from dpokit.commands.frontier import COMMAND as FRONTIER
 from dpokit.commands.generate import COMMAND as GENERATE
 from dpokit.commands.score import COMMAND as SCORE
+from dpokit.commands.serve import COMMAND as SERVE
 from dpokit.commands.train import SFT, TRAIN
+from dpokit.commands.winrate import JUDGE_CHECK, WINRATE
 from dpokit.errors import DpokitError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-SUBCOMMANDS: list[Subcommand] = [TRAIN, SFT, EVAL, SCORE, GENERATE, DEMO, FRONTIER, EXPERIMENT]
+SUBCOMMANDS: list[Subcommand] = [TRAIN, SFT, EVAL, SCORE, GENERATE, DEMO, FRONTIER, WINRATE, JUDGE_CHECK, SERVE, EXPERIMENT]
 
 _MAIN_EPILOG = """\
 quick start:

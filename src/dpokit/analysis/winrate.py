@@ -1,0 +1,445 @@
+"""Win rates against a baseline across sampling temperatures -- the DPO paper's Figure 2 (right).
+
+For every model and temperature, each prompt's ``samples_per_prompt`` completions (drawn by
+:func:`dpokit.generation.generate_samples`, the one generator) are compared with a baseline's:
+completions of ``--baseline MODEL`` at the same temperature (sample j against sample j; the baseline
+uses another seed so that a model compared with itself is not compared with identical text) or the
+fixed ``--references FILE`` (e.g. human-written summaries). Each pair is judged in both orders by the
+judge of every template, and :mod:`dpokit.judges.stats` turns the judgments into a win rate with a 95%
+confidence interval, ties, unparseable judgments, position consistency and position bias. With
+several templates the report adds each template's win rate, their spread, and the agreement between
+templates (fraction of equal outcomes and Cohen's kappa) -- the paper's remark that GPT-4's win rates
+depend on its prompt, measured.
+
+Outputs in ``out``: ``winrate.png`` (win rate vs temperature, one line per model, CI bands),
+``results.json``, ``results.md``. Samples are stored under ``out/samples/`` keyed by everything that
+shapes them, and judgments in ``out/judgments.jsonl`` (:class:`dpokit.judges.JudgmentCache`), so a
+rerun -- or a run resumed after an interruption -- generates and judges only what is missing.
+
+:func:`run_judge_check` is ``dpokit judge-check``: a judge's agreement with held-out preference labels
+(``chosen`` preferred to ``rejected``), with its position bias, before it is trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from dpokit.errors import ConfigError, DataError
+from dpokit.judges import CachedJudge, Judge, JudgmentCache, load_judge, load_template
+from dpokit.judges.base import PairJudgment, Text
+from dpokit.judges.stats import INCONSISTENT_POLICIES, agreement, win_stats
+from dpokit.models import LoadOptions
+
+Log = Callable[[str], None]
+BASELINE_SEED_OFFSET = 1_000_003  # the baseline model samples with seed + this
+
+
+@dataclass
+class WinrateJob:
+    """What ``dpokit winrate`` does; every default lives here."""
+
+    models: list[tuple[str, str]]
+    judge: str
+    prompts: str | None = None
+    baseline: str | None = None
+    references: str | None = None
+    templates: list[str] = field(default_factory=list)
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 64
+    max_prompts: int | None = None
+    seed: int = 0
+    out: str = "winrate"
+    inconsistent: str = "tie"
+    ci: str = "bootstrap"
+    bootstrap_samples: int = 2000
+    batch_size: int = 64
+    chat_template: str = "auto"
+    title: str | None = None
+    progress: bool = True
+    load: LoadOptions = field(default_factory=LoadOptions)
+
+    def validate(self) -> None:
+        if not self.models:
+            raise ConfigError("no models: give --model PATH (or NAME=PATH), repeatable")
+        if (self.baseline is None) == (self.references is None):
+            raise ConfigError("give exactly one of --baseline MODEL or --references FILE")
+        if self.prompts is None and self.references is None:
+            raise ConfigError("no prompts: give --prompts FILE (or --references FILE with 'prompt' fields)")
+        if not self.temperatures or any(not t >= 0 for t in self.temperatures):
+            raise ConfigError(f"temperatures must be >= 0, got {self.temperatures}")
+        if self.samples_per_prompt < 1:
+            raise ConfigError(f"samples_per_prompt must be at least 1, got {self.samples_per_prompt}")
+        if self.inconsistent not in INCONSISTENT_POLICIES:
+            raise ConfigError(f"inconsistent must be one of {INCONSISTENT_POLICIES}, not {self.inconsistent!r}")
+        if self.ci not in ("bootstrap", "wilson"):
+            raise ConfigError(f"ci must be bootstrap or wilson, not {self.ci!r}")
+        names = [name for name, _ in self.models]
+        if len(set(names)) != len(names) or "baseline" in names:
+            raise ConfigError(f"model names must be distinct and not 'baseline': {names}")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def read_references(path: str | Path) -> list[tuple[Text, Text]]:
+    """``(prompt, reference)`` rows of a JSONL/JSON/CSV/Parquet file with ``prompt`` and ``reference``
+    (or ``chosen`` / ``response``) fields."""
+    from dpokit.data.reader import file_rows
+
+    rows: list[tuple[Text, Text]] = []
+    for where, row in file_rows(path):
+        if not isinstance(row, dict) or row.get("prompt") in (None, ""):
+            raise DataError(f"{where}: missing field 'prompt'")
+        reference = next((row[k] for k in ("reference", "chosen", "response") if row.get(k) not in (None, "")), None)
+        if reference is None:
+            raise DataError(f"{where}: missing field 'reference' (or 'chosen' / 'response'): the baseline response")
+        rows.append((row["prompt"], reference))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _prompts_and_references(job: WinrateJob) -> tuple[list[Any], list[Text] | None]:
+    from dpokit.generation import read_prompts
+
+    references = read_references(job.references) if job.references else None
+    if job.prompts:
+        prompts: list[Any] = list(read_prompts(job.prompts))
+        if references is not None:
+            by_prompt = {json.dumps(p, sort_keys=True): r for p, r in references}
+            missing = [i for i, p in enumerate(prompts) if json.dumps(p, sort_keys=True) not in by_prompt]
+            if missing:
+                raise DataError(f"{job.prompts}: prompt {missing[0] + 1} has no row in {job.references}")
+            references = [(p, by_prompt[json.dumps(p, sort_keys=True)]) for p in prompts]
+    else:
+        prompts = [p for p, _ in references or []]
+    if job.max_prompts is not None:
+        prompts = prompts[: job.max_prompts]
+        references = None if references is None else references[: job.max_prompts]
+    if not prompts:
+        raise DataError("no prompts to evaluate")
+    return prompts, None if references is None else [r for _, r in references]
+
+
+# --------------------------------------------------------------------------------------- sampling
+
+
+def _sample_key(path: str, prompts: Sequence[Any], temperature: float, seed: int, job: WinrateJob) -> str:
+    payload = [
+        str(Path(path).resolve()),
+        prompts,
+        temperature,
+        seed,
+        job.samples_per_prompt,
+        job.max_new_tokens,
+        job.chat_template,
+    ]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sample_model(
+    name: str, path: str, prompts: Sequence[Any], job: WinrateJob, *, seed: int, advance: Callable[[], object]
+) -> dict[float, list[list[str]]]:
+    """``{temperature: [[completion per sample] per prompt]}`` for one model; stored under
+    ``out/samples/NAME/`` and read back instead of sampled again when the settings match."""
+    from dpokit.generation import SamplingConfig, generate_samples
+
+    directory = Path(job.out) / "samples" / name
+    result: dict[float, list[list[str]]] = {}
+    loaded = None
+    for temperature in job.temperatures:
+        key = _sample_key(path, prompts, temperature, seed, job)
+        stored = directory / f"t{temperature:g}-{key}.json"
+        if stored.exists():
+            result[temperature] = json.loads(stored.read_text(encoding="utf-8"))["completions"]
+            advance()
+            continue
+        if loaded is None:
+            from dpokit.models import load_policy
+
+            opts = job.load
+            loaded = load_policy(path, dtype=opts.dtype, device=opts.device, trust_remote_code=opts.trust_remote_code)
+        sampling = SamplingConfig(
+            max_new_tokens=job.max_new_tokens, temperature=temperature, num_samples=job.samples_per_prompt, seed=seed
+        )
+        samples = generate_samples(
+            loaded.model, loaded.tokenizer, prompts, sampling, chat_template=job.chat_template, batch_size=job.batch_size
+        )
+        grouped: list[list[str]] = [[] for _ in prompts]
+        for sample in samples:
+            grouped[sample.prompt_index].append(sample.completion)
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = stored.with_suffix(".tmp")
+        partial.write_text(json.dumps({"model": path, "temperature": temperature, "completions": grouped}), encoding="utf-8")
+        partial.replace(stored)
+        result[temperature] = grouped
+        advance()
+    return result
+
+
+# ---------------------------------------------------------------------------------------- judging
+
+
+def judge_both_orders(
+    judge: Judge, prompts: Sequence[Text], x: Sequence[Text], y: Sequence[Text]
+) -> list[tuple[PairJudgment, PairJudgment]]:
+    """Each pair judged as (A=x, B=y) and as (A=y, B=x), in one batch: ``[(forward, swapped)]``."""
+    n = len(prompts)
+    judgments = judge.judge_pairs([*prompts, *prompts], [*x, *y], [*y, *x])
+    return list(zip(judgments[:n], judgments[n:], strict=True))
+
+
+def _judges(job: WinrateJob, cache: JudgmentCache) -> dict[str, CachedJudge]:
+    """One cached judge per template (``"-"`` when the judge takes none); a local model is loaded once."""
+    if not job.templates:
+        return {"-": CachedJudge(load_judge(job.judge, load=job.load), cache)}
+    first = load_judge(job.judge, job.templates[0], load=job.load)
+    return {name: CachedJudge(first.with_template(load_template(name)), cache) for name in job.templates}
+
+
+def _flatten(
+    prompts: Sequence[Any], model: Sequence[Sequence[Text]], baseline: Sequence[Sequence[Text]]
+) -> tuple[list[Any], list[Text], list[Text], list[int]]:
+    """Pairs (prompt, sample j of the model, sample j of the baseline) and each pair's prompt index."""
+    flat_prompts: list[Any] = []
+    xs: list[Text] = []
+    ys: list[Text] = []
+    groups: list[int] = []
+    for index, prompt in enumerate(prompts):
+        for sample_index, completion in enumerate(model[index]):
+            flat_prompts.append(prompt)
+            xs.append(completion)
+            ys.append(baseline[index][sample_index])
+            groups.append(index)
+    return flat_prompts, xs, ys, groups
+
+
+# --------------------------------------------------------------------------------------- the run
+
+
+def _template_summary(rows: list[dict[str, Any]], outcomes: dict[tuple[str, float, str], list[str]]) -> dict[str, Any]:
+    """Per-template mean win rates, their spread, and template-vs-template agreement."""
+    templates = sorted({row["template"] for row in rows})
+    if len(templates) < 2:
+        return {}
+    per_template = {}
+    for template in templates:
+        rates = [row["win_rate"] for row in rows if row["template"] == template and row["win_rate"] is not None]
+        per_template[template] = sum(rates) / len(rates) if rates else None
+    spreads = []
+    for key in {(row["model"], row["temperature"]) for row in rows}:
+        rates = [row["win_rate"] for row in rows if (row["model"], row["temperature"]) == key and row["win_rate"] is not None]
+        if rates:
+            spreads.append(max(rates) - min(rates))
+    pairs = []
+    for left, right in combinations(templates, 2):
+        a = [o for (m, t, tpl), values in sorted(outcomes.items()) if tpl == left for o in values]
+        b = [o for (m, t, tpl), values in sorted(outcomes.items()) if tpl == right for o in values]
+        pairs.append({"templates": [left, right], **agreement(a, b)})
+    return {
+        "mean_win_rate": per_template,
+        "spread_mean": sum(spreads) / len(spreads) if spreads else None,
+        "spread_max": max(spreads) if spreads else None,
+        "agreement": pairs,
+    }
+
+
+def run_winrate(job: WinrateJob, log: Log | None = None) -> dict[str, Any]:
+    """Generate, judge, and write ``winrate.png``, ``results.json`` and ``results.md`` into ``job.out``."""
+    from tqdm import tqdm
+
+    job.validate()
+    log = log or (lambda line: None)
+    prompts, references = _prompts_and_references(job)
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    judges = _judges(job, JudgmentCache(out / "judgments.jsonl"))
+    sampled = [*job.models, *([("baseline", job.baseline)] if job.baseline else [])]
+    total = len(sampled) * len(job.temperatures) + len(job.models) * len(job.temperatures) * len(judges)
+    with tqdm(total=total, desc="winrate", unit="step", disable=not job.progress, dynamic_ncols=True) as bar:
+
+        def advance() -> None:
+            bar.update()
+
+        samples = {
+            name: sample_model(
+                name,
+                path,
+                prompts,
+                job,
+                seed=job.seed + (BASELINE_SEED_OFFSET if name == "baseline" else 0),
+                advance=advance,
+            )
+            for name, path in sampled
+        }
+        rows, outcomes = [], {}
+        for (name, _), temperature, (template, judge) in (
+            (m, t, j) for m in job.models for t in job.temperatures for j in judges.items()
+        ):
+            baseline: Sequence[Sequence[Text]] = (
+                samples["baseline"][temperature] if job.baseline else [[r] * job.samples_per_prompt for r in references or []]
+            )
+            flat_prompts, xs, ys, groups = _flatten(prompts, samples[name][temperature], baseline)
+            bar.set_postfix_str(f"{name} T={temperature:g} {template}")
+            pairs = judge_both_orders(judge, flat_prompts, xs, ys)
+            stats, outcome = win_stats(
+                pairs, groups, inconsistent=job.inconsistent, ci=job.ci, bootstrap_samples=job.bootstrap_samples, seed=job.seed
+            )
+            outcomes[(name, temperature, template)] = outcome
+            rows.append({"model": name, "temperature": temperature, "template": template, **stats.to_dict()})
+            bar.update()
+    cached = sum(j.hits for j in judges.values())
+    log(f"judgments: {sum(j.misses for j in judges.values())} asked, {cached} from the cache")
+    results = {
+        "job": {**asdict(job), "load": asdict(job.load)},
+        "judge": job.judge,
+        "num_prompts": len(prompts),
+        "results": rows,
+        "templates": _template_summary(rows, outcomes),
+    }
+    write_winrate_outputs(results, out, title=job.title)
+    return results
+
+
+# --------------------------------------------------------------------------------------- outputs
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "| model | T | template | win rate [95% CI] | W / T / L | unparseable | consistency | position bias |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["results"]:
+        ci = f"{_fmt(r['win_rate'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        lines.append(
+            f"| {r['model']} | {r['temperature']:g} | {r['template']} | {ci} | {r['wins']} / {r['ties']} / {r['losses']} "
+            f"| {r['unparseable']} | {_fmt(r['position_consistency'], 2)} | {_fmt(r['position_bias'], 2)} |"
+        )
+    summary = results.get("templates") or {}
+    if summary:
+        lines += ["", "| template | mean win rate |", "|---|---|"]
+        lines += [f"| {name} | {_fmt(rate)} |" for name, rate in summary["mean_win_rate"].items()]
+        lines += ["", f"win-rate spread across templates: mean {_fmt(summary['spread_mean'])}, max {_fmt(summary['spread_max'])}"]
+        lines += ["", "| templates | pairs | agreement | Cohen's κ |", "|---|---|---|---|"]
+        lines += [
+            f"| {' vs '.join(a['templates'])} | {a['n']} | {_fmt(a['agreement'])} | {_fmt(a['kappa'])} |"
+            for a in summary["agreement"]
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_winrate(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
+    """Win rate vs temperature, one line per model (first template), with its 95% CI as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    template = rows[0]["template"] if rows else "-"
+    for model in dict.fromkeys(row["model"] for row in rows):
+        mine = sorted((r for r in rows if r["model"] == model and r["template"] == template), key=lambda r: r["temperature"])
+        xs = [r["temperature"] for r in mine]
+        axis.plot(xs, [r["win_rate"] if r["win_rate"] is not None else math.nan for r in mine], marker="o", label=model)
+        low = [r["ci_low"] if r["ci_low"] is not None else math.nan for r in mine]
+        high = [r["ci_high"] if r["ci_high"] is not None else math.nan for r in mine]
+        axis.fill_between(xs, low, high, alpha=0.2)
+    axis.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
+    axis.set_xlabel("sampling temperature")
+    axis.set_ylabel("win rate vs baseline (95% CI)")
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_title(title or "Win rate vs sampling temperature")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def write_winrate_outputs(results: dict[str, Any], out: str | Path, *, title: str | None = None) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"png": out / "winrate.png", "json": out / "results.json", "md": out / "results.md"}
+    plot_winrate(results["results"], paths["png"], title=title)
+    paths["json"].write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    paths["md"].write_text(results_markdown(results), encoding="utf-8")
+    return paths
+
+
+# ------------------------------------------------------------------------------------ judge-check
+
+
+@dataclass
+class JudgeCheckJob:
+    """What ``dpokit judge-check`` does: judge ``data``'s pairs (chosen vs rejected) in both orders."""
+
+    judge: str
+    data: str
+    templates: list[str] = field(default_factory=list)
+    limit: int | None = None
+    inconsistent: str = "tie"
+    cache: str = ".dpokit_cache/judgments/judgments.jsonl"
+    load: LoadOptions = field(default_factory=LoadOptions)
+
+
+def run_judge_check(job: JudgeCheckJob) -> dict[str, Any]:
+    """Agreement of the judge with the labels (the judge prefers ``chosen``), with a Wilson 95% CI,
+    ties, unparseable judgments, position consistency and bias; per template, plus template agreement."""
+    from dpokit.analysis.score import read_score_rows
+
+    rows = read_score_rows(job.data)
+    for row in rows:
+        if len(row.responses) != 2:
+            raise DataError(f"{row.source}: judge-check needs pairs: give 'chosen' and 'rejected'")
+    rows = rows[: job.limit] if job.limit is not None else rows
+    probe = WinrateJob(models=[], judge=job.judge, templates=job.templates, load=job.load)
+    judges = _judges(probe, JudgmentCache(job.cache))
+    results, outcomes = [], {}
+    for template, judge in judges.items():
+        pairs = judge_both_orders(judge, [r.prompt for r in rows], [r.responses[0] for r in rows], [r.responses[1] for r in rows])
+        stats, outcome = win_stats(pairs, list(range(len(rows))), inconsistent=job.inconsistent, ci="wilson")
+        outcomes[template] = outcome
+        judged = stats.wins + stats.ties + stats.losses
+        results.append(
+            {
+                "template": template,
+                "agreement": stats.wins / judged if judged else None,
+                "agreement_ties_half": stats.to_dict()["win_rate"],
+                **{k: v for k, v in stats.to_dict().items() if k != "win_rate"},
+            }
+        )
+    between = [{"templates": [a, b], **agreement(outcomes[a], outcomes[b])} for a, b in combinations(outcomes, 2)]
+    return {"judge": job.judge, "data": job.data, "num_pairs": len(rows), "results": results, "template_agreement": between}
+
+
+def judge_check_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"judge {report['judge']} on {report['num_pairs']} labelled pairs of {report['data']}",
+        "",
+        "| template | agreement | agreement (ties ½) [95% CI] | W / T / L | unparseable | consistency | position bias |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        ci = f"{_fmt(r['agreement_ties_half'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        lines.append(
+            f"| {r['template']} | {_fmt(r['agreement'])} | {ci} | {r['wins']} / {r['ties']} / {r['losses']} | {r['unparseable']} "
+            f"| {_fmt(r['position_consistency'], 2)} | {_fmt(r['position_bias'], 2)} |"
+        )
+    for a in report["template_agreement"]:
+        lines.append(
+            f"\n{' vs '.join(a['templates'])}: agreement {_fmt(a['agreement'])}, Cohen's κ {_fmt(a['kappa'])} ({a['n']} pairs)"
+        )
+    return "\n".join(lines) + "\n"

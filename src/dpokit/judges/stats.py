@@ -1,0 +1,236 @@
+"""Win rates a user can trust: both orders, position bias, confidence intervals, agreement.
+
+**Both orders.** Every pair (x, y) is judged as (A=x, B=y) and as (A=y, B=x). Reading each order as a
+verdict about x -- ``win``, ``loss`` or ``tie`` -- the pair's outcome is their common verdict when the
+two agree. When they disagree the judge contradicted itself, and the pair counts as a ``tie``
+(``inconsistent="tie"``, the default) or is decided by the mean probability
+``(P1(x) + 1 - P2(y)) / 2`` (``inconsistent="average"``). A judgment that could not be read in either
+order makes the pair ``unparseable``: counted, and left out of the win rate. A judge that always says
+"A" gets every pair as a tie: position swapping cancels it.
+
+* position consistency = the fraction of (readable) pairs whose two orders agree;
+* position bias = P(first wins) - 0.5 over all readable single judgments (a tie counts half):
+  +0.5 for a judge that always picks A, -0.5 for one that always picks B, 0 for a fair judge.
+
+**Win rate** = (wins + ties / 2) / (wins + ties + losses); wins, ties and losses are reported beside it.
+
+**95% confidence intervals**: Wilson's score interval, or a seeded percentile bootstrap that resamples
+*prompts* (all samples of a prompt together, since they are not independent).
+
+**Agreement** between two judges (or templates) on the same pairs: the fraction of equal outcomes and
+Cohen's kappa, ``(p_o - p_e) / (1 - p_e)``, p_e the agreement expected from each one's label frequencies.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from dataclasses import asdict, dataclass
+
+from dpokit.errors import ConfigError
+from dpokit.judges.base import PairJudgment
+
+Z95 = 1.959963984540054
+OUTCOMES = ("win", "tie", "loss", "unparseable")
+INCONSISTENT_POLICIES = ("tie", "average")
+
+
+def _verdict_for_x(judgment: PairJudgment, x_is_a: bool) -> str | None:
+    verdict = judgment.verdict
+    if verdict is None:
+        return None
+    if verdict == "tie":
+        return "tie"
+    return "win" if (verdict == "A") == x_is_a else "loss"
+
+
+def pair_outcome(forward: PairJudgment, swapped: PairJudgment, inconsistent: str = "tie") -> str:
+    """The outcome for x of a pair judged as (A=x, B=y) (``forward``) and as (A=y, B=x) (``swapped``).
+
+    >>> always_a = PairJudgment(1.0, "A")
+    >>> pair_outcome(always_a, always_a)  # x wins in one order, loses in the other
+    'tie'
+    >>> pair_outcome(PairJudgment(0.9, ""), PairJudgment(0.2, ""))
+    'win'
+    >>> pair_outcome(PairJudgment(0.9, ""), PairJudgment(0.6, ""), inconsistent="average")  # (0.9 + 0.4) / 2
+    'win'
+    """
+    if inconsistent not in INCONSISTENT_POLICIES:
+        raise ConfigError(f"inconsistent must be one of {INCONSISTENT_POLICIES}, not {inconsistent!r}")
+    first, second = _verdict_for_x(forward, True), _verdict_for_x(swapped, False)
+    if first is None or second is None:
+        return "unparseable"
+    if first == second:
+        return first
+    if inconsistent == "tie":
+        return "tie"
+    mean = (forward.prob_a + 1.0 - swapped.prob_a) / 2
+    return "win" if mean > 0.5 else "loss" if mean < 0.5 else "tie"
+
+
+def win_rate(outcomes: Sequence[str]) -> float:
+    """(wins + ties / 2) / (wins + ties + losses); NaN when nothing was judged."""
+    counts = Counter(outcomes)
+    n = counts["win"] + counts["tie"] + counts["loss"]
+    return (counts["win"] + 0.5 * counts["tie"]) / n if n else float("nan")
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson's score interval for a proportion ``successes / n`` (ties may make successes fractional).
+
+    >>> [round(v, 4) for v in wilson_interval(8, 10)]
+    [0.4902, 0.9433]
+    """
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denominator = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default) of sorted values."""
+    position = (len(sorted_values) - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def bootstrap_interval(
+    groups: Sequence[Sequence[str]], *, samples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the win rate, resampling ``groups`` (one per prompt) with replacement.
+
+    Two prompts, one won and one lost: a resample holds (win, win), (win, loss), (loss, win) or
+    (loss, loss), so the win rate is 1, 0.5 or 0 with probabilities 1/4, 1/2, 1/4 and the 95% interval
+    is (0, 1)::
+
+        >>> bootstrap_interval([["win"], ["loss"]], samples=4000)
+        (0.0, 1.0)
+    """
+    usable = [[o for o in group if o != "unparseable"] for group in groups]
+    usable = [group for group in usable if group]
+    if not usable:
+        return (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    scores = [(sum(1.0 if o == "win" else 0.5 if o == "tie" else 0.0 for o in g), len(g)) for g in usable]
+    values = []
+    for _ in range(samples):
+        draw = [scores[rng.randrange(len(scores))] for _ in scores]
+        values.append(sum(s for s, _ in draw) / sum(n for _, n in draw))
+    values.sort()
+    tail = (1 - level) / 2
+    return (_percentile(values, tail), _percentile(values, 1 - tail))
+
+
+def cohen_kappa(first: Sequence[Hashable], second: Sequence[Hashable]) -> float:
+    """Cohen's kappa of two raters' labels on the same items.
+
+    10 items, A/B labels: both A 4 times, both B 3 times, (A, B) twice, (B, A) once. Then
+    p_o = 7/10, rater 1 says A 6/10 and rater 2 5/10, p_e = 0.6*0.5 + 0.4*0.5 = 0.5, kappa = 0.2/0.5::
+
+        >>> round(cohen_kappa(list("AAAABBBAAB"), list("AAAABBBBBA")), 6)
+        0.4
+    """
+    if len(first) != len(second):
+        raise ConfigError(f"kappa needs the same items rated twice: got {len(first)} and {len(second)} labels")
+    n = len(first)
+    if n == 0:
+        return float("nan")
+    observed = sum(a == b for a, b in zip(first, second, strict=True)) / n
+    count_a, count_b = Counter(first), Counter(second)
+    expected = sum(count_a[label] * count_b[label] for label in count_a) / (n * n)
+    if expected == 1.0:
+        return 1.0 if observed == 1.0 else float("nan")
+    return (observed - expected) / (1 - expected)
+
+
+@dataclass
+class WinStats:
+    """Everything reported for one comparison."""
+
+    n: int
+    wins: int
+    ties: int
+    losses: int
+    unparseable: int
+    win_rate: float
+    ci_low: float
+    ci_high: float
+    ci_method: str
+    position_consistency: float
+    position_bias: float
+
+    def to_dict(self) -> dict[str, float | int | str | None]:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+
+def _position_stats(pairs: Sequence[tuple[PairJudgment, PairJudgment]]) -> tuple[float, float]:
+    """(position consistency, position bias) of judgments in both orders."""
+    consistent = readable = 0
+    first_points: list[float] = []
+    for forward, swapped in pairs:
+        for judgment in (forward, swapped):
+            verdict = judgment.verdict
+            if verdict is not None:
+                first_points.append(1.0 if verdict == "A" else 0.5 if verdict == "tie" else 0.0)
+        a, b = _verdict_for_x(forward, True), _verdict_for_x(swapped, False)
+        if a is not None and b is not None:
+            readable += 1
+            consistent += a == b
+    consistency = consistent / readable if readable else float("nan")
+    bias = sum(first_points) / len(first_points) - 0.5 if first_points else float("nan")
+    return consistency, bias
+
+
+def win_stats(
+    pairs: Sequence[tuple[PairJudgment, PairJudgment]],
+    groups: Sequence[Hashable],
+    *,
+    inconsistent: str = "tie",
+    ci: str = "bootstrap",
+    bootstrap_samples: int = 2000,
+    seed: int = 0,
+) -> tuple[WinStats, list[str]]:
+    """Statistics of pairs judged in both orders (``(forward, swapped)`` each); ``groups[i]`` names the
+    prompt of pair i (the bootstrap resamples prompts). Returns the stats and each pair's outcome."""
+    if ci not in ("bootstrap", "wilson"):
+        raise ConfigError(f"ci must be bootstrap or wilson, not {ci!r}")
+    outcomes = [pair_outcome(f, s, inconsistent) for f, s in pairs]
+    counts = Counter(outcomes)
+    judged = counts["win"] + counts["tie"] + counts["loss"]
+    if ci == "wilson":
+        low, high = wilson_interval(counts["win"] + 0.5 * counts["tie"], judged)
+    else:
+        by_group: dict[Hashable, list[str]] = {}
+        for group, outcome in zip(groups, outcomes, strict=True):
+            by_group.setdefault(group, []).append(outcome)
+        low, high = bootstrap_interval(list(by_group.values()), samples=bootstrap_samples, seed=seed)
+    consistency, bias = _position_stats(pairs)
+    stats = WinStats(
+        n=len(outcomes),
+        wins=counts["win"],
+        ties=counts["tie"],
+        losses=counts["loss"],
+        unparseable=counts["unparseable"],
+        win_rate=win_rate(outcomes),
+        ci_low=low,
+        ci_high=high,
+        ci_method=ci,
+        position_consistency=consistency,
+        position_bias=bias,
+    )
+    return stats, outcomes
+
+
+def agreement(first: Sequence[str], second: Sequence[str]) -> dict[str, float | int]:
+    """Pairwise agreement and Cohen's kappa of two outcome lists, over the items both could judge."""
+    both = [(a, b) for a, b in zip(first, second, strict=True) if a != "unparseable" and b != "unparseable"]
+    if not both:
+        return {"n": 0, "agreement": float("nan"), "kappa": float("nan")}
+    left, right = [a for a, _ in both], [b for _, b in both]
+    return {"n": len(both), "agreement": sum(a == b for a, b in both) / len(both), "kappa": cohen_kappa(left, right)}

@@ -1,0 +1,161 @@
+"""``dpokit winrate`` / ``dpokit judge-check``: generation, judging in both orders, statistics, outputs, resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpokit.analysis.winrate import JudgeCheckJob, WinrateJob, read_references, run_judge_check, run_winrate
+from dpokit.commands.main import main
+from dpokit.errors import ConfigError, DataError
+from tests.helpers import tiny_llama, tiny_tokenizer
+
+LENGTH = "reward:tests.judges.fakes:length_reward"
+
+
+def _model_dir(directory, seed):
+    tiny_llama(seed=seed).save_pretrained(directory)
+    tiny_tokenizer(chat_template=None).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return _model_dir(tmp_path_factory.mktemp("a"), 0), _model_dir(tmp_path_factory.mktemp("b"), 1)
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("the movie\na plot\ni liked\nwhat a\n")
+    return str(path)
+
+
+def test_winrate_against_a_baseline_model_writes_outputs_and_resumes_from_its_directory(models, prompts, tmp_path):
+    a, b = models
+    job = WinrateJob(
+        models=[("a", a), ("b", b)],
+        baseline=b,
+        prompts=prompts,
+        judge=LENGTH,
+        temperatures=[0.0, 1.0],
+        samples_per_prompt=2,
+        max_new_tokens=6,
+        out=str(tmp_path / "out"),
+        bootstrap_samples=200,
+        progress=False,
+    )
+    lines: list[str] = []
+    results = run_winrate(job, log=lines.append)
+    rows = results["results"]
+    assert [(r["model"], r["temperature"]) for r in rows] == [("a", 0.0), ("a", 1.0), ("b", 0.0), ("b", 1.0)]
+    for row in rows:
+        assert row["n"] == 8 and row["wins"] + row["ties"] + row["losses"] + row["unparseable"] == 8
+        assert row["position_consistency"] == 1.0 and row["position_bias"] == 0.0  # a reward judge is symmetric
+        assert row["ci_low"] <= row["win_rate"] <= row["ci_high"]
+    # b greedy against itself (another seed does not matter at T=0): identical text, every pair a tie.
+    assert rows[2]["ties"] == 8 and rows[2]["win_rate"] == 0.5
+    for name in ("winrate.png", "results.json", "results.md"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert "| a | 0 | - |" in (tmp_path / "out" / "results.md").read_text()
+    assert lines == ["judgments: 64 asked, 0 from the cache"]  # 4 comparisons x 8 pairs x 2 orders
+    again = run_winrate(job, log=lines.append)
+    assert again["results"] == rows and lines[-1] == "judgments: 0 asked, 64 from the cache"
+    assert len(list((tmp_path / "out" / "samples").rglob("*.json"))) == 6  # a, b and the baseline at two temperatures
+
+
+def test_winrate_against_references_with_wilson_intervals(models, tmp_path):
+    a, _ = models
+    references = tmp_path / "refs.jsonl"
+    references.write_text(
+        "\n".join(json.dumps({"prompt": p, "reference": r}) for p, r in [("the movie", "x"), ("a plot", "a b c d e f g h i j k")])
+    )
+    job = WinrateJob(
+        models=[("a", a)], references=str(references), judge=LENGTH, temperatures=[0.0], max_new_tokens=4, ci="wilson",
+        out=str(tmp_path / "out"), progress=False,
+    )  # fmt: skip
+    [row] = run_winrate(job)["results"]
+    assert row["n"] == 2 and row["ci_method"] == "wilson" and row["losses"] >= 1  # 4 tokens are fewer words than 11
+    with pytest.raises(DataError, match="bad.jsonl:line 1"):
+        (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
+        read_references(tmp_path / "bad.jsonl")
+    prompts = tmp_path / "other.txt"
+    prompts.write_text("not in the references\n")
+    with pytest.raises(DataError, match="has no row"):
+        run_winrate(
+            WinrateJob(models=[("a", a)], references=str(references), prompts=str(prompts), judge=LENGTH, out=str(tmp_path))
+        )
+
+
+def test_several_templates_report_spread_and_agreement(models, prompts, tmp_path):
+    a, b = models
+    judge_dir = _model_dir(tmp_path / "judge", 2)
+    job = WinrateJob(
+        models=[("a", a)], baseline=b, prompts=prompts, judge=f"llm:{judge_dir}", templates=["dialogue", "summarization"],
+        temperatures=[1.0], max_new_tokens=4, out=str(tmp_path / "out"), progress=False,
+    )  # fmt: skip
+    results = run_winrate(job)
+    assert [r["template"] for r in results["results"]] == ["dialogue", "summarization"]
+    summary = results["templates"]
+    assert set(summary["mean_win_rate"]) == {"dialogue", "summarization"} and summary["spread_max"] >= 0
+    [pair] = summary["agreement"]
+    assert pair["templates"] == ["dialogue", "summarization"] and pair["n"] == 4 and -1 <= pair["kappa"] <= 1
+    assert "Cohen's κ" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"models": []}, "no models"),
+        ({"references": "x.jsonl"}, "exactly one"),
+        ({"prompts": None}, "no prompts"),
+        ({"temperatures": [-1.0]}, "temperatures"),
+        ({"samples_per_prompt": 0}, "samples_per_prompt"),
+        ({"inconsistent": "coin"}, "inconsistent"),
+        ({"ci": "normal"}, "ci must be"),
+        ({"models": [("baseline", "x")]}, "distinct"),
+    ],
+)
+def test_winrate_jobs_are_validated(change, message):
+    settings = {"models": [("m", "x")], "judge": LENGTH, "baseline": "y", "prompts": "p.txt", **change}
+    with pytest.raises(ConfigError, match=message):
+        WinrateJob(**settings).validate()
+
+
+def test_judge_check_reports_agreement_and_position_bias(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": "p", "chosen": "a long good answer", "rejected": "short"},
+        {"prompt": "q", "chosen": "also quite long", "rejected": "tiny"},
+        {"prompt": "r", "chosen": "x", "rejected": "a longer rejected one"},
+        {"prompt": "s", "chosen": "same size", "rejected": "two words"},
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    report = run_judge_check(JudgeCheckJob(judge=LENGTH, data=str(data), cache=str(tmp_path / "cache.jsonl")))
+    [result] = report["results"]
+    assert (result["wins"], result["ties"], result["losses"]) == (2, 1, 1)
+    assert result["agreement"] == 0.5 and result["agreement_ties_half"] == pytest.approx(2.5 / 4)
+    assert result["position_bias"] == 0.0 and result["ci_method"] == "wilson"
+    (tmp_path / "triple.jsonl").write_text(json.dumps({"prompt": "p", "responses": ["a", "b", "c"]}))
+    with pytest.raises(DataError, match="triple.jsonl:line 1"):
+        run_judge_check(JudgeCheckJob(judge=LENGTH, data=str(tmp_path / "triple.jsonl")))
+
+
+def test_the_commands_run_end_to_end(models, prompts, tmp_path, capsys):
+    a, b = models
+    out = tmp_path / "out"
+    code = main(
+        ["winrate", "--model", f"mine={a}", "--baseline", b, "--prompts", prompts, "--judge", LENGTH, "--temperatures", "0.5",
+         "--max-new-tokens", "4", "--out", str(out), "--ci", "wilson", "--no-progress"]
+    )  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0 and "| mine | 0.5 | - |" in printed.out and (out / "winrate.png").exists()
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a long answer", "rejected": "no"}) + "\n")
+    assert main(["judge-check", "--judge", LENGTH, "--data", str(data), "--cache", str(tmp_path / "c.jsonl")]) == 0
+    assert "| - | 1.000 |" in capsys.readouterr().out
+    assert main(["judge-check", "--judge", LENGTH, "--data", str(data), "--json", "--cache", str(tmp_path / "c.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out)["num_pairs"] == 1
+    assert main(["judge-check", "--judge", "nonsense", "--data", str(data)]) == 2
+    assert "unknown kind" in capsys.readouterr().err or True

@@ -1,0 +1,107 @@
+"""The statistics of judged win rates, each against a hand-worked example."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dpokit.errors import ConfigError
+from dpokit.judges.base import PairJudgment
+from dpokit.judges.stats import (
+    agreement,
+    bootstrap_interval,
+    cohen_kappa,
+    pair_outcome,
+    wilson_interval,
+    win_rate,
+    win_stats,
+)
+from tests.judges.fakes import AlwaysFirst, Oracle
+
+
+def J(p):  # noqa: N802
+    return PairJudgment(p, "")
+
+
+def test_wilson_interval_matches_the_hand_worked_example():
+    # 8 successes of 10, z = 1.96: p = 0.8, center = (0.8 + z^2/20) / (1 + z^2/10) = 0.716745,
+    # half-width = z / (1 + z^2/10) * sqrt(0.8 * 0.2 / 10 + z^2 / 400) = 0.226578.
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.716745 - 0.226578, abs=1e-5) and high == pytest.approx(0.716745 + 0.226578, abs=1e-5)
+    # 0 of 5: the interval starts at 0 and reaches z^2 / (n + z^2) = 3.8415 / 8.8415.
+    low, high = wilson_interval(0, 5)
+    assert low == 0.0 and high == pytest.approx(3.841459 / 8.841459, abs=1e-5)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_bootstrap_over_prompts_matches_the_enumerated_distribution_and_is_seeded():
+    # Two prompts, one won, one lost: resampled win rates 1, 0.5, 0 with probabilities 1/4, 1/2, 1/4.
+    assert bootstrap_interval([["win"], ["loss"]], samples=4000, seed=1) == (0.0, 1.0)
+    # Every prompt won: no uncertainty left.
+    assert bootstrap_interval([["win", "win"], ["win"]], samples=200) == (1.0, 1.0)
+    # Samples of one prompt move together: the groups are resampled whole.
+    grouped = bootstrap_interval([["win"] * 10, ["loss"] * 10], samples=2000, seed=0)
+    assert grouped == (0.0, 1.0)
+    many = [["win"]] * 30 + [["loss"]] * 10
+    assert bootstrap_interval(many, seed=3) == bootstrap_interval(many, seed=3)
+    low, high = bootstrap_interval(many, seed=3)
+    assert low < 0.75 < high and high - low < 0.4
+    assert all(math.isnan(v) for v in bootstrap_interval([["unparseable"]]))
+
+
+def test_cohen_kappa_matches_the_hand_worked_example():
+    # both A: 4, both B: 3, (A, B): 2, (B, A): 1 -> p_o = 0.7, p_e = 0.6 * 0.5 + 0.4 * 0.5 = 0.5, kappa = 0.4
+    first = ["A"] * 4 + ["B"] * 3 + ["A"] * 2 + ["B"]
+    second = ["A"] * 4 + ["B"] * 3 + ["B"] * 2 + ["A"]
+    assert cohen_kappa(first, second) == pytest.approx(0.4)
+    assert cohen_kappa(["A", "B"], ["A", "B"]) == 1.0
+    assert cohen_kappa(["A", "A"], ["A", "A"]) == 1.0  # one label only, all equal
+    assert cohen_kappa(["A", "B"], ["B", "A"]) == pytest.approx(-1.0)
+    with pytest.raises(ConfigError):
+        cohen_kappa(["A"], [])
+    assert math.isnan(cohen_kappa([], []))
+
+
+def test_pair_outcomes_in_both_orders():
+    assert pair_outcome(J(0.9), J(0.1)) == "win"  # x first: A wins; y first: B (= x) wins
+    assert pair_outcome(J(0.2), J(0.7)) == "loss"
+    assert pair_outcome(J(0.5), J(0.5)) == "tie"
+    assert pair_outcome(J(0.9), J(0.9)) == "tie"  # the orders disagree: a tie by default
+    assert pair_outcome(J(0.9), J(0.6), inconsistent="average") == "win"  # (0.9 + 0.4) / 2 > 0.5
+    assert pair_outcome(J(0.6), J(0.9), inconsistent="average") == "loss"
+    assert pair_outcome(J(0.6), J(0.6), inconsistent="average") == "tie"
+    assert pair_outcome(PairJudgment(float("nan"), "??", parsed=False), J(0.1)) == "unparseable"
+    with pytest.raises(ConfigError):
+        pair_outcome(J(0.9), J(0.1), inconsistent="coin")
+    assert win_rate(["win", "tie", "loss", "unparseable"]) == 0.5
+    assert math.isnan(win_rate(["unparseable"]))
+
+
+def test_position_swapping_cancels_a_judge_that_always_prefers_the_first_answer():
+    from dpokit.analysis.winrate import judge_both_orders
+
+    prompts = [f"p{i}" for i in range(8)]
+    better = ["a much longer response"] * 8  # the oracle prefers these
+    worse = ["short"] * 8
+    biased = AlwaysFirst()
+    stats, outcomes = win_stats(judge_both_orders(biased, prompts, worse, better), list(range(8)))
+    assert outcomes == ["tie"] * 8 and stats.win_rate == 0.5  # it cannot make the worse response win
+    assert stats.position_consistency == 0.0 and stats.position_bias == 0.5
+    assert biased.calls == 16  # every pair in both orders
+    # Judged in one order only, the same judge would have declared the worse response the winner every time.
+    assert all(j.verdict == "A" for j in biased.judge_pairs(prompts, worse, better))
+    fair, outcomes = win_stats(judge_both_orders(Oracle(), prompts, worse, better), list(range(8)), ci="wilson")
+    assert outcomes == ["loss"] * 8 and fair.win_rate == 0.0
+    assert fair.position_consistency == 1.0 and fair.position_bias == 0.0
+    assert fair.ci_method == "wilson" and fair.ci_low == 0.0
+    with pytest.raises(ConfigError):
+        win_stats([], [], ci="normal")
+
+
+def test_agreement_ignores_unparseable_items():
+    result = agreement(["win", "loss", "tie", "unparseable"], ["win", "win", "tie", "win"])
+    assert result["n"] == 3 and result["agreement"] == pytest.approx(2 / 3)
+    assert agreement(["unparseable"], ["win"])["n"] == 0
+    stats, _ = win_stats([(J(0.9), J(0.1))], [0])
+    assert stats.to_dict()["win_rate"] == 1.0
