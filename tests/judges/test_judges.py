@@ -164,3 +164,37 @@ def test_llm_judge_through_a_chat_template(tmp_path):
     assert judge.chat and judge.template.name == "dialogue"
     [judgment] = judge.judge_pairs([[{"role": "user", "content": "hi"}]], ["hello"], ["go away"])
     assert 0 < judgment.prob_a < 1
+
+
+def test_implicit_judge_is_dpo_preference_model_and_reward_model_judge_scores(tmp_path):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from dpokit.analysis.score import ScoreJob, run_score, text_rows
+
+    policy, reference = tmp_path / "policy", tmp_path / "reference"
+    for directory, seed in ((policy, 0), (reference, 1)):
+        tiny_llama(seed=seed).save_pretrained(directory)
+        tiny_tokenizer().save_pretrained(directory)
+    judge = load_judge(f"implicit:{policy},reference={reference},beta=0.25")
+    [judgment] = judge.judge_pairs(["the movie"], ["was good"], ["was bad"])
+    report = run_score(
+        ScoreJob(model=str(policy), reference=str(reference), beta=0.25), text_rows("the movie", ["was good", "was bad"])
+    )
+    assert judgment.prob_a == pytest.approx(report.rows[0].preference_prob, abs=1e-5)  # dpokit score's P(first preferred)
+    assert judge.score(["the movie"], ["was good"])[0] == pytest.approx(report.rows[0].rewards[0], abs=1e-5)
+    assert "beta=0.25" in judge.description
+    with pytest.raises(ConfigError, match="--reference"):
+        load_judge(f"implicit:{policy}")
+    classifier = tmp_path / "classifier"
+    tokenizer = tiny_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
+    GPT2ForSequenceClassification(config).save_pretrained(classifier)
+    tokenizer.save_pretrained(classifier)
+    rm = load_judge(f"reward_model:{classifier},temperature=0.5")
+    scores = rm.score(["the movie", "the movie"], ["was good", "was bad"])
+    [pair] = rm.judge_pairs(["the movie"], ["was good"], ["was bad"])
+    assert pair.prob_a == pytest.approx(bradley_terry(scores[0], scores[1], 0.5), abs=1e-6)
+    with pytest.raises(ConfigError, match="not a model directory"):
+        load_judge(f"reward_model:{tmp_path / 'missing'}")
