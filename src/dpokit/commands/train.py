@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 
 from dpokit.commands.common import Subcommand
 
@@ -43,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue a run: 'latest' picks the newest checkpoint in the run directory, or give a "
         "checkpoint directory. Model, optimizer, scheduler, data order and RNG state are restored.",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a run directory that holds an earlier run (its metrics, checkpoints and event files "
+        "are removed); without it such a directory is refused",
+    )
 
 
 def run_train(args: argparse.Namespace, *, preset: str | None = None) -> int:
@@ -50,9 +57,18 @@ def run_train(args: argparse.Namespace, *, preset: str | None = None) -> int:
     from dpokit.training.trainer import run
 
     config = load_config(args.config, list(args.overrides), preset=preset)
-    result = run(config, resume=args.resume)
+    result = run(config, resume=args.resume, overwrite=args.overwrite)
     print_run_result(result)
-    return 0
+    return exit_code(result)
+
+
+def exit_code(result: object) -> int:
+    """0 for a run that reached its end; 128 + the signal's number when a signal stopped it (130 for
+    SIGINT, 143 for SIGTERM, as shells report), 3 when it was stopped otherwise."""
+    if not getattr(result, "interrupted", False):
+        return 0
+    reason = str(getattr(result, "stop_reason", "") or "")
+    return 128 + int(getattr(signal, reason)) if reason.startswith("SIG") and hasattr(signal, reason) else 3
 
 
 def run_sft(args: argparse.Namespace) -> int:
@@ -67,7 +83,14 @@ def print_run_result(result: object) -> None:
     run_dir = getattr(result, "run_dir", None)
     output_dir = getattr(result, "output_dir", None)
     step = getattr(result, "global_step", None)
-    lines = [f"finished after {step} optimizer steps" if step is not None else "finished"]
+    if getattr(result, "interrupted", False):
+        checkpoint = getattr(result, "last_checkpoint", None)
+        lines = [
+            f"interrupted by {getattr(result, 'stop_reason', None) or 'a stop request'} after {step} optimizer steps; "
+            f"checkpoint: {checkpoint} (continue with --resume latest)"
+        ]
+    else:
+        lines = [f"finished after {step} optimizer steps" if step is not None else "finished"]
     for label, metrics in (("train", getattr(result, "train_metrics", None)), ("eval", getattr(result, "eval_metrics", None))):
         if metrics:
             shown = "  ".join(f"{name}={value:.4g}" for name, value in metrics.items() if isinstance(value, (int, float)))

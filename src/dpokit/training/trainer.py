@@ -37,7 +37,7 @@ from dpokit.config import CONFIG_FILENAME, TrainConfig, config_to_dict, require_
 from dpokit.errors import TrainingError
 from dpokit.models import apply_lora, enable_gradient_checkpointing, load_model_and_tokenizer
 from dpokit.training import step as steps
-from dpokit.training.checkpoint import export_final_model, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from dpokit.training.checkpoint import export_final_model, load_checkpoint, save_checkpoint
 from dpokit.training.metrics import MetricSums
 from dpokit.training.optim import build_optimizer, build_scheduler
 from dpokit.training.parallel import ParallelContext, ParallelPolicy, apply_global_batch_size, launched_world_size, setup_parallel
@@ -48,7 +48,7 @@ from dpokit.training.reference import (
     build_references,
     resolve_reference_strategy,
 )
-from dpokit.training.resume import check_resume_compatible, invariants, resolve_run_dir, trim_metrics_file
+from dpokit.training.resume import RunDirectory, check_resume_compatible, invariants, weights_fingerprint
 from dpokit.training.splits import epoch_batches, load_data
 from dpokit.training.stop import StopRequest
 
@@ -70,6 +70,7 @@ class RunResult:
     train_metrics: dict[str, float] = field(default_factory=dict)  # the last logged training averages
     eval_metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation
     interrupted: bool = False  # stopped by SIGINT/SIGTERM or on_step before the planned end
+    stop_reason: str | None = None  # "SIGINT", "SIGTERM", "on_step" or "another rank" when interrupted
     last_checkpoint: Path | None = None
 
 
@@ -91,14 +92,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg: TrainConfig, *, resume: str | None = None, on_step: OnStep | None = None) -> RunResult:
+def run(cfg: TrainConfig, *, resume: str | None = None, on_step: OnStep | None = None, overwrite: bool = False) -> RunResult:
     """Train according to ``cfg``; return where everything went and the final metrics.
 
     Args:
         cfg: the run configuration (see :mod:`dpokit.config`). SFT is the same call with the
             "sft" preset (loss terms [sft], no reference).
         resume: ``"latest"`` (the newest checkpoint in ``logging.run_dir``), a checkpoint directory,
-            or a run directory; None starts fresh (and refuses a run_dir that already has checkpoints).
+            or a run directory; None starts fresh.
+        overwrite: start afresh in a run directory that holds an earlier run's records (they are
+            removed); without it such a directory is refused.
         on_step: called after every optimizer step with (global_step, that step's averaged metrics);
             returning True stops the run like a signal does (a checkpoint is saved first).
 
@@ -113,10 +116,11 @@ def run(cfg: TrainConfig, *, resume: str | None = None, on_step: OnStep | None =
     cfg = apply_global_batch_size(cfg, launched_world_size() or 1)
     ctx = setup_parallel(cfg)
     with ctx.running():
-        trainer = Trainer(cfg, ctx, resume=resume)
+        trainer = Trainer(cfg, ctx, resume=resume, overwrite=overwrite)
         try:
             return trainer.fit(on_step)
         finally:
+            trainer.run_directory.close()
             # The wrapped models (DDP / FSDP2 state, sharded copies) go before the process group does:
             # torch aborts a process whose collective state outlives its group.
             del trainer
@@ -126,17 +130,21 @@ def run(cfg: TrainConfig, *, resume: str | None = None, on_step: OnStep | None =
 class Trainer:
     """One run: built from its config by :meth:`setup`, trained by :meth:`fit`."""
 
-    def __init__(self, cfg: TrainConfig, ctx: ParallelContext, *, resume: str | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, ctx: ParallelContext, *, resume: str | None = None, overwrite: bool = False) -> None:
         self.cfg, self.ctx = cfg, ctx
-        run_dir, self.resume_from = resolve_run_dir(cfg, resume)
-        self.run_dir = Path(ctx.broadcast_object(str(run_dir)))  # a time-stamped default run_dir is rank 0's
+        self.run_directory = RunDirectory.open(cfg, ctx, resume=resume, overwrite=overwrite)  # locked by rank 0
+        self.run_dir, self.resume_from = self.run_directory.path, self.run_directory.resume_from
         self.position = Position()
         self.last_checkpoint: Path | None = None
         self.last_saved_step = self.last_eval_step = -1
         self.train_metrics: dict[str, float] = {}
         self.eval_metrics: dict[str, float] = {}
         self._batches: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its micro-batches), set in setup_optimizer
-        self.setup()
+        try:
+            self.setup()
+        except BaseException:
+            self.run_directory.close()  # a run that cannot start does not keep its directory locked
+            raise
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -170,6 +178,7 @@ class Trainer:
             train_metrics=self.train_metrics,
             eval_metrics=self.eval_metrics,
             interrupted=interrupted,
+            stop_reason=stop.reason if interrupted else None,
             last_checkpoint=self.last_checkpoint,
         )
 
@@ -286,6 +295,7 @@ class Trainer:
             "best_eval": p.best_eval,
             "invariants": self.invariants,
             "reference_strategy": self.reference_strategy,
+            "config": config_to_dict(self.cfg),
         }
         self.last_checkpoint = save_checkpoint(
             self.run_dir,
@@ -349,9 +359,6 @@ class Trainer:
         from dpokit.losses import build_objective
 
         cfg, ctx = self.cfg, self.ctx
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if ctx.is_main:
-            save_config(cfg, self.run_dir / CONFIG_FILENAME)
         seed_everything(cfg.optim.seed)
         policy, self.tokenizer = load_model_and_tokenizer(cfg.model, device=ctx.device)
         self.objective = build_objective(cfg.loss.terms, beta=cfg.loss.beta, reference_free=cfg.loss.reference_free)
@@ -377,6 +384,8 @@ class Trainer:
         self.setup_optimizer()
         if self.resume_from is not None:
             self.restore(self.resume_from)
+        if ctx.is_main:  # the record of the run (a resume's beside it), once the resume is accepted
+            self.run_directory.write_config(cfg, resumed_at=self.position.step if self.resume_from is not None else None)
 
     def setup_policy_and_references(self, policy: torch.nn.Module) -> None:
         """The references (fixed from the initial weights, before LoRA and any resumed weights), then
@@ -416,14 +425,20 @@ class Trainer:
         self.total_steps = o.max_steps or o.epochs * math.ceil(batches_per_epoch / o.grad_accumulation)
         self.optimizer = build_optimizer(o, [p for p in self.runner.model.parameters() if p.requires_grad])
         self.scheduler = build_scheduler(self.optimizer, o, self.total_steps)
-        self.invariants = invariants(self.cfg, len(self.train_split), self.micro_examples)
+        self.invariants = invariants(
+            self.cfg,
+            num_train=len(self.train_split),
+            micro_batch_examples=self.micro_examples,
+            data_fingerprint=getattr(self.train_split.dataset, "fingerprint", None),
+            weights_fingerprint=weights_fingerprint(self.cfg.model.name_or_path),
+        )
 
     def restore(self, checkpoint: Path) -> None:
         """Weights, optimizer, scheduler, RNG and data position from ``checkpoint``."""
         state = load_checkpoint(
             checkpoint, model=self.runner.model, optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx
         )
-        check_resume_compatible(state, self.cfg, len(self.train_split), self.micro_examples)
+        applied = check_resume_compatible(state, self.cfg, self.invariants)
         self.position = Position(
             state["global_step"],
             state["epoch"],
@@ -432,11 +447,13 @@ class Trainer:
             state.get("best_eval", {}),
         )
         self.last_checkpoint = checkpoint
-        if self.ctx.is_main:
-            trim_metrics_file(self.run_dir, self.position.step)
-            remove_partial_checkpoints(self.run_dir)
         p = self.position
         self.say(f"resumed from {checkpoint} at step {p.step} (epoch {p.epoch}, micro-batch {p.batch_in_epoch})")
+        if applied:
+            self.say("changed settings applied from now on: " + "; ".join(applied))
+        if self.ctx.is_main:
+            for abandoned in self.run_directory.continue_from(p.step):
+                self.say(f"a checkpoint after step {p.step} belongs to the abandoned branch; moved to {abandoned}")
 
     @contextlib.contextmanager
     def reporting(self) -> Any:

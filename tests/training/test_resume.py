@@ -1,0 +1,165 @@
+"""The run directory and resuming: one run per directory, no silent reuse, no silently changed run.
+
+Each test drives the real trainer on a tiny Llama (see ``tests/training/test_trainer.py``'s fixture)
+and asserts the exact outcome: a located refusal, a documented acceptance, or an exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dpokit.commands.train import exit_code, print_run_result
+from dpokit.errors import ConfigError, TrainingError
+from dpokit.training import run
+from dpokit.training.parallel import ParallelContext
+from dpokit.training.resume import LOCK_FILENAME, RunDirectory, _lock
+from dpokit.training.tracking import read_metrics
+from dpokit.training.trainer import RunResult
+from tests.helpers import write_preference_jsonl, write_tiny_model_dir
+from tests.training.test_trainer import make_config
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume_assets")
+    write_tiny_model_dir(root / "model")
+    write_preference_jsonl(root / "train.jsonl", n=32, seed=0)
+    return root
+
+
+def stopped_at(assets: Path, run_dir: Path, step: int, *overrides: str):
+    return run(make_config(assets, run_dir, "optim.max_steps=6", *overrides), on_step=lambda s, m: s == step)
+
+
+def test_a_fresh_run_refuses_a_used_run_dir_and_overwrite_starts_it_afresh(assets, tmp_path):
+    run_dir = tmp_path / "run"
+    run(make_config(assets, run_dir, "optim.max_steps=2"))  # no checkpoint, but metrics.jsonl
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingError, match=r"already holds an earlier run \(metrics.jsonl.*--overwrite"):
+        run(make_config(assets, run_dir, "optim.max_steps=3"))
+    result = run(make_config(assets, run_dir, "optim.max_steps=3"), overwrite=True)
+    assert [r["step"] for r in read_metrics(run_dir, split="train")] == [1, 2, 3]  # one record per step
+    assert result.global_step == 3 and (run_dir / "notes.txt").read_text() == "mine"  # only run records removed
+    with pytest.raises(ConfigError, match="give one of them"):
+        run(make_config(assets, run_dir, "optim.max_steps=3"), overwrite=True, resume="latest")
+
+
+def test_a_run_dir_in_use_is_refused_naming_the_holder(assets, tmp_path):
+    run_dir = tmp_path / "run"
+    held = _lock(run_dir)
+    try:
+        with pytest.raises(TrainingError, match=r"in use by pid \d+ \(dpokit train"):
+            run(make_config(assets, run_dir, "optim.max_steps=1"))
+    finally:
+        held.close()
+    assert run(make_config(assets, run_dir, "optim.max_steps=1")).global_step == 1  # free again
+    assert (run_dir / LOCK_FILENAME).is_file()
+
+
+def test_a_run_dir_that_is_a_file_and_outputs_inside_the_model_are_refused(assets, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        run(make_config(assets, tmp_path / "file", "optim.max_steps=1"))
+    with pytest.raises(ConfigError, match="output_dir .* is inside the starting model's directory"):
+        run(make_config(assets, tmp_path / "run", "optim.max_steps=1", f"output_dir={assets / 'model'}"))
+    with pytest.raises(ConfigError, match="logging.run_dir .* is inside the starting model's directory"):
+        run(make_config(assets, assets / "model" / "runs", "optim.max_steps=1"))
+
+
+def test_a_refused_resume_leaves_the_run_config_untouched(assets, tmp_path):
+    """optim.lr cannot change on resume (the optimizer and schedule state belong to the old one); the
+    refusal names it, and config.yaml still records the run as it started."""
+    run_dir = tmp_path / "run"
+    stopped_at(assets, run_dir, 2, "checkpoint.every_steps=2")
+    before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(TrainingError, match=r"optim.lr: 0.001 -> 0.002"):
+        run(make_config(assets, run_dir, "optim.max_steps=6", "optim.lr=2e-3"), resume="latest")
+    assert (run_dir / "config.yaml").read_text() == before
+    assert not list(run_dir.glob("config.resume-*.yaml"))
+
+
+def test_an_accepted_resume_applies_and_reports_changed_settings_and_keeps_its_config_beside(assets, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    stopped_at(assets, run_dir, 2)
+    before = (run_dir / "config.yaml").read_text()
+    result = run(make_config(assets, run_dir, "optim.max_steps=4", "logging.progress_bar=true"), resume="latest")
+    assert result.global_step == 4  # max_steps 6 -> 4 applied
+    err = capsys.readouterr().err
+    assert "changed settings applied from now on" in err and "optim.max_steps: 6 -> 4" in err
+    assert (run_dir / "config.yaml").read_text() == before
+    assert "max_steps: 4" in (run_dir / "config.resume-2.yaml").read_text()
+
+
+def test_resume_refuses_swapped_data_and_replaced_weights_at_the_same_paths(assets, tmp_path):
+    """The checkpoint records fingerprints of the training data (contents, tokenization) and of the
+    starting weights: the same paths with other contents are not the same run."""
+    data = tmp_path / "train.jsonl"
+    shutil.copy(assets / "train.jsonl", data)
+    model = tmp_path / "model"
+    shutil.copytree(assets / "model", model)
+    overrides = (f"data.train_path={data}", f"model.name_or_path={model}")
+    stopped_at(assets, tmp_path / "run", 2, *overrides)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n" for r in rows))
+    with pytest.raises(TrainingError, match="training data fingerprint"):
+        run(make_config(assets, tmp_path / "run", "optim.max_steps=6", *overrides), resume="latest")
+    shutil.copy(assets / "train.jsonl", data)
+    write_tiny_model_dir(model, seed=7)  # other weights, same architecture, same path
+    with pytest.raises(TrainingError, match="starting weights fingerprint"):
+        run(make_config(assets, tmp_path / "run", "optim.max_steps=6", *overrides), resume="latest")
+
+
+def test_resuming_an_older_checkpoint_abandons_the_later_branch(assets, tmp_path):
+    """Resume from checkpoint-2 of a run that reached checkpoint-4: checkpoint-4 is moved aside (so
+    --resume latest continues the new branch) and metrics.jsonl has one record per step."""
+    run_dir = tmp_path / "run"
+    run(make_config(assets, run_dir, "optim.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=5"))
+    resumed = run(
+        make_config(assets, run_dir, "optim.max_steps=3", "checkpoint.every_steps=2", "checkpoint.keep_last=5"),
+        resume=str(run_dir / "checkpoint-2"),
+    )
+    assert resumed.global_step == 3
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert [p.name.split(".")[0] for p in (run_dir / "abandoned").iterdir()] == ["checkpoint-4"]
+    assert [r["step"] for r in read_metrics(run_dir, split="train")] == [1, 2, 3]
+
+
+def test_an_interrupted_run_exits_non_zero_and_says_where_its_checkpoint_is(tmp_path, capsys):
+    result = RunResult(
+        run_dir=tmp_path,
+        output_dir=None,
+        global_step=8,
+        interrupted=True,
+        stop_reason="SIGTERM",
+        last_checkpoint=tmp_path / "checkpoint-8",
+    )
+    assert exit_code(result) == 143
+    assert exit_code(RunResult(run_dir=tmp_path, output_dir=None, global_step=1, interrupted=True, stop_reason="SIGINT")) == 130
+    assert exit_code(RunResult(run_dir=tmp_path, output_dir=None, global_step=1, interrupted=True, stop_reason="on_step")) == 3
+    assert exit_code(RunResult(run_dir=tmp_path, output_dir=tmp_path / "final", global_step=9)) == 0
+    print_run_result(result)
+    out = capsys.readouterr().out
+    assert "interrupted by SIGTERM after 8 optimizer steps" in out and "checkpoint-8" in out and "--resume latest" in out
+
+
+def test_the_run_directory_lock_is_released_when_the_run_ends(tmp_path):
+    from dpokit.config import TrainConfig
+
+    cfg = TrainConfig()
+    cfg.logging.run_dir = str(tmp_path / "run")
+    first = RunDirectory.open(cfg, ParallelContext(), resume=None)
+    with pytest.raises(TrainingError, match="in use by"):
+        RunDirectory.open(cfg, ParallelContext(), resume=None)
+    first.close()
+    RunDirectory.open(cfg, ParallelContext(), resume=None).close()
+
+
+def test_a_run_that_cannot_start_releases_its_run_directory(assets, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError):
+        run(make_config(assets, run_dir, "optim.max_steps=1", "reference.strategy=none"))  # refused in set-up
+    assert run(make_config(assets, run_dir, "optim.max_steps=1")).global_step == 1
