@@ -163,3 +163,44 @@ def test_a_run_that_cannot_start_releases_its_run_directory(assets, tmp_path):
     with pytest.raises(ConfigError):
         run(make_config(assets, run_dir, "optim.max_steps=1", "reference.strategy=none"))  # refused in set-up
     assert run(make_config(assets, run_dir, "optim.max_steps=1")).global_step == 1
+
+
+def _flip_a_byte(path: Path, offset_from_end: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_resume_latest_skips_a_damaged_checkpoint_naming_it_and_continues_from_the_newest_intact(assets, tmp_path, caplog):
+    """Flipped bytes in the newest checkpoint's weights load without error, so only the manifest's
+    checksums can catch them: the resume warns, names the file, and continues from checkpoint-2."""
+    run_dir = tmp_path / "run"
+    common = ("checkpoint.every_steps=2", "checkpoint.keep_last=5")
+    straight = run(make_config(assets, tmp_path / "straight", "optim.max_steps=6"))
+    run(make_config(assets, run_dir, "optim.max_steps=6", *common), on_step=lambda s, m: s == 4)
+    _flip_a_byte(run_dir / "checkpoint-4" / "model" / "model.safetensors")
+    with caplog.at_level("WARNING"):
+        resumed = run(make_config(assets, run_dir, "optim.max_steps=6", *common), resume="latest")
+    assert "checkpoint-4 is damaged (model/model.safetensors has changed since it was written" in caplog.text
+    assert resumed.global_step == 6
+    expected = [loss for _, loss in read_losses(straight.run_dir)]
+    assert [loss for _, loss in read_losses(run_dir)] == pytest.approx(expected, rel=1e-5)
+    damaged = next((run_dir / "abandoned").iterdir())  # set aside as the abandoned branch, still damaged
+    with pytest.raises(TrainingError, match=r"is damaged \(model/model.safetensors has changed"):
+        run(make_config(assets, tmp_path / "other", "optim.max_steps=6"), resume=str(damaged))
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng.safetensors", "model/model.safetensors"])
+def test_a_truncated_file_in_a_checkpoint_without_manifest_is_a_located_error(assets, tmp_path, name):
+    run_dir = tmp_path / "run"
+    run(make_config(assets, run_dir, "optim.max_steps=4", "checkpoint.every_steps=2"), on_step=lambda s, m: s == 2)
+    checkpoint = run_dir / "checkpoint-2"
+    (checkpoint / "manifest.json").unlink()  # as written before manifests existed: nothing to verify against
+    target = checkpoint / name
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    with pytest.raises(TrainingError, match=r"checkpoint-2'.*cannot be read .*damaged"):
+        run(make_config(assets, run_dir, "optim.max_steps=4", "checkpoint.every_steps=2"), resume="latest")
+
+
+def read_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir, split="train")]

@@ -10,6 +10,7 @@ rename; see ``docs/engine.md`` for the guarantees.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,8 @@ import random
 import re
 import shutil
 import tempfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,26 +104,90 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_resume_path(resume: str | Path, run_dir: str | Path | None) -> Path:
-    """``"latest"`` -> newest checkpoint of ``run_dir``; a run directory -> its newest checkpoint;
-    a checkpoint directory -> itself. Raises TrainingError when nothing resumable is found."""
+    """``"latest"`` or a run directory -> its newest *intact* checkpoint (a damaged newer one is named in a
+    warning and skipped); a checkpoint directory -> itself, which must be intact. Raises TrainingError
+    when nothing resumable is found."""
     if str(resume) == "latest":
         if run_dir is None:
             raise TrainingError("--resume latest needs logging.run_dir (the run to continue)")
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            raise TrainingError(f"--resume latest: no complete checkpoint in {str(run_dir)!r}")
-        return found
+        return _newest_intact(Path(run_dir), "--resume latest")
     path = Path(resume)
     if (path / TRAINER_STATE).is_file():
+        problems = verify_checkpoint(path)
+        if problems:
+            raise TrainingError(
+                f"checkpoint {str(path)!r} is damaged ({'; '.join(problems[:3])}); resume from another checkpoint "
+                "(--resume latest picks the newest intact one)"
+            )
         return path
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is not None:
-            return found
+    if path.is_dir() and list_checkpoints(path):
+        return _newest_intact(path, f"--resume {str(resume)!r}")
     raise TrainingError(
         f"--resume {str(resume)!r}: not a checkpoint directory (checkpoint-N with {TRAINER_STATE}) "
         "nor a run directory containing one"
     )
+
+
+def _newest_intact(run_dir: Path, what: str) -> Path:
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise TrainingError(f"{what}: no complete checkpoint in {str(run_dir)!r}")
+    for checkpoint in reversed(checkpoints):
+        problems = verify_checkpoint(checkpoint)
+        if not problems:
+            return checkpoint
+        logger.warning("checkpoint %s is damaged (%s); falling back to an older one", checkpoint, "; ".join(problems[:3]))
+    raise TrainingError(f"{what}: every checkpoint in {str(run_dir)!r} is damaged (see the warnings above); start a new run")
+
+
+# ------------------------------------------------------------------------------------------------
+# The manifest: sizes and checksums of every file, verified before a resume.
+# ------------------------------------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+
+
+def _checksum(path: Path) -> str:
+    """CRC-32 of the file's bytes (fast, catches truncation and flipped bits; safety against crafted files
+    is the loaders' job, which read nothing executable)."""
+    value = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            value = zlib.crc32(chunk, value)
+    return f"{value:08x}"
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(directory: Path) -> None:
+    """``manifest.json``: size and CRC-32 of every file of the checkpoint, written last."""
+    entries = {str(f.relative_to(directory)): {"size": f.stat().st_size, "crc32": _checksum(f)} for f in _files(directory)}
+    (directory / MANIFEST).write_text(json.dumps({"format": 1, "files": entries}, indent=1, sort_keys=True))
+
+
+def verify_checkpoint(directory: str | Path) -> list[str]:
+    """What is wrong with a checkpoint, by its manifest: missing, resized or changed files (empty when
+    intact; a checkpoint written before manifests existed is taken as it is)."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return []
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"{MANIFEST} is unreadable ({exc})"]
+    problems = []
+    for name, expected in entries.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != expected.get("size"):
+            problems.append(f"{name} has {path.stat().st_size} bytes, {expected.get('size')} were written")
+        elif _checksum(path) != expected.get("crc32"):
+            problems.append(f"{name} has changed since it was written (checksum mismatch)")
+    return problems
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,6 +324,7 @@ def save_checkpoint(
                 "strategy": ctx.strategy,
             }
             _write_training_state(tmp_dir, scheduler, state)
+            write_manifest(tmp_dir)
             publish_checkpoint(tmp_dir, final)
     except BaseException:
         if ctx.is_main:
@@ -397,14 +465,33 @@ def load_checkpoint(
             "torchrun checkpoints (checkpoint-N/dcp). Resume it once with distributed.strategy=ddp or in one process."
         )
     else:
-        load_model_weights(path, model)
+        with _unreadable_as_error(path, "the model weights"):
+            load_model_weights(path, model)
         if optimizer is not None:
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+            with _unreadable_as_error(path, "optimizer.pt"):
+                optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     if scheduler is not None and (path / "scheduler.pt").is_file():
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+        with _unreadable_as_error(path, "scheduler.pt"):
+            scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     if restore_rng:
-        restore_rng_state(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
+        with _unreadable_as_error(path, "the RNG state (rng.safetensors, rng.json)"):
+            restore_rng_state(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
     return state
+
+
+@contextlib.contextmanager
+def _unreadable_as_error(path: Path, what: str) -> Iterator[None]:
+    """A file of the checkpoint that cannot be read or does not fit becomes a located TrainingError."""
+    try:
+        yield
+    except TrainingError:
+        raise
+    except Exception as exc:  # truncated / corrupt files: safetensors, pickle, JSON or shape errors
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(
+            f"checkpoint {str(path)!r}: {what} cannot be read ({detail}); the checkpoint is damaged, resume from another "
+            "one (--resume latest picks the newest intact one)"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------
