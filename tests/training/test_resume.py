@@ -204,3 +204,49 @@ def test_a_truncated_file_in_a_checkpoint_without_manifest_is_a_located_error(as
 
 def read_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir, split="train")]
+
+
+def test_a_full_disk_during_a_checkpoint_is_a_located_error_and_the_last_checkpoint_stays_intact(assets, tmp_path, monkeypatch):
+    import errno
+
+    from dpokit.training import checkpoint as checkpoint_module
+
+    run_dir = tmp_path / "run"
+    real = checkpoint_module._write_training_state
+    calls = []
+
+    def fills_the_disk(directory, scheduler, state):
+        calls.append(state["global_step"])
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory / "scheduler.pt"))
+        real(directory, scheduler, state)
+
+    monkeypatch.setattr(checkpoint_module, "_write_training_state", fills_the_disk)
+    cfg = ("optim.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=5")
+    with pytest.raises(
+        TrainingError,
+        match=r"could not write the checkpoint of step 4 .*No space left on device.*"
+        r"checkpoint-2, is intact\. free some space",
+    ):
+        run(make_config(assets, run_dir, *cfg))
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]  # no .tmp- left
+    monkeypatch.setattr(checkpoint_module, "_write_training_state", real)
+    assert run(make_config(assets, run_dir, *cfg), resume="latest").global_step == 6
+
+
+def test_a_refused_write_of_the_config_or_the_final_model_is_a_located_error(assets, tmp_path, monkeypatch):
+    import errno
+
+    import dpokit.models
+    from dpokit.training import resume as resume_module
+
+    def denied(*args, **kwargs):
+        raise OSError(errno.EACCES, "Permission denied", "somewhere")
+
+    monkeypatch.setattr(resume_module, "save_config", denied)
+    with pytest.raises(TrainingError, match=r"could not write the run's config.yaml .*Permission denied.*make it writable"):
+        run(make_config(assets, tmp_path / "a", "optim.max_steps=1"))
+    monkeypatch.undo()
+    monkeypatch.setattr(dpokit.models, "save_final_model", denied)
+    with pytest.raises(TrainingError, match=r"could not write the final model into .*final'.*Permission denied"):
+        run(make_config(assets, tmp_path / "b", "optim.max_steps=1"))

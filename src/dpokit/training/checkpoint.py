@@ -11,6 +11,7 @@ rename; see ``docs/engine.md`` for the guarantees.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -285,6 +286,56 @@ def publish_checkpoint(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def _save_into(
+    ctx: ParallelContext,
+    tmp_dir: Path,
+    final: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    tokenizer: Any | None,
+) -> None:
+    """Every file of the checkpoint into ``tmp_dir`` (weights by every rank, the rest by rank 0), then publish."""
+    _write_weights(ctx, tmp_dir, model, optimizer, tokenizer)
+    ctx.barrier()
+    if ctx.is_main:
+        state = {
+            **trainer_state,
+            "global_step": step,
+            "checkpoint_format": _format(ctx),
+            "world_size": ctx.world_size,
+            "strategy": ctx.strategy,
+        }
+        _write_training_state(tmp_dir, scheduler, state)
+        write_manifest(tmp_dir)
+        publish_checkpoint(tmp_dir, final)
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@contextlib.contextmanager
+def write_errors(what: str, where: Path, intact: Path | None = None) -> Iterator[None]:
+    """A full disk or a write refused while writing ``what`` into ``where`` becomes a TrainingError
+    naming the path and what to do (and the newest checkpoint, which stays intact)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _FULL + _DENIED:
+            raise
+        kept = f"; the last checkpoint, {intact}, is intact" if intact is not None else ""
+        if exc.errno in _FULL:
+            advice = "free some space there (or lower checkpoint.keep_last), then continue with --resume latest"
+        else:
+            advice = "make it writable or choose another logging.run_dir / output_dir, then continue with --resume latest"
+        raise TrainingError(
+            f"could not write {what} into {str(where)!r}: {exc.strerror or exc} ({exc.filename or where}){kept}. {advice}"
+        ) from None
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -308,24 +359,14 @@ def save_checkpoint(
     final = run_dir / f"checkpoint-{step}"
     tmp = None
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_checkpoints(run_dir)
-        tmp = tempfile.mkdtemp(prefix=f"checkpoint-{step}.tmp-", dir=run_dir)
+        with write_errors(f"the checkpoint of step {step}", run_dir, latest_checkpoint(run_dir)):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(run_dir)
+            tmp = tempfile.mkdtemp(prefix=f"checkpoint-{step}.tmp-", dir=run_dir)
     tmp_dir = Path(ctx.broadcast_object(tmp))
     try:
-        _write_weights(ctx, tmp_dir, model, optimizer, tokenizer)
-        ctx.barrier()
-        if ctx.is_main:
-            state = {
-                **trainer_state,
-                "global_step": step,
-                "checkpoint_format": _format(ctx),
-                "world_size": ctx.world_size,
-                "strategy": ctx.strategy,
-            }
-            _write_training_state(tmp_dir, scheduler, state)
-            write_manifest(tmp_dir)
-            publish_checkpoint(tmp_dir, final)
+        with write_errors(f"the checkpoint of step {step}", run_dir, latest_checkpoint(run_dir)):
+            _save_into(ctx, tmp_dir, final, step, model, optimizer, scheduler, trainer_state, tokenizer)
     except BaseException:
         if ctx.is_main:
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -512,7 +553,8 @@ def export_final_model(ctx: ParallelContext, policy: nn.Module, tokenizer: Any, 
     out = Path(out_dir)
     if ctx.holds_whole_model:
         if ctx.is_main:
-            save_final_model(policy, tokenizer, out, lora_export=model_cfg.lora.export)
+            with write_errors("the final model", out):
+                save_final_model(policy, tokenizer, out, lora_export=model_cfg.lora.export)
         ctx.barrier()
         return out
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -525,6 +567,7 @@ def export_final_model(ctx: ParallelContext, policy: nn.Module, tokenizer: Any, 
         result = plain.load_state_dict(full_state, strict=False)
         if result.unexpected_keys:
             raise TrainingError(f"the gathered weights do not fit the exported model (unexpected {result.unexpected_keys[:3]})")
-        save_final_model(plain, tokenizer, out, lora_export=model_cfg.lora.export)
+        with write_errors("the final model", out):
+            save_final_model(plain, tokenizer, out, lora_export=model_cfg.lora.export)
     ctx.barrier()
     return out

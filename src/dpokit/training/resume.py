@@ -20,7 +20,13 @@ from typing import IO, Any
 
 from dpokit.config import CONFIG_FILENAME, TrainConfig, config_to_dict, save_config
 from dpokit.errors import ConfigError, TrainingError
-from dpokit.training.checkpoint import checkpoint_step, list_checkpoints, remove_partial_checkpoints, resolve_resume_path
+from dpokit.training.checkpoint import (
+    checkpoint_step,
+    list_checkpoints,
+    remove_partial_checkpoints,
+    resolve_resume_path,
+    write_errors,
+)
 from dpokit.training.parallel import ParallelContext
 
 LOCK_FILENAME = ".dpokit.lock"
@@ -59,7 +65,8 @@ class RunDirectory:
     def write_config(self, cfg: TrainConfig, resumed_at: int | None) -> Path:
         """``config.yaml`` for a fresh run; ``config.resume-<step>.yaml`` for an accepted resume."""
         name = CONFIG_FILENAME if resumed_at is None else f"config.resume-{resumed_at}.yaml"
-        save_config(cfg, self.path / name)
+        with write_errors(f"the run's {name}", self.path):
+            save_config(cfg, self.path / name)
         return self.path / name
 
     def continue_from(self, step: int) -> list[Path]:
