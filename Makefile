@@ -1,5 +1,5 @@
 # Two commands set everything up: `make demo` and `make test`.
-# `make check` runs lint, format check and types; `make test` the suite with coverage and its floor.
+# `make test` runs `make check` (lint, format check, types) first, then the suite with coverage and its floor.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -37,9 +37,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks scripts
 	$(VENV)/bin/ruff format src tests benchmarks scripts
 
-# Line and branch coverage per module (fully covered modules omitted); the floor is
-# [tool.coverage.report] fail_under in pyproject.toml.
-test: $(STAMP)
+# The checks, then the suite with line and branch coverage per module (fully covered modules omitted);
+# the floor is [tool.coverage.report] fail_under in pyproject.toml.
+test: check
 	$(PY) -m pytest -q tests --cov=dpokit --cov-branch --cov-report=term-missing:skip-covered
 
 bench: $(STAMP)
