@@ -160,7 +160,7 @@ def test_load_policy_of_a_lora_adapter_keeps_the_adapter_switchable(model_dir, t
 def test_bad_locations_dtypes_and_devices_are_located_config_errors(model_dir, tmp_path):
     from dpokit.models import load_policy, load_tokenizer, resolve_device
 
-    with pytest.raises(ConfigError, match="no such model directory"):
+    with pytest.raises(ConfigError, match="missing: no such file or directory"):
         load_policy(tmp_path / "missing")
     with pytest.raises(ConfigError, match="dtype must be one of auto, float32"):
         load_policy(model_dir, dtype="float8")

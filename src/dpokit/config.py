@@ -614,6 +614,13 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     need(math.isfinite(cfg.loss.beta) and cfg.loss.beta > 0, f"loss.beta must be a positive number, got {cfg.loss.beta}")
     need(bool(cfg.loss.terms), "loss.terms must list at least one loss, e.g. [{name: sigmoid}]")
+    for position, term in enumerate(cfg.loss.terms or []):
+        weight = term.get("weight", 1.0) if isinstance(term, dict) else 1.0
+        need(
+            isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight >= 0,
+            f"loss.terms[{position}].weight must be >= 0, got {weight!r} (a negative weight would train away from the "
+            "preferred responses)",
+        )
     dd = cfg.distributed
     need(dd.timeout_s >= 1, f"distributed.timeout_s must be >= 1, got {dd.timeout_s}")
     need(

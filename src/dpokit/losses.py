@@ -1089,6 +1089,11 @@ def build_objective(terms: list[dict[str, Any]], *, beta: float, reference_free:
         weight = params.pop("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ConfigError(f"loss {name!r}: weight must be a finite number, got {weight!r}")
+        if weight < 0:
+            raise ConfigError(
+                f"loss {name!r}: weight must be >= 0, got {weight!r} (a negative weight would train away from the "
+                "preferred responses; use a loss that does what you want instead)"
+            )
         valid = spec.params
         unknown = sorted(set(params) - set(valid))
         if unknown:
@@ -1097,6 +1102,8 @@ def build_objective(terms: list[dict[str, Any]], *, beta: float, reference_free:
         for key, value in params.items():
             _validate_value(spec, key, value)
         built.append(_Term(spec=spec, weight=float(weight), params={**valid, **params}))
+    if not any(t.weight > 0 for t in built):
+        raise ConfigError("every loss term has weight 0, so training would not change the model; give a term a positive weight")
     unpaired = [t.spec.name for t in built if t.spec.kind == "unpaired"]
     if unpaired and len(unpaired) != len(built):
         others = [t.spec.name for t in built if t.spec.kind != "unpaired"]

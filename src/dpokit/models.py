@@ -33,6 +33,7 @@ from torch import nn
 from dpokit.compat import adapters_disabled
 from dpokit.config import LoraConfig, ModelConfig
 from dpokit.errors import ConfigError, TrainingError
+from dpokit.locations import is_unreachable_hub_error, missing_local, missing_message
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +109,15 @@ def load_tokenizer(*locations: str | Path, trust_remote_code: bool = False) -> A
         raise ValueError("load_tokenizer needs at least one location")
     errors = []
     for location in locations:
+        if missing_local(location):
+            errors.append(f"{str(location)!r} (no such file or directory)")
+            continue
         try:
             with quiet_progress_bars():
                 tokenizer = AutoTokenizer.from_pretrained(str(location), trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError) as exc:
-            errors.append(f"{str(location)!r} ({exc})")
+            unreachable = not Path(location).exists() and is_unreachable_hub_error(exc)
+            errors.append(f"{str(location)!r} ({missing_message(location, error=exc) if unreachable else exc})")
             continue
         _ensure_pad_token(tokenizer)
         return tokenizer
@@ -150,10 +155,14 @@ def _quiet_peft_deprecation() -> Iterator[None]:
 def _from_pretrained(auto_class: Any, location: str | Path, *, what: str, hint: str = "", **kwargs: Any) -> Any:
     """``auto_class.from_pretrained(location, **kwargs)`` without progress bars; a load that fails
     is a :class:`ConfigError` naming ``location`` (``hint`` is appended to the message)."""
+    if missing_local(location):
+        raise ConfigError(f"cannot load {what}: {location}: no such file or directory{hint}")
     try:
         with quiet_progress_bars():
             return auto_class.from_pretrained(str(location), **kwargs)
     except (OSError, ValueError) as exc:
+        if not Path(location).exists() and is_unreachable_hub_error(exc):
+            raise ConfigError(f"cannot load {what}: {missing_message(location, error=exc)}") from None
         if "trust_remote_code" in str(exc):
             hint = (
                 " (allow the repository's own code -- model.trust_remote_code=true, --trust-remote-code -- only if you trust it)"
@@ -210,6 +219,12 @@ def load_model(model_cfg: ModelConfig, name_or_path: str | None = None, *, devic
 
 def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | None = None) -> tuple[nn.Module, Any]:
     """The policy (before LoRA) and its tokenizer; the model's pad id is set from the tokenizer's."""
+    for key, location in (
+        ("model.name_or_path", model_cfg.name_or_path),
+        ("model.tokenizer_name_or_path", model_cfg.tokenizer_name_or_path),
+    ):
+        if location and missing_local(location):
+            raise ConfigError(f"{key}: {location}: no such file or directory")
     tokenizer = load_tokenizer(
         model_cfg.tokenizer_name_or_path or model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code
     )
@@ -314,9 +329,9 @@ def load_policy(
     """
     from transformers import AutoModelForCausalLM
 
-    given = Path(path)
-    if not given.exists() and (str(path).startswith((".", "/")) or given.suffix):
-        raise ConfigError(f"{path}: no such model directory")
+    given = Path(path).expanduser()
+    if missing_local(path):
+        raise ConfigError(f"{path}: no such file or directory (a model, adapter or checkpoint directory)")
     model_dir = _model_directory(given) if given.exists() else given
     run_config = _read_run_config(given) if given.exists() else None
     torch_dtype = resolve_dtype(dtype, setting="dtype", allow_auto=True)

@@ -97,7 +97,7 @@ def test_unreachable_dataset_name_is_a_data_error(monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(DataError, match="datasets.load_dataset"):
+    with pytest.raises(DataError, match="no such file or directory, and the hub is not reachable"):
         read_preferences("no-such-org-xyz/no-such-dataset-xyz")
 
 

@@ -13,7 +13,8 @@ Accepted shapes (after column mapping), detected per row when ``format="auto"``:
 * ``ranked``: ``prompt`` and ``responses``, a list of K >= 2 responses best first, or with
   ``scores`` (one number per response; higher is better) -- or responses given as objects with a
   text key (``response``/``text``/``completion``) and a score key
-  (``score``/``overall_score``/``rating``), as in UltraFeedback-style data.
+  (``score``/``overall_score``/``rating``), as in UltraFeedback-style data. A score may be a JSON
+  number or a numeric string (``"2.5"``, read as 2.5); anything else is refused.
 * ``unpaired``: ``prompt`` and one ``completion`` (string or messages) with a ``label`` (true =
   desirable, false = undesirable; "true"/"false" in CSV), or a numeric ``score`` that the reader
   turns into a label with a threshold -- the data KTO learns from.
@@ -36,6 +37,8 @@ CANONICAL_FIELDS = ("prompt", "chosen", "rejected", "responses", "scores", "comp
 FORMATS = ("auto", "standard", "conversational", "hh", "ranked", "unpaired")
 HH_ASSISTANT = "\n\nAssistant:"
 RESPONSE_TEXT_KEYS = ("response", "text", "completion")
+# Roles a chat message may have (what chat templates know); any other role is refused.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 RESPONSE_SCORE_KEYS = ("score", "overall_score", "rating")
 
 
@@ -106,10 +109,23 @@ def _maybe_json_cell(value: str, field: str) -> Any:
 # Field validation
 
 
+def _check_unicode(row: _Row, field: str, value: str) -> str:
+    """A lone surrogate (JSON ``"\\ud800"`` without its pair) is not text any tokenizer can encode."""
+    bad = next((i for i, ch in enumerate(value) if "\ud800" <= ch <= "\udfff"), None)
+    if bad is not None:
+        raise row.error(
+            field,
+            "not_utf8",
+            f"character {bad + 1} is a lone surrogate ({value[bad].encode('unicode_escape').decode()}), which is not "
+            "valid Unicode text; fix the escape sequence",
+        )
+    return value
+
+
 def _text(row: _Row, field: str, value: Any, *, what: str = "string") -> str:
     if not isinstance(value, str):
         raise row.error(field, "wrong_type", f"expected a {what}, got {type_name(value)}")
-    return value
+    return _check_unicode(row, field, value)
 
 
 def _messages(row: _Row, field: str, value: Any) -> list[dict[str, str]]:
@@ -131,7 +147,13 @@ def _messages(row: _Row, field: str, value: Any) -> list[dict[str, str]]:
             raise row.error(field, "wrong_type", f"message {i}: 'role' must be a non-empty string, got {type_name(role)}")
         if not isinstance(content, str):
             raise row.error(field, "wrong_type", f"message {i}: 'content' must be a string, got {type_name(content)}")
-        messages.append({"role": role, "content": content})
+        if role not in CHAT_ROLES:
+            raise row.error(
+                field, "bad_role", f"message {i} has the unknown role {role!r}; chat roles are {', '.join(CHAT_ROLES)}"
+            )
+        messages.append({"role": _check_unicode(row, field, role), "content": _check_unicode(row, field, content)})
+    if field == "prompt":
+        _check_prompt_roles(row, messages)
     return messages
 
 
@@ -141,13 +163,15 @@ def _is_conversation(value: Any) -> bool:
 
 def _text_or_messages(row: _Row, field: str, value: Any) -> str | list[dict[str, str]]:
     if isinstance(value, str):
-        return value
+        return _check_unicode(row, field, value)
     if isinstance(value, list):
         return _messages(row, field, value)
     raise row.error(field, "wrong_type", f"expected a string or a list of {{role, content}} messages, got {type_name(value)}")
 
 
 def _score(row: _Row, field: str, value: Any) -> float:
+    # A numeric string ("2.5", as CSV cells and some exported datasets hold scores) is read as its number
+    # (documented in the README's data formats); any other string is refused below.
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise row.error(field, "wrong_type", f"expected a number, got {type_name(value)}")
     try:
@@ -220,7 +244,23 @@ def _strip_repeated_prompt(
 # The formats
 
 
+def _check_mapped_columns(row: _Row) -> None:
+    """A column ``data.columns`` names for a text field must be in the row (a typo would otherwise read as
+    another format); optional fields (scores, label, score) may be absent from some rows."""
+    for field, column in row.inverse.items():
+        if field in ("prompt", "chosen", "rejected", "responses", "completion") and column not in row.raw:
+            _require(row, field)
+
+
+def _check_prompt_roles(row: _Row, prompt: Text) -> None:
+    if isinstance(prompt, list) and all(m["role"] == "system" for m in prompt):
+        raise row.error(
+            "prompt", "bad_role", "the prompt has only system messages; it needs a user turn for the response to answer"
+        )
+
+
 def detect_format(row: _Row) -> str:
+    _check_mapped_columns(row)
     if row.has("responses"):
         return "ranked"
     if row.has("completion"):
@@ -244,6 +284,11 @@ def detect_format(row: _Row) -> str:
 
 def _require(row: _Row, field: str, hint: str = "") -> Any:
     if not row.has(field):
+        if field in row.inverse:
+            column = row.inverse[field]
+            present = ", ".join(sorted(map(str, row.raw))) or "none"
+            what = "is empty (null)" if column in row.raw else "is not in the row"
+            hint = f"the column '{column}' that data.columns maps to '{field}' {what}; the row's columns: {present}"
         raise row.error(field, "missing_field", "missing" + (f"; {hint}" if hint else ""))
     return row.get(field)
 
@@ -273,6 +318,7 @@ def parse_conversational(row: _Row) -> PreferenceExample:
         if not isinstance(rejected, list):
             raise row.error("rejected", "wrong_type", f"expected a list of {{role, content}} messages, got {type_name(rejected)}")
         prompt, chosen, rejected = split_conversations(row, chosen, rejected)
+        _check_prompt_roles(row, prompt)
     _check_responses(row, [chosen, rejected], ["chosen", "rejected"])
     return PreferenceExample(prompt, [chosen, rejected], None, row.source)
 

@@ -36,7 +36,7 @@ from dpokit.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = "dpokit-prepared-v1"
+CACHE_FORMAT_VERSION = "dpokit-prepared-v2"  # v2: examples whose responses tokenize identically are dropped
 DEFAULT_CACHE_DIR = ".dpokit_cache"
 _ARRAYS = ("tokens", "segment_offsets", "example_segments")
 
@@ -211,11 +211,33 @@ def _load_entry(path: Path, fingerprint: str) -> PreparedDataset | None:
         desirable = np.load(path / "desirable.npy") if meta.get("unpaired") else None
         report = PrepareReport.from_dict(meta["report"])
         sources = meta["sources"]
+        columns = TokenizedColumns(**arrays)
+        _check_columns(columns, len(sources), desirable)
     except Exception as error:  # a damaged entry is rebuilt, never trusted
         logger.warning("ignoring unreadable cache entry %s (%s); re-tokenizing", path, error)
         return None
-    columns = TokenizedColumns(**arrays)
     return PreparedDataset(columns, fingerprint, report, sources, from_cache=True, cache_path=path, desirable=desirable)
+
+
+def _check_columns(columns: TokenizedColumns, num_sources: int, desirable: np.ndarray | None) -> None:
+    """A cache entry's arrays must describe ``num_sources`` examples consistently (else it is rebuilt)."""
+    tokens, offsets, examples = columns.tokens, columns.segment_offsets, columns.example_segments
+    for name, array in (("tokens", tokens), ("segment_offsets", offsets), ("example_segments", examples)):
+        if array.ndim != 1 or array.dtype.kind not in "iu":
+            raise ValueError(f"{name} is not a 1-d integer array")
+    consistent = (
+        len(offsets) >= 1
+        and offsets[0] == 0
+        and offsets[-1] == len(tokens)
+        and bool(np.all(np.diff(offsets) >= 0))
+        and len(examples) == num_sources + 1
+        and examples[0] == 0
+        and examples[-1] == len(offsets) - 1
+        and bool(np.all(np.diff(examples) >= 1))
+        and (desirable is None or desirable.shape == (num_sources,))
+    )
+    if not consistent:
+        raise ValueError("the arrays do not fit together")
 
 
 def _save_entry(path: Path, dataset: PreparedDataset) -> None:
@@ -235,11 +257,29 @@ def _save_entry(path: Path, dataset: PreparedDataset) -> None:
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(tmp, path)  # atomic: readers see no entry or a complete one
-        except OSError:  # another process wrote the same entry first; theirs is equivalent
-            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # an entry is there: another process's (equivalent), or one that was rejected
+            _replace_rejected_entry(tmp, path, dataset.fingerprint)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace_rejected_entry(tmp: Path, path: Path, fingerprint: str) -> None:
+    """``tmp`` holds a fresh entry but ``path`` exists. An entry that loads is kept (another process
+    wrote it first); one that was rejected (damaged, unsafe, another fingerprint) is moved aside and
+    replaced, so later runs do not re-tokenize every time."""
+    if _load_entry(path, fingerprint) is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=path.parent))
+    try:
+        os.rename(path, stale / "entry")
+        os.rename(tmp, path)
+        logger.warning("replaced the unusable cache entry %s", path)
+    except OSError:  # lost a race with another process replacing it: theirs is equivalent
+        shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,10 +25,14 @@ from dpokit.compat import dataset_fingerprint
 from dpokit.data.formats import FORMATS, check_columns, parse_row
 from dpokit.data.schema import SKIP_REASONS, InvalidRowError, PreferenceExample
 from dpokit.errors import ConfigError, DataError
+from dpokit.locations import is_unreachable_hub_error, missing_local, missing_message
 
 RANKED_MODES = ("listwise", "all_pairs", "best_vs_rest", "best_vs_worst")
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
-_SKIP_HINT = "Fix the row, or pass skip_invalid=True to skip invalid rows (they are counted and reported)."
+_SKIP_HINT = (
+    "Fix the row, or set data.skip_invalid=true (skip_invalid=True in Python) to skip invalid rows "
+    "(they are counted and reported)."
+)
 _MESSAGES_KEPT_PER_REASON = 3
 
 
@@ -156,6 +159,32 @@ def _jsonl_rows(path: Path, data: bytes | None = None, start_line: int = 1) -> R
         except ValueError as e:  # json.JSONDecodeError, or an out-of-range number
             detail = f"column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else str(e)
             yield where, InvalidRowError(where, None, "malformed_json", f"malformed JSON ({detail})")
+        except RecursionError:
+            yield where, InvalidRowError(where, None, "malformed_json", _TOO_DEEP)
+
+
+_TOO_DEEP = "malformed JSON (nested too deeply for Python's JSON parser; a preference row needs a few levels)"
+
+
+def _check_not_json_array(path: Path, data: bytes) -> None:
+    """A pretty-printed JSON array (or object) saved as ``.jsonl`` would fail on every line: say what it is."""
+    head = data.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith((b"[", b"{")):
+        return
+    try:
+        json.loads(head.split(b"\n", 1)[0])
+        return  # the first line is a whole JSON value: JSON Lines
+    except (ValueError, RecursionError):
+        pass
+    try:
+        document = json.loads(head)
+    except (ValueError, RecursionError):
+        return  # not one JSON document either: the line-by-line errors say where
+    what = "a JSON array" if isinstance(document, list) else "one JSON object"
+    raise DataError(
+        f"{path}:line 1: the file is {what} spread over several lines (pretty-printed JSON), not JSON Lines "
+        f"(one object per line); rename it to {path.with_suffix('.json').name} or write one row per line"
+    )
 
 
 def _json_rows(path: Path, split: str) -> RawRows:
@@ -176,6 +205,8 @@ def _json_rows(path: Path, split: str) -> RawRows:
         raise DataError(f"{path}:line {e.lineno}: malformed JSON (column {e.colno}: {e.msg})") from None
     except ValueError as e:
         raise DataError(f"{path}: malformed JSON ({e})") from None
+    except RecursionError:
+        raise DataError(f"{path}: {_TOO_DEEP}") from None
     if isinstance(document, dict):
         if isinstance(document.get(split), list):
             document = document[split]
@@ -266,9 +297,13 @@ def _load_datasets_source(source: str | Path, split: str) -> Any:
         except Exception as e:
             raise DataError(f"{path}: cannot load the saved dataset ({e})") from None
         return _pick_split(loaded, split, str(path))
+    if missing_local(str(source), FILE_SUFFIXES):
+        raise DataError(f"{source}: no such file or directory")
     try:
         return datasets.load_dataset(str(source), split=split)
     except Exception as e:  # offline hub, unknown name, bad files: all user-fixable
+        if not path.exists() and is_unreachable_hub_error(e):
+            raise DataError(missing_message(source, error=e)) from None
         raise DataError(
             f"cannot load '{source}' (split '{split}') with datasets.load_dataset: {type(e).__name__}: {e}. "
             "If the hub is unreachable, download the data and pass the local file or directory."
@@ -278,19 +313,6 @@ def _load_datasets_source(source: str | Path, split: str) -> Any:
 def _dataset_rows(dataset: Any, label: str) -> RawRows:
     for number, row in enumerate(dataset.to_list(), 1):
         yield f"{label}:row {number}", row
-
-
-def _looks_like_path(source: str) -> bool:
-    return (
-        source.lower().endswith(FILE_SUFFIXES)
-        or source.startswith((".", "/", "~"))
-        or os.sep in source
-        and not _is_hub_name(source)
-    )
-
-
-def _is_hub_name(source: str) -> bool:
-    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
 
 
 def describe_source(source: Any) -> str:
@@ -318,7 +340,9 @@ def raw_rows(source: Any, *, split: str = "train") -> tuple[RawRows, bool]:
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            return _jsonl_rows(path), False
+            data = path.read_bytes()
+            _check_not_json_array(path, data)
+            return _jsonl_rows(path, data), False
         if suffix == ".json":
             return _json_rows(path, split), False
         if suffix in (".csv", ".tsv"):
@@ -328,7 +352,7 @@ def raw_rows(source: Any, *, split: str = "train") -> tuple[RawRows, bool]:
         raise DataError(f"{path}: unsupported file type '{suffix}'; use .jsonl, .json, .csv, .tsv or .parquet")
     if path.is_dir():
         return _dataset_rows(_load_datasets_source(path, split), str(path)), False
-    if _looks_like_path(str(source)):
+    if missing_local(str(source), FILE_SUFFIXES):
         raise DataError(f"{source}: no such file or directory")
     return _dataset_rows(_load_datasets_source(str(source), split), str(source)), False
 

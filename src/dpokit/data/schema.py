@@ -82,7 +82,7 @@ SKIP_REASONS = {
     "tied_scores": "all scores tie, so there is no preference",
     "no_shared_prompt": "chosen/rejected conversations share no prompt",
     "prompt_mismatch": "chosen and rejected do not share the same prompt",
-    "bad_role": "a response does not start with an assistant message",
+    "bad_role": "an unknown chat role, a response not starting with an assistant message, or a system-only prompt",
     "chat_template_error": "the chat template failed on the row",
     "chat_template_prefix": "the chat template's prompt is not a token prefix of the conversation",
 }

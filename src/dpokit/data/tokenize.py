@@ -42,6 +42,12 @@ from dpokit.data.schema import SKIP_REASONS, InvalidRowError, PreferenceExample
 from dpokit.errors import ConfigError, DataError
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
+# Examples tokenization drops (counted in TokenizeReport.dropped), and why.
+DROP_REASONS = {
+    "prompt_fills_max_length": "the prompt leaves no room for a response within max_length",
+    "identical_after_truncation": "two responses have the same tokens after truncation (or tokenization), so the pair "
+    "teaches nothing; raise data.max_length or shorten the prompts",
+}
 _MESSAGES_KEPT = 3
 
 
@@ -64,6 +70,7 @@ class TokenizeReport:
     prompt_truncated: int = 0
     responses_truncated: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
+    dropped_messages: dict[str, list[str]] = field(default_factory=dict)
     skipped: Counter[str] = field(default_factory=Counter)
     skipped_messages: dict[str, list[str]] = field(default_factory=dict)
     max_length: int | None = None
@@ -79,7 +86,9 @@ class TokenizeReport:
         if self.responses_truncated:
             lines.append(f"  {self.responses_truncated} examples had responses cut to fit max_length={self.max_length}")
         for reason, count in self.dropped.most_common():
-            lines.append(f"  dropped {count}: {reason} (the prompt leaves no room for a response within max_length)")
+            lines.append(f"  dropped {count}: {reason} ({DROP_REASONS.get(reason, reason)})")
+            for message in self.dropped_messages.get(reason, []):
+                lines.append(f"       e.g. {message}")
         for reason, count in self.skipped.most_common():
             lines.append(f"  skipped {count} invalid: {reason}: {SKIP_REASONS.get(reason, reason)}")
             for message in self.skipped_messages.get(reason, []):
@@ -98,6 +107,12 @@ class TokenizeReport:
         data["dropped"] = Counter(data.get("dropped", {}))
         data["skipped"] = Counter(data.get("skipped", {}))
         return cls(**data)
+
+    def record_drop(self, reason: str, message: str) -> None:
+        self.dropped[reason] += 1
+        kept = self.dropped_messages.setdefault(reason, [])
+        if len(kept) < _MESSAGES_KEPT:
+            kept.append(message)
 
 
 @dataclass
@@ -429,5 +444,45 @@ def tokenize_examples(
         rows = np.where(replacement >= 0, len(columns) + replacement, rows)[keep]
         columns = TokenizedColumns.concat([columns, TokenizedColumns.from_lists(replaced)]).take(rows)
         kept = kept[keep]
+    columns, kept = _drop_identical_responses(columns, kept, examples, report)
     report.examples_out = len(columns)
     return columns, kept.tolist(), report
+
+
+def identical_responses(columns: TokenizedColumns) -> np.ndarray:
+    """(E,) bool: the examples in which two responses have the same token ids (e.g. after truncation)."""
+    lengths = np.diff(columns.segment_offsets)
+    bounds = columns.example_segments
+    counts = np.diff(bounds)
+    out = np.zeros(len(columns), dtype=bool)
+    segments = columns.segments
+    pairs = np.flatnonzero(counts == 3)
+    first = bounds[:-1][pairs] + 1
+    same_length = lengths[first] == lengths[first + 1]
+    for e, s in zip(pairs[same_length].tolist(), first[same_length].tolist(), strict=True):
+        out[e] = np.array_equal(segments.row(s), segments.row(s + 1))
+    for e in np.flatnonzero(counts > 3).tolist():  # rankings: any two responses of one length
+        start, end = int(bounds[e]) + 1, int(bounds[e + 1])
+        if len(set(lengths[start:end].tolist())) < end - start:
+            rows = [segments.row(s).tobytes() for s in range(start, end)]
+            out[e] = len(set(rows)) < len(rows)
+    return out
+
+
+def _drop_identical_responses(
+    columns: TokenizedColumns, kept: np.ndarray, examples: Sequence[PreferenceExample], report: TokenizeReport
+) -> tuple[TokenizedColumns, np.ndarray]:
+    """Examples whose responses became identical (truncation cut off where they differ, or the tokenizer
+    maps both texts to the same ids) teach nothing: dropped and counted, like chosen == rejected rows."""
+    same = identical_responses(columns)
+    if not same.any():
+        return columns, kept
+    row_lengths = columns.lengths()
+    for j in np.flatnonzero(same).tolist():
+        report.record_drop(
+            "identical_after_truncation",
+            f"{examples[int(kept[j])].source}: the responses have the same {int(row_lengths[j])} tokens "
+            f"(prompt included) with max_length={report.max_length}",
+        )
+    keep = ~same
+    return columns.take(np.flatnonzero(keep)), kept[keep]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -44,11 +47,46 @@ class Split:
         return np.asarray(self.dataset.lengths)[self.indices]
 
 
+DATA_REPORT_FILENAME = "data_report.json"
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def report_data(reports: dict[str, tuple[str, Any]], run_dir: str | Path | None, say: Callable[[str], None]) -> Path | None:
+    """The data reports (rows read, skipped per reason, truncated, dropped), on rank 0: always printed to
+    stderr (whatever the progress bar) and written to ``<run_dir>/data_report.json``; ``reports`` maps
+    ``"train"``/``"eval"`` to (path, :class:`~dpokit.data.PrepareReport`). Returns the file written."""
+    if not _is_main_process():
+        return None
+    for name, (path, report) in reports.items():
+        print(f"{'training' if name == 'train' else 'evaluation'} data {path}: {report.summary()}", file=sys.stderr, flush=True)
+    if run_dir is None:
+        return None
+    target = Path(run_dir) / DATA_REPORT_FILENAME
+    document = {name: {"path": path, **report.to_dict()} for name, (path, report) in reports.items()}
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+    except OSError as error:
+        say(f"could not write the data report {target}: {error}")
+        return None
+    return target
+
+
 def load_data(
-    cfg: TrainConfig, tokenizer: Any, say: Callable[[str], None] = print, *, unpaired: bool = False
+    cfg: TrainConfig,
+    tokenizer: Any,
+    say: Callable[[str], None] = print,
+    *,
+    unpaired: bool = False,
+    run_dir: str | Path | None = None,
 ) -> tuple[Split, Split | None]:
     """Tokenized train and eval splits. Eval is ``data.eval_path``, else a seeded carve-out of
-    ``data.eval_split_fraction`` of the training examples, else None. The data report goes to ``say``.
+    ``data.eval_split_fraction`` of the training examples, else None. The data reports (skips,
+    truncation, drops) are printed on rank 0 and written to ``<run_dir>/data_report.json``
+    (``run_dir``: the run directory, default ``logging.run_dir``); ``say`` gets other notes.
     ``unpaired``: the objective trains on unpaired examples (labels; pairs split into two)."""
     from dpokit.data import prepare_dataset
 
@@ -72,11 +110,12 @@ def load_data(
         )
 
     train_data = prepare(d.train_path, d.train_split)
-    say(f"training data {d.train_path}: {train_data.report.summary()}")
+    reports: dict[str, tuple[str, Any]] = {"train": (d.train_path, train_data.report)}
     indices = list(range(len(train_data)))
     eval_split: Split | None = None
     if d.eval_path:
         eval_data = prepare(d.eval_path, d.eval_split)
+        reports["eval"] = (d.eval_path, eval_data.report)
         eval_split = Split(eval_data, list(range(len(eval_data))))
     elif d.eval_split_fraction > 0:
         generator = torch.Generator().manual_seed(cfg.optim.seed)
@@ -85,6 +124,7 @@ def load_data(
         held_out = set(permutation[:num_eval])
         eval_split = Split(train_data, sorted(held_out))
         indices = [i for i in indices if i not in held_out]
+    report_data(reports, run_dir if run_dir is not None else cfg.logging.run_dir, say)
     if not indices:
         raise TrainingError(f"no training examples left in {d.train_path!r} (see the data report above)")
     if eval_split is not None and cfg.eval.max_examples is not None:
