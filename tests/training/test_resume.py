@@ -39,7 +39,7 @@ def test_a_fresh_run_refuses_a_used_run_dir_and_overwrite_starts_it_afresh(asset
     run_dir = tmp_path / "run"
     run(make_config(assets, run_dir, "optim.max_steps=2"))  # no checkpoint, but metrics.jsonl
     (run_dir / "notes.txt").write_text("mine")
-    with pytest.raises(TrainingError, match=r"already holds an earlier run \(metrics.jsonl.*--overwrite"):
+    with pytest.raises(TrainingError, match=r"already holds an earlier run \(.*metrics.jsonl.*--overwrite"):
         run(make_config(assets, run_dir, "optim.max_steps=3"))
     result = run(make_config(assets, run_dir, "optim.max_steps=3"), overwrite=True)
     assert [r["step"] for r in read_metrics(run_dir, split="train")] == [1, 2, 3]  # one record per step

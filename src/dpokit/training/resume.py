@@ -31,7 +31,8 @@ from dpokit.training.parallel import ParallelContext
 
 LOCK_FILENAME = ".dpokit.lock"
 # What a run writes into its directory: a fresh run refuses a directory holding any of these.
-RUN_RECORDS = ("metrics.jsonl", "checkpoint-*", "tensorboard", "samples.jsonl", "curves.png", "data_report.json")
+# (A run that failed in set-up leaves only its config and data report: it may simply be started again.)
+RUN_RECORDS = ("metrics.jsonl", "checkpoint-*", "tensorboard", "samples.jsonl", "curves.png")
 
 
 class RunDirectory:
