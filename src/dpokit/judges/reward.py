@@ -66,6 +66,24 @@ class RewardJudge(Judge):
         ]
 
 
+class ImplicitJudge(RewardJudge):
+    """Pairs are scored as the pairs they are (one row, both responses, as ``dpokit score`` does); a pair
+    of identical responses is a tie without a forward pass."""
+
+    pair_rewards: Callable[[Sequence[Text], Sequence[Text], Sequence[Text]], list[tuple[float, float]]]
+
+    def judge_pairs(self, prompts: Sequence[Text], a: Sequence[Text], b: Sequence[Text]) -> list[PairJudgment]:
+        check_lengths(prompts, a, b)
+        distinct = [i for i in range(len(prompts)) if a[i] != b[i]]
+        scored = self.pair_rewards(*([seq[i] for i in distinct] for seq in (prompts, a, b))) if distinct else []
+        rewards = dict(zip(distinct, scored, strict=True))
+        judgments = []
+        for i in range(len(prompts)):
+            ra, rb = rewards.get(i, (0.0, 0.0))
+            judgments.append(PairJudgment(bradley_terry(ra, rb, self.temperature), f"reward A={ra!r} B={rb!r}"))
+        return judgments
+
+
 def function_judge(spec: JudgeSpec) -> RewardJudge:
     """``reward:MODULE:FUNCTION``: the callable gets plain text (chat messages flattened)."""
     from dpokit.analysis.frontier import load_reward
@@ -123,6 +141,13 @@ def implicit_judge(spec: JudgeSpec, load: Any = None) -> RewardJudge:
         scored = score_rows(runner, policy.tokenizer, reference, rows, beta=beta, batch_size=batch_size)
         return [row.rewards[0] for row in scored]
 
-    judge = RewardJudge(str(spec), reward, spec.option("temperature", 1.0, float))
+    judge = ImplicitJudge(str(spec), reward, spec.option("temperature", 1.0, float))
     judge.description = f"implicit reward of {spec.target} (beta={beta:g}, {described})"
+
+    def pair_rewards(prompts: Sequence[Text], a: Sequence[Text], b: Sequence[Text]) -> list[tuple[float, float]]:
+        rows = [ScoreRow(*unify_row(p, [x, y]), "judge") for p, x, y in zip(prompts, a, b, strict=True)]
+        scored = score_rows(runner, policy.tokenizer, reference, rows, beta=beta, batch_size=batch_size)
+        return [(row.rewards[0], row.rewards[1]) for row in scored]
+
+    judge.pair_rewards = pair_rewards
     return judge
