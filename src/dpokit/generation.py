@@ -451,8 +451,19 @@ def format_prompt(tokenizer: Any, prompt: Prompt, *, chat_template: str = "auto"
             "the prompt is a chat conversation but the tokenizer has no chat template: use text prompts, "
             "pass --chat-template never, or add a chat_template to the tokenizer"
         )
-    text: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # jinja's sandbox (SecurityError), a template's raise_exception, a bad template
+        raise ConfigError(
+            f"the tokenizer's chat template failed on the prompt {_preview(messages)}: {type(error).__name__}: {error}; "
+            "fix the template, or pass --chat-template never to join the messages as plain text"
+        ) from None
     return text
+
+
+def _preview(messages: Sequence[dict[str, str]]) -> str:
+    text = " | ".join(f"{m.get('role')}: {m.get('content')}" for m in messages)
+    return repr(text if len(text) <= 60 else text[:57] + "...")
 
 
 def encode_prompts(
@@ -576,7 +587,14 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: prompts file not found")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        bad_line = data[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:line {bad_line}: not valid UTF-8 (byte {error.start + 1} of the file); re-save the file as UTF-8"
+        ) from None
     if path.suffix == ".txt":
         return [line for line in text.splitlines() if line.strip()]
     if path.suffix == ".json":
@@ -584,6 +602,8 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             rows = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        except (ValueError, RecursionError) as error:
+            raise DataError(f"{path}: not valid JSON ({type(error).__name__})") from None
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON list of rows with a 'prompt' field")
         numbered = list(enumerate(rows, start=1))
@@ -596,14 +616,22 @@ def read_prompts(path: str | Path) -> list[Prompt]:
                 numbered.append((line_number, json.loads(line)))
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{line_number}: not a JSON object ({error.msg})") from None
+            except (ValueError, RecursionError) as error:
+                raise DataError(f"{path}:{line_number}: not a JSON object ({type(error).__name__})") from None
     prompts: list[Prompt] = []
     for line_number, row in numbered:
         prompt = row.get("prompt") if isinstance(row, dict) else None
         if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt)):
+            if _has_lone_surrogate(json.dumps(prompt, ensure_ascii=False)):
+                raise DataError(f"{path}:{line_number}: field 'prompt' holds a lone surrogate (e.g. \\ud800), not valid Unicode")
             prompts.append(prompt)
         else:
             raise DataError(f"{path}:{line_number}: field 'prompt' must be a string or a list of {{'role', 'content'}} messages")
     return prompts
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
 
 
 @dataclass

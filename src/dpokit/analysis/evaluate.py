@@ -92,6 +92,11 @@ def training_defaults(policy: LoadedPolicy, config_path: str | None = None) -> A
 # --------------------------------------------------------------------------------------------- eval
 
 
+def check_batch_size(batch_size: int, setting: str = "--batch-size") -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"{setting} must be a positive whole number, got {batch_size!r}")
+
+
 def iterate_batches(items: Any, batch_size: int, pad_token_id: int) -> Iterator[Any]:
     """Padded batches of ``batch_size`` consecutive prepared items, in dataset order."""
     from dpokit.data import PaddedCollator
@@ -183,6 +188,7 @@ def run_eval(job: EvalJob) -> EvalReport:
     from dpokit.data import prepare_dataset
     from dpokit.losses import build_objective
 
+    check_batch_size(job.batch_size)
     options: dict[str, Any] = {
         "dtype": job.load.dtype,
         "device": job.load.device,

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dpokit.analysis.evaluate import iterate_batches, policy_runner, resolve_reference, training_defaults
+from dpokit.analysis.evaluate import check_batch_size, iterate_batches, policy_runner, resolve_reference, training_defaults
 from dpokit.errors import DataError
 from dpokit.models import LoadOptions, load_policy, pad_id_of
 from dpokit.training.parallel import ParallelPolicy
@@ -92,12 +92,21 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def _check_unicode(text: Any, where: str, field: str) -> None:
+    if isinstance(text, str) and any("\ud800" <= ch <= "\udfff" for ch in text):
+        raise DataError(f"{where}: field '{field}' holds a lone surrogate (e.g. \\ud800), which is not valid Unicode text")
+
+
 def _text(value: Any, where: str, field: str) -> Text:
     value = _cell(value)
     if isinstance(value, str) and value != "":
+        _check_unicode(value, where, field)
         return value
     if _is_messages(value):
         messages: list[dict[str, str]] = value
+        for message in messages:
+            _check_unicode(message["content"], where, field)
+            _check_unicode(message["role"], where, field)
         return messages
     raise DataError(f"{where}: field '{field}' must be a non-empty string or a list of {{'role', 'content'}} messages")
 
@@ -291,6 +300,7 @@ class ScoreReport:
 
 def run_score(job: ScoreJob, rows: Sequence[ScoreRow]) -> ScoreReport:
     """Load the policy and its reference and score ``rows``."""
+    check_batch_size(job.batch_size)
     options: dict[str, Any] = {
         "dtype": job.load.dtype,
         "device": job.load.device,

@@ -98,13 +98,38 @@ def add_length_arguments(parser: argparse.ArgumentParser, job_cls: type, *, max_
     caller reads from the library) and ``--batch-size`` (default: ``job_cls.batch_size``)."""
     group = parser.add_argument_group("tokenization")
     group.add_argument(
-        "--max-length", type=int, default=None, help=f"max prompt+response tokens (default: the run's, else {max_length})"
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help=f"max prompt+response tokens (default: the run's, else {max_length})",
     )
     group.add_argument(
         "--max-prompt-length",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"max prompt tokens (default: the run's, else {max_prompt_length})",
     )
     batch_size = field_default(job_cls, "batch_size")
-    group.add_argument("--batch-size", type=int, default=batch_size, help=f"examples per forward pass (default: {batch_size})")
+    group.add_argument(
+        "--batch-size", type=positive_int, default=batch_size, help=f"examples per forward pass (default: {batch_size})"
+    )
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number >= 1 (``--batch-size 0`` is refused with a usage error)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse ``type``: a whole number >= 0 (``--top-k -1`` is refused with a usage error)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value

@@ -6,7 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from dpokit.commands.common import Subcommand, add_length_arguments, add_model_arguments, field_default, load_options
+from dpokit.commands.common import (
+    Subcommand,
+    add_length_arguments,
+    add_model_arguments,
+    field_default,
+    load_options,
+    positive_int,
+)
 
 EPILOG = """\
 Reports preference accuracy (fraction of pairs with r(chosen) > r(rejected)), mean reward margin,
@@ -15,7 +22,7 @@ mean chosen/rejected rewards and the loss, with r(x, y) = beta * (log pi(y|x) - 
 examples:
   dpokit eval --model outputs/dpo --reference models/sft --data data/test.jsonl
   dpokit eval --model outputs/lora-adapter --data data/test.jsonl --beta 0.1
-  dpokit eval --model runs/exp/checkpoints/step-200 --config examples/full.yaml --json
+  dpokit eval --model runs/exp/checkpoint-200 --config examples/full.yaml --json
   dpokit eval --model outputs/ipo --reference models/sft --data data/test.jsonl --loss ipo --output eval.json"""
 
 
@@ -44,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"data format, as in the training config's data.format (default: the run's, else "
         f"{field_default(DataConfig, 'format')})",
     )
-    data.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    data.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N examples")
     data.add_argument(
         "--cache-dir",
         default=None,

@@ -8,13 +8,13 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from dpokit.commands.common import Subcommand, add_model_arguments, field_default, load_options
+from dpokit.commands.common import Subcommand, add_model_arguments, field_default, load_options, non_negative_int, positive_int
 
 EPILOG = """\
 examples:
   dpokit generate --model outputs/dpo --prompt "Tell me about the film." --num-samples 3
   dpokit generate --model outputs/lora-adapter --prompts-file prompts.jsonl --temperature 0 --output samples.jsonl
-  dpokit generate --model runs/exp/checkpoints/step-200 --prompt "Hi" --chat-template always --seed 7"""
+  dpokit generate --model runs/exp/checkpoint-200 --prompt "Hi" --chat-template always --seed 7"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,10 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "num_samples": "samples per prompt",
         "seed": "random seed; prompt i is sampled with seed + i, so the same seed gives the same samples",
     }
+    types = {"max_new_tokens": positive_int, "num_samples": positive_int, "top_k": non_negative_int}
     for name, text in helps.items():
         default = field_default(SamplingConfig, name)
         sampling.add_argument(
-            f"--{name.replace('_', '-')}", type=type(default), default=default, help=f"{text} (default: {default})"
+            f"--{name.replace('_', '-')}",
+            type=types.get(name, type(default)),
+            default=default,
+            help=f"{text} (default: {default})",
         )
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="FILE.jsonl", default=None, help="write {prompt, sample, completion} JSON lines here")

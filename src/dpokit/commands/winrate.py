@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from dpokit.commands.common import Subcommand, add_model_arguments, field_default, load_options
+from dpokit.commands.common import Subcommand, add_model_arguments, field_default, load_options, positive_int
 
 JUDGE_HELP = (
     "the judge: reward:MODULE:FUNCTION | reward_model:PATH | implicit:POLICY | llm:PATH | openai:MODEL@URL, "
@@ -65,7 +65,7 @@ def add_winrate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ci", choices=["bootstrap", "wilson"], default=default("ci"), help="95%% interval (%(default)s)")
     parser.add_argument("--bootstrap-samples", type=int, default=default("bootstrap_samples"), help="default: %(default)s")
-    parser.add_argument("--batch-size", type=int, default=default("batch_size"), help="rows per forward (%(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=default("batch_size"), help="rows per forward (%(default)s)")
     parser.add_argument(
         "--chat-template", choices=["auto", "always", "never"], default=default("chat_template"), help="as dpokit generate's"
     )
