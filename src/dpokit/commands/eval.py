@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from dpokit.commands.common import (
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
                 handle.write(json.dumps(record) + "\n")
     if args.json:
         print(json.dumps(summary, indent=2))
+        print(report.data_report.summary(), file=sys.stderr)  # skips and drops are never silent
         return 0
     print(f"model:     {summary['model']}")
     print(f"reference: {summary['reference']}")

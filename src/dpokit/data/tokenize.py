@@ -481,8 +481,8 @@ def _drop_identical_responses(
     for j in np.flatnonzero(same).tolist():
         report.record_drop(
             "identical_after_truncation",
-            f"{examples[int(kept[j])].source}: the responses have the same {int(row_lengths[j])} tokens "
-            f"(prompt included) with max_length={report.max_length}",
+            f"{examples[int(kept[j])].source}: the responses are the same tokens once cut to max_length="
+            f"{report.max_length} (prompt + response: {int(row_lengths[j])} tokens)",
         )
     keep = ~same
     return columns.take(np.flatnonzero(keep)), kept[keep]
