@@ -387,7 +387,10 @@ def tokenize_examples(
 
     def on_invalid(error: InvalidRowError) -> None:
         if not skip_invalid:
-            raise DataError(f"{error}. Pass skip_invalid=True to skip such rows (they are counted and reported).")
+            raise DataError(
+                f"{error}. Set data.skip_invalid=true (skip_invalid=True in Python) to skip such rows "
+                "(they are counted and reported)."
+            )
         report.skipped[error.reason] += 1
         kept = report.skipped_messages.setdefault(error.reason, [])
         if len(kept) < _MESSAGES_KEPT:
