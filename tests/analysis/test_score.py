@@ -73,7 +73,7 @@ def test_scores_equal_beta_times_policy_minus_reference_logps(policy_dir, refere
     scored = score_rows(policy_runner(policy), policy.tokenizer, CopyReference(reference.model), rows, beta=BETA, batch_size=2)
     for row, result in zip(rows, scored, strict=True):
         responses = row.responses if len(row.responses) > 1 else row.responses * 2
-        item = prepare_from_examples([PreferenceExample(row.prompt, responses)], policy.tokenizer).items[0]
+        item = prepare_from_examples([PreferenceExample(row.prompt, responses)], policy.tokenizer, drop_identical=False).items[0]
         for k in range(len(row.responses)):
             expected = BETA * (
                 _summed_logp(policy.model, item["prompt_ids"], item["response_ids"][k])

@@ -324,7 +324,7 @@ def test_a_failing_rank_brings_the_run_down_with_its_cause(assets, tmp_path):
         if node0.poll() is None:
             node0.kill()
     assert node1.returncode != 0
-    cause = f"rank 1/2: cannot load a tokenizer from '{tmp_path / 'no-such-model'}'"
+    cause = f"rank 1/2: model.name_or_path: {tmp_path / 'no-such-model'}: no such file or directory"
     assert f"error: {cause}" in node1.stderr
     summary = node1.stderr.split("Root Cause")[-1]
     assert "rank      : 1" in summary and cause in summary

@@ -186,7 +186,10 @@ def _prepare(rows: Sequence[ScoreRow], tokenizer: Any, *, max_length: int, max_p
         )
         for row in rows
     ]
-    return prepare_from_examples(examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    # Responses are scored one by one, so two that tokenize alike are both kept.
+    return prepare_from_examples(
+        examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, drop_identical=False
+    )
 
 
 @torch.no_grad()

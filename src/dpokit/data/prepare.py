@@ -405,11 +405,13 @@ def prepare_from_examples(
     truncation_mode: str = "keep_end",
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = False,
+    drop_identical: bool = True,
 ) -> PreparedDataset:
     """Tokenize in-memory :class:`PreferenceExample` s (already validated; responses best first).
 
     Same tokenization, truncation and report as :func:`prepare_dataset`. Caching is off by default
-    here (``use_cache=True`` keys it by the examples' content).
+    here (``use_cache=True`` keys it by the examples' content). ``drop_identical=False`` keeps
+    examples whose responses tokenize identically (for scoring responses, not training on pairs).
     """
     check_truncation_settings(max_length, max_prompt_length, truncation_mode)
     examples = list(examples)
@@ -421,6 +423,8 @@ def prepare_from_examples(
     tokenize_settings = dict(
         max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, skip_invalid=skip_invalid
     )
+    if not drop_identical:
+        tokenize_settings["drop_identical"] = False
     fingerprint = _combine(
         examples_fingerprint(examples), tokenizer_fingerprint(tokenizer), _settings_fingerprint(**tokenize_settings)
     )

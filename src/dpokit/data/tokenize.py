@@ -378,8 +378,12 @@ def tokenize_examples(
     max_prompt_length: int | None = 256,
     truncation_mode: str = "keep_end",
     skip_invalid: bool = False,
+    drop_identical: bool = True,
 ) -> tuple[TokenizedColumns, list[int], TokenizeReport]:
-    """Tokenize and truncate. Returns (columns, kept example indices into ``examples``, report)."""
+    """Tokenize and truncate. Returns (columns, kept example indices into ``examples``, report).
+
+    ``drop_identical``: drop (and count) examples whose responses have the same token ids, which no
+    preference loss can learn from; False keeps them (scoring responses one by one)."""
     check_truncation_settings(max_length, max_prompt_length, truncation_mode)
     report = TokenizeReport(
         examples_in=len(examples), max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode
@@ -447,7 +451,8 @@ def tokenize_examples(
         rows = np.where(replacement >= 0, len(columns) + replacement, rows)[keep]
         columns = TokenizedColumns.concat([columns, TokenizedColumns.from_lists(replaced)]).take(rows)
         kept = kept[keep]
-    columns, kept = _drop_identical_responses(columns, kept, examples, report)
+    if drop_identical:
+        columns, kept = _drop_identical_responses(columns, kept, examples, report)
     report.examples_out = len(columns)
     return columns, kept.tolist(), report
 
