@@ -201,11 +201,6 @@ def test_implicit_judge_is_dpo_preference_model_and_reward_model_judge_scores(tm
         load_judge(f"reward_model:{tmp_path / 'missing'}")
 
 
-@pytest.mark.xfail(
-    reason="commit 262d211 drops pairs whose responses tokenize identically, which breaks score_rows' single-response "
-    "path (dpokit score --response X alone; tests/analysis/test_score.py fails the same way) until it is fixed there",
-    strict=False,
-)
 def test_implicit_judge_pointwise_score_is_dpokit_score_reward(tmp_path):
     from dpokit.analysis.score import ScoreJob, run_score, text_rows
 
