@@ -418,10 +418,22 @@ def tokenize_examples(
         order = np.argsort(kept, kind="stable")
         kept = kept[order]
 
-    # Truncation: only the examples longer than max_length go through Python lists.
+    columns, kept = _truncate_long(columns, kept, order, tokenizer, report)
+    if drop_identical:
+        columns, kept = _drop_identical_responses(columns, kept, examples, report)
+    report.examples_out = len(columns)
+    return columns, kept.tolist(), report
+
+
+def _truncate_long(
+    columns: TokenizedColumns, kept: np.ndarray, order: np.ndarray | None, tokenizer: Any, report: TokenizeReport
+) -> tuple[TokenizedColumns, np.ndarray]:
+    """Truncate (or drop) the examples longer than ``report.max_length`` and put the rows in input order
+    (``order``: the permutation that does); only the long examples go through Python lists."""
     replaced: list[tuple[list[int], list[list[int]]]] = []
     keep = np.ones(len(kept), dtype=bool)
     replacement = np.full(len(kept), -1, dtype=np.int64)
+    max_length = report.max_length
     if max_length is not None and len(kept):
         row_of = order if order is not None else np.arange(len(kept))  # example kept[j] is row row_of[j] of `columns`
         bos = tokenizer.bos_token_id
@@ -431,9 +443,9 @@ def tokenize_examples(
             prompt, responses, what = truncate(
                 prompt,
                 responses,
-                max_length=max_length,
-                max_prompt_length=max_prompt_length,
-                truncation_mode=truncation_mode,
+                max_length=report.max_length,
+                max_prompt_length=report.max_prompt_length,
+                truncation_mode=report.truncation_mode,
                 keep_first=keep_first,
             )
             if what == "drop":
@@ -451,10 +463,7 @@ def tokenize_examples(
         rows = np.where(replacement >= 0, len(columns) + replacement, rows)[keep]
         columns = TokenizedColumns.concat([columns, TokenizedColumns.from_lists(replaced)]).take(rows)
         kept = kept[keep]
-    if drop_identical:
-        columns, kept = _drop_identical_responses(columns, kept, examples, report)
-    report.examples_out = len(columns)
-    return columns, kept.tolist(), report
+    return columns, kept
 
 
 def identical_responses(columns: TokenizedColumns) -> np.ndarray:
