@@ -250,3 +250,11 @@ def test_a_refused_write_of_the_config_or_the_final_model_is_a_located_error(ass
     monkeypatch.setattr(dpokit.models, "save_final_model", denied)
     with pytest.raises(TrainingError, match=r"could not write the final model into .*final'.*Permission denied"):
         run(make_config(assets, tmp_path / "b", "optim.max_steps=1"))
+
+
+def test_a_run_without_a_configured_run_dir_writes_its_data_report_into_the_time_stamped_one(assets, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config(assets, tmp_path / "unused", "optim.max_steps=1")
+    cfg.logging.run_dir = None
+    result = run(cfg)
+    assert result.run_dir.parent == Path("runs") and (tmp_path / result.run_dir / "data_report.json").is_file()

@@ -363,7 +363,9 @@ class Trainer:
         policy, self.tokenizer = load_model_and_tokenizer(cfg.model, device=ctx.device)
         self.objective = build_objective(cfg.loss.terms, beta=cfg.loss.beta, reference_free=cfg.loss.reference_free)
         with ctx.main_first():  # one rank fills the tokenized-data cache
-            self.train_split, self.eval_split = load_data(cfg, self.tokenizer, say=self.say, unpaired=self.objective.unpaired)
+            self.train_split, self.eval_split = load_data(
+                cfg, self.tokenizer, say=self.say, unpaired=self.objective.unpaired, run_dir=self.run_dir
+            )
         layout = choose_layout(cfg.data.layout, policy)
         self.collate = make_collator(
             layout, self.tokenizer.pad_token_id, pack_tokens=cfg.data.pack_tokens if layout == "packed" else None
