@@ -23,7 +23,7 @@ small GPT-2 trained from scratch on generated movie reviews plays the SFT model 
 first run), pairs of its own completions are labelled by VADER's sentiment score, and DPO teaches it
 to write positive continuations. Prints the ground-truth reward and KL(pi || pi_sft) before and after,
 with samples of both models for the same prompts, and leaves the DPO run directory with
-metrics.jsonl, TensorBoard events and curves.png. About 35 seconds on 2 CPU cores from a cold cache.
+metrics.jsonl, TensorBoard events and curves.png. About 55 seconds on 2 CPU cores from a cold cache.
 
 examples:
   dpokit demo

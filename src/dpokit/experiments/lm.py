@@ -27,6 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from dpokit.experiments.corpus import make_corpus
+from dpokit.models import quiet_progress_bars
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -164,7 +165,8 @@ def load_or_pretrain(
     model, tokenizer, summary = pretrain(settings, texts, log=log)
     tmp_dir = model_dir.with_name(model_dir.name + ".tmp")
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp_dir)
+    with quiet_progress_bars():  # no 'Writing model shards' bar in the experiment's log
+        model.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
     (tmp_dir / "pretrain.json").write_text(json.dumps(summary, indent=2))
     if model_dir.exists():  # a concurrent run finished first; keep theirs
