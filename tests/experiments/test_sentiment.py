@@ -99,7 +99,17 @@ def test_smoke_run_of_the_whole_pipeline_writes_the_frontier(tmp_path):
     settings = dataclasses.replace(MODES["smoke"], warmup_steps=0)
     result = run_experiment(settings, tmp_path / "out", tmp_path / "cache", log=None)
     methods = {p["method"] for p in result["points"]}
-    assert methods == {"SFT (reference)", "DPO", "Preferred-FT", "Unlikelihood", "Best-of-N", "RLOO (TRL, true reward)"}
+    assert methods == {
+        "SFT (reference)",
+        "DPO",
+        "Preferred-FT",
+        "Unlikelihood",
+        "ORPO (no reference)",
+        "SimPO (no reference)",
+        "KTO (unpaired, half the pairs)",
+        "Best-of-N",
+        "RLOO (TRL, true reward)",
+    }
     dpo = [p for p in result["points"] if p["method"] == "DPO"]
     assert [p["step"] for p in dpo] == sorted(p["step"] for p in dpo) and len(dpo) == 2
     assert all(p["kl_mean"] != 0.0 for p in dpo)  # the policy moved
@@ -108,9 +118,31 @@ def test_smoke_run_of_the_whole_pipeline_writes_the_frontier(tmp_path):
     assert (tmp_path / "out/frontier.png").stat().st_size > 1000
     assert "| DPO | dpo-beta0.1 |" in (tmp_path / "out/results.md").read_text()
     assert not list((tmp_path / "out/runs/dpo-beta0.1").glob("checkpoint-*"))  # evaluated, then removed
-    # A second run reuses every stored point instead of training again.
+    # KTO trained on one completion of each pair, labelled by the reward against the median.
+    unpaired = [json.loads(line) for line in (tmp_path / "out/data/unpaired.jsonl").read_text().splitlines()]
+    assert len(unpaired) == data["preferences"]["pairs"] == data["preferences"]["kto_examples"]
+    assert all(row["label"] == (row["reward"] > data["preferences"]["kto_threshold"]) for row in unpaired)
+    # Win rates against the SFT model's samples (every trained model's final export and Best-of-N),
+    # judged by the ground-truth reward, and the DPO policy as an implicit-reward judge.
+    rows = result["winrate"]["results"]
+    assert {r["model"] for r in rows} == {
+        "DPO β=0.1",
+        "Preferred-FT",
+        "Unlikelihood",
+        "ORPO (no reference)",
+        "SimPO (no reference)",
+        "KTO (unpaired, half the pairs)",
+        "Best-of-2",
+    }
+    assert {r["temperature"] for r in rows} == {0.5, 1.0} and all(r["ci_method"] == "wilson" for r in rows)
+    assert all(r["position_bias"] == 0.0 for r in rows)  # a reward judge is symmetric
+    implicit = result["winrate"]["implicit_judges"]
+    assert [j["model"] for j in implicit] == ["DPO β=0.1"] or implicit == []
+    assert (tmp_path / "out/winrate/winrate.png").stat().st_size > 1000
+    assert "| DPO β=0.1 | 0.5 |" in (tmp_path / "out/winrate/results.md").read_text()
+    # A second run reuses every stored point instead of training again, and every sample and judgment.
     again = run_experiment(settings, tmp_path / "out", tmp_path / "cache", log=None)
-    assert again["points"] == result["points"]
+    assert again["points"] == result["points"] and again["winrate"] == result["winrate"]
 
 
 @pytest.mark.slow
@@ -151,3 +183,58 @@ def test_stored_points_are_keyed_by_every_setting_except_the_method_selection():
     assert dataclasses.replace(full, methods=("dpo",)).key() == full.key()
     assert dataclasses.replace(full, lr=full.lr * 2).key() != full.key()
     assert dataclasses.replace(full, lm=dataclasses.replace(full.lm, steps=1)).key() != full.key()
+
+
+def test_win_rate_settings_do_not_change_the_stored_points_key():
+    full = MODES["full"]
+    assert dataclasses.replace(full, winrate_temperatures=(1.0,), winrate_prompts=3).key() == full.key()
+    assert dataclasses.replace(full, simpo_beta=1.0).key() != full.key()
+
+
+def test_quick_mode_leaves_out_the_new_objectives_and_the_win_rates():
+    quick = MODES["quick"]
+    assert not {"orpo", "simpo", "kto"} & set(quick.methods) and quick.winrate_temperatures == ()
+    assert {"orpo", "simpo", "kto"} <= set(MODES["full"].methods) and MODES["full"].winrate_temperatures
+
+
+def test_unpaired_data_keeps_one_completion_per_pair_alternating_with_a_median_threshold(tmp_path):
+    from dpokit.experiments.preferences import write_jsonl
+    from dpokit.experiments.sentiment import Experiment
+
+    rewards = [(0.9, 0.1), (0.8, -0.5), (0.3, 0.2), (0.7, -0.9)]
+    pairs = [
+        {"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}", "chosen_reward": c, "rejected_reward": r}
+        for i, (c, r) in enumerate(rewards)
+    ]
+    experiment = Experiment(MODES["smoke"], tmp_path, tmp_path / "cache", log=None)
+    experiment.train_path = write_jsonl(pairs, tmp_path / "pairs.jsonl")
+    experiment.preference_stats = {}
+    rows = [json.loads(line) for line in experiment.unpaired_data().read_text().splitlines()]
+    # Sorted rewards -0.9 -0.5 0.1 0.2 0.3 0.7 0.8 0.9: the threshold is the upper median, 0.3.
+    assert experiment.preference_stats == {"kto_threshold": 0.3, "kto_desirable": 1, "kto_examples": 4}
+    assert [r["completion"] for r in rows] == ["c0", "r1", "c2", "r3"]
+    assert [r["label"] for r in rows] == [True, False, False, False]
+
+
+def test_unknown_methods_are_refused(tmp_path):
+    from dpokit.errors import ConfigError
+    from dpokit.experiments.sentiment import Experiment
+
+    with pytest.raises(ConfigError, match="unknown methods"):
+        Experiment(dataclasses.replace(MODES["smoke"], methods=("ppo",)), tmp_path, tmp_path, log=None)
+
+
+def test_experiment_command_uses_the_modes_methods_unless_given(monkeypatch, tmp_path, capsys):
+    from dpokit.commands.main import main
+    from dpokit.experiments import sentiment
+
+    seen = []
+
+    def fake_run(settings, out_dir, cache_dir, **kwargs):
+        seen.append(settings.methods)
+        return {"points": []}
+
+    monkeypatch.setattr(sentiment, "run_experiment", fake_run)
+    assert main(["experiment", "sentiment", "--mode", "quick", "--out", str(tmp_path)]) == 0
+    assert main(["experiment", "sentiment", "--mode", "full", "--out", str(tmp_path), "--methods", "dpo,kto"]) == 0
+    assert seen == [MODES["quick"].methods, ("dpo", "kto")]

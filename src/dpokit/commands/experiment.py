@@ -47,7 +47,9 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"where the SFT model is cached (default {sentiment.DEFAULT_CACHE_DIR})",
     )
     parser.add_argument(
-        "--methods", default=",".join(sentiment.ALL_METHODS), help=f"comma-separated subset of {','.join(sentiment.ALL_METHODS)}"
+        "--methods",
+        default=None,
+        help=f"comma-separated subset of {','.join(sentiment.ALL_METHODS)} (default: the mode's)",
     )
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep run checkpoints after evaluating them")
     parser.add_argument(
@@ -65,8 +67,9 @@ def run_experiment(args: argparse.Namespace) -> int:
     from dpokit.experiments.sentiment import MODES
     from dpokit.experiments.sentiment import run_experiment as run_sentiment_experiment
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    settings = dataclasses.replace(MODES[args.mode], methods=methods)
+    settings = MODES[args.mode]
+    if args.methods is not None:
+        settings = dataclasses.replace(settings, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     out_dir = args.out or f"runs/sentiment-{args.mode}"
     result = run_sentiment_experiment(
         settings,

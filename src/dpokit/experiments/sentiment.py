@@ -40,11 +40,14 @@ from dpokit.experiments.lm import LMSettings, load_or_pretrain
 from dpokit.experiments.preferences import make_preference_pairs, make_prompts, write_jsonl
 from dpokit.experiments.reward import vader_reward
 
-ALL_METHODS = ("dpo", "preferred-ft", "unlikelihood", "best-of-n", "rl")
+ALL_METHODS = ("dpo", "preferred-ft", "unlikelihood", "orpo", "simpo", "kto", "best-of-n", "rl")
 METHOD_LABELS = {
     "dpo": "DPO",
     "preferred-ft": "Preferred-FT",
     "unlikelihood": "Unlikelihood",
+    "orpo": "ORPO (no reference)",
+    "simpo": "SimPO (no reference)",
+    "kto": "KTO (unpaired, half the pairs)",
     "best-of-n": "Best-of-N",
     "rl": "RLOO (TRL, true reward)",
     "reference": "SFT (reference)",
@@ -79,6 +82,12 @@ class ExperimentSettings:
     lr: float = 5e-5
     warmup_steps: int = 10
     checkpoints_per_run: int = 6
+    # Reference-free and unpaired objectives (dpokit trainer runs on the same pairs; KTO on one
+    # completion of each pair, labelled desirable when its reward is above the SFT samples' median).
+    orpo_beta: float = 0.1  # ORPO's lambda, the weight of the odds-ratio term beside the NLL
+    simpo_beta: float = 2.0  # SimPO's beta on per-token average log-probs
+    simpo_gamma: float = 0.5
+    kto_beta: float = 0.1
     # Best-of-N.
     best_of_n: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     # RL baseline (TRL RLOOTrainer; its beta weighs the KL penalty in the reward).
@@ -88,11 +97,20 @@ class ExperimentSettings:
     rl_generations: int = 4
     rl_lr: float = 1e-4
     seed: int = 0
+    # Win rates against the SFT model's samples (Figure 2 right), judged by the ground-truth reward;
+    # empty temperatures skip the stage. The stage reads each run's final model, so it does not shape the points.
+    winrate_temperatures: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    winrate_prompts: int = 256
+    winrate_best_of_n: int = 16
+    judge_check_prompts: int = 128  # held-out pairs on which the DPO policies' implicit reward is checked
 
     def key(self) -> str:
         """Hash of every setting that shapes a run's result. ``methods`` only picks which runs happen,
-        so it is left out: points stored by a ``--methods dpo`` run are reused by a full one."""
+        and the win-rate settings only what is measured afterwards, so they are left out: points stored
+        by a ``--methods dpo`` run are reused by a full one."""
         settings = {**asdict(self), "methods": list(ALL_METHODS)}
+        for name in ("winrate_temperatures", "winrate_prompts", "winrate_best_of_n", "judge_check_prompts"):
+            settings.pop(name)
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -129,6 +147,9 @@ MODES: dict[str, ExperimentSettings] = {
         rl_betas=(0.05,),
         rl_steps=16,
         rl_prompts_per_step=8,
+        # ORPO, SimPO, KTO and the win-rate stage are left out: the quick mode keeps its 2-minute budget.
+        methods=("dpo", "preferred-ft", "unlikelihood", "best-of-n", "rl"),
+        winrate_temperatures=(),
     ),
     # `dpokit demo`: DPO only, one beta; about 35 s on 2 CPU cores from a cold cache (the budget is 3 minutes).
     "demo": ExperimentSettings(
@@ -159,6 +180,10 @@ MODES: dict[str, ExperimentSettings] = {
         rl_steps=2,
         rl_prompts_per_step=2,
         rl_generations=2,
+        winrate_temperatures=(0.5, 1.0),
+        winrate_prompts=6,
+        winrate_best_of_n=2,
+        judge_check_prompts=6,
     ),
 }
 
@@ -178,7 +203,7 @@ def _trainer_config(
     from dpokit.config import config_from_dict
 
     steps = settings.epochs * -(-num_pairs // settings.batch_size)
-    needs_reference = any(t["name"] not in ("sft", "unlikelihood") for t in terms)
+    needs_reference = any(t["name"] not in ("sft", "unlikelihood", "orpo", "simpo") for t in terms)
     return config_from_dict(
         {
             "model": {"name_or_path": str(sft_dir), "dtype": "float32"},
@@ -323,8 +348,11 @@ class Experiment:
                 shutil.rmtree(path.parent if path.name == "model" else path, ignore_errors=True)
         return points
 
-    def run_trainer(self, run: str, method: str, terms: list[dict[str, Any]], beta: float | None) -> list[dict[str, Any]]:
-        """One dpokit trainer run; its checkpoints evaluated on the frontier."""
+    def run_trainer(
+        self, run: str, method: str, terms: list[dict[str, Any]], beta: float | None, train_path: Path | None = None
+    ) -> list[dict[str, Any]]:
+        """One dpokit trainer run (on ``train_path``, default the preference pairs); its checkpoints
+        evaluated on the frontier."""
         cached = self._cached_points(run)
         if cached is not None:
             self.log(f"{run}: cached")
@@ -337,7 +365,7 @@ class Experiment:
         cfg = _trainer_config(
             self.settings,
             sft_dir=self.sft_dir,
-            train_path=self.train_path,
+            train_path=train_path or self.train_path,
             run_dir=run_dir,
             terms=terms,
             beta=beta if beta is not None else 0.1,
@@ -407,6 +435,138 @@ class Experiment:
         self._store_points(run, points, time.time() - start)
         return points
 
+    def unpaired_data(self) -> Path:
+        """KTO's data with half the pairs' information thrown away: one completion of each pair (the
+        chosen one of even-numbered pairs, the rejected one of odd-numbered ones), labelled desirable
+        when its ground-truth reward is above the median reward of the pairs' completions."""
+        rows = [json.loads(line) for line in self.train_path.read_text().splitlines() if line.strip()]
+        rewards = sorted(r[k] for r in rows for k in ("chosen_reward", "rejected_reward"))
+        threshold = rewards[len(rewards) // 2]
+        unpaired = []
+        for index, row in enumerate(rows):
+            side = "chosen" if index % 2 == 0 else "rejected"
+            reward = row[f"{side}_reward"]
+            unpaired.append({"prompt": row["prompt"], "completion": row[side], "label": reward > threshold, "reward": reward})
+        self.preference_stats["kto_threshold"] = threshold
+        self.preference_stats["kto_desirable"] = sum(r["label"] for r in unpaired)
+        self.preference_stats["kto_examples"] = len(unpaired)
+        return write_jsonl(unpaired, self.out_dir / "data" / "unpaired.jsonl")
+
+    def run_objectives(self) -> list[dict[str, Any]]:
+        """ORPO, SimPO (reference-free, on the pairs) and KTO (unpaired), those of them in ``methods``."""
+        s = self.settings
+        points: list[dict[str, Any]] = []
+        if "orpo" in s.methods:
+            points += self.run_trainer("orpo", "orpo", [{"name": "orpo", "nll_weight": 1.0}], s.orpo_beta)
+        if "simpo" in s.methods:
+            points += self.run_trainer("simpo", "simpo", [{"name": "simpo", "gamma": s.simpo_gamma}], s.simpo_beta)
+        if "kto" in s.methods:
+            points += self.run_trainer("kto", "kto", [{"name": "kto"}], s.kto_beta, train_path=self.unpaired_data())
+        return points
+
+    # -- win rates against the SFT model (Figure 2 right) ----------------------------------------
+
+    def winrate_models(self) -> list[tuple[str, str]]:
+        """``(name, final model directory)`` of every finished dpokit trainer run in ``methods``."""
+        s = self.settings
+        runs = [(f"DPO β={b:g}", f"dpo-beta{b:g}") for b in s.dpo_betas] if "dpo" in s.methods else []
+        runs += [(METHOD_LABELS[m], m) for m in ("preferred-ft", "unlikelihood") if m in s.methods]
+        runs += [(METHOD_LABELS[m], m) for m in ("orpo", "simpo", "kto") if m in s.methods]
+        found = [(name, self.out_dir / "runs" / run / "final") for name, run in runs]
+        return [(name, str(path)) for name, path in found if (path / "config.json").exists()]
+
+    def _best_of_n_samples(self, job: Any, prompts: list[str]) -> str:
+        """Best-of-N of the SFT model's samples at each temperature, stored where
+        :func:`dpokit.analysis.winrate.sample_model` reads a model's samples; returns the model's path key."""
+        from dpokit.analysis.winrate import _sample_key, sample_model
+
+        n = self.settings.winrate_best_of_n
+        pool_job = dataclasses.replace(job, samples_per_prompt=n * job.samples_per_prompt)
+        pools = sample_model("sft-pool", str(self.sft_dir), prompts, pool_job, seed=job.seed + 17, advance=lambda: None)
+        path = f"{self.sft_dir}#best-of-{n}"
+        directory = Path(job.out) / "samples" / f"Best-of-{n}"
+        directory.mkdir(parents=True, exist_ok=True)
+        for temperature, grouped in pools.items():
+            flat_prompts = [p for p, group in zip(prompts, grouped, strict=True) for _ in group]
+            rewards = self.reward_fn(prompts=flat_prompts, completions=[c for group in grouped for c in group])
+            best: list[list[str]] = []
+            for index, group in enumerate(grouped):
+                scored = list(zip(rewards[index * len(group) : (index + 1) * len(group)], group, strict=True))
+                chunks = [scored[j * n : (j + 1) * n] for j in range(job.samples_per_prompt)]
+                best.append([max(chunk, key=lambda rc: rc[0])[1] for chunk in chunks])
+            key = _sample_key(path, prompts, temperature, job.seed, job)
+            payload = {"model": path, "temperature": temperature, "completions": best}
+            (directory / f"t{temperature:g}-{key}.json").write_text(json.dumps(payload), encoding="utf-8")
+        return path
+
+    def run_winrates(self) -> dict[str, Any] | None:
+        """Win rate of every trained model (and Best-of-N) against the SFT model's samples at each
+        temperature, judged pairwise by the ground-truth reward, through :func:`dpokit.analysis.winrate.run_winrate`;
+        then the DPO policies as implicit-reward judges on held-out labelled pairs."""
+        from dpokit.analysis.winrate import WinrateJob, run_winrate
+
+        s = self.settings
+        models = self.winrate_models()
+        if not s.winrate_temperatures or not models:
+            return None
+        start = time.time()
+        out = self.out_dir / "winrate"
+        prompts = self.eval_prompts[: s.winrate_prompts]
+        prompts_path = out / "prompts.txt"
+        prompts_path.parent.mkdir(parents=True, exist_ok=True)
+        prompts_path.write_text("\n".join(prompts) + "\n")
+        job = WinrateJob(
+            models=models,
+            judge="reward:dpokit.experiments.reward:vader_reward",
+            prompts=str(prompts_path),
+            baseline=str(self.sft_dir),
+            temperatures=list(s.winrate_temperatures),
+            max_new_tokens=s.max_new_tokens,
+            seed=s.seed + 23,
+            out=str(out),
+            ci="wilson",
+            progress=False,
+            title="Win rate vs the SFT model (judge: VADER, the ground-truth reward)",
+        )
+        if "best-of-n" in s.methods:
+            job.models.append((f"Best-of-{s.winrate_best_of_n}", self._best_of_n_samples(job, prompts)))
+        results = run_winrate(job, log=self.log)
+        results["implicit_judges"] = self.implicit_judge_check(out)
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+        with open(out / "results.md", "a", encoding="utf-8") as handle:
+            handle.write(implicit_markdown(results["implicit_judges"]))
+        self.timings["winrate"] = time.time() - start
+        self.log(f"win rates: {len(results['results'])} rows in {self.timings['winrate']:.0f}s -> {out}")
+        return results
+
+    def implicit_judge_check(self, out: Path) -> list[dict[str, Any]]:
+        """Each DPO policy's implicit reward as a judge (``implicit:``) on held-out pairs labelled by the
+        ground truth (SFT samples for evaluation prompts, not trained on): agreement, position bias."""
+        from dpokit.analysis.winrate import JudgeCheckJob, run_judge_check
+
+        s = self.settings
+        prompts = self.eval_prompts[: s.judge_check_prompts]
+        rows, _ = make_preference_pairs(
+            self.sft_model,
+            self.tokenizer,
+            prompts,
+            self.reward_fn,
+            completions_per_prompt=2,
+            max_new_tokens=s.max_new_tokens,
+            require_eos=s.require_eos,
+            seed=s.seed + 29,
+        )
+        if not rows:
+            return []
+        data = write_jsonl(rows, out / "heldout_pairs.jsonl")
+        reports = []
+        for name, path in self.winrate_models():
+            if name.startswith("DPO"):
+                job = JudgeCheckJob(judge=f"implicit:{path}", data=str(data), cache=str(out / "judgments.jsonl"))
+                report = run_judge_check(job)
+                reports.append({"model": name, "num_pairs": report["num_pairs"], **report["results"][0]})
+        return reports
+
     # -- the whole thing -------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -426,11 +586,13 @@ class Experiment:
             points += self.run_trainer(
                 "unlikelihood", "unlikelihood", [{"name": "unlikelihood", "alpha": s.unlikelihood_alpha}], None
             )
+        points += self.run_objectives()
         if "best-of-n" in s.methods:
             points += self.run_best_of_n()
         if "rl" in s.methods:
             for beta in s.rl_betas:
                 points += self.run_rl(beta)
+        winrates = self.run_winrates()
         self.timings["total"] = time.time() - start
         summary = {
             "date": time.strftime("%Y-%m-%d"),
@@ -441,10 +603,34 @@ class Experiment:
             "timings_seconds": {k: round(v, 1) for k, v in self.timings.items()},
             "samples": self.samples,
             "torch_threads": torch.get_num_threads(),
+            "winrate": None
+            if winrates is None
+            else {"results": winrates["results"], "implicit_judges": winrates["implicit_judges"]},
         }
         write_results(points, self.out_dir, title="Controlled sentiment (miniature): reward vs KL", extra=summary)
         self.log(f"done in {self.timings['total'] / 60:.1f} min: {self.out_dir / 'frontier.png'}")
         return {"points": points, **summary}
+
+
+def implicit_markdown(reports: list[dict[str, Any]]) -> str:
+    """The implicit-judge check as a markdown table (appended to the win-rate ``results.md``)."""
+    from dpokit.analysis.winrate import _fmt
+
+    lines = [
+        "",
+        "DPO policies as implicit-reward judges on held-out pairs labelled by the ground truth:",
+        "",
+        "| judge | pairs | agreement | agreement (ties ½) [95% Wilson CI] | W / T / L | consistency | position bias |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        ci = f"{_fmt(r['agreement_ties_half'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        lines.append(
+            f"| implicit: {r['model']} | {r['num_pairs']} | {_fmt(r['agreement'])} | {ci} "
+            f"| {r['wins']} / {r['ties']} / {r['losses']} "
+            f"| {_fmt(r['position_consistency'], 2)} | {_fmt(r['position_bias'], 2)} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def run_experiment(
