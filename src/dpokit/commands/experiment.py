@@ -9,12 +9,12 @@ from dpokit.commands.common import Subcommand
 
 EXPERIMENT_DESCRIPTION = (
     "The DPO paper's IMDb sentiment experiment in miniature: a small GPT-2 trained on generated reviews, "
-    "VADER as the ground-truth reward, DPO (beta sweep), Preferred-FT, Unlikelihood, Best-of-N and RLOO, "
-    "each evaluated on the reward-KL frontier."
+    "VADER as the ground-truth reward, DPO (beta sweep), Preferred-FT, Unlikelihood, ORPO, SimPO, KTO, Best-of-N "
+    "and RLOO, each evaluated on the reward-KL frontier; then win rates against the SFT model across temperatures."
 )
 EXPERIMENT_EPILOG = """examples:
-  dpokit experiment sentiment --mode quick           # every method, about 2 minutes
-  dpokit experiment sentiment --mode full             # the reproduction, about 18 minutes
+  dpokit experiment sentiment --mode quick           # the paper's methods, smaller, about 2 minutes
+  dpokit experiment sentiment --mode full             # the reproduction with ORPO, SimPO, KTO and win rates, about 30 minutes
   dpokit experiment sentiment --methods dpo,best-of-n"""
 
 DEMO_EPILOG = """\
@@ -38,7 +38,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         choices=["full", "quick"],
         default="full",
-        help="full (about 18 min on 2 CPU cores) or quick (about 2 min: every method, smaller)",
+        help="full (about 30 min on 2 CPU cores, win rates included) or quick (about 2 min: the paper's methods, smaller)",
     )
     parser.add_argument("--out", default=None, help="output directory (default runs/sentiment-<mode>)")
     parser.add_argument(
