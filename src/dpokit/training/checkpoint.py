@@ -318,14 +318,16 @@ _DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 @contextlib.contextmanager
-def write_errors(what: str, where: Path, intact: Path | None = None) -> Iterator[None]:
+def write_errors(what: str, where: Path, checkpoints_in: Path | None = None) -> Iterator[None]:
     """A full disk or a write refused while writing ``what`` into ``where`` becomes a TrainingError
-    naming the path and what to do (and the newest checkpoint, which stays intact)."""
+    naming the path and what to do (and the newest checkpoint in ``checkpoints_in``, which stays intact;
+    looked up only when a write failed)."""
     try:
         yield
     except OSError as exc:
         if exc.errno not in _FULL + _DENIED:
             raise
+        intact = latest_checkpoint(checkpoints_in) if checkpoints_in is not None else None
         kept = f"; the last checkpoint, {intact}, is intact" if intact is not None else ""
         if exc.errno in _FULL:
             advice = "free some space there (or lower checkpoint.keep_last), then continue with --resume latest"
@@ -359,13 +361,13 @@ def save_checkpoint(
     final = run_dir / f"checkpoint-{step}"
     tmp = None
     if ctx.is_main:
-        with write_errors(f"the checkpoint of step {step}", run_dir, latest_checkpoint(run_dir)):
+        with write_errors(f"the checkpoint of step {step}", run_dir, checkpoints_in=run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_checkpoints(run_dir)
             tmp = tempfile.mkdtemp(prefix=f"checkpoint-{step}.tmp-", dir=run_dir)
     tmp_dir = Path(ctx.broadcast_object(tmp))
     try:
-        with write_errors(f"the checkpoint of step {step}", run_dir, latest_checkpoint(run_dir)):
+        with write_errors(f"the checkpoint of step {step}", run_dir, checkpoints_in=run_dir):
             _save_into(ctx, tmp_dir, final, step, model, optimizer, scheduler, trainer_state, tokenizer)
     except BaseException:
         if ctx.is_main:
