@@ -250,6 +250,59 @@ class DistributedConfig:
 
 
 @dataclass
+class OnlineSamplingConfig:
+    """How `dpokit online` samples completions from the current policy (the shared generator)."""
+
+    max_new_tokens: int = _f(64, "Tokens generated per completion at most.")
+    temperature: float = _f(1.0, "Sampling temperature (0 = greedy, which gives K identical samples: use > 0).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1 = off).")
+    top_k: int = _f(0, "Top-k filter (0 = off).")
+    batch_size: int = _f(64, "Rows (prompt x sample) per generation forward pass.")
+
+
+@dataclass
+class OnlineConfig:
+    """Online and self-labelling DPO (`dpokit online`): rounds of sample -> judge -> pairs -> train."""
+
+    prompts_path: str = _f(
+        "",
+        "Unlabelled prompts: a JSONL/JSON/CSV/Parquet file, a directory or a datasets hub id whose rows have a 'prompt' "
+        "(text or chat messages); required by `dpokit online`.",
+    )
+    prompt_split: str = _f("train", "Split to read from a hub dataset / dataset directory of prompts.")
+    rounds: int = _f(4, "Rounds of generate -> judge -> pairs -> train.")
+    prompts_per_round: int = _f(32, "Prompts sampled per round (round-robin over the prompt file, reshuffled per pass).")
+    samples_per_prompt: int = _f(4, "Completions K sampled per prompt (>= 2).")
+    steps_per_round: int = _f(8, "Optimizer steps trained on each round's pairs (1 = one generate-judge-update cycle per step).")
+    pairs: Literal["best_vs_worst", "all_pairs", "ranking"] = _f(
+        "best_vs_worst",
+        "Preference data from the K judged completions of a prompt: 'best_vs_worst' (one pair), 'all_pairs' (every "
+        "pair whose scores differ by more than min_margin), 'ranking' (the whole ranking, for a listwise loss).",
+    )
+    judge: str | dict[str, Any] | None = _f(
+        None,
+        "Who labels the completions: a judge spec as `dpokit winrate --judge` takes (reward:MODULE:FUNCTION, "
+        "reward_model:PATH, implicit:POLICY[,reference=PATH], llm:PATH, openai:MODEL@URL) or a mapping {spec: ..., "
+        "option: value}; 'self' = the policy's own implicit reward beta * log(pi / pi_ref) against the run's reference.",
+    )
+    reference: Literal["fixed", "refresh"] = _f(
+        "fixed",
+        "'fixed': the reference stays the start model (or reference.name_or_path); 'refresh': the policy at the start "
+        "of each round becomes the reference (iterative DPO; needs reference.strategy copy without LoRA).",
+    )
+    offline_fraction: float = _f(
+        0.0, "Fraction of each round's training examples drawn from the labelled pairs of data.train_path (0 = none)."
+    )
+    min_margin: float = _f(0.0, "Drop pairs whose judge scores differ by this much or less (ties are always dropped).")
+    judge_retries: int = _f(2, "Retries of a failing judge call before the run stops with a checkpoint.")
+    judge_retry_wait_s: float = _f(5.0, "Seconds between judge retries (doubled after each).")
+    heldout_path: str | None = _f(
+        None, "Labelled pairs for the held-out reward accuracy of every round; null = data.eval_path (if any)."
+    )
+    sampling: OnlineSamplingConfig = _f(factory=OnlineSamplingConfig, help="Sampling.")
+
+
+@dataclass
 class TrainConfig:
     """A whole run."""
 
@@ -262,6 +315,7 @@ class TrainConfig:
     logging: LoggingConfig = _f(factory=LoggingConfig, help="Logging.")
     checkpoint: CheckpointConfig = _f(factory=CheckpointConfig, help="Checkpoints.")
     distributed: DistributedConfig = _f(factory=DistributedConfig, help="Multi-process training (torchrun).")
+    online: OnlineConfig = _f(factory=OnlineConfig, help="Online and self-labelling DPO (`dpokit online`).")
     output_dir: str | None = _f(None, "Where the final model is saved (save_pretrained); null = <run_dir>/final.")
 
 
@@ -420,7 +474,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def _is_section(key: str, value: dict[str, Any]) -> bool:
     # Only schema sections merge; a free-form dict field (data.columns) is replaced as a whole.
-    return key in {f.name for f in dataclasses.fields(TrainConfig)} or key == "lora"
+    return key in {f.name for f in dataclasses.fields(TrainConfig)} or key in ("lora", "sampling")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -621,6 +675,7 @@ def validate_config(cfg: TrainConfig) -> None:
             f"loss.terms[{position}].weight must be >= 0, got {weight!r} (a negative weight would train away from the "
             "preferred responses)",
         )
+    _validate_online(cfg.online, need)
     dd = cfg.distributed
     need(dd.timeout_s >= 1, f"distributed.timeout_s must be >= 1, got {dd.timeout_s}")
     need(
@@ -629,6 +684,23 @@ def validate_config(cfg: TrainConfig) -> None:
     )
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _validate_online(on: OnlineConfig, need: Any) -> None:
+    need(on.rounds >= 1, f"online.rounds must be >= 1, got {on.rounds}")
+    need(on.prompts_per_round >= 1, f"online.prompts_per_round must be >= 1, got {on.prompts_per_round}")
+    need(on.samples_per_prompt >= 2, f"online.samples_per_prompt must be >= 2 got {on.samples_per_prompt}")
+    need(on.steps_per_round >= 1, f"online.steps_per_round must be >= 1, got {on.steps_per_round}")
+    need(0 <= on.offline_fraction < 1, f"online.offline_fraction must be in [0, 1), got {on.offline_fraction}")
+    need(on.min_margin >= 0, f"online.min_margin must be >= 0, got {on.min_margin}")
+    need(on.judge_retries >= 0, f"online.judge_retries must be >= 0, got {on.judge_retries}")
+    need(on.judge_retry_wait_s >= 0, f"online.judge_retry_wait_s must be >= 0, got {on.judge_retry_wait_s}")
+    s = on.sampling
+    need(s.max_new_tokens >= 1, f"online.sampling.max_new_tokens must be >= 1, got {s.max_new_tokens}")
+    need(s.temperature > 0, f"online.sampling.temperature must be > 0 (greedy gives K identical samples), got {s.temperature}")
+    need(0 < s.top_p <= 1, f"online.sampling.top_p must be in (0, 1], got {s.top_p}")
+    need(s.top_k >= 0, f"online.sampling.top_k must be >= 0, got {s.top_k}")
+    need(s.batch_size >= 1, f"online.sampling.batch_size must be >= 1, got {s.batch_size}")
 
 
 def require_paths(cfg: TrainConfig) -> None:

@@ -32,7 +32,7 @@ from dpokit.training.parallel import ParallelContext
 LOCK_FILENAME = ".dpokit.lock"
 # What a run writes into its directory: a fresh run refuses a directory holding any of these.
 # (A run that failed in set-up leaves only its config and data report: it may simply be started again.)
-RUN_RECORDS = ("metrics.jsonl", "checkpoint-*", "tensorboard", "samples.jsonl", "curves.png")
+RUN_RECORDS = ("metrics.jsonl", "checkpoint-*", "tensorboard", "samples.jsonl", "curves.png", "rounds", "rounds.png")
 
 
 class RunDirectory:
@@ -222,6 +222,7 @@ _REFUSED_PREFIXES = (
     "optim.seed",
     "optim.logps_chunk_size",
     "distributed.global_batch_size",
+    "online.",  # the prompts, samples, pairs and step plan of every round
 )
 _NOT_SETTINGS = (
     "model.device",
@@ -231,6 +232,10 @@ _NOT_SETTINGS = (
     "data.cache_dir",
     "data.layout",
     "data.pack_tokens",
+    # An online run may be extended (more rounds) and its judge moved or retried differently.
+    "online.rounds",
+    "online.judge",
+    "online.sampling.batch_size",
 )
 
 

@@ -49,7 +49,7 @@ from dpokit.training.reference import (
     resolve_reference_strategy,
 )
 from dpokit.training.resume import RunDirectory, check_resume_compatible, invariants, weights_fingerprint
-from dpokit.training.splits import epoch_batches, load_data
+from dpokit.training.splits import Split, epoch_batches, load_data
 from dpokit.training.stop import StopRequest
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ CURVES_FILENAME = "curves.png"
 SAMPLES_FILENAME = "samples.jsonl"
 
 OnStep = Callable[[int, dict[str, float]], "bool | None"]
+# Builds the (train, eval) splits instead of reading data.train_path / data.eval_path: (tokenizer, unpaired).
+DataSource = Callable[[Any, bool], "tuple[Split, Split | None]"]
 
 
 @dataclass
@@ -130,8 +132,20 @@ def run(cfg: TrainConfig, *, resume: str | None = None, on_step: OnStep | None =
 class Trainer:
     """One run: built from its config by :meth:`setup`, trained by :meth:`fit`."""
 
-    def __init__(self, cfg: TrainConfig, ctx: ParallelContext, *, resume: str | None = None, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        ctx: ParallelContext,
+        *,
+        resume: str | None = None,
+        overwrite: bool = False,
+        data: DataSource | None = None,
+    ) -> None:
         self.cfg, self.ctx = cfg, ctx
+        self.data_source = data
+        self.extra_state: dict[str, Any] = {}  # recorded in every checkpoint (the online loop's round)
+        self.restored_state: dict[str, Any] = {}  # the trainer state of the checkpoint resumed from
+        self.layout = "padded"  # the batch layout, chosen in setup
         self.run_directory = RunDirectory.open(cfg, ctx, resume=resume, overwrite=overwrite)  # locked by rank 0
         self.run_dir, self.resume_from = self.run_directory.path, self.run_directory.resume_from
         self.position = Position()
@@ -150,37 +164,56 @@ class Trainer:
 
     def fit(self, on_step: OnStep | None = None) -> RunResult:
         """Train to the planned end or until stopped; evaluate, checkpoint and export on the way."""
-        cfg, p = self.cfg, self.position
-        interrupted = False
         self.runner.train(True)
         signals = (signal.SIGINT, signal.SIGTERM) if self.ctx.handles_signals else ()  # torchrun stops ranks itself
         with StopRequest(signals) as stop, self.reporting():
-            while p.step < self.total_steps:
-                step_metrics = self.record_step(*self.train_step())
-                if self.eval_split is not None and cfg.eval.every_steps and p.step % cfg.eval.every_steps == 0:
-                    self.evaluate()
-                if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
-                    self.checkpoint()
-                if on_step is not None and on_step(p.step, step_metrics):
-                    stop.request("on_step")
-                self.ctx.agree_on_stop(stop)
-                if stop.reason is not None and p.step < self.total_steps:
-                    interrupted = True
-                    self.interrupt(stop.reason)
-                    break
+            interrupted = self.train_until(self.total_steps, stop, on_step)
             if not interrupted:
                 self.finish()
+        return self.result(stop, interrupted)
+
+    def train_until(self, end_step: int, stop: StopRequest, on_step: OnStep | None = None) -> bool:
+        """Optimizer steps up to ``end_step``, with logging, evaluation, checkpoints and the stop handling
+        of every step; True when a stop request ended it early (a checkpoint is saved first)."""
+        cfg, p = self.cfg, self.position
+        while p.step < end_step:
+            step_metrics = self.record_step(*self.train_step())
+            if self.eval_split is not None and cfg.eval.every_steps and p.step % cfg.eval.every_steps == 0:
+                self.evaluate()
+            if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
+                self.checkpoint()
+            if on_step is not None and on_step(p.step, step_metrics):
+                stop.request("on_step")
+            self.ctx.agree_on_stop(stop)
+            if stop.reason is not None and p.step < self.total_steps:
+                self.interrupt(stop.reason)
+                return True
+        return False
+
+    def result(self, stop: StopRequest, interrupted: bool) -> RunResult:
+        """What the run produced; the final model is exported unless it was interrupted."""
         output_dir = None if interrupted else self.export()
         return RunResult(
             run_dir=self.run_dir,
             output_dir=output_dir,
-            global_step=p.step,
+            global_step=self.position.step,
             train_metrics=self.train_metrics,
             eval_metrics=self.eval_metrics,
             interrupted=interrupted,
             stop_reason=stop.reason if interrupted else None,
             last_checkpoint=self.last_checkpoint,
         )
+
+    def use_train_split(self, split: Split, *, keep_position: bool = False) -> None:
+        """Train on ``split`` from now on (an online round's pairs), keeping the policy, optimizer and
+        schedule; the data position restarts at its first micro-batch unless ``keep_position`` (a resume
+        inside the round it belongs to)."""
+        if self.layout != "padded":
+            split.length_kind = "block"
+        self.train_split = split
+        self._batches = (-1, [])
+        if not keep_position:
+            self.position.epoch = self.position.batch_in_epoch = 0
 
     def train_step(self) -> tuple[MetricSums, float, float]:
         """One optimizer step over the next ``grad_accumulation`` micro-batches of this epoch."""
@@ -296,6 +329,7 @@ class Trainer:
             "invariants": self.invariants,
             "reference_strategy": self.reference_strategy,
             "config": config_to_dict(self.cfg),
+            **self.extra_state,
         }
         self.last_checkpoint = save_checkpoint(
             self.run_dir,
@@ -363,10 +397,13 @@ class Trainer:
         policy, self.tokenizer = load_model_and_tokenizer(cfg.model, device=ctx.device)
         self.objective = build_objective(cfg.loss.terms, beta=cfg.loss.beta, reference_free=cfg.loss.reference_free)
         with ctx.main_first():  # one rank fills the tokenized-data cache
-            self.train_split, self.eval_split = load_data(
-                cfg, self.tokenizer, say=self.say, unpaired=self.objective.unpaired, run_dir=self.run_dir
-            )
-        layout = choose_layout(cfg.data.layout, policy)
+            if self.data_source is not None:
+                self.train_split, self.eval_split = self.data_source(self.tokenizer, self.objective.unpaired)
+            else:
+                self.train_split, self.eval_split = load_data(
+                    cfg, self.tokenizer, say=self.say, unpaired=self.objective.unpaired, run_dir=self.run_dir
+                )
+        self.layout = layout = choose_layout(cfg.data.layout, policy)
         self.collate = make_collator(
             layout, self.tokenizer.pad_token_id, pack_tokens=cfg.data.pack_tokens if layout == "packed" else None
         )
@@ -441,6 +478,7 @@ class Trainer:
             checkpoint, model=self.runner.model, optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx
         )
         applied = check_resume_compatible(state, self.cfg, self.invariants)
+        self.restored_state = state
         self.position = Position(
             state["global_step"],
             state["epoch"],
