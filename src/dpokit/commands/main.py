@@ -1,4 +1,4 @@
-"""The ``dpokit`` command line: ``dpokit train | sft | eval | score | generate | demo | frontier | winrate
+"""The ``dpokit`` command line: ``dpokit train | sft | online | eval | score | generate | demo | frontier | winrate
 | judge-check | serve | experiment``.
 
 Each subcommand is one :class:`~dpokit.commands.common.Subcommand` in :data:`SUBCOMMANDS`, defined
@@ -26,6 +26,7 @@ from dpokit.commands.eval import COMMAND as EVAL
 from dpokit.commands.experiment import DEMO, EXPERIMENT
 from dpokit.commands.frontier import COMMAND as FRONTIER
 from dpokit.commands.generate import COMMAND as GENERATE
+from dpokit.commands.online import COMMAND as ONLINE
 from dpokit.commands.score import COMMAND as SCORE
 from dpokit.commands.serve import COMMAND as SERVE
 from dpokit.commands.train import SFT, TRAIN
@@ -36,7 +37,20 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-SUBCOMMANDS: list[Subcommand] = [TRAIN, SFT, EVAL, SCORE, GENERATE, DEMO, FRONTIER, WINRATE, JUDGE_CHECK, SERVE, EXPERIMENT]
+SUBCOMMANDS: list[Subcommand] = [
+    TRAIN,
+    SFT,
+    ONLINE,
+    EVAL,
+    SCORE,
+    GENERATE,
+    DEMO,
+    FRONTIER,
+    WINRATE,
+    JUDGE_CHECK,
+    SERVE,
+    EXPERIMENT,
+]
 
 _MAIN_EPILOG = """\
 quick start:

@@ -1,0 +1,119 @@
+"""Preference data from judged completions: K completions of a prompt with one score each become
+training rows in the reader's ranked format ``{"prompt", "responses" (best first), "scores"}``.
+
+Before pairing, a prompt's completions lose the ones that cannot be trained on: empty ones (nothing
+but whitespace), those the judge could not score (NaN), and repeats of an earlier completion (the
+reader refuses identical responses). Then, for scores ``s``:
+
+* ``best_vs_worst`` -- one pair (the highest score, the lowest); dropped as a tie when
+  ``s_best - s_worst <= min_margin`` (or the scores are equal);
+* ``all_pairs`` -- every pair ``i, j`` with ``|s_i - s_j| > min_margin`` and ``s_i != s_j``, better first:
+  ``K (K - 1) / 2`` pairs minus the ties;
+* ``ranking`` -- one row with every kept completion ranked by score (for a listwise / Plackett-Luce
+  loss), dropped when all its scores lie within ``min_margin`` of each other.
+
+Every dropped completion or pair is counted (:class:`PairReport`), so a round reports how much of its
+sampling was wasted on ties.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+PAIR_MODES = ("best_vs_worst", "all_pairs", "ranking")
+
+
+@dataclass
+class PairReport:
+    """Counts of what pairing kept and dropped in one round."""
+
+    prompts: int = 0
+    rows: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)  # "empty", "unscored", "duplicate", "tie"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompts": self.prompts, "rows": self.rows, "dropped": dict(self.dropped)}
+
+
+def _usable(completions: Sequence[str], scores: Sequence[float], report: PairReport) -> list[tuple[int, str, float]]:
+    """(sample index, text, score) of the completions that can be trained on, first occurrence of each text."""
+    kept: list[tuple[int, str, float]] = []
+    seen: set[str] = set()
+    for index, (text, score) in enumerate(zip(completions, scores, strict=True)):
+        if not text.strip():
+            report.dropped["empty"] += 1
+        elif score is None or not math.isfinite(score):
+            report.dropped["unscored"] += 1
+        elif text in seen:
+            report.dropped["duplicate"] += 1
+        else:
+            seen.add(text)
+            kept.append((index, text, float(score)))
+    return kept
+
+
+def _row(prompt: Any, ranked: Sequence[tuple[int, str, float]], prompt_index: int) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "responses": [text for _, text, _ in ranked],
+        "scores": [score for _, _, score in ranked],
+        "prompt_index": prompt_index,
+        "sample_indices": [index for index, _, _ in ranked],
+    }
+
+
+def prompt_rows(
+    prompt: Any,
+    prompt_index: int,
+    completions: Sequence[str],
+    scores: Sequence[float],
+    *,
+    mode: str,
+    min_margin: float,
+    report: PairReport,
+) -> list[dict[str, Any]]:
+    """The training rows of one prompt's judged completions (see the module docstring)."""
+    if mode not in PAIR_MODES:
+        raise ValueError(f"unknown pair mode {mode!r}; choose from {', '.join(PAIR_MODES)}")
+    report.prompts += 1
+    kept = sorted(_usable(completions, scores, report), key=lambda item: (-item[2], item[0]))  # best first, stable
+    if len(kept) < 2:
+        return []
+
+    def separated(better: float, worse: float) -> bool:
+        return better > worse and better - worse > min_margin
+
+    rows: list[dict[str, Any]] = []
+    if mode == "all_pairs":
+        for i in range(len(kept)):
+            for j in range(i + 1, len(kept)):
+                if separated(kept[i][2], kept[j][2]):
+                    rows.append(_row(prompt, [kept[i], kept[j]], prompt_index))
+                else:
+                    report.dropped["tie"] += 1
+    elif separated(kept[0][2], kept[-1][2]):
+        rows.append(_row(prompt, kept if mode == "ranking" else [kept[0], kept[-1]], prompt_index))
+    else:
+        report.dropped["tie"] += 1
+    report.rows += len(rows)
+    return rows
+
+
+def build_rows(
+    prompts: Sequence[Any],
+    completions: Sequence[Sequence[str]],
+    scores: Sequence[Sequence[float]],
+    *,
+    mode: str,
+    min_margin: float = 0.0,
+) -> tuple[list[dict[str, Any]], PairReport]:
+    """Rows for every prompt (``completions[i]`` / ``scores[i]``: prompt i's K completions and scores)."""
+    report = PairReport()
+    rows: list[dict[str, Any]] = []
+    for index, (prompt, texts, values) in enumerate(zip(prompts, completions, scores, strict=True)):
+        rows += prompt_rows(prompt, index, texts, values, mode=mode, min_margin=min_margin, report=report)
+    return rows, report

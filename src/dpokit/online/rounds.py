@@ -1,0 +1,489 @@
+"""The online loop: rounds of sample -> judge -> pairs -> train, on the one trainer.
+
+Read :meth:`OnlineLoop.run` first::
+
+    set up the trainer (policy, reference, optimizer, held-out pairs; resumed position)
+    for each round r:
+        prompts      chosen from (seed, r)                                   -> prompts.jsonl
+        completions  K per prompt from the current policy (each rank a shard) -> completions.jsonl
+        judgments    one score per completion, on rank 0, retried             -> judgments.jsonl
+        pairs        best_vs_worst | all_pairs | ranking (+ offline rows)     -> pairs.jsonl
+        train        steps_per_round optimizer steps on those rows (Trainer.train_until)
+        metrics      per-round record in metrics.jsonl / TensorBoard, rounds.png redrawn
+    export the model
+
+Every stage's file is written (atomically) before the next stage starts and reused when present, so a
+resumed run samples and judges nothing twice (:mod:`dpokit.online.records`). A round spans the global
+optimizer steps ``r * steps_per_round + 1 .. (r + 1) * steps_per_round``, so a checkpoint's step says
+which round it is in and how far; the checkpoint also records it (``online.round``). The per-step mode
+of online AI feedback is ``steps_per_round: 1``: the same code, one small cycle per optimizer step.
+
+Under torchrun every rank samples its contiguous share of the round's prompts (``ctx.rank_slice``; prompt
+``i`` is seeded with ``seed + i`` whatever the rank, so the samples do not depend on the number of
+processes), the shares are all-gathered, rank 0 judges and writes, the rows are broadcast, and every
+rank trains on the union (DDP). FSDP cannot sample (no rank holds the whole model) and is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpokit.config import TrainConfig, validate_config
+from dpokit.errors import ConfigError, DpokitError, TrainingError
+from dpokit.online import labelling
+from dpokit.online.metrics import ROUNDS_PLOT, generation_metrics, judge_metrics, plot_rounds
+from dpokit.online.pairs import build_rows
+from dpokit.online.prompts import PromptRow, read_prompt_rows, round_prompt_indices
+from dpokit.online.records import RoundFiles, round_dir, set_aside_rounds_after
+from dpokit.training.parallel import ParallelContext, apply_global_batch_size, launched_world_size, setup_parallel
+from dpokit.training.splits import Split
+from dpokit.training.stop import StopRequest
+from dpokit.training.trainer import OnStep, Trainer
+
+REFERENCE_WEIGHTS = "reference.safetensors"
+
+
+@dataclass
+class OnlineResult:
+    """What an online run produced."""
+
+    run_dir: Path
+    output_dir: Path | None  # the exported model; None when interrupted
+    global_step: int
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # the per-round records (metrics.jsonl, split "round")
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # the last held-out evaluation
+    interrupted: bool = False
+    stop_reason: str | None = None
+    last_checkpoint: Path | None = None
+
+    def round_dir(self, round_index: int) -> Path:
+        """Where round ``round_index``'s files are."""
+        return round_dir(self.run_dir, round_index)
+
+
+def run_online(
+    cfg: TrainConfig, *, resume: str | None = None, overwrite: bool = False, on_step: OnStep | None = None
+) -> OnlineResult:
+    """Run ``cfg``'s online rounds (``cfg.online``); ``resume``/``overwrite``/``on_step`` as in
+    :func:`dpokit.training.run`. Under torchrun every process calls this with the same arguments."""
+    cfg = online_config(cfg)
+    cfg = apply_global_batch_size(cfg, launched_world_size() or 1)
+    ctx = setup_parallel(cfg)
+    with ctx.running():
+        if not ctx.holds_whole_model:
+            raise ConfigError("dpokit online samples from the policy on every process: use distributed.strategy=ddp, not fsdp")
+        loop = OnlineLoop(cfg, ctx, resume=resume, overwrite=overwrite)
+        try:
+            return loop.run(on_step)
+        finally:
+            loop.trainer.run_directory.close()
+            del loop
+            gc.collect()
+
+
+def online_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` checked for an online run, with the step plan (``optim.max_steps = rounds x steps_per_round``)
+    and a concrete reference strategy filled in."""
+    from dpokit.losses import build_objective
+    from dpokit.training.reference import resolve_reference_strategy
+
+    validate_config(cfg)
+    on = cfg.online
+    missing = [k for k, v in (("model.name_or_path", cfg.model.name_or_path), ("online.prompts_path", on.prompts_path)) if not v]
+    if on.offline_fraction > 0 and not cfg.data.train_path:
+        missing.append("data.train_path (online.offline_fraction > 0 mixes in its labelled pairs)")
+    if missing:
+        raise ConfigError(f"missing required config key(s) for dpokit online: {', '.join(missing)}")
+    total = on.rounds * on.steps_per_round
+    if cfg.optim.max_steps is not None and cfg.optim.max_steps != total:
+        raise ConfigError(
+            f"optim.max_steps={cfg.optim.max_steps} but an online run trains online.rounds x online.steps_per_round = "
+            f"{total} steps; leave optim.max_steps unset (null)"
+        )
+    objective = build_objective(cfg.loss.terms, beta=cfg.loss.beta, reference_free=cfg.loss.reference_free)
+    pairwise = [t.spec.name for t in objective.terms if t.spec.kind == "pairwise"]
+    if on.pairs == "ranking" and cfg.data.ranked_mode == "listwise" and pairwise:
+        raise ConfigError(
+            f"online.pairs=ranking trains on whole rankings, but loss {', '.join(pairwise)} compares two responses: use "
+            "loss.terms=[{name: plackett_luce}], or expand the rankings with data.ranked_mode (all_pairs, best_vs_worst, ...)"
+        )
+    if cfg.reference.strategy == "precomputed":
+        raise ConfigError(
+            "reference.strategy=precomputed cannot serve dpokit online: every round trains on new completions, which a "
+            "table computed before training does not hold; use copy, adapter_disabled or auto"
+        )
+    strategy = resolve_reference_strategy(
+        cfg.reference.strategy,
+        needs_reference=objective.needs_reference,
+        lora=cfg.model.lora.enabled,
+        mismatched_pairs=objective.needs_kl,
+    )
+    if strategy == "precomputed":  # what 'auto' may choose for offline training
+        strategy = "adapter_disabled" if cfg.model.lora.enabled else "copy"
+    if on.reference == "refresh" and (strategy != "copy" or cfg.model.lora.enabled):
+        raise ConfigError(
+            "online.reference=refresh copies the policy into the reference each round: it needs reference.strategy=copy "
+            f"and full fine-tuning (got reference strategy {strategy}{', LoRA' if cfg.model.lora.enabled else ''})"
+        )
+    labelling.check_labelling(cfg, strategy)
+    return dataclasses.replace(
+        cfg,
+        optim=dataclasses.replace(cfg.optim, max_steps=total),
+        reference=dataclasses.replace(cfg.reference, strategy=strategy),  # type: ignore[arg-type]
+    )
+
+
+class OnlineLoop:
+    """One online run: the trainer it drives, the prompts, the labeller (rank 0)."""
+
+    def __init__(self, cfg: TrainConfig, ctx: ParallelContext, *, resume: str | None, overwrite: bool) -> None:
+        self.cfg, self.ctx, self.on = cfg, ctx, cfg.online
+        self.prompts: list[PromptRow] = read_prompt_rows(self.on.prompts_path, self.on.prompt_split)
+        self.trainer = Trainer(cfg, ctx, resume=resume, overwrite=overwrite, data=self.heldout_data)
+        self.run_dir = self.trainer.run_dir
+        self.labeller: labelling.Labeller | None = None
+        self.offline: list[dict[str, Any]] | None = None
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def run(self, on_step: OnStep | None = None) -> OnlineResult:
+        t, spr = self.trainer, self.on.steps_per_round
+        first_round, done_in_round = divmod(t.position.step, spr)
+        if t.resume_from is not None:
+            self.continue_rounds(first_round, done_in_round)
+        t.runner.train(True)
+        signals = (signal.SIGINT, signal.SIGTERM) if self.ctx.handles_signals else ()
+        with StopRequest(signals) as stop, t.reporting():
+            if t.resume_from is not None and done_in_round == 0 and first_round > 0 and not self.logged(first_round - 1):
+                self.finish_round(first_round - 1, training_s=math.nan)
+            for r in range(first_round, self.on.rounds):
+                resuming_inside = r == first_round and done_in_round > 0
+                self.reference_for_round(r, restore=resuming_inside)
+                t.use_train_split(self.training_split(r, self.round_rows(r)), keep_position=resuming_inside)
+                t.extra_state = {"online": {"round": r, "round_start_step": r * spr, "steps_per_round": spr}}
+                started = time.perf_counter()
+                if t.train_until((r + 1) * spr, stop, on_step):
+                    return self.result(stop, interrupted=True)
+                self.finish_round(r, training_s=time.perf_counter() - started)
+            t.finish()
+        return self.result(stop, interrupted=False)
+
+    def result(self, stop: StopRequest, *, interrupted: bool) -> OnlineResult:
+        run = self.trainer.result(stop, interrupted)
+        from dpokit.training.tracking import read_metrics
+
+        records = read_metrics(self.run_dir, split="round") if (self.run_dir / "metrics.jsonl").is_file() else []
+        return OnlineResult(
+            run_dir=run.run_dir,
+            output_dir=run.output_dir,
+            global_step=run.global_step,
+            rounds=records,
+            eval_metrics=run.eval_metrics,
+            interrupted=run.interrupted,
+            stop_reason=run.stop_reason,
+            last_checkpoint=run.last_checkpoint,
+        )
+
+    def continue_rounds(self, first_round: int, done_in_round: int) -> None:
+        """A resume at round ``first_round``: later rounds' files belong to an abandoned branch."""
+        if self.ctx.is_main:
+            for moved in set_aside_rounds_after(self.run_dir, first_round):
+                self.trainer.say(f"round files after round {first_round} belong to the abandoned branch; moved to {moved}")
+        self.trainer.say(f"continuing online round {first_round} after {done_in_round} of its {self.on.steps_per_round} steps")
+        self.ctx.barrier()
+
+    def logged(self, round_index: int) -> bool:
+        from dpokit.training.tracking import read_metrics
+
+        found = None
+        if self.ctx.is_main:
+            found = (self.run_dir / "metrics.jsonl").is_file() and any(
+                r.get("round") == round_index for r in read_metrics(self.run_dir, split="round")
+            )
+        return bool(self.ctx.broadcast_object(found))
+
+    # -- one round's data ---------------------------------------------------------------------------
+
+    def round_rows(self, r: int) -> list[dict[str, Any]]:
+        """Round ``r``'s training rows: every stage read from its file when written, else done and written."""
+        files = RoundFiles(self.run_dir, r)
+        indices = round_prompt_indices(len(self.prompts), self.on.prompts_per_round, seed=self.cfg.optim.seed, round_index=r)
+        prompts = [self.prompts[i].prompt for i in indices]
+        if self.ctx.is_main and not files.has("prompts"):
+            rows = [
+                {"prompt_index": k, "source_index": i, "where": self.prompts[i].where, "prompt": self.prompts[i].prompt}
+                for k, i in enumerate(indices)
+            ]
+            files.write("prompts", rows, {"prompts": len(rows)})
+        completions = self.stage(files, "completions", lambda: self.sample(r, prompts), collective=True)
+        scores = self.stage(files, "judgments", lambda: self.judge(r, prompts, completions))
+        pairs: list[dict[str, Any]] = self.stage(files, "pairs", lambda: self.pairs(prompts, completions, scores))
+        return pairs + self.offline_rows(files, r, len(pairs))
+
+    def stage(self, files: RoundFiles, name: str, make: Any, *, collective: bool = False) -> Any:
+        """A stage's rows: read by rank 0 from its file when there, else made (by every rank when
+        ``collective``, else by rank 0) and written by rank 0; broadcast to every rank."""
+        present = self.ctx.broadcast_object(files.has(name) if self.ctx.is_main else None)
+        outcome: Any = None
+        if present:
+            outcome = ("ok", files.read(name)) if self.ctx.is_main else None
+        elif collective or self.ctx.is_main:
+            try:
+                made, info = make()
+                if self.ctx.is_main:
+                    files.write(name, made, info)
+                outcome = ("ok", made)
+            except labelling.JudgeFailed as error:
+                outcome = ("judge failed", str(error))
+            except DpokitError as error:  # every rank stops with rank 0's message, none waits for it
+                outcome = (type(error).__name__, str(error))
+        outcome = self.ctx.broadcast_object(outcome)
+        if outcome[0] not in ("ok", "judge failed"):
+            raise (ConfigError if outcome[0] == "ConfigError" else TrainingError)(outcome[1])
+        if outcome[0] == "judge failed":
+            checkpoint = self.trainer.checkpoint()
+            raise TrainingError(
+                f"{outcome[1]}. Stopped with a checkpoint, {checkpoint} (round {files.round_index}, before its training; the "
+                f"round's prompts and completions are kept in {files.path}). Bring the judge back, then continue with "
+                "--resume latest: nothing already sampled is sampled again"
+            )
+        rows: list[dict[str, Any]] = outcome[1]
+        return rows if name != "judgments" else [row["score"] for row in rows]
+
+    def sample(self, r: int, prompts: list[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """K completions of every prompt from the current policy (this rank's share; gathered)."""
+        from dpokit.generation import (
+            SamplingConfig,
+            completion_logps,
+            decode_completions,
+            encode_prompts,
+            generate,
+            stop_token_ids,
+        )
+        from dpokit.models import pad_id_of
+
+        t, s, d = self.trainer, self.on.sampling, self.cfg.data
+        started = time.perf_counter()
+        local = self.ctx.rank_slice(list(range(len(prompts))))
+        _, ids = encode_prompts(t.tokenizer, [prompts[i] for i in local])
+        limit = d.max_prompt_length
+        ids = [x[-limit:] if d.truncation_mode == "keep_end" else x[:limit] for x in ids]
+        seed = (self.cfg.optim.seed * 1_000_003 + r * 7_919_993 + (local[0] if local else 0)) % 2**62
+        sampling = SamplingConfig(s.max_new_tokens, s.temperature, s.top_p, s.top_k, self.on.samples_per_prompt, seed)
+        pad, stops = pad_id_of(t.tokenizer), stop_token_ids(t.tokenizer)
+        model = t.runner.model
+        completions = (
+            generate(model, ids, sampling, stop_token_ids=stops, pad_token_id=pad, batch_size=s.batch_size, score=True)
+            if ids
+            else []
+        )
+        reference_logps: list[float | None] = [None] * len(completions)
+        with torch.no_grad(), t.train_reference.sampling_model() as reference_model:
+            if reference_model is not None and completions:
+                outputs = [c.token_ids for c in completions]
+                prompt_ids = [ids[c.prompt_index] for c in completions]
+                reference_logps = completion_logps(
+                    reference_model, prompt_ids, outputs, pad_token_id=pad, batch_size=s.batch_size
+                ).tolist()
+        texts = decode_completions(t.tokenizer, completions) if completions else []
+        records = [
+            {
+                "prompt_index": local[c.prompt_index],
+                "sample_index": c.sample_index,
+                "rank": self.ctx.rank,
+                "completion": text,
+                "num_tokens": len(c.content_ids),
+                "stopped": c.stopped,
+                "policy_logp": c.policy_logp,
+                "reference_logp": ref,
+            }
+            for c, text, ref in zip(completions, texts, reference_logps, strict=True)
+        ]
+        gathered = self.ctx.all_gather_object((records, time.perf_counter() - started))
+        merged = sorted((row for part, _ in gathered for row in part), key=lambda row: (row["prompt_index"], row["sample_index"]))
+        seconds = max(elapsed for _, elapsed in gathered)
+        return merged, {"completions": len(merged), **generation_metrics(merged, seconds)}
+
+    def judge(self, r: int, prompts: list[Any], completions: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """One score per completion (rank 0), retried; an implicit reward of 0 everywhere stops the run."""
+        if self.labeller is None:
+            self.labeller = labelling.load_labeller(self.cfg, str(self.ctx.device))
+        started = time.perf_counter()
+        where = f"online round {r}"
+        scores = labelling.label_with_retries(
+            self.labeller,
+            [prompts[c["prompt_index"]] for c in completions],
+            completions,
+            retries=self.on.judge_retries,
+            wait_s=self.on.judge_retry_wait_s,
+            where=where,
+        )
+        labelling.check_rewards(self.labeller, scores, where)
+        rows = [
+            {"prompt_index": c["prompt_index"], "sample_index": c["sample_index"], "score": None if not math.isfinite(s) else s}
+            for c, s in zip(completions, scores, strict=True)
+        ]
+        return rows, {"judge": self.labeller.spec, **judge_metrics(scores, time.perf_counter() - started)}
+
+    def pairs(
+        self, prompts: list[Any], completions: list[dict[str, Any]], scores: list[float | None]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        k = self.on.samples_per_prompt
+        texts = [[c["completion"] for c in completions[i * k : (i + 1) * k]] for i in range(len(prompts))]
+        values = [[math.nan if s is None else s for s in scores[i * k : (i + 1) * k]] for i in range(len(prompts))]
+        rows, report = build_rows(prompts, texts, values, mode=self.on.pairs, min_margin=self.on.min_margin)
+        info = {"pairs": report.rows, **{f"pairs/dropped_{reason}": n for reason, n in sorted(report.dropped.items())}}
+        return rows, info
+
+    def offline_rows(self, files: RoundFiles, r: int, num_online: int) -> list[dict[str, Any]]:
+        """``offline_fraction`` of the round's rows drawn from data.train_path's labelled pairs (seeded by round)."""
+        fraction = self.on.offline_fraction
+        if fraction <= 0:
+            return []
+
+        def make() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            pool = self.offline_pool()
+            wanted = round(fraction * num_online / (1 - fraction))
+            order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.cfg.optim.seed * 31 + r)).tolist()
+            rows = [pool[order[i % len(pool)]] for i in range(wanted)]
+            return rows, {"offline": len(rows)}
+
+        rows: list[dict[str, Any]] = self.stage(files, "offline", make)
+        return rows
+
+    def offline_pool(self) -> list[dict[str, Any]]:
+        if self.offline is None:
+            from dpokit.data import read_preferences
+
+            d = self.cfg.data
+            examples, _ = read_preferences(
+                d.train_path, format=d.format, columns=d.columns, split=d.train_split, skip_invalid=d.skip_invalid
+            )
+            self.offline = [
+                {"prompt": e.prompt, "responses": e.responses, **({"scores": e.scores} if e.scores else {}), "source": e.source}
+                for e in examples
+            ]
+        return self.offline
+
+    # -- training data, reference, metrics ----------------------------------------------------------
+
+    def training_split(self, r: int, rows: list[dict[str, Any]]) -> Split:
+        from dpokit.data import prepare_dataset
+
+        if not rows:
+            raise TrainingError(
+                f"online round {r}: no preference pairs (every prompt's completions tied, were empty or were unscored; see "
+                f"{round_dir(self.run_dir, r) / 'round.json'}); sample more (online.samples_per_prompt, a higher "
+                "online.sampling.temperature) or lower online.min_margin"
+            )
+        d = self.cfg.data
+        prepared = prepare_dataset(
+            rows,
+            self.trainer.tokenizer,
+            format="ranked",
+            ranked_mode=d.ranked_mode,
+            max_length=d.max_length,
+            max_prompt_length=d.max_prompt_length,
+            truncation_mode=d.truncation_mode,
+            use_cache=False,
+            unpaired=self.trainer.objective.unpaired,
+            score_threshold=d.score_threshold,
+        )
+        if len(prepared) == 0:
+            raise TrainingError(f"online round {r}: no training examples left after tokenization: {prepared.report.summary()}")
+        return Split(prepared, list(range(len(prepared))))
+
+    def heldout_data(self, tokenizer: Any, unpaired: bool) -> tuple[Split, Split | None]:
+        """The trainer's data: no training split yet (each round brings its own), the held-out pairs."""
+        from dpokit.data import prepare_dataset
+
+        d = self.cfg.data
+        path = self.on.heldout_path or d.eval_path
+        heldout = None
+        if path:
+            prepared = prepare_dataset(
+                path,
+                tokenizer,
+                split=d.eval_split,
+                format=d.format,
+                columns=d.columns,
+                ranked_mode=d.ranked_mode,
+                max_length=d.max_length,
+                max_prompt_length=d.max_prompt_length,
+                truncation_mode=d.truncation_mode,
+                cache_dir=d.cache_dir,
+                unpaired=unpaired,
+                score_threshold=d.score_threshold,
+            )
+            heldout = Split(prepared, list(range(len(prepared)))[: self.cfg.eval.max_examples])
+        return Split.of_items([]), heldout
+
+    def reference_for_round(self, r: int, *, restore: bool) -> None:
+        """``online.reference=refresh``: the policy at the round's start becomes the reference (saved in the
+        round's directory, so a resume inside the round gets it back)."""
+        if self.on.reference != "refresh":
+            return
+        from safetensors.torch import load_file, save_file
+
+        reference = self.trainer.train_reference.model  # type: ignore[attr-defined]  # a CopyReference: online_config checked
+        path = round_dir(self.run_dir, r) / REFERENCE_WEIGHTS
+        if restore:
+            reference.load_state_dict(load_file(str(path)))
+            return
+        state = {k: v.detach().clone().contiguous() for k, v in self.trainer.runner.model.state_dict().items()}
+        reference.load_state_dict(state)
+        if self.ctx.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(path.with_suffix(".tmp")))
+            path.with_suffix(".tmp").replace(path)
+            if r > 0:
+                round_dir(self.run_dir, r - 1).joinpath(REFERENCE_WEIGHTS).unlink(missing_ok=True)
+        self.ctx.barrier()
+
+    def finish_round(self, r: int, *, training_s: float) -> None:
+        """The round's record: its stages' metrics, the training time and the held-out evaluation."""
+        t = self.trainer
+        heldout: dict[str, float] = {}
+        if t.eval_split is not None:
+            heldout = t.evaluate() if t.last_eval_step != t.position.step else t.eval_metrics
+        if not self.ctx.is_main:
+            return
+        summary = RoundFiles(self.run_dir, r).summary()
+        record: dict[str, Any] = {"round": r}
+        for stage in ("completions", "judgments", "pairs", "offline"):
+            record.update({k: v for k, v in summary.get(stage, {}).items() if k not in ("written", "judge")})
+        record["time/training_s"] = training_s
+        record.update({f"heldout/{k}": v for k, v in heldout.items()})
+        t.tracker.log(t.position.step, record, split="round")
+        t.say(round_line(record, heldout))
+        if self.cfg.logging.plot:
+            t.tracker.flush()
+            try:
+                plot_rounds(self.run_dir / "metrics.jsonl", self.run_dir / ROUNDS_PLOT)
+            except Exception as error:  # a plot must never stop the run
+                t.say(f"could not draw {ROUNDS_PLOT}: {error}")
+
+
+def round_line(record: dict[str, Any], heldout: dict[str, float]) -> str:
+    """The one line a finished round prints."""
+
+    def value(name: str) -> float:
+        number = record.get(name, math.nan)
+        return float(number) if isinstance(number, (int, float)) else math.nan
+
+    line = (
+        f"round {record['round']}: judge score {value('judge/score_mean'):.4g} +/- {value('judge/score_std'):.3g}, "
+        f"{record.get('pairs', 0)} pairs, KL {value('kl'):.4g}, EOS rate {value('completion/eos_rate'):.2f}"
+    )
+    if "rewards/accuracies" in heldout:
+        line += f", held-out accuracy {heldout['rewards/accuracies']:.3f}"
+    return line
