@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from dpokit.training.tracking import read_metrics
 from tests.helpers import preference_rows, write_preference_jsonl, write_tiny_model_dir
 
 COUNTING_JUDGE = "reward:tests.online.judges:counting_length_reward"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,11 @@ def assets(tmp_path_factory) -> Path:
 
 
 def make_config(assets: Path, run_dir: Path, *overrides: str):
-    base = [
+    return load_config(None, [*make_config_overrides(assets, run_dir), *overrides])
+
+
+def make_config_overrides(assets: Path, run_dir: Path) -> list[str]:
+    return [
         f"model.name_or_path={assets / 'model'}",
         f"data.eval_path={assets / 'heldout.jsonl'}",
         f"data.cache_dir={assets / 'cache'}",
@@ -61,7 +69,6 @@ def make_config(assets: Path, run_dir: Path, *overrides: str):
         "online.judge_retry_wait_s=0",
         "online.sampling.max_new_tokens=10",
     ]
-    return load_config(None, [*base, *overrides])
 
 
 @pytest.fixture
@@ -225,3 +232,25 @@ def test_a_refreshed_reference_is_the_policy_at_the_round_start(assets, tmp_path
     assert all(c["policy_logp"] == pytest.approx(c["reference_logp"], abs=1e-4) for c in first + second)
     assert (RoundFiles(result.run_dir, 1).path / "reference.safetensors").is_file()
     assert not (RoundFiles(result.run_dir, 0).path / "reference.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_under_torchrun_two_processes_sample_disjoint_prompt_shards_and_train_on_the_union(assets, tmp_path):
+    from tests.training.test_parallel import check_ok, free_port
+
+    run_dir = tmp_path / "run"
+    overrides = make_config_overrides(assets, run_dir)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    command += ["-m", "dpokit", "online", str(assets / "empty.yaml"), *overrides, "online.prompts_per_round=5"]
+    (assets / "empty.yaml").write_text("{}\n", encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    check_ok(subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=REPO))
+    for r in range(2):
+        completions = RoundFiles(run_dir, r).read("completions")
+        by_rank = {rank: {c["prompt_index"] for c in completions if c["rank"] == rank} for rank in (0, 1)}
+        assert by_rank == {0: {0, 1, 2}, 1: {3, 4}}  # contiguous shards, disjoint, together every prompt
+        pairs = RoundFiles(run_dir, r).read("pairs")
+        assert {p["prompt_index"] for p in pairs} & by_rank[0] and {p["prompt_index"] for p in pairs} & by_rank[1]
+    assert [r["step"] for r in read_metrics(run_dir, split="train")] == [1, 2, 3, 4]
+    assert [r["round"] for r in read_metrics(run_dir, split="round")] == [0, 1]
