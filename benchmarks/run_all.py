@@ -3,7 +3,9 @@
 1. ``bench_tokenize.py`` -- data preparation, dpokit vs TRL 1.16, 50,000 pairs;
 2. ``bench_logprobs.py`` -- peak memory of the chunked output layer vs full logits;
 3. ``bench_train.py``    -- DPO training: epoch wall time, steady pairs/s, peak RSS, MFU vs TRL 1.16,
-   and step memory on a 32,000-token vocabulary.
+   and step memory on a 32,000-token vocabulary;
+4. ``bench_online.py``   -- online DPO: generation tokens/s of dpokit's generator vs ``model.generate``, and
+   an online run's time per step and reward reached vs TRL 1.16's experimental ``OnlineDPOTrainer``.
 
 Each runs in its own process, one after another (they time things, so never in parallel).
 ``--quick`` runs smaller versions (for a smoke check, not for the README).
@@ -24,12 +26,19 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
-    parser.add_argument("--only", nargs="+", choices=["tokenize", "logprobs", "train"], default=["tokenize", "logprobs", "train"])
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["tokenize", "logprobs", "train", "online"],
+        default=["tokenize", "logprobs", "train", "online"],
+    )
     options = parser.parse_args()
     runs = {
         "tokenize": ["bench_tokenize.py"] + (["--pairs", "5000", "--repeats", "1"] if options.quick else []),
         "logprobs": ["bench_logprobs.py"] + (["--repeats", "1"] if options.quick else []),
         "train": ["bench_train.py"] + (["--pairs", "64", "--repeats", "1"] if options.quick else []),
+        "online": ["bench_online.py"]
+        + (["--repeats", "1", "--prompts", "16", "--steps", "4", "--eval-prompts", "32"] if options.quick else []),
     }
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     failed = []

@@ -10,12 +10,16 @@ from dpokit.commands.common import Subcommand
 EXPERIMENT_DESCRIPTION = (
     "The DPO paper's IMDb sentiment experiment in miniature: a small GPT-2 trained on generated reviews, "
     "VADER as the ground-truth reward, DPO (beta sweep), Preferred-FT, Unlikelihood, ORPO, SimPO, KTO, Best-of-N "
-    "and RLOO, each evaluated on the reward-KL frontier; then win rates against the SFT model across temperatures."
+    "and RLOO, each evaluated on the reward-KL frontier; then win rates against the SFT model across temperatures. "
+    "'online': the same task with online DPO (labelled by VADER) and self-labelled DPO (a policy trained on 10% of the "
+    "pairs labels its own samples with its implicit reward) against offline DPO and the 10% baseline, at equal steps."
 )
 EXPERIMENT_EPILOG = """examples:
   dpokit experiment sentiment --mode quick           # the paper's methods, smaller, about 2 minutes
   dpokit experiment sentiment --mode full             # the reproduction with ORPO, SimPO, KTO and win rates, about 30 minutes
-  dpokit experiment sentiment --methods dpo,best-of-n"""
+  dpokit experiment sentiment --methods dpo,best-of-n
+  dpokit experiment online --mode quick              # online and self-labelling DPO, a few minutes
+  dpokit experiment online --mode full               # the reported comparison (docs/online/)"""
 
 DEMO_EPILOG = """\
 The quick mode of the paper's controlled-sentiment experiment (see `dpokit experiment --help`): a
@@ -33,14 +37,19 @@ examples:
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     from dpokit.experiments import sentiment
 
-    parser.add_argument("name", choices=["sentiment"], help="which experiment (the paper's controlled sentiment)")
+    parser.add_argument(
+        "name",
+        choices=["sentiment", "online"],
+        help="which experiment: the paper's controlled sentiment, or online and self-labelling DPO on the same task",
+    )
     parser.add_argument(
         "--mode",
         choices=["full", "quick"],
         default="full",
-        help="full (about 30 min on 2 CPU cores, win rates included) or quick (about 2 min: the paper's methods, smaller)",
+        help="sentiment: full (about 30 min on 2 CPU cores, win rates included) or quick (about 2 min: the paper's methods, "
+        "smaller); online: full (the reported comparison) or quick (a few minutes)",
     )
-    parser.add_argument("--out", default=None, help="output directory (default runs/sentiment-<mode>)")
+    parser.add_argument("--out", default=None, help="output directory (default runs/<name>-<mode>)")
     parser.add_argument(
         "--cache-dir",
         default=sentiment.DEFAULT_CACHE_DIR,
@@ -49,7 +58,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated subset of {','.join(sentiment.ALL_METHODS)} (default: the mode's)",
+        help=f"sentiment only: comma-separated subset of {','.join(sentiment.ALL_METHODS)} (default: the mode's)",
     )
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep run checkpoints after evaluating them")
     parser.add_argument(
@@ -67,6 +76,8 @@ def run_experiment(args: argparse.Namespace) -> int:
     from dpokit.experiments.sentiment import MODES
     from dpokit.experiments.sentiment import run_experiment as run_sentiment_experiment
 
+    if args.name == "online":
+        return run_online_experiment(args)
     settings = MODES[args.mode]
     if args.methods is not None:
         settings = dataclasses.replace(settings, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
@@ -80,6 +91,27 @@ def run_experiment(args: argparse.Namespace) -> int:
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(results_markdown([{k: v for k, v in p.items() if k != "samples"} for p in result["points"]]))
+    print(f"wrote {out_dir}/frontier.png, results.json, results.md")
+    return 0
+
+
+def run_online_experiment(args: argparse.Namespace) -> int:
+    from dpokit.errors import ConfigError
+    from dpokit.experiments.online import run_online_experiment as run_online
+    from dpokit.experiments.online import summary_markdown
+
+    if args.methods is not None:
+        raise ConfigError("--methods applies to the sentiment experiment; the online experiment always runs its four arms")
+    out_dir = args.out or f"runs/online-{args.mode}"
+    result = run_online(
+        args.mode,
+        out_dir,
+        args.cache_dir,
+        keep_checkpoints=args.keep_checkpoints,
+        threads=args.threads,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(summary_markdown(result))
     print(f"wrote {out_dir}/frontier.png, results.json, results.md")
     return 0
 

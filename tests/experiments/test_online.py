@@ -1,0 +1,108 @@
+"""The online / self-labelling experiment: its statistics, its settings, and a smoke run of every arm."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from dpokit.errors import ConfigError
+from dpokit.experiments.online import MODES, compare_samples, mean_interval, prompt_means, run_online_experiment
+from dpokit.judges.stats import Z95
+
+
+def _samples(rewards, per_prompt=2):
+    return [{"prompt": f"p{i // per_prompt}", "prompt_index": i // per_prompt, "reward": r} for i, r in enumerate(rewards)]
+
+
+def test_mean_interval_is_the_normal_interval_over_prompts():
+    values = [0.2, 0.4, 0.9, 0.5]
+    result = mean_interval(values)
+    sd = math.sqrt(sum((v - 0.5) ** 2 for v in values) / 3)
+    assert result["mean"] == pytest.approx(0.5)
+    assert result["ci_high"] - result["mean"] == pytest.approx(Z95 * sd / 2)
+    assert result["mean"] - result["ci_low"] == pytest.approx(Z95 * sd / 2)
+
+
+def test_prompt_means_average_each_prompts_samples_first():
+    assert prompt_means(_samples([1.0, 0.0, 0.5, 0.5, 0.2, 0.4]), "reward") == pytest.approx([0.5, 0.5, 0.3])
+
+
+def test_compare_samples_counts_wins_ties_losses_sample_by_sample():
+    ours = _samples([0.9, 0.1, 0.5, 0.5])
+    theirs = _samples([0.1, 0.1, 0.7, 0.2])
+    result = compare_samples(ours, theirs)
+    assert (result["wins"], result["ties"], result["losses"]) == (2, 1, 1)
+    assert result["win_rate"] == pytest.approx(2.5 / 4)
+    low, high = result["win_rate_ci"]
+    assert 0 < low < result["win_rate"] < high < 1
+    # paired differences per prompt: (0.8 + 0) / 2 = 0.4 and (-0.2 + 0.3) / 2 = 0.05
+    assert result["reward_difference"]["mean"] == pytest.approx(0.225)
+
+
+def test_compare_samples_refuses_samples_of_different_prompts():
+    ours = _samples([0.1, 0.2])
+    theirs = [{**s, "prompt": "other"} for s in ours]
+    with pytest.raises(ConfigError, match="same prompts"):
+        compare_samples(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"start_steps": 0}, "start_steps must be in"),
+        ({"start_steps": 4}, "start_steps must be in"),
+        ({"steps_per_round": 3}, "multiple of steps_per_round"),
+        ({"self_judges": ("oracle",)}, "self_judges"),
+        ({"total_steps": 8, "checkpoints_per_run": 2}, "multiple of the checkpoint interval"),
+        ({"labelled_fraction": 0.0}, "labelled_fraction"),
+    ],
+)
+def test_settings_that_cannot_make_equal_step_arms_are_refused(change, message, tmp_path):
+    settings = dataclasses.replace(MODES["smoke"], **change)
+    with pytest.raises(ConfigError, match=message):
+        run_online_experiment(settings, tmp_path / "out", tmp_path / "cache", log=None)
+
+
+def test_every_mode_gives_every_arm_the_same_number_of_steps():
+    for settings in MODES.values():
+        settings.validate()  # raises otherwise
+
+
+@pytest.mark.slow
+def test_smoke_run_gives_every_arm_the_same_steps_and_writes_rounds_table_and_frontier(tmp_path):
+    """Every arm at toy size through the real trainer, online loop and judges; checks the plan and the
+    outputs, not quality."""
+    settings = MODES["smoke"]
+    result = run_online_experiment(settings, tmp_path / "out", tmp_path / "cache", log=None)
+    arms = result["arms"]
+    assert set(arms) == {"reference", "offline", "online-gt", "self-label", "self-label-current", "ten-percent"}
+    assert {arm: row["step"] for arm, row in arms.items() if arm != "reference"} == dict.fromkeys(
+        ["offline", "online-gt", "self-label", "self-label-current", "ten-percent"], settings.total_steps
+    )
+    # (c) starts where (d) was after start_steps: the same point, then its own rounds.
+    points = {(p["run"], p["step"]): p for p in result["points"]}
+    start = points[("ten-percent", settings.start_steps)]
+    assert points[("self-label", settings.start_steps)]["reward_mean"] == start["reward_mean"]
+    runs = tmp_path / "out" / "runs"
+    online_rounds = {"online-gt": settings.total_steps, "self-label": settings.total_steps - settings.start_steps}
+    for arm, steps in online_rounds.items():
+        rounds = sorted((runs / arm / "rounds").glob("round-*"))
+        assert len(rounds) == steps // settings.steps_per_round == len(arms[arm]["rounds"])
+        completions = [json.loads(line) for line in (rounds[0] / "completions.jsonl").read_text().splitlines()]
+        assert len(completions) == settings.prompts_per_round * settings.samples_per_prompt
+    judge = (runs / "self-label" / "config.yaml").read_text()
+    assert f"implicit:{runs / 'ten-percent' / f'checkpoint-{settings.start_steps}' / 'model'}" in judge
+    comparison = result["comparisons"]["self-label vs ten-percent"]
+    assert (
+        comparison["wins"] + comparison["ties"] + comparison["losses"]
+        == settings.num_eval_prompts * settings.eval_samples_per_prompt
+    )
+    assert 0 <= comparison["win_rate_ci"][0] <= comparison["win_rate"] <= comparison["win_rate_ci"][1] <= 1
+    out = tmp_path / "out"
+    assert (out / "frontier.png").stat().st_size > 1000
+    text = (out / "results.md").read_text()
+    assert "| (c) 10% DPO + self-labelled rounds (frozen 10% policy) vs (d) 10% DPO only (baseline) |" in text
+    assert json.loads((out / "results.json").read_text())["labelled_pairs"]["fraction"] < result["labelled_pairs"]["all"]
