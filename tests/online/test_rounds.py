@@ -254,3 +254,21 @@ def test_under_torchrun_two_processes_sample_disjoint_prompt_shards_and_train_on
         assert {p["prompt_index"] for p in pairs} & by_rank[0] and {p["prompt_index"] for p in pairs} & by_rank[1]
     assert [r["step"] for r in read_metrics(run_dir, split="train")] == [1, 2, 3, 4]
     assert [r["round"] for r in read_metrics(run_dir, split="round")] == [0, 1]
+
+
+def test_resuming_from_an_earlier_round_sets_the_later_rounds_files_aside(assets, tmp_path, judge_log):
+    run_dir = tmp_path / "run"
+    cfg = make_config(
+        assets, run_dir, "online.rounds=3", "online.steps_per_round=1", "checkpoint.every_steps=1", "checkpoint.keep_last=3"
+    )
+    run_online(cfg)
+    first = hashes(run_dir)
+    resumed = run_online(cfg, resume=str(run_dir / "checkpoint-1"))  # the end of round 0
+    assert resumed.global_step == 3
+    # Round 1 was sampled from exactly the checkpoint's weights: reused. Round 2 came from the abandoned branch.
+    assert {k: v for k, v in hashes(run_dir).items() if "round-0001" in k} == {
+        k: v for k, v in first.items() if "round-0001" in k
+    }
+    assert len(list((run_dir / "abandoned").glob("round-0002.*"))) == 1
+    assert calls(judge_log) == 3 + 1
+    assert [r["round"] for r in read_metrics(run_dir, split="round")] == [0, 1, 2]  # round 0 not logged twice
