@@ -294,6 +294,11 @@ class OnlineConfig:
         0.0, "Fraction of each round's training examples drawn from the labelled pairs of data.train_path (0 = none)."
     )
     min_margin: float = _f(0.0, "Drop pairs whose judge scores differ by this much or less (ties are always dropped).")
+    missing_eos_penalty: float = _f(
+        0.0,
+        "Subtracted from the judge score of a completion cut off at sampling.max_new_tokens (no EOS) before pairing "
+        "(0 = off), so truncated completions lose to finished ones of similar score.",
+    )
     judge_retries: int = _f(2, "Retries of a failing judge call before the run stops with a checkpoint.")
     judge_retry_wait_s: float = _f(5.0, "Seconds between judge retries (doubled after each).")
     heldout_path: str | None = _f(
@@ -693,6 +698,7 @@ def _validate_online(on: OnlineConfig, need: Any) -> None:
     need(on.steps_per_round >= 1, f"online.steps_per_round must be >= 1, got {on.steps_per_round}")
     need(0 <= on.offline_fraction < 1, f"online.offline_fraction must be in [0, 1), got {on.offline_fraction}")
     need(on.min_margin >= 0, f"online.min_margin must be >= 0, got {on.min_margin}")
+    need(on.missing_eos_penalty >= 0, f"online.missing_eos_penalty must be >= 0, got {on.missing_eos_penalty}")
     need(on.judge_retries >= 0, f"online.judge_retries must be >= 0, got {on.judge_retries}")
     need(on.judge_retry_wait_s >= 0, f"online.judge_retry_wait_s must be >= 0, got {on.judge_retry_wait_s}")
     s = on.sampling

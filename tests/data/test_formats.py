@@ -546,3 +546,39 @@ def test_text_table_list_fields_that_do_not_parse_stay_text():
     # Cells that are not lists at all are never parsed, even when they are valid JSON.
     error = row_error({"prompt": "Q", "responses": '{"a": 1}'}, text_table=True)
     assert (error.field, error.problem) == ("responses", "expected a list of responses, got a string")
+
+
+# ---------------------------------------------------------------- truncation flags
+
+
+def test_pair_truncation_flags_are_read_and_absent_flags_mean_complete():
+    base = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    example, _ = parse({**base, "rejected_truncated": True})
+    assert example.truncated == [False, True] and example.is_truncated(1) and not example.is_truncated(0)
+    assert parse(base)[0].truncated is None
+    assert parse({**base, "chosen_truncated": False})[0].truncated is None  # no flag set: nothing to carry
+
+
+def test_ranked_truncation_flags_follow_the_responses_when_scores_reorder_them():
+    raw = {"prompt": "p", "responses": ["low", "high", "mid"], "scores": [1, 3, 2], "truncated": [False, True, False]}
+    example, _ = parse(raw)
+    assert example.responses == ["high", "mid", "low"] and example.truncated == [True, False, False]
+    assert example.to_dict()["truncated"] == [True, False, False]
+
+
+@pytest.mark.parametrize(
+    "extra, field, message",
+    [
+        ({"truncated": "yes"}, "truncated", "expected a list of true/false, one per response, got a string"),
+        ({"truncated": [True]}, "truncated", "has 1 flags for 2 responses"),
+        ({"truncated": [True, 1]}, "truncated[1]", "expected true or false, got a number"),
+    ],
+)
+def test_bad_ranked_truncation_flags_name_the_field(extra, field, message):
+    error = row_error({"prompt": "p", "responses": ["a", "b"], **extra})
+    assert error.field == field and error.reason == "wrong_type" and message in str(error)
+
+
+def test_a_non_boolean_pair_truncation_flag_names_the_field():
+    error = row_error({"prompt": "p", "chosen": "a", "rejected": "b", "chosen_truncated": 3})
+    assert error.field == "chosen_truncated" and "expected true or false, got a number" in str(error)

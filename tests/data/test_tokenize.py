@@ -201,3 +201,65 @@ def test_mixed_text_and_chat_examples_keep_input_order_through_truncation_and_dr
         assert columns.example(row) == alone.example(0)
         cut += alone_report.responses_truncated
     assert report.responses_truncated == cut >= 1
+
+
+# ---------------------------------------------------------------- truncated responses
+
+
+def test_a_truncated_response_gets_no_eos_while_a_complete_one_gets_exactly_one():
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.eos_token_id
+    example = PreferenceExample("tell me a story.", [" it was great", " it was cut"], truncated=[False, True])
+    [(_, (complete, cut))], _ = tokenize([example], tokenizer)
+    assert complete == tokenizer(" it was great", add_special_tokens=False)["input_ids"] + [eos]
+    assert cut == tokenizer(" it was cut", add_special_tokens=False)["input_ids"] and eos not in cut
+
+
+def test_a_truncated_chat_response_ends_with_its_content_not_the_end_of_turn_marker():
+    tokenizer = tiny_tokenizer(chat_template=CHATML_TEMPLATE)
+    [(prompt, (complete, cut))], _ = tokenize([PreferenceExample([USER], [[GOOD], [BAD]], truncated=[False, True])], tokenizer)
+    assert tokenizer.decode(complete) == "the movie was great<|im_end|>\n"
+    assert cut == tokenizer("boring", add_special_tokens=False)["input_ids"]
+    assert (
+        prompt == tokenizer.apply_chat_template([USER], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    )
+
+
+def test_a_truncated_chat_response_of_several_messages_is_refused_naming_the_row():
+    tokenizer = tiny_tokenizer(chat_template=CHATML_TEMPLATE)
+    follow_up = {"role": "user", "content": "why"}
+    examples = [
+        PreferenceExample([USER], [[GOOD, follow_up, BAD], [BAD]], source="d.jsonl:line 3", truncated=[True, False]),
+        PreferenceExample([USER], [[GOOD], [BAD]], source="d.jsonl:line 4", truncated=[False, True]),
+    ]
+    with pytest.raises(DataError, match=r"d.jsonl:line 3: response 0 is marked truncated but has 3 messages"):
+        tokenize(examples, tokenizer)
+    kept, report = tokenize(examples, tokenizer, skip_invalid=True)
+    assert len(kept) == 1 and report.skipped["wrong_type"] == 1
+    assert kept[0][1][1] == tokenizer("boring", add_special_tokens=False)["input_ids"]
+
+
+def test_truncation_flags_survive_ranking_expansion_and_the_cache(tmp_path):
+    import json
+
+    from dpokit.data import prepare_dataset
+
+    tokenizer = tiny_tokenizer()
+    eos = tokenizer.eos_token_id
+    row = {"prompt": "tell me a story.", "responses": [" good", " fine", " cut off"], "scores": [3, 2, 1]}
+    path = tmp_path / "rows.jsonl"
+
+    def prepared(truncated):
+        path.write_text(json.dumps({**row, "truncated": truncated}) + "\n", encoding="utf-8")
+        dataset = prepare_dataset(
+            path, tokenizer, cache_dir=tmp_path / "cache", ranked_mode="all_pairs", max_length=None, max_prompt_length=None
+        )
+        return dataset, [dataset.columns.example(i)[1] for i in range(len(dataset))]
+
+    cold, pairs = prepared([False, False, True])
+    assert [[r[-1] == eos for r in pair] for pair in pairs] == [[True, True], [True, False], [True, False]]
+    warm, cached = prepared([False, False, True])
+    assert warm.from_cache and cached == pairs
+    flipped, other = prepared([False, False, False])  # the flag is part of the data: another cache entry
+    assert not flipped.from_cache and flipped.fingerprint != cold.fingerprint
+    assert all(r[-1] == eos for pair in other for r in pair)

@@ -49,3 +49,29 @@ def test_min_margin_ties_empty_unscored_and_repeated_completions_are_dropped_and
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown pair mode"):
         build_rows(["p"], [["a", "b"]], [[1.0, 0.0]], mode="best_vs_rest")
+
+
+def test_rows_mark_the_completions_that_were_cut_off():
+    rows, _ = build_rows(["p"], [["a", "b", "c"]], [[1.0, 3.0, 2.0]], mode="ranking", stopped=[[True, False, True]])
+    assert rows[0]["sample_indices"] == [1, 2, 0] and rows[0]["truncated"] == [True, False, False]
+    (plain,), _ = build_rows(["p"], [["a", "b"]], [[1.0, 3.0]], mode="best_vs_worst")
+    assert "truncated" not in plain  # without stop information nothing is claimed
+
+
+def test_the_missing_eos_penalty_changes_which_completion_is_chosen():
+    """Judge scores A = 5.0 (stopped), B = 5.6 (cut off at the token limit), C = 2.0 (stopped).
+
+    Without a penalty the best is B (5.6) and the worst C (2.0): pair (B, C), scores [5.6, 2.0].
+    With missing_eos_penalty = 1.0, B scores 5.6 - 1.0 = 4.6 < 5.0, so the best is A: pair (A, C),
+    scores [5.0, 2.0]. A penalty of 0.5 leaves B at 5.1 > 5.0: still (B, C), scores [5.1, 2.0].
+    """
+    texts, scores, stopped = [["A", "B", "C"]], [[5.0, 5.6, 2.0]], [[True, False, True]]
+
+    def pair(penalty: float) -> tuple[list[str], list[float], list[bool]]:
+        (row,), _ = build_rows(["p"], texts, scores, mode="best_vs_worst", stopped=stopped, missing_eos_penalty=penalty)
+        return row["responses"], row["scores"], row["truncated"]
+
+    assert pair(0.0) == (["B", "C"], [5.6, 2.0], [True, False])
+    assert pair(1.0) == (["A", "C"], [5.0, 2.0], [False, False])
+    responses, values, _ = pair(0.5)
+    assert responses == ["B", "C"] and values == pytest.approx([5.1, 2.0])

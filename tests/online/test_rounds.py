@@ -103,8 +103,12 @@ def test_a_round_writes_exactly_the_files_and_pairs_its_config_says(assets, tmp_
     # The pairs are exactly what the pair mode makes of the judged completions.
     texts = [[c["completion"] for c in completions[3 * p : 3 * p + 3]] for p in range(4)]
     scores = [[j["score"] for j in judgments[3 * p : 3 * p + 3]] for p in range(4)]
-    expected, report = build_rows([p["prompt"] for p in prompts], texts, scores, mode=mode)
+    stopped = [[c["stopped"] for c in completions[3 * p : 3 * p + 3]] for p in range(4)]
+    expected, report = build_rows([p["prompt"] for p in prompts], texts, scores, mode=mode, stopped=stopped)
     assert files.read("pairs") == expected
+    # Each response carries whether its sample was cut off at max_new_tokens (10 tokens: most are).
+    assert all(row["truncated"] == [not stopped[row["prompt_index"]][k] for k in row["sample_indices"]] for row in expected)
+    assert any(any(row["truncated"]) for row in expected)
     ties = report.dropped["tie"]
     usable = [len({t for t in texts[p] if t.strip()}) for p in range(4)]  # distinct non-empty completions per prompt
     if mode == "all_pairs":  # K (K - 1) / 2 pairs per prompt, minus ties (and repeats, which are no pair)

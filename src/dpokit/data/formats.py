@@ -15,6 +15,10 @@ Accepted shapes (after column mapping), detected per row when ``format="auto"``:
   text key (``response``/``text``/``completion``) and a score key
   (``score``/``overall_score``/``rating``), as in UltraFeedback-style data. A score may be a JSON
   number or a numeric string (``"2.5"``, read as 2.5); anything else is refused.
+* every paired/ranked shape may mark responses that were cut off before they ended (e.g. sampled
+  completions that hit the token limit): ``chosen_truncated``/``rejected_truncated`` booleans, or
+  ``truncated``, one boolean per entry of ``responses`` (reordered with the scores). Tokenization appends
+  no EOS to such a response. Absent means complete.
 * ``unpaired``: ``prompt`` and one ``completion`` (string or messages) with a ``label`` (true =
   desirable, false = undesirable; "true"/"false" in CSV), or a numeric ``score`` that the reader
   turns into a label with a threshold -- the data KTO learns from.
@@ -293,13 +297,45 @@ def _require(row: _Row, field: str, hint: str = "") -> Any:
     return row.get(field)
 
 
+def _flag(row: _Row, field: str) -> bool:
+    value = row.get(field)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):  # CSV cells
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise row.error(field, "wrong_type", f"expected true or false, got {type_name(value)}")
+    return value
+
+
+def _pair_truncation(row: _Row) -> list[bool] | None:
+    """``chosen_truncated`` / ``rejected_truncated`` (each optional, default false); None when neither is true."""
+    flags = [_flag(row, f) if row.has(f) else False for f in ("chosen_truncated", "rejected_truncated")]
+    return flags if any(flags) else None
+
+
+def _ranked_truncation(row: _Row, count: int) -> list[bool] | None:
+    """``truncated``: one boolean per response (optional); None when none is true."""
+    if not row.has("truncated"):
+        return None
+    raw = row.get("truncated")
+    if not isinstance(raw, list):
+        raise row.error("truncated", "wrong_type", f"expected a list of true/false, one per response, got {type_name(raw)}")
+    if len(raw) != count:
+        raise row.error("truncated", "wrong_type", f"has {len(raw)} flags for {count} responses")
+    flags = []
+    for i, value in enumerate(raw):
+        if not isinstance(value, bool):
+            raise row.error(f"truncated[{i}]", "wrong_type", f"expected true or false, got {type_name(value)}")
+        flags.append(value)
+    return flags if any(flags) else None
+
+
 def parse_standard(row: _Row) -> PreferenceExample:
     prompt = _text(row, "prompt", _require(row, "prompt"))
     chosen = _text(row, "chosen", _require(row, "chosen"))
     rejected = _text(row, "rejected", _require(row, "rejected"))
     _check_nonempty_prompt(row, prompt)
     _check_responses(row, [chosen, rejected], ["chosen", "rejected"])
-    return PreferenceExample(prompt, [chosen, rejected], None, row.source)
+    return PreferenceExample(prompt, [chosen, rejected], None, row.source, truncated=_pair_truncation(row))
 
 
 def parse_conversational(row: _Row) -> PreferenceExample:
@@ -320,7 +356,7 @@ def parse_conversational(row: _Row) -> PreferenceExample:
         prompt, chosen, rejected = split_conversations(row, chosen, rejected)
         _check_prompt_roles(row, prompt)
     _check_responses(row, [chosen, rejected], ["chosen", "rejected"])
-    return PreferenceExample(prompt, [chosen, rejected], None, row.source)
+    return PreferenceExample(prompt, [chosen, rejected], None, row.source, truncated=_pair_truncation(row))
 
 
 def split_conversations(
@@ -365,7 +401,7 @@ def parse_hh(row: _Row) -> PreferenceExample:
     responses: list[Text] = [chosen[len(prompt) :], rejected[len(prompt) :]]
     _check_nonempty_prompt(row, prompt)
     _check_responses(row, responses, ["chosen", "rejected"])
-    return PreferenceExample(prompt, responses, None, row.source)
+    return PreferenceExample(prompt, responses, None, row.source, truncated=_pair_truncation(row))
 
 
 def parse_ranked(row: _Row) -> PreferenceExample:
@@ -409,6 +445,7 @@ def parse_ranked(row: _Row) -> PreferenceExample:
             raise row.error(f"responses[{missing}]", "missing_field", "has no score while other responses do")
         scores = [s for s in item_scores if s is not None]  # all present here
 
+    truncated = _ranked_truncation(row, len(responses))
     prompt, responses = _unify(prompt, responses)
     fields = [f"responses[{i}]" for i in range(len(responses))]
     _check_responses(row, responses, fields)
@@ -420,7 +457,8 @@ def parse_ranked(row: _Row) -> PreferenceExample:
         order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)  # stable: ties keep input order
         responses = [responses[i] for i in order]
         scores = [scores[i] for i in order]
-    return PreferenceExample(prompt, responses, scores, row.source)
+        truncated = None if truncated is None else [truncated[i] for i in order]
+    return PreferenceExample(prompt, responses, scores, row.source, truncated=truncated)
 
 
 def _label(row: _Row) -> bool:

@@ -431,7 +431,15 @@ def expand_ranking(example: PreferenceExample, mode: str, report: ReadReport) ->
             continue
         pair_scores = None if scores is None else [scores[i], scores[j]]
         source = example.source if k == 2 else f"{example.source} (responses {i}>{j})"
-        pairs.append(PreferenceExample(example.prompt, [example.responses[i], example.responses[j]], pair_scores, source))
+        pairs.append(
+            PreferenceExample(
+                example.prompt,
+                [example.responses[i], example.responses[j]],
+                pair_scores,
+                source,
+                truncated=example.truncation_of([i, j]),
+            )
+        )
     if k > 2:
         report.pairs_from_rankings += len(pairs)
     return pairs
@@ -485,7 +493,14 @@ def as_unpaired(example: PreferenceExample) -> list[PreferenceExample]:
         return [example]
     labels = [True] + [False] * (example.num_responses - 1)
     return [
-        PreferenceExample(example.prompt, [response], None, f"{example.source} (response {k})", label=label)
+        PreferenceExample(
+            example.prompt,
+            [response],
+            None,
+            f"{example.source} (response {k})",
+            label=label,
+            truncated=example.truncation_of([k]),
+        )
         for k, (response, label) in enumerate(zip(example.responses, labels, strict=True))
     ]
 

@@ -32,6 +32,9 @@ class PreferenceExample:
         label: for *unpaired* data (one completion, ``responses == [completion]``): True when the
             completion is desirable, False when undesirable; None for paired and ranked data (and for an
             unpaired row with a ``score`` until the reader applies its threshold).
+        truncated: per response (same order), True when the response was cut off before it ended (e.g. a
+            sampled completion that hit the token limit): tokenization appends no EOS to it, so the model
+            is not taught to stop there. None (the usual case) means every response is complete.
     """
 
     prompt: Text
@@ -39,6 +42,7 @@ class PreferenceExample:
     scores: list[float] | None = None
     source: str = ""
     label: bool | None = None
+    truncated: list[bool] | None = None
 
     @property
     def is_unpaired(self) -> bool:
@@ -65,7 +69,18 @@ class PreferenceExample:
         out: dict[str, Any] = {"prompt": self.prompt, "responses": self.responses, "scores": self.scores, "source": self.source}
         if self.label is not None:
             out["label"] = self.label
+        if self.truncated is not None and any(self.truncated):
+            out["truncated"] = self.truncated
         return out
+
+    def is_truncated(self, k: int) -> bool:
+        """Whether response ``k`` was cut off before it ended."""
+        return self.truncated is not None and self.truncated[k]
+
+    def truncation_of(self, indices: list[int]) -> list[bool] | None:
+        """The ``truncated`` flags of the responses ``indices`` (None when no response is truncated)."""
+        flags = [self.is_truncated(k) for k in indices]
+        return flags if any(flags) else None
 
 
 # Reasons an input row can be rejected. They key the skip counts in the read report.

@@ -6,7 +6,9 @@ Plain text
     would append after the prompt is left out). ``response_ids = tokenizer(response,
     add_special_tokens=False) + [eos]``, the EOS appended exactly once (not when the text already ends
     with it). Prompt and response are tokenized separately, as in the DPO paper's code, so no token
-    ever straddles the boundary.
+    ever straddles the boundary. A response marked truncated (``PreferenceExample.truncated``: cut off
+    before it ended, e.g. a sample that hit the token limit) gets no EOS: the model is not taught to
+    stop where the text was cut.
 
 Conversations
     ``prompt_ids`` = the chat template over the prompt messages with ``add_generation_prompt=True``;
@@ -15,6 +17,8 @@ Conversations
     special tokens, so rendered text is tokenized with ``add_special_tokens=False`` -- the same ids as
     ``apply_chat_template(tokenize=True)`` and no doubled BOS. ``prompt_ids`` must be an exact prefix of
     ``full_ids``; templates that render the prompt differently on its own raise a :class:`DataError`.
+    A truncated response (one assistant message) is its content's tokens after ``prompt_ids``, without
+    the end-of-turn marker the template would close the turn with -- what a sampler cut off there produced.
 
 Truncation (only when ``prompt + longest response > max_length``)
     1. the prompt is cut to ``max_prompt_length`` tokens: ``keep_end`` (default) keeps its last tokens,
@@ -38,7 +42,7 @@ from typing import Any, cast
 import numpy as np
 
 from dpokit.data.encode import Ragged, encode_texts
-from dpokit.data.schema import SKIP_REASONS, InvalidRowError, PreferenceExample
+from dpokit.data.schema import SKIP_REASONS, Conversation, InvalidRowError, PreferenceExample
 from dpokit.errors import ConfigError, DataError
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -241,7 +245,7 @@ def _tokenize_text(examples: list[PreferenceExample], tokenizer: Any) -> Tokeniz
     ends_with_eos = (
         (lengths > 0) & (ids.tokens[np.maximum(ends - 1, 0)] == eos) if len(ids.tokens) else np.zeros(len(ids), dtype=bool)
     )
-    add_tail = ~is_prompt & ~ends_with_eos[segment_rows]
+    add_tail = ~is_prompt & ~ends_with_eos[segment_rows] & ~_truncated_segments(examples, len(is_prompt))
     starts_with_prefix = lengths >= len(prefix)
     for j, token in enumerate(prefix):
         starts_with_prefix &= ids.tokens[np.minimum(ids.offsets[:-1] + j, max(len(ids.tokens) - 1, 0))] == token
@@ -258,6 +262,48 @@ def _tokenize_text(examples: list[PreferenceExample], tokenizer: Any) -> Tokeniz
     rows[body[add_tail] + 1] = len(texts) + 1
     segments = ids.splice(pieces, rows, groups)
     return TokenizedColumns(segments.tokens, segments.offsets, example_segments)
+
+
+def _truncated_segments(examples: list[PreferenceExample], num_segments: int) -> np.ndarray:
+    """(S,) bool over the segments (each example's prompt, then its responses): the truncated responses."""
+    flags = np.zeros(num_segments, dtype=bool)
+    segment = 0
+    for ex in examples:
+        if ex.truncated is not None:
+            flags[segment + 1 : segment + 1 + ex.num_responses] = ex.truncated
+        segment += 1 + ex.num_responses
+    return flags
+
+
+def _truncated_chat_responses(
+    examples: list[PreferenceExample], tokenizer: Any, failed: set[int], on_invalid: Any
+) -> tuple[dict[tuple[int, int], list[int]], set[int]]:
+    """``{(example, response): ids}`` of the truncated chat responses: the message content's tokens, no
+    end-of-turn marker (module docstring); and the examples refused (a truncated response of several messages)."""
+    where: list[tuple[int, int]] = []
+    texts: list[str] = []
+    refused: set[int] = set()
+    for e, ex in enumerate(examples):
+        for k in range(ex.num_responses) if ex.truncated is not None and e not in failed else ():
+            response = ex.responses[k]
+            if not ex.is_truncated(k):
+                continue
+            if len(response) != 1:
+                refused.add(e)
+                on_invalid(
+                    InvalidRowError(
+                        ex.source,
+                        None,
+                        "wrong_type",
+                        f"response {k} is marked truncated but has {len(response)} messages; only a single "
+                        "assistant message can be cut off",
+                    )
+                )
+                break
+            where.append((e, k))
+            texts.append(cast(Conversation, response)[0]["content"])
+    ids = encode_texts(tokenizer, texts).tolist() if texts else []
+    return {at: x for at, x in zip(where, ids, strict=True) if at[0] not in refused}, refused
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
@@ -296,6 +342,7 @@ def _tokenize_chat(
         full_texts.extend(texts)
     prompt_ids = encode_texts(tokenizer, prompt_texts).tolist()
     full_ids = encode_texts(tokenizer, full_texts).tolist()
+    cut, refused = _truncated_chat_responses(examples, tokenizer, failed, on_invalid)
     out: list[tuple[list[int], list[list[int]]] | None] = []
     p_cursor = f_cursor = 0
     for e, ex in enumerate(examples):
@@ -304,6 +351,10 @@ def _tokenize_chat(
             continue
         prompt = prompt_ids[p_cursor]
         p_cursor += 1
+        if e in refused:
+            f_cursor += ex.num_responses
+            out.append(None)
+            continue
         responses = []
         bad: InvalidRowError | None = None
         for k, full in enumerate(full_ids[f_cursor : f_cursor + ex.num_responses]):
@@ -320,7 +371,7 @@ def _tokenize_chat(
                     "Use a chat template whose generation prompt is a prefix of the rendered conversation",
                 )
                 break
-            response = full[len(prompt) :]
+            response = cut[(e, k)] if (e, k) in cut else full[len(prompt) :]
             if not response:
                 bad = InvalidRowError(ex.source, None, "empty_response", f"response {k} renders to no tokens after the prompt")
                 break

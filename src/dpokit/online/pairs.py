@@ -12,6 +12,12 @@ reader refuses identical responses). Then, for scores ``s``:
 * ``ranking`` -- one row with every kept completion ranked by score (for a listwise / Plackett-Luce
   loss), dropped when all its scores lie within ``min_margin`` of each other.
 
+A completion that did not stop before the token limit (``stopped`` false) is kept but marked: its row
+carries ``truncated`` (one flag per response, the reader's optional field), so tokenization appends no
+EOS to it -- the policy is not taught to stop where sampling was cut. With ``missing_eos_penalty > 0``
+its score is lowered by that much before pairing (TRL's online DPO does the same); the rows' ``scores``
+are the penalized ones, ``judgments.jsonl`` keeps the judge's own.
+
 Every dropped completion or pair is counted (:class:`PairReport`), so a round reports how much of its
 sampling was wasted on ties.
 """
@@ -39,6 +45,11 @@ class PairReport:
         return {"prompts": self.prompts, "rows": self.rows, "dropped": dict(self.dropped)}
 
 
+def penalized(scores: Sequence[float], stopped: Sequence[bool], penalty: float) -> list[float]:
+    """``scores`` with ``penalty`` subtracted from each completion that did not stop (no EOS)."""
+    return [float(s) - (0.0 if done else penalty) for s, done in zip(scores, stopped, strict=True)]
+
+
 def _usable(completions: Sequence[str], scores: Sequence[float], report: PairReport) -> list[tuple[int, str, float]]:
     """(sample index, text, score) of the completions that can be trained on, first occurrence of each text."""
     kept: list[tuple[int, str, float]] = []
@@ -56,14 +67,19 @@ def _usable(completions: Sequence[str], scores: Sequence[float], report: PairRep
     return kept
 
 
-def _row(prompt: Any, ranked: Sequence[tuple[int, str, float]], prompt_index: int) -> dict[str, Any]:
-    return {
+def _row(
+    prompt: Any, ranked: Sequence[tuple[int, str, float]], prompt_index: int, stopped: Sequence[bool] | None
+) -> dict[str, Any]:
+    row = {
         "prompt": prompt,
         "responses": [text for _, text, _ in ranked],
         "scores": [score for _, _, score in ranked],
         "prompt_index": prompt_index,
         "sample_indices": [index for index, _, _ in ranked],
     }
+    if stopped is not None:
+        row["truncated"] = [not stopped[index] for index, _, _ in ranked]
+    return row
 
 
 def prompt_rows(
@@ -75,11 +91,16 @@ def prompt_rows(
     mode: str,
     min_margin: float,
     report: PairReport,
+    stopped: Sequence[bool] | None = None,
+    missing_eos_penalty: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """The training rows of one prompt's judged completions (see the module docstring)."""
+    """The training rows of one prompt's judged completions (see the module docstring); ``stopped[k]``:
+    whether completion ``k`` ended with a stop token (None: all did, no ``truncated`` field written)."""
     if mode not in PAIR_MODES:
         raise ValueError(f"unknown pair mode {mode!r}; choose from {', '.join(PAIR_MODES)}")
     report.prompts += 1
+    if stopped is not None and missing_eos_penalty:
+        scores = penalized(scores, stopped, missing_eos_penalty)
     kept = sorted(_usable(completions, scores, report), key=lambda item: (-item[2], item[0]))  # best first, stable
     if len(kept) < 2:
         return []
@@ -92,11 +113,11 @@ def prompt_rows(
         for i in range(len(kept)):
             for j in range(i + 1, len(kept)):
                 if separated(kept[i][2], kept[j][2]):
-                    rows.append(_row(prompt, [kept[i], kept[j]], prompt_index))
+                    rows.append(_row(prompt, [kept[i], kept[j]], prompt_index, stopped))
                 else:
                     report.dropped["tie"] += 1
     elif separated(kept[0][2], kept[-1][2]):
-        rows.append(_row(prompt, kept if mode == "ranking" else [kept[0], kept[-1]], prompt_index))
+        rows.append(_row(prompt, kept if mode == "ranking" else [kept[0], kept[-1]], prompt_index, stopped))
     else:
         report.dropped["tie"] += 1
     report.rows += len(rows)
@@ -110,10 +131,23 @@ def build_rows(
     *,
     mode: str,
     min_margin: float = 0.0,
+    stopped: Sequence[Sequence[bool]] | None = None,
+    missing_eos_penalty: float = 0.0,
 ) -> tuple[list[dict[str, Any]], PairReport]:
-    """Rows for every prompt (``completions[i]`` / ``scores[i]``: prompt i's K completions and scores)."""
+    """Rows for every prompt (``completions[i]`` / ``scores[i]`` / ``stopped[i]``: prompt i's K completions,
+    scores and whether each ended with a stop token)."""
     report = PairReport()
     rows: list[dict[str, Any]] = []
     for index, (prompt, texts, values) in enumerate(zip(prompts, completions, scores, strict=True)):
-        rows += prompt_rows(prompt, index, texts, values, mode=mode, min_margin=min_margin, report=report)
+        rows += prompt_rows(
+            prompt,
+            index,
+            texts,
+            values,
+            mode=mode,
+            min_margin=min_margin,
+            report=report,
+            stopped=None if stopped is None else stopped[index],
+            missing_eos_penalty=missing_eos_penalty,
+        )
     return rows, report

@@ -340,7 +340,16 @@ class OnlineLoop:
         k = self.on.samples_per_prompt
         texts = [[c["completion"] for c in completions[i * k : (i + 1) * k]] for i in range(len(prompts))]
         values = [[math.nan if s is None else s for s in scores[i * k : (i + 1) * k]] for i in range(len(prompts))]
-        rows, report = build_rows(prompts, texts, values, mode=self.on.pairs, min_margin=self.on.min_margin)
+        stopped = [[bool(c["stopped"]) for c in completions[i * k : (i + 1) * k]] for i in range(len(prompts))]
+        rows, report = build_rows(
+            prompts,
+            texts,
+            values,
+            mode=self.on.pairs,
+            min_margin=self.on.min_margin,
+            stopped=stopped,
+            missing_eos_penalty=self.on.missing_eos_penalty,
+        )
         info = {"pairs": report.rows, **{f"pairs/dropped_{reason}": n for reason, n in sorted(report.dropped.items())}}
         return rows, info
 
@@ -369,7 +378,13 @@ class OnlineLoop:
                 d.train_path, format=d.format, columns=d.columns, split=d.train_split, skip_invalid=d.skip_invalid
             )
             self.offline = [
-                {"prompt": e.prompt, "responses": e.responses, **({"scores": e.scores} if e.scores else {}), "source": e.source}
+                {
+                    "prompt": e.prompt,
+                    "responses": e.responses,
+                    **({"scores": e.scores} if e.scores else {}),
+                    **({"truncated": e.truncated} if e.truncated else {}),
+                    "source": e.source,
+                }
                 for e in examples
             ]
         return self.offline
