@@ -82,14 +82,14 @@ class OnlineExperimentSettings:
     labelled_fraction: float = 0.1  # (c) and (d) see this fraction of the pairs
     # Training, shared by every arm.
     beta: float = 0.1
-    total_steps: int = 240  # S: optimizer steps of every arm
-    start_steps: int = 40  # S0: steps of DPO on the labelled fraction before (c) turns to its own labels
+    total_steps: int = 160  # S: optimizer steps of every arm
+    start_steps: int = 32  # S0: steps of DPO on the labelled fraction before (c) turns to its own labels
     batch_size: int = 32
     lr: float = 5e-5
     warmup_steps: int = 10
     # Online rounds: prompts_per_round prompts x samples_per_prompt samples, best vs worst,
     # steps_per_round optimizer steps on the round's pairs.
-    prompts_per_round: int = 256
+    prompts_per_round: int = 128
     samples_per_prompt: int = 4
     steps_per_round: int = 8
     temperature: float = 1.0
@@ -98,7 +98,7 @@ class OnlineExperimentSettings:
     num_eval_prompts: int = 256
     eval_samples_per_prompt: int = 2
     max_new_tokens: int = 48
-    checkpoints_per_run: int = 6
+    checkpoints_per_run: int = 5
     heldout_prompts: int = 64  # held-out labelled pairs for the online runs' reward accuracy per round
     seed: int = 0
 
@@ -137,6 +137,8 @@ class OnlineExperimentSettings:
 
 MODES: dict[str, OnlineExperimentSettings] = {
     # The reported run, on the sentiment experiment's full SFT model and pairs.
+    # (The defaults: 160 steps of batch 32; rounds of 128 prompts x 4 samples, 8 steps -- two passes over
+    # a round's at most 128 pairs.)
     "full": OnlineExperimentSettings(lm=SENTIMENT_MODES["full"].lm),
     # Smaller everything, the quick sentiment model: a few minutes.
     "quick": OnlineExperimentSettings(
