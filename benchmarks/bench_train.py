@@ -1,44 +1,58 @@
-"""DPO training throughput and memory: dpokit vs TRL 1.16 ``DPOTrainer``, side by side on CPU.
+"""DPO training end to end: dpokit vs TRL 1.16 ``DPOTrainer``, side by side on CPU, on every fixture.
 
-Fixture (generated deterministically, see ``benchmarks/fixtures.py``): a Llama-architecture model
-from config (hidden 256, intermediate 688, 4 layers, 4 heads, 2 KV heads, vocabulary 4,096, random
-init, float32) saved with ``save_pretrained``, a 4,096-token byte-level BPE tokenizer trained on
-English-like text, and 512 pairs (prompts ~95 tokens, responses ~60-160). Batch 8 pairs, sigmoid
-loss, beta 0.1, AdamW lr 1e-6, gradient clipping 1.0, one epoch, 2 threads.
+Fixtures (generated deterministically, see ``benchmarks/fixtures.py``; ``--fixtures`` chooses, and
+``--pairs``, ``--prompt-tokens``, ``--response-tokens`` and ``--seed`` change the mix of all chosen):
 
-Systems, each run in a fresh subprocess (so peak RSS is its own), alternated, ``--repeats`` times:
+* ``short``          -- 512 pairs, prompts ~95 tokens, responses 60-160 (the original fixture);
+* ``response_heavy`` -- 256 pairs, prompts ~40 tokens, responses 150-350;
+* ``conversational`` -- 256 pairs, 1-3 user turns rendered through a ChatML chat template (the same
+                        message lists go to dpokit and to TRL), responses 60-200.
 
-* ``dpokit``       -- ``dpokit.training.run``: cold data cache, layout auto (shared prompt on SDPA),
-                      precomputed reference log-probs (same layout), chunked output layer;
-* ``dpokit_compile``-- the same with ``model.compile=true`` (decoder layers compiled; the compile
-                      time is inside the epoch wall time);
-* ``trl_default``  -- ``DPOTrainer`` with its defaults: a separate reference model, gradient
-                      checkpointing on;
-* ``trl_fast``     -- ``precompute_ref_log_probs=True``, gradient checkpointing off.
+The model: Llama architecture from config (hidden 256, intermediate 688, 4 layers, 4 heads, 2 KV
+heads, vocabulary 4,096, random init, float32), a 4,096-token byte-level BPE. Batch 8 pairs, sigmoid
+loss, beta 0.1, AdamW lr 1e-6, clipping 1.0, one epoch, 2 threads, each tool's defaults otherwise.
 
-End-to-end wall time runs from loading the model and data (the file on disk) to the saved final
-model: data preparation and reference log-probs included. Steady-state pairs/s excludes the first
-``WARMUP_STEPS`` optimizer steps. Peak RSS is the process's high-water mark.
+Systems, each in a fresh subprocess, alternated, ``--repeats`` times, medians reported:
 
-Model-FLOPs utilisation: useful work / time / measured matmul rate, where useful work
-= 6 N (P + C + R) + 2 N (P + C + R) summed over pairs (N = parameters without the input embedding;
-the prompt counted once; the policy trains on every token, the reference scores every token once),
-and the matmul rate is float32 2048 x 2048 x 2048 matmuls on the same threads, timed between runs.
+* ``dpokit``              -- ``dpokit.training.run`` with its defaults (``reference.strategy: auto``);
+* ``dpokit_precomputed``  -- ``reference.strategy=precomputed``;
+* ``dpokit_compile``      -- ``model.compile=true``, empty caches (first run: compile time included);
+* ``dpokit_compile_warm`` -- the same with the compile cache (``<data.cache_dir>/compile``) left by the
+                             previous ``dpokit_compile`` run of that fixture copied in (data cache cold);
+                             skipped, and said so, when dpokit left no such cache;
+* ``trl_default``         -- ``DPOTrainer`` defaults: a reference copy, gradient checkpointing;
+* ``trl_fast``            -- ``precompute_ref_log_probs=True``, gradient checkpointing off.
 
-Memory fixture (``--memory``): vocabulary 32,000, prompt + response up to 1,024 tokens, batch 4
-pairs; peak RSS of training steps 2-4 above the RSS between steps (the "idle" trainer), each
-system's own configuration.
+Measured per run: wall time of the whole process (spawn to exit: interpreter, imports, loading,
+tokenizing, reference pass, training, saving), time to the first optimizer step (spawn to the end of
+step 1, via dpokit's ``on_step`` and a TRL ``TrainerCallback``) and where it went, steady pairs/s
+(after ``WARMUP_STEPS`` steps), peak RSS of the process.
 
-    python benchmarks/bench_train.py                  # full comparison (~15-25 min on 2 cores)
-    python benchmarks/bench_train.py --repeats 1 --systems dpokit trl_fast
+Model-FLOPs utilisation counts the work any exact DPO step must do, per pair with prompt length P and
+response lengths C, R (the prompt once):
+
+    F_fwd = 2 N_body (P + C + R) + 2 V d (C + R) + 4 L d A,   A = P(P+1)/2 + sum_r [r P + r(r+1)/2]
+
+(N_body = parameters without the input embedding and output layer; the output layer of V x d only on
+scored tokens; attention: QK^T and AV, 2 d FLOPs each per attended (query, key) pair, causal, the
+responses seeing the prompt and their own past). The epoch's useful work is 3 F_fwd (policy forward
+and backward) + F_fwd (one reference forward). Epoch MFU = that / wall / R; steady MFU = mean F_fwd
+per pair x pairs/s x (3, plus 1 if the reference runs inside the step) / R, where R is the float32
+2048^3 matmul rate measured on the same threads between runs. Below ``--mfu-target`` one step of
+dpokit's default is profiled with ``torch.profiler`` (self CPU time per op, matmul FLOPs) per fixture.
+
+    python benchmarks/bench_train.py                          # all fixtures, 3 repeats (~1.5 h on 2 cores)
+    python benchmarks/bench_train.py --fixtures response_heavy --repeats 1 --systems dpokit trl_fast
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,13 +63,22 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-SYSTEMS = ("dpokit", "dpokit_compile", "trl_default", "trl_fast")
+SYSTEMS = ("dpokit", "dpokit_precomputed", "dpokit_compile", "dpokit_compile_warm", "trl_default", "trl_fast")
+NAMES = {
+    "dpokit": "dpokit defaults",
+    "dpokit_precomputed": "dpokit, precomputed reference",
+    "dpokit_compile": "dpokit + model.compile, 1st run",
+    "dpokit_compile_warm": "dpokit + model.compile, 2nd run (cache warm)",
+    "trl_default": "TRL 1.16 defaults",
+    "trl_fast": "TRL 1.16 precompute, no GC",
+}
 WARMUP_STEPS = 3
 BATCH_PAIRS = 8
 LR = 1e-6
 BETA = 0.1
 MAX_LENGTH = 1024
 MAX_PROMPT_LENGTH = 512
+PROFILE_STEP = 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,20 +86,21 @@ MAX_PROMPT_LENGTH = 512
 # ------------------------------------------------------------------------------------------------
 
 
-def build_fixture(root: Path, *, pairs: int, vocab_size: int, prompt_tokens=(85, 105), response_tokens=(60, 160)) -> Path:
-    """Model (random init, seed 0) + tokenizer saved in ``root/model``, pairs in ``root/pairs.jsonl``."""
+def build_fixture(root: Path, spec, vocab_size: int = 4096) -> Path:
+    """Model (random init, seed 0) + tokenizer (chat variant for conversational data) in ``root/model``,
+    the rows of ``spec`` in ``root/pairs.jsonl``."""
     import torch
     from transformers import LlamaForCausalLM
 
     import fixtures
 
-    tokenizer = fixtures.train_bpe_tokenizer(4096)
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = fixtures.train_bpe_tokenizer(4096, chat=spec.conversational)
     torch.manual_seed(0)
     model = LlamaForCausalLM(fixtures.llama_config(vocab_size, attn_implementation="sdpa"))
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    rows = fixtures.generate_pairs(pairs, seed=0, prompt_tokens=prompt_tokens, response_tokens=response_tokens)
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    fixtures.write_pairs(spec, root / "pairs.jsonl")
     return root
 
 
@@ -98,25 +122,49 @@ def matmul_flops_per_second(threads: int, size: int = 2048, repeats: int = 8) ->
     return 2 * size**3 / statistics.median(timings)
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's resident-set high-water mark (Linux ``clear_refs``); False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_now_and_peak() -> tuple[int, int]:
-    """(VmRSS, VmHWM) in bytes from /proc/self/status."""
-    values = {}
+def peak_rss() -> int:
+    """VmHWM (the process's resident-set high-water mark) in bytes."""
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, amount, _unit = line.split()
-                values[key[:-1]] = int(amount) * 1024
-    return values["VmRSS"], values["VmHWM"]
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def forward_flops(prompt: int, responses: list[int], *, body: int, vocab: int, hidden: int, layers: int) -> float:
+    """F_fwd of one example (see the module docstring): the prompt once, each response after it."""
+    attended = prompt * (prompt + 1) / 2 + sum(r * prompt + r * (r + 1) / 2 for r in responses)
+    scored = sum(responses)
+    return 2 * body * (prompt + scored) + 2 * vocab * hidden * scored + 4 * layers * hidden * attended
+
+
+def fixture_work(fixture: Path) -> dict:
+    """Tokens and F_fwd summed over the fixture as dpokit tokenizes it (chat template included)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpokit.data import prepare_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(fixture / "model")
+    model = AutoModelForCausalLM.from_pretrained(fixture / "model")
+    config = model.config
+    embed, head = model.get_input_embeddings().weight.numel(), model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - embed - head
+    shape = dict(body=body, vocab=config.vocab_size, hidden=config.hidden_size, layers=config.num_hidden_layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = prepare_dataset(
+            fixture / "pairs.jsonl", tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, cache_dir=tmp
+        )
+        items = [(len(item["prompt_ids"]), [len(r) for r in item["response_ids"]]) for item in data.items]
+    flops = sum(forward_flops(p, rs, **shape) for p, rs in items)
+    return {
+        "pairs": len(items),
+        "tokens": sum(p + sum(rs) for p, rs in items),
+        "prompt_mean": statistics.mean(p for p, _ in items),
+        "response_mean": statistics.mean(r for _, rs in items for r in rs),
+        "forward_flops": flops,
+        "forward_flops_per_pair": flops / len(items),
+        "params_body": body,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,33 +173,73 @@ def rss_now_and_peak() -> tuple[int, int]:
 
 
 class StepClock:
-    """Per-optimizer-step timestamps, and step memory: after step ``memory_from`` the RSS is the
-    idle baseline and the high-water mark is reset; afterwards the largest excess is kept."""
+    """Wall-clock (epoch) time of every optimizer step and of named start-up phases."""
 
-    def __init__(self, memory_from: int | None = None):
-        self.times: list[float] = []
-        self.memory_from = memory_from
-        self.baseline = 0
-        self.step_peak = 0
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.time()
 
     def tick(self, step: int) -> None:
-        self.times.append(time.perf_counter())
-        if self.memory_from is None:
-            return
-        rss, peak = rss_now_and_peak()
-        if step == self.memory_from:
-            self.baseline = rss
-            reset_peak_rss()
-        elif step > self.memory_from:
-            self.step_peak = max(self.step_peak, peak - self.baseline)
+        self.steps.append(time.time())
 
 
-def run_dpokit(
-    fixture: Path, work: Path, clock: StepClock, max_steps: int | None, batch_pairs: int, compile: bool = False
-) -> None:
-    from dpokit.config import load_config
-    from dpokit.training import run
+class StepProfiler:
+    """Profiles optimizer step ``PROFILE_STEP`` (started when step ``PROFILE_STEP - 1`` ends)."""
 
+    def __init__(self) -> None:
+        self.profile = None
+        self.summary: dict | None = None
+
+    def __call__(self, step: int) -> None:
+        import torch
+
+        if step == PROFILE_STEP - 1:
+            self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True)
+            self.profile.__enter__()
+        elif step == PROFILE_STEP and self.profile is not None:
+            self.profile.__exit__(None, None, None)
+            self.summary = summarize_profile(self.profile)
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+ATTENTION_MARK = "scaled_dot_product"
+
+
+def op_category(name: str) -> str:
+    if name in MATMUL_OPS:
+        return "matmul"
+    if ATTENTION_MARK in name or "flash_attention" in name:
+        return "attention"
+    if "adam" in name.lower() or "_foreach" in name:
+        return "optimizer"
+    return "other (element-wise, copies, reductions, framework)"
+
+
+def summarize_profile(profile) -> dict:
+    """Self CPU time by op and by category; the FLOP rate the matmuls themselves reached."""
+    events = profile.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    categories: dict[str, float] = {}
+    matmul_flops = matmul_time = 0.0
+    for e in events:
+        category = op_category(e.key)
+        categories[category] = categories.get(category, 0.0) + e.self_cpu_time_total
+        if category == "matmul":
+            matmul_flops += e.flops or 0
+            matmul_time += e.self_cpu_time_total
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    return {
+        "step_self_cpu_s": total / 1e6,
+        "categories": {k: v / total for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+        "matmul_flops_per_s": matmul_flops / (matmul_time / 1e6) if matmul_time else None,
+        "top_ops": [(e.key, e.self_cpu_time_total / total, e.count) for e in top],
+    }
+
+
+def dpokit_overrides(system: str, fixture: Path, work: Path, max_steps: int | None, batch_pairs: int) -> list[str]:
     overrides = [
         f"model.name_or_path={fixture / 'model'}",
         "model.device=cpu",
@@ -173,40 +261,114 @@ def run_dpokit(
         "optim.max_grad_norm=1.0",
         "optim.epochs=1",
         f"loss.beta={BETA}",
-        "reference.strategy=precomputed",
         "eval.every_steps=0",
         "checkpoint.every_steps=0",
     ]
     if max_steps:
         overrides.append(f"optim.max_steps={max_steps}")
-    if compile:
+    if system == "dpokit_precomputed":
+        overrides.append("reference.strategy=precomputed")
+    if system.startswith("dpokit_compile"):
         overrides.append("model.compile=true")
-    cfg = load_config(None, overrides)
-    run(cfg, on_step=lambda step, metrics: clock.tick(step))
+    return overrides
 
 
-def run_trl(fixture: Path, work: Path, clock: StepClock, max_steps: int | None, batch_pairs: int, fast: bool) -> None:
+class RecordHandler:
+    """Keeps the messages of dpokit's INFO log records (which reference strategy ran, and why)."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.messages: list[str] = []
+        self.handler = logging.Handler(logging.INFO)
+        self.handler.emit = lambda record: self.messages.append(record.getMessage())  # type: ignore[method-assign]
+
+
+def run_dpokit(system: str, fixture: Path, work: Path, clock: StepClock, options, on_step) -> dict:
+    import logging
+
+    from dpokit.config import load_config
+    from dpokit.training import run
+
+    clock.mark("imports")
+    records = RecordHandler()
+    package_logger = logging.getLogger("dpokit")
+    package_logger.addHandler(records.handler)
+    package_logger.setLevel(logging.INFO)
+    cfg = load_config(None, dpokit_overrides(system, fixture, work, options.max_steps, options.batch_pairs))
+    result = run(cfg, on_step=lambda step, metrics: on_step(step))
+    startup_file = Path(result.run_dir) / "startup.json"
+    startup = json.loads(startup_file.read_text()) if startup_file.exists() else None
+    reference_lines = [m for m in records.messages if "reference" in m.lower()]
+    compile_cache = work / "cache" / "compile"
+    return {
+        "startup": startup,
+        "reference_log": reference_lines[:4],
+        "reference_live": reference_is_live(system, reference_lines, startup),
+        "compile_cache_files": sum(1 for p in compile_cache.rglob("*") if p.is_file()) if compile_cache.exists() else 0,
+    }
+
+
+def reference_is_live(system: str, reference_lines: list[str], startup: dict | None) -> bool:
+    """Whether the reference forward runs inside each step (copy / adapters off) or before training."""
+    if system == "dpokit_precomputed":
+        return False
+    text = " ".join(reference_lines) + json.dumps(startup or {})
+    return "precomputed" not in text and "cached reference log-probs" not in text
+
+
+def run_trl(fixture: Path, work: Path, clock: StepClock, options, on_step, fast: bool) -> dict:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
+
+    clock.mark("imports")
+    reference_pass = {"s": 0.0}
+    original = DPOTrainer._precompute_ref_logps
+
+    def timed_precompute(self, *args, **kwargs):  # the up-front reference pass of trl_fast, timed
+        start = time.time()
+        out = original(self, *args, **kwargs)
+        reference_pass["s"] += time.time() - start
+        return out
+
+    DPOTrainer._precompute_ref_logps = timed_precompute
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock.mark("train_begin")
+
         def on_step_end(self, args, state, control, **kwargs):
-            clock.tick(state.global_step)
+            on_step(state.global_step)
 
     tokenizer = AutoTokenizer.from_pretrained(fixture / "model")
     model = AutoModelForCausalLM.from_pretrained(fixture / "model")
     ref_model = None if fast else AutoModelForCausalLM.from_pretrained(fixture / "model")
+    clock.mark("model_load")
     dataset = datasets.load_dataset("json", data_files=str(fixture / "pairs.jsonl"), split="train", cache_dir=str(work / "hf"))
-    args = DPOConfig(
+    clock.mark("data_load")
+    trainer = DPOTrainer(
+        model=model, ref_model=ref_model, args=trl_args(work, options, fast), train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.add_callback(Clock())
+    clock.mark("trainer_init")
+    trainer.train()
+    trainer.save_model(str(work / "trl" / "final"))
+    return {"reference_pass_s": reference_pass["s"], "reference_live": not fast}
+
+
+def trl_args(work: Path, options, fast: bool):
+    from trl import DPOConfig
+
+    return DPOConfig(
         output_dir=str(work / "trl"),
         report_to=[],
         use_cpu=True,
         bf16=False,
-        per_device_train_batch_size=batch_pairs,
+        per_device_train_batch_size=options.batch_pairs,
         gradient_accumulation_steps=1,
         num_train_epochs=1,
-        max_steps=max_steps or -1,
+        max_steps=options.max_steps or -1,
         learning_rate=LR,
         beta=BETA,
         loss_type=["sigmoid"],
@@ -221,11 +383,6 @@ def run_trl(fixture: Path, work: Path, clock: StepClock, max_steps: int | None, 
         disable_tqdm=True,
         **({"precompute_ref_log_probs": True, "gradient_checkpointing": False} if fast else {}),
     )
-    trainer = DPOTrainer(
-        model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()]
-    )
-    trainer.train()
-    trainer.save_model(str(work / "trl" / "final"))
 
 
 def worker(options: argparse.Namespace) -> None:
@@ -236,108 +393,93 @@ def worker(options: argparse.Namespace) -> None:
 
     torch.set_num_threads(options.threads)
     warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    import datasets
-    import transformers
+    logging.getLogger().setLevel(logging.ERROR)
+    clock = StepClock()
+    clock.mark("torch")
+    profiler = StepProfiler() if options.profile else None
 
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
+    def on_step(step: int) -> None:
+        clock.tick(step)
+        if profiler is not None:
+            profiler(step)
 
-    fixture = Path(options.fixture)
-    clock = StepClock(memory_from=1 if options.memory else None)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        start = time.perf_counter()
-        if options.worker.startswith("dpokit"):
-            run_dpokit(fixture, work, clock, options.max_steps, options.batch_pairs, compile=options.worker == "dpokit_compile")
-        else:
-            run_trl(fixture, work, clock, options.max_steps, options.batch_pairs, fast=options.worker == "trl_fast")
-        wall = time.perf_counter() - start
-    steady = clock.times[WARMUP_STEPS - 1 :] if len(clock.times) > WARMUP_STEPS + 1 else clock.times
+    work = Path(options.work)
+    if options.worker.startswith("dpokit"):
+        extra = run_dpokit(options.worker, Path(options.fixture), work, clock, options, on_step)
+    else:
+        extra = run_trl(Path(options.fixture), work, clock, options, on_step, fast=options.worker == "trl_fast")
+    clock.mark("end")
+    steady = clock.steps[WARMUP_STEPS - 1 :] if len(clock.steps) > WARMUP_STEPS + 1 else clock.steps
     pairs_per_second = (len(steady) - 1) * options.batch_pairs / (steady[-1] - steady[0]) if len(steady) > 1 else float("nan")
-    step_seconds = [b - a for a, b in itertools.pairwise(clock.times)]
-    print(
-        "RESULT "
-        + json.dumps(
-            {
-                "system": options.worker,
-                "wall_s": wall,
-                "steps": len(clock.times),
-                "pairs_per_s": pairs_per_second,
-                "median_step_s": statistics.median(step_seconds) if step_seconds else float("nan"),
-                "peak_rss": rss_now_and_peak()[1] if not options.memory else None,
-                "step_peak_above_idle": clock.step_peak if options.memory else None,
-                "first_step_at_s": clock.times[0] - start if clock.times else None,
-            }
-        ),
-        flush=True,
-    )
+    step_seconds = [b - a for a, b in itertools.pairwise(clock.steps)]
+    result = {
+        "system": options.worker,
+        "steps": len(clock.steps),
+        "pairs_per_s": pairs_per_second,
+        "median_step_s": statistics.median(step_seconds) if step_seconds else float("nan"),
+        "peak_rss": peak_rss(),
+        "first_step": clock.steps[0] if clock.steps else None,
+        "marks": clock.marks,
+        "profile": profiler.summary if profiler else None,
+        **extra,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
-# Parent: fixture, alternating runs, tables.
+# Parent: fixtures, alternating runs, tables.
 # ------------------------------------------------------------------------------------------------
 
 
-def launch(
-    system: str,
-    fixture: Path,
-    options: argparse.Namespace,
-    *,
-    memory: bool = False,
-    max_steps: int | None = None,
-    batch_pairs: int = BATCH_PAIRS,
-) -> dict:
-    import resource
-
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        system,
-        "--fixture",
-        str(fixture),
-        "--threads",
-        str(options.threads),
-        "--batch-pairs",
-        str(batch_pairs),
-    ]
-    if memory:
-        command.append("--memory")
-    if max_steps:
-        command += ["--max-steps", str(max_steps)]
+def launch(system: str, fixture: Path, work: Path, options, *, profile: bool = False, max_steps: int | None = None) -> dict:
+    """Run one system in a fresh process; wall time and time to first step are measured from the spawn."""
+    command = [sys.executable, __file__, "--worker", system, "--fixture", str(fixture), "--work", str(work)]
+    command += ["--threads", str(options.threads), "--batch-pairs", str(options.batch_pairs)]
+    if profile:
+        command.append("--profile")
+    if max_steps or options.max_steps:
+        command += ["--max-steps", str(max_steps or options.max_steps)]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(options.threads),
         "TOKENIZERS_PARALLELISM": "false",
+        "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"),  # never warm from an earlier run's default cache
         "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]),
     }
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    spawned = time.time()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ended = time.time()
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"{system} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     result = json.loads(lines[-1][len("RESULT ") :])
-    result["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    result["wall_s"] = ended - spawned
+    result["first_step_s"] = result["first_step"] - spawned if result["first_step"] else float("nan")
+    result["phases"] = startup_phases(result, spawned)
     return result
 
 
-def useful_flops(fixture: Path) -> tuple[float, int, int]:
-    """(6N + 2N) x tokens with the prompt counted once; returns (flops, N, tokens)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dpokit.data import prepare_dataset
-
-    tokenizer = AutoTokenizer.from_pretrained(fixture / "model")
-    model = AutoModelForCausalLM.from_pretrained(fixture / "model")
-    n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    with tempfile.TemporaryDirectory() as tmp:
-        data = prepare_dataset(
-            fixture / "pairs.jsonl", tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, cache_dir=tmp
-        )
-        tokens = sum(len(item["prompt_ids"]) + sum(len(r) for r in item["response_ids"]) for item in data.items)
-    return (6 + 2) * n_params * tokens, n_params, tokens
+def startup_phases(result: dict, spawned: float) -> dict[str, float]:
+    """Seconds from spawn to the first step, by phase (from the worker's marks; dpokit's own
+    ``startup.json`` breakdown is kept separately in ``result['startup']`` when present)."""
+    marks = result["marks"]
+    points = [("python + torch import", marks.get("torch")), ("tool imports", marks.get("imports"))]
+    if result["system"].startswith("trl"):
+        points += [
+            ("model load", marks.get("model_load")),
+            ("dataset load", marks.get("data_load")),
+            ("trainer init (tokenize, reference pass)", marks.get("trainer_init")),
+            ("train() set-up", marks.get("train_begin")),
+        ]
+    points.append(("to end of step 1", result["first_step"]))
+    phases, previous = {}, spawned
+    for name, at in points:
+        if at is not None:
+            phases[name] = at - previous
+            previous = at
+    if result.get("reference_pass_s"):
+        phases["  of which reference pass"] = result["reference_pass_s"]
+    return phases
 
 
 def load_average() -> str:
@@ -356,7 +498,53 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{name}, {os.cpu_count()} cores"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{name}, {os.cpu_count()} cores, {memory:.0f} GiB"
+
+
+def chosen_specs(options) -> list:
+    import fixtures
+
+    specs = []
+    for name in options.fixtures:
+        spec = fixtures.FIXTURES[name]
+        changes = {"seed": options.seed}
+        for field in ("pairs", "prompt_tokens", "response_tokens"):
+            value = getattr(options, field)
+            if value is not None:
+                changes[field] = tuple(value) if isinstance(value, list) else value
+        specs.append(dataclasses.replace(spec, **changes))
+    return specs
+
+
+def run_one(system, spec, fixture, root, options, compile_cache, repeat) -> dict | None:
+    """One run of ``system`` in its own work directory; keeps/uses the compile cache of the fixture."""
+    work = root / "work" / f"{spec.name}-{system}-{repeat}"
+    if system == "dpokit_compile_warm":
+        if spec.name not in compile_cache:
+            print(f"  {spec.name} {system}: skipped (no compile cache from a previous dpokit_compile run)", flush=True)
+            return None
+        shutil.copytree(compile_cache[spec.name], work / "cache" / "compile")
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        result = launch(system, fixture, work, options)
+    except SystemExit as failure:  # report it, keep the other systems' numbers
+        print(f"  repeat {repeat + 1} {spec.name} {system}: FAILED\n{failure}", flush=True)
+        return None
+    if system == "dpokit_compile" and result["compile_cache_files"]:
+        target = root / "compile_cache" / spec.name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(work / "cache" / "compile", target)
+        compile_cache[spec.name] = target
+    shutil.rmtree(work, ignore_errors=True)
+    result["load"] = load_average().split()[0]
+    print(
+        f"  repeat {repeat + 1} {spec.name:<15} {system:<20} wall {result['wall_s']:6.1f} s  "
+        f"first step {result['first_step_s']:5.1f} s  "
+        f"steady {result['pairs_per_s']:5.2f} pairs/s  peak RSS {result['peak_rss'] / 2**20:5.0f} MiB  (load {result['load']})",
+        flush=True,
+    )
+    return result
 
 
 def parent(options: argparse.Namespace) -> None:
@@ -367,138 +555,196 @@ def parent(options: argparse.Namespace) -> None:
         f"{options.threads} threads per run; load average before: {load_average()}",
         flush=True,
     )
+    report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "torch": torch.__version__, "fixtures": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        fixture = build_fixture(root / "main", pairs=options.pairs, vocab_size=4096)
-        flops, n_params, tokens = useful_flops(fixture)
-        print(
-            f"fixture: {options.pairs} pairs, {tokens:,} tokens (prompt once), N = {n_params:,} parameters without the "
-            f"input embedding; useful work {flops / 1e12:.2f} TFLOP",
-            flush=True,
-        )
-        results: dict[str, list[dict]] = {s: [] for s in options.systems}
-        matmul_rates: list[float] = []
-        loads: list[str] = []
+        specs = chosen_specs(options)
+        paths, results = {}, {spec.name: {s: [] for s in options.systems} for spec in specs}
+        for spec in specs:
+            paths[spec.name] = build_fixture(root / spec.name, spec)
+            work = fixture_work(paths[spec.name])
+            report["fixtures"][spec.name] = {"spec": dataclasses.asdict(spec), "work": work}
+            print(
+                f"fixture {spec.name}: {work['pairs']} pairs, prompt {work['prompt_mean']:.0f} / "
+                f"response {work['response_mean']:.0f} "
+                f"tokens on average, {work['tokens']:,} tokens (prompt once), forward {work['forward_flops'] / 1e12:.2f} TFLOP",
+                flush=True,
+            )
+        matmul_rates, compile_cache = [], {}
         for repeat in range(options.repeats):
             order = options.systems if repeat % 2 == 0 else list(reversed(options.systems))
-            for system in order:
-                matmul_rates.append(matmul_flops_per_second(options.threads))
-                try:
-                    result = launch(system, fixture, options, max_steps=options.max_steps)
-                except SystemExit as failure:  # report it, keep the other systems' numbers
-                    print(f"  repeat {repeat + 1} {system}: FAILED\n{failure}", flush=True)
-                    continue
-                results[system].append(result)
-                loads.append(load_average().split()[0])
-                print(
-                    f"  repeat {repeat + 1} {system:<12} wall {result['wall_s']:7.1f} s  "
-                    f"steady {result['pairs_per_s']:5.2f} pairs/s  "
-                    f"step {result['median_step_s']:.2f} s  peak RSS {result['peak_rss'] / 2**20:6.0f} MiB  "
-                    f"(cpu {result['cpu_s']:.0f} s, load {loads[-1]})",
-                    flush=True,
-                )
+            for spec in specs:
+                for system in order:
+                    matmul_rates.append(matmul_flops_per_second(options.threads))
+                    result = run_one(system, spec, paths[spec.name], root, options, compile_cache, repeat)
+                    if result is not None:
+                        results[spec.name][system].append(result)
         matmul_rates.append(matmul_flops_per_second(options.threads))
-        matmul = statistics.median(matmul_rates)
-
-        memory: dict[str, list[int]] = {}
-        if options.memory:
-            memory_fixture = build_fixture(
-                root / "memory", pairs=4 * 4, vocab_size=32000, prompt_tokens=(200, 256), response_tokens=(600, 760)
-            )
-            for _repeat in range(max(1, options.memory_repeats)):
-                for system in [s for s in ("dpokit", "trl_default") if s in options.systems]:
-                    result = launch(system, memory_fixture, options, memory=True, max_steps=4, batch_pairs=4)
-                    memory.setdefault(system, []).append(result["step_peak_above_idle"])
-                    print(
-                        f"  memory {system:<12} step peak above idle {result['step_peak_above_idle'] / 2**20:7.0f} MiB",
-                        flush=True,
-                    )
-
-    print_tables(options, results, matmul, flops, memory, loads)
+        report["matmul_flops_per_s"] = statistics.median(matmul_rates)
+        for spec in specs:
+            report["fixtures"][spec.name]["results"] = results[spec.name]
+            report["fixtures"][spec.name]["profile"] = maybe_profile(spec, paths[spec.name], root, options, report)
+    report["load_after"] = load_average()
+    print_report(options, report)
+    if options.json:
+        Path(options.json).write_text(json.dumps(report, indent=1), encoding="utf-8")
 
 
-def print_tables(options, results, matmul, flops, memory, loads) -> None:
-    med = {
-        s: {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "pairs_per_s", "peak_rss", "median_step_s")}
-        for s, runs in results.items()
-        if runs
-    }
-    print()
+def medians(runs: list[dict]) -> dict:
+    keys = ("wall_s", "pairs_per_s", "peak_rss", "median_step_s", "first_step_s")
+    out = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out["reference_live"] = runs[0]["reference_live"]
+    phases = {}
+    for name in runs[0]["phases"]:
+        phases[name] = statistics.median(r["phases"].get(name, 0.0) for r in runs)
+    out["phases"] = phases
+    out["startup"] = runs[0].get("startup")
+    out["reference_log"] = runs[0].get("reference_log")
+    return out
+
+
+def mfu(m: dict, work: dict, matmul: float) -> tuple[float, float]:
+    """(epoch MFU, steady MFU) as defined in the module docstring."""
+    epoch = 4 * work["forward_flops"] / m["wall_s"] / matmul
+    steady = work["forward_flops_per_pair"] * m["pairs_per_s"] * (4 if m["reference_live"] else 3) / matmul
+    return epoch, steady
+
+
+def maybe_profile(spec, fixture: Path, root: Path, options, report: dict) -> dict | None:
+    """Profile one step of dpokit's default when its steady MFU is below the target."""
+    runs = report["fixtures"][spec.name]["results"].get("dpokit")
+    if not runs or options.no_profile:
+        return None
+    _, steady = mfu(medians(runs), report["fixtures"][spec.name]["work"], report["matmul_flops_per_s"])
+    if steady >= options.mfu_target:
+        return None
+    work = root / "work" / f"{spec.name}-profile"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return launch("dpokit", fixture, work, options, profile=True, max_steps=PROFILE_STEP + 1)["profile"]
+    except SystemExit as failure:
+        print(f"  profile {spec.name}: FAILED\n{failure}", flush=True)
+        return None
+
+
+def print_report(options, report: dict) -> None:
+    matmul = report["matmul_flops_per_s"]
     print(
-        f"Medians of {options.repeats} alternating runs; matmul rate {matmul / 1e9:.1f} GFLOP/s "
-        f"(float32 2048^3, {options.threads} threads); load average during runs {', '.join(loads)} (now {load_average()})"
+        f"\nMedians of {options.repeats} alternating runs; float32 2048^3 matmul rate {matmul / 1e9:.1f} GFLOP/s "
+        f"({options.threads} threads, measured between runs); load average after: {report['load_after']}"
     )
-    print()
-    baselines = [s for s in ("trl_default", "trl_fast") if s in med]
-    header = (
-        "| system | epoch wall (s) | steady pairs/s | step (s) | peak RSS (MiB) | MFU | "
-        + " | ".join(f"wall / speed / RSS vs {b}" for b in baselines)
+    for name, entry in report["fixtures"].items():
+        med = {s: medians(runs) for s, runs in entry["results"].items() if runs}
+        work = entry["work"]
+        print(
+            f"\n## {name}: {work['pairs']} pairs, prompt {work['prompt_mean']:.0f} / response {work['response_mean']:.0f} "
+            f"tokens on average\n"
+        )
+        print_speed_table(med, work, matmul)
+        print_startup_table(med)
+        print_profile(entry.get("profile"), matmul)
+        print_targets(name, med, work, matmul, options.mfu_target)
+    print(
+        "\nwall: whole process, spawn to exit. MFU: useful work (policy 3 F_fwd + reference F_fwd per pair, prompt "
+        "once, attention counted) / time / matmul rate; steady MFU counts the reference forward only when it "
+        "runs inside the step."
+    )
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def print_speed_table(med: dict, work: dict, matmul: float) -> None:
+    baselines = [b for b in ("trl_default", "trl_fast") if b in med]
+    print(
+        "| system | wall (s) | first step (s) | steady pairs/s | step (s) | peak RSS (MiB) | MFU epoch / steady | "
+        + " | ".join(f"vs {b}: wall / pairs/s / RSS" for b in baselines)
         + " |"
     )
-    print(header)
-    print("|" + "---|" * (6 + len(baselines)))
-    names = {
-        "dpokit": "dpokit (shared prompt, precomputed ref)",
-        "dpokit_compile": "dpokit + model.compile",
-        "trl_default": "TRL 1.16 defaults",
-        "trl_fast": "TRL 1.16 precompute, no GC",
-    }
+    print("|" + "---|" * (7 + len(baselines)))
     for system, m in med.items():
-        mfu = flops / m["wall_s"] / matmul
+        epoch_mfu, steady_mfu = mfu(m, work, matmul)
         cells = [
-            f"{names[system]}",
+            NAMES[system],
             f"{m['wall_s']:.1f}",
+            f"{m['first_step_s']:.1f}",
             f"{m['pairs_per_s']:.2f}",
             f"{m['median_step_s']:.2f}",
             f"{m['peak_rss'] / 2**20:.0f}",
-            f"{mfu:.0%}",
+            f"{epoch_mfu:.0%} / {steady_mfu:.0%}",
         ]
         for b in baselines:
+            base = med[b]
             cells.append(
-                f"{med[b]['wall_s'] / m['wall_s']:.2f}x faster / {m['pairs_per_s'] / med[b]['pairs_per_s']:.2f}x / "
-                f"{m['peak_rss'] / med[b]['peak_rss']:.2f}x"
+                f"{ratio(base['wall_s'], m['wall_s'])} / {ratio(m['pairs_per_s'], base['pairs_per_s'])} / "
+                f"{ratio(m['peak_rss'], base['peak_rss'])}"
             )
         print("| " + " | ".join(cells) + " |")
-    print()
-    print(
-        "MFU = (6N + 2N) x tokens (prompt once) / epoch wall time / matmul rate; epoch wall includes loading, data "
-        "preparation, reference log-probs and saving."
-    )
-    if memory:
-        print()
-        print(
-            "Large-vocabulary fixture (vocab 32,000, up to 1,024 tokens, batch 4 pairs): "
-            "peak RSS of a training step above the idle trainer"
-        )
-        print()
-        print("| system | step peak above idle (MiB) | vs TRL defaults |")
-        print("|---|---|---|")
-        trl = statistics.median(memory["trl_default"]) if "trl_default" in memory else None
-        for system, values in memory.items():
-            value = statistics.median(values)
-            print(f"| {names[system]} | {value / 2**20:.0f} | {f'{value / trl:.2f}x' if trl else 'n/a'} |")
+
+
+def print_startup_table(med: dict) -> None:
+    print("\nTime to the first optimizer step (s, spawn to the end of step 1), by phase:\n")
+    for system, m in med.items():
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in m["phases"].items())
+        print(f"- {NAMES[system]}: {m['first_step_s']:.1f} = {phases}")
+        if m.get("startup"):
+            print(f"  dpokit startup.json: {json.dumps(m['startup'])}")
+        if m.get("reference_log") and system == "dpokit":
+            print(f"  reference: {' | '.join(m['reference_log'])}")
+
+
+def print_profile(profile: dict | None, matmul: float) -> None:
+    if not profile:
+        return
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in profile["categories"].items())
+    rate = profile["matmul_flops_per_s"]
+    rate_text = f"; the matmuls ran at {rate / 1e9:.0f} GFLOP/s = {rate / matmul:.0%} of the 2048^3 rate" if rate else ""
+    print(f"\nProfile of one dpokit step ({profile['step_self_cpu_s']:.2f} s self CPU): {shares}{rate_text}")
+    for op, share, count in profile["top_ops"]:
+        print(f"    {share:5.1%}  {op} (x{count})")
+
+
+def print_targets(name: str, med: dict, work: dict, matmul: float, mfu_target: float) -> None:
+    if "dpokit" not in med:
+        return
+    checks = []
+    if "trl_default" in med:
+        value = med["trl_default"]["wall_s"] / med["dpokit"]["wall_s"]
+        checks.append(f"end to end vs TRL defaults {value:.2f}x (target 2.5x: {'met' if value >= 2.5 else 'MISSED'})")
+    if "trl_fast" in med:
+        value = med["trl_fast"]["wall_s"] / med["dpokit"]["wall_s"]
+        checks.append(f"vs TRL fastest {value:.2f}x (target 2x: {'met' if value >= 2 else 'MISSED'})")
+    steady = mfu(med["dpokit"], work, matmul)[1]
+    checks.append(f"steady MFU {steady:.0%} (target {mfu_target:.0%}: {'met' if steady >= mfu_target else 'MISSED'})")
+    print(f"\nTargets on {name} (dpokit defaults): " + "; ".join(checks))
 
 
 def main() -> None:
+    import fixtures
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", choices=SYSTEMS)
     parser.add_argument("--fixture")
-    parser.add_argument("--memory", action="store_true", help="worker: measure step memory; parent: run the 32k-vocab fixture")
-    parser.add_argument("--no-memory", dest="memory", action="store_false")
-    parser.set_defaults(memory=None)
-    parser.add_argument("--memory-repeats", type=int, default=1)
-    parser.add_argument("--pairs", type=int, default=512)
+    parser.add_argument("--work")
+    parser.add_argument("--profile", action="store_true", help="worker: profile optimizer step 3")
+    parser.add_argument("--fixtures", nargs="+", choices=list(fixtures.FIXTURES), default=list(fixtures.FIXTURES))
+    parser.add_argument("--pairs", type=int, default=None, help="pairs per fixture (default: the fixture's own)")
+    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=None, metavar=("LO", "HI"))
+    parser.add_argument("--response-tokens", type=int, nargs=2, default=None, metavar=("LO", "HI"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated rows")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-pairs", type=int, default=BATCH_PAIRS)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--mfu-target", type=float, default=0.60)
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--json", help="also write every measurement to this JSON file")
     options = parser.parse_args()
     if options.worker:
-        options.memory = bool(options.memory)
         worker(options)
     else:
-        options.memory = True if options.memory is None else options.memory
         parent(options)
 
 

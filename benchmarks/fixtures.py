@@ -6,7 +6,11 @@
 * :func:`train_bpe_tokenizer` -- a byte-level BPE tokenizer (4,096 tokens by default) trained on it,
   with pad/bos/eos, as a ``PreTrainedTokenizerFast``;
 * :func:`generate_pairs` -- preference pairs ``{"prompt", "chosen", "rejected"}`` with prompts of
-  about 95 tokens and responses of 60-160 tokens (under the 4,096-token tokenizer);
+  about 95 tokens and responses of 60-160 tokens (under the 4,096-token tokenizer) by default;
+* :func:`generate_conversations` -- the same in the conversational format (a multi-turn message list
+  as the prompt, one assistant message per response), for a tokenizer with :data:`CHATML_TEMPLATE`;
+* :data:`FIXTURES` -- the training benchmark's named mixes (short responses, response-heavy,
+  conversational); :func:`write_pairs` writes one as JSONL;
 * :func:`llama_config` -- the Llama-architecture model of the training benchmark (hidden 256,
   intermediate 688, 4 layers, 4 heads, 2 KV heads) for a given vocabulary.
 
@@ -16,6 +20,7 @@ Everything is a pure function of its seed, so every run and every trainer sees t
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from functools import lru_cache
 
 FUNCTION_WORDS = [
@@ -297,8 +302,16 @@ def english_like_text(num_lines: int = 8_000, seed: int = 0) -> list[str]:
     return [english_like_words(rng, rng.randint(20, 80)) for _ in range(num_lines)]
 
 
+# ChatML: the turn markers are special tokens of the chat variant of the tokenizer (``chat=True``).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+
 @lru_cache(maxsize=4)
-def _tokenizer_json(vocab_size: int, seed: int) -> str:
+def _tokenizer_json(vocab_size: int, seed: int, chat: bool = False) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())
@@ -306,7 +319,7 @@ def _tokenizer_json(vocab_size: int, seed: int) -> str:
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
+        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"] + (CHAT_SPECIAL_TOKENS if chat else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -314,17 +327,24 @@ def _tokenizer_json(vocab_size: int, seed: int) -> str:
     return backend.to_str()
 
 
-def train_bpe_tokenizer(vocab_size: int = 4096, seed: int = 0):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` of ``vocab_size`` tokens (pad/bos/eos included)."""
+def train_bpe_tokenizer(vocab_size: int = 4096, seed: int = 0, *, chat: bool = False):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` of ``vocab_size`` tokens (pad/bos/eos included).
+
+    ``chat=True``: ``<|im_start|>``/``<|im_end|>`` are special tokens too (still ``vocab_size`` in all)
+    and the tokenizer carries :data:`CHATML_TEMPLATE`."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size, seed)),
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size, seed, chat)),
         pad_token="<|pad|>",
         bos_token="<|bos|>",
         eos_token="<|eos|>",
+        **({"additional_special_tokens": CHAT_SPECIAL_TOKENS} if chat else {}),
     )
+    if chat:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
 
 
 # Words per token-target, measured for the 4,096-token tokenizer on this text (~1.3 tokens a word).
@@ -352,6 +372,88 @@ def generate_pairs(
         rejected = " " + english_like_words(rng, words_for(rng.randint(*response_tokens)))
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
+
+
+def generate_conversations(
+    n: int,
+    seed: int = 0,
+    *,
+    prompt_tokens: tuple[int, int] = (60, 140),
+    response_tokens: tuple[int, int] = (60, 200),
+    turns: tuple[int, int] = (1, 3),
+) -> list[dict[str, list[dict[str, str]]]]:
+    """``n`` conversational rows: ``prompt`` is ``turns`` user messages with an assistant reply between
+    consecutive ones (``prompt_tokens`` of content in all, split evenly), ``chosen``/``rejected`` one
+    assistant message each. This is the format both dpokit's reader and TRL take as is."""
+    rng = random.Random(seed)
+
+    def words_for(tokens: int) -> int:
+        return max(3, round(tokens * WORDS_PER_TOKEN))
+
+    rows = []
+    for _ in range(n):
+        user_turns = rng.randint(*turns)
+        messages = 2 * user_turns - 1
+        budget = rng.randint(*prompt_tokens)
+        prompt = []
+        for index in range(messages):
+            text = english_like_words(rng, words_for(budget // messages))
+            if index % 2 == 0:
+                prompt.append({"role": "user", "content": text[:-1] + "?"})
+            else:
+                prompt.append({"role": "assistant", "content": text})
+        chosen, rejected = (english_like_words(rng, words_for(rng.randint(*response_tokens))) for _ in range(2))
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class FixtureSpec:
+    """One length mix of the training benchmark; every field can be changed from the command line."""
+
+    name: str
+    description: str
+    pairs: int
+    prompt_tokens: tuple[int, int]
+    response_tokens: tuple[int, int]
+    conversational: bool = False
+    seed: int = 0
+
+
+FIXTURES = {
+    "short": FixtureSpec("short", "short responses: prompts ~95 tokens, responses 60-160", 512, (85, 105), (60, 160)),
+    "response_heavy": FixtureSpec(
+        "response_heavy", "response-heavy: prompts ~40 tokens, responses 150-350", 256, (35, 45), (150, 350)
+    ),
+    "conversational": FixtureSpec(
+        "conversational",
+        "conversational: 1-3 user turns (~60-140 tokens of content) through ChatML, responses 60-200",
+        256,
+        (60, 140),
+        (60, 200),
+        conversational=True,
+    ),
+}
+
+
+def fixture_rows(spec: FixtureSpec) -> list[dict]:
+    """The rows of ``spec`` (plain or conversational), a pure function of its fields."""
+    make = generate_conversations if spec.conversational else generate_pairs
+    return make(spec.pairs, spec.seed, prompt_tokens=spec.prompt_tokens, response_tokens=spec.response_tokens)
+
+
+def write_pairs(spec: FixtureSpec, path) -> None:
+    """Write the rows of ``spec`` to ``path`` as JSONL."""
+    import json
+    from pathlib import Path
+
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in fixture_rows(spec)), encoding="utf-8")
 
 
 def llama_config(vocab_size: int = 4096, *, max_positions: int = 2048, **overrides):
