@@ -112,12 +112,15 @@ def launch(objective: str, fixture: Path, threads: int, max_steps: int) -> list[
 
 
 def parent(options: argparse.Namespace) -> None:
+    import dataclasses
+
     from bench_train import build_fixture, load_average, machine
+    from fixtures import FIXTURES
 
     steps: dict[str, list[float]] = {o: [] for o in options.objectives}
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        fixture = build_fixture(Path(tmp), pairs=options.pairs, vocab_size=4096)
+        fixture = build_fixture(Path(tmp), dataclasses.replace(FIXTURES["short"], pairs=options.pairs))
         for repeat in range(options.repeats):
             for objective in options.objectives:
                 times = launch(objective, fixture, options.threads, options.max_steps)

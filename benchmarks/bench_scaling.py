@@ -2,7 +2,7 @@
 vs vocabulary, on this machine's memory.
 
 Each point is one fresh process per tool that trains ``STEPS`` optimizer steps on ``--batch-pairs``
-identical-length pairs (the model of ``benchmarks/fixtures.py``: Llama, hidden 256, 4 layers, float32,
+(default 1) identical-length pairs (the model of ``benchmarks/fixtures.py``: Llama, hidden 256, 4 layers, float32,
 random init, with the point's vocabulary and 8,192 positions; the 4,096-token fixture tokenizer, so only
 the output layer's size changes with the vocabulary). A pair of L tokens is a prompt of L/4 tokens and
 two responses of 3L/8 each (prompt + chosen + rejected = L); both tools get ``max_length`` = 5L/8 per
@@ -254,6 +254,9 @@ def sweep(options) -> dict:
     results: dict = {"length": {}, "vocab": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for axis, length, vocab in points:
+            if axis == "vocab" and vocab == 32000 and length in results["length"]:
+                results[axis][vocab] = results["length"][length]  # the same point, measured once
+                continue
             point = build_point(Path(tmp) / f"{length}-{vocab}", length=length, vocab=vocab, pairs=options.batch_pairs * STEPS)
             key = length if axis == "length" else vocab
             results[axis][key] = {}
@@ -380,7 +383,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--vocabs", type=int, nargs="+", default=[4096, 32000, 128000, 256000])
     parser.add_argument("--vocab-length", type=int, default=1024, help="tokens per pair on the vocabulary axis")
-    parser.add_argument("--batch-pairs", type=int, default=2)
+    parser.add_argument("--batch-pairs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit-gib", type=float, default=22.0, help="kill a point's process above this RSS")
     parser.add_argument("--plot", default=str(HERE.parent / "docs" / "scaling.png"), help="'' for no plot")

@@ -36,7 +36,9 @@ def main() -> None:
     runs = {
         "tokenize": ["bench_tokenize.py"] + (["--pairs", "5000", "--repeats", "1"] if options.quick else []),
         "logprobs": ["bench_logprobs.py"] + (["--repeats", "1"] if options.quick else []),
-        "train": ["bench_train.py"] + (["--pairs", "64", "--repeats", "1"] if options.quick else []),
+        "train": ["bench_train.py"] + (["--pairs", "32", "--repeats", "1", "--no-profile"] if options.quick else []),
+        "scaling": ["bench_scaling.py"]
+        + (["--lengths", "512", "1024", "--vocabs", "4096", "--vocab-length", "512", "--plot", ""] if options.quick else []),
         "online": ["bench_online.py"]
         + (["--repeats", "1", "--prompts", "16", "--steps", "4", "--eval-prompts", "32"] if options.quick else []),
     }
