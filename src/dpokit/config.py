@@ -151,10 +151,17 @@ class ReferenceConfig:
         "auto",
         "'copy': a frozen second model; 'adapter_disabled': the LoRA policy with adapters off (no second copy); "
         "'precomputed': computed once before training, cached on disk; 'none': reference-free losses. "
-        "'auto' = none if the loss needs no reference, else adapter_disabled with LoRA, else copy.",
+        "'auto' = none if the loss needs no reference; adapter_disabled with LoRA, else copy, for KTO's KL term, "
+        "when eval.sample_prompts samples the reference, or when the run forwards fewer examples than one pass over "
+        "the data (a run shorter than an epoch) and a copy fits in memory; else precomputed. The log says which and why.",
     )
     name_or_path: str | None = _f(None, "Reference model location when it differs from model.name_or_path.")
-    batch_size: int = _f(32, "Examples per no-grad batch when precomputing reference log-probs.")
+    batch_size: int = _f(32, "Most examples per no-grad batch when precomputing reference log-probs.")
+    batch_tokens: int = _f(
+        8192,
+        "Most padded tokens (rows x longest row) per no-grad batch when precomputing reference log-probs; "
+        "examples are sorted by the length of the rows the layout builds, so padding stays small.",
+    )
 
 
 @dataclass
@@ -664,6 +671,7 @@ def validate_config(cfg: TrainConfig) -> None:
         "reference.name_or_path cannot be used with reference.strategy=adapter_disabled (the reference is the policy's base)",
     )
     need(cfg.reference.batch_size >= 1, f"reference.batch_size must be >= 1, got {cfg.reference.batch_size}")
+    need(cfg.reference.batch_tokens >= 1, f"reference.batch_tokens must be >= 1, got {cfg.reference.batch_tokens}")
     need(cfg.eval.every_steps >= 0, f"eval.every_steps must be >= 0, got {cfg.eval.every_steps}")
     need(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     need(cfg.eval.sample_prompts >= 0, f"eval.sample_prompts must be >= 0, got {cfg.eval.sample_prompts}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -467,11 +468,10 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    try:
-        import peft
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, peft.PeftModel)
+    """Whether ``model`` is a peft model; checked without importing peft (seconds of start-up): a
+    peft model can only exist once peft has been imported."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpokit.config import LoraConfig, ModelConfig
-from dpokit.data import PaddedCollator, PreferenceExample, prepare_dataset, prepare_from_examples
+from dpokit.data import PaddedCollator, PreferenceExample, make_collator, prepare_dataset, prepare_from_examples
 from dpokit.errors import ConfigError
 from dpokit.logprobs import compute_logps
 from dpokit.models import apply_lora, load_model_and_tokenizer
@@ -18,9 +18,14 @@ from dpokit.training.reference import (
     AdapterDisabledReference,
     CopyReference,
     NoReference,
+    ReferenceWorkload,
+    available_memory,
     cached_reference_files,
+    compute_reference_logps,
     load_or_compute_reference,
     model_fingerprint,
+    plan_reference,
+    reference_batches,
     resolve_reference_strategy,
 )
 from tests.helpers import preference_rows, write_preference_jsonl, write_tiny_model_dir
@@ -173,10 +178,89 @@ def test_copy_reference_is_frozen_and_unaffected_by_policy_updates(assets):
 
 def test_auto_strategy_resolution_and_mismatches():
     assert resolve_reference_strategy("auto", needs_reference=False, lora=True) == "none"
-    assert resolve_reference_strategy("auto", needs_reference=True, lora=True) == "adapter_disabled"
-    assert resolve_reference_strategy("auto", needs_reference=True, lora=False) == "copy"
+    assert resolve_reference_strategy("auto", needs_reference=True, lora=True) == "precomputed"
+    assert resolve_reference_strategy("auto", needs_reference=True, lora=False) == "precomputed"
+    assert resolve_reference_strategy("auto", needs_reference=True, lora=True, mismatched_pairs=True) == "adapter_disabled"
     assert resolve_reference_strategy("precomputed", needs_reference=True, lora=True) == "precomputed"
+    assert resolve_reference_strategy("copy", needs_reference=True, lora=True) == "copy"
     with pytest.raises(ConfigError, match="loss.reference_free=true"):
         resolve_reference_strategy("none", needs_reference=True, lora=False)
     with pytest.raises(ConfigError, match="lora"):
         resolve_reference_strategy("adapter_disabled", needs_reference=True, lora=False)
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    "lora,workload,expected,reason",
+    [
+        # An epoch or more: one pass over the data is no more work than the live forwards.
+        (False, ReferenceWorkload(256, 256, copy_bytes=GIB, free_bytes=20 * GIB), "precomputed", "costs no more than the 256"),
+        (True, ReferenceWorkload(300, 900), "precomputed", "no reference model stays in memory"),
+        # A run shorter than an epoch forwards fewer examples live.
+        (True, ReferenceWorkload(1000, 80), "adapter_disabled", "forwards 80 examples, fewer than the 1000"),
+        (False, ReferenceWorkload(1000, 80, copy_bytes=GIB, free_bytes=20 * GIB), "copy", "a frozen copy (1.0 GiB)"),
+        (False, ReferenceWorkload(1000, 80, copy_bytes=GIB, free_bytes=None), "copy", "fewer than the 1000"),
+        # ... unless the copy does not fit in half the free memory.
+        (False, ReferenceWorkload(1000, 80, copy_bytes=6 * GIB, free_bytes=10 * GIB), "precomputed", "do not fit"),
+    ],
+)
+def test_auto_picks_the_strategy_that_forwards_least_and_fits(lora, workload, expected, reason):
+    strategy, why = plan_reference("auto", needs_reference=True, lora=lora, workload=workload)
+    assert strategy == expected and reason in why
+
+
+def test_auto_explains_none_and_the_kto_exception_and_an_explicit_choice():
+    workload = ReferenceWorkload(100, 1000)
+    assert plan_reference("auto", needs_reference=False, lora=False, workload=workload) == ("none", "the loss needs no reference")
+    strategy, why = plan_reference("auto", needs_reference=True, lora=False, mismatched_pairs=True, workload=workload)
+    assert strategy == "copy" and "KL pairs" in why
+    sampled = ReferenceWorkload(100, 1000, samples_reference=True)
+    strategy, why = plan_reference("auto", needs_reference=True, lora=True, workload=sampled)
+    assert strategy == "adapter_disabled" and "eval.sample_prompts" in why
+    assert plan_reference("copy", needs_reference=True, lora=False, workload=workload) == ("copy", "set by reference.strategy")
+
+
+def test_available_memory_of_the_cpu_is_the_systems_free_memory():
+    free = available_memory(torch.device("cpu"))
+    assert free is None or 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _items(lengths):
+    """Prepared-item stand-ins: (prompt, chosen, rejected) token counts -> ids."""
+    return [{"example_id": i, "prompt_ids": [5] * p, "response_ids": [[6] * c, [7] * r]} for i, (p, c, r) in enumerate(lengths)]
+
+
+def test_reference_batches_sort_by_the_layouts_row_and_keep_the_token_budget():
+    """Shared-prompt rows are prompt + both responses long, padded rows prompt + the longer response
+    (two rows per example); each batch holds at most max_tokens padded tokens, an example longer
+    than the budget goes alone, and every example appears once."""
+    items = _items([(2, 10, 10), (12, 2, 2), (4, 4, 20), (1, 1, 1), (30, 30, 30), (3, 3, 3)])
+    shared = reference_batches(items, max_examples=32, max_tokens=60)
+    assert shared == [[4], [2, 0], [1, 5, 3]]  # rows 90 (alone) | 28, 22 (2 x 28 <= 60) | 16, 9, 3
+    padded = reference_batches(items, max_examples=32, max_tokens=60, one_row_per_response=True)
+    assert padded == [[4], [2], [1, 0], [5, 3]]  # rows 60 | 24 | 14, 12 (4 rows x 14) | 6, 2
+    for batches, rows_per_item, key in (
+        (shared, 1, lambda it: len(it["prompt_ids"]) + sum(map(len, it["response_ids"]))),
+        (padded, 2, lambda it: len(it["prompt_ids"]) + max(map(len, it["response_ids"]))),
+    ):
+        assert sorted(i for b in batches for i in b) == list(range(len(items)))
+        flat = [key(items[i]) for b in batches for i in b]
+        assert flat == sorted(flat, reverse=True)
+        for b in batches:
+            assert len(b) == 1 or len(b) * rows_per_item * key(items[b[0]]) <= 60
+    assert reference_batches(items, max_examples=2, max_tokens=None) == [[4, 2], [0, 1], [5, 3]]
+
+
+@pytest.mark.parametrize("layout", ["padded", "shared_prompt", "packed"])
+def test_token_budgeted_reference_table_equals_one_example_at_a_time(assets, tmp_path, layout):
+    """The batched pass (length-sorted, a budget that makes batches of several sizes) gives every
+    example the log-probs it gets alone, in every layout."""
+    model, tokenizer = load(assets)
+    data = prepare_dataset(assets / "train.jsonl", tokenizer, cache_dir=tmp_path)
+    collate = make_collator(layout, tokenizer.pad_token_id, **({"pack_tokens": 256} if layout == "packed" else {}))
+    ids, table = compute_reference_logps(model, data.items, collate, batch_size=32, batch_tokens=200)
+    alone_ids, alone = compute_reference_logps(model, data.items, collate, batch_size=1, batch_tokens=None)
+    assert torch.equal(ids, alone_ids)
+    torch.testing.assert_close(table, alone, rtol=1e-5, atol=1e-4)

@@ -17,7 +17,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.training.tracking import MetricsTracker, progress_bar, read_metrics
+from dpokit.training.tracking import MetricsTracker, StartupClock, progress_bar, read_metrics
 
 
 def _logged_run(run_dir):
@@ -206,3 +206,23 @@ def test_disabled_progress_bar_prints_nothing(capsys):
     bar.set_metrics({"loss": 1.0})
     bar.close()
     assert capsys.readouterr().err == ""
+
+
+def test_startup_clock_times_phases_in_order_and_writes_startup_json(tmp_path):
+    """Phases add up; the remainder is the time no phase covered; the record names every phase and
+    the process's time before the clock (known on Linux)."""
+    clock = StartupClock()
+    with clock.phase("model"):
+        sum(range(1000))
+    with clock.phase("model"):  # a phase entered twice adds up
+        pass
+    clock.remainder("first_step")
+    record = json.loads(clock.write(tmp_path, reference_strategy="copy").read_text())
+    assert list(record["phases_s"]) == ["model", "first_step"] and record["reference_strategy"] == "copy"
+    assert record["run_to_first_step_s"] == pytest.approx(sum(record["phases_s"].values()), abs=0.002)
+    assert record["process_to_run_s"] == pytest.approx(
+        record["process_to_first_step_s"] - record["run_to_first_step_s"], abs=0.002
+    )
+    assert clock.summary().startswith("first optimizer step after ") and "model " in clock.summary()
+    clock.process_to_run = None  # where /proc is not there
+    assert clock.record()["process_to_first_step_s"] is None and "process start" not in clock.summary()

@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import json
+import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -321,15 +322,25 @@ def describe_source(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
+def _in_memory_dataset(source: Any, split: str) -> Any | None:
+    """``source`` as a ``datasets.Dataset`` (``split`` of a ``DatasetDict``), or None when it is not one.
+
+    Checked without importing ``datasets`` (seconds of start-up): a dataset object can only exist
+    once its library has been imported."""
+    datasets = sys.modules.get("datasets")
+    if datasets is None:
+        return None
+    if isinstance(source, datasets.DatasetDict):
+        source = _pick_split(source, split, "<DatasetDict>")
+    return source if isinstance(source, datasets.Dataset) else None
+
+
 def raw_rows(source: Any, *, split: str = "train") -> tuple[RawRows, bool]:
     """Iterate raw rows of any supported source. Returns (rows, text_table) where ``text_table``
     says every cell is a string (CSV), so list-valued fields may hold JSON text."""
-    import datasets
-
-    if isinstance(source, datasets.DatasetDict):
-        source = _pick_split(source, split, "<DatasetDict>")
-    if isinstance(source, datasets.Dataset):
-        return _dataset_rows(source, "dataset"), False
+    dataset = _in_memory_dataset(source, split)
+    if dataset is not None:
+        return _dataset_rows(dataset, "dataset"), False
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         return ((f"row {i}", row) for i, row in enumerate(source, 1)), False
     if not isinstance(source, (str, Path)):
@@ -378,13 +389,10 @@ def file_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def source_fingerprint(source: Any, *, split: str = "train") -> str:
     """A content hash of the data: file bytes, every file of a directory, or a dataset fingerprint."""
-    import datasets
-
     digest = hashlib.sha256()
-    if isinstance(source, datasets.DatasetDict):
-        source = _pick_split(source, split, "<DatasetDict>")
-    if isinstance(source, datasets.Dataset):
-        digest.update(b"dataset:" + dataset_fingerprint(source).encode())
+    dataset = _in_memory_dataset(source, split)
+    if dataset is not None:
+        digest.update(b"dataset:" + dataset_fingerprint(dataset).encode())
     elif isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         digest.update(b"rows:" + json.dumps(list(source), sort_keys=True, default=repr).encode())
     elif isinstance(source, (str, Path)) and Path(source).expanduser().is_file():

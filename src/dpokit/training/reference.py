@@ -26,6 +26,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -77,8 +78,41 @@ def cache_key(model_fp: str, dataset_fp: str) -> str:
     return hashlib.sha256(f"{CACHE_FORMAT}|{model_fp}|{dataset_fp}".encode()).hexdigest()[:32]
 
 
-def _item_length(item: dict[str, Any]) -> int:
-    return len(item["prompt_ids"]) + max((len(r) for r in item["response_ids"]), default=0)
+def _row_shape(item: dict[str, Any], *, one_row_per_response: bool) -> tuple[int, int]:
+    """(token rows, row length) of ``item`` in a batch layout: one row per response (padded) or one
+    ``[prompt | responses...]`` row (shared prompt; packed rows are filled up to about the same)."""
+    prompt = len(item["prompt_ids"])
+    responses = [len(r) for r in item["response_ids"]] or [0]
+    if one_row_per_response:
+        return len(responses), prompt + max(responses)
+    return 1, prompt + sum(responses)
+
+
+def reference_batches(
+    items: Sequence[dict[str, Any]], *, max_examples: int, max_tokens: int | None, one_row_per_response: bool = False
+) -> list[list[int]]:
+    """Indices of ``items`` in batches for a no-grad pass: sorted by the layout's row length, longest
+    first (an out-of-memory error shows on the first batch), each batch at most ``max_examples``
+    items and at most ``max_tokens`` padded tokens (rows x its longest row; an item longer than the
+    budget goes alone). Sorting by the row the layout builds keeps padding, and the attention over
+    it, to a few percent; the token budget keeps long rows from making huge batches."""
+    shapes = [_row_shape(item, one_row_per_response=one_row_per_response) for item in items]
+    order = sorted(range(len(items)), key=lambda i: (-shapes[i][1], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
+    for i in order:
+        item_rows, length = shapes[i]
+        longest = shapes[current[0]][1] if current else length
+        over_budget = max_tokens is not None and (rows + item_rows) * longest > max_tokens
+        if current and (len(current) >= max_examples or over_budget):
+            batches.append(current)
+            current, rows = [], 0
+        current.append(i)
+        rows += item_rows
+    if current:
+        batches.append(current)
+    return batches
 
 
 def compute_reference_logps(
@@ -87,24 +121,29 @@ def compute_reference_logps(
     collate: Callable[[list[dict[str, Any]]], Batch],
     *,
     batch_size: int = 32,
+    batch_tokens: int | None = 8192,
     chunk_size: int = 1024,
     device: torch.device | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs for every item: ``(example_ids (N,) long, logps (N, K_max) float32)``.
 
-    Runs ``model`` under :func:`dpokit.models.reference_mode` (eval, no grad, adapters off) in
-    batches of ``batch_size`` items taken longest first, so the padding per batch is small and an
-    out-of-memory error shows on the first batch. Slots beyond an example's own K are 0.
+    Runs ``model`` under :func:`dpokit.models.reference_mode` (eval, no grad, adapters off) and
+    inference mode, in the batches of :func:`reference_batches` (at most ``batch_size`` items and
+    ``batch_tokens`` padded tokens, sorted by the length of the rows ``collate`` builds). Slots
+    beyond an example's own K are 0.
     """
+    from dpokit.data.collate import PaddedCollator
     from dpokit.logprobs import compute_logps
 
     n = len(items)
     if n == 0:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, 2)
-    order = sorted(range(n), key=lambda i: -_item_length(items[i]))
-    k_max = max(len(items[i]["response_ids"]) for i in range(n))
-    example_ids = torch.tensor([int(items[i]["example_id"]) for i in range(n)], dtype=torch.long)
+    batches = reference_batches(
+        items, max_examples=batch_size, max_tokens=batch_tokens, one_row_per_response=isinstance(collate, PaddedCollator)
+    )
+    k_max = max(len(item["response_ids"]) for item in items)
+    example_ids = torch.tensor([int(item["example_id"]) for item in items], dtype=torch.long)
     logps = torch.zeros(n, k_max, dtype=torch.float32)
     device = device or next(model.parameters()).device
     bar = None
@@ -112,9 +151,8 @@ def compute_reference_logps(
         from dpokit.training.tracking import progress_bar
 
         bar = progress_bar(n, enabled=True, desc="reference log-probs")
-    with reference_mode(model) as reference:
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
+    with reference_mode(model) as reference, torch.inference_mode():
+        for rows in batches:
             batch = collate([items[i] for i in rows]).to(device)
             values = compute_logps(reference, batch, chunk_size=chunk_size).logps.float().cpu()
             values = values.masked_fill(~batch.response_mask.cpu(), 0.0)
@@ -184,6 +222,7 @@ def load_or_compute_reference(
     dataset_fingerprint: str,
     cache_dir: str | Path,
     batch_size: int = 32,
+    batch_tokens: int | None = 8192,
     chunk_size: int = 1024,
     model_fp: str | None = None,
     progress: bool = False,
@@ -208,6 +247,7 @@ def load_or_compute_reference(
         shard,
         collate,
         batch_size=batch_size,
+        batch_tokens=batch_tokens,
         chunk_size=chunk_size,
         progress=progress and ctx.is_main,
     )
@@ -349,15 +389,74 @@ class AdapterDisabledReference:
             yield model
 
 
-def resolve_reference_strategy(strategy: str, *, needs_reference: bool, lora: bool, mismatched_pairs: bool = False) -> str:
-    """The concrete strategy for ``reference.strategy`` (``auto`` resolved), checked against the loss.
+@dataclass(frozen=True)
+class ReferenceWorkload:
+    """What a run asks of its reference, for ``reference.strategy: auto`` to weigh.
 
-    ``mismatched_pairs``: the objective's KL reference point (KTO) scores prompt/completion pairs
-    that change with every batch, so a table computed before training cannot hold them."""
+    ``precomputed_examples``: the examples a precomputed pass forwards once (every training and
+    evaluation example); ``live_examples``: the examples a live reference forwards (each trained
+    example, steps x examples per step, and the evaluation examples at every evaluation). Per example
+    both cost one no-grad forward of the same rows (the pass groups rows by length under a token
+    budget). ``copy_bytes``: the weights a second copy of the model holds; ``free_bytes``: memory
+    available on the training device (None when unknown); ``samples_reference``: the run writes the
+    reference model's samples at evaluations (``eval.sample_prompts``), which needs a reference model."""
+
+    precomputed_examples: int
+    live_examples: int
+    copy_bytes: int = 0
+    free_bytes: int | None = None
+    samples_reference: bool = False
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _auto_strategy(*, lora: bool, mismatched_pairs: bool, workload: ReferenceWorkload | None) -> tuple[str, str]:
+    """``auto``'s choice and why, for a loss that needs reference log-probs."""
+    live = "adapter_disabled" if lora else "copy"
+    if mismatched_pairs:
+        return live, "KTO's KL pairs change with every batch, so no table computed before training can hold them"
+    if workload is None:
+        return "precomputed", "one no-grad pass before training, no reference model kept in memory"
+    if workload.samples_reference:
+        return live, "eval.sample_prompts samples the reference model, which a precomputed table does not keep"
+    pre, per_step = workload.precomputed_examples, workload.live_examples
+    if pre <= per_step:
+        return "precomputed", (
+            f"one pass over {pre} examples costs no more than the {per_step} reference forwards of a live reference, "
+            "and no reference model stays in memory"
+        )
+    if not lora and workload.free_bytes is not None and 2 * workload.copy_bytes > workload.free_bytes:
+        return "precomputed", (
+            f"a live copy would forward {per_step} examples against {pre} precomputed, but its "
+            f"{_gib(workload.copy_bytes)} of weights do not fit comfortably in the {_gib(workload.free_bytes)} free"
+        )
+    how = "the base model with the adapters off" if lora else f"a frozen copy ({_gib(workload.copy_bytes)})"
+    return live, f"the run forwards {per_step} examples, fewer than the {pre} a precomputed pass would; {how}"
+
+
+def plan_reference(
+    strategy: str,
+    *,
+    needs_reference: bool,
+    lora: bool,
+    mismatched_pairs: bool = False,
+    workload: ReferenceWorkload | None = None,
+) -> tuple[str, str]:
+    """The concrete strategy for ``reference.strategy`` and a one-line reason, checked against the loss.
+
+    ``auto``: ``none`` when the loss needs no reference; ``adapter_disabled`` (LoRA) or ``copy`` when
+    the loss has KTO's mismatched KL pairs (``mismatched_pairs``), which change with every batch, or
+    the run samples the reference model at evaluations; otherwise ``precomputed``, unless ``workload``
+    shows the run forwards fewer examples than a precomputed pass would (a run shorter than an epoch)
+    and, for ``copy``, a second copy fits in half the free memory. Without ``workload`` ``auto``
+    takes ``precomputed`` whenever it can.
+    """
     if strategy == "auto":
         if not needs_reference:
-            return "none"
-        return "adapter_disabled" if lora else "copy"
+            return "none", "the loss needs no reference"
+        return _auto_strategy(lora=lora, mismatched_pairs=mismatched_pairs, workload=workload)
     if strategy == "none" and needs_reference:
         raise ConfigError(
             "reference.strategy=none but the loss needs reference log-probs; choose reference.strategy "
@@ -370,7 +469,32 @@ def resolve_reference_strategy(strategy: str, *, needs_reference: bool, lora: bo
         )
     if strategy == "adapter_disabled" and not lora:
         raise ConfigError("reference.strategy=adapter_disabled needs model.lora.enabled=true")
-    return strategy
+    return strategy, "set by reference.strategy"
+
+
+def resolve_reference_strategy(strategy: str, *, needs_reference: bool, lora: bool, mismatched_pairs: bool = False) -> str:
+    """The concrete strategy for ``reference.strategy`` (``auto`` resolved as :func:`plan_reference`
+    does without a workload), checked against the loss.
+
+    ``mismatched_pairs``: the objective's KL reference point (KTO) scores prompt/completion pairs
+    that change with every batch, so a table computed before training cannot hold them."""
+    return plan_reference(strategy, needs_reference=needs_reference, lora=lora, mismatched_pairs=mismatched_pairs)[0]
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: CUDA's free memory, or the system's MemAvailable
+    (Linux); None when unknown."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def build_references(
@@ -414,6 +538,7 @@ def build_references(
                 dataset_fingerprint=dataset.fingerprint,
                 cache_dir=cfg.data.cache_dir,
                 batch_size=cfg.reference.batch_size,
+                batch_tokens=cfg.reference.batch_tokens,
                 chunk_size=chunk,
                 model_fp=model_fp,
                 progress=cfg.logging.progress_bar,

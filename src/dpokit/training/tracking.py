@@ -378,3 +378,79 @@ def progress_bar(
     ``line_every``: when ``file`` (default standard error) is not a terminal, one line every that many
     steps (the trainer passes ``logging.log_every``); on a terminal the bar redraws at every update."""
     return ProgressBar(total, initial=initial, enabled=enabled, desc=desc, line_every=line_every, file=file)
+
+
+# ------------------------------------------------------------------------------------------------
+# Time to the first optimizer step.
+# ------------------------------------------------------------------------------------------------
+
+STARTUP_FILENAME = "startup.json"
+
+
+def seconds_since_process_start() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), or None where that is not known."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as handle:
+            uptime = float(handle.read().split()[0])
+        import os
+
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: starttime, in ticks
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class StartupClock:
+    """Where the seconds before the first optimizer step go: named phases, timed in order.
+
+    ``process_to_run`` is the time from the process start to the clock's creation (interpreter
+    start, imports, whatever the caller did first); each :meth:`phase` adds its wall time; the
+    record is written as ``startup.json`` by :meth:`write`."""
+
+    def __init__(self) -> None:
+        self.process_to_run = seconds_since_process_start()
+        self.started = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def phase(self, name: str) -> _Phase:
+        return _Phase(self, name)
+
+    def remainder(self, name: str) -> None:
+        """Record as ``name`` the time since the clock started that no phase has covered yet."""
+        self.phases[name] = max(0.0, time.perf_counter() - self.started - sum(self.phases.values()))
+
+    def record(self, **extra: Any) -> dict[str, Any]:
+        run_to_first_step = sum(self.phases.values())
+        total = None if self.process_to_run is None else self.process_to_run + run_to_first_step
+        return {
+            "process_to_run_s": None if self.process_to_run is None else round(self.process_to_run, 3),
+            "phases_s": {name: round(seconds, 3) for name, seconds in self.phases.items()},
+            "run_to_first_step_s": round(run_to_first_step, 3),
+            "process_to_first_step_s": None if total is None else round(total, 3),
+            **extra,
+        }
+
+    def summary(self) -> str:
+        record = self.record()
+        first = record["process_to_first_step_s"] or record["run_to_first_step_s"]
+        parts = ([f"process start to run {record['process_to_run_s']:.1f}"] if record["process_to_run_s"] is not None else []) + [
+            f"{name} {seconds:.1f}" for name, seconds in record["phases_s"].items()
+        ]
+        return f"first optimizer step after {first:.1f} s: " + ", ".join(parts)
+
+    def write(self, run_dir: str | Path, **extra: Any) -> Path:
+        path = Path(run_dir) / STARTUP_FILENAME
+        path.write_text(json.dumps(self.record(**extra), indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+class _Phase:
+    def __init__(self, clock: StartupClock, name: str) -> None:
+        self.clock, self.name = clock, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.clock.phases[self.name] = self.clock.phases.get(self.name, 0.0) + time.perf_counter() - self.start

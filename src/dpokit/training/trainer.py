@@ -45,12 +45,15 @@ from dpokit.training.reference import (
     AdapterDisabledReference,
     PrecomputedReference,
     Reference,
+    ReferenceWorkload,
+    available_memory,
     build_references,
-    resolve_reference_strategy,
+    plan_reference,
 )
 from dpokit.training.resume import RunDirectory, check_resume_compatible, invariants, weights_fingerprint
 from dpokit.training.splits import Split, epoch_batches, load_data
 from dpokit.training.stop import StopRequest
+from dpokit.training.tracking import StartupClock
 
 logger = logging.getLogger(__name__)
 
@@ -113,12 +116,14 @@ def run(cfg: TrainConfig, *, resume: str | None = None, on_step: OnStep | None =
 
     Under torchrun (``WORLD_SIZE`` set) every process calls this with the same arguments.
     """
-    validate_config(cfg)
-    require_paths(cfg)
-    cfg = apply_global_batch_size(cfg, launched_world_size() or 1)
-    ctx = setup_parallel(cfg)
+    clock = StartupClock()
+    with clock.phase("config"):
+        validate_config(cfg)
+        require_paths(cfg)
+        cfg = apply_global_batch_size(cfg, launched_world_size() or 1)
+        ctx = setup_parallel(cfg)
     with ctx.running():
-        trainer = Trainer(cfg, ctx, resume=resume, overwrite=overwrite)
+        trainer = Trainer(cfg, ctx, resume=resume, overwrite=overwrite, clock=clock)
         try:
             return trainer.fit(on_step)
         finally:
@@ -140,8 +145,10 @@ class Trainer:
         resume: str | None = None,
         overwrite: bool = False,
         data: DataSource | None = None,
+        clock: StartupClock | None = None,
     ) -> None:
         self.cfg, self.ctx = cfg, ctx
+        self.clock = clock or StartupClock()  # time to the first optimizer step, by phase (startup.json)
         self.data_source = data
         self.extra_state: dict[str, Any] = {}  # recorded in every checkpoint (the online loop's round)
         self.restored_state: dict[str, Any] = {}  # the trainer state of the checkpoint resumed from
@@ -178,6 +185,8 @@ class Trainer:
         cfg, p = self.cfg, self.position
         while p.step < end_step:
             step_metrics = self.record_step(*self.train_step())
+            if "first_step" not in self.clock.phases:
+                self.report_startup()
             if self.eval_split is not None and cfg.eval.every_steps and p.step % cfg.eval.every_steps == 0:
                 self.evaluate()
             if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
@@ -394,9 +403,10 @@ class Trainer:
 
         cfg, ctx = self.cfg, self.ctx
         seed_everything(cfg.optim.seed)
-        policy, self.tokenizer = load_model_and_tokenizer(cfg.model, device=ctx.device)
+        with self.clock.phase("model"):
+            policy, self.tokenizer = load_model_and_tokenizer(cfg.model, device=ctx.device)
         self.objective = build_objective(cfg.loss.terms, beta=cfg.loss.beta, reference_free=cfg.loss.reference_free)
-        with ctx.main_first():  # one rank fills the tokenized-data cache
+        with ctx.main_first(), self.clock.phase("data"):  # one rank fills the tokenized-data cache
             if self.data_source is not None:
                 self.train_split, self.eval_split = self.data_source(self.tokenizer, self.objective.unpaired)
             else:
@@ -409,15 +419,17 @@ class Trainer:
         )
         if layout != "padded":  # group batches by the length of a whole [prompt | responses] block
             self.train_split.length_kind = "block"
-        self.reference_strategy = resolve_reference_strategy(
+        self.reference_strategy, why = plan_reference(
             cfg.reference.strategy,
             needs_reference=self.objective.needs_reference,
             lora=cfg.model.lora.enabled,
             mismatched_pairs=self.objective.needs_kl,
+            workload=self.reference_workload(policy),
         )
         self.say(
-            f"objective {self.objective!r}; reference: {self.reference_strategy}; {len(self.train_split)} training "
-            "examples" + (f", {len(self.eval_split)} held out" if self.eval_split is not None else "")
+            f"objective {self.objective!r}; {len(self.train_split)} training examples"
+            + (f", {len(self.eval_split)} held out" if self.eval_split is not None else "")
+            + f"; reference: {self.reference_strategy} ({why})"
         )
         self.setup_policy_and_references(policy)
         self.setup_optimizer()
@@ -425,13 +437,41 @@ class Trainer:
             self.restore(self.resume_from)
         if ctx.is_main:  # the record of the run (a resume's beside it), once the resume is accepted
             self.run_directory.write_config(cfg, resumed_at=self.position.step if self.resume_from is not None else None)
+        self.clock.remainder("other_setup")  # wrapping, compilation, optimizer, resume
+
+    def reference_workload(self, policy: torch.nn.Module) -> ReferenceWorkload:
+        """The examples a precomputed pass and a live reference would forward in this run, and whether a
+        copy of ``policy`` fits, for ``reference.strategy: auto``."""
+        cfg, o = self.cfg, self.cfg.optim
+        micro = o.batch_size * self.ctx.world_size
+        steps = o.max_steps or o.epochs * math.ceil(math.ceil(len(self.train_split) / micro) / o.grad_accumulation)
+        datasets = {id(s.dataset): len(s.dataset.items) for s in (self.train_split, self.eval_split) if s is not None}
+        evaluations = (steps // cfg.eval.every_steps if cfg.eval.every_steps else 0) + 1 if self.eval_split is not None else 0
+        live = steps * micro * o.grad_accumulation + evaluations * (len(self.eval_split) if self.eval_split is not None else 0)
+        tensors = [*policy.parameters(), *policy.buffers()]
+        return ReferenceWorkload(
+            precomputed_examples=sum(datasets.values()),
+            live_examples=live,
+            copy_bytes=sum(t.numel() * t.element_size() for t in tensors),
+            free_bytes=available_memory(self.ctx.device),
+            samples_reference=self.eval_split is not None and cfg.eval.sample_prompts > 0,
+        )
+
+    def report_startup(self) -> None:
+        """After the first optimizer step: where the seconds before it went, in one line and startup.json."""
+        self.clock.remainder("first_step")  # the metrics tracker, the first batches and the step itself
+        self.say(self.clock.summary())
+        if self.ctx.is_main:
+            with contextlib.suppress(OSError):
+                self.clock.write(self.run_dir, reference_strategy=self.reference_strategy)
 
     def setup_policy_and_references(self, policy: torch.nn.Module) -> None:
         """The references (fixed from the initial weights, before LoRA and any resumed weights), then
         gradient checkpointing, LoRA and compilation, then the DDP / FSDP2 wrapping."""
         cfg = self.cfg
-        splits = [self.train_split] + ([self.eval_split] if self.eval_split is not None else [])
-        references = build_references(self.reference_strategy, cfg, self.ctx, policy, [s.dataset for s in splits], self.collate)
+        datasets = [s.dataset for s in (self.train_split, self.eval_split) if s is not None]
+        with self.clock.phase("reference"):
+            references = build_references(self.reference_strategy, cfg, self.ctx, policy, datasets, self.collate)
         for reference in dict.fromkeys(references):
             if isinstance(reference, PrecomputedReference) and reference.path is not None:
                 how = "reused from" if reference.from_cache else "computed and cached in"
