@@ -3,12 +3,14 @@ and leave models whose layers cannot be found running eagerly."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from dpokit.data import make_collator
 from dpokit.logprobs import compute_logps
-from dpokit.training.speed import compile_decoder_layers, decoder_layers
+from dpokit.training.speed import COMPILE_CACHE_ENV, compile_decoder_layers, decoder_layers, use_compile_cache
 from tests.helpers import tiny_gpt2, tiny_llama
 
 ITEMS = [
@@ -40,3 +42,17 @@ def test_compiled_layers_give_the_eager_logps_and_gradients():
     torch.testing.assert_close(logps, eager_logps, atol=1e-5, rtol=1e-5)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_cache_goes_to_the_given_directory_unless_the_user_chose_one(monkeypatch, tmp_path):
+    monkeypatch.delenv(COMPILE_CACHE_ENV, raising=False)
+    assert use_compile_cache(tmp_path / "a") == str((tmp_path / "a").resolve())
+    assert use_compile_cache(tmp_path / "b") == str((tmp_path / "a").resolve())  # set once, kept
+    monkeypatch.setenv(COMPILE_CACHE_ENV, str(tmp_path / "mine"))
+    assert use_compile_cache(tmp_path / "c") == str(tmp_path / "mine")
+
+
+def test_compile_decoder_layers_points_the_cache_at_the_run_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv(COMPILE_CACHE_ENV, raising=False)
+    assert compile_decoder_layers(torch.nn.Linear(2, 2), cache_dir=tmp_path / "compile") == 0
+    assert os.environ[COMPILE_CACHE_ENV] == str((tmp_path / "compile").resolve())

@@ -483,7 +483,7 @@ class Trainer:
         if cfg.model.compile:
             from dpokit.training.speed import compile_decoder_layers
 
-            compile_decoder_layers(policy)
+            compile_decoder_layers(policy, cache_dir=Path(cfg.data.cache_dir) / "compile")
         self.runner = ParallelPolicy(self.ctx, policy, chunk_size=cfg.optim.logps_chunk_size)
         # build_references leaves None only for adapter_disabled, made here from the wrapped policy.
         resolved: list[Reference] = (
