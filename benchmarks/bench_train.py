@@ -440,10 +440,9 @@ def launch(system: str, fixture: Path, work: Path, options, *, profile: bool = F
     if max_steps or options.max_steps:
         command += ["--max-steps", str(max_steps or options.max_steps)]
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"},  # dpokit's own: <data.cache_dir>/compile
         "OMP_NUM_THREADS": str(options.threads),
         "TOKENIZERS_PARALLELISM": "false",
-        "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"),  # never warm from an earlier run's default cache
         "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]),
     }
     spawned = time.time()
