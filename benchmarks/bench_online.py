@@ -263,6 +263,7 @@ def online_worker(options: argparse.Namespace) -> dict[str, Any]:
         "reward": estimate["reward_mean"],
         "reward_sem": estimate["reward_sem"],
         "kl": estimate["kl_mean"],
+        "mean_length": estimate["mean_length"],
     }
 
 
@@ -344,16 +345,19 @@ def parent_online(options: argparse.Namespace) -> None:
         f"held-out prompts x 2 samples; {options.repeats} repeats; the SFT model's reward {_sft_reward(options):.3f}\n"
     )
     dpokit = statistics.median(statistics.median(r["step_s"]) for r in results["dpokit"])
-    print("| trainer | s per step (= round), median (range) | dpokit's speed-up | reward after the last step | KL (nats) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| trainer | s per step (= round), median (range) | dpokit's speed-up | reward after the last step | KL (nats) | length |"
+    )
+    print("|---|---|---|---|---|---|")
     labels = {"dpokit": "dpokit online, per-step mode", "trl": "TRL 1.16 `OnlineDPOTrainer` (experimental)"}
     for contender, records in results.items():
         per_step = [statistics.median(r["step_s"]) for r in records]
         rewards = [r["reward"] for r in records]
         kls = [r["kl"] for r in records]
+        lengths = [r["mean_length"] for r in records]
         print(
             f"| {labels[contender]} | {_median_range(per_step, 2)} | {statistics.median(per_step) / dpokit:.2f}x "
-            f"| {_median_range(rewards, 3)} | {_median_range(kls, 2)} |"
+            f"| {_median_range(rewards, 3)} | {_median_range(kls, 2)} | {statistics.median(lengths):.1f} |"
         )
 
 

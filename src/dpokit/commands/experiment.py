@@ -18,7 +18,7 @@ EXPERIMENT_EPILOG = """examples:
   dpokit experiment sentiment --mode quick           # the paper's methods, smaller, about 2 minutes
   dpokit experiment sentiment --mode full             # the reproduction with ORPO, SimPO, KTO and win rates, about 30 minutes
   dpokit experiment sentiment --methods dpo,best-of-n
-  dpokit experiment online --mode quick              # online and self-labelling DPO, a few minutes
+  dpokit experiment online --mode quick              # online and self-labelling DPO, smaller: about 7 minutes
   dpokit experiment online --mode full               # the reported comparison (docs/online/)"""
 
 DEMO_EPILOG = """\
@@ -47,7 +47,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["full", "quick"],
         default="full",
         help="sentiment: full (about 30 min on 2 CPU cores, win rates included) or quick (about 2 min: the paper's methods, "
-        "smaller); online: full (the reported comparison) or quick (a few minutes)",
+        "smaller); online: full (the reported comparison, about 30 minutes) or quick (about 7 minutes)",
     )
     parser.add_argument("--out", default=None, help="output directory (default runs/<name>-<mode>)")
     parser.add_argument(
