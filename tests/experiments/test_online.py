@@ -106,3 +106,15 @@ def test_smoke_run_gives_every_arm_the_same_steps_and_writes_rounds_table_and_fr
     text = (out / "results.md").read_text()
     assert "| (c) 10% DPO + self-labelled rounds (frozen 10% policy) vs (d) 10% DPO only (baseline) |" in text
     assert json.loads((out / "results.json").read_text())["labelled_pairs"]["fraction"] < result["labelled_pairs"]["all"]
+    # A second run in the same directory reuses every arm's stored points instead of training again.
+    lines: list[str] = []
+    again = run_online_experiment(settings, out, tmp_path / "cache", log=lines.append)
+    assert [line for line in lines if line.endswith(": stored")] == [
+        f"{arm}: stored" for arm in ("offline", "ten-percent", "online-gt", "self-label", "self-label-current")
+    ]
+    assert again["points"] == result["points"] and again["comparisons"] == result["comparisons"]
+
+
+def test_an_unknown_mode_is_refused_with_the_choices(tmp_path):
+    with pytest.raises(ConfigError, match="unknown mode 'huge'.*full.*quick.*smoke"):
+        run_online_experiment("huge", tmp_path / "out", tmp_path / "cache", log=None)
