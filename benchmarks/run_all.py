@@ -2,9 +2,14 @@
 
 1. ``bench_tokenize.py`` -- data preparation, dpokit vs TRL 1.16, 50,000 pairs;
 2. ``bench_logprobs.py`` -- peak memory of the chunked output layer vs full logits;
-3. ``bench_train.py``    -- DPO training: epoch wall time, steady pairs/s, peak RSS, MFU vs TRL 1.16,
-   and step memory on a 32,000-token vocabulary;
-4. ``bench_online.py``   -- online DPO: generation tokens/s of dpokit's generator vs ``model.generate``, and
+3. ``bench_train.py``    -- DPO training end to end on every fixture (short responses, response-heavy,
+   conversational): whole-process wall time, time to the first optimizer step and where it goes, steady
+   pairs/s, peak RSS, MFU against the matmul rate of the same run (a profiled step where it is below 60%),
+   dpokit defaults / precomputed reference / compiled (first and second run) vs TRL 1.16 defaults and
+   its fastest configuration;
+4. ``bench_scaling.py``  -- one training step's peak memory and tokens/s vs sequence length (512-8,192
+   tokens per pair) and vocabulary (4k-256k), dpokit vs TRL 1.16 defaults; writes ``docs/scaling.png``;
+5. ``bench_online.py``   -- online DPO: generation tokens/s of dpokit's generator vs ``model.generate``, and
    an online run's time per step and reward reached vs TRL 1.16's experimental ``OnlineDPOTrainer``.
 
 Each runs in its own process, one after another (they time things, so never in parallel).
@@ -29,8 +34,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["tokenize", "logprobs", "train", "online"],
-        default=["tokenize", "logprobs", "train", "online"],
+        choices=["tokenize", "logprobs", "train", "scaling", "online"],
+        default=["tokenize", "logprobs", "train", "scaling", "online"],
     )
     options = parser.parse_args()
     runs = {
