@@ -18,7 +18,7 @@ from transformers import (
 from dpokit.compat import adapters_disabled
 from dpokit.data.batch import Batch
 from dpokit.errors import TrainingError
-from dpokit.logprobs import chunked_token_logps, compute_logps, find_output_head
+from dpokit.logprobs import LOGITS_CHUNK_BYTES, chunked_token_logps, compute_logps, effective_chunk_size, find_output_head
 from tests.helpers import tiny_gpt2, tiny_llama
 
 VOCAB = 96
@@ -116,6 +116,34 @@ def test_chunked_token_logps_equals_full_log_softmax_in_value_and_gradient(chunk
     torch.testing.assert_close(chunked, naive)
     for a, b in zip(chunked_grads, naive_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_chunk_is_capped_in_bytes_so_large_vocabularies_keep_one_chunk_of_logits_small():
+    """64 MiB of float32 logits per chunk: 2**26 / (4 V) tokens, so 1,024 stays 1,024 at V = 4,096
+    (16 MiB), becomes 2**26 / 2**17 = 512 at V = 32,768 and 2**26 / 2**20 = 64 at V = 262,144; never 0."""
+    assert LOGITS_CHUNK_BYTES == 2**26
+    assert effective_chunk_size(1024, 4096) == 1024
+    assert effective_chunk_size(1024, 32768) == 512
+    assert effective_chunk_size(1024, 262144) == 64
+    assert effective_chunk_size(1024, 2**40) == 1
+    assert effective_chunk_size(7, 262144) == 7
+
+
+def test_chunked_token_logps_with_a_capped_chunk_still_equals_full_log_softmax():
+    """V = 2**21 caps the chunk at 2**26 / 2**23 = 8 tokens; 20 tokens then run as 8 + 8 + 4 and the
+    values and gradients are those of the full log-softmax."""
+    g = torch.Generator().manual_seed(3)
+    vocab = 2**21
+    hidden = torch.randn(20, 2, generator=g, requires_grad=True)
+    weight = (0.1 * torch.randn(vocab, 2, generator=g)).requires_grad_()
+    targets = torch.randint(0, vocab, (20,), generator=g)
+    assert effective_chunk_size(1024, vocab) == 8
+    naive = torch.log_softmax(hidden @ weight.t(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    naive_grad = torch.autograd.grad(naive.sum(), hidden)[0]
+    chunked = chunked_token_logps(hidden, weight, targets, chunk_size=1024)
+    chunked_grad = torch.autograd.grad(chunked.sum(), hidden)[0]
+    torch.testing.assert_close(chunked, naive)
+    torch.testing.assert_close(chunked_grad, naive_grad)
 
 
 def test_chunked_token_logps_passes_gradcheck_in_float64():

@@ -182,7 +182,9 @@ class OptimConfig:
     grad_accumulation: int = _f(8, "Micro-batches per optimizer step (examples per step = batch_size * grad_accumulation).")
     max_grad_norm: float | None = _f(10.0, "Clip the global gradient norm to this value; null = no clipping.")
     seed: int = _f(0, "Seed for python, numpy, torch, adapter init and the data order.")
-    logps_chunk_size: int = _f(1024, "Scored tokens per chunk of the memory-lean output layer.")
+    logps_chunk_size: int = _f(
+        1024, "Scored tokens per chunk of the memory-lean output layer (capped so one chunk's float32 logits stay within 64 MiB)."
+    )
 
 
 @dataclass

@@ -19,7 +19,10 @@ and forms the exact gradient
 
     d log p(y_m) / d z_m = onehot(y_m) - softmax(z_m),
 
-so peak memory for the output layer grows with ``chunk_size x V``, not with ``N x T x V``.
+so peak memory for the output layer grows with ``chunk_size x V``, not with ``N x T x V``. The chunk
+is also capped so one chunk's float32 logits stay within ``LOGITS_CHUNK_BYTES`` (64 MiB): 1,024 tokens
+at a 4k-32k vocabulary's worth of budget shrink to 64 tokens at 256k, so memory does not grow with the
+vocabulary beyond the output layer's own weights and gradient.
 """
 
 from __future__ import annotations
@@ -197,6 +200,16 @@ def _chunk_logits(
     return logits, tanh_value
 
 
+LOGITS_CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk: chunk tokens x V x 4 bytes at most
+
+
+def effective_chunk_size(chunk_size: int, vocab_size: int) -> int:
+    """``chunk_size`` capped so one chunk's float32 logits (tokens x ``vocab_size`` x 4 bytes) fit in
+    :data:`LOGITS_CHUNK_BYTES`; at least one token. E.g. 1,024 at V = 4,096 (16 MiB), 512 at V = 32,768,
+    64 at V = 262,144."""
+    return max(1, min(int(chunk_size), LOGITS_CHUNK_BYTES // (4 * max(1, int(vocab_size)))))
+
+
 def chunked_token_logps(
     hidden: Tensor,
     weight: Tensor,
@@ -208,10 +221,12 @@ def chunked_token_logps(
     softcap: float | None = None,
 ) -> Tensor:
     """log softmax(g(hidden W^T + b))[targets] for ``hidden`` (M, H), ``weight`` (V, H),
-    ``targets`` (M,) long; returns (M,) float32. Peak extra memory ~ a few ``chunk_size x V`` float32
-    buffers; gradients flow to ``hidden``, ``weight`` and ``bias`` exactly."""
+    ``targets`` (M,) long; returns (M,) float32. Peak extra memory ~ a few ``chunk x V`` float32
+    buffers, ``chunk`` = :func:`effective_chunk_size` of ``chunk_size``; gradients flow to ``hidden``,
+    ``weight`` and ``bias`` exactly."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = effective_chunk_size(chunk_size, weight.shape[0])
     # torch types Function.apply without annotations.
     token_logps: Tensor = _ChunkedLinearLogProb.apply(  # type: ignore[no-untyped-call]
         hidden, weight, bias, targets, int(chunk_size), float(scale), softcap
