@@ -297,3 +297,12 @@ def test_kv_cache_keyword_is_the_name_the_installed_transformers_returns_the_cac
     out = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
     assert kv_cache_keyword() in ("cache", "past_key_values")
     assert getattr(out, kv_cache_keyword()) is not None
+
+
+def test_inductor_default_cache_dir_is_where_inductor_goes_without_the_variable(monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from dpokit.compat import inductor_default_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert cache_dir() == inductor_default_cache_dir()

@@ -37,6 +37,7 @@ __all__ = [
     "attention_implementation",
     "dataset_fingerprint",
     "final_logit_softcap",
+    "inductor_default_cache_dir",
     "installed_version",
     "logit_scale",
     "no_split_module_class_names",
@@ -219,6 +220,18 @@ def kv_cache_keyword() -> str:
     if "past_key_values" in names:
         return "past_key_values"
     raise _incompatible("transformers", "CausalLMOutputWithPast has neither a 'cache' nor a 'past_key_values' field")
+
+
+def inductor_default_cache_dir() -> str:
+    """The directory torch inductor uses when ``TORCHINDUCTOR_CACHE_DIR`` is unset (and writes into
+    that variable on first use), absolute.
+
+    torch ``_inductor.runtime.cache_dir_utils.default_cache_dir``; checked with torch 2.13."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError as error:
+        raise _incompatible("torch", f"torch._inductor.runtime.cache_dir_utils.default_cache_dir is missing ({error})") from error
+    return os.path.abspath(default_cache_dir())
 
 
 # ----------------------------------------------------------------------------------------------

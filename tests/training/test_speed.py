@@ -52,6 +52,17 @@ def test_compile_cache_goes_to_the_given_directory_unless_the_user_chose_one(mon
     assert use_compile_cache(tmp_path / "c") == str(tmp_path / "mine")
 
 
+def test_compile_cache_replaces_the_default_inductor_wrote_into_the_environment(monkeypatch, tmp_path):
+    """Importing a transformers model class makes inductor write its default directory into
+    TORCHINDUCTOR_CACHE_DIR; that is not the user's choice, so the run's cache directory wins."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.delenv(COMPILE_CACHE_ENV, raising=False)
+    default = cache_dir()  # what inductor does on first use: sets the variable to its default
+    assert os.environ[COMPILE_CACHE_ENV] == default
+    assert use_compile_cache(tmp_path / "run") == str((tmp_path / "run").resolve())
+
+
 def test_compile_decoder_layers_points_the_cache_at_the_run_cache(monkeypatch, tmp_path):
     monkeypatch.delenv(COMPILE_CACHE_ENV, raising=False)
     assert compile_decoder_layers(torch.nn.Linear(2, 2), cache_dir=tmp_path / "compile") == 0

@@ -44,8 +44,13 @@ COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 def use_compile_cache(cache_dir: str | Path) -> str:
     """Keep inductor's compiled artifacts in ``cache_dir`` (absolute) unless ``TORCHINDUCTOR_CACHE_DIR``
     is already set (by the user, or by an earlier compilation in this process); returns the directory
-    in use."""
-    if not os.environ.get(COMPILE_CACHE_ENV):
+    in use. A value equal to inductor's own default (``/tmp/torchinductor_<user>``) counts as unset:
+    inductor writes its default into the environment the first time anything asks for its cache
+    directory (importing a transformers model class does), so it is not a user's choice."""
+    from dpokit.compat import inductor_default_cache_dir
+
+    current = os.environ.get(COMPILE_CACHE_ENV)
+    if not current or os.path.abspath(current) == inductor_default_cache_dir():
         os.environ[COMPILE_CACHE_ENV] = str(Path(cache_dir).expanduser().resolve())
     return os.environ[COMPILE_CACHE_ENV]
 
