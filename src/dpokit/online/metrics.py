@@ -83,8 +83,12 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
     ("Judge score", (("judge/score_mean", "mean"),), "score (band: +/- std)"),
     ("KL to the reference", (("kl", "KL"),), "nats (sample estimate)"),
     ("Held-out reward accuracy", (("heldout/rewards/accuracies", "accuracy"),), "fraction"),
-    ("Completions", (("completion/length_mean", "length (tokens)"), ("completion/eos_rate", "EOS rate")), "value"),
-    ("Diversity", (("distinct_1", "distinct-1"), ("distinct_2", "distinct-2")), "unique / total n-grams"),
+    ("Completion length", (("completion/length_mean", "mean length"),), "tokens"),
+    (
+        "EOS rate and diversity",
+        (("completion/eos_rate", "EOS rate"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2")),
+        "fraction (ended at EOS; unique / total n-grams)",
+    ),
     (
         "Time per round",
         (("time/generation_s", "generation"), ("time/judging_s", "judging"), ("time/training_s", "training")),
