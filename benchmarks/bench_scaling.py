@@ -1,5 +1,6 @@
 """How one DPO training step's cost grows: dpokit defaults vs TRL 1.16 defaults, vs sequence length and
-vs vocabulary, on this machine's memory.
+vs vocabulary, on this machine's memory. The tools include ``dpokit_padded`` (``data.layout=padded``: one
+row per response, no custom 4-D mask) to tell the layout's share of the memory from the step's.
 
 Each point is one fresh process per tool that trains ``STEPS`` optimizer steps on ``--batch-pairs``
 (default 1) identical-length pairs (the model of ``benchmarks/fixtures.py``: Llama, hidden 256, 4 layers, float32,
@@ -35,8 +36,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-TOOLS = ("dpokit", "trl_default")
-NAMES = {"dpokit": "dpokit defaults", "trl_default": "TRL 1.16 defaults"}
+TOOLS = ("dpokit", "dpokit_padded", "trl_default")
+NAMES = {"dpokit": "dpokit defaults", "dpokit_padded": "dpokit, data.layout=padded", "trl_default": "TRL 1.16 defaults"}
 STEPS = 2
 LR = 1e-6
 BETA = 0.1
@@ -138,6 +139,8 @@ def run_dpokit(point: Path, work: Path, options, on_step) -> None:
         "eval.every_steps=0",
         "checkpoint.every_steps=0",
     ]
+    if options.worker == "dpokit_padded":  # one row per response: causal attention without a 4-D mask
+        overrides.append("data.layout=padded")
     run(load_config(None, overrides), on_step=lambda step, metrics: on_step(step))
 
 
@@ -187,7 +190,7 @@ def worker(options) -> None:
     logging.disable(logging.WARNING)
     memory = StepMemory()
     with tempfile.TemporaryDirectory() as tmp:
-        runner = run_dpokit if options.worker == "dpokit" else run_trl
+        runner = run_dpokit if options.worker.startswith("dpokit") else run_trl
         runner(Path(options.point), Path(tmp), options, memory)
     step_s = memory.times[1] - memory.times[0]
     result = {
@@ -335,7 +338,7 @@ def plot(options, results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for tool, style in zip(options.tools, ("o-", "s--"), strict=False):
+    for tool, style in zip(options.tools, ("o-", "^:", "s--"), strict=False):
         for index, axis in enumerate(("length", "vocab")):
             keys = [k for k, v in results[axis].items() if v.get(tool, {}).get("fits")]
             axes[index].plot(

@@ -16,6 +16,8 @@ Systems, each in a fresh subprocess, alternated, ``--repeats`` times, medians re
 
 * ``dpokit``              -- ``dpokit.training.run`` with its defaults (``reference.strategy: auto``);
 * ``dpokit_precomputed``  -- ``reference.strategy=precomputed``;
+* ``dpokit_live``         -- ``reference.strategy=copy`` (the live reference: a frozen copy forwarded in
+                             every step), to check that the precomputed pass is never the slower one;
 * ``dpokit_compile``      -- ``model.compile=true``, empty caches (first run: compile time included);
 * ``dpokit_compile_warm`` -- the same with the compile cache (``<data.cache_dir>/compile``) left by the
                              previous ``dpokit_compile`` run of that fixture copied in (data cache cold);
@@ -63,10 +65,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-SYSTEMS = ("dpokit", "dpokit_precomputed", "dpokit_compile", "dpokit_compile_warm", "trl_default", "trl_fast")
+SYSTEMS = ("dpokit", "dpokit_precomputed", "dpokit_live", "dpokit_compile", "dpokit_compile_warm", "trl_default", "trl_fast")
 NAMES = {
     "dpokit": "dpokit defaults",
     "dpokit_precomputed": "dpokit, precomputed reference",
+    "dpokit_live": "dpokit, live reference (copy)",
     "dpokit_compile": "dpokit + model.compile, 1st run",
     "dpokit_compile_warm": "dpokit + model.compile, 2nd run (cache warm)",
     "trl_default": "TRL 1.16 defaults",
@@ -268,6 +271,8 @@ def dpokit_overrides(system: str, fixture: Path, work: Path, max_steps: int | No
         overrides.append(f"optim.max_steps={max_steps}")
     if system == "dpokit_precomputed":
         overrides.append("reference.strategy=precomputed")
+    if system == "dpokit_live":
+        overrides.append("reference.strategy=copy")
     if system.startswith("dpokit_compile"):
         overrides.append("model.compile=true")
     return overrides
@@ -311,8 +316,8 @@ def run_dpokit(system: str, fixture: Path, work: Path, clock: StepClock, options
 
 def reference_is_live(system: str, reference_lines: list[str], startup: dict | None) -> bool:
     """Whether the reference forward runs inside each step (copy / adapters off) or before training."""
-    if system == "dpokit_precomputed":
-        return False
+    if system in ("dpokit_precomputed", "dpokit_live"):
+        return system == "dpokit_live"
     text = " ".join(reference_lines) + json.dumps(startup or {})
     return "precomputed" not in text and "cached reference log-probs" not in text
 
