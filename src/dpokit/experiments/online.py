@@ -54,6 +54,7 @@ from dpokit.experiments.sentiment import (
     Experiment,
     ExperimentSettings,
     _trainer_config,
+    resolve_mode,
     torch_threads,
 )
 from dpokit.experiments.sentiment import MODES as SENTIMENT_MODES
@@ -565,11 +566,5 @@ def run_online_experiment(
 ) -> dict[str, Any]:
     """Run the experiment with a named mode (``full``, ``quick``, ``smoke``) or explicit settings, on
     ``threads`` torch threads; ``kwargs`` go to :class:`OnlineExperiment`."""
-    if isinstance(mode, str):
-        if mode not in MODES:
-            raise ConfigError(f"unknown mode {mode!r}; choose from {sorted(MODES)}")
-        settings = MODES[mode]
-    else:
-        settings = mode
     with torch_threads(threads):
-        return OnlineExperiment(settings, out_dir, cache_dir, **kwargs).run()
+        return OnlineExperiment(resolve_mode(mode, MODES), out_dir, cache_dir, **kwargs).run()

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -52,6 +52,8 @@ METHOD_LABELS = {
     "rl": "RLOO (TRL, true reward)",
     "reference": "SFT (reference)",
 }
+_Settings = TypeVar("_Settings")
+
 DEFAULT_CACHE_DIR = ".dpokit_cache/sentiment"  # where the SFT model is cached between runs
 DEMO_RUN_DIR = "runs/demo"  # where `dpokit demo` writes its data and DPO run
 KEEP_SAMPLES = 6  # samples kept per evaluated model (the last checkpoint of each run) for results.json
@@ -643,14 +645,18 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run the experiment with a named mode (``full``, ``quick``, ``demo``, ``smoke``) or explicit
     settings, on ``threads`` torch threads; ``kwargs`` go to :class:`Experiment`."""
-    if isinstance(mode, str):
-        if mode not in MODES:
-            raise ConfigError(f"unknown mode {mode!r}; choose from {sorted(MODES)}")
-        settings = MODES[mode]
-    else:
-        settings = mode
     with torch_threads(threads):
-        return Experiment(settings, out_dir, cache_dir, **kwargs).run()
+        return Experiment(resolve_mode(mode, MODES), out_dir, cache_dir, **kwargs).run()
+
+
+def resolve_mode(mode: str | _Settings, modes: dict[str, _Settings]) -> _Settings:
+    """An experiment's settings: ``modes[mode]`` for a named mode (a ConfigError naming the choices for
+    an unknown one), or ``mode`` itself when it already is settings."""
+    if not isinstance(mode, str):
+        return mode
+    if mode not in modes:
+        raise ConfigError(f"unknown mode {mode!r}; choose from {sorted(modes)}")
+    return modes[mode]
 
 
 # ------------------------------------------------------------------------------------------------

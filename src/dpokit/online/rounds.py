@@ -45,7 +45,7 @@ from dpokit.online.pairs import build_rows
 from dpokit.online.prompts import PromptRow, read_prompt_rows, round_prompt_indices
 from dpokit.online.records import RoundFiles, round_dir, set_aside_rounds_after
 from dpokit.training.parallel import ParallelContext, apply_global_batch_size, launched_world_size, setup_parallel
-from dpokit.training.splits import Split
+from dpokit.training.splits import Split, prepare_with_config
 from dpokit.training.stop import StopRequest
 from dpokit.training.trainer import OnStep, Trainer
 
@@ -392,26 +392,21 @@ class OnlineLoop:
     # -- training data, reference, metrics ----------------------------------------------------------
 
     def training_split(self, r: int, rows: list[dict[str, Any]]) -> Split:
-        from dpokit.data import prepare_dataset
-
         if not rows:
             raise TrainingError(
                 f"online round {r}: no preference pairs (every prompt's completions tied, were empty or were unscored; see "
                 f"{round_dir(self.run_dir, r) / 'round.json'}); sample more (online.samples_per_prompt, a higher "
                 "online.sampling.temperature) or lower online.min_margin"
             )
-        d = self.cfg.data
-        prepared = prepare_dataset(
+        prepared = prepare_with_config(
+            self.cfg.data,
             rows,
             self.trainer.tokenizer,
-            format="ranked",
-            ranked_mode=d.ranked_mode,
-            max_length=d.max_length,
-            max_prompt_length=d.max_prompt_length,
-            truncation_mode=d.truncation_mode,
-            use_cache=False,
             unpaired=self.trainer.objective.unpaired,
-            score_threshold=d.score_threshold,
+            format="ranked",  # the round's rows, written by this loop: no renames, nothing to skip, no cache
+            columns=None,
+            skip_invalid=False,
+            use_cache=False,
         )
         if len(prepared) == 0:
             raise TrainingError(f"online round {r}: no training examples left after tokenization: {prepared.report.summary()}")
@@ -419,26 +414,11 @@ class OnlineLoop:
 
     def heldout_data(self, tokenizer: Any, unpaired: bool) -> tuple[Split, Split | None]:
         """The trainer's data: no training split yet (each round brings its own), the held-out pairs."""
-        from dpokit.data import prepare_dataset
-
         d = self.cfg.data
         path = self.on.heldout_path or d.eval_path
         heldout = None
         if path:
-            prepared = prepare_dataset(
-                path,
-                tokenizer,
-                split=d.eval_split,
-                format=d.format,
-                columns=d.columns,
-                ranked_mode=d.ranked_mode,
-                max_length=d.max_length,
-                max_prompt_length=d.max_prompt_length,
-                truncation_mode=d.truncation_mode,
-                cache_dir=d.cache_dir,
-                unpaired=unpaired,
-                score_threshold=d.score_threshold,
-            )
+            prepared = prepare_with_config(d, path, tokenizer, split=d.eval_split, unpaired=unpaired)
             heldout = Split(prepared, list(range(len(prepared)))[: self.cfg.eval.max_examples])
         return Split.of_items([]), heldout
 

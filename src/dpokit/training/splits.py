@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dpokit.config import TrainConfig
+from dpokit.config import DataConfig, TrainConfig
 from dpokit.errors import TrainingError
 
 if TYPE_CHECKING:
@@ -75,6 +75,26 @@ def report_data(reports: dict[str, tuple[str, Any]], run_dir: str | Path | None,
     return target
 
 
+def prepare_with_config(data: DataConfig, source: Any, tokenizer: Any, *, unpaired: bool, **overrides: Any) -> PreparedDataset:
+    """:func:`dpokit.data.prepare_dataset` of ``source`` (a path, hub id or list of rows) with the ``data``
+    section's reading and tokenization settings; ``overrides`` replace any of them (e.g. ``split``)."""
+    from dpokit.data import prepare_dataset
+
+    settings: dict[str, Any] = {
+        "split": data.train_split,
+        "format": data.format,
+        "columns": data.columns,
+        "skip_invalid": data.skip_invalid,
+        "ranked_mode": data.ranked_mode,
+        "max_length": data.max_length,
+        "max_prompt_length": data.max_prompt_length,
+        "truncation_mode": data.truncation_mode,
+        "cache_dir": data.cache_dir,
+        "score_threshold": data.score_threshold,
+    }
+    return prepare_dataset(source, tokenizer, unpaired=unpaired, **{**settings, **overrides})
+
+
 def load_data(
     cfg: TrainConfig,
     tokenizer: Any,
@@ -88,26 +108,10 @@ def load_data(
     truncation, drops) are printed on rank 0 and written to ``<run_dir>/data_report.json``
     (``run_dir``: the run directory, default ``logging.run_dir``); ``say`` gets other notes.
     ``unpaired``: the objective trains on unpaired examples (labels; pairs split into two)."""
-    from dpokit.data import prepare_dataset
-
     d = cfg.data
 
     def prepare(path: str, split: str) -> PreparedDataset:
-        return prepare_dataset(
-            path,
-            tokenizer,
-            split=split,
-            format=d.format,
-            columns=d.columns,
-            skip_invalid=d.skip_invalid,
-            ranked_mode=d.ranked_mode,
-            max_length=d.max_length,
-            max_prompt_length=d.max_prompt_length,
-            truncation_mode=d.truncation_mode,
-            cache_dir=d.cache_dir,
-            unpaired=unpaired,
-            score_threshold=d.score_threshold,
-        )
+        return prepare_with_config(d, path, tokenizer, split=split, unpaired=unpaired)
 
     train_data = prepare(d.train_path, d.train_split)
     reports: dict[str, tuple[str, Any]] = {"train": (d.train_path, train_data.report)}
