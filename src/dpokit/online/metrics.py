@@ -104,6 +104,8 @@ def plot_rounds(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dpokit.training.plots import label_panel
+
     records = sorted(read_metrics(metrics_jsonl, split="round"), key=lambda r: r.get("round", 0))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -127,14 +129,7 @@ def plot_rounds(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
                     xs, [y - s for y, s in zip(ys, stds, strict=True)], [y + s for y, s in zip(ys, stds, strict=True)], alpha=0.2
                 )
             drawn += 1
-        axis.set_title(title)
-        axis.set_xlabel("round")
-        axis.set_ylabel(y_label)
-        axis.grid(True, alpha=0.3)
-        if drawn:
-            axis.legend(fontsize="small")
-        else:
-            axis.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axis.transAxes, color="gray")
+        label_panel(axis, title, "round", y_label, drawn=drawn > 0)
     figure.suptitle(
         f"Online rounds: {Path(metrics_jsonl).parent.name if Path(metrics_jsonl).is_file() else Path(metrics_jsonl).name}"
     )

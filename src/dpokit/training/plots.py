@@ -37,6 +37,19 @@ def _series(records: list[dict[str, Any]], split: str, metric: str) -> tuple[lis
     return steps, values
 
 
+def label_panel(axis: Any, title: str, x_label: str, y_label: str, *, drawn: bool, missing: str = "not logged") -> None:
+    """Title, axis labels and grid of one panel of a metrics figure; its legend when something was drawn
+    on it, else the ``missing`` note in its middle."""
+    axis.set_title(title)
+    axis.set_xlabel(x_label)
+    axis.set_ylabel(y_label)
+    axis.grid(True, alpha=0.3)
+    if drawn:
+        axis.legend(fontsize="small")
+    else:
+        axis.text(0.5, 0.5, missing, ha="center", va="center", transform=axis.transAxes, color="gray")
+
+
 def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path, title: str | None = None) -> Path:
     """Draw the training curves of ``metrics_jsonl`` (or a run directory) into ``out_png``; return its path.
 
@@ -65,15 +78,8 @@ def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path, title: 
                 label = " ".join(part for part in (suffix, split) if part)
                 axis.plot(steps, values, color=color, label=label, **style)
                 drawn += 1
-        axis.set_title(panel_title)
-        axis.set_xlabel("optimizer step")
-        axis.set_ylabel(y_label)
-        axis.grid(True, alpha=0.3)
-        if drawn:
-            axis.legend(fontsize="small")
-        else:
-            names = ", ".join(metric for metric, _ in metrics)
-            axis.text(0.5, 0.5, f"{names}\nnot logged", ha="center", va="center", transform=axis.transAxes, color="gray")
+        names = ", ".join(metric for metric, _ in metrics)
+        label_panel(axis, panel_title, "optimizer step", y_label, drawn=drawn > 0, missing=f"{names}\nnot logged")
         if panel_title == "Reward accuracy" and drawn:
             axis.set_ylim(-0.02, 1.02)
             axis.axhline(0.5, color="gray", linewidth=0.8, linestyle=":")
