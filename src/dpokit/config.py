@@ -124,8 +124,10 @@ class DataConfig:
         "auto",
         "How a batch is laid out in token rows: 'padded' (one row per prompt + response), 'shared_prompt' (one row "
         "[prompt | chosen | rejected] per example, the prompt computed once), 'packed' (shared-prompt examples packed "
-        "several per row up to pack_tokens). All give the same loss; 'auto' = shared_prompt when the model's attention "
-        "takes custom 4-D masks (sdpa/eager/flex_attention), else padded.",
+        "several per row up to pack_tokens). All give the same loss; 'auto' = the cheaper of shared_prompt and padded by "
+        "the decoder FLOPs estimated on the training batches (shared_prompt saves the repeated prompt, padded rows "
+        "skip attention between responses and, with sdpa, need no dense mask: long responses favour padded), or "
+        "padded when the model's attention takes no custom 4-D masks; the run's log says which and why.",
     )
     pack_tokens: int = _f(2048, "Row budget in tokens for layout=packed.")
 

@@ -27,7 +27,9 @@ vocabulary beyond the output layer's own weights and gradient.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +47,10 @@ __all__ = [
     "SequenceLogps",
     "OutputHead",
     "attention_inputs",
+    "causal_mask_suffices",
     "choose_layout",
+    "layout_costs",
+    "plan_layout",
     "compute_logps",
     "chunked_token_logps",
     "find_output_head",
@@ -256,7 +261,8 @@ _DENSE_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
 def attention_inputs(model: nn.Module, batch: Batch) -> dict[str, Any]:
     """``batch.model_inputs()`` adapted to the model's attention implementation.
 
-    A 2-D padding mask goes through unchanged. A 4-D boolean mask (shared-prompt / packed layouts,
+    A 2-D padding mask with padding on the right only is left out for SDPA (see
+    :func:`causal_mask_suffices`); any other 2-D mask goes through unchanged. A 4-D boolean mask (shared-prompt / packed layouts,
     True = may attend) is given as is to SDPA; eager attention *adds* its mask to the scores, so it
     gets the additive form (0 where allowed, the dtype's minimum elsewhere) in the model's dtype.
     FlexAttention on CUDA gets a ``BlockMask`` built from ``extras["block_id"]``/``["segment_id"]``
@@ -265,9 +271,11 @@ def attention_inputs(model: nn.Module, batch: Batch) -> dict[str, Any]:
     """
     inputs: dict[str, Any] = dict(batch.model_inputs())
     mask = batch.attention_mask
-    if mask.dim() != 4:
-        return inputs
     implementation = attention_implementation(model)
+    if mask.dim() != 4:
+        if implementation == "sdpa" and mask.dim() == 2 and _right_padded(mask) and causal_mask_suffices(model):
+            del inputs["attention_mask"]
+        return inputs
     if implementation not in _DENSE_MASK_ATTENTION:
         raise ConfigError(
             f"the '{getattr(model.config, 'model_type', '?')}' model uses attn_implementation='{implementation}', which does "
@@ -302,6 +310,57 @@ def flex_block_mask(block_id: Tensor, segment_id: Tensor) -> Any:
     return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=block_id.device)
 
 
+def _right_padded(mask: Tensor) -> bool:
+    """Whether every row of a (N, T) 0/1 mask is ones followed by zeros (padding on the right only)."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all()) if mask.shape[1] > 1 else True
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (no dropout) without gradients, each module's mode restored after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+# Models checked once for whether leaving out a right-padding mask changes their hidden states.
+_CAUSAL_SUFFICES: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def causal_mask_suffices(model: nn.Module) -> bool:
+    """Whether ``model`` gives the same hidden states at real tokens of right-padded rows without
+    their 2-D padding mask.
+
+    In a causal decoder a real token attends only to earlier positions, and in a right-padded row
+    those are never padding, so the padding mask changes nothing that is scored. Left out, SDPA runs
+    its causal kernel (the upper triangle skipped) and transformers builds no (N, 1, T, T) mask, so
+    attention memory grows linearly with the row length instead of quadratically. Checked once per
+    model on a two-row batch with the padding mask and without; a model whose attention is not
+    purely causal (a bidirectional prefix, say) fails the check and keeps its mask."""
+    verdict = _CAUSAL_SUFFICES.get(model)
+    if verdict is not None:
+        return verdict
+    from dpokit.data.collate import PaddedCollator
+
+    device = next(model.parameters()).device
+    items = [{"example_id": 0, "prompt_ids": [3, 4, 5], "response_ids": [[6, 7, 8, 9, 10]]}]
+    items.append({"example_id": 1, "prompt_ids": [5, 4], "response_ids": [[3]]})
+    batch = PaddedCollator(0)(items).to(device)
+    inputs = batch.model_inputs()
+    real = batch.attention_mask.bool()
+    with _eval_mode(model):
+        masked = final_hidden_states(model, inputs)[real].float()
+        causal = final_hidden_states(model, {k: v for k, v in inputs.items() if k != "attention_mask"})[real].float()
+    verdict = bool(torch.allclose(masked, causal, rtol=1e-2, atol=1e-2 * (1.0 + masked.abs().max().item())))
+    _CAUSAL_SUFFICES[model] = verdict
+    return verdict
+
+
 # Models whose attention was checked to honour a custom 4-D mask and restarted position ids.
 _MASK_VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
@@ -322,15 +381,9 @@ def _verify_custom_mask(model: nn.Module, input_ids: Tensor) -> None:
         {"example_id": 1, "prompt_ids": tokens[5:7], "response_ids": [tokens[0:2], tokens[2:5]]},
     ]
     device = input_ids.device
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            padded = _sequence_logps(model, PaddedCollator(0)(items).to(device), 1024).logps
-            shared = _sequence_logps(model, SharedPromptCollator(0)(items).to(device), 1024).logps
-    finally:
-        for module, training in modes:
-            module.training = training
+    with _eval_mode(model):
+        padded = _sequence_logps(model, PaddedCollator(0)(items).to(device), 1024).logps
+        shared = _sequence_logps(model, SharedPromptCollator(0)(items).to(device), 1024).logps
     if not torch.allclose(padded.float(), shared.float(), rtol=1e-2, atol=1e-2 * (1.0 + padded.abs().max().item())):
         raise ConfigError(
             f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')}, attn_implementation="
@@ -340,19 +393,93 @@ def _verify_custom_mask(model: nn.Module, input_ids: Tensor) -> None:
     _MASK_VERIFIED[model] = True
 
 
-def choose_layout(layout: str, model: nn.Module) -> str:
-    """Resolve ``"auto"`` to the fastest batch layout the model supports: ``"shared_prompt"`` when
-    its attention applies custom 4-D masks (checked once on a tiny batch), else ``"padded"``.
-    Any other name is returned unchanged (and checked on the first batch)."""
+def _attention_cost(model: nn.Module) -> tuple[float, float]:
+    """(forward FLOPs per token in the decoder's layers, attention FLOPs per query-key pair)."""
+    config = text_config(model)
+    layers = int(getattr(config, "num_hidden_layers", 1) or 1)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(config, "head_dim", None) or (hidden // heads if hidden else 64))
+    embeddings = {id(p) for p in model.get_input_embeddings().parameters()}  # type: ignore[operator]  # transformers method via nn.Module.__getattr__
+    embeddings |= {id(p) for p in find_output_head(model).module.parameters()}
+    weights = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+    return 2.0 * weights, 4.0 * heads * head_dim * layers  # QK^T and AV: 2 x 2 x head_dim per head and layer
+
+
+def layout_costs(model: nn.Module, batches: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]]) -> dict[str, float]:
+    """Estimated forward FLOPs of the decoder over micro-batches of items, for each layout in
+    ``batches`` (``"padded"`` / ``"shared_prompt"``: the micro-batches as that layout's length
+    grouping makes them). The output layer scores the same tokens in both and is left out.
+
+    With a forward cost f per token and a per query-key pair, a micro-batch of B examples (prompt
+    P_b, responses R_b1..R_bK) costs
+
+        shared_prompt: B W (f + a W),      W = max_b (P_b + sum_k R_bk)   (one row per example,
+                       dense mask; FlexAttention on CUDA skips the masked tiles, so its area is
+                       sum_b P_b^2/2 + sum_k R_bk (P_b + R_bk/2) per row instead of W^2);
+        padded:        K B W (f + a W / c), W = max_b,k (P_b + R_bk)       (one row per response),
+
+    with c = 2 where the causal kernel runs (SDPA, :func:`causal_mask_suffices`) and 1 otherwise.
+    The prompt computed once saves f (K-1) P; the dense mask costs attention over the responses'
+    cross terms and the upper triangle, and memory quadratic in the row, so a long prompt with short
+    responses favours ``shared_prompt`` and long responses favour ``padded``.
+    """
+    per_token, per_pair = _attention_cost(model)
+    implementation = attention_implementation(model)
+    sparse = implementation == "flex_attention" and next(model.parameters()).device.type == "cuda"
+    causal = 2.0 if implementation == "sdpa" and causal_mask_suffices(model) else 1.0
+    costs: dict[str, float] = {}
+    for layout, micro_batches in batches.items():
+        total = 0.0
+        for batch in micro_batches:
+            prompts = [len(item["prompt_ids"]) for item in batch]
+            responses = [[len(r) for r in item["response_ids"]] or [0] for item in batch]
+            if layout == "padded":
+                width = max(p + max(rs) for p, rs in zip(prompts, responses, strict=True))
+                rows = len(batch) * max(len(rs) for rs in responses)
+                total += rows * width * (per_token + per_pair * width / causal)
+                continue
+            width = max(p + sum(rs) for p, rs in zip(prompts, responses, strict=True))
+            areas = (
+                [p * p / 2 + sum(r * (p + r / 2) for r in rs) for p, rs in zip(prompts, responses, strict=True)]
+                if sparse
+                else [width * width] * len(batch)
+            )
+            total += len(batch) * width * per_token + per_pair * sum(areas)
+        costs[layout] = total
+    return costs
+
+
+def plan_layout(
+    layout: str, model: nn.Module, batches: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]] | None = None
+) -> tuple[str, str]:
+    """The concrete batch layout for ``data.layout`` and a one-line reason.
+
+    ``auto``: ``padded`` when the model's attention does not apply custom 4-D masks (checked once on
+    a tiny batch); otherwise the cheaper of ``shared_prompt`` and ``padded`` by :func:`layout_costs`
+    over ``batches`` (each layout's micro-batches of the training data; ``shared_prompt`` without
+    them). Any other name is returned unchanged (and checked on the first batch)."""
     if layout != "auto":
-        return layout
+        return layout, "set by data.layout"
     if attention_implementation(model) not in _DENSE_MASK_ATTENTION:
-        return "padded"
+        return "padded", f"attn_implementation '{attention_implementation(model)}' takes no custom 4-D masks"
     try:
         _verify_custom_mask(model, torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
     except ConfigError:
-        return "padded"
-    return "shared_prompt"
+        return "padded", "the model's attention ignores custom 4-D masks"
+    if not batches or not all(batches.get(name) for name in ("padded", "shared_prompt")):
+        return "shared_prompt", "the prompt computed once per example"
+    costs = layout_costs(model, {name: batches[name] for name in ("padded", "shared_prompt")})
+    ratio = costs["shared_prompt"] / max(costs["padded"], 1.0)
+    choice = "shared_prompt" if ratio <= 1.0 else "padded"
+    return choice, f"estimated decoder FLOPs per epoch, shared_prompt / padded = {ratio:.2f}"
+
+
+def choose_layout(
+    layout: str, model: nn.Module, batches: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]] | None = None
+) -> str:
+    """The concrete batch layout for ``data.layout`` (see :func:`plan_layout`)."""
+    return plan_layout(layout, model, batches)[0]
 
 
 def final_hidden_states(model: nn.Module, model_inputs: dict[str, Tensor]) -> Tensor:
@@ -375,17 +502,11 @@ def _verify_decomposition(model: nn.Module, head: OutputHead, input_ids: Tensor)
     instead of training on wrong log-probs. Runs in eval mode (no dropout), without gradients."""
     if model in _VERIFIED:
         return
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            ids = input_ids[:1, : min(8, input_ids.shape[1])]
-            expected = model(input_ids=ids, use_cache=False).logits.float()
-            hidden = final_hidden_states(model, {"input_ids": ids})
-            rebuilt = head.transform(head.module(hidden).float())
-    finally:
-        for module, training in modes:
-            module.training = training
+    with _eval_mode(model):
+        ids = input_ids[:1, : min(8, input_ids.shape[1])]
+        expected = model(input_ids=ids, use_cache=False).logits.float()
+        hidden = final_hidden_states(model, {"input_ids": ids})
+        rebuilt = head.transform(head.module(hidden).float())
     tolerance = 1e-3 * (1.0 + expected.abs().max().item())
     if expected.shape != rebuilt.shape or (expected - rebuilt).abs().max().item() > tolerance:
         raise TrainingError(

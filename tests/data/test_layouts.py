@@ -1,5 +1,7 @@
 """Shared-prompt and packed layouts: rows, positions, masks and score indices; per-sequence
-log-probs equal those of the padded layout on tiny Llama and GPT-2 models (SDPA and eager)."""
+log-probs equal those of the padded layout on tiny Llama and GPT-2 models (SDPA and eager); the
+padded layout's right-padding mask left out for SDPA's causal kernel; ``data.layout: auto``'s
+cost estimate."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 from dpokit.data import make_collator
 from dpokit.data.collate import PackedCollator, SharedPromptCollator, block_attention_mask
 from dpokit.errors import ConfigError
-from dpokit.logprobs import attention_inputs, choose_layout, compute_logps
+from dpokit.logprobs import attention_inputs, causal_mask_suffices, choose_layout, compute_logps, layout_costs, plan_layout
 from tests.helpers import tiny_gpt2, tiny_llama
 
 PAD = 0
@@ -118,3 +120,69 @@ def test_attention_that_ignores_custom_masks_is_refused_with_a_clear_error():
     with pytest.raises(ConfigError, match="data.layout=padded"):
         attention_inputs(model, SharedPromptCollator(PAD)(ITEMS))
     assert choose_layout("auto", model) == "padded"
+
+
+def test_sdpa_gets_no_mask_for_right_padded_rows_and_the_log_probs_do_not_change():
+    """In a causal decoder a real token of a right-padded row sees only earlier, real tokens: the
+    2-D padding mask changes nothing it scores, and without it SDPA needs no (N, 1, T, T) mask."""
+    model = tiny_llama(vocab_size=64)
+    batch = make_collator("padded", PAD)(ITEMS)
+    assert (batch.attention_mask == 0).any()  # the rows really are padded
+    inputs = attention_inputs(model, batch)
+    assert "attention_mask" not in inputs
+    with torch.no_grad():
+        causal = compute_logps(model, batch).logps
+        eager = compute_logps(tiny_llama(vocab_size=64, attn_implementation="eager"), batch).logps
+    torch.testing.assert_close(causal, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_a_left_padded_mask_and_an_eager_models_mask_are_kept():
+    model = tiny_llama(vocab_size=64)
+    batch = make_collator("padded", PAD)(ITEMS)
+    batch.attention_mask = batch.attention_mask.flip(1)  # padding on the left: earlier positions are padding
+    assert torch.equal(attention_inputs(model, batch)["attention_mask"], batch.attention_mask)
+    eager = tiny_llama(vocab_size=64, attn_implementation="eager")
+    assert "attention_mask" in attention_inputs(eager, make_collator("padded", PAD)(ITEMS))
+
+
+def test_a_model_with_bidirectional_attention_keeps_its_padding_mask():
+    """Attention that sees later positions would let real tokens see the padding: the once-per-model
+    check compares hidden states with and without the mask and keeps the mask."""
+    model = tiny_llama(vocab_size=64)
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False
+    assert not causal_mask_suffices(model)
+    assert "attention_mask" in attention_inputs(model, make_collator("padded", PAD)(ITEMS))
+    assert causal_mask_suffices(tiny_llama(vocab_size=64))
+
+
+def _item(prompt: int, *responses: int) -> dict:
+    return {"example_id": 0, "prompt_ids": [5] * prompt, "response_ids": [[6] * r for r in responses]}
+
+
+def test_layout_cost_counts_tokens_and_attention_area_per_layout():
+    """Tiny Llama: hidden 32, intermediate 64, 2 layers, 4 heads of 8. Per layer q/o 32x32 each, k/v
+    32x16 each, MLP 3 x 32x64, two norms of 32: 2*1024 + 2*512 + 6144 + 64 = 9,280 weights, so
+    f = 2 * 2 * 9,280 + 2 * 32 (final norm) = 37,184 FLOPs per token; a = 4 * 4 * 8 * 2 = 256 per
+    query-key pair. One example, prompt 2, responses 3 and 1:
+    shared_prompt: W = 6, cost = 6 f + 36 a = 223,104 + 9,216 = 232,320;
+    padded: 2 rows of W = 5, causal kernel: 10 f + 2 * 25/2 a = 371,840 + 6,400 = 378,240."""
+    model = tiny_llama(vocab_size=64)
+    costs = layout_costs(model, {"shared_prompt": [[_item(2, 3, 1)]], "padded": [[_item(2, 3, 1)]]})
+    assert costs == {"shared_prompt": 232_320.0, "padded": 378_240.0}
+
+
+def test_auto_layout_shares_long_prompts_and_pads_long_responses():
+    """A long prompt with short responses is computed once in shared_prompt (half the tokens); long
+    responses in one dense-mask row cost attention over each other and the upper triangle (four
+    times the area of two causal rows), so auto picks padded."""
+    model = tiny_llama(vocab_size=64)
+
+    def batches(item: dict) -> dict:
+        return {"padded": [[item, item]], "shared_prompt": [[item, item]]}
+
+    layout, why = plan_layout("auto", model, batches(_item(200, 5, 5)))
+    assert layout == "shared_prompt" and "shared_prompt / padded" in why
+    assert plan_layout("auto", model, batches(_item(2, 300, 300)))[0] == "padded"
+    assert choose_layout("padded", model, batches(_item(200, 5, 5))) == "padded"

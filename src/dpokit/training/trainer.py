@@ -26,7 +26,7 @@ import random
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -398,7 +398,7 @@ class Trainer:
     def setup(self) -> None:
         """Model, data, objective, reference, wrapping, optimizer and schedule, then the resumed position."""
         from dpokit.data import make_collator
-        from dpokit.logprobs import choose_layout
+        from dpokit.logprobs import plan_layout
         from dpokit.losses import build_objective
 
         cfg, ctx = self.cfg, self.ctx
@@ -413,7 +413,8 @@ class Trainer:
                 self.train_split, self.eval_split = load_data(
                     cfg, self.tokenizer, say=self.say, unpaired=self.objective.unpaired, run_dir=self.run_dir
                 )
-        self.layout = layout = choose_layout(cfg.data.layout, policy)
+        layout, layout_why = plan_layout(cfg.data.layout, policy, self.layout_batches() if cfg.data.layout == "auto" else None)
+        self.layout = layout
         self.collate = make_collator(
             layout, self.tokenizer.pad_token_id, pack_tokens=cfg.data.pack_tokens if layout == "packed" else None
         )
@@ -429,7 +430,7 @@ class Trainer:
         self.say(
             f"objective {self.objective!r}; {len(self.train_split)} training examples"
             + (f", {len(self.eval_split)} held out" if self.eval_split is not None else "")
-            + f"; reference: {self.reference_strategy} ({why})"
+            + f"; layout: {layout} ({layout_why}); reference: {self.reference_strategy} ({why})"
         )
         self.setup_policy_and_references(policy)
         self.setup_optimizer()
@@ -438,6 +439,20 @@ class Trainer:
         if ctx.is_main:  # the record of the run (a resume's beside it), once the resume is accepted
             self.run_directory.write_config(cfg, resumed_at=self.position.step if self.resume_from is not None else None)
         self.clock.remainder("other_setup")  # wrapping, compilation, optimizer, resume
+
+    def layout_batches(self) -> dict[str, list[list[dict[str, Any]]]] | None:
+        """Epoch 0's micro-batches of training items as each layout's length grouping makes them, for
+        ``data.layout: auto`` to estimate their cost (None before there is training data: an online
+        run starts with none)."""
+        if len(self.train_split) == 0 or not hasattr(self.train_split.dataset, "lengths"):
+            return None
+        micro = self.cfg.optim.batch_size * self.ctx.world_size
+        batches = {}
+        for layout, kind in (("padded", "row"), ("shared_prompt", "block")):
+            split = replace(self.train_split, length_kind=kind)
+            positions = epoch_batches(split, batch_size=micro, seed=self.cfg.optim.seed, epoch=0)
+            batches[layout] = [split.items(batch) for batch in positions]
+        return batches
 
     def reference_workload(self, policy: torch.nn.Module) -> ReferenceWorkload:
         """The examples a precomputed pass and a live reference would forward in this run, and whether a
