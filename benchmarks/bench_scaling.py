@@ -1,14 +1,17 @@
 """How one DPO training step's cost grows: dpokit defaults vs TRL 1.16 defaults, vs sequence length and
-vs vocabulary, on this machine's memory. The tools include ``dpokit_padded`` (``data.layout=padded``: one
-row per response, no custom 4-D mask) to tell the layout's share of the memory from the step's.
+vs vocabulary, on this machine's memory. The tools include ``dpokit_shared`` (``data.layout=shared_prompt``:
+one ``[prompt | chosen | rejected]`` row per pair under a dense (rows, 1, T, T) mask) and ``dpokit_padded``
+(``data.layout=padded``: one row per response, SDPA's causal kernel, no mask) to tell the layout's share
+of the cost from the step's; ``data.layout: auto`` picks between the two.
 
 Each point is one fresh process per tool that trains ``STEPS`` optimizer steps on ``--batch-pairs``
 (default 1) identical-length pairs (the model of ``benchmarks/fixtures.py``: Llama, hidden 256, 4 layers, float32,
 random init, with the point's vocabulary and 8,192 positions; the 4,096-token fixture tokenizer, so only
 the output layer's size changes with the vocabulary). A pair of L tokens is a prompt of L/4 tokens and
 two responses of 3L/8 each (prompt + chosen + rejected = L); both tools get ``max_length`` = 5L/8 per
-sequence, so neither truncates. Step 1 is the warm-up; after it the process's RSS is the idle baseline
-and the kernel's high-water mark is reset (``/proc/self/clear_refs``), so
+sequence, so neither truncates. Step 1 is the warm-up; after it glibc's cached free memory is given
+back (``malloc_trim``), the process's RSS is the idle baseline and the kernel's high-water mark is reset
+(``/proc/self/clear_refs``), so
 
 * ``step peak`` = the RSS high-water mark during step 2 above the idle baseline (activations, logits,
   gradients' transients);
@@ -25,6 +28,7 @@ use less while other work shares the machine): that point "does not fit".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -36,8 +40,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-TOOLS = ("dpokit", "dpokit_padded", "trl_default")
-NAMES = {"dpokit": "dpokit defaults", "dpokit_padded": "dpokit, data.layout=padded", "trl_default": "TRL 1.16 defaults"}
+TOOLS = ("dpokit", "dpokit_shared", "dpokit_padded", "trl_default")
+NAMES = {
+    "dpokit": "dpokit defaults",
+    "dpokit_shared": "dpokit, data.layout=shared_prompt",
+    "dpokit_padded": "dpokit, data.layout=padded",
+    "trl_default": "TRL 1.16 defaults",
+}
 STEPS = 2
 LR = 1e-6
 BETA = 0.1
@@ -96,6 +105,17 @@ def rss_and_peak() -> tuple[int, int]:
     return values["VmRSS"], values["VmHWM"]
 
 
+def release_free_heap() -> None:
+    """Give glibc's cached free memory back to the system (``malloc_trim(0)``; a no-op elsewhere), so
+    RSS after step 1 counts live allocations and step 2's high-water mark above it is that step's own
+    peak, not what happens to exceed the memory step 1 left cached."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 class StepMemory:
     """After step 1: idle baseline, high-water mark reset. After step 2: the step's peak and time."""
 
@@ -110,6 +130,8 @@ class StepMemory:
         rss, peak = rss_and_peak()
         self.process_peak = max(self.process_peak, peak)
         if step == 1:
+            release_free_heap()  # so the baseline is what the idle trainer holds, not what malloc keeps cached
+            rss, _peak = rss_and_peak()
             self.baseline = rss
             with open("/proc/self/clear_refs", "w") as handle:
                 handle.write("5")
@@ -139,8 +161,10 @@ def run_dpokit(point: Path, work: Path, options, on_step) -> None:
         "eval.every_steps=0",
         "checkpoint.every_steps=0",
     ]
-    if options.worker == "dpokit_padded":  # one row per response: causal attention without a 4-D mask
+    if options.worker == "dpokit_padded":  # one row per response: causal attention without a mask
         overrides.append("data.layout=padded")
+    if options.worker == "dpokit_shared":  # one row per pair: a dense (rows, 1, T, T) mask
+        overrides.append("data.layout=shared_prompt")
     run(load_config(None, overrides), on_step=lambda step, metrics: on_step(step))
 
 
@@ -338,7 +362,7 @@ def plot(options, results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for tool, style in zip(options.tools, ("o-", "^:", "s--"), strict=False):
+    for tool, style in zip(options.tools, ("o-", "^:", "d-.", "s--"), strict=False):
         for index, axis in enumerate(("length", "vocab")):
             keys = [k for k, v in results[axis].items() if v.get(tool, {}).get("fits")]
             axes[index].plot(
@@ -382,7 +406,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=TOOLS)
     parser.add_argument("--point")
     parser.add_argument("--length", type=int)
-    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=["dpokit", "dpokit_shared", "trl_default"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--vocabs", type=int, nargs="+", default=[4096, 32000, 128000, 256000])
     parser.add_argument("--vocab-length", type=int, default=1024, help="tokens per pair on the vocabulary axis")
