@@ -362,21 +362,33 @@ def plot(options, results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for tool, style in zip(options.tools, ("o-", "^:", "d-.", "s--"), strict=False):
+    for number, tool in enumerate(options.tools):
+        style = {"fmt": ("o-", "^:", "d-.", "s--")[number % 4], "color": f"C{number}"}  # one colour per tool on every panel
         for index, axis in enumerate(("length", "vocab")):
             keys = [k for k, v in results[axis].items() if v.get(tool, {}).get("fits")]
             axes[index].plot(
-                keys, [results[axis][k][tool]["step_peak"] / 2**30 for k in keys], style, label=f"{NAMES[tool]}, step"
+                keys,
+                [results[axis][k][tool]["step_peak"] / 2**30 for k in keys],
+                style["fmt"],
+                color=style["color"],
+                label=f"{NAMES[tool]}, step",
             )
             axes[index].plot(
                 keys,
                 [results[axis][k][tool]["process_peak"] / 2**30 for k in keys],
-                style,
-                alpha=0.4,
+                style["fmt"],
+                color=style["color"],
+                alpha=0.35,
                 label=f"{NAMES[tool]}, process",
             )
         keys = [k for k, v in results["length"].items() if v.get(tool, {}).get("fits")]
-        axes[2].plot(keys, [results["length"][k][tool]["tokens_per_s"] for k in keys], style, label=NAMES[tool])
+        axes[2].plot(
+            keys,
+            [results["length"][k][tool]["tokens_per_s"] for k in keys],
+            style["fmt"],
+            color=style["color"],
+            label=NAMES[tool],
+        )
     for ax, xlabel, ylabel in zip(
         axes,
         (
