@@ -27,6 +27,7 @@ from dpokit.training.reference import (
     plan_reference,
     reference_batches,
     resolve_reference_strategy,
+    response_rows,
 )
 from tests.helpers import preference_rows, write_preference_jsonl, write_tiny_model_dir
 
@@ -264,3 +265,20 @@ def test_token_budgeted_reference_table_equals_one_example_at_a_time(assets, tmp
     alone_ids, alone = compute_reference_logps(model, data.items, collate, batch_size=1, batch_tokens=None)
     assert torch.equal(ids, alone_ids)
     torch.testing.assert_close(table, alone, rtol=1e-5, atol=1e-4)
+
+
+def test_a_padded_pass_forwards_responses_one_by_one_into_their_example_slots(assets, tmp_path):
+    """With one row per response the pass need not pad chosen and rejected to the longer of the two:
+    every (example, response) becomes its own row, sorted and batched alone, and its log-prob goes
+    back to slot (example, k): the table equals the shared-prompt pass's, an independent layout."""
+    items = _items([(2, 10, 3), (4, 1, 7)])
+    rows, places = response_rows(items)
+    assert places == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [len(r["response_ids"]) for r in rows] == [1, 1, 1, 1]
+    assert [len(r["response_ids"][0]) for r in rows] == [10, 3, 1, 7]
+    model, tokenizer = load(assets)
+    data = prepare_dataset(assets / "train.jsonl", tokenizer, cache_dir=tmp_path)
+    padded = compute_reference_logps(model, data.items, make_collator("padded", tokenizer.pad_token_id), batch_tokens=200)
+    shared = compute_reference_logps(model, data.items, make_collator("shared_prompt", tokenizer.pad_token_id))
+    assert torch.equal(padded[0], shared[0])
+    torch.testing.assert_close(padded[1], shared[1], rtol=1e-5, atol=1e-4)

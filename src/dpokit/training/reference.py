@@ -115,6 +115,21 @@ def reference_batches(
     return batches
 
 
+def response_rows(items: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
+    """One single-response item per (example i, response k) of ``items``, and each one's (i, k).
+
+    A pass that forwards one row per response need not keep an example's responses together: sorted
+    one by one, rows of about the same length share a batch, where an example's own chosen and
+    rejected rows would be padded to the longer of the two."""
+    rows: list[dict[str, Any]] = []
+    places: list[tuple[int, int]] = []
+    for i, item in enumerate(items):
+        for k, response in enumerate(item["response_ids"]):
+            rows.append({"example_id": len(rows), "prompt_ids": item["prompt_ids"], "response_ids": [response]})
+            places.append((i, k))
+    return rows, places
+
+
 def compute_reference_logps(
     model: nn.Module,
     items: Sequence[dict[str, Any]],
@@ -130,8 +145,10 @@ def compute_reference_logps(
 
     Runs ``model`` under :func:`dpokit.models.reference_mode` (eval, no grad, adapters off) and
     inference mode, in the batches of :func:`reference_batches` (at most ``batch_size`` items and
-    ``batch_tokens`` padded tokens, sorted by the length of the rows ``collate`` builds). Slots
-    beyond an example's own K are 0.
+    ``batch_tokens`` padded tokens, sorted by the length of the rows ``collate`` builds). With the
+    padded layout (one row per response) the pass sorts and batches the responses one by one
+    (:func:`response_rows`), so it pads less than training batches do. Slots beyond an example's own
+    K are 0.
     """
     from dpokit.data.collate import PaddedCollator
     from dpokit.logprobs import compute_logps
@@ -139,24 +156,30 @@ def compute_reference_logps(
     n = len(items)
     if n == 0:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, 2)
-    batches = reference_batches(
-        items, max_examples=batch_size, max_tokens=batch_tokens, one_row_per_response=isinstance(collate, PaddedCollator)
-    )
     k_max = max(len(item["response_ids"]) for item in items)
     example_ids = torch.tensor([int(item["example_id"]) for item in items], dtype=torch.long)
     logps = torch.zeros(n, k_max, dtype=torch.float32)
+    per_response = isinstance(collate, PaddedCollator)
+    work, places = response_rows(items) if per_response else (list(items), [])
+    if isinstance(collate, PaddedCollator):  # a collator without a fixed K, for the one-response rows
+        collate, batch_size = PaddedCollator(collate.pad_token_id), batch_size * k_max
+    batches = reference_batches(work, max_examples=batch_size, max_tokens=batch_tokens, one_row_per_response=per_response)
     device = device or next(model.parameters()).device
     bar = None
     if progress:
         from dpokit.training.tracking import progress_bar
 
-        bar = progress_bar(n, enabled=True, desc="reference log-probs")
+        bar = progress_bar(len(work), enabled=True, desc="reference log-probs")
     with reference_mode(model) as reference, torch.inference_mode():
         for rows in batches:
-            batch = collate([items[i] for i in rows]).to(device)
+            batch = collate([work[j] for j in rows]).to(device)
             values = compute_logps(reference, batch, chunk_size=chunk_size).logps.float().cpu()
             values = values.masked_fill(~batch.response_mask.cpu(), 0.0)
-            logps[rows, : values.shape[1]] = values
+            if per_response:
+                where = torch.tensor([places[j] for j in rows], dtype=torch.long)
+                logps[where[:, 0], where[:, 1]] = values[:, 0]
+            else:
+                logps[rows, : values.shape[1]] = values
             if bar is not None:
                 bar.update(len(rows))
     if bar is not None:
