@@ -262,8 +262,9 @@ def attention_inputs(model: nn.Module, batch: Batch) -> dict[str, Any]:
     """``batch.model_inputs()`` adapted to the model's attention implementation.
 
     A 2-D padding mask with padding on the right only is left out for SDPA (see
-    :func:`causal_mask_suffices`); any other 2-D mask goes through unchanged. A 4-D boolean mask (shared-prompt / packed layouts,
-    True = may attend) is given as is to SDPA; eager attention *adds* its mask to the scores, so it
+    :func:`causal_mask_suffices`); any other 2-D mask goes through unchanged. A 4-D boolean mask
+    (shared-prompt / packed layouts, True = may attend) is given as is to SDPA; eager attention
+    *adds* its mask to the scores, so it
     gets the additive form (0 where allowed, the dtype's minimum elsewhere) in the model's dtype.
     FlexAttention on CUDA gets a ``BlockMask`` built from ``extras["block_id"]``/``["segment_id"]``
     (so fully masked 128x128 tiles are skipped); elsewhere FlexAttention falls back to the additive
