@@ -48,7 +48,6 @@ __all__ = [
     "OutputHead",
     "attention_inputs",
     "causal_mask_suffices",
-    "choose_layout",
     "layout_costs",
     "plan_layout",
     "compute_logps",
@@ -274,7 +273,7 @@ def attention_inputs(model: nn.Module, batch: Batch) -> dict[str, Any]:
     mask = batch.attention_mask
     implementation = attention_implementation(model)
     if mask.dim() != 4:
-        if implementation == "sdpa" and mask.dim() == 2 and _right_padded(mask) and causal_mask_suffices(model):
+        if implementation == "sdpa" and mask.dim() == 2 and causal_mask_suffices(model) and _right_padded(mask):
             del inputs["attention_mask"]
         return inputs
     if implementation not in _DENSE_MASK_ATTENTION:
@@ -462,8 +461,9 @@ def plan_layout(
     them). Any other name is returned unchanged (and checked on the first batch)."""
     if layout != "auto":
         return layout, "set by data.layout"
-    if attention_implementation(model) not in _DENSE_MASK_ATTENTION:
-        return "padded", f"attn_implementation '{attention_implementation(model)}' takes no custom 4-D masks"
+    implementation = attention_implementation(model)
+    if implementation not in _DENSE_MASK_ATTENTION:
+        return "padded", f"attn_implementation '{implementation}' takes no custom 4-D masks"
     try:
         _verify_custom_mask(model, torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
     except ConfigError:
@@ -474,13 +474,6 @@ def plan_layout(
     ratio = costs["shared_prompt"] / max(costs["padded"], 1.0)
     choice = "shared_prompt" if ratio <= 1.0 else "padded"
     return choice, f"estimated decoder FLOPs per epoch, shared_prompt / padded = {ratio:.2f}"
-
-
-def choose_layout(
-    layout: str, model: nn.Module, batches: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]] | None = None
-) -> str:
-    """The concrete batch layout for ``data.layout`` (see :func:`plan_layout`)."""
-    return plan_layout(layout, model, batches)[0]
 
 
 def final_hidden_states(model: nn.Module, model_inputs: dict[str, Tensor]) -> Tensor:

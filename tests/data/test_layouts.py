@@ -11,7 +11,7 @@ import torch
 from dpokit.data import make_collator
 from dpokit.data.collate import PackedCollator, SharedPromptCollator, block_attention_mask
 from dpokit.errors import ConfigError
-from dpokit.logprobs import attention_inputs, causal_mask_suffices, choose_layout, compute_logps, layout_costs, plan_layout
+from dpokit.logprobs import attention_inputs, causal_mask_suffices, compute_logps, layout_costs, plan_layout
 from tests.helpers import tiny_gpt2, tiny_llama
 
 PAD = 0
@@ -110,8 +110,8 @@ def test_eager_attention_gets_an_additive_mask_and_sdpa_a_boolean_one():
 
 
 def test_auto_layout_picks_shared_prompt_for_mask_aware_attention():
-    assert choose_layout("auto", tiny_llama(vocab_size=64)) == "shared_prompt"
-    assert choose_layout("padded", tiny_llama(vocab_size=64)) == "padded"
+    assert plan_layout("auto", tiny_llama(vocab_size=64))[0] == "shared_prompt"
+    assert plan_layout("padded", tiny_llama(vocab_size=64))[0] == "padded"
 
 
 def test_attention_that_ignores_custom_masks_is_refused_with_a_clear_error():
@@ -119,7 +119,7 @@ def test_attention_that_ignores_custom_masks_is_refused_with_a_clear_error():
     model.config._attn_implementation = "flash_attention_2"  # kernels that take no dense mask
     with pytest.raises(ConfigError, match="data.layout=padded"):
         attention_inputs(model, SharedPromptCollator(PAD)(ITEMS))
-    assert choose_layout("auto", model) == "padded"
+    assert plan_layout("auto", model)[0] == "padded"
 
 
 def test_sdpa_gets_no_mask_for_right_padded_rows_and_the_log_probs_do_not_change():
@@ -185,4 +185,4 @@ def test_auto_layout_shares_long_prompts_and_pads_long_responses():
     layout, why = plan_layout("auto", model, batches(_item(200, 5, 5)))
     assert layout == "shared_prompt" and "shared_prompt / padded" in why
     assert plan_layout("auto", model, batches(_item(2, 300, 300)))[0] == "padded"
-    assert choose_layout("padded", model, batches(_item(200, 5, 5))) == "padded"
+    assert plan_layout("padded", model, batches(_item(200, 5, 5)))[0] == "padded"

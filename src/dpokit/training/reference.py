@@ -159,10 +159,11 @@ def compute_reference_logps(
     k_max = max(len(item["response_ids"]) for item in items)
     example_ids = torch.tensor([int(item["example_id"]) for item in items], dtype=torch.long)
     logps = torch.zeros(n, k_max, dtype=torch.float32)
-    per_response = isinstance(collate, PaddedCollator)
-    work, places = response_rows(items) if per_response else (list(items), [])
-    if isinstance(collate, PaddedCollator):  # a collator without a fixed K, for the one-response rows
-        collate, batch_size = PaddedCollator(collate.pad_token_id), batch_size * k_max
+    work, per_response = list(items), False
+    places: list[tuple[int, int]] = []
+    if isinstance(collate, PaddedCollator):  # one row per response: batch the responses one by one
+        (work, places), per_response = response_rows(items), True
+        collate, batch_size = PaddedCollator(collate.pad_token_id), batch_size * k_max  # no fixed K
     batches = reference_batches(work, max_examples=batch_size, max_tokens=batch_tokens, one_row_per_response=per_response)
     device = device or next(model.parameters()).device
     bar = None
