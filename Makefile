@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test check lint format typecheck bench install clean
 
@@ -12,10 +13,16 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 # torch is pinned here (the CPU wheel this machine carries); the package itself accepts a range.
+# `make demo` installs the runtime dependencies only; `make test` adds the test extras (checks, TRL for
+# the parity tests, the docs site) and `make bench` the benchmark ones.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test,bench]" "torch==2.13.0"
+	$(PY) -m pip install --quiet -e . "torch==2.13.0"
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,bench]" "torch==2.13.0"
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
@@ -25,15 +32,15 @@ demo: $(STAMP)
 # Lint, format check and types: what CI and the pre-commit hooks enforce.
 check: lint typecheck
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 
-typecheck: $(STAMP)
+typecheck: $(TEST_STAMP)
 	$(VENV)/bin/mypy
 
 # Rewrites files: apply ruff's safe fixes and the formatter.
-format: $(STAMP)
+format: $(TEST_STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks scripts
 	$(VENV)/bin/ruff format src tests benchmarks scripts
 
@@ -42,7 +49,7 @@ format: $(STAMP)
 test: check
 	$(PY) -m pytest -q tests --cov=dpokit --cov-branch --cov-report=term-missing:skip-covered
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) benchmarks/run_all.py
 
 clean:
