@@ -105,3 +105,34 @@ def test_agreement_ignores_unparseable_items():
     assert agreement(["unparseable"], ["win"])["n"] == 0
     stats, _ = win_stats([(J(0.9), J(0.1))], [0])
     assert stats.to_dict()["win_rate"] == 1.0
+
+
+def test_all_wins_on_48_prompts_report_a_wilson_interval_instead_of_a_collapsed_bootstrap():
+    """48 prompts, every one won: each bootstrap resample holds 48 wins, so the percentile interval is
+    [1, 1] -- certainty the data cannot give. Wilson at 95% (z = 1.959964, z^2 = 3.841459) with p = 1,
+    n = 48: center = (1 + z^2/96) / (1 + z^2/48), half-width = (z^2/96) / (1 + z^2/48), so the lower
+    bound is 1 / (1 + z^2/48) = 48 / 51.841459 = 0.925900 and the upper bound is 1. All losses mirror it:
+    [0, 1 - 0.925900] = [0, 0.074100]."""
+    wins, _ = win_stats([(J(0.9), J(0.1))] * 48, list(range(48)))
+    assert wins.ci_method == "wilson"
+    assert wins.ci_low == pytest.approx(0.925900, abs=1e-6) and wins.ci_high == 1.0
+    losses, _ = win_stats([(J(0.1), J(0.9))] * 48, list(range(48)))
+    assert losses.ci_method == "wilson" and losses.ci_low == 0.0
+    assert losses.ci_high == pytest.approx(0.074100, abs=1e-6)
+
+
+def test_a_collapsed_bootstrap_inside_the_range_also_gives_way_to_wilson_on_the_number_of_prompts():
+    """8 prompts with 3 samples each, every pair a tie: the bootstrap interval is [0.5, 0.5]. Wilson with
+    n = 8 prompts (the bootstrap's unit, not the 24 pairs) and 4 successes: p = 0.5, center 0.5,
+    half-width = z / (1 + z^2/8) * sqrt(0.25/8 + z^2/256) = 1.324127 * 0.215073 = 0.284784, so
+    [0.215216, 0.784784]."""
+    stats, _ = win_stats([(J(0.5), J(0.5))] * 24, [i // 3 for i in range(24)])
+    assert stats.ci_method == "wilson" and stats.win_rate == 0.5
+    assert stats.ci_low == pytest.approx(0.215216, abs=1e-6) and stats.ci_high == pytest.approx(0.784784, abs=1e-6)
+
+
+def test_an_informative_bootstrap_is_kept():
+    """30 prompts won and 10 lost: the bootstrap interval has width, so it is the one reported."""
+    pairs = [(J(0.9), J(0.1))] * 30 + [(J(0.1), J(0.9))] * 10
+    stats, _ = win_stats(pairs, list(range(40)), bootstrap_samples=500)
+    assert stats.ci_method == "bootstrap" and stats.ci_low < 0.75 < stats.ci_high < 1.0

@@ -15,7 +15,11 @@ order makes the pair ``unparseable``: counted, and left out of the win rate. A j
 **Win rate** = (wins + ties / 2) / (wins + ties + losses); wins, ties and losses are reported beside it.
 
 **95% confidence intervals**: Wilson's score interval, or a seeded percentile bootstrap that resamples
-*prompts* (all samples of a prompt together, since they are not independent).
+*prompts* (all samples of a prompt together, since they are not independent). The percentile bootstrap
+cannot see past the data at a boundary: 48 prompts all won resample to 48 wins every time, an interval
+of [1, 1] that claims certainty. Where the win rate is 0 or 1, or the bootstrap interval collapses to a
+point, the interval is Wilson's on the number of prompts instead (48/48 -> [0.926, 1]) and
+``ci_method`` says ``wilson`` (:func:`interval_for`).
 
 **Agreement** between two judges (or templates) on the same pairs: the fraction of equal outcomes and
 Cohen's kappa, ``(p_o - p_e) / (1 - p_e)``, p_e the agreement expected from each one's label frequencies.
@@ -89,7 +93,10 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     denominator = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denominator
     half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, center - half), min(1.0, center + half))
+    # At p = 0 (p = 1) the bound is 0 (1) exactly; rounding would leave 1e-17 or 1 - 1e-16.
+    low = 0.0 if successes <= 0 else max(0.0, center - half)
+    high = 1.0 if successes >= n else min(1.0, center + half)
+    return (low, high)
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -125,6 +132,28 @@ def bootstrap_interval(
     values.sort()
     tail = (1 - level) / 2
     return (_percentile(values, tail), _percentile(values, 1 - tail))
+
+
+def interval_for(
+    groups: Sequence[Sequence[str]], *, ci: str = "bootstrap", samples: int = 2000, seed: int = 0
+) -> tuple[float, float, str]:
+    """The 95% interval of the win rate of ``groups`` (the outcomes of each prompt) and the method that gave it.
+
+    ``ci="wilson"``: Wilson's interval over the judged pairs. ``ci="bootstrap"``: the prompt bootstrap,
+    unless the win rate is 0 or 1 or the bootstrap interval has no width; then Wilson's interval with
+    ``n`` = the number of prompts (the bootstrap's unit) and the win rate's share of them as successes.
+    """
+    outcomes = [o for group in groups for o in group]
+    counts = Counter(outcomes)
+    judged = counts["win"] + counts["tie"] + counts["loss"]
+    if ci == "wilson":
+        return (*wilson_interval(counts["win"] + 0.5 * counts["tie"], judged), "wilson")
+    low, high = bootstrap_interval(groups, samples=samples, seed=seed)
+    rate = win_rate(outcomes)
+    if judged and (rate in (0.0, 1.0) or low == high):
+        prompts = sum(1 for group in groups if any(o != "unparseable" for o in group))
+        return (*wilson_interval(rate * prompts, prompts), "wilson")
+    return low, high, "bootstrap"
 
 
 def cohen_kappa(first: Sequence[Hashable], second: Sequence[Hashable]) -> float:
@@ -197,19 +226,17 @@ def win_stats(
     seed: int = 0,
 ) -> tuple[WinStats, list[str]]:
     """Statistics of pairs judged in both orders (``(forward, swapped)`` each); ``groups[i]`` names the
-    prompt of pair i (the bootstrap resamples prompts). Returns the stats and each pair's outcome."""
+    prompt of pair i (the bootstrap resamples prompts). Returns the stats and each pair's outcome.
+    ``ci_method`` is the interval actually reported (:func:`interval_for`: a degenerate bootstrap gives way
+    to Wilson's)."""
     if ci not in ("bootstrap", "wilson"):
         raise ConfigError(f"ci must be bootstrap or wilson, not {ci!r}")
     outcomes = [pair_outcome(f, s, inconsistent) for f, s in pairs]
     counts = Counter(outcomes)
-    judged = counts["win"] + counts["tie"] + counts["loss"]
-    if ci == "wilson":
-        low, high = wilson_interval(counts["win"] + 0.5 * counts["tie"], judged)
-    else:
-        by_group: dict[Hashable, list[str]] = {}
-        for group, outcome in zip(groups, outcomes, strict=True):
-            by_group.setdefault(group, []).append(outcome)
-        low, high = bootstrap_interval(list(by_group.values()), samples=bootstrap_samples, seed=seed)
+    by_group: dict[Hashable, list[str]] = {}
+    for group, outcome in zip(groups, outcomes, strict=True):
+        by_group.setdefault(group, []).append(outcome)
+    low, high, method = interval_for(list(by_group.values()), ci=ci, samples=bootstrap_samples, seed=seed)
     consistency, bias = _position_stats(pairs)
     stats = WinStats(
         n=len(outcomes),
@@ -220,7 +247,7 @@ def win_stats(
         win_rate=win_rate(outcomes),
         ci_low=low,
         ci_high=high,
-        ci_method=ci,
+        ci_method=method,
         position_consistency=consistency,
         position_bias=bias,
     )
