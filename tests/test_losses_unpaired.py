@@ -152,6 +152,50 @@ def test_cpo_family_matches_trl_per_example(name):
         assert nll.item() == pytest.approx(case["nll_loss"], abs=1e-9)
 
 
+def _objective_rewards(term: dict, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = L.build_objective([term], beta=beta)(_paired_inputs())
+    return out.metrics["rewards/chosen"], out.metrics["rewards/rejected"], out.metrics["rewards/accuracies"]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CASES if n.startswith(("cpo/", "orpo/"))))
+def test_reference_free_objectives_report_the_reward_their_loss_compares_as_trl_does(name):
+    """SimPO's rewards/* are beta * pi / |y| (length-averaged, as its loss compares them), not DPO's
+    beta * (pi - ref) with ref = 0; CPO's are beta * pi (sigmoid/hinge) or beta * pi / |y| (ipo);
+    ORPO's beta * pi / |y|; AlphaPO's beta * (1 - p^-alpha) / alpha. TRL's CPOTrainer and ORPOTrainer
+    log exactly these (the oracle's chosen_rewards / rejected_rewards)."""
+    case = CASES[name]
+    if case["trainer"] == "ORPOTrainer":
+        term: dict = {"name": "orpo"}
+    else:
+        term = _cpo_term(case)
+        term = {k: v for k, v in term.items() if k == "name" or k in L.LOSSES[term["name"]].params}
+    chosen, rejected, accuracies = _objective_rewards(term, case["beta"])
+    torch.testing.assert_close(chosen, torch.tensor(case["chosen_rewards"], dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(rejected, torch.tensor(case["rejected_rewards"], dtype=torch.float64), rtol=0, atol=1e-6)
+    if "metrics" in case:
+        assert accuracies.mean().item() == pytest.approx(case["metrics"]["rewards/accuracies"], abs=1e-9)
+
+
+def test_simpo_reward_hand_worked_and_the_objective_line_names_it():
+    """One pair, beta 2: pi_w = -2 over 4 tokens, pi_l = -3 over 2. SimPO's rewards are
+    2 * (-2 / 4) = -1.0 and 2 * (-3 / 2) = -3.0, margin 2.0, accuracy 1 -- where DPO's summed form
+    (2 * -2 = -4 vs 2 * -3 = -6) would report rewards three times as large. The objective line says
+    the reference is not used (the old line printed reference_free=False)."""
+    inputs = L.LossInputs(
+        torch.tensor([[-2.0, -3.0]], dtype=torch.float64), None, torch.tensor([[4, 2]]), torch.ones(1, 2, dtype=torch.bool)
+    )
+    objective = L.build_objective([{"name": "simpo", "gamma": 1.0}], beta=2.0)
+    out = objective(inputs)
+    assert out.metrics["rewards/chosen"].item() == pytest.approx(-1.0)
+    assert out.metrics["rewards/rejected"].item() == pytest.approx(-3.0)
+    assert out.metrics["rewards/margins"].item() == pytest.approx(2.0)
+    assert "reference: not used" in repr(objective) and "per-token average" in repr(objective)
+    assert "reference: used" in repr(L.build_objective([{"name": "sigmoid"}], beta=0.1))
+    # a likelihood term first does not take over the rewards: sft + simpo reports SimPO's
+    mixed = L.build_objective([{"name": "sft", "weight": 0.1}, {"name": "simpo", "gamma": 1.0}], beta=2.0)(inputs)
+    assert mixed.metrics["rewards/chosen"].item() == pytest.approx(-1.0)
+
+
 def test_trl_alphapo_without_alpha_is_simpo():
     case = CASES["cpo/alphapo|beta=2.0|simpo_gamma=1.0"]
     inputs = _paired_inputs()

@@ -685,6 +685,9 @@ def _non_negative(value: Any) -> str | None:
     return None if value >= 0 else "must be >= 0"
 
 
+DPO_REWARD_FORMULA = "beta * (log pi - log pi_ref), summed over the response"
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """One registered loss.
@@ -694,6 +697,9 @@ class LossSpec:
     ``kind``: "pairwise" (needs K = 2), "listwise" (any K), "sequence"/"token" (likelihood terms) or
     "unpaired" (K = 1 with a desirable/undesirable label). ``needs_kl``: the loss takes KTO's KL
     reference point, estimated from mismatched prompt/completion pairs (an extra no-grad forward).
+    ``reward``: the implicit reward the loss compares, (B, K) per response, for the ``rewards/*``
+    metrics; None means DPO's ``beta * (policy - reference)`` summed log-ratios. ``reward_formula``
+    says it in words for the run's objective line.
     """
 
     name: str
@@ -704,6 +710,8 @@ class LossSpec:
     formula: str
     checks: dict[str, Callable[[Any], str | None]] = field(default_factory=dict)
     needs_kl: bool = False
+    reward: Callable[[_View, dict[str, Any]], Tensor] | None = None
+    reward_formula: str = DPO_REWARD_FORMULA
 
     @property
     def params(self) -> dict[str, Any]:
@@ -716,6 +724,23 @@ class LossSpec:
 
 
 _SMOOTHING = _in_range(0.0, 0.5, high_open=True)
+
+
+def _average_logp_reward(v: _View, p: dict[str, Any]) -> Tensor:
+    """ORPO's reward (TRL's ``rewards/*``): beta * the per-token average log-prob, pi / |y|."""
+    return v.beta * _per_token(v.policy, v.lengths)
+
+
+def _simpo_reward(v: _View, p: dict[str, Any]) -> Tensor:
+    """SimPO / AlphaPO: beta * R(pi / |y|), R the identity or AlphaPO's shape for alpha != 0."""
+    return v.beta * alphapo_rewards(_per_token(v.policy, v.lengths), p.get("alpha", 0.0))
+
+
+def _cpo_reward(v: _View, p: dict[str, Any]) -> Tensor:
+    """CPO: beta * R(pi) on summed log-probs (sigmoid, hinge) or per-token averages (ipo), as its loss compares."""
+    logps = _per_token(v.policy, v.lengths) if p.get("variant") == "ipo" else v.policy
+    return v.beta * alphapo_rewards(logps, p.get("alpha", 0.0))
+
 
 LOSSES: dict[str, LossSpec] = {
     spec.name: spec
@@ -844,6 +869,8 @@ LOSSES: dict[str, LossSpec] = {
             False,
             "nll_weight NLL(chosen) - beta log sig(log odds(p_w) - log odds(p_l)), p = exp(pi/|y|)",
             {"nll_weight": _non_negative},
+            reward=_average_logp_reward,
+            reward_formula="beta * log pi / |y| (per-token average, no reference)",
         ),
         LossSpec(
             "cpo",
@@ -853,6 +880,8 @@ LOSSES: dict[str, LossSpec] = {
             False,
             "sigmoid/hinge on pi_w - pi_l (ipo: per-token averages), no reference, + bc_weight NLL(chosen)",
             {"variant": _one_of(*CPO_VARIANTS), "label_smoothing": _SMOOTHING, "bc_weight": _non_negative},
+            reward=_cpo_reward,
+            reward_formula="beta * log pi (summed; per-token average for variant ipo), no reference",
         ),
         LossSpec(
             "simpo",
@@ -862,6 +891,8 @@ LOSSES: dict[str, LossSpec] = {
             False,
             "-log sig(beta (pi_w/|y_w| - pi_l/|y_l|) - gamma), no reference",
             {"label_smoothing": _SMOOTHING, "gamma": _non_negative, "bc_weight": _non_negative},
+            reward=_simpo_reward,
+            reward_formula="beta * log pi / |y| (per-token average, no reference)",
         ),
         LossSpec(
             "alphapo",
@@ -871,6 +902,8 @@ LOSSES: dict[str, LossSpec] = {
             False,
             "simpo on r = (1 - p^-alpha)/alpha of per-token average p, no reference",
             {"label_smoothing": _SMOOTHING, "gamma": _non_negative, "bc_weight": _non_negative},
+            reward=_simpo_reward,
+            reward_formula="beta * (1 - p^-alpha) / alpha, p = exp(log pi / |y|), no reference",
         ),
         LossSpec(
             "kto",
@@ -927,14 +960,32 @@ class _Term:
 class Objective:
     """A weighted sum of registered losses; call it on :class:`LossInputs`.
 
-    ``per_example = sum_t weight_t * loss_t`` (B,), ``loss = mean(per_example)``. Rewards in the
-    metrics are ``beta * (policy - reference)`` log-probs whatever the terms are.
+    ``per_example = sum_t weight_t * loss_t`` (B,), ``loss = mean(per_example)``. The ``rewards/*``
+    metrics (chosen, rejected, margins, accuracies) use the implicit reward of the first preference
+    term (not a likelihood term such as sft): ``beta * (policy - reference)`` summed log-ratios for
+    DPO and its reference-based relatives, the length-averaged log-prob for SimPO and ORPO, as each
+    loss compares them (and as TRL's trainers log them).
     """
 
     def __init__(self, terms: list[_Term], *, beta: float, reference_free: bool = False) -> None:
         self.terms = terms
         self.beta = beta
         self.reference_free = reference_free
+        preference = [t for t in terms if t.spec.kind in ("pairwise", "listwise", "unpaired")]
+        self.reward_term: _Term | None = preference[0] if preference else None
+
+    @property
+    def reward_formula(self) -> str:
+        """The implicit reward behind ``rewards/*``, in words."""
+        return DPO_REWARD_FORMULA if self.reward_term is None else self.reward_term.spec.reward_formula
+
+    def rewards(self, view: _View) -> Tensor:
+        """(B, K) implicit rewards of every response, detached: the reward term's own, else DPO's."""
+        term = self.reward_term
+        with torch.no_grad():
+            if term is None or term.spec.reward is None:
+                return view.beta * view.logratios.detach()
+            return term.spec.reward(view, term.params).detach()
 
     @property
     def needs_reference(self) -> bool:
@@ -956,7 +1007,8 @@ class Objective:
 
     def __repr__(self) -> str:
         parts = [f"{t.weight:g}*{t.spec.name}({', '.join(f'{k}={v!r}' for k, v in t.params.items())})" for t in self.terms]
-        return f"Objective({' + '.join(parts)}, beta={self.beta:g}, reference_free={self.reference_free})"
+        reference = "used" if self.needs_reference else "not used"
+        return f"Objective({' + '.join(parts)}, beta={self.beta:g}; reference: {reference}; rewards: {self.reward_formula})"
 
     def __call__(self, inputs: LossInputs) -> ObjectiveOutput:
         policy = inputs.policy_logps
@@ -996,7 +1048,7 @@ class Objective:
             metrics[f"loss/{term.spec.name}"] = term_loss.detach()
             per_example = per_example + term.weight * term_loss
 
-        metrics.update(_reward_metrics(view, mask))
+        metrics.update(_reward_metrics(view, self.rewards(view), mask))
         return ObjectiveOutput(loss=per_example.mean(), per_example=per_example, metrics=metrics)
 
     def _unpaired(self, inputs: LossInputs, policy: Tensor, reference: Tensor, mask: Tensor) -> ObjectiveOutput:
@@ -1038,13 +1090,12 @@ def _unpaired_metrics(view: _View, labels: Tensor) -> dict[str, Tensor]:
         return metrics
 
 
-def _reward_metrics(view: _View, mask: Tensor) -> dict[str, Tensor]:
-    """Chosen = response 0; rejected = the worst (last present) response, so for pairs they are
-    simply chosen and rejected. Accuracy is the fraction of correctly ordered pairs of responses
-    (for K = 2: 1 if r_w > r_l). preference_prob = sigma(margin), the implicit reward model's
-    probability that chosen beats rejected (Bradley-Terry)."""
+def _reward_metrics(view: _View, rewards: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """From ``rewards`` (B, K), the objective's implicit reward per response: chosen = response 0;
+    rejected = the worst (last present) response, so for pairs they are simply chosen and rejected.
+    Accuracy is the fraction of correctly ordered pairs of responses (for K = 2: 1 if r_w > r_l).
+    preference_prob = sigma(margin), the implicit reward model's probability that chosen beats rejected (Bradley-Terry)."""
     with torch.no_grad():
-        rewards = view.beta * view.logratios.detach()
         batch_index = torch.arange(rewards.shape[0], device=rewards.device)
         worst = mask.long().sum(dim=1) - 1
         chosen_rewards, rejected_rewards = rewards[:, 0], rewards[batch_index, worst]
