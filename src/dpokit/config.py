@@ -175,7 +175,14 @@ class OptimConfig:
     weight_decay: float = _f(0.0, "Decoupled weight decay (adamw) / L2 penalty (rmsprop).")
     adam_betas: list[float] = _f(factory=lambda: [0.9, 0.999], help="AdamW betas.")
     eps: float = _f(1e-8, "Optimizer epsilon.")
-    warmup_steps: int = _f(150, "Optimizer steps of linear warm-up from 0 to lr.")
+    warmup_steps: int = _f(
+        150,
+        "Optimizer steps of linear warm-up from 0 to lr, at most 10% of the run's planned steps (a short run reaches "
+        "its peak lr; the log says when the warm-up was shortened).",
+    )
+    warmup_ratio: float | None = _f(
+        None, "Warm-up as a fraction of the planned optimizer steps, e.g. 0.1; when set, it replaces warmup_steps and its cap."
+    )
     schedule: Literal["constant", "cosine", "linear"] = _f("constant", "Learning rate after warm-up.")
     min_lr_ratio: float = _f(0.0, "Final learning rate of the cosine/linear decay, as a fraction of lr.")
     epochs: int = _f(1, "Passes over the training data (ignored when max_steps is set).")
@@ -648,6 +655,10 @@ def validate_config(cfg: TrainConfig) -> None:
     need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     need(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
+    need(
+        o.warmup_ratio is None or (math.isfinite(o.warmup_ratio) and 0 <= o.warmup_ratio < 1),
+        f"optim.warmup_ratio must be in [0, 1) or null, got {o.warmup_ratio}",
+    )
     need(o.max_steps is None or o.max_steps >= 1, f"optim.max_steps must be >= 1 or null, got {o.max_steps}")
     need(o.batch_size >= 1, f"optim.batch_size must be >= 1, got {o.batch_size}")
     need(o.grad_accumulation >= 1, f"optim.grad_accumulation must be >= 1, got {o.grad_accumulation}")

@@ -20,7 +20,7 @@ from dpokit.errors import ConfigError, TrainingError
 from dpokit.training import run
 from dpokit.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_trainer_state
 from dpokit.training.metrics import MetricSums, StepMetrics
-from dpokit.training.optim import lr_factor
+from dpokit.training.optim import lr_factor, plan_steps
 from dpokit.training.tracking import read_metrics
 from tests.helpers import write_preference_jsonl, write_tiny_model_dir
 
@@ -63,8 +63,8 @@ def losses(run_dir: Path, split: str = "train") -> list[tuple[int, float]]:
 
 
 def test_dpo_raises_heldout_reward_accuracy_well_above_chance(assets, tmp_path):
-    """Before training the policy equals the reference, so every implicit reward is 0 and no pair is
-    ordered correctly (accuracy 0, loss log 2 = 0.693); 20 steps later held-out accuracy is >= 0.9."""
+    """Before training the policy equals the reference, so every implicit reward is 0 and every pair is
+    a tie (accuracy 0.5, a tie counting half; loss log 2 = 0.693); 20 steps later held-out accuracy is >= 0.9."""
     cfg = make_config(
         assets,
         tmp_path / "run",
@@ -77,7 +77,7 @@ def test_dpo_raises_heldout_reward_accuracy_well_above_chance(assets, tmp_path):
     result = run(cfg)
     first = read_metrics(result.run_dir, split="train")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert first["rewards/accuracies"] == 0.0
+    assert first["rewards/accuracies"] == 0.5  # policy = reference: every pair ties, a tie counts half
     evals = read_metrics(result.run_dir, split="eval")
     assert [r["step"] for r in evals] == [10, 20]
     assert result.eval_metrics["rewards/accuracies"] >= 0.9
@@ -100,7 +100,7 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(assets, tmp_path):
         "optim.batch_size=4",
         "optim.grad_accumulation=2",
         "optim.schedule=cosine",
-        "optim.warmup_steps=3",
+        "optim.warmup_ratio=0.25",  # 3 of the 12 steps
         "logging.log_every=2",
         "model.lora.enabled=false",
     )
@@ -418,3 +418,85 @@ def test_step_metrics_read_once_equal_per_micro_batch_sums_and_name_the_first_ba
 
     with pytest.raises(TrainingError, match="micro-batch 1: inf"):
         bad.finish(check)
+
+
+# -- the step plan: warm-up that fits the run, and warnings when the data cannot fill it -------------
+
+
+def _optim(**overrides):
+    return load_config(None, [f"optim.{k}={v}" for k, v in overrides.items()]).optim
+
+
+def test_warmup_is_capped_at_a_tenth_of_a_short_run_and_the_plan_says_so():
+    """200 examples, batch 8 x 1, 1 epoch: total = ceil(200 / 8) = 25 steps; the paper's 150 warm-up
+    steps are capped at floor(0.1 * 25) = 2, and a note names both numbers."""
+    plan = plan_steps(_optim(batch_size=8, grad_accumulation=1, warmup_steps=150), num_examples=200, micro_examples=8)
+    assert (plan.total_steps, plan.warmup_steps) == (25, 2)
+    assert "optim.warmup_steps=150" in plan.notes[0] and "2 of the 25" in plan.notes[0]
+    assert plan.warnings == ()
+
+
+def test_warmup_of_a_long_run_is_the_papers_150_steps_untouched():
+    plan = plan_steps(_optim(batch_size=8, grad_accumulation=8, warmup_steps=150), num_examples=160_000, micro_examples=8)
+    assert (plan.total_steps, plan.warmup_steps, plan.notes, plan.warnings) == (2500, 150, (), ())
+
+
+def test_warmup_ratio_replaces_warmup_steps_and_its_cap():
+    """warmup_ratio 0.5 of 25 steps: round(12.5) = 12 (banker's rounding), whatever warmup_steps says."""
+    plan = plan_steps(_optim(batch_size=8, grad_accumulation=1, warmup_ratio=0.5), num_examples=200, micro_examples=8)
+    assert (plan.total_steps, plan.warmup_steps, plan.notes) == (25, 12, ())
+
+
+def test_a_step_larger_than_the_data_warns_before_training():
+    """38 examples, batch 8 x 8 = 64 per step: 5 micro-batches per epoch, one (short) step per epoch."""
+    plan = plan_steps(_optim(batch_size=8, grad_accumulation=8), num_examples=38, micro_examples=8)
+    assert plan.total_steps == 1 and plan.warmup_steps == 0
+    assert len(plan.warnings) == 1 and "shorter than one optimizer step" in plan.warnings[0]
+    assert "64 examples" in plan.warnings[0] and "lower optim.grad_accumulation" in plan.warnings[0]
+    micro = plan_steps(_optim(batch_size=64, grad_accumulation=1), num_examples=38, micro_examples=64)
+    assert "optim.batch_size (64 examples per micro-batch) is larger than the 38" in micro.warnings[0]
+
+
+def test_a_run_of_a_few_steps_warns_and_an_online_run_without_data_does_not():
+    few = plan_steps(_optim(batch_size=8, grad_accumulation=1), num_examples=38, micro_examples=8)
+    assert few.total_steps == 5 and "only 5 optimizer step(s)" in few.warnings[0]
+    online = plan_steps(_optim(max_steps=8), num_examples=0, micro_examples=8)
+    assert online.total_steps == 8 and online.warnings == ()
+
+
+# The README's minimal config (Quick start), with the model and data paths of this test.
+README_MINIMAL_CONFIG = """\
+model:
+  name_or_path: {model}
+  dtype: bfloat16
+data:
+  train_path: {data}
+  eval_split_fraction: 0.05
+loss:
+  beta: 0.1
+  terms: [{{name: sigmoid}}]
+optim:
+  lr: 5e-7
+  batch_size: 8
+  grad_accumulation: 8
+logging:
+  run_dir: {run_dir}
+"""
+
+
+def test_readme_minimal_config_on_40_pairs_trains_at_the_peak_lr_and_warns_why_it_is_one_step(assets, tmp_path, capsys):
+    """40 pairs, 2 held out (5%): 38 training examples, 64 per step -> one step per epoch. Before, that
+    one step ran at lr 5e-7 / 151 = 3.3e-9 (warm-up 150) and the run printed "finished" with no word;
+    now the warm-up is capped (0 steps), the step runs at 5e-7, and a warning says why there is one."""
+    write_preference_jsonl(tmp_path / "prefs.jsonl", n=40, seed=3)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        README_MINIMAL_CONFIG.format(model=assets / "model", data=tmp_path / "prefs.jsonl", run_dir=tmp_path / "run")
+    )
+    result = run(load_config(config, [f"data.cache_dir={assets / 'cache'}", "logging.tensorboard=false", "logging.plot=false"]))
+    err = capsys.readouterr().err
+    assert result.global_step == 1
+    (record,) = read_metrics(result.run_dir, split="train")
+    assert record["lr"] == pytest.approx(5e-7)
+    assert "warning: an epoch (38 examples, 5 micro-batches) is shorter than one optimizer step" in err
+    assert "warm-up: 0 of the 1 planned optimizer steps" in err

@@ -224,6 +224,7 @@ _REFUSED_PREFIXES = (
     "distributed.global_batch_size",
     "online.",  # the prompts, samples, pairs and step plan of every round
 )
+    "optim.warmup_ratio",
 _NOT_SETTINGS = (
     "model.device",
     "model.compile",

@@ -39,7 +39,7 @@ from dpokit.models import apply_lora, enable_gradient_checkpointing, load_model_
 from dpokit.training import step as steps
 from dpokit.training.checkpoint import export_final_model, load_checkpoint, save_checkpoint
 from dpokit.training.metrics import MetricSums
-from dpokit.training.optim import build_optimizer, build_scheduler
+from dpokit.training.optim import build_optimizer, build_scheduler, plan_steps, planned_steps
 from dpokit.training.parallel import ParallelContext, ParallelPolicy, apply_global_batch_size, launched_world_size, setup_parallel
 from dpokit.training.reference import (
     AdapterDisabledReference,
@@ -395,6 +395,16 @@ class Trainer:
         else:
             logger.info(message)
 
+    def warn(self, message: str) -> None:
+        """A warning before training, rank 0 only: on stderr beside the progress bar, else a warning record
+        (which reaches stderr even where logging is not configured)."""
+        if not self.ctx.is_main:
+            return
+        if self.cfg.logging.progress_bar:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        else:
+            logger.warning(message)
+
     def setup(self) -> None:
         """Model, data, objective, reference, wrapping, optimizer and schedule, then the resumed position."""
         from dpokit.data import make_collator
@@ -459,7 +469,7 @@ class Trainer:
         copy of ``policy`` fits, for ``reference.strategy: auto``."""
         cfg, o = self.cfg, self.cfg.optim
         micro = o.batch_size * self.ctx.world_size
-        steps = o.max_steps or o.epochs * math.ceil(math.ceil(len(self.train_split) / micro) / o.grad_accumulation)
+        steps = planned_steps(o, num_examples=len(self.train_split), micro_examples=micro)
         datasets = {id(s.dataset): len(s.dataset.items) for s in (self.train_split, self.eval_split) if s is not None}
         evaluations = (steps // cfg.eval.every_steps if cfg.eval.every_steps else 0) + 1 if self.eval_split is not None else 0
         live = steps * micro * o.grad_accumulation + evaluations * (len(self.eval_split) if self.eval_split is not None else 0)
@@ -515,10 +525,14 @@ class Trainer:
         # The sampler draws micro-batches of batch_size x processes examples; each rank gets a slice.
         self.micro_examples = o.batch_size * self.ctx.world_size
         self._batches = (-1, [])
-        batches_per_epoch = math.ceil(len(self.train_split) / self.micro_examples)
-        self.total_steps = o.max_steps or o.epochs * math.ceil(batches_per_epoch / o.grad_accumulation)
+        plan = plan_steps(o, num_examples=len(self.train_split), micro_examples=self.micro_examples)
+        self.total_steps = plan.total_steps
+        for line in plan.notes:
+            self.say(line)
+        for line in plan.warnings:
+            self.warn(line)
         self.optimizer = build_optimizer(o, [p for p in self.runner.model.parameters() if p.requires_grad])
-        self.scheduler = build_scheduler(self.optimizer, o, self.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, o, self.total_steps, plan.warmup_steps)
         self.invariants = invariants(
             self.cfg,
             num_train=len(self.train_split),
