@@ -470,3 +470,16 @@ def test_losses_upcast_half_precision_inputs():
     inputs = _random_inputs(dtype=torch.float32)
     half = L.LossInputs(inputs.policy_logps.bfloat16(), inputs.reference_logps.bfloat16(), inputs.lengths, inputs.response_mask)
     assert L.build_objective([{"name": "sigmoid"}], beta=0.1)(half).loss.dtype == torch.float32
+
+
+def test_reward_accuracy_counts_a_tie_as_half():
+    """Policy = reference (step 0): every reward is 0, each pair a tie, accuracy 0.5 rather than 0.
+    A ranking with rewards (1, 1, 0): pairs (0 vs 1 tied: 0.5, 0 > 2: 1, 1 > 2: 1) -> 2.5 / 3."""
+    logps = torch.tensor([[-10.0, -20.0], [-5.0, -5.0]])
+    inputs = L.LossInputs(logps, logps.clone(), torch.ones(2, 2), torch.ones(2, 2, dtype=torch.bool))
+    m = L.build_objective([{"name": "sigmoid"}], beta=0.1)(inputs).metrics
+    torch.testing.assert_close(m["rewards/accuracies"], torch.tensor([0.5, 0.5]))
+    policy = torch.tensor([[1.0, 1.0, 0.0]])
+    ranked = L.LossInputs(policy, torch.zeros_like(policy), torch.ones(1, 3), torch.ones(1, 3, dtype=torch.bool))
+    m = L.build_objective([{"name": "plackett_luce"}], beta=1.0)(ranked).metrics
+    torch.testing.assert_close(m["rewards/accuracies"], torch.tensor([2.5 / 3]))

@@ -1093,7 +1093,8 @@ def _unpaired_metrics(view: _View, labels: Tensor) -> dict[str, Tensor]:
 def _reward_metrics(view: _View, rewards: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """From ``rewards`` (B, K), the objective's implicit reward per response: chosen = response 0;
     rejected = the worst (last present) response, so for pairs they are simply chosen and rejected.
-    Accuracy is the fraction of correctly ordered pairs of responses (for K = 2: 1 if r_w > r_l).
+    Accuracy is the fraction of correctly ordered pairs of responses, a tie counting half (for K = 2: 1 if r_w > r_l,
+    0.5 if r_w = r_l).
     preference_prob = sigma(margin), the implicit reward model's probability that chosen beats rejected (Bradley-Terry)."""
     with torch.no_grad():
         batch_index = torch.arange(rewards.shape[0], device=rewards.device)
@@ -1103,8 +1104,11 @@ def _reward_metrics(view: _View, rewards: Tensor, mask: Tensor) -> dict[str, Ten
         num_responses = rewards.shape[1]
         upper = torch.triu(torch.ones(num_responses, num_responses, dtype=torch.bool, device=rewards.device), diagonal=1)
         pair_valid = upper.unsqueeze(0) & mask.unsqueeze(2) & mask.unsqueeze(1)  # (B, i, j), i better than j
-        correct = (rewards.unsqueeze(2) > rewards.unsqueeze(1)) & pair_valid
-        accuracies = correct.sum(dim=(1, 2)).to(rewards.dtype) / pair_valid.sum(dim=(1, 2)).clamp(min=1).to(rewards.dtype)
+        # A tie is half right, as in a win rate (TRL counts r_w > r_l only): at step 0, with the policy its own
+        # reference, every reward is 0 and the accuracy is 0.5 -- chance -- rather than 0.
+        ahead, tied = rewards.unsqueeze(2) > rewards.unsqueeze(1), rewards.unsqueeze(2) == rewards.unsqueeze(1)
+        correct = (ahead.to(rewards.dtype) + 0.5 * tied.to(rewards.dtype)) * pair_valid
+        accuracies = correct.sum(dim=(1, 2)) / pair_valid.sum(dim=(1, 2)).clamp(min=1).to(rewards.dtype)
         policy = view.policy.detach()
         return {
             "rewards/chosen": chosen_rewards,

@@ -111,7 +111,7 @@ def test_eval_of_a_model_against_itself_has_zero_margin_and_loss_log_2(setup, tm
     metrics = json.loads(capsys.readouterr().out)["metrics"]
     assert metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert metrics["rewards/accuracies"] == 0.0  # ties are not correct rankings
+    assert metrics["rewards/accuracies"] == 0.5  # every pair ties, and a tie counts half
     rows = [json.loads(line) for line in per_example.read_text().splitlines()]
     assert [row["example_id"] for row in rows] == list(range(len(PAIRS)))
     assert all(row["loss"] == pytest.approx(math.log(2), abs=1e-6) for row in rows)
