@@ -106,7 +106,9 @@ class DataConfig:
     format: Literal["auto", "standard", "conversational", "hh", "ranked", "unpaired"] = _f(
         "auto", "Row format: 'auto' (detected per file) or one of the reader's formats."
     )
-    columns: dict[str, str] | None = _f(None, "Column renames, e.g. {prompt: question, chosen: good, rejected: bad}.")
+    columns: dict[str, str] | None = _f(
+        None, "Column renames {source column: field}, e.g. {question: prompt, good: chosen, bad: rejected}."
+    )
     skip_invalid: bool = _f(False, "Skip malformed rows (counted in the data report) instead of failing on the first.")
     ranked_mode: Literal["listwise", "all_pairs", "best_vs_rest", "best_vs_worst"] = _f(
         "listwise", "How rankings of more than two responses become training examples."
