@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dpokit.online.metrics import distinct_n, generation_metrics, judge_metrics, plot_rounds
+from dpokit.online.metrics import distinct_n, generation_metrics, judge_metrics, plot_rounds, rounds_figure
 
 
 def test_distinct_n_counts_unique_word_ngrams():
@@ -41,3 +41,20 @@ def test_rounds_png_is_drawn_from_round_records(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = plot_rounds(tmp_path / "metrics.jsonl", tmp_path / "rounds.png")
     assert out.stat().st_size > 10_000
+
+
+def test_rounds_are_whole_numbers_and_the_heldout_accuracy_carries_its_pairs():
+    """Rounds 0, 1, 2 (ticks at 0, 1, 2 -- not 0.25 steps); held-out accuracy 0.75 on 8 pairs in the
+    last round reads '0.75 (n=8)' there, and the legend says n=8."""
+    records = [
+        {"round": r, "heldout/rewards/accuracies": 0.5 + 0.125 * r, "heldout/rewards/accuracies_n": 8, "kl": 0.1 * r}
+        for r in range(3)
+    ]
+    figure = rounds_figure(records, "run")
+    for axis in figure.axes:
+        low, high = axis.get_xlim()
+        ticks = [t for t in axis.get_xticks() if low <= t <= high]
+        assert all(float(t).is_integer() for t in ticks), (axis.get_title(), ticks)
+    accuracy = next(axis for axis in figure.axes if axis.get_title() == "Held-out reward accuracy")
+    assert [t.get_text() for t in accuracy.get_legend().get_texts()] == ["accuracy (n=8)"]
+    assert [t.get_text() for t in accuracy.texts] == ["0.75 (n=8)"]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import matplotlib.image
+import torch
 
-from dpokit.training.plots import plot_training_curves
-from dpokit.training.tracking import MetricsTracker
+from dpokit.training.metrics import MetricSums
+from dpokit.training.plots import curves_figure, plot_training_curves
+from dpokit.training.tracking import MetricsTracker, read_metrics
 
 
 def _write_dpo_run(run_dir, steps=20):
@@ -51,3 +53,32 @@ def test_plot_of_an_empty_metrics_file_renders_placeholders(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     out = plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
     assert out.stat().st_size > 1000
+
+
+def _panel(figure, title):
+    return next(axis for axis in figure.axes if axis.get_title() == title)
+
+
+def test_steps_are_whole_numbers_on_the_x_axis_of_a_short_run(tmp_path):
+    """Three logged steps: matplotlib's default locator puts ticks at 1.00, 1.25, ... 3.00; a step axis
+    has only whole-number ticks."""
+    _write_dpo_run(tmp_path, steps=3)
+    figure = curves_figure(read_metrics(tmp_path), "run")
+    for axis in figure.axes:
+        ticks = [tick for tick in axis.get_xticks() if axis.get_xlim()[0] <= tick <= axis.get_xlim()[1]]
+        assert len(ticks) >= 2 and all(float(tick).is_integer() for tick in ticks), (axis.get_title(), ticks)
+
+
+def test_an_accuracy_carries_the_number_of_examples_it_averages(tmp_path):
+    """Eval accuracies over 8 pairs (6 right, 1 tied, 1 wrong: (6 + 0.5) / 8 = 0.8125) are logged with
+    rewards/accuracies_n = 8 and drawn as 'eval (n=8)', last point '0.81 (n=8)'."""
+    sums = MetricSums()
+    sums.add_per_example({"rewards/accuracies": torch.tensor([1.0] * 6 + [0.5, 0.0]), "loss": torch.ones(8)})
+    logged = sums.logged()
+    assert logged["rewards/accuracies"] == 0.8125 and logged["rewards/accuracies_n"] == 8 and "loss_n" not in logged
+    with MetricsTracker(tmp_path, tensorboard=False) as tracker:
+        for step in (5, 10):
+            tracker.log(step, logged, split="eval")
+    axis = _panel(curves_figure(read_metrics(tmp_path), "run"), "Reward accuracy")
+    assert [text.get_text() for text in axis.get_legend().get_texts()] == ["eval (n=8)"]
+    assert "0.81 (n=8)" in [text.get_text() for text in axis.texts]

@@ -137,9 +137,12 @@ HEADLINE_METRICS = ("rewards/accuracies", "rewards/margins", "loss", "rewards/ch
 
 
 def format_metrics_table(metrics: dict[str, float]) -> str:
-    names = [name for name in HEADLINE_METRICS if name in metrics] + sorted(set(metrics) - set(HEADLINE_METRICS))
+    """One line per metric, headline metrics first; a fraction's example count shows beside it: ``0.7500 (n=8)``."""
+    counts = {name: f" (n={metrics[name + '_n']:g})" for name in metrics if name + "_n" in metrics}
+    shown = {name: value for name, value in metrics.items() if not (name.endswith("_n") and name[:-2] in counts)}
+    names = [name for name in HEADLINE_METRICS if name in shown] + sorted(set(shown) - set(HEADLINE_METRICS))
     width = max(len(name) for name in names)
-    return "\n".join(f"  {name:<{width}}  {metrics[name]:.4f}" for name in names)
+    return "\n".join(f"  {name:<{width}}  {shown[name]:.4f}{counts.get(name, '')}" for name in names)
 
 
 def _first(*values: Any) -> Any:

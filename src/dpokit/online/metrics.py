@@ -22,9 +22,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpokit.training.tracking import read_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ROUNDS_PLOT = "rounds.png"
 
@@ -97,43 +100,49 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
 )
 
 
-def plot_rounds(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
-    """Draw the per-round records (``split == "round"``) of ``metrics_jsonl`` into ``out_png``."""
-    import matplotlib
+def rounds_figure(records: Sequence[dict[str, Any]], title: str) -> Figure:
+    """The per-round panels (:data:`PANELS`) of round ``records``, by round (whole-number ticks); the held-out
+    accuracy carries its number of pairs (``heldout/rewards/accuracies_n``) in its legend and at its last point."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dpokit.training.plots import count_label, label_last_point, label_panel
 
-    from dpokit.training.plots import label_panel
-
-    records = sorted(read_metrics(metrics_jsonl, split="round"), key=lambda r: r.get("round", 0))
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    for axis, (title, metrics, y_label) in zip(axes.flat, PANELS, strict=True):
+    records = sorted(records, key=lambda r: r.get("round", 0))
+    figure = Figure(figsize=(14, 7.5))
+    for axis, (panel_title, metrics, y_label) in zip(figure.subplots(2, 3).flat, PANELS, strict=True):
         drawn = 0
         bottom = [0.0] * len(records)
         for metric, label in metrics:
-            points = [(r["round"], r[metric]) for r in records if isinstance(r.get(metric), (int, float))]
-            if not points:
+            mine = [r for r in records if isinstance(r.get(metric), (int, float))]
+            if not mine:
                 continue
-            xs, ys = [x for x, _ in points], [y for _, y in points]
-            if title == "Time per round":  # stacked: the round's time split
+            xs, ys = [r["round"] for r in mine], [r[metric] for r in mine]
+            counts = [int(r[f"{metric}_n"]) for r in mine if isinstance(r.get(f"{metric}_n"), (int, float))]
+            label += f" ({count_label(counts)})" if counts else ""
+            if panel_title == "Time per round":  # stacked: the round's time split
                 axis.bar(xs, ys, bottom=bottom[: len(ys)], label=label)
                 bottom = [b + y for b, y in zip(bottom, ys, strict=False)]
             else:
-                axis.plot(xs, ys, marker="o", label=label)
+                (line,) = axis.plot(xs, ys, marker="o", label=label)
             if metric == "judge/score_mean":
-                stds = [r.get("judge/score_std", 0.0) for r in records if isinstance(r.get(metric), (int, float))]
+                stds = [r.get("judge/score_std", 0.0) for r in mine]
                 axis.fill_between(
                     xs, [y - s for y, s in zip(ys, stds, strict=True)], [y + s for y, s in zip(ys, stds, strict=True)], alpha=0.2
                 )
+            if metric == "heldout/rewards/accuracies":
+                label_last_point(axis, xs[-1], ys[-1], counts[-1] if counts else None, line.get_color())
             drawn += 1
-        label_panel(axis, title, "round", y_label, drawn=drawn > 0)
-    figure.suptitle(
-        f"Online rounds: {Path(metrics_jsonl).parent.name if Path(metrics_jsonl).is_file() else Path(metrics_jsonl).name}"
-    )
+        label_panel(axis, panel_title, "round", y_label, drawn=drawn > 0)
+    figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(out_png, dpi=100)
-    plt.close(figure)
+    return figure
+
+
+def plot_rounds(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
+    """Draw the per-round records (``split == "round"``) of ``metrics_jsonl`` (:func:`rounds_figure`) into ``out_png``."""
+    source = Path(metrics_jsonl)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    run_name = source.parent.name if source.is_file() else source.name
+    rounds_figure(read_metrics(metrics_jsonl, split="round"), f"Online rounds: {run_name}").savefig(out_png, dpi=100)
     return out_png

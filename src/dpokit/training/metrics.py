@@ -13,6 +13,10 @@ import torch
 
 from dpokit.training.parallel import ParallelContext
 
+# Fractions logged with the number of examples behind them, as ``<name>_n``: an accuracy of 0.75 on
+# 8 pairs is not one on 800.
+COUNTED_METRICS = ("rewards/accuracies",)
+
 
 class MetricSums:
     """Per-example metrics accumulated as (sum, count) until they are averaged for logging."""
@@ -53,6 +57,14 @@ class MetricSums:
 
     def averages(self) -> dict[str, float]:
         return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k] > 0}
+
+    def logged(self) -> dict[str, float]:
+        """The averages, with ``<name>_n`` (how many examples it averages) beside each of :data:`COUNTED_METRICS`."""
+        averages = self.averages()
+        for name in COUNTED_METRICS:
+            if name in averages:
+                averages[f"{name}_n"] = round(self.counts[name])
+        return averages
 
     def state(self) -> dict[str, list[float]]:
         return {k: [self.sums[k], self.counts[k]] for k in self.sums}

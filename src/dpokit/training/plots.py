@@ -2,15 +2,22 @@
 
 Reads the run's ``metrics.jsonl`` (see :mod:`dpokit.training.tracking`) and draws one panel per quantity,
 train as a line and eval as markers joined by a dashed line. A metric the run did not log (an SFT
-run has no rewards) leaves its panel with a "not logged" note instead of failing.
+run has no rewards) leaves its panel with a "not logged" note instead of failing. Steps are whole
+numbers on the x axis. An accuracy carries the number of examples behind it (``rewards/accuracies_n``,
+logged beside it): in its legend entry, and at its last point as ``0.75 (n=8)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
+from dpokit.training.metrics import COUNTED_METRICS
 from dpokit.training.tracking import read_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # (panel title, [(metric name, label suffix)], y-axis label). Chosen and rejected share a panel so the
 # gap between them -- the margin DPO widens -- is visible directly.
@@ -27,22 +34,50 @@ SPLIT_STYLES: dict[str, dict[str, Any]] = {
 }
 
 
-def _series(records: list[dict[str, Any]], split: str, metric: str) -> tuple[list[int], list[float]]:
-    steps, values = [], []
+def _number(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _series(records: list[dict[str, Any]], split: str, metric: str) -> tuple[list[int], list[float], list[int]]:
+    """Steps, values and example counts (``<metric>_n``; empty when not logged) of ``metric`` in ``split``."""
+    steps, values, counts = [], [], []
     for record in records:
         value = record.get(metric)
-        if record.get("split") == split and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if record.get("split") == split and _number(value):
             steps.append(int(record["step"]))
             values.append(float(value))
-    return steps, values
+            if _number(record.get(f"{metric}_n")):
+                counts.append(int(record[f"{metric}_n"]))
+    return steps, values, counts
+
+
+def count_label(counts: Sequence[int]) -> str:
+    """``n=8`` for a series whose points all stand on 8 examples, ``n=8-16`` when they vary; ``""`` if unknown.
+
+    >>> count_label([8, 8]), count_label([16, 8, 12]), count_label([])
+    ('n=8', 'n=8-16', '')
+    """
+    if not counts:
+        return ""
+    low, high = min(counts), max(counts)
+    return f"n={low}" if low == high else f"n={low}-{high}"
+
+
+def label_last_point(axis: Any, x: float, value: float, count: int | None, color: Any) -> None:
+    """Write a fraction's last value and its example count beside its last point: ``0.75 (n=8)``."""
+    text = f"{value:.2f}" + (f" (n={count})" if count is not None else "")
+    axis.annotate(text, (x, value), textcoords="offset points", xytext=(4, 4), fontsize="x-small", color=color)
 
 
 def label_panel(axis: Any, title: str, x_label: str, y_label: str, *, drawn: bool, missing: str = "not logged") -> None:
-    """Title, axis labels and grid of one panel of a metrics figure; its legend when something was drawn
-    on it, else the ``missing`` note in its middle."""
+    """Title, axis labels and grid of one panel of a metrics figure, whose x axis counts steps or rounds
+    (whole-number ticks); its legend when something was drawn on it, else the ``missing`` note in its middle."""
+    from matplotlib.ticker import MaxNLocator
+
     axis.set_title(title)
     axis.set_xlabel(x_label)
     axis.set_ylabel(y_label)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.grid(True, alpha=0.3)
     if drawn:
         axis.legend(fontsize="small")
@@ -50,33 +85,28 @@ def label_panel(axis: Any, title: str, x_label: str, y_label: str, *, drawn: boo
         axis.text(0.5, 0.5, missing, ha="center", va="center", transform=axis.transAxes, color="gray")
 
 
-def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path, title: str | None = None) -> Path:
-    """Draw the training curves of ``metrics_jsonl`` (or a run directory) into ``out_png``; return its path.
+def curves_figure(records: list[dict[str, Any]], title: str) -> Figure:
+    """The training-curves figure of metric ``records`` (as :func:`~dpokit.training.tracking.read_metrics`
+    returns them): loss; rewards/accuracies; rewards/margins; rewards/chosen and rewards/rejected. Each
+    panel has the train series (solid) and the eval series (dashed, dots) when logged."""
+    from matplotlib import rcParams
+    from matplotlib.figure import Figure
 
-    Panels: loss; rewards/accuracies; rewards/margins; rewards/chosen and rewards/rejected. Each panel
-    has the train series (solid) and the eval series (dashed, dots) when logged.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(metrics_jsonl)
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-
-    figure, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    figure = Figure(figsize=(11, 7.5))
+    axes = figure.subplots(2, 2)
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
     for axis, (panel_title, metrics, y_label) in zip(axes.flat, PANELS, strict=True):
         drawn = 0
         for metric_index, (metric, suffix) in enumerate(metrics):
             color = colors[metric_index % len(colors)]
             for split, style in SPLIT_STYLES.items():
-                steps, values = _series(records, split, metric)
+                steps, values, counts = _series(records, split, metric)
                 if not steps:
                     continue
-                label = " ".join(part for part in (suffix, split) if part)
+                label = " ".join(part for part in (suffix, split, count_label(counts) and f"({count_label(counts)})") if part)
                 axis.plot(steps, values, color=color, label=label, **style)
+                if metric in COUNTED_METRICS:
+                    label_last_point(axis, steps[-1], values[-1], counts[-1] if counts else None, color)
                 drawn += 1
         names = ", ".join(metric for metric, _ in metrics)
         label_panel(axis, panel_title, "optimizer step", y_label, drawn=drawn > 0, missing=f"{names}\nnot logged")
@@ -85,10 +115,18 @@ def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path, title: 
             axis.axhline(0.5, color="gray", linewidth=0.8, linestyle=":")
         if panel_title in ("Reward margin", "Implicit rewards") and drawn:
             axis.axhline(0.0, color="gray", linewidth=0.8, linestyle=":")
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def plot_training_curves(metrics_jsonl: str | Path, out_png: str | Path, title: str | None = None) -> Path:
+    """Draw the training curves (:func:`curves_figure`) of ``metrics_jsonl`` (or a run directory) into
+    ``out_png``; return its path."""
+    records = read_metrics(metrics_jsonl)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
     source = Path(metrics_jsonl)
     run_name = source.name if source.is_dir() else source.parent.name
-    figure.suptitle(title or f"Training curves: {run_name}")
-    figure.tight_layout()
-    figure.savefig(out_png, dpi=100)
-    plt.close(figure)
+    curves_figure(records, title or f"Training curves: {run_name}").savefig(out_png, dpi=100)
     return out_png

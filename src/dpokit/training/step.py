@@ -172,7 +172,7 @@ def evaluate(
     finally:
         policy.train(was_training)
     totals = local.reduced(ctx, names)
-    return EvalResult(totals.averages(), len(split), records)
+    return EvalResult(totals.logged(), len(split), records)
 
 
 def _per_example_records(batch: Batch, columns: dict[str, torch.Tensor], positions: Sequence[int]) -> list[dict[str, Any]]:
