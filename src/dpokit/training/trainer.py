@@ -267,7 +267,7 @@ class Trainer:
         self.bar.set_metrics(step_metrics)
         if p.step % self.cfg.logging.log_every == 0 or p.step == self.total_steps:
             epoch_fraction = p.batch_in_epoch / len(self.epoch_batches(p.epoch))
-            self.train_metrics = {**p.window.averages(), "epoch": p.epoch + epoch_fraction}
+            self.train_metrics = {**p.window.logged(), "epoch": p.epoch + epoch_fraction}
             self.tracker.log(p.step, self.train_metrics, split="train")
             p.window = MetricSums()
         return step_metrics
