@@ -9,7 +9,7 @@ import json
 import pytest
 
 from dpokit.commands.main import main
-from dpokit.generation import SamplingConfig, format_prompt, generate_samples, read_prompts
+from dpokit.generation import SamplingConfig, format_prompt, generate_samples
 from dpokit.models import load_policy
 from tests.helpers import tiny_llama, tiny_tokenizer
 
@@ -105,16 +105,6 @@ def test_cli_writes_jsonl_samples_from_a_prompts_file(model_dir, tmp_path, capsy
     assert [(row["prompt_index"], row["sample_index"]) for row in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert rows[2]["prompt_text"].startswith("<|im_start|>user\nwhy")
     assert "--- prompt 1, sample 1" in capsys.readouterr().out
-
-
-def test_read_prompts_names_the_line_of_a_bad_row(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
-    with pytest.raises(Exception, match=r"prompts.jsonl:2: field 'prompt'"):
-        read_prompts(path)
-    text_file = tmp_path / "prompts.txt"
-    text_file.write_text("first\n\nsecond\n")
-    assert read_prompts(text_file) == ["first", "second"]
 
 
 def test_top_k_one_sampling_is_greedy_and_top_k_zero_is_unrestricted(model_dir):

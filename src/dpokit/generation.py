@@ -29,19 +29,17 @@ for ChatML), exactly as the data pipeline formats them for training (:func:`form
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from dpokit.compat import kv_cache_keyword
+from dpokit.data.prompts import Prompt, read_prompts
 from dpokit.errors import ConfigError, DataError
 from dpokit.models import LoadOptions, pad_id_of
 
-Prompt = str | list[dict[str, str]]
 # Rows (prompt x sample) per forward pass when a caller does not say.
 DEFAULT_BATCH_SIZE = 64
 # End-of-turn markers of common chat templates; generation stops at them as at EOS.
@@ -580,58 +578,6 @@ def policy_and_reference_samples(
 # --------------------------------------------------------------------------------------------------
 # dpokit generate
 # --------------------------------------------------------------------------------------------------
-
-
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts from a ``.txt`` file (one per non-empty line) or JSONL/JSON rows with a ``prompt`` field."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: prompts file not found")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        bad_line = data[: error.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}:line {bad_line}: not valid UTF-8 (byte {error.start + 1} of the file); re-save the file as UTF-8"
-        ) from None
-    if path.suffix == ".txt":
-        return [line for line in text.splitlines() if line.strip()]
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
-        except (ValueError, RecursionError) as error:
-            raise DataError(f"{path}: not valid JSON ({type(error).__name__})") from None
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON list of rows with a 'prompt' field")
-        numbered = list(enumerate(rows, start=1))
-    else:
-        numbered = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((line_number, json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{line_number}: not a JSON object ({error.msg})") from None
-            except (ValueError, RecursionError) as error:
-                raise DataError(f"{path}:{line_number}: not a JSON object ({type(error).__name__})") from None
-    prompts: list[Prompt] = []
-    for line_number, row in numbered:
-        prompt = row.get("prompt") if isinstance(row, dict) else None
-        if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt)):
-            if _has_lone_surrogate(json.dumps(prompt, ensure_ascii=False)):
-                raise DataError(f"{path}:{line_number}: field 'prompt' holds a lone surrogate (e.g. \\ud800), not valid Unicode")
-            prompts.append(prompt)
-        else:
-            raise DataError(f"{path}:{line_number}: field 'prompt' must be a string or a list of {{'role', 'content'}} messages")
-    return prompts
-
-
-def _has_lone_surrogate(text: str) -> bool:
-    return any("\ud800" <= ch <= "\udfff" for ch in text)
 
 
 @dataclass

@@ -264,7 +264,7 @@ def test_read_prompts_from_text_and_jsonl_with_located_errors(tmp_path):
     (tmp_path / "p.txt").write_text("first\n\nsecond\n")
     assert read_text_prompts(tmp_path / "p.txt") == ["first", "second"]
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": 3}\n')
-    with pytest.raises(DataError, match=r"p.jsonl:2: field 'prompt'"):
+    with pytest.raises(DataError, match=r"p.jsonl:line 2: field 'prompt'"):
         read_text_prompts(tmp_path / "p.jsonl")
 
 

@@ -365,7 +365,7 @@ def read_text_prompts(path: str | Path) -> list[str]:
     """Text prompts from a ``.txt`` file (one per line) or JSONL/JSON rows with a ``prompt`` field, read
     as ``dpokit generate`` reads them; the frontier samples raw continuations, so chat-message prompts
     are refused."""
-    from dpokit.generation import read_prompts
+    from dpokit.data.prompts import read_prompts
 
     prompts = read_prompts(path)
     if not prompts:

@@ -26,12 +26,12 @@ from typing import Any
 import torch
 
 from dpokit.analysis.evaluate import check_batch_size, iterate_batches, policy_runner, resolve_reference, training_defaults
+from dpokit.data.schema import Text
 from dpokit.errors import DataError
 from dpokit.models import LoadOptions, load_policy, pad_id_of
 from dpokit.training.parallel import ParallelPolicy
 from dpokit.training.reference import Reference
 
-Text = str | list[dict[str, str]]
 logger = logging.getLogger(__name__)
 # Token limits for a model without a run configuration: scoring reads whole responses, so these are
 # twice training's defaults (dpokit.config.DataConfig); a run's own data.max_length/max_prompt_length win.

@@ -108,7 +108,7 @@ def read_references(path: str | Path) -> list[tuple[Text, Text]]:
 
 
 def _prompts_and_references(job: WinrateJob) -> tuple[list[Any], list[Text] | None]:
-    from dpokit.generation import read_prompts
+    from dpokit.data.prompts import read_prompts
 
     references = read_references(job.references) if job.references else None
     if job.prompts:

@@ -28,9 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpokit.data.schema import Text as Text  # the one prompt-or-response type, re-exported for the judges
 from dpokit.errors import ConfigError
 
-Text = str | list[dict[str, str]]
 JUDGE_KINDS = ("reward", "reward_model", "implicit", "llm", "openai")
 
 

@@ -38,11 +38,12 @@ from typing import Any
 import torch
 
 from dpokit.config import TrainConfig, validate_config
+from dpokit.data.prompts import PromptRow, read_prompt_rows
 from dpokit.errors import ConfigError, DpokitError, TrainingError
 from dpokit.online import labelling
 from dpokit.online.metrics import ROUNDS_PLOT, generation_metrics, judge_metrics, plot_rounds
 from dpokit.online.pairs import build_rows
-from dpokit.online.prompts import PromptRow, read_prompt_rows, round_prompt_indices
+from dpokit.online.prompts import round_prompt_indices
 from dpokit.online.records import RoundFiles, round_dir, set_aside_rounds_after
 from dpokit.training.parallel import ParallelContext, apply_global_batch_size, launched_world_size, setup_parallel
 from dpokit.training.splits import Split, prepare_with_config
