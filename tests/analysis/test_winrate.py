@@ -159,3 +159,121 @@ def test_the_commands_run_end_to_end(models, prompts, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["num_pairs"] == 1
     assert main(["judge-check", "--judge", "nonsense", "--data", str(data)]) == 2
     assert "unknown kind" in capsys.readouterr().err or True
+
+
+# ------------------------------------------------------------------------------ the sample cache
+
+
+def _samples_job(model_path, prompts, out, **changes):
+    settings = {"models": [("m", str(model_path))], "baseline": str(model_path), "prompts": prompts, "judge": LENGTH,
+                "temperatures": [0.0], "max_new_tokens": 6, "out": str(out), "ci": "wilson", "progress": False}  # fmt: skip
+    return WinrateJob(**{**settings, **changes})
+
+
+def _completions(out):
+    return {str(p.relative_to(out)): json.loads(p.read_text())["completions"] for p in sorted((out / "samples").rglob("*.json"))}
+
+
+def test_a_model_replaced_at_the_same_path_is_sampled_again(models, prompts, tmp_path):
+    import shutil
+
+    a, b = models
+    model = tmp_path / "model"
+    shutil.copytree(a, model)
+    out = tmp_path / "out"
+    run_winrate(_samples_job(model, prompts, out))
+    first = _completions(out)
+    shutil.rmtree(model)
+    shutil.copytree(b, model)  # new weights, same path
+    run_winrate(_samples_job(model, prompts, out))
+    fresh = tmp_path / "fresh"
+    run_winrate(_samples_job(b, prompts, fresh))
+    expected = sorted(map(str, _completions(fresh).values()))
+    assert len(_completions(out)) == 4  # the first model's files are kept, the new ones added beside them
+    assert sorted(str(v) for k, v in _completions(out).items() if k not in first) == expected
+    assert expected != sorted(map(str, first.values()))
+
+
+def test_the_same_weights_at_a_touched_or_other_path_reuse_their_samples(models, prompts, tmp_path):
+    import os
+    import shutil
+
+    a, _ = models
+    out = tmp_path / "out"
+    run_winrate(_samples_job(a, prompts, out))
+    before = {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.json")}
+    copy = tmp_path / "copy"
+    shutil.copytree(a, copy)
+    for file in copy.iterdir():
+        os.utime(file, ns=(1, 1))  # other mtimes: hashed again, same content, same key
+    run_winrate(_samples_job(copy, prompts, out))
+    assert {p: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.json")} == before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "short", "wrong_type", "garbage"])
+def test_a_damaged_sample_file_is_sampled_again_with_a_warning(models, prompts, tmp_path, damage, caplog):
+    import logging
+
+    a, _ = models
+    out = tmp_path / "out"
+    first = run_winrate(_samples_job(a, prompts, out))
+    original = _completions(out)
+    stored = sorted((out / "samples").rglob("*.json"))[0]
+    text = stored.read_text()
+    record = json.loads(text)
+    stored.write_bytes(
+        {
+            "truncate": text[: len(text) // 2].encode(),
+            "short": json.dumps({**record, "completions": record["completions"][:-1]}).encode(),
+            "wrong_type": json.dumps({**record, "completions": [[7] for _ in record["completions"]]}).encode(),
+            "garbage": b"\xff\xfe" + text.encode(),
+        }[damage]
+    )
+    with caplog.at_level(logging.WARNING):
+        again = run_winrate(_samples_job(a, prompts, out))
+    assert f"{stored}: unusable stored samples" in caplog.text
+    assert _completions(out) == original and again["results"] == first["results"]
+
+
+def _all_wins_on_48_prompts():
+    """A run's results: 'dpo' won every one of 48 prompts (one sample each) at T=1 against models/sft."""
+    from dpokit.judges.base import PairJudgment
+    from dpokit.judges.stats import win_stats
+
+    stats, _ = win_stats([(PairJudgment(0.9, ""), PairJudgment(0.1, ""))] * 48, list(range(48)))
+    row = {"model": "dpo", "temperature": 1.0, "template": "-", **stats.to_dict()}
+    job = {"baseline": "models/sft", "references": None, "samples_per_prompt": 1}
+    return {"job": job, "judge": LENGTH, "num_prompts": 48, "results": [row], "templates": {}}
+
+
+def test_the_table_gives_each_win_rate_its_n_and_names_the_interval_used():
+    """48/48 wins: the bootstrap collapses to [1, 1], so the row reports Wilson's [0.926, 1] -- lower bound
+    48 / (48 + 1.96^2) -- and says 'wilson'; the win rate reads 1.000 (n=48)."""
+    from dpokit.analysis.winrate import results_markdown
+
+    table = results_markdown(_all_wins_on_48_prompts())
+    assert "| dpo | 1 | - | 1.000 (n=48) [0.926, 1.000] | wilson | 48 / 0 / 0 |" in table
+    assert "| interval |" in table and "wilson = Wilson score interval" in table
+
+
+def test_winrate_png_names_the_judge_the_baseline_and_n():
+    from dpokit.analysis.winrate import winrate_figure
+
+    figure = winrate_figure(_all_wins_on_48_prompts(), title="DPO vs SFT")
+    [axis] = figure.axes
+    subtitle = axis.get_title().replace("\n", " ")
+    assert f"judge {LENGTH}" in subtitle and "baseline models/sft" in subtitle
+    assert "n=48 pairs per point (48 prompts x 1 samples)" in subtitle
+    assert figure.get_suptitle() == "DPO vs SFT"
+    assert [t.get_text() for t in axis.get_legend().get_texts()] == ["dpo (n=48)"]
+
+
+def test_winrate_progress_in_a_log_is_plain_lines_without_carriage_returns(models, prompts, tmp_path, capsys):
+    """Standard error captured (not a terminal), as in a log file or CI: one line per step, no '\\r' redraws.
+    Steps: the model and the baseline sampled at one temperature, then one comparison judged: 3."""
+    a, b = models
+    args = ["winrate", "--model", f"mine={a}", "--baseline", b, "--prompts", prompts, "--judge", LENGTH]
+    assert main([*args, "--temperatures", "0.5", "--max-new-tokens", "4", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert "winrate: 3/3 (100%)" in err and "model=mine, T=0.5, template=-" in err

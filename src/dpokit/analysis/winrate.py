@@ -13,8 +13,10 @@ depend on its prompt, measured.
 
 Outputs in ``out``: ``winrate.png`` (win rate vs temperature, one line per model, CI bands),
 ``results.json``, ``results.md``. Samples are stored under ``out/samples/`` keyed by everything that
-shapes them, and judgments in ``out/judgments.jsonl`` (:class:`dpokit.judges.JudgmentCache`), so a
-rerun -- or a run resumed after an interruption -- generates and judges only what is missing.
+shapes them -- the content of the model's weight, config and tokenizer files (not its path: a model
+replaced at the same path is sampled again), the prompts and the sampling settings -- and judgments
+in ``out/judgments.jsonl`` (:class:`dpokit.judges.JudgmentCache`), so a rerun -- or a run resumed after
+an interruption -- generates and judges only what is missing; a stored file found unusable is redone.
 
 :func:`run_judge_check` is ``dpokit judge-check``: a judge's agreement with held-out preference labels
 (``chosen`` preferred to ``rejected``), with its position bias, before it is trusted.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +42,7 @@ from dpokit.models import LoadOptions
 
 Log = Callable[[str], None]
 BASELINE_SEED_OFFSET = 1_000_003  # the baseline model samples with seed + this
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -132,34 +136,121 @@ def _prompts_and_references(job: WinrateJob) -> tuple[list[Any], list[Text] | No
 # --------------------------------------------------------------------------------------- sampling
 
 
-def _sample_key(path: str, prompts: Sequence[Any], temperature: float, seed: int, job: WinrateJob) -> str:
+# Files of a model directory that shape its samples: weights, configs, tokenizer files, remote code.
+FINGERPRINTED_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt", ".jinja", ".py")
+FINGERPRINTS_FILE = "weight_digests.json"  # in out/: the content hash of each model file, by (size, mtime)
+
+
+def _file_digest(path: Path, memo: dict[str, Any]) -> str:
+    """sha256 of ``path``'s bytes, reused from ``memo`` while the file's size and mtime are unchanged."""
+    stat = path.stat()
+    known = memo.get(str(path))
+    if isinstance(known, dict) and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+        return str(known.get("sha256"))
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    memo[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def weights_fingerprint(path: str, memo: dict[str, Any], *, _depth: int = 0) -> str:
+    """A digest of what a model path holds: the content of its weight, config and tokenizer files (and,
+    for a LoRA adapter, its base model's), so a model replaced at the same path gets a new fingerprint.
+    A hub id (nothing local) is fingerprinted by its name."""
+    from dpokit.models import CHECKPOINT_MODEL_SUBDIRS
+
+    given = Path(path).expanduser()
+    if not given.exists():
+        return f"hub:{path}"
+    directory = given
+    if given.is_dir() and not any((given / n).is_file() for n in ("config.json", "adapter_config.json")):
+        directory = next((given / n for n in CHECKPOINT_MODEL_SUBDIRS if (given / n / "config.json").is_file()
+                          or (given / n / "adapter_config.json").is_file()), given)  # fmt: skip
+    files = [given] if given.is_file() else sorted(p for p in directory.iterdir() if p.is_file())
+    parts = [(p.name, _file_digest(p.resolve(), memo)) for p in files if p.suffix in FINGERPRINTED_SUFFIXES]
+    adapter = directory / "adapter_config.json"
+    if adapter.is_file() and _depth == 0:
+        try:
+            base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            base = None
+        if isinstance(base, str) and base:
+            parts.append(("base", weights_fingerprint(base, memo, _depth=1)))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _read_memo(path: Path) -> dict[str, Any]:
+    """The stored file digests; an unreadable store is ignored (the files are hashed again)."""
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _sample_key(fingerprint: str, prompts: Sequence[Any], temperature: float, seed: int, job: WinrateJob) -> str:
+    """What a stored sample file is keyed by: the model's weights (not its path), the prompts and every
+    sampling setting."""
     payload = [
-        str(Path(path).resolve()),
+        fingerprint,
         prompts,
         temperature,
         seed,
         job.samples_per_prompt,
         job.max_new_tokens,
         job.chat_template,
+        job.load.dtype,
     ]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stored_samples(stored: Path, num_prompts: int, job: WinrateJob) -> list[list[str]] | None:
+    """The completions of a stored sample file, or None (with a warning naming it) when it is unusable:
+    cut short, not JSON, or not ``num_prompts`` lists of ``samples_per_prompt`` strings."""
+    try:
+        completions = json.loads(stored.read_bytes().decode("utf-8"))["completions"]
+        shape_ok = (
+            isinstance(completions, list)
+            and len(completions) == num_prompts
+            and all(
+                isinstance(group, list) and len(group) == job.samples_per_prompt and all(isinstance(c, str) for c in group)
+                for group in completions
+            )
+        )
+        problem = None if shape_ok else f"not {num_prompts} prompts x {job.samples_per_prompt} completions (strings)"
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+        problem = f"{type(error).__name__}: {error}"
+    if problem is None:
+        return list(completions)
+    logger.warning("%s: unusable stored samples (%s); sampling them again", stored, problem)
+    return None
 
 
 def sample_model(
     name: str, path: str, prompts: Sequence[Any], job: WinrateJob, *, seed: int, advance: Callable[[], object]
 ) -> dict[float, list[list[str]]]:
     """``{temperature: [[completion per sample] per prompt]}`` for one model; stored under
-    ``out/samples/NAME/`` and read back instead of sampled again when the settings match."""
+    ``out/samples/NAME/`` keyed by the model's weights and the sampling settings, and read back instead
+    of sampled again when they match (a stored file that is unusable is sampled again)."""
     from dpokit.generation import SamplingConfig, generate_samples
 
     directory = Path(job.out) / "samples" / name
+    memo_path = Path(job.out) / FINGERPRINTS_FILE
+    memo = _read_memo(memo_path)
+    fingerprint = weights_fingerprint(path, memo)
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    memo_path.with_suffix(".tmp").write_text(json.dumps(memo, indent=1), encoding="utf-8")
+    memo_path.with_suffix(".tmp").replace(memo_path)
     result: dict[float, list[list[str]]] = {}
     loaded = None
     for temperature in job.temperatures:
-        key = _sample_key(path, prompts, temperature, seed, job)
+        key = _sample_key(fingerprint, prompts, temperature, seed, job)
         stored = directory / f"t{temperature:g}-{key}.json"
-        if stored.exists():
-            result[temperature] = json.loads(stored.read_text(encoding="utf-8"))["completions"]
+        reused = _stored_samples(stored, len(prompts), job) if stored.exists() else None
+        if reused is not None:
+            result[temperature] = reused
             advance()
             continue
         if loaded is None:
@@ -178,7 +269,8 @@ def sample_model(
             grouped[sample.prompt_index].append(sample.completion)
         directory.mkdir(parents=True, exist_ok=True)
         partial = stored.with_suffix(".tmp")
-        partial.write_text(json.dumps({"model": path, "temperature": temperature, "completions": grouped}), encoding="utf-8")
+        record = {"model": path, "weights": fingerprint, "temperature": temperature, "completions": grouped}
+        partial.write_text(json.dumps(record), encoding="utf-8")
         partial.replace(stored)
         result[temperature] = grouped
         advance()
