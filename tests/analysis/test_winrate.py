@@ -263,7 +263,7 @@ def test_winrate_png_names_the_judge_the_baseline_and_n():
     [axis] = figure.axes
     subtitle = axis.get_title().replace("\n", " ")
     assert f"judge {LENGTH}" in subtitle and "baseline models/sft" in subtitle
-    assert "n=48 pairs per point (48 prompts x 1 samples)" in subtitle
+    assert "n=48 pairs per point (48 prompts x 1 sample)" in subtitle
     assert figure.get_suptitle() == "DPO vs SFT"
     assert [t.get_text() for t in axis.get_legend().get_texts()] == ["dpo (n=48)"]
 

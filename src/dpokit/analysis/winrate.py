@@ -28,17 +28,21 @@ import hashlib
 import json
 import logging
 import math
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpokit.errors import ConfigError, DataError
 from dpokit.judges import CachedJudge, Judge, JudgmentCache, load_judge, load_template
 from dpokit.judges.base import PairJudgment, Text
 from dpokit.judges.stats import INCONSISTENT_POLICIES, agreement, win_stats
 from dpokit.models import LoadOptions
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Log = Callable[[str], None]
 BASELINE_SEED_OFFSET = 1_000_003  # the baseline model samples with seed + this
@@ -345,8 +349,11 @@ def _template_summary(rows: list[dict[str, Any]], outcomes: dict[tuple[str, floa
 
 
 def run_winrate(job: WinrateJob, log: Log | None = None) -> dict[str, Any]:
-    """Generate, judge, and write ``winrate.png``, ``results.json`` and ``results.md`` into ``job.out``."""
-    from tqdm import tqdm
+    """Generate, judge, and write ``winrate.png``, ``results.json`` and ``results.md`` into ``job.out``.
+
+    Progress goes to standard error as ``dpokit train``'s does: a bar redrawn in place on a terminal, one
+    plain line per step (no carriage returns) in a log or a pipe."""
+    from dpokit.training.tracking import progress_bar
 
     job.validate()
     log = log or (lambda line: None)
@@ -356,7 +363,7 @@ def run_winrate(job: WinrateJob, log: Log | None = None) -> dict[str, Any]:
     judges = _judges(job, JudgmentCache(out / "judgments.jsonl"))
     sampled = [*job.models, *([("baseline", job.baseline)] if job.baseline else [])]
     total = len(sampled) * len(job.temperatures) + len(job.models) * len(job.temperatures) * len(judges)
-    with tqdm(total=total, desc="winrate", unit="step", disable=not job.progress, dynamic_ncols=True) as bar:
+    with progress_bar(total, enabled=job.progress, desc="winrate") as bar:
 
         def advance() -> None:
             bar.update()
@@ -380,7 +387,7 @@ def run_winrate(job: WinrateJob, log: Log | None = None) -> dict[str, Any]:
                 samples["baseline"][temperature] if job.baseline else [[r] * job.samples_per_prompt for r in references or []]
             )
             flat_prompts, xs, ys, groups = _flatten(prompts, samples[name][temperature], baseline)
-            bar.set_postfix_str(f"{name} T={temperature:g} {template}")
+            bar.set_postfix(model=name, T=f"{temperature:g}", template=template)
             pairs = judge_both_orders(judge, flat_prompts, xs, ys)
             stats, outcome = win_stats(
                 pairs, groups, inconsistent=job.inconsistent, ci=job.ci, bootstrap_samples=job.bootstrap_samples, seed=job.seed
@@ -408,17 +415,31 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+INTERVALS_NOTE = (
+    "n: pairs judged (unparseable ones left out). interval: bootstrap = percentile bootstrap over prompts; "
+    "wilson = Wilson score interval, also used where the bootstrap collapses (a win rate of 0 or 1, or every "
+    "resample alike), with n = the number of prompts."
+)
+
+
+def _judged(row: dict[str, Any]) -> int:
+    return int(row["wins"]) + int(row["ties"]) + int(row["losses"])
+
+
 def results_markdown(results: dict[str, Any]) -> str:
+    """The results table: each win rate with its n, its 95% interval and the method that gave the interval."""
     lines = [
-        "| model | T | template | win rate [95% CI] | W / T / L | unparseable | consistency | position bias |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | T | template | win rate (n) [95% CI] | interval | W / T / L | unparseable | consistency | position bias |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["results"]:
-        ci = f"{_fmt(r['win_rate'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        ci = f"{_fmt(r['win_rate'])} (n={_judged(r)}) [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
         lines.append(
-            f"| {r['model']} | {r['temperature']:g} | {r['template']} | {ci} | {r['wins']} / {r['ties']} / {r['losses']} "
+            f"| {r['model']} | {r['temperature']:g} | {r['template']} | {ci} | {r.get('ci_method', '–')} "
+            f"| {r['wins']} / {r['ties']} / {r['losses']} "
             f"| {r['unparseable']} | {_fmt(r['position_consistency'], 2)} | {_fmt(r['position_bias'], 2)} |"
         )
+    lines += ["", INTERVALS_NOTE]
     summary = results.get("templates") or {}
     if summary:
         lines += ["", "| template | mean win rate |", "|---|---|"]
@@ -432,19 +453,37 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_winrate(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
-    """Win rate vs temperature, one line per model (first template), with its 95% CI as a band."""
-    import matplotlib
+def winrate_subtitle(results: dict[str, Any], template: str) -> str:
+    """What a win rate of the figure is measured with: judge (and template), baseline, and n."""
+    from dpokit.training.plots import count_label
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    job = results.get("job") or {}
+    baseline = f"baseline {job['baseline']}" if job.get("baseline") else f"references {job.get('references') or '?'}"
+    judge = f"judge {results.get('judge', '?')}" + (f" ({template} template)" if template != "-" else "")
+    counts = [_judged(r) for r in results["results"] if r["template"] == template]
+    n = count_label(counts) or "n=0"
+    prompts, samples = results.get("num_prompts"), job.get("samples_per_prompt")
+    plural = "" if samples == 1 else "s"
+    per = f" pairs per point ({prompts} prompts x {samples} sample{plural})" if prompts and samples else " pairs per point"
+    return "\n".join(textwrap.wrap(f"{judge}; {baseline}; {n}{per}", 90))
 
-    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+
+def winrate_figure(results: dict[str, Any], *, title: str | None = None) -> Figure:
+    """Win rate vs temperature, one line per model (first template) with its 95% interval as a band; the
+    subtitle names the judge, the baseline and n, and each model's legend entry its n."""
+    from matplotlib.figure import Figure
+
+    from dpokit.training.plots import count_label
+
+    rows = results["results"]
+    figure = Figure(figsize=(6.4, 4.8))
+    axis = figure.subplots()
     template = rows[0]["template"] if rows else "-"
     for model in dict.fromkeys(row["model"] for row in rows):
         mine = sorted((r for r in rows if r["model"] == model and r["template"] == template), key=lambda r: r["temperature"])
         xs = [r["temperature"] for r in mine]
-        axis.plot(xs, [r["win_rate"] if r["win_rate"] is not None else math.nan for r in mine], marker="o", label=model)
+        label = f"{model} ({count_label([_judged(r) for r in mine])})"
+        axis.plot(xs, [r["win_rate"] if r["win_rate"] is not None else math.nan for r in mine], marker="o", label=label)
         low = [r["ci_low"] if r["ci_low"] is not None else math.nan for r in mine]
         high = [r["ci_high"] if r["ci_high"] is not None else math.nan for r in mine]
         axis.fill_between(xs, low, high, alpha=0.2)
@@ -452,12 +491,17 @@ def plot_winrate(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str
     axis.set_xlabel("sampling temperature")
     axis.set_ylabel("win rate vs baseline (95% CI)")
     axis.set_ylim(-0.02, 1.02)
-    axis.set_title(title or "Win rate vs sampling temperature")
+    figure.suptitle(title or "Win rate vs sampling temperature")
+    axis.set_title(winrate_subtitle(results, template), fontsize="small")
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure
+
+
+def plot_winrate(results: dict[str, Any], path: str | Path, *, title: str | None = None) -> Path:
+    """Draw :func:`winrate_figure` of ``results`` (as :func:`run_winrate` returns them) into ``path``."""
+    winrate_figure(results, title=title).savefig(path, dpi=120)
     return Path(path)
 
 
@@ -465,7 +509,7 @@ def write_winrate_outputs(results: dict[str, Any], out: str | Path, *, title: st
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"png": out / "winrate.png", "json": out / "results.json", "md": out / "results.md"}
-    plot_winrate(results["results"], paths["png"], title=title)
+    plot_winrate(results, paths["png"], title=title)
     paths["json"].write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     paths["md"].write_text(results_markdown(results), encoding="utf-8")
     return paths
