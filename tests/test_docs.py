@@ -267,3 +267,20 @@ def test_readme_links_point_to_files_in_the_repository():
     assert targets, "the README links into the docs"
     missing = [t for t in targets if not (REPO / t.split("#", 1)[0]).exists()]
     assert not missing, f"README links to files that do not exist: {missing}"
+
+
+def test_lists_and_tables_in_the_docs_start_after_a_blank_line():
+    # GitHub starts a list or a table right under a paragraph line; MkDocs (Python-Markdown) reads it as
+    # more of the paragraph, so the site would show "- item" and "| a | b |" as text.
+    glued = []
+    for path in DOC_FILES:
+        in_code = False
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for number, (previous, line) in enumerate(zip(["", *lines][: len(lines)], lines, strict=True), start=1):
+            if FENCE.match(line):
+                in_code = not in_code
+            starts_block = re.match(r"(- |\* |\d+\. |\|)", line)
+            in_block = not previous.strip() or re.match(r"\s*(- |\* |\d+\. |\||#)", previous) or previous.startswith(" ")
+            if not in_code and starts_block and not in_block:
+                glued.append(f"{path.relative_to(REPO)}:{number}: {line[:60]}")
+    assert not glued, "add a blank line before these lists/tables:\n" + "\n".join(glued)
