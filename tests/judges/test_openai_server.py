@@ -64,17 +64,19 @@ def _train_always_a(directory) -> None:
 class Server:
     """``python -m dpokit serve`` in a child process; its stderr lines collected by a thread."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "dpokit", "serve", "--host", "127.0.0.1", "--port", "0", *args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            env=None if env is None else {**os.environ, **env},
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.url = self._wait_for_url()
+        self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
 
     def _read(self) -> None:
         assert self.process.stderr is not None
@@ -161,7 +163,7 @@ def test_the_server_speaks_the_openai_api(server):
 
     client = openai.OpenAI(base_url=server.url, api_key="s3cret", max_retries=0)
     assert sorted(m.id for m in client.models.list().data) == ["judge", "noise"]
-    with pytest.raises(openai.BadRequestError, match="not served"):
+    with pytest.raises(openai.NotFoundError, match="not served"):
         client.chat.completions.create(model="missing", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.NotFoundError):
         client.post("/nowhere", cast_to=object, body={})
