@@ -57,3 +57,35 @@ def test_a_missing_prompts_path_is_a_clear_error(tmp_path, capsys):
     config.write_text("online: {judge: self}\n", encoding="utf-8")
     assert main(["online", str(config), f"model.name_or_path={tmp_path}"]) == 2
     assert "online.prompts_path" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_shipped_online_example_runs_as_is_on_what_the_demo_leaves(tmp_path, monkeypatch, capsys):
+    """`dpokit demo` then `dpokit online examples/online.yaml`, from one directory: the example named
+    outputs/sft, data/heldout.jsonl and data/prompts.jsonl, which nothing created. The demo here is the
+    smoke-sized one (same files, smaller model); the online command is exactly the documented one."""
+    import dataclasses
+    from pathlib import Path
+
+    from dpokit.experiments.sentiment import DEMO_RUN_DIR, MODES, online_example_command, run_sentiment_demo
+
+    monkeypatch.chdir(tmp_path)
+    lines: list[str] = []
+    run_sentiment_demo(DEMO_RUN_DIR, "cache", settings=dataclasses.replace(MODES["smoke"], warmup_steps=0), log=lines.append)
+    command = online_example_command(DEMO_RUN_DIR)
+    assert command == "dpokit online examples/online.yaml" and any(command in line for line in lines)
+    example = Path(__file__).resolve().parents[2] / "examples" / "online.yaml"
+    capsys.readouterr()
+    assert main(["online", str(example)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "round 3: judge score" in out and "finished after 32 optimizer steps" in out
+    assert [r["round"] for r in read_metrics("runs/online", split="round")] == [0, 1, 2, 3]
+    assert (tmp_path / "runs" / "online" / "final" / "config.json").is_file()
+
+
+def test_the_demo_names_overrides_for_a_run_directory_of_its_own():
+    from dpokit.experiments.sentiment import online_example_command
+
+    command = online_example_command("/tmp/elsewhere")
+    assert command.startswith("dpokit online examples/online.yaml model.name_or_path=/tmp/elsewhere/sft ")
+    assert "online.prompts_path=/tmp/elsewhere/data/eval_prompts.txt" in command

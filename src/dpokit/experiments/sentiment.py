@@ -683,6 +683,19 @@ def run_sentiment_demo(
         return _sentiment_demo(out_dir, cache_dir, settings, log)
 
 
+def online_example_command(out_dir: str | Path) -> str:
+    """The command that runs ``examples/online.yaml`` on what ``dpokit demo`` left in ``out_dir``: the
+    example's own paths for the default run directory, overrides of them for another."""
+    command = "dpokit online examples/online.yaml"
+    out = Path(out_dir)
+    if out == Path(DEMO_RUN_DIR):
+        return command
+    return (
+        f"{command} model.name_or_path={out / 'sft'} data.eval_path={out / 'data' / 'preferences.jsonl'} "
+        f"online.prompts_path={out / 'data' / 'eval_prompts.txt'} logging.run_dir={out / 'online'}"
+    )
+
+
 def _sentiment_demo(
     out_dir: str | Path, cache_dir: str | Path, settings: ExperimentSettings | None, log: Callable[[str], None] | None
 ) -> dict[str, Any]:
@@ -696,6 +709,8 @@ def _sentiment_demo(
     experiment = Experiment(settings, out_dir, cache_dir, log=lambda line: out("  " + line))
     shutil.rmtree(Path(out_dir) / "points", ignore_errors=True)  # the demo always trains; only the SFT model is cached
     experiment.prepare()
+    # The SFT model beside the demo's data, at a path the online example names (examples/online.yaml).
+    shutil.copytree(experiment.sft_dir, Path(out_dir) / "sft", dirs_exist_ok=True)
     before = experiment.evaluate(experiment.sft_model, keep_samples=KEEP_SAMPLES)
     beta = settings.dpo_betas[0]
     points = experiment.run_trainer(f"dpo-beta{beta:g}", "dpo", [{"name": "sigmoid"}], beta)
@@ -732,4 +747,5 @@ def _sentiment_demo(
         out(f"  DPO  [{a['reward']:+.2f}] {a['completion'].strip()}")
     seconds = time.time() - start
     out(f"\ndone in {seconds:.0f}s; run directory (metrics.jsonl, tensorboard/, curves.png): {run_dir}")
+    out(f"next, online DPO from the same SFT model on the same prompts: {online_example_command(out_dir)}")
     return {"before": before, "after": after, "after_samples": after_samples, "seconds": seconds, "run_dir": run_dir}
