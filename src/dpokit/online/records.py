@@ -9,9 +9,13 @@
         offline.jsonl       labelled rows mixed in from data.train_path (only when online.offline_fraction > 0)
         round.json          counts and timings of each stage, ``stages`` listing the stages done
 
-Every file is written to a temporary name and renamed into place, so a file that exists is complete: a
+Every file is written to a temporary name and renamed into place, so a file that exists was complete: a
 resumed run reuses every stage whose file is there (nothing is sampled or judged twice) and redoes only
-the missing ones. ``round.json`` is rewritten after each stage.
+the missing ones. ``round.json`` is rewritten (atomically) after each stage and records each stage's
+row count (``rows``). A file damaged since (cut short, a line lost, bytes overwritten) is found when it
+is read back -- :class:`DamagedRoundFile` names ``file:line`` -- and the online loop redoes the stage or
+stops with that message (:meth:`dpokit.online.rounds.OnlineLoop.stage`); it never trains on part of a file.
+A damaged file is moved to the round's ``damaged/`` directory, not deleted.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from dpokit.errors import TrainingError
 from dpokit.training.checkpoint import write_errors
 
 ROUNDS_DIRNAME = "rounds"
@@ -55,8 +60,28 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
     return path
 
 
+class DamagedRoundFile(TrainingError):
+    """A round's file that cannot be what was written: unreadable, cut short, or a row count that differs
+    from ``round.json``'s. The message names the file (and line)."""
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The JSON objects of a JSONL file, one per non-empty line; :class:`DamagedRoundFile` naming
+    ``path:line`` for a line that is not UTF-8, not JSON, or not an object."""
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DamagedRoundFile(f"{path}:{number}: not valid UTF-8") from None
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise DamagedRoundFile(f"{path}:{number}: not valid JSON (cut short or overwritten?): {error}") from None
+        if not isinstance(row, dict):
+            raise DamagedRoundFile(f"{path}:{number}: not a JSON object")
+        rows.append(row)
+    return rows
 
 
 class RoundFiles:
@@ -75,21 +100,64 @@ class RoundFiles:
     def read(self, stage: str) -> list[dict[str, Any]]:
         return read_jsonl(self.file(stage))
 
+    def read_checked(self, stage: str) -> list[dict[str, Any]]:
+        """A stage's rows, checked against the row count ``round.json`` records for it."""
+        rows = self.read(stage)
+        recorded = self.summary().get(stage, {}).get("rows")
+        if isinstance(recorded, int) and recorded != len(rows):
+            raise DamagedRoundFile(
+                f"{self.file(stage)}: {len(rows)} rows, but {self.path / 'round.json'} records {recorded} (a row was lost)"
+            )
+        return rows
+
     def write(self, stage: str, rows: Iterable[dict[str, Any]], info: dict[str, Any] | None = None) -> None:
-        """Write a stage's rows, then record the stage (and ``info``) in ``round.json``."""
+        """Write a stage's rows, then record the stage, its row count (and ``info``) in ``round.json``."""
+        rows = list(rows)
         write_jsonl(self.file(stage), rows)
         summary = self.summary()
         summary.setdefault("round", self.round_index)
         summary.setdefault("stages", [])
         if stage not in summary["stages"]:
             summary["stages"].append(stage)
-        summary[stage] = {**(info or {}), "written": round(time.time(), 3)}
-        _atomic_write(self.path / "round.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        summary[stage] = {**(info or {}), "rows": len(rows), "written": round(time.time(), 3)}
+        self.write_summary(summary)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _atomic_write(self.summary_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "round.json"
 
     def summary(self) -> dict[str, Any]:
-        path = self.path / "round.json"
-        loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        """``round.json`` ({} before the first stage); :class:`DamagedRoundFile` when it is unreadable."""
+        path = self.summary_path
+        if not path.is_file():
+            return {}
+        try:
+            loaded = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+            raise DamagedRoundFile(f"{path}: not valid JSON (cut short or overwritten?): {error}") from None
+        if not isinstance(loaded, dict) or not all(isinstance(v, dict) for k, v in loaded.items() if k in (*STAGES, "offline")):
+            raise DamagedRoundFile(f"{path}: not the round's record (an object with one object per stage)")
         return loaded
+
+    def set_aside(self, name: str) -> Path | None:
+        """Move the round's file ``name`` (``pairs.jsonl``, ``round.json``, ...) into ``damaged/``, keeping it
+        for inspection, and forget its stage in ``round.json``; returns where it went (None: no such file)."""
+        path = self.path / name
+        if not path.is_file():
+            return None
+        target = self.path / "damaged" / f"{name}.{time.strftime('%Y%m%d-%H%M%S')}.{time.time_ns() % 10**9}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(target)
+        stage = name.removesuffix(".jsonl")
+        if name != "round.json" and self.summary_path.is_file():
+            summary = self.summary()
+            summary["stages"] = [s for s in summary.get("stages", []) if s != stage]
+            summary.pop(stage, None)
+            self.write_summary(summary)
+        return target
 
     @property
     def complete(self) -> bool:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
+import logging
 import math
 import signal
 import time
@@ -44,13 +46,14 @@ from dpokit.online import labelling
 from dpokit.online.metrics import ROUNDS_PLOT, generation_metrics, judge_metrics, plot_rounds
 from dpokit.online.pairs import build_rows
 from dpokit.online.prompts import round_prompt_indices
-from dpokit.online.records import RoundFiles, round_dir, set_aside_rounds_after
+from dpokit.online.records import STAGES, DamagedRoundFile, RoundFiles, round_dir, set_aside_rounds_after
 from dpokit.training.parallel import ParallelContext, apply_global_batch_size, launched_world_size, setup_parallel
 from dpokit.training.splits import Split, prepare_with_config
 from dpokit.training.stop import StopRequest
 from dpokit.training.trainer import OnStep, Trainer
 
 REFERENCE_WEIGHTS = "reference.safetensors"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -153,6 +156,7 @@ class OnlineLoop:
         self.run_dir = self.trainer.run_dir
         self.labeller: labelling.Labeller | None = None
         self.offline: list[dict[str, Any]] | None = None
+        self.remade: set[str] = set()  # the stages of the current round made afresh (not read from their files)
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -169,7 +173,8 @@ class OnlineLoop:
             for r in range(first_round, self.on.rounds):
                 resuming_inside = r == first_round and done_in_round > 0
                 self.reference_for_round(r, restore=resuming_inside)
-                t.use_train_split(self.training_split(r, self.round_rows(r)), keep_position=resuming_inside)
+                rows = self.round_rows(r, started=resuming_inside)
+                t.use_train_split(self.training_split(r, rows), keep_position=resuming_inside)
                 t.extra_state = {"online": {"round": r, "round_start_step": r * spr, "steps_per_round": spr}}
                 started = time.perf_counter()
                 if t.train_until((r + 1) * spr, stop, on_step):
@@ -214,35 +219,65 @@ class OnlineLoop:
 
     # -- one round's data ---------------------------------------------------------------------------
 
-    def round_rows(self, r: int) -> list[dict[str, Any]]:
-        """Round ``r``'s training rows: every stage read from its file when written, else done and written."""
+    def round_rows(self, r: int, *, started: bool = False) -> list[dict[str, Any]]:
+        """Round ``r``'s training rows: every stage read from its file when written and intact, else done and
+        written. ``started``: the round has trained on its rows already (a resume inside it), so a damaged
+        completions or judgments file cannot be made again from the weights that made it: the run stops."""
         files = RoundFiles(self.run_dir, r)
+        self.remade = set()
         indices = round_prompt_indices(len(self.prompts), self.on.prompts_per_round, seed=self.cfg.optim.seed, round_index=r)
         prompts = [self.prompts[i].prompt for i in indices]
-        if self.ctx.is_main and not files.has("prompts"):
-            rows = [
-                {"prompt_index": k, "source_index": i, "where": self.prompts[i].where, "prompt": self.prompts[i].prompt}
-                for k, i in enumerate(indices)
-            ]
-            files.write("prompts", rows, {"prompts": len(rows)})
-        completions = self.stage(files, "completions", lambda: self.sample(r, prompts), collective=True)
-        scores = self.stage(files, "judgments", lambda: self.judge(r, prompts, completions))
-        pairs: list[dict[str, Any]] = self.stage(files, "pairs", lambda: self.pairs(prompts, completions, scores))
+        if self.ctx.is_main:
+            self.repair_summary(files)
+            self.write_prompts(files, indices)
+        grid = [(p, k) for p in range(len(prompts)) for k in range(self.on.samples_per_prompt)]
+        completions = self.stage(
+            files,
+            "completions",
+            lambda: self.sample(r, prompts),
+            collective=True,
+            check=lambda rows: completions_problem(rows, grid),
+            redo=not started,
+        )
+        scores = self.stage(
+            files,
+            "judgments",
+            lambda: self.judge(r, prompts, completions),
+            check=lambda rows: judgments_problem(rows, completions),
+            redo=not started,
+            stale="completions" in self.remade,
+        )
+
+        def make_pairs() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            return self.pairs(prompts, completions, scores)
+
+        pairs: list[dict[str, Any]] = self.stage(files, "pairs", make_pairs, check=lambda rows: differs(rows, make_pairs))
         return pairs + self.offline_rows(files, r, len(pairs))
 
-    def stage(self, files: RoundFiles, name: str, make: Any, *, collective: bool = False) -> Any:
-        """A stage's rows: read by rank 0 from its file when there, else made (by every rank when
-        ``collective``, else by rank 0) and written by rank 0; broadcast to every rank."""
-        present = self.ctx.broadcast_object(files.has(name) if self.ctx.is_main else None)
-        outcome: Any = None
-        if present:
-            outcome = ("ok", files.read(name)) if self.ctx.is_main else None
-        elif collective or self.ctx.is_main:
+    def stage(
+        self,
+        files: RoundFiles,
+        name: str,
+        make: Any,
+        *,
+        collective: bool = False,
+        check: Any = None,
+        redo: bool = True,
+        stale: bool = False,
+    ) -> Any:
+        """A stage's rows: read by rank 0 from its file when there and intact (``check(rows)`` says what is
+        wrong with them, None when nothing), else made (by every rank when ``collective``, else by rank 0)
+        and written by rank 0; broadcast to every rank. A damaged file is set aside and made again when
+        ``redo``, else the run stops naming it; a ``stale`` file (made from rows made again since) is redone."""
+        outcome: Any = self.reuse(files, name, check, redo=redo, stale=stale) if self.ctx.is_main else None
+        present = self.ctx.broadcast_object(outcome is not None if self.ctx.is_main else None)
+        if not present and (collective or self.ctx.is_main):
             try:
                 made, info = make()
                 if self.ctx.is_main:
                     files.write(name, made, info)
                 outcome = ("ok", made)
+                self.remade.add(name)
             except labelling.JudgeFailed as error:
                 outcome = ("judge failed", str(error))
             except DpokitError as error:  # every rank stops with rank 0's message, none waits for it
@@ -259,6 +294,79 @@ class OnlineLoop:
             )
         rows: list[dict[str, Any]] = outcome[1]
         return rows if name != "judgments" else [row["score"] for row in rows]
+
+    def reuse(self, files: RoundFiles, name: str, check: Any, *, redo: bool, stale: bool) -> tuple[str, Any] | None:
+        """Rank 0: ``("ok", rows)`` of an intact stage file; None when there is none (or it was set aside to be
+        made again); ``("TrainingError", message)`` when it is damaged and cannot be made again."""
+        if not files.has(name):
+            return None
+        if stale:
+            moved = files.set_aside(f"{name}.jsonl")
+            logger.warning("%s was made from files made again since; moved to %s and made again", files.file(name), moved)
+            return None
+        try:
+            rows = files.read_checked(name)
+            problem = check(rows) if check is not None else None
+            problem = None if problem is None else f"{files.file(name)}: {problem}"
+        except DamagedRoundFile as error:
+            problem = str(error)
+        if problem is None:
+            return ("ok", rows)
+        if redo:
+            moved = files.set_aside(f"{name}.jsonl")
+            logger.warning("%s; moved to %s and made again", problem, moved)
+            return None
+        r, spr = files.round_index, self.on.steps_per_round
+        return (
+            "TrainingError",
+            f"{problem}. Round {r} has already trained on it, and the weights that made it are gone: restore the file, or "
+            f"resume from the checkpoint at the round's start (--resume {self.run_dir / f'checkpoint-{r * spr}'}, when kept), "
+            "which makes the round again",
+        )
+
+    def repair_summary(self, files: RoundFiles) -> None:
+        """Rank 0: an unreadable ``round.json`` is set aside and rebuilt from the stage files that can be read
+        (their counts and metrics; the stage timings are lost). The stage files are checked when read."""
+        try:
+            files.summary()
+            return
+        except DamagedRoundFile as error:
+            moved = files.set_aside("round.json")
+            logger.warning("%s; moved to %s and rebuilt from the round's stage files", error, moved)
+        summary: dict[str, Any] = {"round": files.round_index, "stages": [], "rebuilt": True}
+        for stage in (*STAGES, "offline"):
+            try:
+                rows = files.read(stage) if files.has(stage) else None
+            except DamagedRoundFile:
+                rows = None  # found again, and handled, when the stage is read
+            if rows is None:
+                continue
+            info: dict[str, Any] = {"rows": len(rows), stage: len(rows)}
+            if stage == "completions":
+                info.update(generation_metrics(rows, math.nan))
+            elif stage == "judgments":
+                info = {"rows": len(rows), **judge_metrics([row.get("score") for row in rows], math.nan)}
+            summary["stages"].append(stage)
+            summary[stage] = info
+        files.write_summary(summary)
+
+    def write_prompts(self, files: RoundFiles, indices: list[int]) -> None:
+        """Rank 0: the round's prompts file, (re)written unless it holds exactly the round's prompts."""
+        rows = [
+            {"prompt_index": k, "source_index": i, "where": self.prompts[i].where, "prompt": self.prompts[i].prompt}
+            for k, i in enumerate(indices)
+        ]
+        if files.has("prompts"):
+            try:
+                problem = differs(files.read_checked("prompts"), lambda: (rows, {}))
+                problem = None if problem is None else f"{files.file('prompts')}: {problem}"
+            except DamagedRoundFile as error:
+                problem = str(error)
+            if problem is None:
+                return
+            moved = files.set_aside("prompts.jsonl")
+            logger.warning("%s; moved to %s and written again", problem, moved)
+        files.write("prompts", rows, {"prompts": len(rows)})
 
     def sample(self, r: int, prompts: list[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """K completions of every prompt from the current policy (this rank's share; gathered)."""
@@ -367,7 +475,7 @@ class OnlineLoop:
             rows = [pool[order[i % len(pool)]] for i in range(wanted)]
             return rows, {"offline": len(rows)}
 
-        rows: list[dict[str, Any]] = self.stage(files, "offline", make)
+        rows: list[dict[str, Any]] = self.stage(files, "offline", make, check=lambda stored: differs(stored, make))
         return rows
 
     def offline_pool(self) -> list[dict[str, Any]]:
@@ -453,7 +561,11 @@ class OnlineLoop:
             heldout = t.evaluate() if t.last_eval_step != t.position.step else t.eval_metrics
         if not self.ctx.is_main:
             return
-        summary = RoundFiles(self.run_dir, r).summary()
+        try:
+            summary = RoundFiles(self.run_dir, r).summary()
+        except DamagedRoundFile as error:  # the round trained already; only its record is incomplete
+            logger.warning("%s; round %d's record lacks its stage metrics", error, r)
+            summary = {}
         record: dict[str, Any] = {"round": r}
         for stage in ("completions", "judgments", "pairs", "offline"):
             record.update({k: v for k, v in summary.get(stage, {}).items() if k not in ("written", "judge")})
@@ -467,6 +579,38 @@ class OnlineLoop:
                 plot_rounds(self.run_dir / "metrics.jsonl", self.run_dir / ROUNDS_PLOT)
             except Exception as error:  # a plot must never stop the run
                 t.say(f"could not draw {ROUNDS_PLOT}: {error}")
+
+
+def completions_problem(rows: list[dict[str, Any]], grid: list[tuple[int, int]]) -> str | None:
+    """What is wrong with a round's completions rows (None: they are one per (prompt, sample) of ``grid``)."""
+    found = [(row.get("prompt_index"), row.get("sample_index")) for row in rows]
+    if found != grid:
+        return f"{len(rows)} completions for {len(grid)} (prompt, sample) slots, or out of order (a row was lost?)"
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row.get("completion"), str) or not isinstance(row.get("stopped"), bool):
+            return f"row {number}: 'completion' must be a string and 'stopped' true/false"
+    return None
+
+
+def judgments_problem(rows: list[dict[str, Any]], completions: list[dict[str, Any]]) -> str | None:
+    """What is wrong with a round's judgments rows (None: one score, a number or null, per completion)."""
+    found = [(row.get("prompt_index"), row.get("sample_index")) for row in rows]
+    if found != [(c["prompt_index"], c["sample_index"]) for c in completions]:
+        return f"{len(rows)} judgments for {len(completions)} completions, or out of order (a row was lost?)"
+    for number, row in enumerate(rows, start=1):
+        score = row.get("score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            return f"row {number}: score {score!r} is not a number"
+    return None
+
+
+def differs(rows: list[dict[str, Any]], make: Any) -> str | None:
+    """None when ``rows`` are exactly what ``make()`` makes (pairs, offline rows and prompts are made again
+    from the round's other files to check them), else what differs."""
+    made = make()[0]
+    if json.dumps(rows, sort_keys=True) == json.dumps(made, sort_keys=True):
+        return None
+    return f"{len(rows)} rows differ from the {len(made)} the round's other files make (a row was lost or changed)"
 
 
 def round_line(record: dict[str, Any], heldout: dict[str, float]) -> str:
