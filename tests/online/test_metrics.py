@@ -45,7 +45,7 @@ def test_rounds_png_is_drawn_from_round_records(tmp_path):
 
 def test_rounds_are_whole_numbers_and_the_heldout_accuracy_carries_its_pairs():
     """Rounds 0, 1, 2 (ticks at 0, 1, 2 -- not 0.25 steps); held-out accuracy 0.75 on 8 pairs in the
-    last round reads '0.75 (n=8)' there, and the legend says n=8."""
+    last round reads 'accuracy: 0.75 (n=8)' in the legend."""
     records = [
         {"round": r, "heldout/rewards/accuracies": 0.5 + 0.125 * r, "heldout/rewards/accuracies_n": 8, "kl": 0.1 * r}
         for r in range(3)
@@ -56,5 +56,4 @@ def test_rounds_are_whole_numbers_and_the_heldout_accuracy_carries_its_pairs():
         ticks = [t for t in axis.get_xticks() if low <= t <= high]
         assert all(float(t).is_integer() for t in ticks), (axis.get_title(), ticks)
     accuracy = next(axis for axis in figure.axes if axis.get_title() == "Held-out reward accuracy")
-    assert [t.get_text() for t in accuracy.get_legend().get_texts()] == ["accuracy (n=8)"]
-    assert [t.get_text() for t in accuracy.texts] == ["0.75 (n=8)"]
+    assert [t.get_text() for t in accuracy.get_legend().get_texts()] == ["accuracy: 0.75 (n=8)"]

@@ -102,10 +102,10 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...], str], ...] = (
 
 def rounds_figure(records: Sequence[dict[str, Any]], title: str) -> Figure:
     """The per-round panels (:data:`PANELS`) of round ``records``, by round (whole-number ticks); the held-out
-    accuracy carries its number of pairs (``heldout/rewards/accuracies_n``) in its legend and at its last point."""
+    accuracy's legend entry gives its last value and number of pairs (``heldout/rewards/accuracies_n``)."""
     from matplotlib.figure import Figure
 
-    from dpokit.training.plots import count_label, label_last_point, label_panel
+    from dpokit.training.plots import label_panel, last_value_label
 
     records = sorted(records, key=lambda r: r.get("round", 0))
     figure = Figure(figsize=(14, 7.5))
@@ -117,20 +117,19 @@ def rounds_figure(records: Sequence[dict[str, Any]], title: str) -> Figure:
             if not mine:
                 continue
             xs, ys = [r["round"] for r in mine], [r[metric] for r in mine]
-            counts = [int(r[f"{metric}_n"]) for r in mine if isinstance(r.get(f"{metric}_n"), (int, float))]
-            label += f" ({count_label(counts)})" if counts else ""
+            if metric == "heldout/rewards/accuracies":
+                count = mine[-1].get(f"{metric}_n")
+                label = last_value_label(label, ys[-1], int(count) if isinstance(count, (int, float)) else None)
             if panel_title == "Time per round":  # stacked: the round's time split
                 axis.bar(xs, ys, bottom=bottom[: len(ys)], label=label)
                 bottom = [b + y for b, y in zip(bottom, ys, strict=False)]
             else:
-                (line,) = axis.plot(xs, ys, marker="o", label=label)
+                axis.plot(xs, ys, marker="o", label=label)
             if metric == "judge/score_mean":
                 stds = [r.get("judge/score_std", 0.0) for r in mine]
                 axis.fill_between(
                     xs, [y - s for y, s in zip(ys, stds, strict=True)], [y + s for y, s in zip(ys, stds, strict=True)], alpha=0.2
                 )
-            if metric == "heldout/rewards/accuracies":
-                label_last_point(axis, xs[-1], ys[-1], counts[-1] if counts else None, line.get_color())
             drawn += 1
         label_panel(axis, panel_title, "round", y_label, drawn=drawn > 0)
     figure.suptitle(title)

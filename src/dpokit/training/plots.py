@@ -4,7 +4,7 @@ Reads the run's ``metrics.jsonl`` (see :mod:`dpokit.training.tracking`) and draw
 train as a line and eval as markers joined by a dashed line. A metric the run did not log (an SFT
 run has no rewards) leaves its panel with a "not logged" note instead of failing. Steps are whole
 numbers on the x axis. An accuracy carries the number of examples behind it (``rewards/accuracies_n``,
-logged beside it): in its legend entry, and at its last point as ``0.75 (n=8)``.
+logged beside it): its legend entry gives its last value and that count, ``eval: 0.75 (n=8)``.
 """
 
 from __future__ import annotations
@@ -63,10 +63,13 @@ def count_label(counts: Sequence[int]) -> str:
     return f"n={low}" if low == high else f"n={low}-{high}"
 
 
-def label_last_point(axis: Any, x: float, value: float, count: int | None, color: Any) -> None:
-    """Write a fraction's last value and its example count beside its last point: ``0.75 (n=8)``."""
-    text = f"{value:.2f}" + (f" (n={count})" if count is not None else "")
-    axis.annotate(text, (x, value), textcoords="offset points", xytext=(4, 4), fontsize="x-small", color=color)
+def last_value_label(name: str, value: float, count: int | None) -> str:
+    """A fraction's legend entry: its name, last value and the examples behind that value.
+
+    >>> last_value_label("eval", 0.8125, 8), last_value_label("train", 0.5, None)
+    ('eval: 0.81 (n=8)', 'train: 0.50')
+    """
+    return f"{name}: {value:.2f}" + (f" (n={count})" if count is not None else "")
 
 
 def label_panel(axis: Any, title: str, x_label: str, y_label: str, *, drawn: bool, missing: str = "not logged") -> None:
@@ -103,15 +106,16 @@ def curves_figure(records: list[dict[str, Any]], title: str) -> Figure:
                 steps, values, counts = _series(records, split, metric)
                 if not steps:
                     continue
-                label = " ".join(part for part in (suffix, split, count_label(counts) and f"({count_label(counts)})") if part)
-                axis.plot(steps, values, color=color, label=label, **style)
+                label = " ".join(part for part in (suffix, split) if part)
                 if metric in COUNTED_METRICS:
-                    label_last_point(axis, steps[-1], values[-1], counts[-1] if counts else None, color)
+                    label = last_value_label(label, values[-1], counts[-1] if counts else None)
+                axis.plot(steps, values, color=color, label=label, **style)
                 drawn += 1
         names = ", ".join(metric for metric, _ in metrics)
         label_panel(axis, panel_title, "optimizer step", y_label, drawn=drawn > 0, missing=f"{names}\nnot logged")
         if panel_title == "Reward accuracy" and drawn:
             axis.set_ylim(-0.02, 1.02)
+            axis.legend(fontsize="small", loc="lower right")  # accuracy climbs towards 1: keep the top clear
             axis.axhline(0.5, color="gray", linewidth=0.8, linestyle=":")
         if panel_title in ("Reward margin", "Implicit rewards") and drawn:
             axis.axhline(0.0, color="gray", linewidth=0.8, linestyle=":")
