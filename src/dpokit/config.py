@@ -663,6 +663,10 @@ def validate_config(cfg: TrainConfig) -> None:
     )
     need(o.max_steps is None or o.max_steps >= 1, f"optim.max_steps must be >= 1 or null, got {o.max_steps}")
     need(o.batch_size >= 1, f"optim.batch_size must be >= 1, got {o.batch_size}")
+    need(
+        0 <= o.seed < 2**32,
+        f"optim.seed must be a whole number in [0, 2**32) (numpy and torch take no other), got {o.seed}",
+    )
     need(o.grad_accumulation >= 1, f"optim.grad_accumulation must be >= 1, got {o.grad_accumulation}")
     need(o.max_grad_norm is None or o.max_grad_norm > 0, f"optim.max_grad_norm must be > 0 or null, got {o.max_grad_norm}")
     need(o.logps_chunk_size >= 1, f"optim.logps_chunk_size must be >= 1, got {o.logps_chunk_size}")

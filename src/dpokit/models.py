@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import pickle
 import sys
 import warnings
 from collections.abc import Iterator
@@ -161,6 +162,15 @@ def _from_pretrained(auto_class: Any, location: str | Path, *, what: str, hint: 
     try:
         with quiet_progress_bars():
             return auto_class.from_pretrained(str(location), **kwargs)
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a pickled weights file
+        pickled = sorted(p.name for p in Path(location).glob("*.bin")) or ["its .bin weights"]
+        lines = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line]
+        reason = f" ({lines[0][:160]})" if lines else ""
+        raise ConfigError(
+            f"cannot load {what} from {str(location)!r}: {', '.join(pickled)} is not loaded because it asks to run code "
+            f"when unpickled{reason}; it was not written by save_pretrained or has been tampered with. Use "
+            "safetensors weights (model.safetensors) from a source you trust"
+        ) from None
     except (OSError, ValueError) as exc:
         if not Path(location).exists() and is_unreachable_hub_error(exc):
             raise ConfigError(f"cannot load {what}: {missing_message(location, error=exc)}") from None

@@ -48,7 +48,32 @@ def files(tmp_path_factory) -> dict[str, Path]:
     if (blocked / "chat_template.jinja").exists():
         (blocked / "chat_template.jinja").write_text(template)
     paths["blocked"] = blocked
+    paths["pickled"] = _pickled_model_dir(root)
+    (root / "empty.yaml").write_text("{}\n", encoding="utf-8")
+    paths["empty.yaml"] = root / "empty.yaml"
+    (root / "a_file").write_text("not a directory\n", encoding="utf-8")
+    paths["a_file"] = root / "a_file"
     return paths
+
+
+class _RunsCode:
+    """Unpickling this calls ``pathlib.Path.touch`` on a marker file: what a crafted weights file asks for."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _pickled_model_dir(root: Path) -> Path:
+    """A tiny model whose weights are a pytorch_model.bin that asks to run code when unpickled."""
+    import torch
+
+    directory = write_tiny_model_dir(root / "pickled")
+    (directory / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": _RunsCode(root / "code_ran")}, directory / "pytorch_model.bin")
+    return directory
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:
@@ -143,6 +168,39 @@ ERROR_CASES = [
         "surrogate.jsonl:line 5: field 'prompt' holds a lone surrogate",
     ),
     (
+        "eval_pickled_weights",
+        ["eval", "--model", "{pickled}", "--data", "{good.jsonl}", "--reference-free", "--device", "cpu"],
+        "pytorch_model.bin is not loaded because it asks to run code when unpickled",
+    ),
+    (
+        "train_negative_seed",
+        ["train", "{empty.yaml}", "model.name_or_path=m", "data.train_path=d.jsonl", "optim.seed=-1"],
+        "optim.seed must be a whole number in [0, 2**32) (numpy and torch take no other), got -1",
+    ),
+    (
+        "train_seed_2_to_the_70",
+        ["train", "{empty.yaml}", "model.name_or_path=m", "data.train_path=d.jsonl", f"optim.seed={2**70}"],
+        f"optim.seed must be a whole number in [0, 2**32) (numpy and torch take no other), got {2**70}",
+    ),
+    (
+        "winrate_out_inside_a_file",
+        [
+            "winrate",
+            "--model",
+            "{model}",
+            "--baseline",
+            "{model}",
+            "--prompts",
+            "{prompts.txt}",
+            "--judge",
+            "reward:tests.judges.fakes:length_reward",
+            "--out",
+            "{a_file}/out",
+            "--no-progress",
+        ],
+        "a_file/out: Not a directory (NotADirectoryError at ",
+    ),  # fmt: skip
+    (
         "eval_missing_model_dir",
         ["eval", "--model", "runs/x/checkpoint-200", "--data", "{good.jsonl}"],
         "runs/x/checkpoint-200: no such file or directory",
@@ -161,7 +219,14 @@ ERROR_CASES = [
 
 
 def _fill(argv: list[str], files: dict[str, Path]) -> list[str]:
-    return [str(files[a[1:-1]]) if a.startswith("{") and a.endswith("}") else a for a in argv]
+    """Each ``{name}`` (or ``{name}/rest``) argument with the fixture's path of that name."""
+    filled = []
+    for arg in argv:
+        if arg.startswith("{") and "}" in arg:
+            name, rest = arg[1:].split("}", 1)
+            arg = str(files[name]) + rest
+        filled.append(arg)
+    return filled
 
 
 @pytest.mark.parametrize(("argv", "message"), [c[1:] for c in USAGE_CASES], ids=[c[0] for c in USAGE_CASES])
@@ -175,6 +240,18 @@ def test_bad_inputs_are_one_line_located_errors(files, argv, message, capsys, mo
     monkeypatch.chdir(files["root"])
     code, err = _run(_fill(argv, files), capsys)
     assert code == 2 and err.startswith("error: ") and message in err
+    assert not (files["root"] / "code_ran").exists()  # a crafted weights file was refused, not run
+
+
+def test_an_unforeseen_exception_is_one_line_naming_where_it_was_raised_and_dpokit_debug_shows_it(files, capsys, monkeypatch):
+    argv = ["generate", "--model", "{model}", "--prompt", "hi", "--max-new-tokens", "2", "--output", "{a_file}/x.jsonl"]
+    argv = _fill(argv, files)
+    code, err = _run(argv, capsys)
+    assert code == 2 and err.startswith(f"error: {files['a_file']}: ") and err.count("\n") == 1
+    assert "dpokit/commands/generate.py:" in err and "DPOKIT_DEBUG=1" in err
+    monkeypatch.setenv("DPOKIT_DEBUG", "1")
+    with pytest.raises(OSError):
+        main(argv)
 
 
 def test_eval_skips_deep_and_surrogate_rows_with_skip_invalid_and_counts_them(files, capsys, tmp_path):

@@ -9,7 +9,8 @@ they turn arguments into the library's typed jobs (``EvalJob``, ``ScoreJob``, ``
 imports (torch, transformers) happen inside those functions, which keeps ``dpokit --help`` instant.
 
 Errors a user can fix (:class:`dpokit.errors.DpokitError`) are printed as ``error: <message>`` with
-exit code 2 and no traceback; set ``DPOKIT_DEBUG=1`` to see the traceback anyway.
+exit code 2 and no traceback; any other exception is printed the same way, as one line with its type,
+message and the file and line it was raised at. Set ``DPOKIT_DEBUG=1`` to see the traceback anyway.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import os
 import sys
 import textwrap
+import traceback
 from collections.abc import Sequence
 
 from dpokit import __version__
@@ -111,6 +113,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The trainer saves its own interrupt checkpoint; here we only avoid a traceback.
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as error:  # a bug or an unforeseen input: still one line, with where it was raised
+        if os.environ.get("DPOKIT_DEBUG"):
+            raise
+        print(f"error: {unexpected_error_line(error)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def unexpected_error_line(error: BaseException) -> str:
+    """One line for an exception that is not a :class:`DpokitError`: the path of an ``OSError`` (or the
+    exception's type and message), the file and line (of dpokit's innermost frame, else the innermost
+    one) where it was raised, and what to do next -- check the path or inputs, rerun with
+    ``DPOKIT_DEBUG=1`` for the traceback."""
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [frame for frame in frames if f"{os.sep}dpokit{os.sep}" in frame.filename]
+    frame = (ours or frames)[-1] if frames else None
+    where = f" at {frame.filename}:{frame.lineno}, in {frame.name}" if frame is not None else ""
+    if isinstance(error, OSError) and error.filename is not None:  # a path dpokit could not read or write
+        return (
+            f"{error.filename}: {error.strerror or type(error).__name__} ({type(error).__name__}{where}); check that path "
+            "(or the option or config key that gives it), or rerun with DPOKIT_DEBUG=1 to see the traceback"
+        )
+    message = " ".join(str(error).split()) or "no message"
+    if len(message) > 300:
+        message = message[:300] + "..."
+    raised = f" (raised{where})" if where else ""
+    return (
+        f"{type(error).__name__}: {message}{raised}. This is not an error dpokit knows how to explain: check the files "
+        "and settings named above, rerun with DPOKIT_DEBUG=1 to see the traceback, and report it if the inputs look right"
+    )
 
 
 if __name__ == "__main__":
