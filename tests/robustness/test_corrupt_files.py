@@ -165,7 +165,7 @@ def test_an_interrupted_first_round_is_not_offered_a_resume_it_cannot_do(online_
     code, fresh = run_cli([*argv, f"logging.run_dir={run_dir}"], capsys)
     assert code == 2 and "--overwrite" in fresh and "--resume latest" not in fresh
     code, resumed = run_cli([*argv, f"logging.run_dir={run_dir}", "--resume", "latest"], capsys)
-    assert code == 2 and "no complete checkpoint" in resumed
+    assert code == 2 and "no complete checkpoint" in resumed and "start the run afresh with --overwrite" in resumed
     assert run_cli([*argv, f"logging.run_dir={run_dir}", "--overwrite"], capsys)[0] == 0
 
 

@@ -132,7 +132,10 @@ def resolve_resume_path(resume: str | Path, run_dir: str | Path | None) -> Path:
 def _newest_intact(run_dir: Path, what: str) -> Path:
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
-        raise TrainingError(f"{what}: no complete checkpoint in {str(run_dir)!r}")
+        raise TrainingError(
+            f"{what}: no complete checkpoint in {str(run_dir)!r}, so there is nothing to continue: start the run afresh "
+            "with --overwrite (without --resume)"
+        )
     for checkpoint in reversed(checkpoints):
         problems = verify_checkpoint(checkpoint)
         if not problems:
