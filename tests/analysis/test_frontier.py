@@ -15,12 +15,12 @@ from dpokit.analysis.frontier import (
     dominance_summary,
     estimate_reward_kl,
     find_checkpoints,
-    load_reward,
     read_text_prompts,
     write_results,
 )
 from dpokit.errors import ConfigError, DataError
 from dpokit.generation import completion_logps, sample_completions, sample_with_kl
+from dpokit.scoring import load_reward
 from tests.helpers import tiny_gpt2, tiny_tokenizer
 
 

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from dpokit.analysis.evaluate import policy_runner
-from dpokit.analysis.score import ScoreRow, read_score_rows, score_rows
+from dpokit.analysis.score import read_score_rows
 from dpokit.commands.main import main
 from dpokit.data import PreferenceExample, prepare_from_examples
 from dpokit.errors import DataError
 from dpokit.models import load_policy
+from dpokit.scoring import ScoreRow, policy_runner, score_rows
 from dpokit.training.reference import CopyReference, NoReference
 from tests.helpers import tiny_llama, tiny_tokenizer
 

@@ -378,7 +378,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(assets, tmp_path):
 
 def test_an_export_outside_the_run_dir_carries_the_run_config(assets, tmp_path):
     """`dpokit eval`/`score` find the reference and beta of an exported model from the config beside it."""
-    from dpokit.analysis.evaluate import load_policy
+    from dpokit.models import load_policy
 
     out = tmp_path / "exports" / "dpo"
     result = run(make_config(assets, tmp_path / "run", "optim.max_steps=1", f"output_dir={out}", "loss.beta=0.3"))

@@ -18,92 +18,22 @@ training configuration (:func:`training_defaults`), so no default is repeated he
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dpokit.errors import ConfigError
-from dpokit.models import LoadedPolicy, LoadOptions, load_policy, pad_id_of
-from dpokit.training.parallel import ParallelContext, ParallelPolicy
-from dpokit.training.reference import AdapterDisabledReference, CopyReference, NoReference, Reference
+from dpokit.models import LoadOptions, load_policy, pad_id_of
+from dpokit.scoring import check_batch_size, policy_runner, resolve_reference, training_defaults
+from dpokit.training.parallel import ParallelPolicy
+from dpokit.training.reference import NoReference, Reference
 from dpokit.training.splits import Split
 from dpokit.training.step import EvalResult, evaluate
 
 # ------------------------------------------------------------------------------------- reference
 
 
-def policy_runner(policy: LoadedPolicy, chunk_size: int = 1024) -> ParallelPolicy:
-    """The loaded policy as the engine runs it: a world of one on the policy's device."""
-    return ParallelPolicy(ParallelContext(device=next(policy.model.parameters()).device), policy.model, chunk_size=chunk_size)
-
-
-def resolve_reference(
-    policy: LoadedPolicy,
-    runner: ParallelPolicy,
-    reference_path: str | None,
-    *,
-    reference_free: bool = False,
-    dtype: str = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
-) -> tuple[Reference, str]:
-    """pi_ref and a description of it: ``--reference``, else the adapter's base (the policy with its
-    adapter disabled), else the model the run started from; or none for ``--reference-free``."""
-    if reference_free:
-        if reference_path:
-            raise ConfigError("give either --reference or --reference-free, not both")
-        return NoReference(), "no reference (reference-free)"
-    if reference_path:
-        reference = load_policy(reference_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        return CopyReference(reference.model), f"reference model {reference_path}"
-    if policy.is_adapter:
-        return AdapterDisabledReference(runner), "base model with the adapter disabled"
-    run_config = policy.run_config or {}
-    # The run's reference: reference.name_or_path when it set one, else the model it started from.
-    start_model = (run_config.get("reference") or {}).get("name_or_path") or (run_config.get("model") or {}).get("name_or_path")
-    if start_model and Path(str(start_model)).resolve() != Path(policy.path).resolve():
-        reference = load_policy(start_model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        return CopyReference(reference.model), f"reference model {start_model}"
-    raise ConfigError(
-        f"{policy.path} is a full model with no record of its reference model: pass --reference PATH "
-        "(usually the SFT model training started from) or --reference-free"
-    )
-
-
-def training_defaults(policy: LoadedPolicy, config_path: str | None = None) -> Any:
-    """The :class:`dpokit.config.TrainConfig` that eval/score take unset settings from: the file
-    ``config_path`` when given, else the run configuration saved with the model, else the defaults."""
-    from dpokit.config import TrainConfig, config_from_dict, load_config
-
-    if config_path:
-        return load_config(config_path)
-    if policy.run_config:
-        try:
-            return config_from_dict(policy.run_config)
-        except ConfigError as error:
-            raise ConfigError(
-                f"{policy.path}: the training configuration saved with this model cannot be read ({error}); "
-                "pass --config CONFIG.yaml"
-            ) from None
-    return TrainConfig()
-
-
 # --------------------------------------------------------------------------------------------- eval
-
-
-def check_batch_size(batch_size: int, setting: str = "--batch-size") -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"{setting} must be a positive whole number, got {batch_size!r}")
-
-
-def iterate_batches(items: Any, batch_size: int, pad_token_id: int) -> Iterator[Any]:
-    """Padded batches of ``batch_size`` consecutive prepared items, in dataset order."""
-    from dpokit.data import PaddedCollator
-
-    collate = PaddedCollator(pad_token_id)
-    for start in range(0, len(items), batch_size):
-        yield collate([items[index] for index in range(start, min(start + batch_size, len(items)))])
 
 
 def evaluate_preferences(

@@ -25,7 +25,6 @@ Entry points: :func:`estimate_reward_kl` (one policy), :func:`plot_frontier` /
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import re
@@ -39,8 +38,7 @@ import torch
 from dpokit.errors import ConfigError, DataError
 from dpokit.generation import decode_completions, encode_prompts, sample_with_kl, stop_token_ids
 from dpokit.models import LoadOptions, pad_id_of
-
-RewardFn = Callable[..., Sequence[float]]
+from dpokit.scoring import RewardFn, load_reward
 
 
 def _mean_sem(values: Sequence[float]) -> tuple[float, float]:
@@ -268,60 +266,6 @@ def write_results(
 # --------------------------------------------------------------------------------------------------
 # Loading: rewards, checkpoints, prompts
 # --------------------------------------------------------------------------------------------------
-
-
-def load_reward(spec: str, *, device: str | None = LoadOptions.device) -> RewardFn:
-    """A reward from ``module:function`` or from a sequence-classification model directory.
-
-    ``module:function`` must accept ``prompts=[...]`` and ``completions=[...]`` (lists of strings)
-    and return one float per pair (the same signature TRL's online trainers use). A directory is
-    loaded with :func:`dpokit.models.load_sequence_classifier` (on ``device``) and scores
-    ``prompt + completion``: a single-label head gives its logit; otherwise the probability of the
-    label named ``positive`` (any case), or of the last label when none is, as the paper's
-    p(positive | x, y).
-    """
-    path = Path(spec)
-    if path.is_dir():
-        return _classifier_reward(path, device=device)
-    if ":" not in spec:
-        raise ConfigError(
-            f"reward {spec!r} is neither a directory nor 'module:function' (e.g. dpokit.experiments.reward:vader_reward)"
-        )
-    module_name, function_name = spec.rsplit(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ConfigError(f"reward {spec!r}: cannot import module {module_name!r} ({error})") from error
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise ConfigError(f"reward {spec!r}: module {module_name!r} has no callable {function_name!r}")
-    reward: RewardFn = function  # a user's function: its signature is taken on trust
-    return reward
-
-
-def _classifier_reward(model_dir: Path, *, device: str | None, batch_size: int = 64) -> RewardFn:
-    from dpokit.models import load_sequence_classifier
-
-    model, tokenizer = load_sequence_classifier(model_dir, device=device)
-    config: Any = model.config  # a transformers config, typed Tensor | Module through nn.Module.__getattr__
-    labels = {int(k): str(v).lower() for k, v in (config.id2label or {}).items()}
-    positive = next((i for i, name in labels.items() if name == "positive"), config.num_labels - 1)
-    model_device = next(model.parameters()).device
-
-    @torch.no_grad()
-    def reward(prompts: Sequence[str], completions: Sequence[str], **_: Any) -> list[float]:
-        scores: list[float] = []
-        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
-        for start in range(0, len(texts), batch_size):
-            inputs = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True)
-            logits = model(**inputs.to(model_device)).logits.float()
-            if logits.shape[-1] == 1:
-                scores.extend(logits[:, 0].tolist())
-            else:
-                scores.extend(logits.softmax(-1)[:, positive].tolist())
-        return scores
-
-    return reward
 
 
 def _is_model_dir(path: Path) -> bool:

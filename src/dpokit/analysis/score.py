@@ -23,56 +23,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from dpokit.analysis.evaluate import check_batch_size, iterate_batches, policy_runner, resolve_reference, training_defaults
 from dpokit.data.schema import Text
 from dpokit.errors import DataError
-from dpokit.models import LoadOptions, load_policy, pad_id_of
-from dpokit.training.parallel import ParallelPolicy
-from dpokit.training.reference import Reference
+from dpokit.models import LoadOptions, load_policy
+from dpokit.scoring import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MAX_PROMPT_LENGTH,
+    ScoredRow,
+    ScoreRow,
+    check_batch_size,
+    policy_runner,
+    resolve_reference,
+    score_rows,
+    training_defaults,
+    unify_row,
+)
 
 logger = logging.getLogger(__name__)
-# Token limits for a model without a run configuration: scoring reads whole responses, so these are
-# twice training's defaults (dpokit.config.DataConfig); a run's own data.max_length/max_prompt_length win.
-DEFAULT_MAX_LENGTH = 1024
-DEFAULT_MAX_PROMPT_LENGTH = 512
-
-
-@dataclass
-class ScoreRow:
-    """One input row: a prompt and the responses to score (in the order given)."""
-
-    prompt: Text
-    responses: list[Text]
-    source: str
-
-
-@dataclass
-class ScoredRow:
-    """Rewards for one row. ``preference_prob`` (pairs): P(responses[0] preferred to responses[1]);
-    ``best_prob`` (K >= 2): softmax of the rewards, P(response k is the best)."""
-
-    prompt: Text
-    responses: list[Text]
-    rewards: list[float]
-    policy_logps: list[float]
-    reference_logps: list[float] | None
-    preference_prob: float | None
-    best_prob: list[float] | None
-    source: str
-
-    def to_dict(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"prompt": self.prompt, "responses": self.responses, "rewards": self.rewards}
-        if self.preference_prob is not None:
-            row["preference_prob"] = self.preference_prob
-        if self.best_prob is not None and len(self.responses) > 2:
-            row["best_prob"] = self.best_prob
-        row["policy_logps"] = self.policy_logps
-        if self.reference_logps is not None:
-            row["reference_logps"] = self.reference_logps
-        row["source"] = self.source
-        return row
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -109,16 +76,6 @@ def _text(value: Any, where: str, field: str) -> Text:
             _check_unicode(message["role"], where, field)
         return messages
     raise DataError(f"{where}: field '{field}' must be a non-empty string or a list of {{'role', 'content'}} messages")
-
-
-def unify_row(prompt: Text, responses: list[Text]) -> tuple[Text, list[Text]]:
-    """All text or all chat, as the data pipeline needs: with any chat part, a text prompt becomes a
-    user message and text responses become assistant messages."""
-    if isinstance(prompt, list) or any(isinstance(response, list) for response in responses):
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        responses = [[{"role": "assistant", "content": r}] if isinstance(r, str) else r for r in responses]
-    return prompt, responses
 
 
 def _row_from_mapping(row: Any, where: str) -> ScoreRow:
@@ -170,88 +127,6 @@ def read_score_rows(path: str | Path) -> list[ScoreRow]:
 
 
 # ------------------------------------------------------------------------------------------- scoring
-
-
-def _prepare(rows: Sequence[ScoreRow], tokenizer: Any, *, max_length: int, max_prompt_length: int) -> Any:
-    """Token ids for every row through the same data pipeline as training (chat template included)."""
-    from dpokit.data import PreferenceExample, prepare_from_examples
-
-    # The data pipeline works on rankings of >= 2 responses; a single response is scored as a "pair"
-    # with itself and the duplicate dropped afterwards.
-    examples = [
-        PreferenceExample(
-            prompt=row.prompt,
-            responses=list(row.responses) if len(row.responses) >= 2 else [row.responses[0], row.responses[0]],
-            source=row.source,
-        )
-        for row in rows
-    ]
-    # Responses are scored one by one, so two that tokenize alike are both kept.
-    return prepare_from_examples(
-        examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, drop_identical=False
-    )
-
-
-@torch.no_grad()
-def score_rows(
-    policy: ParallelPolicy,
-    tokenizer: Any,
-    reference: Reference,
-    rows: Sequence[ScoreRow],
-    *,
-    beta: float,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
-    batch_size: int = 8,
-) -> list[ScoredRow]:
-    """r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) for every response of every row.
-
-    Log-probs come from ``compute_logps`` on batches of the data pipeline's token ids (the same as
-    training), shape ``(B, K)``; responses beyond a row's own count are masked out.
-    """
-    prepared = _prepare(rows, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
-    items = prepared.items
-    truncated = prepared.report.tokenize.prompt_truncated + prepared.report.tokenize.responses_truncated
-    if truncated:
-        logger.warning(
-            "%d rows were cut to max_length=%d / max_prompt_length=%d tokens; their rewards cover only the kept "
-            "tokens (raise --max-length / --max-prompt-length to score them whole)",
-            truncated,
-            max_length,
-            max_prompt_length,
-        )
-    if len(items) != len(rows):
-        raise DataError(f"{len(rows) - len(items)} of {len(rows)} rows could not be tokenized: {prepared.report.summary()}")
-    device = policy.ctx.device
-    pad_id = pad_id_of(tokenizer)
-    scored: list[ScoredRow] = []
-    row_index = 0
-    for batch in iterate_batches(items, batch_size, pad_id):
-        batch = batch.to(device)
-        policy_logps = policy.logps(batch).logps.float().cpu()  # (B, K)
-        ref = reference.logps(batch)
-        ref_logps = ref.float().cpu() if ref is not None else None
-        rewards = beta * (policy_logps - ref_logps) if ref_logps is not None else beta * policy_logps  # (B, K)
-        for b in range(batch.batch_size):
-            row = rows[row_index]
-            row_index += 1
-            k = len(row.responses)
-            row_rewards = rewards[b, :k]
-            preference = float(torch.sigmoid(row_rewards[0] - row_rewards[1])) if k == 2 else None
-            best = torch.softmax(row_rewards, dim=0).tolist() if k >= 2 else None
-            scored.append(
-                ScoredRow(
-                    prompt=row.prompt,
-                    responses=list(row.responses),
-                    rewards=row_rewards.tolist(),
-                    policy_logps=policy_logps[b, :k].tolist(),
-                    reference_logps=ref_logps[b, :k].tolist() if ref_logps is not None else None,
-                    preference_prob=preference,
-                    best_prob=best,
-                    source=row.source,
-                )
-            )
-    return scored
 
 
 def _short(text: Text, width: int = 60) -> str:

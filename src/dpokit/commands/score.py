@@ -20,6 +20,7 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dpokit import scoring
     from dpokit.analysis import score
 
     add_model_arguments(parser, with_reference=True)
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chat", action="store_true", help="treat --prompt/--response as a user turn and an assistant turn (chat template)"
     )
     add_length_arguments(
-        parser, score.ScoreJob, max_length=score.DEFAULT_MAX_LENGTH, max_prompt_length=score.DEFAULT_MAX_PROMPT_LENGTH
+        parser, score.ScoreJob, max_length=scoring.DEFAULT_MAX_LENGTH, max_prompt_length=scoring.DEFAULT_MAX_PROMPT_LENGTH
     )
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="FILE.jsonl", default=None, help="write one JSON line per input row here")

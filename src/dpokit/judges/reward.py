@@ -10,10 +10,10 @@ tie, which the statistics report separately. The raw judgment records both rewar
 * ``reward:MODULE:FUNCTION`` -- any callable ``f(prompts=[...], completions=[...]) -> [float]``, e.g.
   ``dpokit.experiments.reward:vader_reward`` (the signature ``dpokit frontier`` and TRL use).
 * ``reward_model:PATH`` -- a sequence-classification model loaded by
-  :func:`dpokit.models.load_sequence_classifier` through :func:`dpokit.analysis.frontier.load_reward`
+  :func:`dpokit.models.load_sequence_classifier` through :func:`dpokit.scoring.load_reward`
   (single-label head: its logit; otherwise p(positive)).
 * ``implicit:POLICY`` -- r = beta * (log pi(y|x) - log pi_ref(y|x)), computed by ``dpokit score``'s
-  code (:func:`dpokit.analysis.score.score_rows`) with the reference chosen as ``dpokit score`` chooses
+  code (:func:`dpokit.scoring.score_rows`) with the reference chosen as ``dpokit score`` chooses
   it (options ``reference=PATH``, ``reference_free=true``, ``beta=``). At temperature 1 the pairwise
   probability is exactly the preference probability DPO was trained to model.
 """
@@ -86,8 +86,8 @@ class ImplicitJudge(RewardJudge):
 
 def function_judge(spec: JudgeSpec) -> RewardJudge:
     """``reward:MODULE:FUNCTION``: the callable gets plain text (chat messages flattened)."""
-    from dpokit.analysis.frontier import load_reward
     from dpokit.errors import ConfigError
+    from dpokit.scoring import load_reward
 
     spec.check_options(["temperature"])
     if spec.target.count(":") < 1:
@@ -104,8 +104,8 @@ def reward_model_judge(spec: JudgeSpec, device: str | None = None) -> RewardJudg
     """``reward_model:PATH``: a sequence-classification model directory."""
     from pathlib import Path
 
-    from dpokit.analysis.frontier import load_reward
     from dpokit.errors import ConfigError
+    from dpokit.scoring import load_reward
 
     spec.check_options(["temperature", "device"])
     if not Path(spec.target).is_dir():
@@ -120,9 +120,8 @@ def reward_model_judge(spec: JudgeSpec, device: str | None = None) -> RewardJudg
 
 def implicit_judge(spec: JudgeSpec, load: Any = None) -> RewardJudge:
     """``implicit:POLICY``: the DPO policy's implicit reward, as ``dpokit score`` computes it."""
-    from dpokit.analysis.evaluate import policy_runner, resolve_reference, training_defaults
-    from dpokit.analysis.score import ScoreRow, score_rows, unify_row
     from dpokit.models import LoadOptions, load_policy
+    from dpokit.scoring import ScoreRow, policy_runner, resolve_reference, score_rows, training_defaults, unify_row
 
     spec.check_options(["reference", "reference_free", "beta", "temperature", "batch_size"])
     load = load or LoadOptions()
