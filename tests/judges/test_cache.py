@@ -138,3 +138,12 @@ def test_a_cached_score_that_is_not_a_number_is_asked_again(tmp_path):
     assert cache.dropped == [f"{path}:1: score 'three' is not a number"]
     again = CachedJudge(oracle, cache)
     assert again.score(["p", "p"], ["abc", "ab"]) == [3.0, 2.0] and (again.hits, again.misses) == (1, 1)
+
+
+def test_a_row_without_the_orientation_fields_is_asked_again(cache_file):
+    path, original = cache_file
+    lines = rows(path)
+    write_rows(path, [{"key": line["key"], "kind": line["kind"], "value": line["value"]} for line in lines[:1]] + lines[1:])
+    assert JudgmentCache(path).dropped == [f"{path}:1: written by an older dpokit, without the response-A digest and row check"]
+    assert asks(path) == (5, 1)
+    assert judged(path) == original

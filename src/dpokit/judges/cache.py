@@ -80,6 +80,8 @@ def row_problem(line: bytes) -> tuple[str, Any, str] | str:
         return "not valid UTF-8"
     except (json.JSONDecodeError, RecursionError):
         return "not a JSON object (cut short?)"
+    if isinstance(row, dict) and "value" in row and "check" not in row and "a" not in row:
+        return "written by an older dpokit, without the response-A digest and row check"
     if not isinstance(row, dict) or not all(isinstance(row.get(f), str) for f in ("key", "kind", "a", "check")):
         return "not a cache row {key, kind, a, value, check}"
     if row["kind"] not in KINDS:
