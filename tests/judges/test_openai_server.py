@@ -9,6 +9,7 @@ answers its first two chat requests with 503, so the client library's retries ar
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -182,3 +183,52 @@ def test_an_unreachable_server_is_reported_after_retries():
         judge.judge_pairs(["p"], ["a"], ["b"])
     with pytest.raises(ConfigError, match="MODEL@URL"):
         load_judge("openai:no-url")
+
+
+def _answered(server, status: int) -> int:
+    """How many chat requests the server has answered with ``status`` so far (its request log)."""
+    return sum(f'"POST /v1/chat/completions HTTP/1.1" {status}' in line for line in server.lines)
+
+
+def test_a_request_the_server_refuses_is_reported_with_its_message_and_not_retried(server, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "s3cret")
+    judge = _judge(server, "judge", max_tokens="100000", max_retries="3")  # far beyond the model's 512 positions
+    before = _answered(server, 400)
+    with pytest.raises(ConfigError, match=r"HTTP 400: model 'judge''s maximum context length is 512 tokens") as failure:
+        judge.judge_pairs(["a movie"], ["good"], ["bad"])
+    assert "not retried" in str(failure.value) and "cannot reach" not in str(failure.value)
+    deadline = time.time() + 5
+    while _answered(server, 400) == before and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # a retry's log line would have arrived by now
+    assert _answered(server, 400) == before + 1  # asked once, with max_retries=3
+    with pytest.raises(ConfigError, match=r"HTTP 404: model 'missing' is not served"):
+        _judge(server, "missing", max_retries="3").judge_pairs(["p"], ["a"], ["b"])
+
+
+def test_retry_delays_honour_the_servers_header_and_otherwise_back_off():
+    from dpokit.judges.openai import retry_delay, retryable
+
+    assert retry_delay(0, {"retry-after-ms": "50"}) == pytest.approx(0.05)
+    assert retry_delay(5, {"retry-after": "2"}) == 2.0
+    assert 0.375 <= retry_delay(0, {"retry-after": "soon"}) <= 0.625
+    assert 6.0 <= retry_delay(20) <= 10.0  # capped at 8 s, jittered by 25%
+    assert [s for s in (400, 401, 404, 408, 409, 413, 429, 500, 503) if retryable(s)] == [408, 429, 500, 503]
+
+
+def test_judge_check_with_a_judge_that_never_follows_the_format_exits_2_showing_its_answers(
+    server, tmp_path, capsys, monkeypatch
+):
+    from dpokit.commands.main import main
+
+    monkeypatch.setenv(KEY_ENV, "s3cret")
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"the movie {i}", "chosen": "good", "rejected": "bad"} for i in range(3)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = f"openai:noise@{server.url},api_key_env={KEY_ENV},max_tokens=8"
+    code = main(["judge-check", "--judge", spec, "--data", str(data), "--cache", str(tmp_path / "c.jsonl")])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "not one of the 6 verdicts" in captured.err and "template dialogue" in captured.err
+    assert "'More helpful: A' or 'More helpful: B'" in captured.err and "  1. '" in captured.err
+    assert "judge-check: 3/3 (100%)" in captured.err and "\r" not in captured.err  # progress, as plain lines

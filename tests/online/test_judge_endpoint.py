@@ -105,7 +105,7 @@ def test_a_judge_still_failing_after_fewer_retries_stops_with_a_checkpoint_namin
     assert re.search(
         rf"online round 0: judge openai:rater@{re.escape(server.url)},\S*max_retries=0\S* failed 1 time\(s\)", message
     )
-    assert "HTTP 503" in message
+    assert "HTTP 503" in message and "injected failure (--fail-first)" in message  # the server's own message
     assert "checkpoint-0" in message and "--resume latest" in message
     assert len(_failures_served(server)) >= 1
     files = RoundFiles(tmp_path / "run", 0)

@@ -29,13 +29,13 @@ import json
 import logging
 import math
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpokit.errors import ConfigError, DataError
+from dpokit.errors import ConfigError, DataError, DpokitError
 from dpokit.judges import CachedJudge, Judge, JudgmentCache, load_judge, load_template
 from dpokit.judges.base import PairJudgment, Text
 from dpokit.judges.stats import INCONSISTENT_POLICIES, agreement, win_stats
@@ -518,6 +518,15 @@ def write_winrate_outputs(results: dict[str, Any], out: str | Path, *, title: st
 # ------------------------------------------------------------------------------------ judge-check
 
 
+JUDGE_CHECK_CHUNK = 16  # pairs per judge call: the progress advances one chunk at a time
+LOW_READABLE_RATE = 0.5  # below this fraction of readable verdicts, judge-check warns
+BothOrders = list[tuple[PairJudgment, PairJudgment]]  # each pair's (forward, swapped) judgments
+
+
+class UnreadableJudgeError(DpokitError):
+    """Not one of the judge's verdicts could be read: its agreement would be a table of dashes."""
+
+
 @dataclass
 class JudgeCheckJob:
     """What ``dpokit judge-check`` does: judge ``data``'s pairs (chosen vs rejected) in both orders."""
@@ -528,14 +537,75 @@ class JudgeCheckJob:
     limit: int | None = None
     inconsistent: str = "tie"
     cache: str = ".dpokit_cache/judgments/judgments.jsonl"
+    progress: bool = True
     load: LoadOptions = field(default_factory=LoadOptions)
 
 
-def run_judge_check(job: JudgeCheckJob) -> dict[str, Any]:
-    """Agreement of the judge with the labels (the judge prefers ``chosen``), with a Wilson 95% CI,
-    ties, unparseable judgments, position consistency and bias; per template, plus template agreement."""
-    from dpokit.analysis.score import read_score_rows
+def _judge_rows_in_chunks(judge: Judge, rows: Sequence[Any], advance: Callable[[int], None]) -> BothOrders:
+    """:func:`judge_both_orders` over ``rows`` (chosen as A first), :data:`JUDGE_CHECK_CHUNK` pairs per call."""
+    pairs: BothOrders = []
+    for start in range(0, len(rows), JUDGE_CHECK_CHUNK):
+        chunk = rows[start : start + JUDGE_CHECK_CHUNK]
+        chosen, rejected = [r.responses[0] for r in chunk], [r.responses[1] for r in chunk]
+        pairs += judge_both_orders(judge, [r.prompt for r in chunk], chosen, rejected)
+        advance(len(chunk))
+    return pairs
 
+
+def _verdict_format(judge: Judge, template: str) -> str:
+    """How the judge's verdict is read, for a hint: the template's verdict line, or a reward's number."""
+    inner = getattr(judge, "judge", judge)
+    spec = getattr(inner, "template", None)
+    if spec is None:
+        return "a reward judge: each response's score must be a number (not NaN)"
+    name = template if template != "-" else spec.name
+    return f"template {name}: the answer needs a line '{spec.verdict}: A' or '{spec.verdict}: B'"
+
+
+def _first_answers(pairs: BothOrders, count: int = 3, width: int = 200) -> str:
+    answers = [j.raw for pair in pairs for j in pair][:count]
+    return "\n".join(f"  {i + 1}. {answer[:width]!r}{'...' if len(answer) > width else ''}" for i, answer in enumerate(answers))
+
+
+def _readable_verdicts(pairs: BothOrders) -> int:
+    return sum(j.verdict is not None for pair in pairs for j in pair)
+
+
+def _check_readable(job: JudgeCheckJob, judged: Mapping[str, tuple[Judge, BothOrders]], log: Log) -> list[str]:
+    """Raise :class:`UnreadableJudgeError` (with the format and the first answers) when no verdict could
+    be read; return a warning per template whose readable share is under :data:`LOW_READABLE_RATE`."""
+    if judged and all(_readable_verdicts(pairs) == 0 for _, pairs in judged.values()):
+        template, (judge, pairs) = next(iter(judged.items()))
+        raise UnreadableJudgeError(
+            f"judge-check: not one of the {2 * len(pairs)} verdicts of judge {job.judge} on {job.data} could be read "
+            f"({_verdict_format(judge, template)}). The first answers were:\n{_first_answers(pairs)}\n"
+            "Check that the judge follows this format: an instruction-following model, another --templates, or a "
+            "larger max_tokens= so the verdict line is not cut off."
+        )
+    warnings = []
+    for template, (judge, pairs) in judged.items():
+        readable, total = _readable_verdicts(pairs), 2 * len(pairs)
+        if total and readable / total < LOW_READABLE_RATE:
+            warnings.append(
+                f"warning: judge-check: only {readable} of {total} verdicts ({readable / total:.0%}) of judge {job.judge} could "
+                f"be read ({_verdict_format(judge, template)}); the agreement rests on the rest. First answers:\n"
+                f"{_first_answers(pairs)}"
+            )
+            log(warnings[-1])
+    return warnings
+
+
+def run_judge_check(job: JudgeCheckJob, log: Log | None = None) -> dict[str, Any]:
+    """Agreement of the judge with the labels (the judge prefers ``chosen``), with a Wilson 95% CI,
+    ties, unparseable judgments, position consistency and bias; per template, plus template agreement.
+
+    Progress goes to standard error as ``dpokit train``'s does (a bar on a terminal, plain lines in a log).
+    No readable verdict at all raises :class:`UnreadableJudgeError`; under half readable is logged as a
+    warning (also in the report's ``warnings``)."""
+    from dpokit.analysis.score import read_score_rows
+    from dpokit.training.tracking import progress_bar
+
+    log = log or (lambda line: None)
     rows = read_score_rows(job.data)
     for row in rows:
         if len(row.responses) != 2:
@@ -543,22 +613,36 @@ def run_judge_check(job: JudgeCheckJob) -> dict[str, Any]:
     rows = rows[: job.limit] if job.limit is not None else rows
     probe = WinrateJob(models=[], judge=job.judge, templates=job.templates, load=job.load)
     judges = _judges(probe, JudgmentCache(job.cache))
+    total = len(rows) * len(judges)
+    judged: dict[str, tuple[Judge, BothOrders]] = {}
+    with progress_bar(total, enabled=job.progress, desc="judge-check", line_every=max(JUDGE_CHECK_CHUNK, total // 20)) as bar:
+        for template, judge in judges.items():
+            bar.set_postfix(template=template)
+            judged[template] = (judge, _judge_rows_in_chunks(judge, rows, bar.update))
+    warnings = _check_readable(job, judged, log)
     results, outcomes = [], {}
-    for template, judge in judges.items():
-        pairs = judge_both_orders(judge, [r.prompt for r in rows], [r.responses[0] for r in rows], [r.responses[1] for r in rows])
+    for template, (_, pairs) in judged.items():
         stats, outcome = win_stats(pairs, list(range(len(rows))), inconsistent=job.inconsistent, ci="wilson")
         outcomes[template] = outcome
-        judged = stats.wins + stats.ties + stats.losses
+        judged_pairs = stats.wins + stats.ties + stats.losses
         results.append(
             {
                 "template": template,
-                "agreement": stats.wins / judged if judged else None,
+                "agreement": stats.wins / judged_pairs if judged_pairs else None,
                 "agreement_ties_half": stats.to_dict()["win_rate"],
+                "readable_verdicts": _readable_verdicts(pairs),
                 **{k: v for k, v in stats.to_dict().items() if k != "win_rate"},
             }
         )
     between = [{"templates": [a, b], **agreement(outcomes[a], outcomes[b])} for a, b in combinations(outcomes, 2)]
-    return {"judge": job.judge, "data": job.data, "num_pairs": len(rows), "results": results, "template_agreement": between}
+    return {
+        "judge": job.judge,
+        "data": job.data,
+        "num_pairs": len(rows),
+        "results": results,
+        "template_agreement": between,
+        "warnings": warnings,
+    }
 
 
 def judge_check_markdown(report: dict[str, Any]) -> str:

@@ -118,7 +118,8 @@ WINRATE = Subcommand(
 CHECK_DESCRIPTION = (
     "Judge labelled preference pairs (rows with prompt, chosen, rejected) in both orders and report how often the "
     "judge agrees with the labels, with a 95% interval, ties, unparseable judgments, position consistency and "
-    "position bias -- per template, and the agreement between templates: the way to pick a judge before trusting it."
+    "position bias -- per template, and the agreement between templates: the way to pick a judge before trusting it. "
+    "When no verdict can be read it exits with status 2 and shows the first answers; under half readable is a warning."
 )
 CHECK_EPILOG = """examples:
   dpokit judge-check --judge reward:dpokit.experiments.reward:vader_reward --data heldout_pairs.jsonl
@@ -140,6 +141,7 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cache", default=field_default(JudgeCheckJob, "cache"), help="judgment cache (%(default)s)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress on standard error")
     add_model_arguments(parser, with_model=False)
 
 
@@ -153,9 +155,10 @@ def run_check_command(args: argparse.Namespace) -> int:
         limit=args.limit,
         inconsistent=args.inconsistent,
         cache=args.cache,
+        progress=not args.no_progress,
         load=load_options(args),
     )
-    report = run_judge_check(job)
+    report = run_judge_check(job, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2) if args.json else judge_check_markdown(report))
     return 0
 
