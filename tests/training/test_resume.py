@@ -15,6 +15,7 @@ import pytest
 from dpokit.commands.train import exit_code, print_run_result
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.training import run
+from dpokit.training.checkpoint import list_checkpoints
 from dpokit.training.parallel import ParallelContext
 from dpokit.training.resume import LOCK_FILENAME, RunDirectory, _lock
 from dpokit.training.tracking import read_metrics
@@ -57,7 +58,7 @@ def test_a_run_dir_in_use_is_refused_naming_the_holder(assets, tmp_path):
     finally:
         held.close()
     assert run(make_config(assets, run_dir, "optim.max_steps=1")).global_step == 1  # free again
-    assert (run_dir / LOCK_FILENAME).is_file()
+    assert not (run_dir / LOCK_FILENAME).exists()  # the lock file lives only while a run holds it
 
 
 def test_a_run_dir_that_is_a_file_and_outputs_inside_the_model_are_refused(assets, tmp_path):
@@ -163,6 +164,63 @@ def test_a_run_that_cannot_start_releases_its_run_directory(assets, tmp_path):
     with pytest.raises(ConfigError):
         run(make_config(assets, run_dir, "optim.max_steps=1", "reference.strategy=none"))  # refused in set-up
     assert run(make_config(assets, run_dir, "optim.max_steps=1")).global_step == 1
+
+
+def _train_command(assets: Path, run_dir: Path, *overrides: str) -> int:
+    """``dpokit train`` (the real command line, in this process) on the test config; its exit code."""
+    from dpokit.commands.main import main
+    from dpokit.config import save_config
+
+    config = run_dir.parent.parent / "train-config.yaml"
+    save_config(make_config(assets, run_dir, "optim.max_steps=1"), config)
+    try:
+        return main(["train", str(config), *overrides])
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+def test_a_run_that_fails_at_data_loading_leaves_no_run_directory_and_no_lock_file(assets, tmp_path, capsys):
+    """The run directory (and the ``runs/`` parent the run made for it) is created when the run starts;
+    bad data found during set-up removes both again, so there is no empty directory to clean up."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n', encoding="utf-8")
+    run_dir = tmp_path / "runs" / "exp"
+    assert _train_command(assets, run_dir, f"data.train_path={bad}") == 2
+    assert "bad.jsonl:line 2" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    # A bad model name fails before the data is read; nothing is left either.
+    assert _train_command(assets, run_dir, f"model.name_or_path={tmp_path / 'no-such-model'}") == 2
+    assert not (tmp_path / "runs").exists()
+    # The same directory is then usable at once (no "already holds an earlier run").
+    assert _train_command(assets, run_dir) == 0
+    assert list_checkpoints(run_dir) == [] and (run_dir / "final" / "config.json").is_file()
+    assert not (run_dir / LOCK_FILENAME).exists()
+
+
+def test_a_failed_run_keeps_a_directory_that_existed_before_and_removes_only_its_lock(assets, tmp_path, capsys):
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n", encoding="utf-8")
+    assert _train_command(assets, run_dir, f"data.train_path={bad}") == 2
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
+    capsys.readouterr()
+
+
+def test_a_failed_run_keeps_a_directory_it_created_once_it_holds_results(assets, tmp_path):
+    """A run that fails after it wrote checkpoints keeps its directory: only the lock goes."""
+    run_dir = tmp_path / "runs" / "exp"
+
+    def fail_at_step_two(step: int, metrics: dict[str, float]) -> bool:
+        if step == 2:
+            raise TrainingError("stopped by the test at step 2")
+        return False
+
+    with pytest.raises(TrainingError, match="stopped by the test"):
+        run(make_config(assets, run_dir, "optim.max_steps=4", "checkpoint.every_steps=1"), on_step=fail_at_step_two)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-1", "checkpoint-2"]
+    assert (run_dir / "metrics.jsonl").is_file() and not (run_dir / LOCK_FILENAME).exists()
 
 
 def _flip_a_byte(path: Path, offset_from_end: int = 100) -> None:

@@ -1,9 +1,10 @@
 """The run directory and resuming: where a run writes, which checkpoint continues it, what must not change.
 
-A run directory is held by one run at a time (a lock naming the holder's pid), a fresh run never
-writes into one that already holds another run's records unless told to overwrite it, and the run's
-``config.yaml`` is the record of how it started: a resume writes its own ``config.resume-<step>.yaml``
-beside it, only once the resume has been accepted.
+A run directory is held by one run at a time (a lock file naming the holder's pid, present only while
+it is held), a fresh run never writes into one that already holds another run's records unless told to
+overwrite it, and the run's ``config.yaml`` is the record of how it started: a resume writes its own
+``config.resume-<step>.yaml`` beside it, only once the resume has been accepted. A run that fails
+before it has anything to show (set-up files only) removes the directory again if it created it.
 """
 
 from __future__ import annotations
@@ -28,30 +29,37 @@ from dpokit.training.checkpoint import (
     write_errors,
 )
 from dpokit.training.parallel import ParallelContext
+from dpokit.training.splits import DATA_REPORT_FILENAME
 
 LOCK_FILENAME = ".dpokit.lock"
 # What a run writes into its directory: a fresh run refuses a directory holding any of these.
 # (A run that failed in set-up leaves only its config and data report: it may simply be started again.)
 RUN_RECORDS = ("metrics.jsonl", "checkpoint-*", "tensorboard", "samples.jsonl", "curves.png", "rounds", "rounds.png")
+# What set-up writes before the first optimizer step (startup.json comes after it): a failed run whose
+# directory holds only these (and empty files, such as a metrics.jsonl opened but never written) had
+# nothing to show, and the directory goes if the run created it.
+SETUP_FILES = (LOCK_FILENAME, CONFIG_FILENAME, DATA_REPORT_FILENAME)
 
 
 class RunDirectory:
     """The directory one run owns for its lifetime (rank 0 holds the lock; every rank knows the path)."""
 
-    def __init__(self, path: Path, resume_from: Path | None, lock: IO[str] | None) -> None:
+    def __init__(self, path: Path, resume_from: Path | None, lock: IO[str] | None, created: Path | None = None) -> None:
         self.path = path
         self.resume_from = resume_from
         self._lock = lock
+        self._created = created  # the outermost directory this run made (``path`` or an ancestor), or None
 
     @classmethod
     def open(cls, cfg: TrainConfig, ctx: ParallelContext, *, resume: str | None, overwrite: bool = False) -> RunDirectory:
         """Resolve, lock and prepare the run directory on rank 0; every rank gets the result or the same error."""
         outcome: tuple[str, str | None, str | None] | None = None
-        lock = None
+        lock = created = None
         if ctx.is_main:
             try:
                 path, resume_from = resolve_run_dir(cfg, resume, overwrite=overwrite)
                 refuse_model_overwrite(cfg, path)
+                created = outermost_missing(path)
                 lock = _lock(path)
                 if resume_from is None and overwrite:
                     clear_run_records(path)
@@ -61,7 +69,7 @@ class RunDirectory:
         kind, value, resume_value = ctx.broadcast_object(outcome)
         if kind != "ok":
             raise (ConfigError if kind == "ConfigError" else TrainingError)(value)
-        return cls(Path(str(value)), Path(resume_value) if resume_value else None, lock)
+        return cls(Path(str(value)), Path(resume_value) if resume_value else None, lock, created)
 
     def write_config(self, cfg: TrainConfig, resumed_at: int | None) -> Path:
         """``config.yaml`` for a fresh run; ``config.resume-<step>.yaml`` for an accepted resume."""
@@ -85,25 +93,104 @@ class RunDirectory:
                 moved.append(target)
         return moved
 
-    def close(self) -> None:
-        if self._lock is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
-            self._lock = None
+    def close(self, *, failed: bool = False) -> None:
+        """Release the directory: the lock file is removed (while still held) and the lock let go.
+
+        ``failed``: the run ended in an error. If this run created the directory and it holds nothing
+        but :data:`SETUP_FILES` and empty files, they and the directory (and the parents this run
+        created, when empty) are removed, so a run that could not start leaves nothing behind. A
+        directory that existed before, or holds checkpoints, metrics or anything else, is kept.
+        """
+        if self._lock is None:
+            return
+        discard = failed and self._created is not None and self.path.is_dir() and holds_only_setup_files(self.path)
+        if discard:
+            for child in self.path.iterdir():
+                with contextlib.suppress(OSError):
+                    if child.is_dir():
+                        child.rmdir()
+                    elif child.name != LOCK_FILENAME:
+                        child.unlink()
+        with contextlib.suppress(OSError):
+            (self.path / LOCK_FILENAME).unlink()
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+        self._lock.close()
+        self._lock = None
+        if discard and self._created is not None:
+            _remove_empty_up_to(self.path, self._created)
+
+
+def outermost_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its ancestors that does not exist yet (what ``mkdir(parents=True)``
+    would create first), or None when ``path`` exists."""
+    missing = None
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def holds_only_setup_files(run_dir: Path) -> bool:
+    """Whether everything in ``run_dir`` is a :data:`SETUP_FILES` entry, an empty file or an empty directory."""
+    for child in run_dir.iterdir():
+        if child.is_symlink() or not (
+            child.name in SETUP_FILES
+            or (child.is_file() and child.stat().st_size == 0)
+            or (child.is_dir() and not any(child.iterdir()))
+        ):
+            return False
+    return True
+
+
+def _remove_empty_up_to(path: Path, top: Path) -> None:
+    """Remove ``path`` and its parents up to and including ``top`` while they are empty."""
+    for directory in (path, *path.parents):
+        try:
+            directory.rmdir()
+        except OSError:
+            return  # not empty (another run started in it, a user's file): kept
+        if directory == top:
+            return
 
 
 def _lock(run_dir: Path) -> IO[str]:
-    """An exclusive lock on ``run_dir`` for this process, or a TrainingError naming the holder."""
+    """An exclusive lock on ``run_dir`` for this process, or a TrainingError naming the holder.
+
+    The lock file is removed by its holder on release, so a lock taken on a file that was unlinked
+    meanwhile is worthless: the lock is retaken on the file now at that path."""
+    while True:
+        handle = _open_lock_file(run_dir)
+        _take_lock(handle, run_dir)
+        try:
+            if os.fstat(handle.fileno()).st_ino == os.stat(run_dir / LOCK_FILENAME).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} (dpokit train, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    handle.flush()
+    return handle
+
+
+def _open_lock_file(run_dir: Path) -> IO[str]:
+    """``run_dir`` (created if missing) and its lock file, opened for reading and appending."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(run_dir / LOCK_FILENAME, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+        return open(run_dir / LOCK_FILENAME, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
     except NotADirectoryError:
         raise ConfigError(f"logging.run_dir {str(run_dir)!r} is a file, not a directory; choose another run_dir") from None
     except PermissionError:
         raise ConfigError(
             f"logging.run_dir {str(run_dir)!r} is not writable; choose another run_dir or fix its permissions"
         ) from None
+
+
+def _take_lock(handle: IO[str], run_dir: Path) -> None:
+    """``flock`` ``handle`` exclusively without waiting, or a TrainingError naming the holder."""
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -114,11 +201,6 @@ def _lock(run_dir: Path) -> IO[str]:
             f"run directory {str(run_dir)!r} is in use by {holder}; wait for that run to finish, or choose another "
             "logging.run_dir"
         ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} (dpokit train, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-    handle.flush()
-    return handle
 
 
 def run_records(run_dir: Path) -> list[Path]:
@@ -224,6 +306,7 @@ _REFUSED_PREFIXES = (
     "optim.adam_betas",
     "optim.eps",
     "optim.warmup_steps",
+    "optim.warmup_ratio",
     "optim.schedule",
     "optim.min_lr_ratio",
     "optim.grad_accumulation",
@@ -232,7 +315,6 @@ _REFUSED_PREFIXES = (
     "distributed.global_batch_size",
     "online.",  # the prompts, samples, pairs and step plan of every round
 )
-    "optim.warmup_ratio",
 _NOT_SETTINGS = (
     "model.device",
     "model.compile",

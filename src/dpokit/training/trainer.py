@@ -126,6 +126,9 @@ def run(cfg: TrainConfig, *, resume: str | None = None, on_step: OnStep | None =
         trainer = Trainer(cfg, ctx, resume=resume, overwrite=overwrite, clock=clock)
         try:
             return trainer.fit(on_step)
+        except BaseException:
+            trainer.run_directory.close(failed=True)  # a run with nothing to show leaves no directory behind
+            raise
         finally:
             trainer.run_directory.close()
             # The wrapped models (DDP / FSDP2 state, sharded copies) go before the process group does:
@@ -164,7 +167,7 @@ class Trainer:
         try:
             self.setup()
         except BaseException:
-            self.run_directory.close()  # a run that cannot start does not keep its directory locked
+            self.run_directory.close(failed=True)  # nor its directory, unless it existed before or holds results
             raise
 
     # -- the loop -----------------------------------------------------------------------------------
