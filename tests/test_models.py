@@ -190,3 +190,108 @@ def test_loading_shows_no_progress_bars_and_restores_the_setting(model_dir, capf
     load_model_and_tokenizer(ModelConfig(name_or_path=str(model_dir), device="cpu"))
     assert "Loading weights" not in capfd.readouterr().err
     assert transformers_progress_bars_enabled()  # the setting is restored
+
+
+# ------------------------------------------------------------------ a model name that is not there
+
+
+@pytest.mark.parametrize("name", ["./tiyn", "tiyn/", "tin y", "tiny--"])
+def test_a_mistyped_path_that_is_no_hub_id_fails_at_once_naming_it_and_the_near_directory(model_dir, monkeypatch, name):
+    """Not a plausible hub id (a leading ./, a trailing slash, a space, a trailing dash): a missing local
+    path, said at once with the directory one typo away, never the hub's repo-id rules."""
+    import time
+
+    monkeypatch.chdir(model_dir.parent)  # holds the model directory 'tiny'
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        load_model_and_tokenizer(ModelConfig(name_or_path=name, device="cpu"))
+    assert time.monotonic() - started < 2.0
+    message = str(caught.value)
+    assert message.startswith(f"model.name_or_path: {name}: no such file or directory (did you mean ")
+    assert "tiny'?)" in message and "hub" not in message.lower() and "repo" not in message.lower()
+
+
+def test_a_hub_id_under_hf_hub_offline_that_is_not_cached_fails_at_once_saying_so(model_dir, monkeypatch):
+    import time
+
+    monkeypatch.chdir(model_dir.parent)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        load_model_and_tokenizer(ModelConfig(name_or_path="no-such-org-xyz/tiyn", device="cpu"))
+    assert time.monotonic() - started < 2.0
+    assert "no-such-org-xyz/tiyn: no such file or directory, and HF_HUB_OFFLINE is set" in str(caught.value)
+
+
+LOAD_AND_TIME = """
+import sys, time
+from dpokit.commands.main import main
+import dpokit.training.trainer, transformers  # imports are paid before the clock starts
+from transformers import AutoModelForCausalLM, AutoTokenizer
+started = time.monotonic()
+code = main(["train", sys.argv[1], "model.name_or_path=tiyn", "logging.run_dir=" + sys.argv[2]])
+print(f"{code} {time.monotonic() - started:.2f}")
+"""
+
+
+def _train_with_hub_at(endpoint: str, cwd, tmp_path) -> tuple[int, float, str]:
+    """``dpokit train`` with a mistyped model name, in a fresh process whose hub is ``endpoint``:
+    (exit code, seconds from the command to its end, standard error)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import write_preference_jsonl
+
+    data = write_preference_jsonl(tmp_path / "train.jsonl", n=4)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {{device: cpu}}\ndata: {{train_path: {data}}}\nlogging: {{progress_bar: false}}\n")
+    environment = {**os.environ, "HF_ENDPOINT": endpoint}
+    environment.pop("HF_HUB_OFFLINE", None)
+    environment.pop("TRANSFORMERS_OFFLINE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_TIME, str(config), str(tmp_path / "run")],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    code, seconds = done.stdout.split()[-2:]
+    return int(code), float(seconds), done.stderr
+
+
+@pytest.mark.slow
+def test_a_plausible_hub_id_with_the_hub_unreachable_fails_in_one_line_naming_the_cause(model_dir, tmp_path):
+    """'tiyn' could be a hub id, so the hub is asked -- once, without the minute of retries -- and the
+    error says the hub refused the connection (not that HF_HUB_OFFLINE is set, which it is not)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    code, seconds, err = _train_with_hub_at(f"http://127.0.0.1:{closed_port}", model_dir.parent, tmp_path)
+    assert code == 2 and seconds < 2.0, (seconds, err)
+    assert err.count("\n") == 1 and err.startswith("error: model.name_or_path: tiyn: no such file or directory"), err
+    assert "(did you mean 'tiny'?)" in err and f"127.0.0.1:{closed_port}) cannot be reached" in err
+    assert "connection refused" in err and "HF_HUB_OFFLINE" not in err and "Retrying" not in err
+    assert not (tmp_path / "run").exists()  # nor is a run directory left behind
+
+
+def test_a_hub_that_does_not_answer_is_given_up_after_the_etag_timeout(monkeypatch):
+    """A server that accepts the connection and never answers (a black-holed proxy, say): the one
+    look-up waits HF_HUB_ETAG_TIMEOUT seconds, then says so."""
+    import socket
+    import time
+
+    from dpokit.models import hub_lookup
+
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the backlog; nothing is ever read or answered
+        started = time.monotonic()
+        problem = hub_lookup("some-org/tiyn", endpoint=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        seconds = time.monotonic() - started
+    assert problem is not None and "cannot be reached" in problem and "no answer within 1 s (HF_HUB_ETAG_TIMEOUT)" in problem
+    assert 0.9 < seconds < 4.0

@@ -19,8 +19,11 @@ weights" bars). Also here: LoRA, dropout, gradient checkpointing and exporting t
 from __future__ import annotations
 
 import contextlib
+import difflib
+import itertools
 import json
 import logging
+import os
 import pickle
 import sys
 import warnings
@@ -35,7 +38,7 @@ from torch import nn
 from dpokit.compat import adapters_disabled
 from dpokit.config import LoraConfig, ModelConfig
 from dpokit.errors import ConfigError, TrainingError
-from dpokit.locations import is_unreachable_hub_error, missing_local, missing_message
+from dpokit.locations import hub_offline, is_unreachable_hub_error, looks_local, missing_message
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,167 @@ def quiet_progress_bars() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Where a model is: a local path, or a hub id the hub (or its local cache) can serve.
+# ------------------------------------------------------------------------------------------------
+
+# Seconds the one look-up of a hub id waits for the hub when HF_HUB_ETAG_TIMEOUT is not set.
+HUB_LOOKUP_TIMEOUT_S = 5.0
+# Files whose presence in the local hub cache means a hub id was downloaded before.
+_HUB_MARKER_FILES = ("config.json", "tokenizer_config.json", "adapter_config.json")
+# (endpoint, hub id) pairs the hub has answered for in this process: looked up once.
+_FOUND_ON_HUB: set[tuple[str, str]] = set()
+
+
+def location_problem(location: str | Path) -> str | None:
+    """Why ``location`` cannot be loaded, found at once; None when it can be tried.
+
+    An existing path is fine. A name that is not a plausible hub id (``name`` or ``org/name`` in the
+    hub's characters, see :func:`is_hub_id`) is a missing local path: ``"<name>: no such file or
+    directory"``, with the nearest existing path when one is a typo away. A hub id already in the
+    local hub cache is fine. Any other hub id is looked up with one request of at most
+    ``HF_HUB_ETAG_TIMEOUT`` (default :data:`HUB_LOOKUP_TIMEOUT_S`) seconds and no retries, so an
+    unreachable hub (no network, no DNS, HF_HUB_OFFLINE) or an unknown id is named in one line
+    instead of after the hub library's minute of retries.
+    """
+    text = str(location)
+    if Path(text).expanduser().exists():
+        return None
+    near = near_local_path(text)
+    missing = f"{text}: no such file or directory" + (f" (did you mean {near!r}?)" if near else "")
+    if not is_hub_id(text):
+        return missing
+    if _in_hub_cache(text):
+        return None
+    if hub_offline():
+        return (
+            f"{missing}, and HF_HUB_OFFLINE is set, so the hub is not asked and {text!r} is not in the local hub cache; "
+            "check the name, or unset HF_HUB_OFFLINE to download it"
+        )
+    problem = hub_lookup(text)
+    return None if problem is None else f"{missing}, and {problem}"
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` can be a hub id: not a local-looking path (:func:`dpokit.locations.looks_local`)
+    and valid by the hub's repo-id rules (``name`` or ``org/name``; letters, digits, ``-_.``; no
+    ``--`` or ``..``; not starting or ending with ``-`` or ``.``; at most 96 characters)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # documented; not in __all__
+
+    if looks_local(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def near_local_path(name: str) -> str | None:
+    """An existing path one typo per component away from ``name`` (each missing component replaced by
+    the closest entry of its directory, by difflib), or None. Lists at most 1,000 entries a directory."""
+    path = Path(name).expanduser()
+    base = Path(path.anchor) if path.is_absolute() else Path()
+    for part in path.parts[1:] if path.is_absolute() else path.parts:
+        candidate = base / part
+        if not candidate.exists():
+            try:
+                entries = [entry.name for entry in itertools.islice(base.iterdir(), 1000)]
+            except OSError:
+                return None
+            close = difflib.get_close_matches(part, entries, n=1, cutoff=0.75)
+            if not close:
+                return None
+            candidate = base / close[0]
+        base = candidate
+    if not base.exists():
+        return None
+    return f"./{base}" if name.startswith("./") and not str(base).startswith(("/", ".")) else str(base)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in _HUB_MARKER_FILES)
+
+
+def hub_lookup(repo_id: str, *, endpoint: str | None = None) -> str | None:
+    """One metadata request for ``repo_id``'s config.json at ``endpoint`` (default: the hub library's,
+    ``HF_ENDPOINT``), without retries and waiting at most ``HF_HUB_ETAG_TIMEOUT`` seconds (default
+    :data:`HUB_LOOKUP_TIMEOUT_S`): None when the hub answers for the repository (remembered for the
+    process); otherwise why not, as the end of a sentence ("the hub (URL) cannot be reached ...:
+    connection refused; ..." or "the hub (URL) has no model ...")."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError
+
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+    if (endpoint, repo_id) in _FOUND_ON_HUB:
+        return None
+    timeout = _hub_timeout()
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json", endpoint=endpoint), timeout=timeout, endpoint=endpoint)
+    except (GatedRepoError, RemoteEntryNotFoundError):
+        pass  # the repository exists (gated: from_pretrained says how to get access)
+    except RepositoryNotFoundError:
+        return f"the hub ({endpoint}) has no model {repo_id!r} (a private one needs `hf auth login` first); check the name"
+    except HfHubHTTPError:
+        pass  # the hub answered with another error: from_pretrained reports it
+    except Exception as error:
+        if not _is_transport_error(error):
+            raise
+        return (
+            f"the hub ({endpoint}) cannot be reached to look it up as a hub id: {_unreachable_cause(error, timeout)}; "
+            "check the name, or pass the local directory of a downloaded copy"
+        )
+    _FOUND_ON_HUB.add((endpoint, repo_id))
+    return None
+
+
+def _hub_timeout() -> float:
+    """``HF_HUB_ETAG_TIMEOUT`` seconds when set (the hub library's own metadata timeout), else :data:`HUB_LOOKUP_TIMEOUT_S`."""
+    try:
+        return float(os.environ["HF_HUB_ETAG_TIMEOUT"])
+    except (KeyError, ValueError):
+        return HUB_LOOKUP_TIMEOUT_S
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the errors it was raised from (``__cause__`` / ``__context__``), outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+# Words in the names of HTTP clients' transport errors (httpx's ConnectError, ReadTimeout, NetworkError, ...).
+_TRANSPORT_WORDS = ("connect", "timeout", "network", "transport", "protocol", "proxy")
+
+
+def _is_transport_error(error: BaseException) -> bool:
+    """Whether a request failed in transport (socket, DNS, TLS, timeout) rather than by a bug."""
+    return any(
+        isinstance(e, OSError) or any(word in type(e).__name__.lower() for word in _TRANSPORT_WORDS) for e in _error_chain(error)
+    )
+
+
+def _unreachable_cause(error: BaseException, timeout: float) -> str:
+    """What stopped a request, in words: the innermost error of its chain, named by kind."""
+    import socket
+
+    chain = _error_chain(error)
+    root = chain[-1]
+    if any(isinstance(e, socket.gaierror) for e in chain):
+        return f"the host name does not resolve (no network or DNS: {root})"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return "connection refused"
+    if any(isinstance(e, TimeoutError) or "timeout" in type(e).__name__.lower() for e in chain):
+        return f"no answer within {timeout:g} s (HF_HUB_ETAG_TIMEOUT)"
+    return f"{type(root).__name__}: {root}" if str(root) else type(root).__name__
+
+
+# ------------------------------------------------------------------------------------------------
 # Tokenizer and from_pretrained.
 # ------------------------------------------------------------------------------------------------
 
@@ -111,8 +275,9 @@ def load_tokenizer(*locations: str | Path, trust_remote_code: bool = False) -> A
         raise ValueError("load_tokenizer needs at least one location")
     errors = []
     for location in locations:
-        if missing_local(location):
-            errors.append(f"{str(location)!r} (no such file or directory)")
+        problem = location_problem(location)
+        if problem is not None:
+            errors.append(f"{str(location)!r} ({problem})")
             continue
         try:
             with quiet_progress_bars():
@@ -157,8 +322,9 @@ def _quiet_peft_deprecation() -> Iterator[None]:
 def _from_pretrained(auto_class: Any, location: str | Path, *, what: str, hint: str = "", **kwargs: Any) -> Any:
     """``auto_class.from_pretrained(location, **kwargs)`` without progress bars; a load that fails
     is a :class:`ConfigError` naming ``location`` (``hint`` is appended to the message)."""
-    if missing_local(location):
-        raise ConfigError(f"cannot load {what}: {location}: no such file or directory{hint}")
+    problem = location_problem(location)
+    if problem is not None:
+        raise ConfigError(f"cannot load {what}: {problem}{hint}")
     try:
         with quiet_progress_bars():
             return auto_class.from_pretrained(str(location), **kwargs)
@@ -234,8 +400,9 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | N
         ("model.name_or_path", model_cfg.name_or_path),
         ("model.tokenizer_name_or_path", model_cfg.tokenizer_name_or_path),
     ):
-        if location and missing_local(location):
-            raise ConfigError(f"{key}: {location}: no such file or directory")
+        problem = location_problem(location) if location else None
+        if problem is not None:
+            raise ConfigError(f"{key}: {problem}")
     tokenizer = load_tokenizer(
         model_cfg.tokenizer_name_or_path or model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code
     )
@@ -341,8 +508,9 @@ def load_policy(
     from transformers import AutoModelForCausalLM
 
     given = Path(path).expanduser()
-    if missing_local(path):
-        raise ConfigError(f"{path}: no such file or directory (a model, adapter or checkpoint directory)")
+    problem = location_problem(path)
+    if problem is not None:
+        raise ConfigError(f"{problem} (a model, adapter or checkpoint directory)")
     model_dir = _model_directory(given) if given.exists() else given
     run_config = _read_run_config(given) if given.exists() else None
     torch_dtype = resolve_dtype(dtype, setting="dtype", allow_auto=True)
