@@ -141,7 +141,7 @@ def _prompts_and_references(job: WinrateJob) -> tuple[list[Any], list[Text] | No
 
 
 # Files of a model directory that shape its samples: weights, configs, tokenizer files, remote code.
-FINGERPRINTED_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt", ".jinja", ".py")
+FINGERPRINTED_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja", ".py")
 FINGERPRINTS_FILE = "weight_digests.json"  # in out/: the content hash of each model file, by (size, mtime)
 
 

@@ -27,12 +27,11 @@ rank trains on the union (DDP). FSDP cannot sample (no rank holds the whole mode
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import math
-import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,27 +46,20 @@ from dpokit.online.metrics import ROUNDS_PLOT, generation_metrics, judge_metrics
 from dpokit.online.pairs import build_rows
 from dpokit.online.prompts import round_prompt_indices
 from dpokit.online.records import STAGES, DamagedRoundFile, RoundFiles, round_dir, set_aside_rounds_after
-from dpokit.training.parallel import ParallelContext, apply_global_batch_size, launched_world_size, setup_parallel
+from dpokit.training.reference import CopyReference
 from dpokit.training.splits import Split, prepare_with_config
-from dpokit.training.stop import StopRequest
-from dpokit.training.trainer import OnStep, Trainer
+from dpokit.training.trainer import DataSource, OnStep, RunResult, Segment, Trainer, run_loop
 
 REFERENCE_WEIGHTS = "reference.safetensors"
+RowsCheck = Callable[[list[dict[str, Any]]], str | None]  # what is wrong with a stage file's rows (None: nothing)
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class OnlineResult:
-    """What an online run produced."""
+class OnlineResult(RunResult):
+    """What an online run produced: a run's result and its per-round records."""
 
-    run_dir: Path
-    output_dir: Path | None  # the exported model; None when interrupted
-    global_step: int
     rounds: list[dict[str, Any]] = field(default_factory=list)  # the per-round records (metrics.jsonl, split "round")
-    eval_metrics: dict[str, float] = field(default_factory=dict)  # the last held-out evaluation
-    interrupted: bool = False
-    stop_reason: str | None = None
-    last_checkpoint: Path | None = None
 
     def round_dir(self, round_index: int) -> Path:
         """Where round ``round_index``'s files are."""
@@ -80,18 +72,37 @@ def run_online(
     """Run ``cfg``'s online rounds (``cfg.online``); ``resume``/``overwrite``/``on_step`` as in
     :func:`dpokit.training.run`. Under torchrun every process calls this with the same arguments."""
     cfg = online_config(cfg)
-    cfg = apply_global_batch_size(cfg, launched_world_size() or 1)
-    ctx = setup_parallel(cfg)
-    with ctx.running():
-        if not ctx.holds_whole_model:
-            raise ConfigError("dpokit online samples from the policy on every process: use distributed.strategy=ddp, not fsdp")
-        loop = OnlineLoop(cfg, ctx, resume=resume, overwrite=overwrite)
-        try:
-            return loop.run(on_step)
-        finally:
-            loop.trainer.run_directory.close()
-            del loop
-            gc.collect()
+    prompts = read_prompt_rows(cfg.online.prompts_path, cfg.online.prompt_split)  # a bad prompts file fails first
+    result = run_loop(
+        cfg,
+        check=lambda config: config,  # online_config checked it
+        loop=lambda trainer: OnlineLoop(trainer, prompts),
+        data=heldout_data(cfg),
+        needs_whole_model="dpokit online samples from the policy on every process: use distributed.strategy=ddp, not fsdp",
+        resume=resume,
+        overwrite=overwrite,
+        on_step=on_step,
+    )
+    from dpokit.training.tracking import METRICS_FILENAME, read_metrics
+
+    found = (result.run_dir / METRICS_FILENAME).is_file()
+    return OnlineResult(**vars(result), rounds=read_metrics(result.run_dir, split="round") if found else [])
+
+
+def heldout_data(cfg: TrainConfig) -> DataSource:
+    """The trainer's data for an online run: no training split yet (each round brings its own), and the
+    held-out pairs of ``online.heldout_path`` (else ``data.eval_path``), if any."""
+
+    def source(tokenizer: Any, unpaired: bool) -> tuple[Split, Split | None]:
+        d = cfg.data
+        path = cfg.online.heldout_path or d.eval_path
+        heldout = None
+        if path:
+            prepared = prepare_with_config(d, path, tokenizer, split=d.eval_split, unpaired=unpaired)
+            heldout = Split(prepared, list(range(len(prepared)))[: cfg.eval.max_examples])
+        return Split.of_items([]), heldout
+
+    return source
 
 
 def online_config(cfg: TrainConfig) -> TrainConfig:
@@ -147,57 +158,43 @@ def online_config(cfg: TrainConfig) -> TrainConfig:
 
 
 class OnlineLoop:
-    """One online run: the trainer it drives, the prompts, the labeller (rank 0)."""
+    """One online run as a :class:`~dpokit.training.trainer.Loop` of the trainer: each round is a segment
+    of ``online.steps_per_round`` steps on the pairs made, just before it, from the policy's samples and
+    the judge's scores. Holds the prompts and the labeller (rank 0)."""
 
-    def __init__(self, cfg: TrainConfig, ctx: ParallelContext, *, resume: str | None, overwrite: bool) -> None:
-        self.cfg, self.ctx, self.on = cfg, ctx, cfg.online
-        self.prompts: list[PromptRow] = read_prompt_rows(self.on.prompts_path, self.on.prompt_split)
-        self.trainer = Trainer(cfg, ctx, resume=resume, overwrite=overwrite, data=self.heldout_data)
-        self.run_dir = self.trainer.run_dir
+    def __init__(self, trainer: Trainer, prompts: list[PromptRow]) -> None:
+        self.trainer, self.prompts = trainer, prompts
+        self.cfg, self.ctx, self.on = trainer.cfg, trainer.ctx, trainer.cfg.online
+        self.run_dir = trainer.run_dir
         self.labeller: labelling.Labeller | None = None
         self.offline: list[dict[str, Any]] | None = None
         self.remade: set[str] = set()  # the stages of the current round made afresh (not read from their files)
 
-    # -- the loop -----------------------------------------------------------------------------------
+    # -- the loop: the trainer's segments -----------------------------------------------------------
 
-    def run(self, on_step: OnStep | None = None) -> OnlineResult:
-        t, spr = self.trainer, self.on.steps_per_round
-        first_round, done_in_round = divmod(t.position.step, spr)
-        if t.resume_from is not None:
+    def segments(self, trainer: Trainer) -> Iterator[Segment]:
+        """Round after round from where the run stands (a resume continues the round it stopped in, with
+        the same rows); a round resumed at its very end that was not yet recorded is recorded first."""
+        spr = self.on.steps_per_round
+        first_round, done_in_round = divmod(trainer.position.step, spr)
+        if trainer.resume_from is not None:
             self.continue_rounds(first_round, done_in_round)
-        t.runner.train(True)
-        signals = (signal.SIGINT, signal.SIGTERM) if self.ctx.handles_signals else ()
-        with StopRequest(signals) as stop, t.reporting():
-            if t.resume_from is not None and done_in_round == 0 and first_round > 0 and not self.logged(first_round - 1):
+            if done_in_round == 0 and first_round > 0 and not self.logged(first_round - 1):
                 self.finish_round(first_round - 1, training_s=math.nan)
-            for r in range(first_round, self.on.rounds):
-                resuming_inside = r == first_round and done_in_round > 0
-                self.reference_for_round(r, restore=resuming_inside)
-                rows = self.round_rows(r, started=resuming_inside)
-                t.use_train_split(self.training_split(r, rows), keep_position=resuming_inside)
-                t.extra_state = {"online": {"round": r, "round_start_step": r * spr, "steps_per_round": spr}}
-                started = time.perf_counter()
-                if t.train_until((r + 1) * spr, stop, on_step):
-                    return self.result(stop, interrupted=True)
-                self.finish_round(r, training_s=time.perf_counter() - started)
-            t.finish()
-        return self.result(stop, interrupted=False)
+        for r in range(first_round, self.on.rounds):
+            resuming_inside = r == first_round and done_in_round > 0
+            self.reference_for_round(r, restore=resuming_inside)
+            rows = self.round_rows(r, started=resuming_inside)
+            yield Segment(
+                end_step=(r + 1) * spr,
+                split=self.training_split(r, rows),
+                keep_position=resuming_inside,
+                state={"online": {"round": r, "round_start_step": r * spr, "steps_per_round": spr}},
+                index=r,
+            )
 
-    def result(self, stop: StopRequest, *, interrupted: bool) -> OnlineResult:
-        run = self.trainer.result(stop, interrupted)
-        from dpokit.training.tracking import read_metrics
-
-        records = read_metrics(self.run_dir, split="round") if (self.run_dir / "metrics.jsonl").is_file() else []
-        return OnlineResult(
-            run_dir=run.run_dir,
-            output_dir=run.output_dir,
-            global_step=run.global_step,
-            rounds=records,
-            eval_metrics=run.eval_metrics,
-            interrupted=run.interrupted,
-            stop_reason=run.stop_reason,
-            last_checkpoint=run.last_checkpoint,
-        )
+    def after_segment(self, trainer: Trainer, segment: Segment, seconds: float) -> None:
+        self.finish_round(segment.index, training_s=seconds)
 
     def continue_rounds(self, first_round: int, done_in_round: int) -> None:
         """A resume at round ``first_round``: later rounds' files belong to an abandoned branch."""
@@ -261,7 +258,7 @@ class OnlineLoop:
         make: Any,
         *,
         collective: bool = False,
-        check: Any = None,
+        check: RowsCheck | None = None,
         redo: bool = True,
         stale: bool = False,
     ) -> Any:
@@ -295,7 +292,7 @@ class OnlineLoop:
         rows: list[dict[str, Any]] = outcome[1]
         return rows if name != "judgments" else [row["score"] for row in rows]
 
-    def reuse(self, files: RoundFiles, name: str, check: Any, *, redo: bool, stale: bool) -> tuple[str, Any] | None:
+    def reuse(self, files: RoundFiles, name: str, check: RowsCheck | None, *, redo: bool, stale: bool) -> tuple[str, Any] | None:
         """Rank 0: ``("ok", rows)`` of an intact stage file; None when there is none (or it was set aside to be
         made again); ``("TrainingError", message)`` when it is damaged and cannot be made again."""
         if not files.has(name):
@@ -521,16 +518,6 @@ class OnlineLoop:
             raise TrainingError(f"online round {r}: no training examples left after tokenization: {prepared.report.summary()}")
         return Split(prepared, list(range(len(prepared))))
 
-    def heldout_data(self, tokenizer: Any, unpaired: bool) -> tuple[Split, Split | None]:
-        """The trainer's data: no training split yet (each round brings its own), the held-out pairs."""
-        d = self.cfg.data
-        path = self.on.heldout_path or d.eval_path
-        heldout = None
-        if path:
-            prepared = prepare_with_config(d, path, tokenizer, split=d.eval_split, unpaired=unpaired)
-            heldout = Split(prepared, list(range(len(prepared)))[: self.cfg.eval.max_examples])
-        return Split.of_items([]), heldout
-
     def reference_for_round(self, r: int, *, restore: bool) -> None:
         """``online.reference=refresh``: the policy at the round's start becomes the reference (saved in the
         round's directory, so a resume inside the round gets it back)."""
@@ -538,13 +525,15 @@ class OnlineLoop:
             return
         from safetensors.torch import load_file, save_file
 
-        reference = self.trainer.train_reference.model  # type: ignore[attr-defined]  # a CopyReference: online_config checked
+        reference = self.trainer.train_reference
+        if not isinstance(reference, CopyReference):  # online_config allows refresh with a copy only
+            raise ConfigError(f"online.reference=refresh needs a copied reference model, got {type(reference).__name__}")
         path = round_dir(self.run_dir, r) / REFERENCE_WEIGHTS
         if restore:
-            reference.load_state_dict(load_file(str(path)))
+            reference.model.load_state_dict(load_file(str(path)))
             return
         state = {k: v.detach().clone().contiguous() for k, v in self.trainer.runner.model.state_dict().items()}
-        reference.load_state_dict(state)
+        reference.model.load_state_dict(state)
         if self.ctx.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file(state, str(path.with_suffix(".tmp")))
@@ -556,9 +545,7 @@ class OnlineLoop:
     def finish_round(self, r: int, *, training_s: float) -> None:
         """The round's record: its stages' metrics, the training time and the held-out evaluation."""
         t = self.trainer
-        heldout: dict[str, float] = {}
-        if t.eval_split is not None:
-            heldout = t.evaluate() if t.last_eval_step != t.position.step else t.eval_metrics
+        heldout = t.evaluation_at_this_step()
         if not self.ctx.is_main:
             return
         try:
@@ -604,7 +591,7 @@ def judgments_problem(rows: list[dict[str, Any]], completions: list[dict[str, An
     return None
 
 
-def differs(rows: list[dict[str, Any]], make: Any) -> str | None:
+def differs(rows: list[dict[str, Any]], make: Callable[[], tuple[list[dict[str, Any]], Any]]) -> str | None:
     """None when ``rows`` are exactly what ``make()`` makes (pairs, offline rows and prompts are made again
     from the round's other files to check them), else what differs."""
     made = make()[0]
