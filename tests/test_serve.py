@@ -29,6 +29,7 @@ from dpokit.serve import API_KEY_ENV, resolve_api_key
 from tests.helpers import tiny_llama, tiny_tokenizer
 from tests.judges.test_openai_server import Server
 
+pytestmark = pytest.mark.slow
 KEY = "k3y-for-tests"
 CONTEXT = 64
 MAX_N = 4

@@ -10,7 +10,9 @@ from dpokit.commands.common import Subcommand, add_model_arguments, field_defaul
 
 DESCRIPTION = (
     "Serve local causal LMs behind an OpenAI-compatible API (GET /v1/models, POST /v1/chat/completions), e.g. as a "
-    "judge for `dpokit winrate --judge openai:NAME@http://127.0.0.1:PORT/v1`. Binds 127.0.0.1 unless --host says otherwise."
+    "judge for `dpokit winrate --judge openai:NAME@http://127.0.0.1:PORT/v1`. Binds 127.0.0.1 unless --host says otherwise. "
+    "Every failure is an HTTP answer with an OpenAI-shaped JSON error; the API key (from $DPOKIT_SERVE_API_KEY or "
+    "--api-key-file), the body size, n and max_tokens against the model's context are checked before any work."
 )
 EPILOG = """examples:
   dpokit serve --model judge=models/judge --port 8000
