@@ -54,11 +54,12 @@ def digests(root: Path, pattern: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def online_run(tmp_path_factory) -> tuple[Path, list[str]]:
-    """A finished two-round online run with a checkpoint after every step; the command-line arguments
-    that continue it (``logging.run_dir`` appended per case)."""
+    """A finished two-round online run (with offline rows mixed in) and a checkpoint after every step; the
+    command-line arguments that continue it (``logging.run_dir`` appended per case)."""
     root = tmp_path_factory.mktemp("corrupt_online")
     write_tiny_model_dir(root / "model")
     write_preference_jsonl(root / "heldout.jsonl", n=4, seed=1)
+    write_preference_jsonl(root / "offline.jsonl", n=6, seed=2)
     rows = preference_rows(8, seed=3)
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows), encoding="utf-8")
     (root / "empty.yaml").write_text("{}\n", encoding="utf-8")
@@ -66,6 +67,8 @@ def online_run(tmp_path_factory) -> tuple[Path, list[str]]:
     argv += [
         f"model.name_or_path={root / 'model'}",
         f"data.eval_path={root / 'heldout.jsonl'}",
+        f"data.train_path={root / 'offline.jsonl'}",
+        "online.offline_fraction=0.25",
         f"data.cache_dir={root / 'cache'}",
         "optim.optimizer=adamw",
         "optim.lr=1e-3",
@@ -97,7 +100,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir, split="train")}
 
 
-ROUND_FILES = ("prompts.jsonl", "completions.jsonl", "judgments.jsonl", "pairs.jsonl", "round.json")
+ROUND_FILES = ("prompts.jsonl", "completions.jsonl", "judgments.jsonl", "pairs.jsonl", "offline.jsonl", "round.json")
 
 
 @pytest.mark.parametrize("how", DAMAGES)
