@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from dpokit.config import load_config
+from dpokit.config import config_to_dict, load_config
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.training import run
 from dpokit.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_trainer_state
@@ -500,3 +501,44 @@ def test_readme_minimal_config_on_40_pairs_trains_at_the_peak_lr_and_warns_why_i
     assert record["lr"] == pytest.approx(5e-7)
     assert "warning: an epoch (38 examples, 5 micro-batches) is shorter than one optimizer step" in err
     assert "warm-up: 0 of the 1 planned optimizer steps" in err
+
+
+def test_the_custom_loop_of_the_engine_docs_trains_its_segments_in_order(assets, tmp_path, capsys):
+    """docs/engine.md's curriculum example, run as written: two segments (4 steps on one file, then 3 on
+    another) -> 7 optimizer steps, an after_segment line per stage, and the state of the last
+    segment in the last checkpoint."""
+    docs = (REPO / "docs" / "engine.md").read_text(encoding="utf-8")
+    code = docs.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "docs/engine.md", "exec"), namespace)
+    write_preference_jsonl(tmp_path / "easy.jsonl", n=32, seed=5)
+    write_preference_jsonl(tmp_path / "hard.jsonl", n=24, seed=6)
+    config = make_config(assets, tmp_path / "run", f"data.eval_path={assets / 'eval.jsonl'}", "checkpoint.every_steps=7")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
+    stages = [(str(tmp_path / "easy.jsonl"), 4), (str(tmp_path / "hard.jsonl"), 3)]
+    result = namespace["train_curriculum"](tmp_path / "cfg.yaml", stages)
+    out = capsys.readouterr().out
+    assert result.global_step == 7 and not result.interrupted and result.output_dir is not None
+    assert "stage 0 done at step 4: held-out accuracy" in out and "stage 1 done at step 7" in out
+    assert out.index("stage 0") < out.index("stage 1")
+    evals = [r["step"] for r in read_metrics(result.run_dir, split="eval")]
+    assert evals == [4, 7]  # after each stage, and the final evaluation is not repeated at step 7
+
+
+def test_a_segment_state_is_recorded_in_the_checkpoints_taken_inside_it(assets, tmp_path):
+    from dpokit.training.trainer import Segment, run_loop
+
+    class Tagged:
+        def __init__(self, trainer):
+            pass
+
+        def segments(self, trainer):
+            yield Segment(end_step=2, state={"stage": {"name": "first"}})
+            yield Segment(end_step=4, state={"stage": {"name": "second"}})
+
+        def after_segment(self, trainer, segment, seconds):
+            trainer.checkpoint()
+
+    result = run_loop(make_config(assets, tmp_path / "run", "optim.max_steps=4"), check=lambda c: c, loop=Tagged)
+    states = {p.name: read_trainer_state(p)["stage"]["name"] for p in list_checkpoints(result.run_dir)}
+    assert states == {"checkpoint-2": "first", "checkpoint-4": "second"}

@@ -25,16 +25,17 @@ import math
 import random
 import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from dpokit.config import CONFIG_FILENAME, TrainConfig, config_to_dict, require_paths, save_config, validate_config
-from dpokit.errors import TrainingError
+from dpokit.errors import ConfigError, TrainingError
 from dpokit.models import apply_lora, enable_gradient_checkpointing, load_model_and_tokenizer
 from dpokit.training import step as steps
 from dpokit.training.checkpoint import export_final_model, load_checkpoint, save_checkpoint
@@ -80,6 +81,44 @@ class RunResult:
 
 
 @dataclass
+class Segment:
+    """A stretch of training that a :class:`Loop` hands to :meth:`Trainer.fit`: optimizer steps up to
+    ``end_step`` (a global step), drawing from ``split`` from the segment's start (None: the current
+    training split). ``keep_position``: the run resumed inside this segment, so the data position in
+    ``split`` is kept. ``state`` is recorded in every checkpoint taken inside the segment (and is what a
+    resumed run reads back from ``Trainer.restored_state``)."""
+
+    end_step: int
+    split: Split | None = None
+    keep_position: bool = False
+    state: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
+
+
+class Loop(Protocol):
+    """A client of :meth:`Trainer.fit`: where its segments come from, and what happens after each.
+
+    ``segments`` is iterated inside the run's reporting and stop handling, so the work a segment needs
+    first (sampling and judging an online round) happens there, with the trainer's metrics tracker open
+    and a stop request honoured at the next optimizer step. ``after_segment`` runs after a segment
+    trained to its end (not after an interrupted one)."""
+
+    def segments(self, trainer: Trainer) -> Iterable[Segment]: ...
+
+    def after_segment(self, trainer: Trainer, segment: Segment, seconds: float) -> None: ...
+
+
+class WholeRun:
+    """The offline run as a loop: one segment to the planned end, on the training data."""
+
+    def segments(self, trainer: Trainer) -> Iterator[Segment]:
+        yield Segment(end_step=trainer.total_steps)
+
+    def after_segment(self, trainer: Trainer, segment: Segment, seconds: float) -> None:
+        return None
+
+
+@dataclass
 class Position:
     """Where the run is; saved in every checkpoint."""
 
@@ -116,16 +155,41 @@ def run(cfg: TrainConfig, *, resume: str | None = None, on_step: OnStep | None =
 
     Under torchrun (``WORLD_SIZE`` set) every process calls this with the same arguments.
     """
+
+    def checked(config: TrainConfig) -> TrainConfig:
+        validate_config(config)
+        require_paths(config)
+        return config
+
+    return run_loop(cfg, check=checked, resume=resume, overwrite=overwrite, on_step=on_step)
+
+
+def run_loop(
+    cfg: TrainConfig,
+    *,
+    check: Callable[[TrainConfig], TrainConfig],
+    loop: Callable[[Trainer], Loop] | None = None,
+    data: DataSource | None = None,
+    needs_whole_model: str | None = None,
+    resume: str | None = None,
+    overwrite: bool = False,
+    on_step: OnStep | None = None,
+) -> RunResult:
+    """The set-up and teardown every run shares: ``check`` the config (returning the config to run),
+    the global batch, the process group, a :class:`Trainer` (``data``: its data source) driving
+    ``loop(trainer)`` (None: the offline run), and on the way out the run directory unlocked and the
+    models released before the process group. ``needs_whole_model``: the message refusing a sharded
+    (FSDP) policy, for loops that sample from it on every process."""
     clock = StartupClock()
     with clock.phase("config"):
-        validate_config(cfg)
-        require_paths(cfg)
-        cfg = apply_global_batch_size(cfg, launched_world_size() or 1)
+        cfg = apply_global_batch_size(check(cfg), launched_world_size() or 1)
         ctx = setup_parallel(cfg)
     with ctx.running():
-        trainer = Trainer(cfg, ctx, resume=resume, overwrite=overwrite, clock=clock)
+        if needs_whole_model is not None and not ctx.holds_whole_model:
+            raise ConfigError(needs_whole_model)
+        trainer = Trainer(cfg, ctx, resume=resume, overwrite=overwrite, data=data, clock=clock)
         try:
-            return trainer.fit(on_step)
+            return trainer.fit(loop(trainer) if loop is not None else None, on_step)
         except BaseException:
             trainer.run_directory.close(failed=True)  # a run with nothing to show leaves no directory behind
             raise
@@ -172,15 +236,24 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    def fit(self, on_step: OnStep | None = None) -> RunResult:
-        """Train to the planned end or until stopped; evaluate, checkpoint and export on the way."""
+    def fit(self, loop: Loop | None = None, on_step: OnStep | None = None) -> RunResult:
+        """Train ``loop``'s segments (the offline run: one, to the planned end) or until stopped;
+        evaluate, checkpoint and export on the way. Signals, reporting, the last evaluation and
+        checkpoint and the export are the trainer's, whatever the loop."""
+        loop = loop or WholeRun()
         self.runner.train(True)
         signals = (signal.SIGINT, signal.SIGTERM) if self.ctx.handles_signals else ()  # torchrun stops ranks itself
         with StopRequest(signals) as stop, self.reporting():
-            interrupted = self.train_until(self.total_steps, stop, on_step)
-            if not interrupted:
-                self.finish()
-        return self.result(stop, interrupted)
+            for segment in loop.segments(self):
+                if segment.split is not None:
+                    self.use_train_split(segment.split, keep_position=segment.keep_position)
+                self.extra_state = segment.state
+                started = time.perf_counter()
+                if self.train_until(segment.end_step, stop, on_step):
+                    return self.result(stop, interrupted=True)
+                loop.after_segment(self, segment, time.perf_counter() - started)
+            self.finish()
+        return self.result(stop, interrupted=False)
 
     def train_until(self, end_step: int, stop: StopRequest, on_step: OnStep | None = None) -> bool:
         """Optimizer steps up to ``end_step``, with logging, evaluation, checkpoints and the stop handling
@@ -202,7 +275,7 @@ class Trainer:
                 return True
         return False
 
-    def result(self, stop: StopRequest, interrupted: bool) -> RunResult:
+    def result(self, stop: StopRequest, *, interrupted: bool) -> RunResult:
         """What the run produced; the final model is exported unless it was interrupted."""
         output_dir = None if interrupted else self.export()
         return RunResult(
@@ -291,6 +364,13 @@ class Trainer:
         )
 
     # -- evaluation, checkpoints, export ------------------------------------------------------------
+
+    def evaluation_at_this_step(self) -> dict[str, float]:
+        """The held-out metrics at the current step: evaluated now unless this step already was ({} with
+        no held-out data)."""
+        if self.eval_split is None:
+            return {}
+        return self.evaluate() if self.last_eval_step != self.position.step else self.eval_metrics
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss and reward metrics (and samples, when asked); tracks the best evaluation."""
