@@ -231,7 +231,7 @@ def resolve_run_dir(cfg: TrainConfig, resume: str | None, *, overwrite: bool = F
         raise ConfigError(f"logging.run_dir {str(run_dir)!r} is a file, not a directory; choose another run_dir")
     earlier = run_records(run_dir)
     if earlier and not overwrite:
-        # Only a complete checkpoint can be continued: a run stopped before its first one is started afresh.
+        # Only a complete checkpoint can be continued: a run that left none can only be started afresh.
         can_resume = bool(list_checkpoints(run_dir))
         raise TrainingError(
             f"{str(run_dir)!r} already holds an earlier run ({', '.join(p.name for p in earlier[:4])}"
@@ -239,8 +239,7 @@ def resolve_run_dir(cfg: TrainConfig, resume: str | None, *, overwrite: bool = F
             + (
                 ": continue it with --resume latest, start it afresh with --overwrite"
                 if can_resume
-                else " that stopped before its first complete checkpoint, so there is nothing to continue: start it "
-                "afresh with --overwrite"
+                else " that left no complete checkpoint, so there is nothing to continue: start it afresh with --overwrite"
             )
             + ", or choose another logging.run_dir"
         )
