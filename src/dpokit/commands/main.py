@@ -1,5 +1,5 @@
 """The ``dpokit`` command line: ``dpokit train | sft | online | eval | score | generate | demo | frontier | winrate
-| judge-check | serve | experiment``.
+| judge-check | label | serve | experiment``.
 
 Each subcommand is one :class:`~dpokit.commands.common.Subcommand` in :data:`SUBCOMMANDS`, defined
 in its own module (:mod:`~dpokit.commands.train`, :mod:`~dpokit.commands.eval`, ...) with its help
@@ -28,6 +28,7 @@ from dpokit.commands.eval import COMMAND as EVAL
 from dpokit.commands.experiment import DEMO, EXPERIMENT
 from dpokit.commands.frontier import COMMAND as FRONTIER
 from dpokit.commands.generate import COMMAND as GENERATE
+from dpokit.commands.label import COMMAND as LABEL
 from dpokit.commands.online import COMMAND as ONLINE
 from dpokit.commands.score import COMMAND as SCORE
 from dpokit.commands.serve import COMMAND as SERVE
@@ -50,6 +51,7 @@ SUBCOMMANDS: list[Subcommand] = [
     FRONTIER,
     WINRATE,
     JUDGE_CHECK,
+    LABEL,
     SERVE,
     EXPERIMENT,
 ]
