@@ -20,8 +20,18 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet -e . "torch==2.13.0"
 	touch $(STAMP)
 
+# The browser test of `dpokit label` drives the system's Chromium with Playwright (its Python package is in
+# the test extra; `playwright install` is never run: it downloads a browser). Chromium comes from apt when
+# it is missing and make runs as root; otherwise the line to run is printed (and that test fails with it).
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[test,bench]" "torch==2.13.0"
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null || [ -n "$$DPOKIT_CHROMIUM" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium for the browser test (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "the browser test needs Chromium: run 'sudo apt-get install -y chromium' (or set DPOKIT_CHROMIUM to a Chromium binary)"; \
+	fi
 	touch $(TEST_STAMP)
 
 install: $(STAMP)
