@@ -28,6 +28,7 @@ vocabulary beyond the output layer's own weights and gradient.
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -332,6 +333,23 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 _CAUSAL_SUFFICES: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
+class _MaskLeftOutOnPurpose(logging.Filter):
+    """Drops transformers' "We strongly recommend passing in an `attention_mask`" warning (GPT-2 and
+    others print it when the last or first column holds the pad id and no mask is given). dpokit leaves
+    the mask out only for right-padded rows of a model checked to give the same hidden states without
+    it (:func:`causal_mask_suffices`), where the advice does not apply; every other forward has its mask."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "strongly recommend passing in an `attention_mask`" not in record.getMessage()
+
+
+def _silence_mask_advice() -> None:
+    """Install :class:`_MaskLeftOutOnPurpose` on transformers' modelling logger (once)."""
+    target = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, _MaskLeftOutOnPurpose) for f in target.filters):
+        target.addFilter(_MaskLeftOutOnPurpose())
+
+
 def causal_mask_suffices(model: nn.Module) -> bool:
     """Whether ``model`` gives the same hidden states at real tokens of right-padded rows without
     their 2-D padding mask.
@@ -346,6 +364,8 @@ def causal_mask_suffices(model: nn.Module) -> bool:
     if verdict is not None:
         return verdict
     from dpokit.data.collate import PaddedCollator
+
+    _silence_mask_advice()
 
     device = next(model.parameters()).device
     items = [{"example_id": 0, "prompt_ids": [3, 4, 5], "response_ids": [[6, 7, 8, 9, 10]]}]
@@ -496,6 +516,7 @@ def _verify_decomposition(model: nn.Module, head: OutputHead, input_ids: Tensor)
     instead of training on wrong log-probs. Runs in eval mode (no dropout), without gradients."""
     if model in _VERIFIED:
         return
+    _silence_mask_advice()  # both sides see the same unmasked tokens
     with _eval_mode(model):
         ids = input_ids[:1, : min(8, input_ids.shape[1])]
         expected = model(input_ids=ids, use_cache=False).logits.float()

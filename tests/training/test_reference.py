@@ -3,6 +3,7 @@ precomputed log-probs equal the live reference, cached, reused and invalidated."
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -282,3 +283,52 @@ def test_a_padded_pass_forwards_responses_one_by_one_into_their_example_slots(as
     shared = compute_reference_logps(model, data.items, make_collator("shared_prompt", tokenizer.pad_token_id))
     assert torch.equal(padded[0], shared[0])
     torch.testing.assert_close(padded[1], shared[1], rtol=1e-5, atol=1e-4)
+
+
+class _Recorder(logging.Handler):
+    """Keeps the message of every record it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_run_logged_to_a_file_prints_a_handful_of_reference_lines_and_no_attention_mask_advice(tmp_path, capfd):
+    """Standard error is not a terminal here (as in a log file or CI): the precomputed pass, about 20
+    token-budgeted batches, prints at most 4 progress lines (one per quarter) plus its end, like the
+    trainer's own plain lines. GPT-2 warns "We strongly recommend passing in an `attention_mask`" when
+    padded ids reach it without a mask, which dpokit does on purpose only where the mask changes
+    nothing (right padding, causal attention, checked per model); the advice is not printed."""
+    from dpokit.training import run
+    from tests.helpers import tiny_gpt2, tiny_tokenizer
+    from tests.training.test_trainer import make_config
+
+    tiny_gpt2().save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    write_preference_jsonl(tmp_path / "train.jsonl", n=40, seed=0)
+    warning_once = getattr(logging.Logger, "warning_once", None)
+    if warning_once is not None and hasattr(warning_once, "cache_clear"):
+        warning_once.cache_clear()  # transformers says it once per process: an earlier test may have used that up
+    listener = _Recorder()
+    logging.getLogger("transformers").addHandler(listener)  # whatever stream transformers' own handler writes to
+    capfd.readouterr()
+    cfg = make_config(
+        tmp_path,
+        tmp_path / "run",
+        "optim.max_steps=1",
+        "reference.strategy=precomputed",
+        "reference.batch_tokens=64",
+        "logging.progress_bar=true",
+        "data.layout=padded",
+    )
+    try:
+        assert run(cfg).global_step == 1
+    finally:
+        logging.getLogger("transformers").removeHandler(listener)
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("reference log-probs: ")]
+    assert 1 <= len(lines) <= 5 and lines[-1].startswith("reference log-probs: 80/80 (100%)"), err
+    assert not [message for message in listener.messages if "attention_mask" in message] and "attention_mask" not in err

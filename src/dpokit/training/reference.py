@@ -170,7 +170,9 @@ def compute_reference_logps(
     if progress:
         from dpokit.training.tracking import progress_bar
 
-        bar = progress_bar(len(work), enabled=True, desc="reference log-probs")
+        # Redrawn on a terminal; in a log, one line per quarter of the pass (the trainer's own rule:
+        # a handful of plain lines, not one per batch).
+        bar = progress_bar(len(work), enabled=True, desc="reference log-probs", line_every=-(-len(work) // 4))
     with reference_mode(model) as reference, torch.inference_mode():
         for rows in batches:
             batch = collate([work[j] for j in rows]).to(device)
