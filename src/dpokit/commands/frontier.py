@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, with_model=False)
 
 
-def _parse_run(spec: str) -> tuple[str, str]:
+def parse_run(spec: str) -> tuple[str, str]:
     """``NAME=DIR`` -> (NAME, DIR); a plain directory is named after itself."""
     if "=" in spec and not Path(spec).exists():
         name, path = spec.split("=", 1)
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from dpokit.analysis.frontier import FrontierJob, results_markdown, run_frontier
 
     job = FrontierJob(
-        runs=[_parse_run(spec) for spec in args.runs],
+        runs=[parse_run(spec) for spec in args.runs],
         reference=args.reference,
         prompts=args.prompts,
         reward=args.reward,

@@ -64,12 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpokit.commands.frontier import _parse_run
+    from dpokit.commands.frontier import parse_run
     from dpokit.serve import ServeJob, resolve_api_key, run_serve
 
     api_key, key_source = resolve_api_key(args.require_api_key, args.api_key_file, os.environ)
     job = ServeJob(
-        models=[_parse_run(spec) for spec in args.model],
+        models=[parse_run(spec) for spec in args.model],
         host=args.host,
         port=args.port,
         api_key=api_key,

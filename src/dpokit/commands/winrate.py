@@ -76,10 +76,10 @@ def add_winrate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_winrate_command(args: argparse.Namespace) -> int:
     from dpokit.analysis.winrate import WinrateJob, results_markdown, run_winrate
-    from dpokit.commands.frontier import _parse_run
+    from dpokit.commands.frontier import parse_run
 
     job = WinrateJob(
-        models=[_parse_run(spec) for spec in args.model],
+        models=[parse_run(spec) for spec in args.model],
         judge=args.judge,
         prompts=args.prompts,
         baseline=args.baseline,
