@@ -135,12 +135,12 @@ ERROR_CASES = [
     (
         "generate_deep_prompts",
         ["generate", "--model", "{model}", "--prompts-file", "{deep_prompts.jsonl}"],
-        "deep_prompts.jsonl:1: not a JSON object (RecursionError)",
+        "deep_prompts.jsonl:line 1: malformed JSON (nested too deeply",
     ),
     (
         "generate_surrogate_prompt",
         ["generate", "--model", "{model}", "--prompts-file", "{surrogate_prompts.jsonl}"],
-        "surrogate_prompts.jsonl:1: field 'prompt' holds a lone surrogate",
+        "surrogate_prompts.jsonl:line 1: field 'prompt' holds a lone surrogate",
     ),
     (
         "generate_sandboxed_template",
