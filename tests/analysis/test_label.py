@@ -20,6 +20,7 @@ from dpokit.analysis.label.pairs import LabelPair
 from dpokit.analysis.label.server import MAX_BODY_BYTES, server_lines
 from dpokit.analysis.label.store import left_side
 from dpokit.analysis.winrate import JudgeCheckJob, WinrateJob, run_winrate
+from dpokit.commands.main import main
 from dpokit.errors import ConfigError, DataError
 from dpokit.judges.agreement import human_agreement
 from tests.helpers import tiny_llama, tiny_tokenizer
@@ -284,6 +285,21 @@ def test_judge_check_on_labels_reports_agreement_and_kappa_with_ties_and_skips_l
     assert "| - | 4 | 0.750 [" in table and "left out: 1 ties, 1 skips" in table and "bootstrap" in table
     with pytest.raises(DataError, match="no labels yet"):
         human_judge_check(JudgeCheckJob(judge=LENGTH, data=str(tmp_path / "none.jsonl"), progress=False))
+
+
+def test_the_judge_check_command_on_a_label_file_prints_the_human_agreement_table(tmp_path, capsys):
+    pairs = read_label_pairs(_pairs_file(tmp_path / "pairs.jsonl", 4))
+    path = tmp_path / "labels.jsonl"
+    labels = LabelFile(path, seed=0)
+    for index, choice in enumerate(["a", "b", "a", "skip"]):
+        labels.record(index, pairs[index], choice)
+    common = ["judge-check", "--judge", LENGTH, "--data", str(path), "--cache", str(tmp_path / "c.jsonl"), "--no-progress"]
+    assert main(common) == 0
+    table = capsys.readouterr().out
+    assert "against 4 human labels" in table and "| - | 3 | 0.667 [" in table and "Cohen's κ" in table
+    assert main([*common, "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)["results"]
+    assert (row["n"], row["human_skips"]) == (3, 1) and row["agreement"] == pytest.approx(2 / 3)
 
 
 # ------------------------------------------------------------------------------------- in a browser

@@ -130,7 +130,11 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     from dpokit.analysis.winrate import JudgeCheckJob
 
     parser.add_argument("--judge", required=True, help=JUDGE_HELP)
-    parser.add_argument("--data", required=True, help="labelled pairs: JSONL/JSON/CSV/Parquet with prompt, chosen, rejected")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="labelled pairs: JSONL/JSON/CSV/Parquet with prompt, chosen, rejected; or a dpokit label file (human labels)",
+    )
     parser.add_argument("--templates", nargs="+", default=[], metavar="T", help=TEMPLATES_HELP)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
     parser.add_argument(
