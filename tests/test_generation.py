@@ -133,13 +133,13 @@ from types import SimpleNamespace  # noqa: E402
 import torch  # noqa: E402
 
 from dpokit.generation import (  # noqa: E402
-    _truncated,
     completion_logps,
     encode_prompts,
     generate,
     policy_and_reference_samples,
     stop_token_ids,
 )
+from dpokit.generation.sampler import _truncated  # noqa: E402
 from tests.helpers import LLAMA2_TEMPLATE, tiny_gpt2  # noqa: E402
 
 PROMPTS = ["a", "the movie was very good and", "i liked it", "tell me why the plot is so long and boring"]

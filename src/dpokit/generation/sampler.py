@@ -1,4 +1,4 @@
-"""Generation: the one place dpokit produces completions.
+"""dpokit's own generator: the batched sampler behind the `dpokit` sampling engine.
 
 One batched generator, :func:`generate`, serves ``dpokit generate`` (:func:`generate_samples`),
 the trainer's evaluation samples (:func:`policy_and_reference_samples`), the reward-KL frontier

@@ -1,0 +1,261 @@
+"""One sampling interface, two engines.
+
+A :class:`SamplingEngine` completes tokenized prompts: ``engine.sample(prompt_ids, sampling)`` returns
+``len(prompt_ids) * sampling.num_samples`` :class:`SampledCompletion` s, prompt-major, each with the
+token ids that were sampled (ending with the stop token when one ended it), its text, the per-token
+log-probs when the engine reports them, and why it finished. Callers build an engine once with
+:func:`build_engine` and never ask which one they hold.
+
+* ``dpokit`` (:class:`DpokitEngine`): the batched KV-cache generator of :mod:`dpokit.generation.sampler`
+  on the model in this process, seeded per prompt (``seed + i``), so the samples do not depend on the
+  batch. It reports no per-token log-probs.
+* ``vllm`` (:class:`VllmEngine`): a running vLLM OpenAI-compatible server reached by URL
+  (``POST /v1/completions`` with the prompts as token ids, ``return_token_ids`` and ``logprobs``). The
+  server runs in its own environment (see docs/vllm.md); per-token log-probs are the ones vLLM reports,
+  those of the model's own distribution before temperature and truncation (vLLM's ``raw_logprobs``).
+  No per-request seed is sent: the CPU build of vLLM 0.32 dies on one ("CPU Generator does not use
+  offset"), so vLLM samples are reproducible only as far as the server's ``--seed`` makes them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from dpokit.errors import ConfigError, DpokitError
+from dpokit.generation.sampler import (
+    DEFAULT_BATCH_SIZE,
+    SamplingConfig,
+    _eval_mode,
+    completion_logps,
+    generate,
+    stop_token_ids,
+)
+from dpokit.models import pad_id_of
+
+ENGINES = ("dpokit", "vllm")
+DEFAULT_VLLM_KEY_ENV = "VLLM_API_KEY"
+
+
+class EngineError(DpokitError):
+    """The sampling engine failed (a server that cannot be reached or answered with an error)."""
+
+
+@dataclass
+class SampledCompletion:
+    """One completion of prompt ``prompt_index``.
+
+    ``token_ids``: the ids as sampled, ending with the stop token when one ended the completion
+    (``finish_reason == "stop"``); ``text``: those ids decoded without the stop token and without
+    special tokens; ``token_logprobs``: ``log pi(y_t | x, y_<t)`` of every sampled token under the
+    model's own distribution, when the engine reports them (else None).
+    """
+
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (a stop token ended it) or "length" (max_new_tokens reached)
+    token_logprobs: list[float] | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.finish_reason == "stop"
+
+    @property
+    def content_ids(self) -> list[int]:
+        """The completion without its stop token."""
+        return self.token_ids[:-1] if self.stopped else self.token_ids
+
+
+class SamplingEngine(Protocol):
+    """Anything that completes tokenized prompts (the module docstring says what it returns)."""
+
+    name: str
+
+    def sample(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[SampledCompletion]: ...
+
+
+class DpokitEngine:
+    """dpokit's own generator on ``model`` (in this process), exactly as :func:`~dpokit.generation.sampler.generate`."""
+
+    name = "dpokit"
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    def sample(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[SampledCompletion]:
+        if not prompt_ids:
+            return []
+        stops, pad = stop_token_ids(self.tokenizer), pad_id_of(self.tokenizer)
+        completions = generate(
+            self.model, prompt_ids, sampling, stop_token_ids=stops, pad_token_id=pad, batch_size=self.batch_size
+        )
+        texts = self.tokenizer.batch_decode([c.content_ids for c in completions], skip_special_tokens=True)
+        return [
+            SampledCompletion(c.prompt_index, c.sample_index, list(c.token_ids), text, "stop" if c.stopped else "length")
+            for c, text in zip(completions, texts, strict=True)
+        ]
+
+
+class VllmEngine:
+    """A vLLM OpenAI-compatible server at ``url`` (``http://HOST:PORT``, with or without ``/v1``).
+
+    ``model``: the served model name (None: the server's first, from ``/v1/models``); ``adapter``, when
+    set, is the name of a LoRA adapter loaded into the server, asked for instead of the base model.
+    ``stop_ids``: extra stop tokens (a chat template's end-of-turn token; EOS stops vLLM by itself).
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str | None = None,
+        stop_ids: Sequence[int] = (),
+        api_key_env: str = DEFAULT_VLLM_KEY_ENV,
+        timeout_s: float = 600.0,
+        max_prompts_per_request: int = 256,
+    ) -> None:
+        import openai
+
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"online.sampling.url must be an http(s) URL of a vLLM server, got {url!r}")
+        self.url = url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1"
+        key = os.environ.get(api_key_env) or "no-key"
+        self.client = openai.OpenAI(base_url=self.url, api_key=key, max_retries=2, timeout=timeout_s)
+        self.headers = {"Authorization": f"Bearer {key}"}  # for the server's other endpoints (weight updates)
+        self.stop_ids = sorted(set(int(i) for i in stop_ids))
+        self.max_prompts_per_request = max(1, max_prompts_per_request)
+        self.adapter: str | None = None  # the LoRA adapter holding the current policy, once one is loaded
+        self.synced_step: int | None = None  # the policy step whose weights the server has (None: not yet given)
+        self._model = model
+
+    @property
+    def model(self) -> str:
+        """The name asked for: the loaded adapter's, else the served model's."""
+        if self.adapter is not None:
+            return self.adapter
+        if self._model is None:
+            served = self._call(lambda: self.client.models.list()).data
+            if not served:
+                raise EngineError(f"the vLLM server at {self.url} serves no model")
+            self._model = str(served[0].id)
+        return self._model
+
+    def _call(self, request: Any) -> Any:
+        """``request()``, with the client's failures said as one line naming the server."""
+        import openai
+
+        try:
+            return request()
+        except openai.APIStatusError as error:
+            body = error.body if isinstance(error.body, dict) else {}
+            message = body.get("message") or (body.get("error") or {}).get("message") or str(error)
+            raise EngineError(f"the vLLM server at {self.url} answered HTTP {error.status_code}: {message}") from None
+        except openai.APIConnectionError as error:
+            raise EngineError(
+                f"cannot reach the vLLM server at {self.url} ({error}); start it (docs/vllm.md) or fix online.sampling.url"
+            ) from None
+
+    def sample(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[SampledCompletion]:
+        sampling.validate()
+        out: list[SampledCompletion] = []
+        step = self.max_prompts_per_request
+        for start in range(0, len(prompt_ids), step):
+            out += self._request(prompt_ids[start : start + step], sampling, first=start)
+        return out
+
+    def _request(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig, *, first: int) -> list[SampledCompletion]:
+        """One ``/v1/completions`` request for ``prompt_ids`` (prompt numbers from ``first``)."""
+        n = sampling.num_samples
+        response = self._call(
+            lambda: self.client.completions.create(
+                model=self.model,
+                prompt=[list(map(int, ids)) for ids in prompt_ids],
+                n=n,
+                max_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                logprobs=0,
+                extra_body={
+                    "top_k": sampling.top_k if sampling.top_k > 0 else -1,
+                    "stop_token_ids": self.stop_ids,
+                    "return_token_ids": True,
+                    "skip_special_tokens": True,
+                },
+            )
+        )
+        if len(response.choices) != len(prompt_ids) * n:
+            raise EngineError(f"the vLLM server at {self.url} returned {len(response.choices)} choices for {len(prompt_ids) * n}")
+        return [self._completion(choice, first, n) for choice in sorted(response.choices, key=lambda c: c.index)]
+
+    def _completion(self, choice: Any, first: int, n: int) -> SampledCompletion:
+        extra = choice.model_extra or {}
+        token_ids = extra.get("token_ids")
+        if token_ids is None:
+            raise EngineError(f"the vLLM server at {self.url} returned no token ids (it needs return_token_ids: vLLM >= 0.10.2)")
+        logprobs = choice.logprobs.token_logprobs if choice.logprobs is not None else None
+        finish = "stop" if choice.finish_reason == "stop" else "length"
+        return SampledCompletion(
+            first + choice.index // n,
+            choice.index % n,
+            [int(t) for t in token_ids],
+            choice.text,
+            finish,
+            None if logprobs is None else [float(x) for x in logprobs],
+        )
+
+
+def build_engine(
+    engine: str,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    url: str | None = None,
+    served_model: str | None = None,
+    api_key_env: str = DEFAULT_VLLM_KEY_ENV,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> SamplingEngine:
+    """The engine named ``engine``: ``dpokit`` samples ``model`` here, ``vllm`` asks the server at ``url``."""
+    if engine == "dpokit":
+        if model is None or tokenizer is None:
+            raise ConfigError("the dpokit sampling engine needs a model and its tokenizer")
+        return DpokitEngine(model, tokenizer, batch_size=batch_size)
+    if engine == "vllm":
+        if not url:
+            raise ConfigError(
+                "online.sampling.engine=vllm needs online.sampling.url, the address of a running vLLM server "
+                "(e.g. http://127.0.0.1:8000; docs/vllm.md shows how to start one)"
+            )
+        stops = stop_token_ids(tokenizer) if tokenizer is not None else []
+        return VllmEngine(url, model=served_model, stop_ids=stops, api_key_env=api_key_env)
+    raise ConfigError(f"unknown sampling engine {engine!r}; choose one of {', '.join(ENGINES)}")
+
+
+def policy_logps(
+    model: Any, prompt_ids: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]], *, tokenizer: Any, batch_size: int
+) -> list[float]:
+    """Teacher-forced ``log pi(y|x)`` of each sampled completion under ``model`` (in eval mode meanwhile)."""
+    if not token_ids:
+        return []
+    with torch.no_grad(), _eval_mode(model):
+        logps = completion_logps(model, prompt_ids, token_ids, pad_token_id=pad_id_of(tokenizer), batch_size=batch_size)
+    return [float(x) for x in logps]
+
+
+def engine_logp_gap(completions: Sequence[SampledCompletion], policy_logps: Sequence[float]) -> float | None:
+    """The largest ``|sum_t engine log-prob - teacher-forced log pi(y|x)| / tokens`` over the completions whose
+    engine reported per-token log-probs (None when none did): how far the engine's model is from the
+    policy's weights. With the same weights it is float noise; after a missed weight update it is not."""
+    gaps = [
+        abs(sum(c.token_logprobs) - logp) / max(1, len(c.token_ids))
+        for c, logp in zip(completions, policy_logps, strict=True)
+        if c.token_logprobs is not None
+    ]
+    return max(gaps) if gaps else None
