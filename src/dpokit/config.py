@@ -278,6 +278,13 @@ class OnlineSamplingConfig:
     top_p: float = _f(1.0, "Nucleus sampling threshold (1 = off).")
     top_k: int = _f(0, "Top-k filter (0 = off).")
     batch_size: int = _f(64, "Rows (prompt x sample) per generation forward pass.")
+    engine: Literal["dpokit", "vllm"] = _f(
+        "dpokit",
+        "Who samples: 'dpokit' (its own generator, in the training process) or 'vllm' (a running vLLM server at "
+        "online.sampling.url, given the current policy after every round; see docs/vllm.md).",
+    )
+    url: str | None = _f(None, "engine=vllm: the vLLM server's address, e.g. http://127.0.0.1:8000.")
+    api_key_env: str = _f("VLLM_API_KEY", "engine=vllm: environment variable holding the server's API key (if it wants one).")
 
 
 @dataclass
@@ -736,6 +743,8 @@ def _validate_online(on: OnlineConfig, need: Any) -> None:
     need(0 < s.top_p <= 1, f"online.sampling.top_p must be in (0, 1], got {s.top_p}")
     need(s.top_k >= 0, f"online.sampling.top_k must be >= 0, got {s.top_k}")
     need(s.batch_size >= 1, f"online.sampling.batch_size must be >= 1, got {s.batch_size}")
+    need(s.engine in ("dpokit", "vllm"), f"online.sampling.engine must be dpokit or vllm, got {s.engine!r}")
+    need(s.engine != "vllm" or bool(s.url), "online.sampling.engine=vllm needs online.sampling.url (the vLLM server's address)")
 
 
 def require_paths(cfg: TrainConfig) -> None:

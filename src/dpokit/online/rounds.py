@@ -41,6 +41,7 @@ import torch
 from dpokit.config import TrainConfig, validate_config
 from dpokit.data.prompts import PromptRow, read_prompt_rows
 from dpokit.errors import ConfigError, DpokitError, TrainingError
+from dpokit.generation.engines import SamplingEngine, VllmEngine, engine_logp_gap
 from dpokit.online import labelling
 from dpokit.online.metrics import ROUNDS_PLOT, generation_metrics, judge_metrics, plot_rounds
 from dpokit.online.pairs import build_rows
@@ -169,6 +170,11 @@ class OnlineLoop:
         self.labeller: labelling.Labeller | None = None
         self.offline: list[dict[str, Any]] | None = None
         self.remade: set[str] = set()  # the stages of the current round made afresh (not read from their files)
+        self.engine: SamplingEngine | None = None  # built at the first sampling (online.sampling.engine)
+        self.sync_s: float | None = None  # seconds the last weight sync to the engine took (None: none needed)
+        # The current round's sampled ids: prompt ids by prompt, token ids by (prompt, sample); None for a
+        # round whose completions file predates token ids (its rows are then tokenized from text).
+        self.sampled: tuple[dict[int, list[int]], dict[tuple[int, int], list[int]]] | None = None
 
     # -- the loop: the trainer's segments -----------------------------------------------------------
 
@@ -236,6 +242,7 @@ class OnlineLoop:
             check=lambda rows: completions_problem(rows, grid),
             redo=not started,
         )
+        self.sampled = self.sampled_of(prompts, completions)
         scores = self.stage(
             files,
             "judgments",
@@ -366,58 +373,97 @@ class OnlineLoop:
         files.write("prompts", rows, {"prompts": len(rows)})
 
     def sample(self, r: int, prompts: list[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """K completions of every prompt from the current policy (this rank's share; gathered)."""
-        from dpokit.generation import (
-            SamplingConfig,
-            completion_logps,
-            decode_completions,
-            encode_prompts,
-            generate,
-            stop_token_ids,
-        )
-        from dpokit.models import pad_id_of
+        """K completions of every prompt from the current policy (this rank's share; gathered), by the
+        configured engine. Each record keeps the sampled ``token_ids`` (what training uses) and the text
+        (what the judge reads); ``policy_logp`` / ``reference_logp`` are teacher-forced here, whichever engine sampled."""
+        from dpokit.generation import SamplingConfig
+        from dpokit.generation.engines import policy_logps
 
-        t, s, d = self.trainer, self.on.sampling, self.cfg.data
+        t, s = self.trainer, self.on.sampling
         started = time.perf_counter()
         local = self.ctx.rank_slice(list(range(len(prompts))))
-        _, ids = encode_prompts(t.tokenizer, [prompts[i] for i in local])
-        limit = d.max_prompt_length
-        ids = [x[-limit:] if d.truncation_mode == "keep_end" else x[:limit] for x in ids]
+        ids = self.prompt_ids([prompts[i] for i in local])
         seed = (self.cfg.optim.seed * 1_000_003 + r * 7_919_993 + (local[0] if local else 0)) % 2**62
         sampling = SamplingConfig(s.max_new_tokens, s.temperature, s.top_p, s.top_k, self.on.samples_per_prompt, seed)
-        pad, stops = pad_id_of(t.tokenizer), stop_token_ids(t.tokenizer)
-        model = t.runner.model
-        completions = (
-            generate(model, ids, sampling, stop_token_ids=stops, pad_token_id=pad, batch_size=s.batch_size, score=True)
-            if ids
-            else []
-        )
-        reference_logps: list[float | None] = [None] * len(completions)
-        with torch.no_grad(), t.train_reference.sampling_model() as reference_model:
+        engine = self.sampling_engine(r)
+        completions = engine.sample(ids, sampling) if ids else []
+        prompt_ids, outputs = [ids[c.prompt_index] for c in completions], [c.token_ids for c in completions]
+        policy = policy_logps(t.runner.model, prompt_ids, outputs, tokenizer=t.tokenizer, batch_size=s.batch_size)
+        reference: list[float | None] = [None] * len(completions)
+        with t.train_reference.sampling_model() as reference_model:
             if reference_model is not None and completions:
-                outputs = [c.token_ids for c in completions]
-                prompt_ids = [ids[c.prompt_index] for c in completions]
-                reference_logps = completion_logps(
-                    reference_model, prompt_ids, outputs, pad_token_id=pad, batch_size=s.batch_size
-                ).tolist()
-        texts = decode_completions(t.tokenizer, completions) if completions else []
+                reference = list(
+                    policy_logps(reference_model, prompt_ids, outputs, tokenizer=t.tokenizer, batch_size=s.batch_size)
+                )
         records = [
             {
                 "prompt_index": local[c.prompt_index],
                 "sample_index": c.sample_index,
                 "rank": self.ctx.rank,
-                "completion": text,
+                "completion": c.text,
                 "num_tokens": len(c.content_ids),
                 "stopped": c.stopped,
-                "policy_logp": c.policy_logp,
+                "policy_logp": logp,
                 "reference_logp": ref,
+                "token_ids": c.token_ids,
             }
-            for c, text, ref in zip(completions, texts, reference_logps, strict=True)
+            for c, logp, ref in zip(completions, policy, reference, strict=True)
         ]
-        gathered = self.ctx.all_gather_object((records, time.perf_counter() - started))
-        merged = sorted((row for part, _ in gathered for row in part), key=lambda row: (row["prompt_index"], row["sample_index"]))
-        seconds = max(elapsed for _, elapsed in gathered)
-        return merged, {"completions": len(merged), **generation_metrics(merged, seconds)}
+        gap = engine_logp_gap(completions, policy)
+        gathered = self.ctx.all_gather_object((records, time.perf_counter() - started, gap))
+        merged = sorted(
+            (row for part, _, _ in gathered for row in part), key=lambda row: (row["prompt_index"], row["sample_index"])
+        )
+        seconds = max(elapsed for _, elapsed, _ in gathered)
+        info: dict[str, Any] = {"completions": len(merged), "engine": engine.name, **generation_metrics(merged, seconds)}
+        gaps = [g for _, _, g in gathered if g is not None]
+        if gaps:
+            info["engine/logp_gap_per_token"] = max(gaps)
+        if self.sync_s is not None:
+            info["engine/sync_s"] = self.sync_s
+        return merged, info
+
+    def sampled_of(
+        self, prompts: list[Any], completions: list[dict[str, Any]]
+    ) -> tuple[dict[int, list[int]], dict[tuple[int, int], list[int]]] | None:
+        """The round's prompt ids and sampled token ids (None when a completion record has no ``token_ids``:
+        a completions file written before they were kept, whose rows are then tokenized from their text)."""
+        if any(not isinstance(c.get("token_ids"), list) for c in completions):
+            logger.warning("the round's completions carry no token ids (an older run); training on their re-tokenized text")
+            return None
+        tokens = {(int(c["prompt_index"]), int(c["sample_index"])): [int(t) for t in c["token_ids"]] for c in completions}
+        return dict(enumerate(self.prompt_ids(prompts))), tokens
+
+    def prompt_ids(self, prompts: list[Any]) -> list[list[int]]:
+        """The token ids the policy is prompted with (and trained after): formatted, encoded and cut to
+        ``data.max_prompt_length`` as ``data.truncation_mode`` says."""
+        from dpokit.generation import encode_prompts
+
+        d = self.cfg.data
+        _, ids = encode_prompts(self.trainer.tokenizer, prompts)
+        limit = d.max_prompt_length
+        return [x[-limit:] if d.truncation_mode == "keep_end" else x[:limit] for x in ids]
+
+    def sampling_engine(self, r: int) -> SamplingEngine:
+        """The configured engine, given the current policy first (a vLLM server loads it: :mod:`dpokit.online.sync`)."""
+        if self.engine is None:
+            from dpokit.generation import build_engine
+
+            s, t = self.on.sampling, self.trainer
+            self.engine = build_engine(
+                s.engine,
+                model=t.runner.model,
+                tokenizer=t.tokenizer,
+                url=s.url,
+                api_key_env=s.api_key_env,
+                batch_size=s.batch_size,
+            )
+        self.sync_s = None
+        if isinstance(self.engine, VllmEngine):
+            from dpokit.online.sync import sync_policy
+
+            self.sync_s = sync_policy(self.engine, self.trainer, round_dir(self.run_dir, r))
+        return self.engine
 
     def judge(self, r: int, prompts: list[Any], completions: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """One score per completion (rank 0), retried; an implicit reward of 0 everywhere stops the run."""
@@ -504,16 +550,22 @@ class OnlineLoop:
                 f"{round_dir(self.run_dir, r) / 'round.json'}); sample more (online.samples_per_prompt, a higher "
                 "online.sampling.temperature) or lower online.min_margin"
             )
-        prepared = prepare_with_config(
-            self.cfg.data,
-            rows,
-            self.trainer.tokenizer,
-            unpaired=self.trainer.objective.unpaired,
-            format="ranked",  # the round's rows, written by this loop: no renames, nothing to skip, no cache
-            columns=None,
-            skip_invalid=False,
-            use_cache=False,
-        )
+        if self.sampled is not None:  # the completions as the ids that were sampled
+            from dpokit.online.sampled import prepare_round
+
+            unpaired = self.trainer.objective.unpaired
+            prepared = prepare_round(rows, *self.sampled, self.trainer.tokenizer, self.cfg.data, unpaired=unpaired)
+        else:
+            prepared = prepare_with_config(
+                self.cfg.data,
+                rows,
+                self.trainer.tokenizer,
+                unpaired=self.trainer.objective.unpaired,
+                format="ranked",  # the round's rows, written by this loop: no renames, nothing to skip, no cache
+                columns=None,
+                skip_invalid=False,
+                use_cache=False,
+            )
         if len(prepared) == 0:
             raise TrainingError(f"online round {r}: no training examples left after tokenization: {prepared.report.summary()}")
         return Split(prepared, list(range(len(prepared))))

@@ -1,0 +1,96 @@
+"""Giving a vLLM server the current policy before it samples a round.
+
+The trainer's weights change after every optimizer phase; a vLLM server started on the start model
+keeps sampling from that model unless it is told. Before each round's sampling (when the policy's step
+changed since the last sync) the policy is saved into the round's directory and the server loads it:
+
+* **LoRA** (``model.lora.enabled``): the adapter (``save_pretrained``, a few MB) goes to
+  ``POST /v1/load_lora_adapter`` under the name ``policy-step-<step>``; the engine asks for that name
+  from then on and the previous adapter is unloaded. The server needs ``--enable-lora --max-lora-rank R``
+  and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` in its environment.
+* **Full weights**: the model (safetensors) goes to vLLM's in-place ``reload_weights`` through
+  ``POST /collective_rpc`` (a development endpoint: the server needs ``VLLM_SERVER_DEV_MODE=1``), then
+  ``POST /reset_prefix_cache`` so no key/value computed with the old weights is reused.
+
+Both cost a save of the weights and a load from the same disk (the server must see the run directory:
+same machine, or a shared file system). Each sync's seconds are written to the round's ``round.json``
+(``engine/sync_s``). Whether the server really samples from the policy is checked on every round: the
+per-token log-probs vLLM reports for its samples are compared with the trainer's teacher-forced
+log-probs of the same tokens (``engine/logp_gap_per_token`` in the round's record).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from dpokit.errors import TrainingError
+from dpokit.generation.engines import VllmEngine
+
+ENGINE_POLICY_DIR = "engine_policy"
+
+
+def sync_policy(engine: VllmEngine, trainer: Any, round_path: Path) -> float | None:
+    """Have ``engine``'s server sample from ``trainer``'s current weights (module docstring); the seconds it
+    took, or None when the server already has them. Rank 0 saves and asks; every rank then uses the same name."""
+    from dpokit.models import is_peft_model
+
+    step = int(trainer.position.step)
+    if getattr(engine, "synced_step", None) == step:
+        return None
+    model = getattr(trainer.runner.model, "module", trainer.runner.model)
+    lora = is_peft_model(model)
+    name = f"policy-step-{step}"
+    started = time.perf_counter()
+    if trainer.ctx.is_main:
+        target = round_path / ENGINE_POLICY_DIR
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        model.save_pretrained(target, safe_serialization=True)
+        if lora:
+            load_adapter(engine, name, target)
+        else:
+            reload_weights(engine, target)
+    trainer.ctx.barrier()
+    if lora:
+        engine.adapter = name
+    engine.synced_step = step
+    return time.perf_counter() - started
+
+
+def _post(engine: VllmEngine, path: str, body: dict[str, Any], what: str, needs: str) -> None:
+    """POST ``body`` to the server's ``path`` (its root, not ``/v1``); a refusal names what the server needs."""
+    import urllib.error
+    import urllib.request
+
+    root = engine.url.removesuffix("/v1")
+    headers = {**engine.headers, "Content-Type": "application/json"}
+    request = urllib.request.Request(root + path, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=600.0) as response:
+            response.read()
+    except urllib.error.HTTPError as error:
+        text = error.read().decode("utf-8", "replace")[:300]
+        raise TrainingError(f"the vLLM server at {root} refused to {what}: HTTP {error.code}: {text}; {needs}") from None
+    except OSError as error:  # refused, unreachable, timed out
+        raise TrainingError(f"cannot reach the vLLM server at {root} to {what} ({error})") from None
+
+
+def load_adapter(engine: VllmEngine, name: str, path: Path) -> None:
+    """Load the LoRA adapter saved at ``path`` into the server as ``name``; unload the one it replaces."""
+    needs = "start the server with --enable-lora --max-lora-rank R and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+    _post(engine, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path.resolve())}, "load the policy", needs)
+    previous = engine.adapter
+    if previous is not None and previous != name:
+        _post(engine, "/v1/unload_lora_adapter", {"lora_name": previous}, f"unload adapter {previous}", needs)
+
+
+def reload_weights(engine: VllmEngine, path: Path) -> None:
+    """Reload the server's weights in place from the safetensors at ``path`` and drop its prefix cache."""
+    needs = "start the server with VLLM_SERVER_DEV_MODE=1 (it serves /collective_rpc and /reset_prefix_cache)"
+    body = {"method": "reload_weights", "kwargs": {"weights_path": str(path.resolve())}}
+    _post(engine, "/collective_rpc", body, "reload the policy's weights", needs)
+    _post(engine, "/reset_prefix_cache", {}, "reset its prefix cache", needs)
