@@ -105,6 +105,10 @@ def test_a_winrate_output_directory_pairs_each_model_sample_with_the_baseline_sa
     assert pairs[0].a_field == "dpo@T=1" and pairs[0].b_field == "baseline@T=1"
     with pytest.raises(DataError, match="not a dpokit winrate output"):
         read_label_pairs(tmp_path / "model")
+    for stored in (out / "samples" / "baseline").glob("*.json"):
+        stored.unlink()
+    with pytest.raises(DataError, match="samples/baseline: no stored samples at temperature 1"):
+        read_label_pairs(out)
 
 
 # -------------------------------------------------------------------------------------- label file
@@ -137,11 +141,31 @@ def test_labels_are_whole_lines_that_resume_and_a_torn_line_is_passed_over_and_a
     assert is_label_file(path) and not is_label_file(tmp_path / "pairs.jsonl")
 
 
-def test_a_label_line_with_a_bad_field_is_refused_naming_file_line_and_field(tmp_path):
-    good = {"id": "x", "prompt": "p", "a": "1", "b": "2", "left": "a", "choice": "a"}
-    path = _write_jsonl(tmp_path / "labels.jsonl", [good, {**good, "id": "y", "choice": "maybe"}])
-    with pytest.raises(DataError, match=r"labels.jsonl:2: field 'choice' is 'maybe'"):
+GOOD_LABEL = {"id": "x", "prompt": "p", "a": "1", "b": "2", "left": "a", "choice": "a"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"choice": "maybe"}, "field 'choice' is 'maybe'"),
+        ({"left": "middle"}, "field 'left' is 'middle'"),
+        ({"a": 7}, "field 'a' must be text"),
+        ({"id": None, "prompt": None}, "field 'id' must be text"),
+    ],
+)
+def test_a_label_line_with_a_bad_field_is_refused_naming_file_line_and_field(tmp_path, change, message):
+    path = _write_jsonl(tmp_path / "labels.jsonl", [GOOD_LABEL, {**GOOD_LABEL, "id": "y", **change}])
+    with pytest.raises(DataError, match=f"labels.jsonl:2: {message}"):
         read_labels(path)
+    (tmp_path / "other.jsonl").write_text('{"id": "x", "prompt": "p"}\n[1]\n')
+    with pytest.raises(DataError, match="other.jsonl:1: missing field 'a'"):
+        read_labels(tmp_path / "other.jsonl")
+
+
+def test_a_pair_labelled_twice_keeps_its_first_label_with_a_warning(tmp_path):
+    path = _write_jsonl(tmp_path / "labels.jsonl", [GOOD_LABEL, {**GOOD_LABEL, "choice": "b"}])
+    labels, [warning] = read_labels(path)
+    assert [x.choice for x in labels] == ["a"] and "1 pair(s) labelled more than once" in warning
 
 
 # ------------------------------------------------------------------------------------------ server
@@ -233,6 +257,22 @@ def test_a_missing_content_length_is_refused(server):
     response = connection.getresponse()
     assert response.status == 411
     connection.close()
+
+
+def test_unknown_routes_and_malformed_lengths_get_json_errors_and_chat_prompts_are_shown_as_text(server, tmp_path):
+    assert _request(server, "GET", "/nothing")[0] == 404
+    assert _request(server, "POST", "/api/other", "{}")[0] == 404
+    status, headers, body = _request(server, "HEAD", "/label.css")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+    status, _, body = _request(server, "POST", "/api/label", "{}", headers={"Content-Length": "-1"})
+    assert status == 400 and b"one whole number" in body
+    messages = [{"role": "system", "content": "be <b>brief</b>"}, {"role": "user", "content": "hi"}]
+    data = _write_jsonl(tmp_path / "chat.jsonl", [{"prompt": messages, "chosen": "x", "rejected": "y"}])
+    session = make_label_server(LabelJob(data=data, out=str(tmp_path / "chat-labels.jsonl"), port=0))
+    try:
+        assert session.session.state()["pair"]["prompt"] == "system:\nbe <b>brief</b>\n\nuser:\nhi"
+    finally:
+        session.server_close()
 
 
 def test_label_jobs_are_validated(tmp_path):

@@ -34,6 +34,7 @@ from dpokit.errors import DataError
 
 CHOICES = ("a", "b", "tie", "skip")
 LABEL_FIELDS = ("id", "prompt", "a", "b", "choice", "left")
+FIRST_LINE_LIMIT = 1 << 24  # bytes of a file's first line read to tell whether it is a label file
 logger = logging.getLogger(__name__)
 
 
@@ -163,8 +164,8 @@ def is_label_file(path: str | Path) -> bool:
     path = Path(path).expanduser()
     if not path.is_file():
         return False
-    with path.open("rb") as handle:
-        for line in handle:
+    with path.open("rb") as handle:  # a line at a time, each read bounded (a binary file may hold no newline)
+        for line in iter(lambda: handle.readline(FIRST_LINE_LIMIT), b""):
             if line.strip():
                 try:
                     row = json.loads(line.decode("utf-8"))
