@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from dpokit.errors import ConfigError
-from dpokit.judges.stats import _percentile, cohen_kappa, wilson_interval
+from dpokit.judges.stats import cohen_kappa, percentile, wilson_interval
 
 HUMAN_CHOICES = ("a", "b", "tie", "skip")
 JUDGE_OUTCOMES = ("a", "b", "tie", "unparseable")
@@ -83,7 +83,7 @@ def kappa_bootstrap_interval(
         values.append(cohen_kappa([first[i] for i in draw], [second[i] for i in draw]))
     values.sort()
     tail = (1 - level) / 2
-    return (_percentile(values, tail), _percentile(values, 1 - tail))
+    return (percentile(values, tail), percentile(values, 1 - tail))
 
 
 def kappa_interval(human: Sequence[str], judge: Sequence[str], *, samples: int = 2000, seed: int = 0) -> tuple[float, float, str]:

@@ -99,7 +99,7 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     return (low, high)
 
 
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
+def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Linear-interpolation percentile (numpy's default) of sorted values."""
     position = (len(sorted_values) - 1) * q
     low = math.floor(position)
@@ -131,7 +131,7 @@ def bootstrap_interval(
         values.append(sum(s for s, _ in draw) / sum(n for _, n in draw))
     values.sort()
     tail = (1 - level) / 2
-    return (_percentile(values, tail), _percentile(values, 1 - tail))
+    return (percentile(values, tail), percentile(values, 1 - tail))
 
 
 def interval_for(
