@@ -27,7 +27,7 @@ import os
 import pickle
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -137,14 +137,15 @@ def location_problem(location: str | Path) -> str | None:
     return None if problem is None else f"{missing}, and {problem}"
 
 
-def is_hub_id(name: str) -> bool:
-    """Whether ``name`` can be a hub id: not a local-looking path (:func:`dpokit.locations.looks_local`)
-    and valid by the hub's repo-id rules (``name`` or ``org/name``; letters, digits, ``-_.``; no
-    ``--`` or ``..``; not starting or ending with ``-`` or ``.``; at most 96 characters)."""
+def is_hub_id(name: str, suffixes: Iterable[str] = ()) -> bool:
+    """Whether ``name`` can be a hub id: not a local-looking path (:func:`dpokit.locations.looks_local`;
+    ``suffixes``: file suffixes that make a name local) and valid by the hub's repo-id rules (``name``
+    or ``org/name``; letters, digits, ``-_.``; no ``--`` or ``..``; not starting or ending with ``-``
+    or ``.``; at most 96 characters)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # documented; not in __all__
 
-    if looks_local(name):
+    if looks_local(name, suffixes):
         return False
     try:
         validate_repo_id(name)

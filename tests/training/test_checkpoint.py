@@ -303,3 +303,88 @@ def test_a_crafted_non_tensor_entry_is_refused_and_runs_nothing(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         planner.load_bytes(None, buffer)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The model card of the final export.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def card_assets(tmp_path_factory) -> Path:
+    """A tiny model whose own README declares a license, and 40 preference pairs."""
+    root = tmp_path_factory.mktemp("card_assets")
+    write_tiny_model_dir(root / "model")
+    (root / "model" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n", encoding="utf-8")
+    write_preference_jsonl(root / "train.jsonl", n=40, seed=0)
+    return root
+
+
+def _front_matter_and_body(card: str) -> tuple[dict, str]:
+    import yaml
+
+    assert card.startswith("---\n")
+    front, body = card[len("---\n") :].split("\n---\n", 1)
+    return yaml.safe_load(front), body
+
+
+@pytest.mark.parametrize("export", ["full", "adapter"])
+def test_the_final_export_carries_a_model_card_and_still_loads(card_assets, tmp_path, export):
+    """README.md beside the weights: Hub front matter that parses (library, tags, the base model's
+    license; a local base is named in the text, not as base_model, which the Hub takes for a hub id),
+    the objective and its settings, the data and its counts, the final metrics of the run, and a
+    snippet that loads it; the directory still loads with transformers (peft for the adapter)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpokit.training import run
+    from tests.training.test_trainer import make_config
+
+    lora = ["model.lora.enabled=true", "model.lora.export=adapter", "model.lora.r=4"] if export == "adapter" else []
+    cfg = make_config(card_assets, tmp_path / "run", "optim.max_steps=2", "data.eval_split_fraction=0.25", *lora)
+    result = run(cfg)
+    card = (result.output_dir / "README.md").read_text(encoding="utf-8")
+    front, body = _front_matter_and_body(card)
+    assert front["library_name"] == ("peft" if export == "adapter" else "transformers")
+    assert front["tags"][:2] == ["dpokit", "dpo"] and ("lora" in front["tags"]) == (export == "adapter")
+    assert front["license"] == "apache-2.0" and front["pipeline_tag"] == "text-generation"
+    assert "base_model" not in front and "datasets" not in front  # local paths
+    assert f"from `{card_assets / 'model'}`" in body
+    assert "| beta | 0.1 |" in body and "| steps | 2 |" in body and "| loss terms | sigmoid |" in body
+    assert "adamw, lr 0.001" in body and "| batch | 8 examples per step (8 x 1 accumulation) |" in body
+    assert f"- training: `{card_assets / 'train.jsonl'}` (30 examples)" in body
+    assert "- evaluation: 0.25 of the training data (10 examples)" in body
+    for name in ("loss", "rewards/accuracies", "rewards/margins"):
+        row = f"| {name} | {result.train_metrics[name]:.4g} | {result.eval_metrics[name]:.4g} |"
+        assert row in body, row
+    if export == "adapter":
+        from peft import AutoPeftModelForCausalLM
+
+        assert "AutoPeftModelForCausalLM.from_pretrained(" in body
+        model = AutoPeftModelForCausalLM.from_pretrained(result.output_dir)
+    else:
+        assert f"AutoModelForCausalLM.from_pretrained({str(result.output_dir)!r})" in body
+        model = AutoModelForCausalLM.from_pretrained(result.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(result.output_dir)
+    ids = tokenizer("the movie was good", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**ids).logits).all()
+
+
+def test_a_model_card_names_hub_ids_as_base_model_and_datasets_and_tags_the_objective(tmp_path):
+    """Hub ids (no such local path) are what the Hub's base_model and datasets hold; each loss term
+    becomes a tag (sigmoid as 'dpo'), an SFT run is tagged 'sft'."""
+    from dpokit.config import load_config
+    from dpokit.training.model_card import RunSummary, model_card
+
+    cfg = load_config(
+        None,
+        ["model.name_or_path=some-org/base-model", "data.train_path=some-org/preferences", "loss.terms=[{name: ipo}]"],
+    )
+    summary = RunSummary(cfg, "Objective(1*ipo())", steps=5, train_examples=100, reference="precomputed")
+    front, body = _front_matter_and_body(model_card(summary, tmp_path / "out", adapter=False))
+    assert front["base_model"] == "some-org/base-model" and front["datasets"] == ["some-org/preferences"]
+    assert front["tags"] == ["dpokit", "ipo"] and "license" not in front
+    assert "| reference | precomputed |" in body and "## Results" not in body  # no metrics logged: no table
+    sft = load_config(None, ["model.name_or_path=some-org/base-model", "data.train_path=data.jsonl"], preset="sft")
+    front, body = _front_matter_and_body(model_card(RunSummary(sft, "sft", 5, 100), tmp_path / "out", adapter=False))
+    assert front["tags"] == ["dpokit", "sft"] and "datasets" not in front and "supervised fine-tuning" in body

@@ -32,6 +32,7 @@ from torch import nn
 
 from dpokit.compat import UnsafeCheckpointError, dcp_safe_reader_and_planner
 from dpokit.errors import TrainingError
+from dpokit.training.model_card import RunSummary, write_model_card
 from dpokit.training.parallel import ParallelContext
 
 logger = logging.getLogger(__name__)
@@ -545,9 +546,18 @@ def _unreadable_as_error(path: Path, what: str) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------
 
 
-def export_final_model(ctx: ParallelContext, policy: nn.Module, tokenizer: Any, out_dir: str | Path, model_cfg: Any) -> Path:
+def export_final_model(
+    ctx: ParallelContext,
+    policy: nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    model_cfg: Any,
+    *,
+    summary: RunSummary | None = None,
+) -> Path:
     """Save the trained policy for ``from_pretrained`` from rank 0 (LoRA merged or as an adapter, per
-    ``model_cfg.lora.export``).
+    ``model_cfg.lora.export``), with a model card (``README.md``, :mod:`dpokit.training.model_card`)
+    describing ``summary``'s run when given.
 
     A whole model on rank 0 (one process, DDP) is saved as it is. FSDP: every rank sends its shards
     to rank 0's CPU (``full_state_dict=True, cpu_offload=True``); rank 0 loads them into an unsharded
@@ -556,10 +566,13 @@ def export_final_model(ctx: ParallelContext, policy: nn.Module, tokenizer: Any, 
     from dpokit.models import apply_lora, load_model, save_final_model
 
     out = Path(out_dir)
+    adapter = bool(model_cfg.lora.enabled) and model_cfg.lora.export == "adapter"
     if ctx.holds_whole_model:
         if ctx.is_main:
             with write_errors("the final model", out):
                 save_final_model(policy, tokenizer, out, lora_export=model_cfg.lora.export)
+                if summary is not None:
+                    write_model_card(out, summary, adapter=adapter)
         ctx.barrier()
         return out
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -574,5 +587,7 @@ def export_final_model(ctx: ParallelContext, policy: nn.Module, tokenizer: Any, 
             raise TrainingError(f"the gathered weights do not fit the exported model (unexpected {result.unexpected_keys[:3]})")
         with write_errors("the final model", out):
             save_final_model(plain, tokenizer, out, lora_export=model_cfg.lora.export)
+            if summary is not None:
+                write_model_card(out, summary, adapter=adapter)
     ctx.barrier()
     return out

@@ -40,6 +40,7 @@ from dpokit.models import apply_lora, enable_gradient_checkpointing, load_model_
 from dpokit.training import step as steps
 from dpokit.training.checkpoint import export_final_model, load_checkpoint, save_checkpoint
 from dpokit.training.metrics import MetricSums
+from dpokit.training.model_card import RunSummary
 from dpokit.training.optim import build_optimizer, build_scheduler, plan_steps, planned_steps
 from dpokit.training.parallel import ParallelContext, ParallelPolicy, apply_global_batch_size, launched_world_size, setup_parallel
 from dpokit.training.reference import (
@@ -441,7 +442,19 @@ class Trainer:
         """The trained model for ``from_pretrained``, with the run's config beside it (``dpokit eval`` /
         ``dpokit score`` read it to find the reference and beta, wherever output_dir is)."""
         output_dir = Path(self.cfg.output_dir) if self.cfg.output_dir else self.run_dir / "final"
-        export_final_model(self.ctx, self.runner.model, self.tokenizer, output_dir, self.cfg.model)
+        summary = RunSummary(
+            self.cfg,
+            repr(self.objective),
+            self.position.step,
+            len(self.train_split),
+            len(self.eval_split) if self.eval_split is not None else None,
+            self.ctx.world_size,
+            self.train_metrics,
+            self.eval_metrics,
+            online=self.data_source is not None,
+            reference=self.reference_strategy,
+        )
+        export_final_model(self.ctx, self.runner.model, self.tokenizer, output_dir, self.cfg.model, summary=summary)
         if self.ctx.is_main and output_dir.is_dir():
             save_config(self.cfg, output_dir / CONFIG_FILENAME)
         return output_dir
