@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from dpokit.errors import ConfigError
 from dpokit.judges.base import PairJudgment
 from dpokit.judges.stats import (
+    LC_L2,
     agreement,
     bootstrap_interval,
     cohen_kappa,
+    fit_length_logistic,
+    length_controlled,
     pair_outcome,
     wilson_interval,
     win_rate,
@@ -136,3 +140,95 @@ def test_an_informative_bootstrap_is_kept():
     pairs = [(J(0.9), J(0.1))] * 30 + [(J(0.1), J(0.9))] * 10
     stats, _ = win_stats(pairs, list(range(40)), bootstrap_samples=500)
     assert stats.ci_method == "bootstrap" and stats.ci_low < 0.75 < stats.ci_high < 1.0
+
+
+# ------------------------------------------------------------------------------- length control
+
+
+def _pairs_of(outcomes):
+    """Judgments in both orders that give each pair the wanted outcome."""
+    verdicts = {"win": (J(0.9), J(0.1)), "loss": (J(0.1), J(0.9)), "tie": (J(0.5), J(0.5))}
+    return [verdicts[o] for o in outcomes]
+
+
+def _longer_side_drawn(rng, n, effect):
+    """x longer than y by about 30 characters (sd 40); x wins with probability sigmoid(effect * tanh(d / sd))."""
+    d = rng.normal(30.0, 40.0, n)
+    p = 1.0 / (1.0 + np.exp(-effect * np.tanh(d / d.std(ddof=1))))
+    return d, ["win" if u < q else "loss" for u, q in zip(rng.random(n), p, strict=True)]
+
+
+def test_the_length_fit_solves_the_hand_worked_penalised_equations():
+    """Wins at features -1 and 1, a loss at 0: by symmetry phi = 0, and theta solves the score equation
+    2 - 3 sigmoid(theta) = 0.01 theta (the L2 term's pull), the root near logit(2/3) = 0.693."""
+    theta, phi = fit_length_logistic(np.array([1.0, 0.0, 1.0]), np.array([-1.0, 0.0, 1.0]), np.ones((1, 3)))[0]
+    assert phi == pytest.approx(0.0, abs=1e-12)
+    assert 2 - 3 / (1 + math.exp(-theta)) == pytest.approx(LC_L2 * theta, abs=1e-10)
+    assert 0.6 < theta < math.log(2)
+    # Weights are counts: a pair drawn twice counts as two identical pairs.
+    doubled = fit_length_logistic(np.array([1.0, 0.0, 1.0, 1.0]), np.array([-1.0, 0.0, 1.0, 1.0]), np.ones((1, 4)))
+    weighted = fit_length_logistic(np.array([1.0, 0.0, 1.0]), np.array([-1.0, 0.0, 1.0]), np.array([[1.0, 1.0, 2.0]]))
+    assert weighted == pytest.approx(doubled, abs=1e-9)
+
+
+def test_a_win_rate_driven_entirely_by_length_is_near_one_half_when_length_controlled():
+    """x is longer in most pairs and the judge picks the longer response more often, nothing else: the raw
+    win rate is well above 0.5 (its interval excludes it), the controlled one is near 0.5 (its interval
+    includes it), and the length effect is positive."""
+    d, outcomes = _longer_side_drawn(np.random.default_rng(7), 2000, effect=3.0)
+    stats, _ = win_stats(_pairs_of(outcomes), list(range(2000)), length_differences=list(d), bootstrap_samples=300)
+    lc = stats.length_control
+    assert stats.win_rate > 0.65 and stats.ci_low > 0.6
+    assert abs(lc.lc_win_rate - 0.5) < 0.05
+    assert lc.lc_ci_low < 0.5 < lc.lc_ci_high and lc.lc_ci_method == "bootstrap"
+    assert lc.length_effect_ci_low > 0
+    row = stats.to_dict()
+    assert row["lc_win_rate"] == lc.lc_win_rate and row["length_effect"] == lc.length_effect
+
+
+def test_a_win_rate_not_driven_by_length_stays_near_the_raw_one_when_length_controlled():
+    """The same lengths, but x wins 70% of pairs whatever their lengths: the controlled rate stays near the
+    raw one and the length effect's interval includes 0."""
+    d, _ = _longer_side_drawn(np.random.default_rng(7), 2000, effect=0.0)
+    outcomes = ["win" if u < 0.7 else "loss" for u in np.random.default_rng(8).random(2000)]
+    stats, _ = win_stats(_pairs_of(outcomes), list(range(2000)), length_differences=list(d), bootstrap_samples=300)
+    lc = stats.length_control
+    assert abs(lc.lc_win_rate - stats.win_rate) < 0.05
+    assert lc.length_effect_ci_low < 0 < lc.length_effect_ci_high
+    assert lc.lc_ci_low < stats.win_rate < lc.lc_ci_high
+
+
+def test_length_control_is_seeded_resamples_prompts_and_leaves_out_unparseable_pairs():
+    d, outcomes = _longer_side_drawn(np.random.default_rng(3), 60, effect=2.0)
+    groups = [i // 3 for i in range(60)]
+    first = length_controlled(outcomes, d, groups, samples=300, seed=5)
+    assert first == length_controlled(outcomes, d, groups, samples=300, seed=5)
+    assert first != length_controlled(outcomes, d, groups, samples=300, seed=6)
+    with_unreadable = length_controlled([*outcomes, "unparseable"], [*d, 1e6], [*groups, 99], samples=300, seed=5)
+    assert with_unreadable == first  # the unreadable pair (and its prompt) changes nothing
+    # Prompts resampled whole: 3 copies of each pair under one prompt give a wider interval than 60 prompts.
+    per_pair = length_controlled(outcomes, d, range(60), samples=300, seed=5)
+    assert per_pair.lc_win_rate == first.lc_win_rate
+    assert first.lc_ci_high - first.lc_ci_low > per_pair.lc_ci_high - per_pair.lc_ci_low
+
+
+def test_without_variation_in_the_outcomes_length_explains_nothing():
+    """Every pair won: the controlled win rate is the raw 1 with the raw interval (Wilson on 48 prompts),
+    the length effect 0 without an interval."""
+    stats, _ = win_stats(_pairs_of(["win"] * 48), list(range(48)), length_differences=[float(i) for i in range(48)])
+    lc = stats.length_control
+    assert lc.lc_win_rate == 1.0 and (lc.lc_ci_low, lc.lc_ci_high, lc.lc_ci_method) == (stats.ci_low, 1.0, "wilson")
+    assert lc.length_effect == 0.0 and stats.to_dict()["length_effect_ci_low"] is None
+    plain, _ = win_stats(_pairs_of(["win"] * 48), list(range(48)))
+    assert plain.length_control is None and "lc_win_rate" not in plain.to_dict()
+
+
+def test_the_worked_examples_in_the_docstrings_hold():
+    """The module's doctests: the length-controlled worked example (8 pairs, all won by the longer
+    response: raw 0.75, controlled about 0.5) among them."""
+    import doctest
+
+    from dpokit.judges import stats
+
+    result = doctest.testmod(stats)
+    assert result.attempted >= 10 and result.failed == 0

@@ -21,6 +21,18 @@ of [1, 1] that claims certainty. Where the win rate is 0 or 1, or the bootstrap 
 point, the interval is Wilson's on the number of prompts instead (48/48 -> [0.926, 1]) and
 ``ci_method`` says ``wilson`` (:func:`interval_for`).
 
+**Length-controlled win rate** (AlpacaEval's LC, :func:`length_controlled`): judges tend to prefer the
+longer response, so a model can win by writing more. Each judged pair's outcome (win 1, tie 0.5, loss 0)
+is fitted by a logistic regression ``P(win) = sigmoid(theta + phi * tanh(d / sd(d)))`` on ``d`` = the
+length of x minus the length of y in characters (its sd over the comparison's pairs); the
+length-controlled win rate is the prediction at equal length, ``sigmoid(theta)``, and ``phi`` is the
+fitted length effect (> 0: the longer response is preferred). Both come with a seeded percentile
+bootstrap over prompts (the fit repeated on each resample). A small L2 term keeps the fit finite when
+length separates wins from losses perfectly. Every comparison (one model at one temperature and
+template against its baseline) gets its own fit: the intercept is the model term; prompt terms are not
+fitted (one pair per prompt cannot separate a prompt's difficulty from noise) -- prompts enter through
+the bootstrap.
+
 **Agreement** between two judges (or templates) on the same pairs: the fraction of equal outcomes and
 Cohen's kappa, ``(p_o - p_e) / (1 - p_e)``, p_e the agreement expected from each one's label frequencies.
 """
@@ -33,11 +45,16 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from dpokit.errors import ConfigError
 from dpokit.judges.base import PairJudgment
 
 Z95 = 1.959963984540054
 OUTCOMES = ("win", "tie", "loss", "unparseable")
+OUTCOME_SCORES = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+LC_L2 = 0.01  # the L2 penalty of the length-controlled fit, on theta and phi (a weak prior: finite under separation)
+LC_MAX_STEP = 5.0  # Newton steps longer than this are shortened (separated data pull the coefficients far)
 INCONSISTENT_POLICIES = ("tie", "average")
 
 
@@ -156,6 +173,131 @@ def interval_for(
     return low, high, "bootstrap"
 
 
+# ------------------------------------------------------------------------------- length control
+
+
+def fit_length_logistic(
+    scores: np.ndarray, feature: np.ndarray, weights: np.ndarray, *, l2: float = LC_L2, iterations: int = 100
+) -> np.ndarray:
+    """``(theta, phi)`` of ``P(win) = sigmoid(theta + phi * feature)`` fitted to ``scores`` (targets in
+    [0, 1]; a tie is 0.5) by Newton's method on the weighted log-likelihood minus ``l2 / 2 * (theta^2 +
+    phi^2)``. ``weights`` has one row of per-pair weights per fit (a bootstrap resample's counts); the fits
+    run side by side and the result has one ``(theta, phi)`` row per weight row.
+
+    Three pairs, weights 1, outcomes independent of the feature's sign (win at -1, loss at 0, win at 1):
+    phi is 0 by symmetry and theta solves ``2 - 3 * sigmoid(theta) = 0.01 * theta``::
+
+        >>> theta, phi = fit_length_logistic(np.array([1.0, 0.0, 1.0]), np.array([-1.0, 0.0, 1.0]), np.ones((1, 3)))[0]
+        >>> round(float(theta), 4), round(float(phi), 4)
+        (0.6829, 0.0)
+    """
+    coef = np.zeros((weights.shape[0], 2))
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(coef[:, :1] + coef[:, 1:] * feature)))
+        residual = weights * (scores - p)
+        g0 = residual.sum(axis=1) - l2 * coef[:, 0]
+        g1 = (residual * feature).sum(axis=1) - l2 * coef[:, 1]
+        h = weights * p * (1 - p)
+        h00, h01, h11 = h.sum(axis=1) + l2, (h * feature).sum(axis=1), (h * feature * feature).sum(axis=1) + l2
+        det = h00 * h11 - h01 * h01
+        step = np.stack([(h11 * g0 - h01 * g1) / det, (h00 * g1 - h01 * g0) / det], axis=1)
+        length = np.linalg.norm(step, axis=1, keepdims=True)
+        coef += step * np.minimum(1.0, LC_MAX_STEP / np.maximum(length, 1e-300))
+        if float(length.max()) < 1e-10:
+            break
+    return coef
+
+
+@dataclass
+class LengthControl:
+    """The length-controlled win rate of one comparison and the fitted length effect, each with its 95%
+    interval; ``length_sd``: the sd of the length differences (characters) the feature is scaled by."""
+
+    lc_win_rate: float
+    lc_ci_low: float
+    lc_ci_high: float
+    lc_ci_method: str
+    length_effect: float
+    length_effect_ci_low: float
+    length_effect_ci_high: float
+    length_sd: float
+
+
+def length_controlled(
+    outcomes: Sequence[str],
+    length_differences: Sequence[float],
+    groups: Sequence[Hashable],
+    *,
+    samples: int = 2000,
+    seed: int = 0,
+    ci: str = "bootstrap",
+    chunk: int = 250,
+) -> LengthControl:
+    """The win rate at equal length (see the module docstring) of pairs with these ``outcomes`` (for x),
+    ``length_differences`` (len x - len y) and ``groups`` (each pair's prompt; the bootstrap resamples
+    prompts). Unparseable pairs are left out. Where every outcome is the same, length explains nothing:
+    the length-controlled win rate is the raw one with the raw one's interval (:func:`interval_for` with
+    ``ci``), the effect 0 (no interval).
+
+    Worked example: the longer response always wins, and x is the longer one in 6 of 8 pairs. The raw
+    win rate is 0.75, all of it length; at equal length, the fit says, neither side is preferred (0.51:
+    the L2 term, not the data, holds the fit a little off 0.5)::
+
+        >>> outcomes = ["win"] * 6 + ["loss"] * 2
+        >>> lengths = [60, 50, 40, 30, 20, 10, -10, -20]
+        >>> win_rate(outcomes), round(length_controlled(outcomes, lengths, range(8)).lc_win_rate, 2)
+        (0.75, 0.51)
+
+    The same 6 wins and 2 losses where length does not decide (wins and losses alike on both sides of
+    equal length): the controlled rate stays with the raw one, and the length effect is 0::
+
+        >>> lc = length_controlled(["win"] * 6 + ["loss"] * 2, [-30, -20, -10, 10, 20, 30, -15, 15], range(8))
+        >>> round(lc.lc_win_rate, 2), round(lc.length_effect, 6)
+        (0.75, 0.0)
+    """
+    kept = [
+        (OUTCOME_SCORES[o], float(d), g)
+        for o, d, g in zip(outcomes, length_differences, groups, strict=True)
+        if o in OUTCOME_SCORES
+    ]
+    if not kept:
+        nan = float("nan")
+        return LengthControl(nan, nan, nan, "none", nan, nan, nan, nan)
+    scores = np.array([s for s, _, _ in kept])
+    differences = np.array([d for _, d, _ in kept])
+    sd = float(differences.std(ddof=1)) if len(kept) > 1 else 0.0
+    feature = np.tanh(differences / sd) if sd > 0 else np.zeros_like(differences)
+    if np.all(scores == scores[0]):
+        by_group: dict[Hashable, list[str]] = {}
+        for outcome, group in zip(outcomes, groups, strict=True):
+            by_group.setdefault(group, []).append(outcome)
+        low, high, method = interval_for(list(by_group.values()), ci=ci, samples=samples, seed=seed)
+        return LengthControl(float(scores[0]), low, high, method, 0.0, float("nan"), float("nan"), sd)
+    theta, phi = fit_length_logistic(scores, feature, np.ones((1, len(kept))))[0]
+    names = list(dict.fromkeys(g for _, _, g in kept))
+    index = {name: i for i, name in enumerate(names)}
+    pair_group = np.array([index[g] for _, _, g in kept])
+    rng = np.random.default_rng(seed)
+    fits = []
+    for start in range(0, samples, chunk):
+        counts = rng.multinomial(len(names), np.full(len(names), 1.0 / len(names)), size=min(chunk, samples - start))
+        fits.append(fit_length_logistic(scores, feature, counts[:, pair_group].astype(float)))
+    coefs = np.concatenate(fits)
+    rates = 1.0 / (1.0 + np.exp(-coefs[:, 0]))
+    rate_low, rate_high = np.percentile(rates, [2.5, 97.5])
+    effect_low, effect_high = np.percentile(coefs[:, 1], [2.5, 97.5])
+    return LengthControl(
+        lc_win_rate=float(1.0 / (1.0 + np.exp(-theta))),
+        lc_ci_low=float(rate_low),
+        lc_ci_high=float(rate_high),
+        lc_ci_method="bootstrap",
+        length_effect=float(phi),
+        length_effect_ci_low=float(effect_low),
+        length_effect_ci_high=float(effect_high),
+        length_sd=sd,
+    )
+
+
 def cohen_kappa(first: Sequence[Hashable], second: Sequence[Hashable]) -> float:
     """Cohen's kappa of two raters' labels on the same items.
 
@@ -193,9 +335,14 @@ class WinStats:
     ci_method: str
     position_consistency: float
     position_bias: float
+    length_control: LengthControl | None = None  # when the pairs' lengths were given
 
     def to_dict(self) -> dict[str, float | int | str | None]:
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+        """The statistics as one flat mapping (NaN as None); the length control's fields join it when present."""
+        fields = {k: v for k, v in asdict(self).items() if k != "length_control"}
+        if self.length_control is not None:
+            fields.update(asdict(self.length_control))
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in fields.items()}
 
 
 def _position_stats(pairs: Sequence[tuple[PairJudgment, PairJudgment]]) -> tuple[float, float]:
@@ -224,11 +371,13 @@ def win_stats(
     ci: str = "bootstrap",
     bootstrap_samples: int = 2000,
     seed: int = 0,
+    length_differences: Sequence[float] | None = None,
 ) -> tuple[WinStats, list[str]]:
     """Statistics of pairs judged in both orders (``(forward, swapped)`` each); ``groups[i]`` names the
     prompt of pair i (the bootstrap resamples prompts). Returns the stats and each pair's outcome.
     ``ci_method`` is the interval actually reported (:func:`interval_for`: a degenerate bootstrap gives way
-    to Wilson's)."""
+    to Wilson's). With ``length_differences`` (len x - len y of each pair) the stats carry the
+    length-controlled win rate (:func:`length_controlled`, bootstrapped with the same samples and seed)."""
     if ci not in ("bootstrap", "wilson"):
         raise ConfigError(f"ci must be bootstrap or wilson, not {ci!r}")
     outcomes = [pair_outcome(f, s, inconsistent) for f, s in pairs]
@@ -251,6 +400,10 @@ def win_stats(
         position_consistency=consistency,
         position_bias=bias,
     )
+    if length_differences is not None:
+        stats.length_control = length_controlled(
+            outcomes, length_differences, groups, samples=bootstrap_samples, seed=seed, ci=ci
+        )
     return stats, outcomes
 
 
