@@ -116,3 +116,101 @@ def test_library_modules_take_no_argparse_namespace():
         and any(isinstance(n, (ast.Import, ast.ImportFrom)) and "argparse" in ast.unparse(n) for n in ast.walk(tree))
     ]
     assert not users, users
+
+
+# The layers, bottom to top: a module may import from its own layer and the layers below it, never from
+# a layer above. Each entry names top-level parts of the package (a sub-package counts with its modules).
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors", "locations", "compat", "config", "losses"),
+    ("data", "models"),
+    ("logprobs", "generation"),
+    ("training", "judges", "scoring"),
+    ("online", "analysis", "serve"),
+    ("experiments",),
+    ("commands", "__main__"),
+)
+
+
+def layer_of(module: str) -> int | None:
+    """The index in :data:`LAYERS` of a dpokit module (``dpokit.judges.reward`` -> the layer of ``judges``);
+    None for the package itself (``dpokit``: its ``__init__`` holds only the version)."""
+    parts = module.split(".")
+    if len(parts) < 2:
+        return None
+    for index, names in enumerate(LAYERS):
+        if parts[1] in names:
+            return index
+    raise AssertionError(f"{module} is in no layer of LAYERS; add its top-level name to the table")
+
+
+def _imports(tree: ast.Module, sources: dict[str, ast.Module]) -> list[tuple[int, str, list[str]]]:
+    """Every dpokit import in a module's body, function-level ones included, as (line, module, names)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name, []) for alias in node.names if alias.name.startswith("dpokit")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("dpokit"):
+            found.append((node.lineno, node.module, [alias.name for alias in node.names]))
+    return found
+
+
+def upward_imports(sources: dict[str, ast.Module]) -> list[str]:
+    """``module:line imports target (layer a < layer b)`` for every import from a lower layer to a higher one."""
+    offenders = []
+    for name, tree in sources.items():
+        own = layer_of(name)
+        for line, target, names in _imports(tree, sources):
+            targets = [f"{target}.{n}" if f"{target}.{n}" in sources else target for n in names] or [target]
+            for imported in dict.fromkeys(targets):
+                theirs = layer_of(imported)
+                if own is not None and theirs is not None and theirs > own:
+                    offenders.append(f"{name}:{line} imports {imported} (layer {own} {LAYERS[own]} < {theirs} {LAYERS[theirs]})")
+    return offenders
+
+
+def private_imports(sources: dict[str, ast.Module]) -> list[str]:
+    """``module:line imports target._name`` for every ``from target import _name`` of another module's
+    private name (dunders such as ``__version__`` are public)."""
+    offenders = []
+    for name, tree in sources.items():
+        for line, target, names in _imports(tree, sources):
+            for imported in names:
+                private = imported.startswith("_") and not (imported.startswith("__") and imported.endswith("__"))
+                if private and target != name:
+                    offenders.append(f"{name}:{line} imports {target}.{imported}")
+    return offenders
+
+
+def test_layers_only_import_downwards():
+    """commands -> experiments -> online/analysis/serve -> training/judges/scoring -> logprobs/generation ->
+    data/models -> errors/locations/compat/config/losses: an import that points up, even inside a function,
+    is named with its line."""
+    offenders = upward_imports(_sources())
+    assert not offenders, "\n".join(offenders)
+
+
+def test_no_module_imports_another_modules_private_name():
+    offenders = private_imports(_sources())
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_layer_check_names_an_import_inside_a_function_that_points_up():
+    """The judges once imported the analysis layer from inside a function; the check names such an import."""
+    sources = {
+        "dpokit.judges.reward": ast.parse("def load():\n    from dpokit.analysis.score import score_rows\n"),
+        "dpokit.analysis.score": ast.parse("from dpokit.judges.base import Judge\n"),
+        "dpokit.judges.base": ast.parse(""),
+    }
+    assert upward_imports(sources) == [
+        "dpokit.judges.reward:2 imports dpokit.analysis.score (layer 3 ('training', 'judges', 'scoring') "
+        "< 4 ('online', 'analysis', 'serve'))"
+    ]
+
+
+def test_the_private_name_check_names_the_import_and_lets_dunders_through():
+    sources = {
+        "dpokit.commands.serve": ast.parse("def f():\n    from dpokit.commands.frontier import _parse_run\n"),
+        "dpokit.commands.main": ast.parse("from dpokit import __version__\n"),
+        "dpokit.commands.frontier": ast.parse(""),
+    }
+    assert private_imports(sources) == ["dpokit.commands.serve:2 imports dpokit.commands.frontier._parse_run"]

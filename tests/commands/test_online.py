@@ -67,11 +67,14 @@ def test_the_shipped_online_example_runs_as_is_on_what_the_demo_leaves(tmp_path,
     import dataclasses
     from pathlib import Path
 
+    from dpokit.commands.experiment import demo_report
     from dpokit.experiments.sentiment import DEMO_RUN_DIR, MODES, online_example_command, run_sentiment_demo
 
     monkeypatch.chdir(tmp_path)
     lines: list[str] = []
-    run_sentiment_demo(DEMO_RUN_DIR, "cache", settings=dataclasses.replace(MODES["smoke"], warmup_steps=0), log=lines.append)
+    smoke = dataclasses.replace(MODES["smoke"], warmup_steps=0)
+    demo = run_sentiment_demo(DEMO_RUN_DIR, "cache", settings=smoke, log=lines.append)
+    lines += demo_report(demo)
     command = online_example_command(DEMO_RUN_DIR)
     assert command == "dpokit online examples/online.yaml" and any(command in line for line in lines)
     example = Path(__file__).resolve().parents[2] / "examples" / "online.yaml"

@@ -77,15 +77,15 @@ def test_smoke_run_gives_every_arm_the_same_steps_and_writes_rounds_table_and_fr
     outputs, not quality."""
     settings = MODES["smoke"]
     result = run_online_experiment(settings, tmp_path / "out", tmp_path / "cache", log=None)
-    arms = result["arms"]
+    arms = result.arms
     assert set(arms) == {"reference", "offline", "online-gt", "self-label", "self-label-current", "ten-percent"}
     assert {arm: row["step"] for arm, row in arms.items() if arm != "reference"} == dict.fromkeys(
         ["offline", "online-gt", "self-label", "self-label-current", "ten-percent"], settings.total_steps
     )
     # (c) starts where (d) was after start_steps: the same point, then its own rounds.
-    points = {(p["run"], p["step"]): p for p in result["points"]}
+    points = {(p.run, p.step): p for p in result.points}
     start = points[("ten-percent", settings.start_steps)]
-    assert points[("self-label", settings.start_steps)]["reward_mean"] == start["reward_mean"]
+    assert points[("self-label", settings.start_steps)].reward_mean == start.reward_mean
     runs = tmp_path / "out" / "runs"
     online_rounds = {"online-gt": settings.total_steps, "self-label": settings.total_steps - settings.start_steps}
     for arm, steps in online_rounds.items():
@@ -95,7 +95,7 @@ def test_smoke_run_gives_every_arm_the_same_steps_and_writes_rounds_table_and_fr
         assert len(completions) == settings.prompts_per_round * settings.samples_per_prompt
     judge = (runs / "self-label" / "config.yaml").read_text()
     assert f"implicit:{runs / 'ten-percent' / f'checkpoint-{settings.start_steps}' / 'model'}" in judge
-    comparison = result["comparisons"]["self-label vs ten-percent"]
+    comparison = result.comparisons["self-label vs ten-percent"]
     assert (
         comparison["wins"] + comparison["ties"] + comparison["losses"]
         == settings.num_eval_prompts * settings.eval_samples_per_prompt
@@ -105,14 +105,14 @@ def test_smoke_run_gives_every_arm_the_same_steps_and_writes_rounds_table_and_fr
     assert (out / "frontier.png").stat().st_size > 1000
     text = (out / "results.md").read_text()
     assert "| (c) 10% DPO + self-labelled rounds (frozen 10% policy) vs (d) 10% DPO only (baseline) |" in text
-    assert json.loads((out / "results.json").read_text())["labelled_pairs"]["fraction"] < result["labelled_pairs"]["all"]
+    assert json.loads((out / "results.json").read_text())["labelled_pairs"]["fraction"] < result.labelled_pairs["all"]
     # A second run in the same directory reuses every arm's stored points instead of training again.
     lines: list[str] = []
     again = run_online_experiment(settings, out, tmp_path / "cache", log=lines.append)
     assert [line for line in lines if line.endswith(": stored")] == [
         f"{arm}: stored" for arm in ("offline", "ten-percent", "online-gt", "self-label", "self-label-current")
     ]
-    assert again["points"] == result["points"] and again["comparisons"] == result["comparisons"]
+    assert again.points == result.points and again.comparisons == result.comparisons
 
 
 def test_an_unknown_mode_is_refused_with_the_choices(tmp_path):

@@ -98,7 +98,7 @@ def test_smoke_run_of_the_whole_pipeline_writes_the_frontier(tmp_path):
     """Every method at toy size, RL through TRL included; checks outputs, not quality."""
     settings = dataclasses.replace(MODES["smoke"], warmup_steps=0)
     result = run_experiment(settings, tmp_path / "out", tmp_path / "cache", log=None)
-    methods = {p["method"] for p in result["points"]}
+    methods = {p.method for p in result.points}
     assert methods == {
         "SFT (reference)",
         "DPO",
@@ -110,9 +110,9 @@ def test_smoke_run_of_the_whole_pipeline_writes_the_frontier(tmp_path):
         "Best-of-N",
         "RLOO (TRL, true reward)",
     }
-    dpo = [p for p in result["points"] if p["method"] == "DPO"]
-    assert [p["step"] for p in dpo] == sorted(p["step"] for p in dpo) and len(dpo) == 2
-    assert all(p["kl_mean"] != 0.0 for p in dpo)  # the policy moved
+    dpo = [p for p in result.points if p.method == "DPO"]
+    assert [p.step for p in dpo] == sorted(p.step for p in dpo) and len(dpo) == 2
+    assert all(p.kl_mean != 0.0 for p in dpo)  # the policy moved
     data = json.loads((tmp_path / "out/results.json").read_text())
     assert data["preferences"]["pairs"] > 0 and "DPO" not in data["dpo_dominance"]
     assert (tmp_path / "out/frontier.png").stat().st_size > 1000
@@ -124,7 +124,8 @@ def test_smoke_run_of_the_whole_pipeline_writes_the_frontier(tmp_path):
     assert all(row["label"] == (row["reward"] > data["preferences"]["kto_threshold"]) for row in unpaired)
     # Win rates against the SFT model's samples (every trained model's final export and Best-of-N),
     # judged by the ground-truth reward, and the DPO policy as an implicit-reward judge.
-    rows = result["winrate"]["results"]
+    assert result.winrate is not None
+    rows = result.winrate.results
     assert {r["model"] for r in rows} == {
         "DPO β=0.1",
         "Preferred-FT",
@@ -136,19 +137,20 @@ def test_smoke_run_of_the_whole_pipeline_writes_the_frontier(tmp_path):
     }
     assert {r["temperature"] for r in rows} == {0.5, 1.0} and all(r["ci_method"] == "wilson" for r in rows)
     assert all(r["position_bias"] == 0.0 for r in rows)  # a reward judge is symmetric
-    implicit = result["winrate"]["implicit_judges"]
+    implicit = result.winrate.implicit_judges
     assert [j["model"] for j in implicit] == ["DPO β=0.1"] or implicit == []
     assert (tmp_path / "out/winrate/winrate.png").stat().st_size > 1000
     assert "| DPO β=0.1 | 0.5 |" in (tmp_path / "out/winrate/results.md").read_text()
     # A second run reuses every stored point instead of training again, and every sample and judgment.
     again = run_experiment(settings, tmp_path / "out", tmp_path / "cache", log=None)
-    assert again["points"] == result["points"] and again["winrate"] == result["winrate"]
+    assert again.points == result.points and again.winrate == result.winrate
 
 
 @pytest.mark.slow
 def test_demo_prints_reward_and_kl_before_and_after_with_paired_samples(tmp_path, capfd):
     import warnings
 
+    from dpokit.commands.experiment import demo_report
     from dpokit.experiments.sentiment import run_sentiment_demo
 
     lines: list[str] = []
@@ -156,6 +158,7 @@ def test_demo_prints_reward_and_kl_before_and_after_with_paired_samples(tmp_path
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = run_sentiment_demo(tmp_path / "demo", tmp_path / "cache", settings=settings, log=lines.append)
+    lines += demo_report(result)
     # Quiet: no deprecation/future warnings, no transformers logger notices, no "Loading weights" bars.
     assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], [
         str(w.message) for w in caught
@@ -164,14 +167,12 @@ def test_demo_prints_reward_and_kl_before_and_after_with_paired_samples(tmp_path
     assert "Loading weights" not in err and "deprecated" not in err and "[transformers]" not in err, err
     text = "\n".join(lines)
     assert "before (SFT model)" in text and "after DPO (beta=0.1)" in text
-    assert result["before"]["kl_mean"] == 0.0 and result["after"]["kl_mean"] != 0.0
+    assert result.before.kl_mean == 0.0 and result.after.kl_mean != 0.0
     # Samples shown side by side answer the same prompts.
     shown = [line for line in lines if line.startswith("prompt: ")]
-    assert shown and all(
-        b["prompt"] == a["prompt"] for b, a in zip(result["before"]["samples"], result["after_samples"], strict=True)
-    )
+    assert shown and all(b["prompt"] == a["prompt"] for b, a in zip(result.before_samples, result.after_samples, strict=True))
     # The DPO run directory is a normal dpokit run: held-out metrics, TensorBoard events and the plot.
-    run_dir = result["run_dir"]
+    run_dir = result.run_dir
     evals = [r for r in read_metrics(run_dir) if r["split"] == "eval"]
     assert evals and all("rewards/accuracies" in r and "rewards/margins" in r for r in evals)
     assert "reward accuracy" in text and f"{evals[-1]['rewards/margins']:8.3f}" in text
@@ -225,6 +226,8 @@ def test_unknown_methods_are_refused(tmp_path):
 
 
 def test_experiment_command_uses_the_modes_methods_unless_given(monkeypatch, tmp_path, capsys):
+    from types import SimpleNamespace
+
     from dpokit.commands.main import main
     from dpokit.experiments import sentiment
 
@@ -232,7 +235,7 @@ def test_experiment_command_uses_the_modes_methods_unless_given(monkeypatch, tmp
 
     def fake_run(settings, out_dir, cache_dir, **kwargs):
         seen.append(settings.methods)
-        return {"points": []}
+        return SimpleNamespace(points=[])
 
     monkeypatch.setattr(sentiment, "run_experiment", fake_run)
     assert main(["experiment", "sentiment", "--mode", "quick", "--out", str(tmp_path)]) == 0

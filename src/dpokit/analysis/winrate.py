@@ -271,14 +271,32 @@ def sample_model(
         grouped: list[list[str]] = [[] for _ in prompts]
         for sample in samples:
             grouped[sample.prompt_index].append(sample.completion)
-        directory.mkdir(parents=True, exist_ok=True)
-        partial = stored.with_suffix(".tmp")
-        record = {"model": path, "weights": fingerprint, "temperature": temperature, "completions": grouped}
-        partial.write_text(json.dumps(record), encoding="utf-8")
-        partial.replace(stored)
+        _write_samples(stored, {"model": path, "weights": fingerprint, "temperature": temperature, "completions": grouped})
         result[temperature] = grouped
         advance()
     return result
+
+
+def store_samples(
+    name: str, path: str, prompts: Sequence[Any], job: WinrateJob, completions: Mapping[float, list[list[str]]], *, seed: int
+) -> None:
+    """Store ``{temperature: [[completion per sample] per prompt]}`` where :func:`sample_model` reads them
+    back for the model ``name`` at ``path`` sampled with ``seed``, so a model that cannot be loaded (such
+    as best-of-n picked from another model's samples, under a path of its own) takes part in a win-rate
+    run. Each temperature needs ``job.samples_per_prompt`` completions for each prompt."""
+    fingerprint = weights_fingerprint(path, _read_memo(Path(job.out) / FINGERPRINTS_FILE))
+    for temperature, grouped in completions.items():
+        key = _sample_key(fingerprint, prompts, temperature, seed, job)
+        stored = Path(job.out) / "samples" / name / f"t{temperature:g}-{key}.json"
+        _write_samples(stored, {"model": path, "weights": fingerprint, "temperature": temperature, "completions": grouped})
+
+
+def _write_samples(stored: Path, record: dict[str, Any]) -> None:
+    """Write a sample file through a temporary file renamed into place: an interruption leaves no torn file."""
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    partial = stored.with_suffix(".tmp")
+    partial.write_text(json.dumps(record), encoding="utf-8")
+    partial.replace(stored)
 
 
 # ---------------------------------------------------------------------------------------- judging
@@ -411,7 +429,8 @@ def run_winrate(job: WinrateJob, log: Log | None = None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- outputs
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def format_stat(value: Any, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals, or "–" for a missing (None or NaN) statistic."""
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
@@ -433,21 +452,22 @@ def results_markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["results"]:
-        ci = f"{_fmt(r['win_rate'])} (n={_judged(r)}) [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        ci = f"{format_stat(r['win_rate'])} (n={_judged(r)}) [{format_stat(r['ci_low'])}, {format_stat(r['ci_high'])}]"
         lines.append(
             f"| {r['model']} | {r['temperature']:g} | {r['template']} | {ci} | {r.get('ci_method', '–')} "
             f"| {r['wins']} / {r['ties']} / {r['losses']} "
-            f"| {r['unparseable']} | {_fmt(r['position_consistency'], 2)} | {_fmt(r['position_bias'], 2)} |"
+            f"| {r['unparseable']} | {format_stat(r['position_consistency'], 2)} | {format_stat(r['position_bias'], 2)} |"
         )
     lines += ["", INTERVALS_NOTE]
     summary = results.get("templates") or {}
     if summary:
         lines += ["", "| template | mean win rate |", "|---|---|"]
-        lines += [f"| {name} | {_fmt(rate)} |" for name, rate in summary["mean_win_rate"].items()]
-        lines += ["", f"win-rate spread across templates: mean {_fmt(summary['spread_mean'])}, max {_fmt(summary['spread_max'])}"]
+        lines += [f"| {name} | {format_stat(rate)} |" for name, rate in summary["mean_win_rate"].items()]
+        spread = f"mean {format_stat(summary['spread_mean'])}, max {format_stat(summary['spread_max'])}"
+        lines += ["", f"win-rate spread across templates: {spread}"]
         lines += ["", "| templates | pairs | agreement | Cohen's κ |", "|---|---|---|---|"]
         lines += [
-            f"| {' vs '.join(a['templates'])} | {a['n']} | {_fmt(a['agreement'])} | {_fmt(a['kappa'])} |"
+            f"| {' vs '.join(a['templates'])} | {a['n']} | {format_stat(a['agreement'])} | {format_stat(a['kappa'])} |"
             for a in summary["agreement"]
         ]
     return "\n".join(lines) + "\n"
@@ -662,13 +682,15 @@ def judge_check_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        ci = f"{_fmt(r['agreement_ties_half'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        ci = f"{format_stat(r['agreement_ties_half'])} [{format_stat(r['ci_low'])}, {format_stat(r['ci_high'])}]"
         lines.append(
-            f"| {r['template']} | {_fmt(r['agreement'])} | {ci} | {r['wins']} / {r['ties']} / {r['losses']} | {r['unparseable']} "
-            f"| {_fmt(r['position_consistency'], 2)} | {_fmt(r['position_bias'], 2)} |"
+            f"| {r['template']} | {format_stat(r['agreement'])} | {ci} "
+            f"| {r['wins']} / {r['ties']} / {r['losses']} | {r['unparseable']} "
+            f"| {format_stat(r['position_consistency'], 2)} | {format_stat(r['position_bias'], 2)} |"
         )
     for a in report["template_agreement"]:
         lines.append(
-            f"\n{' vs '.join(a['templates'])}: agreement {_fmt(a['agreement'])}, Cohen's κ {_fmt(a['kappa'])} ({a['n']} pairs)"
+            f"\n{' vs '.join(a['templates'])}: agreement {format_stat(a['agreement'])}, "
+            f"Cohen's κ {format_stat(a['kappa'])} ({a['n']} pairs)"
         )
     return "\n".join(lines) + "\n"

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from dpokit.commands.common import Subcommand
+
+if TYPE_CHECKING:
+    from dpokit.experiments.sentiment import DemoResult
 
 EXPERIMENT_DESCRIPTION = (
     "The DPO paper's IMDb sentiment experiment in miniature: a small GPT-2 trained on generated reviews, "
@@ -15,11 +19,13 @@ EXPERIMENT_DESCRIPTION = (
     "pairs labels its own samples with its implicit reward) against offline DPO and the 10% baseline, at equal steps."
 )
 EXPERIMENT_EPILOG = """examples:
-  dpokit experiment sentiment --mode quick           # the paper's methods, smaller, about 2 minutes
-  dpokit experiment sentiment --mode full             # the reproduction with ORPO, SimPO, KTO and win rates, about 30 minutes
+  dpokit experiment sentiment --mode quick           # the paper's methods, smaller
+  dpokit experiment sentiment --mode full             # the reproduction with ORPO, SimPO, KTO and win rates
   dpokit experiment sentiment --methods dpo,best-of-n
-  dpokit experiment online --mode quick              # online and self-labelling DPO, smaller: about 7 minutes
-  dpokit experiment online --mode full               # the reported comparison (docs/online/)"""
+  dpokit experiment online --mode quick              # online and self-labelling DPO, smaller
+  dpokit experiment online --mode full               # the reported comparison (docs/online/)
+
+Measured run times are in docs/experiments.md."""
 
 DEMO_EPILOG = """\
 The quick mode of the paper's controlled-sentiment experiment (see `dpokit experiment --help`): a
@@ -27,7 +33,7 @@ small GPT-2 trained from scratch on generated movie reviews plays the SFT model 
 first run), pairs of its own completions are labelled by VADER's sentiment score, and DPO teaches it
 to write positive continuations. Prints the ground-truth reward and KL(pi || pi_sft) before and after,
 with samples of both models for the same prompts, and leaves the DPO run directory with
-metrics.jsonl, TensorBoard events and curves.png. About 55 seconds on 2 CPU cores from a cold cache.
+metrics.jsonl, TensorBoard events and curves.png (its measured run time is in docs/experiments.md).
 
 examples:
   dpokit demo
@@ -46,8 +52,8 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         choices=["full", "quick"],
         default="full",
-        help="sentiment: full (about 30 min on 2 CPU cores, win rates included) or quick (about 2 min: the paper's methods, "
-        "smaller); online: full (the reported comparison, about 30 minutes) or quick (about 7 minutes)",
+        help="sentiment: full (every method, win rates included) or quick (the paper's methods, smaller); "
+        "online: full (the reported comparison) or quick (smaller everything)",
     )
     parser.add_argument("--out", default=None, help="output directory (default runs/<name>-<mode>)")
     parser.add_argument(
@@ -90,7 +96,7 @@ def run_experiment(args: argparse.Namespace) -> int:
         threads=args.threads,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    print(results_markdown([{k: v for k, v in p.items() if k != "samples"} for p in result["points"]]))
+    print(results_markdown([p.to_dict() for p in result.points]))
     print(f"wrote {out_dir}/frontier.png, results.json, results.md")
     return 0
 
@@ -111,7 +117,7 @@ def run_online_experiment(args: argparse.Namespace) -> int:
         threads=args.threads,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    print(summary_markdown(result))
+    print(summary_markdown(result.summary()))
     print(f"wrote {out_dir}/frontier.png, results.json, results.md")
     return 0
 
@@ -131,11 +137,57 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+DEMO_INTRO = (
+    "dpokit demo: DPO on the miniature of the paper's controlled-sentiment task",
+    "  policy: a small GPT-2 trained from scratch on generated movie reviews (the SFT model)",
+    "  ground-truth reward: VADER sentiment of prompt + completion, in [-1, 1]",
+)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from dpokit.experiments.sentiment import run_sentiment_demo
 
-    run_sentiment_demo(args.run_dir, args.cache_dir)
+    print("\n".join(DEMO_INTRO), flush=True)
+    result = run_sentiment_demo(args.run_dir, args.cache_dir, log=lambda line: print("  " + line, flush=True))
+    print("\n".join(demo_report(result)))
     return 0
+
+
+def demo_report(result: DemoResult) -> list[str]:
+    """``dpokit demo``'s report: the held-out evaluations during DPO, reward and KL before and after, and
+    samples of both models for the same prompts."""
+    from dpokit.experiments.sentiment import online_example_command
+
+    lines = [
+        "",
+        "held-out preference pairs during DPO (the implicit reward r = beta * log pi/pi_sft):",
+        f"{'step':>6s} {'reward accuracy':>16s} {'margin':>8s} {'loss':>7s}",
+        f"{0:6d} {'(ties)':>16s} {0.0:8.3f} {0.6931:7.4f}   <- policy = reference: every reward is 0",
+    ]
+    lines += [
+        f"{r['step']:6d} {r['rewards/accuracies']:16.3f} {r['rewards/margins']:8.3f} {r['loss']:7.4f}" for r in result.evals
+    ]
+    lines += [
+        "",
+        f"{'':24s} {'reward':>8s} {'KL(pi||pi_sft)':>16s}",
+        f"{'before (SFT model)':24s} {result.before.reward_mean:8.3f} {0.0:16.2f}",
+        f"{f'after DPO (beta={result.beta:g})':24s} {result.after.reward_mean:8.3f} {result.after.kl_mean:16.2f}",
+        f"(means over {result.before.num_samples} samples for {result.num_eval_prompts} held-out prompts; "
+        "KL in nats per completion)",
+        "",
+    ]
+    # Both evaluations sample with the same seed over the same prompts, so sample i of each answers the
+    # same prompt; no examples are shown when the DPO run left none.
+    pairs = list(zip(result.before_samples, result.after_samples, strict=False))
+    for b, a in pairs[:: result.eval_samples_per_prompt][:3]:
+        lines += [
+            f"prompt: {b['prompt']!r}",
+            f"  SFT  [{b['reward']:+.2f}] {b['completion'].strip()}",
+            f"  DPO  [{a['reward']:+.2f}] {a['completion'].strip()}",
+        ]
+    lines.append(f"\ndone in {result.seconds:.0f}s; run directory (metrics.jsonl, tensorboard/, curves.png): {result.run_dir}")
+    lines.append(f"next, online DPO from the same SFT model on the same prompts: {online_example_command(result.out_dir)}")
+    return lines
 
 
 EXPERIMENT = Subcommand(

@@ -22,6 +22,7 @@ import torch
 
 from dpokit.analysis.frontier import best_of_n_kl
 from dpokit.errors import ConfigError
+from dpokit.experiments.results import FrontierPoint
 from dpokit.generation import decode_completions, encode_prompts, sample_completions, stop_token_ids
 from dpokit.models import load_policy, pad_id_of
 
@@ -36,7 +37,7 @@ def best_of_n_points(
     max_new_tokens: int,
     seed: int,
     batch_size: int = 256,
-) -> list[dict[str, Any]]:
+) -> list[FrontierPoint]:
     """Reward of best-of-n for every ``n`` in ``ns``, from one pool of ``max(ns)`` samples per prompt.
 
     Best-of-n for prompt ``x`` takes the first ``n`` samples of the pool (i.i.d., so any ``n`` of
@@ -63,17 +64,17 @@ def best_of_n_points(
         best = rewards[:, :n].max(dim=1).values
         sem = best.std().item() / math.sqrt(len(best)) if len(best) > 1 else float("nan")
         points.append(
-            {
-                "method": "Best-of-N",
-                "run": "best-of-n",
-                "step": n,
-                "n": n,
-                "reward_mean": best.mean().item(),
-                "reward_sem": sem,
-                "kl_mean": best_of_n_kl(n),
-                "kl_sem": 0.0,
-                "num_samples": len(best),
-            }
+            FrontierPoint(
+                method="Best-of-N",
+                run="best-of-n",
+                step=n,
+                n=n,
+                reward_mean=best.mean().item(),
+                reward_sem=sem,
+                kl_mean=best_of_n_kl(n),
+                kl_sem=0.0,
+                num_samples=len(best),
+            )
         )
     return points
 

@@ -103,7 +103,7 @@ def _encode_rows(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_len: 
 
 
 def pretrain(
-    settings: LMSettings, texts: list[str], log: Callable[[str], None] | None = print
+    settings: LMSettings, texts: list[str], log: Callable[[str], None] | None = None
 ) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast, dict[str, Any]]:
     """Train tokenizer and model on ``texts``; returns them and a small summary (final loss, time)."""
     start = time.time()
@@ -151,7 +151,7 @@ def pretrain(
 
 
 def load_or_pretrain(
-    settings: LMSettings, cache_dir: str | Path, log: Callable[[str], None] | None = print
+    settings: LMSettings, cache_dir: str | Path, log: Callable[[str], None] | None = None
 ) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast, Path]:
     """The cached SFT model for ``settings`` (trained and saved on first use). Returns (model, tokenizer, dir)."""
     model_dir = Path(cache_dir) / f"sft-{settings.cache_key()}"

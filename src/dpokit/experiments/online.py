@@ -33,6 +33,7 @@ prompts, completions, judgments, pairs -- under ``runs/<arm>/rounds/``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -40,25 +41,31 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dpokit.analysis.frontier import find_checkpoints, write_results
+from dpokit.analysis.frontier import write_results
 from dpokit.errors import ConfigError
 from dpokit.experiments.lm import LMSettings
 from dpokit.experiments.preferences import make_preference_pairs, write_jsonl
+from dpokit.experiments.results import FrontierPoint, ResultStore, Sample, StoredRun, remove_checkpoints
 from dpokit.experiments.sentiment import (
     DEFAULT_CACHE_DIR,
     DEFAULT_THREADS,
     Experiment,
     ExperimentSettings,
-    _trainer_config,
     resolve_mode,
     torch_threads,
+    trainer_config,
 )
 from dpokit.experiments.sentiment import MODES as SENTIMENT_MODES
 from dpokit.judges.stats import Z95, wilson_interval
+
+if TYPE_CHECKING:
+    from dpokit.config import TrainConfig
+
+Log = Callable[[str], None]
 
 VADER_JUDGE = "reward:dpokit.experiments.reward:vader_reward"
 ARM_LABELS = {
@@ -143,7 +150,7 @@ MODES: dict[str, OnlineExperimentSettings] = {
     # (The defaults: 160 steps of batch 32; rounds of 128 prompts x 4 samples, 8 steps -- two passes over
     # a round's at most 128 pairs.)
     "full": OnlineExperimentSettings(lm=SENTIMENT_MODES["full"].lm),
-    # Smaller everything, the quick sentiment model: 6.7 minutes measured on 2 busy CPU cores (load average 5).
+    # Smaller everything, the quick sentiment model.
     "quick": OnlineExperimentSettings(
         lm=SENTIMENT_MODES["quick"].lm,
         num_train_prompts=300,
@@ -234,8 +241,41 @@ def compare_samples(ours: Sequence[dict[str, Any]], theirs: Sequence[dict[str, A
 # ------------------------------------------------------------------------------------------------
 
 
+STORE_LAYOUT = 2  # enters the stored points' key: arms stored in an older layout are run again
+
+
+@dataclass(frozen=True)
+class OnlineExperimentResult:
+    """What the experiment measured: every point of the frontier, the final policies (``arms``: rewards and
+    KLs with 95% intervals, time, round statistics) and the sample-by-sample ``comparisons``."""
+
+    points: list[FrontierPoint]
+    arms: dict[str, dict[str, Any]]
+    comparisons: dict[str, dict[str, Any]]
+    labelled_pairs: dict[str, int]
+    settings: OnlineExperimentSettings
+    sft_dir: Path
+    timings_seconds: dict[str, float]
+    torch_threads: int
+    date: str
+
+    def summary(self) -> dict[str, Any]:
+        """``results.json``'s fields beside the points (what :func:`summary_markdown` reads)."""
+        return {
+            "date": self.date,
+            "settings": asdict(self.settings),
+            "sft_dir": str(self.sft_dir),
+            "labelled_pairs": self.labelled_pairs,
+            "arms": self.arms,
+            "comparisons": self.comparisons,
+            "timings_seconds": self.timings_seconds,
+            "torch_threads": self.torch_threads,
+        }
+
+
 class OnlineExperiment:
-    """The four arms in ``out_dir``; the shared pieces come from the sentiment experiment."""
+    """The four arms in ``out_dir``; the shared pieces come from the sentiment experiment. Progress goes
+    to ``log``, one line at a time."""
 
     def __init__(
         self,
@@ -244,16 +284,17 @@ class OnlineExperiment:
         cache_dir: str | Path,
         *,
         keep_checkpoints: bool = False,
-        log: Callable[[str], None] | None = print,
+        log: Log | None = None,
     ) -> None:
         settings.validate()
         self.settings = settings
         self.out_dir = Path(out_dir)
         self.cache_dir = Path(cache_dir)
         self.keep_checkpoints = keep_checkpoints
-        self.log = log or (lambda line: None)
+        self.log: Log = log or (lambda line: None)
+        self.store = ResultStore(self.out_dir / "points", self.key(), self.log)
         self.timings: dict[str, float] = {}
-        self.finals: dict[str, dict[str, Any]] = {}  # arm -> its last point's full evaluation (all samples)
+        self.finals: dict[str, tuple[FrontierPoint, list[Sample]]] = {}  # arm -> its last point and all its samples
         self.online_stats: dict[str, list[dict[str, Any]]] = {}
 
     @property
@@ -262,9 +303,9 @@ class OnlineExperiment:
         return max(1, self.settings.total_steps // self.settings.checkpoints_per_run)
 
     def key(self) -> str:
-        import hashlib
-
-        return hashlib.sha256(json.dumps(asdict(self.settings), sort_keys=True).encode()).hexdigest()[:10]
+        """Hash of every setting (and of the stored points' layout): what the stored arms are valid for."""
+        settings = {**asdict(self.settings), "store_layout": STORE_LAYOUT}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
     # -- shared pieces ---------------------------------------------------------------------------
 
@@ -294,22 +335,32 @@ class OnlineExperiment:
         self.heldout_path = write_jsonl(heldout, data / "heldout.jsonl") if heldout else None
         self.log(f"labelled pairs: {self.all_pairs} (a), {self.few_pairs} for the {s.labelled_fraction:.0%} start (c, d)")
 
-    def evaluate(self, policy: torch.nn.Module) -> dict[str, Any]:
-        """Reward and KL to the SFT model from the fixed evaluation prompts and seed, every sample kept."""
-        s = self.settings
-        total = s.num_eval_prompts * s.eval_samples_per_prompt
-        estimate = self.base.evaluate(policy, keep_samples=total)
-        for index, sample in enumerate(estimate["samples"]):
-            sample["prompt_index"] = index // s.eval_samples_per_prompt
-        return estimate
+    @property
+    def all_samples(self) -> int:
+        """Evaluation samples of one model: every one is kept for the final policies' statistics."""
+        return self.settings.num_eval_prompts * self.settings.eval_samples_per_prompt
+
+    def _indexed(self, samples: list[Sample]) -> list[Sample]:
+        """``samples`` (prompt by prompt, ``eval_samples_per_prompt`` each) with their ``prompt_index``."""
+        per_prompt = self.settings.eval_samples_per_prompt
+        return [{**sample, "prompt_index": index // per_prompt} for index, sample in enumerate(samples)]
+
+    def reference_point(self) -> FrontierPoint:
+        """The SFT model on the frontier (KL 0), every sample kept as the reference arm's final."""
+        point, samples = self.base.frontier.estimate(
+            self.base.sft_model, method=ARM_LABELS["reference"], run="sft", step=0, keep_samples=self.all_samples
+        )
+        self.finals["reference"] = (point, self._indexed(samples))
+        self.log(f"SFT reference: reward {point.reward_mean:.3f}  KL 0")
+        return point
 
     # -- runs ------------------------------------------------------------------------------------
 
-    def _config(self, run_dir: Path, train_path: Path, num_pairs: int) -> Any:
+    def _config(self, run_dir: Path, train_path: Path, num_pairs: int) -> TrainConfig:
         """The sentiment experiment's DPO trainer config, for ``total_steps`` steps with checkpoints
         every ``checkpoint_every``."""
         s = self.settings
-        cfg = _trainer_config(
+        cfg = trainer_config(
             s.sentiment(),
             sft_dir=self.sft_dir,
             train_path=train_path,
@@ -324,52 +375,38 @@ class OnlineExperiment:
         cfg.eval.every_steps = self.checkpoint_every
         return cfg
 
-    def _stored(self, arm: str) -> list[dict[str, Any]] | None:
-        path = self.out_dir / "points" / f"{arm}.json"
-        if not path.exists():
+    def _stored(self, arm: str) -> list[FrontierPoint] | None:
+        """The stored points of ``arm`` under these settings (its final samples, time and rounds restored)."""
+        stored = self.store.load(arm)
+        if stored is None:
             return None
-        stored = json.loads(path.read_text())
-        if stored.get("settings_key") != self.key():
-            return None
-        self.timings[arm] = stored["seconds"]
-        self.finals[arm] = stored["final"]
-        self.online_stats[arm] = stored.get("rounds", [])
-        points: list[dict[str, Any]] = stored["points"]
-        return points
+        self.timings[arm] = stored.seconds
+        self.finals[arm] = (stored.points[-1], stored.samples)
+        self.online_stats[arm] = stored.rounds
+        self.log(f"{arm}: stored")
+        return stored.points
 
-    def _store(self, arm: str, points: list[dict[str, Any]], seconds: float) -> None:
-        path = self.out_dir / "points" / f"{arm}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.timings[arm] = seconds
-        payload = {"settings_key": self.key(), "points": points, "seconds": seconds, "final": self.finals[arm]}
-        path.write_text(json.dumps({**payload, "rounds": self.online_stats.get(arm, [])}, indent=2) + "\n")
-
-    def _evaluate_run(self, arm: str, run_dir: Path, offset: int = 0, keep: Sequence[int] = ()) -> list[dict[str, Any]]:
-        """Every checkpoint of ``run_dir`` on the frontier (steps counted from the SFT model: + ``offset``);
-        checkpoints are removed afterwards unless kept, or their step is in ``keep``."""
-        from dpokit.models import load_policy
-
-        points = []
-        checkpoints = [(step, path) for step, path in find_checkpoints(run_dir) if step is not None]
-        for index, (step, path) in enumerate(checkpoints):
-            policy = load_policy(path, dtype="float32", device="cpu").model
-            estimate = self.evaluate(policy)
-            samples = estimate.pop("samples")
-            if index == len(checkpoints) - 1:
-                self.finals[arm] = {**estimate, "step": step + offset, "samples": samples}
-            points.append({"method": ARM_LABELS[arm], "run": arm, "beta": None, "step": step + offset, **estimate})
-            self.log(f"  {arm} step {step + offset}: reward {estimate['reward_mean']:.3f}  KL {estimate['kl_mean']:.2f}")
+    def _evaluate_run(
+        self, arm: str, run_dir: Path, start: float, offset: int = 0, keep: Sequence[int] = ()
+    ) -> list[FrontierPoint]:
+        """Every checkpoint of ``run_dir`` on the frontier (steps counted from the SFT model: + ``offset``),
+        stored with the time since ``start``; checkpoints are removed afterwards unless kept, or their step
+        is in ``keep``."""
+        points, samples = self.base.frontier.checkpoints(
+            run_dir, method=ARM_LABELS[arm], run=arm, step_offset=offset, keep_samples=self.all_samples, log=self.log
+        )
+        self.finals[arm] = (points[-1], self._indexed(samples))
         if not self.keep_checkpoints:
-            for step, path in checkpoints:
-                if step not in keep:
-                    shutil.rmtree(path.parent if path.name == "model" else path, ignore_errors=True)
+            remove_checkpoints(run_dir, keep_steps=keep)
+        self.timings[arm] = time.time() - start
+        stored = StoredRun(points, self.timings[arm], samples=self.finals[arm][1], rounds=self.online_stats.get(arm, []))
+        self.store.save(arm, stored)
         return points
 
-    def run_offline(self, arm: str, train_path: Path, num_pairs: int, keep: Sequence[int] = ()) -> list[dict[str, Any]]:
+    def run_offline(self, arm: str, train_path: Path, num_pairs: int, keep: Sequence[int] = ()) -> list[FrontierPoint]:
         """(a) or (d): DPO from the SFT model on ``train_path`` for ``total_steps`` steps."""
         stored = self._stored(arm)
         if stored is not None:
-            self.log(f"{arm}: stored")
             return stored
         from dpokit.training.trainer import run as train_run
 
@@ -378,11 +415,11 @@ class OnlineExperiment:
         shutil.rmtree(run_dir, ignore_errors=True)
         self.log(f"{arm}: DPO on {num_pairs} pairs, {self.settings.total_steps} steps")
         train_run(self._config(run_dir, train_path, num_pairs))
-        points = self._evaluate_run(arm, run_dir, keep=keep)
-        self._store(arm, points, time.time() - start)
-        return points
+        return self._evaluate_run(arm, run_dir, start, keep=keep)
 
-    def _online_config(self, run_dir: Path, model_dir: Path, judge: str, steps: int, train_path: Path, num_pairs: int) -> Any:
+    def _online_config(
+        self, run_dir: Path, model_dir: Path, judge: str, steps: int, train_path: Path, num_pairs: int
+    ) -> TrainConfig:
         """``dpokit online`` from ``model_dir`` for ``steps`` optimizer steps, the SFT model as the fixed
         reference, ``judge`` labelling each round's samples best vs worst."""
         s = self.settings
@@ -408,11 +445,10 @@ class OnlineExperiment:
         online.sampling.batch_size = 256
         return cfg
 
-    def run_online(self, arm: str, model_dir: Path, judge: str, steps: int, offset: int = 0) -> list[dict[str, Any]]:
+    def run_online(self, arm: str, model_dir: Path, judge: str, steps: int, offset: int = 0) -> list[FrontierPoint]:
         """(b) or (c): ``steps`` steps of online rounds from ``model_dir``, labelled by ``judge``."""
         stored = self._stored(arm)
         if stored is not None:
-            self.log(f"{arm}: stored")
             return stored
         from dpokit.online import run_online
 
@@ -426,11 +462,9 @@ class OnlineExperiment:
         )
         result = run_online(self._online_config(run_dir, model_dir, judge, steps, self.few_path, self.few_pairs))
         self.online_stats[arm] = result.rounds
-        points = self._evaluate_run(arm, run_dir, offset=offset)
-        self._store(arm, points, time.time() - start)
-        return points
+        return self._evaluate_run(arm, run_dir, start, offset=offset)
 
-    def run_self_labelling(self, start_dir: Path, start_point: dict[str, Any]) -> list[dict[str, Any]]:
+    def run_self_labelling(self, start_dir: Path, start_point: FrontierPoint) -> list[FrontierPoint]:
         """(c) and (c'): from the 10% policy, rounds labelled by its own implicit reward against the SFT
         model -- of a frozen copy of the 10% policy (``implicit:`` judge), or of the policy being trained
         (``self``: the log-probs the generation stage computes)."""
@@ -439,25 +473,21 @@ class OnlineExperiment:
             "frozen": ("self-label", f"implicit:{start_dir},reference={self.sft_dir},beta={s.beta:g}"),
             "current": ("self-label-current", "self"),
         }
-        points: list[dict[str, Any]] = []
+        points: list[FrontierPoint] = []
         for name in s.self_judges:
             arm, judge = judges[name]
-            points.append({**start_point, "method": ARM_LABELS[arm], "run": arm})
+            points.append(start_point.relabelled(method=ARM_LABELS[arm], run=arm))
             points += self.run_online(arm, start_dir, judge, s.total_steps - s.start_steps, offset=s.start_steps)
         return points
 
     # -- the whole thing -------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> OnlineExperimentResult:
+        """Prepare, run the arms; write ``frontier.png``, ``results.json`` and ``results.md`` into ``out_dir``."""
         s = self.settings
         start = time.time()
         self.prepare()
-        reference = self.evaluate(self.base.sft_model)
-        self.finals["reference"] = {**reference, "step": 0}
-        samples = reference.pop("samples")
-        points = [{"method": ARM_LABELS["reference"], "run": "sft", "beta": None, "step": 0, **reference}]
-        self.finals["reference"]["samples"] = samples
-        self.log(f"SFT reference: reward {reference['reward_mean']:.3f}  KL 0")
+        points = [self.reference_point()]
         points += self.run_offline("offline", self.base.train_path, self.all_pairs)
         points += self.run_offline("ten-percent", self.few_path, self.few_pairs, keep=(s.start_steps,))
         points += self.run_online("online-gt", self.sft_dir, VADER_JUDGE, s.total_steps)
@@ -467,31 +497,32 @@ class OnlineExperiment:
                 f"the 10% policy's step-{s.start_steps} checkpoint is missing ({start_dir}); "
                 f"delete {self.out_dir / 'points'} and rerun"
             )
-        points += self.run_self_labelling(
-            start_dir, next(p for p in points if p["run"] == "ten-percent" and p["step"] == s.start_steps)
-        )
+        start_point = next(p for p in points if p.run == "ten-percent" and p.step == s.start_steps)
+        points += self.run_self_labelling(start_dir, start_point)
         self.timings["total"] = time.time() - start
-        summary = self.summary()
+        result = self.result(points)
+        summary = result.summary()
         write_results(
-            points, self.out_dir, title="Online and self-labelling DPO (sentiment miniature): reward vs KL", extra=summary
+            [p.to_dict() for p in points],
+            self.out_dir,
+            title="Online and self-labelling DPO (sentiment miniature): reward vs KL",
+            extra=summary,
         )
         with open(self.out_dir / "results.md", "a", encoding="utf-8") as handle:
             handle.write("\n" + summary_markdown(summary))
         self.log(f"done in {self.timings['total'] / 60:.1f} min: {self.out_dir / 'frontier.png'}")
-        return {"points": points, **summary}
+        return result
 
-    def summary(self) -> dict[str, Any]:
+    def result(self, points: list[FrontierPoint]) -> OnlineExperimentResult:
         """The final policies' rewards and KLs with 95% intervals, and (c) against (d) and the start."""
-        s = self.settings
         arms = {}
-        for arm, final in self.finals.items():
-            samples = final["samples"]
+        for arm, (point, samples) in self.finals.items():
             arms[arm] = {
                 "label": ARM_LABELS[arm],
-                "step": final["step"],
+                "step": point.step,
                 "reward": mean_interval(prompt_means(samples, "reward")),
                 "kl": mean_interval(prompt_means(samples, "kl")),
-                "mean_length": final.get("mean_length"),
+                "mean_length": point.mean_length,
                 "seconds": round(self.timings.get(arm, 0.0), 1),
                 "rounds": self.online_stats.get(arm, []),
             }
@@ -499,17 +530,18 @@ class OnlineExperiment:
         pairs = [("self-label", "ten-percent"), ("self-label-current", "ten-percent"), ("online-gt", "offline")]
         for ours, theirs in pairs + [("self-label", "offline"), ("self-label-current", "offline")]:
             if ours in self.finals and theirs in self.finals:
-                comparisons[f"{ours} vs {theirs}"] = compare_samples(self.finals[ours]["samples"], self.finals[theirs]["samples"])
-        return {
-            "date": time.strftime("%Y-%m-%d"),
-            "settings": asdict(s),
-            "sft_dir": str(self.sft_dir),
-            "labelled_pairs": {"all": self.all_pairs, "fraction": self.few_pairs},
-            "arms": arms,
-            "comparisons": comparisons,
-            "timings_seconds": {k: round(v, 1) for k, v in self.timings.items()},
-            "torch_threads": torch.get_num_threads(),
-        }
+                comparisons[f"{ours} vs {theirs}"] = compare_samples(self.finals[ours][1], self.finals[theirs][1])
+        return OnlineExperimentResult(
+            points=points,
+            arms=arms,
+            comparisons=comparisons,
+            labelled_pairs={"all": self.all_pairs, "fraction": self.few_pairs},
+            settings=self.settings,
+            sft_dir=self.sft_dir,
+            timings_seconds={k: round(v, 1) for k, v in self.timings.items()},
+            torch_threads=torch.get_num_threads(),
+            date=time.strftime("%Y-%m-%d"),
+        )
 
 
 def _interval(value: dict[str, float], digits: int = 3) -> str:
@@ -562,9 +594,11 @@ def run_online_experiment(
     cache_dir: str | Path = DEFAULT_CACHE_DIR,
     *,
     threads: int = DEFAULT_THREADS,
-    **kwargs: Any,
-) -> dict[str, Any]:
+    keep_checkpoints: bool = False,
+    log: Log | None = None,
+) -> OnlineExperimentResult:
     """Run the experiment with a named mode (``full``, ``quick``, ``smoke``) or explicit settings, on
-    ``threads`` torch threads; ``kwargs`` go to :class:`OnlineExperiment`."""
+    ``threads`` torch threads (see :class:`OnlineExperiment` for the rest)."""
     with torch_threads(threads):
-        return OnlineExperiment(resolve_mode(mode, MODES), out_dir, cache_dir, **kwargs).run()
+        experiment = OnlineExperiment(resolve_mode(mode, MODES), out_dir, cache_dir, keep_checkpoints=keep_checkpoints, log=log)
+        return experiment.run()

@@ -15,8 +15,9 @@ Pipeline (``dpokit experiment sentiment --mode full|quick``):
    samples on held-out prompts (:func:`dpokit.analysis.frontier.estimate_reward_kl`), drawn as the
    reward-KL frontier (``frontier.png``) with ``results.json`` and ``results.md``.
 
-Each finished run's points are stored under ``<out>/points/`` keyed by the settings, so an
-interrupted experiment picks up where it stopped.
+Each finished run's points are stored under ``<out>/points/`` keyed by the settings
+(:class:`dpokit.experiments.results.ResultStore`), so an interrupted experiment picks up where it
+stopped. The experiment returns a :class:`SentimentResult`; the commands print it.
 """
 
 from __future__ import annotations
@@ -30,15 +31,22 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from dpokit.analysis.frontier import dominance_summary, estimate_reward_kl, find_checkpoints, write_results
+from dpokit.analysis.frontier import dominance_summary, write_results
 from dpokit.errors import ConfigError
 from dpokit.experiments.lm import LMSettings, load_or_pretrain
 from dpokit.experiments.preferences import make_preference_pairs, make_prompts, write_jsonl
+from dpokit.experiments.results import FrontierEvaluation, FrontierPoint, ResultStore, Sample, StoredRun, remove_checkpoints
 from dpokit.experiments.reward import vader_reward
+
+if TYPE_CHECKING:
+    from dpokit.analysis.winrate import WinrateJob
+    from dpokit.config import TrainConfig
+
+Log = Callable[[str], None]
 
 ALL_METHODS = ("dpo", "preferred-ft", "unlikelihood", "orpo", "simpo", "kto", "best-of-n", "rl")
 METHOD_LABELS = {
@@ -134,9 +142,9 @@ def torch_threads(num_threads: int) -> Iterator[None]:
 
 
 MODES: dict[str, ExperimentSettings] = {
-    # The reproduction: 18 minutes measured on 2 CPU cores from an empty cache (the budget is 40).
+    # The reproduction: every method and the win rates (timings measured in docs/experiments.md).
     "full": ExperimentSettings(lm=LMSettings(steps=400)),
-    # Every method, smaller everything: 96 s measured from an empty cache (the budget is 5 minutes).
+    # The paper's methods, smaller everything.
     "quick": ExperimentSettings(
         lm=LMSettings(num_texts=3000, n_embd=128, n_layer=3, steps=150, batch_size=48),
         num_train_prompts=300,
@@ -149,11 +157,11 @@ MODES: dict[str, ExperimentSettings] = {
         rl_betas=(0.05,),
         rl_steps=16,
         rl_prompts_per_step=8,
-        # ORPO, SimPO, KTO and the win-rate stage are left out: the quick mode keeps its 2-minute budget.
+        # ORPO, SimPO, KTO and the win-rate stage are left out to keep the quick mode quick.
         methods=("dpo", "preferred-ft", "unlikelihood", "best-of-n", "rl"),
         winrate_temperatures=(),
     ),
-    # `dpokit demo`: DPO only, one beta; about 35 s on 2 CPU cores from a cold cache (the budget is 3 minutes).
+    # `dpokit demo`: DPO only, one beta.
     "demo": ExperimentSettings(
         lm=LMSettings(num_texts=3000, n_embd=128, n_layer=3, steps=150, batch_size=48),
         methods=("dpo",),
@@ -190,7 +198,7 @@ MODES: dict[str, ExperimentSettings] = {
 }
 
 
-def _trainer_config(
+def trainer_config(
     settings: ExperimentSettings,
     *,
     sft_dir: Path,
@@ -200,8 +208,10 @@ def _trainer_config(
     beta: float,
     num_pairs: int,
     cache_dir: Path,
-) -> Any:
-    """A :class:`dpokit.config.TrainConfig` for one preference run on the experiment's data."""
+) -> TrainConfig:
+    """The :class:`dpokit.config.TrainConfig` of one preference run of the experiment: ``terms`` (with
+    ``beta``) on ``train_path`` from the SFT model, for ``settings.epochs`` epochs of ``num_pairs`` rows,
+    with ``settings.checkpoints_per_run`` checkpoints."""
     from dpokit.config import config_from_dict
 
     steps = settings.epochs * -(-num_pairs // settings.batch_size)
@@ -237,8 +247,48 @@ def _trainer_config(
     )
 
 
+@dataclass(frozen=True)
+class WinrateStage:
+    """The win-rate stage's rows (:func:`dpokit.analysis.winrate.run_winrate`'s ``results``) and the DPO
+    policies' checks as implicit-reward judges."""
+
+    results: list[dict[str, Any]]
+    implicit_judges: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class SentimentResult:
+    """What one experiment measured: the frontier's points and what ``results.json`` holds beside them."""
+
+    points: list[FrontierPoint]
+    settings: ExperimentSettings
+    sft_dir: Path
+    preferences: dict[str, float]
+    dpo_dominance: dict[str, dict[str, Any]] | None
+    timings_seconds: dict[str, float]
+    samples: dict[str, list[Sample]]  # the first samples of each evaluated model (the last checkpoint of each run)
+    torch_threads: int
+    winrate: WinrateStage | None
+    date: str
+
+    def summary(self) -> dict[str, Any]:
+        """``results.json``'s fields beside the points."""
+        return {
+            "date": self.date,
+            "settings": asdict(self.settings),
+            "sft_dir": str(self.sft_dir),
+            "preferences": self.preferences,
+            "dpo_dominance": self.dpo_dominance,
+            "timings_seconds": self.timings_seconds,
+            "samples": self.samples,
+            "torch_threads": self.torch_threads,
+            "winrate": None if self.winrate is None else asdict(self.winrate),
+        }
+
+
 class Experiment:
-    """One experiment in ``out_dir``: the shared pieces (SFT model, prompts, data) and the method runs."""
+    """One experiment in ``out_dir``: the shared pieces (SFT model, prompts, data) and the method runs.
+    Progress goes to ``log``, one line at a time."""
 
     def __init__(
         self,
@@ -247,7 +297,7 @@ class Experiment:
         cache_dir: str | Path,
         *,
         keep_checkpoints: bool = False,
-        log: Callable[[str], None] | None = print,
+        log: Log | None = None,
     ) -> None:
         unknown = set(settings.methods) - set(ALL_METHODS)
         if unknown:
@@ -256,14 +306,16 @@ class Experiment:
         self.out_dir = Path(out_dir)
         self.cache_dir = Path(cache_dir)
         self.keep_checkpoints = keep_checkpoints
-        self.log = log or (lambda line: None)
+        self.log: Log = log or (lambda line: None)
+        self.store = ResultStore(self.out_dir / "points", settings.key(), self.log)
         self.timings: dict[str, float] = {}
-        self.samples: dict[str, list[dict[str, Any]]] = {}
+        self.samples: dict[str, list[Sample]] = {}
         self.reward_fn = vader_reward
 
     # -- shared pieces ---------------------------------------------------------------------------
 
     def prepare(self) -> None:
+        """The SFT model (cached), the training and evaluation prompts, and the labelled pairs."""
         s = self.settings
         start = time.time()
         self.sft_model, self.tokenizer, self.sft_dir = load_or_pretrain(s.lm, self.cache_dir, log=self.log)
@@ -273,6 +325,15 @@ class Experiment:
         self.eval_prompts = make_prompts(self.tokenizer, s.num_eval_prompts, EVAL_PROMPT_SEED + s.seed)
         (self.out_dir / "data").mkdir(parents=True, exist_ok=True)
         (self.out_dir / "data" / "eval_prompts.txt").write_text("\n".join(self.eval_prompts) + "\n")
+        self.frontier = FrontierEvaluation(
+            self.sft_model,
+            self.tokenizer,
+            self.eval_prompts,
+            self.reward_fn,
+            samples_per_prompt=s.eval_samples_per_prompt,
+            max_new_tokens=s.max_new_tokens,
+            seed=s.seed + 7,
+        )
         rows, self.preference_stats = make_preference_pairs(
             self.sft_model,
             self.tokenizer,
@@ -293,78 +354,58 @@ class Experiment:
             f"(SFT mean reward {self.preference_stats['sft_reward_mean']:.3f}) in {self.timings['preferences']:.0f}s"
         )
 
-    def evaluate(self, policy: torch.nn.Module, keep_samples: int = 0) -> dict[str, Any]:
-        s = self.settings
-        return estimate_reward_kl(
-            policy,
-            self.sft_model,
-            self.tokenizer,
-            self.eval_prompts,
-            self.reward_fn,
-            num_samples=s.eval_samples_per_prompt,
-            max_new_tokens=s.max_new_tokens,
-            seed=s.seed + 7,
-            keep_samples=keep_samples,
+    def reference_point(self) -> FrontierPoint:
+        """The SFT model on the frontier (KL 0), its first samples kept as ``samples["reference"]``."""
+        point, self.samples["reference"] = self.frontier.estimate(
+            self.sft_model, method=METHOD_LABELS["reference"], run="sft", step=0, keep_samples=KEEP_SAMPLES
         )
+        self.log(f"SFT reference: reward {point.reward_mean:.3f}  KL 0")
+        return point
 
     # -- runs ------------------------------------------------------------------------------------
 
-    def _cached_points(self, run: str) -> list[dict[str, Any]] | None:
-        path = self.out_dir / "points" / f"{run}.json"
-        if path.exists():
-            stored = json.loads(path.read_text())
-            if stored.get("settings_key") == self.settings.key():
-                self.samples[run] = stored.get("samples", [])
-                self.timings[run] = stored.get("seconds", 0.0)
-                points: list[dict[str, Any]] = stored["points"]
-                return points
-        return None
+    def _stored(self, run: str) -> list[FrontierPoint] | None:
+        """The stored points of ``run`` under these settings (its samples and time restored), or None."""
+        stored = self.store.load(run)
+        if stored is None:
+            return None
+        self.samples[run] = stored.samples
+        self.timings[run] = stored.seconds
+        self.log(f"{run}: cached")
+        return stored.points
 
-    def _store_points(self, run: str, points: list[dict[str, Any]], seconds: float) -> None:
-        path = self.out_dir / "points" / f"{run}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.timings[run] = seconds
-        path.write_text(
-            json.dumps(
-                {"settings_key": self.settings.key(), "points": points, "seconds": seconds, "samples": self.samples.get(run, [])},
-                indent=2,
-            )
-        )
-
-    def _evaluate_run_dir(self, run: str, method: str, run_dir: Path, beta: float | None) -> list[dict[str, Any]]:
-        from dpokit.models import load_policy
-
-        points = []
-        checkpoints = [(step, path) for step, path in find_checkpoints(run_dir) if step is not None]
-        device = str(next(self.sft_model.parameters()).device)  # policy and reference side by side
-        for index, (step, path) in enumerate(checkpoints):
-            last = index == len(checkpoints) - 1
-            policy = load_policy(path, dtype="float32", device=device).model
-            estimate = self.evaluate(policy, keep_samples=KEEP_SAMPLES if last else 0)
-            if last:
-                self.samples[run] = estimate.pop("samples")
-            points.append({"method": METHOD_LABELS[method], "run": run, "beta": beta, "step": step, **estimate})
-            self.log(f"  {run} step {step}: reward {estimate['reward_mean']:.3f}  KL {estimate['kl_mean']:.2f}")
-        if not self.keep_checkpoints:
-            for _, path in checkpoints:
-                shutil.rmtree(path.parent if path.name == "model" else path, ignore_errors=True)
+    def _keep(self, run: str, points: list[FrontierPoint], samples: list[Sample], start: float) -> list[FrontierPoint]:
+        """Record ``run``'s results (samples, time since ``start``) and store them."""
+        self.samples[run] = samples
+        self.timings[run] = time.time() - start
+        self.store.save(run, StoredRun(points=points, seconds=self.timings[run], samples=samples))
         return points
+
+    def _evaluate_run_dir(
+        self, run: str, method: str, run_dir: Path, beta: float | None
+    ) -> tuple[list[FrontierPoint], list[Sample]]:
+        """Every checkpoint of ``run_dir`` on the frontier; the checkpoints are removed afterwards unless kept."""
+        evaluated = self.frontier.checkpoints(
+            run_dir, method=METHOD_LABELS[method], run=run, beta=beta, keep_samples=KEEP_SAMPLES, log=self.log
+        )
+        if not self.keep_checkpoints:
+            remove_checkpoints(run_dir)
+        return evaluated
 
     def run_trainer(
         self, run: str, method: str, terms: list[dict[str, Any]], beta: float | None, train_path: Path | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[FrontierPoint]:
         """One dpokit trainer run (on ``train_path``, default the preference pairs); its checkpoints
         evaluated on the frontier."""
-        cached = self._cached_points(run)
-        if cached is not None:
-            self.log(f"{run}: cached")
-            return cached
+        stored = self._stored(run)
+        if stored is not None:
+            return stored
         from dpokit.training.trainer import run as train_run
 
         start = time.time()
         run_dir = self.out_dir / "runs" / run
         shutil.rmtree(run_dir, ignore_errors=True)
-        cfg = _trainer_config(
+        cfg = trainer_config(
             self.settings,
             sft_dir=self.sft_dir,
             train_path=train_path or self.train_path,
@@ -377,19 +418,20 @@ class Experiment:
         self.log(f"{run}: training ({cfg.optim.epochs} epochs, checkpoint every {cfg.checkpoint.every_steps} steps)")
         result = train_run(cfg)
         train_seconds = time.time() - start
-        points = self._evaluate_run_dir(run, method, run_dir, beta)
+        points, samples = self._evaluate_run_dir(run, method, run_dir, beta)
         self.log(
             f"{run}: {result.global_step} steps in {train_seconds:.0f}s, evaluated in {time.time() - start - train_seconds:.0f}s"
         )
-        self._store_points(run, points, time.time() - start)
-        return points
+        return self._keep(run, points, samples, start)
 
-    def run_best_of_n(self) -> list[dict[str, Any]]:
+    def run_best_of_n(self) -> list[FrontierPoint]:
+        """Best-of-n of the SFT model's samples for every n in ``best_of_n`` (KL analytic)."""
         from dpokit.experiments.baselines import best_of_n_points
 
-        cached = self._cached_points("best-of-n")
-        if cached is not None:
-            return cached
+        stored = self.store.load("best-of-n")
+        if stored is not None:
+            self.timings["best-of-n"] = stored.seconds
+            return stored.points
         start = time.time()
         s = self.settings
         points = best_of_n_points(
@@ -402,18 +444,19 @@ class Experiment:
             seed=s.seed + 11,
         )
         for point in points:
-            self.log(f"  best-of-{point['n']}: reward {point['reward_mean']:.3f}  KL {point['kl_mean']:.2f} (analytic)")
-        self._store_points("best-of-n", points, time.time() - start)
+            self.log(f"  best-of-{point.n}: reward {point.reward_mean:.3f}  KL {point.kl_mean:.2f} (analytic)")
+        self.timings["best-of-n"] = time.time() - start
+        self.store.save("best-of-n", StoredRun(points=points, seconds=self.timings["best-of-n"]))
         return points
 
-    def run_rl(self, beta: float) -> list[dict[str, Any]]:
+    def run_rl(self, beta: float) -> list[FrontierPoint]:
+        """RLOO (TRL) on the ground-truth reward with KL weight ``beta``; its checkpoints on the frontier."""
         from dpokit.experiments.baselines import train_rloo
 
         run = f"rloo-beta{beta:g}"
-        cached = self._cached_points(run)
-        if cached is not None:
-            self.log(f"{run}: cached")
-            return cached
+        stored = self._stored(run)
+        if stored is not None:
+            return stored
         s = self.settings
         start = time.time()
         run_dir = self.out_dir / "runs" / run
@@ -433,9 +476,8 @@ class Experiment:
             lr=s.rl_lr,
             seed=s.seed,
         )
-        points = self._evaluate_run_dir(run, "rl", run_dir, beta)
-        self._store_points(run, points, time.time() - start)
-        return points
+        points, samples = self._evaluate_run_dir(run, "rl", run_dir, beta)
+        return self._keep(run, points, samples, start)
 
     def unpaired_data(self) -> Path:
         """KTO's data with half the pairs' information thrown away: one completion of each pair (the
@@ -454,10 +496,10 @@ class Experiment:
         self.preference_stats["kto_examples"] = len(unpaired)
         return write_jsonl(unpaired, self.out_dir / "data" / "unpaired.jsonl")
 
-    def run_objectives(self) -> list[dict[str, Any]]:
+    def run_objectives(self) -> list[FrontierPoint]:
         """ORPO, SimPO (reference-free, on the pairs) and KTO (unpaired), those of them in ``methods``."""
         s = self.settings
-        points: list[dict[str, Any]] = []
+        points: list[FrontierPoint] = []
         if "orpo" in s.methods:
             points += self.run_trainer("orpo", "orpo", [{"name": "orpo", "nll_weight": 1.0}], s.orpo_beta)
         if "simpo" in s.methods:
@@ -477,31 +519,29 @@ class Experiment:
         found = [(name, self.out_dir / "runs" / run / "final") for name, run in runs]
         return [(name, str(path)) for name, path in found if (path / "config.json").exists()]
 
-    def _best_of_n_samples(self, job: Any, prompts: list[str]) -> str:
-        """Best-of-N of the SFT model's samples at each temperature, stored where
-        :func:`dpokit.analysis.winrate.sample_model` reads a model's samples; returns the model's path key."""
-        from dpokit.analysis.winrate import _sample_key, sample_model
+    def _best_of_n_samples(self, job: WinrateJob, prompts: list[str]) -> tuple[str, str]:
+        """Best-of-N of the SFT model's samples at each temperature, stored through
+        :func:`dpokit.analysis.winrate.store_samples` where the win-rate run reads a model's samples;
+        returns the model's ``(name, path)`` (a path of its own: nothing is loaded from it)."""
+        from dpokit.analysis.winrate import sample_model, store_samples
 
         n = self.settings.winrate_best_of_n
         pool_job = dataclasses.replace(job, samples_per_prompt=n * job.samples_per_prompt)
         pools = sample_model("sft-pool", str(self.sft_dir), prompts, pool_job, seed=job.seed + 17, advance=lambda: None)
-        path = f"{self.sft_dir}#best-of-{n}"
-        directory = Path(job.out) / "samples" / f"Best-of-{n}"
-        directory.mkdir(parents=True, exist_ok=True)
+        name, path = f"Best-of-{n}", f"{self.sft_dir}#best-of-{n}"
+        best: dict[float, list[list[str]]] = {}
         for temperature, grouped in pools.items():
             flat_prompts = [p for p, group in zip(prompts, grouped, strict=True) for _ in group]
             rewards = self.reward_fn(prompts=flat_prompts, completions=[c for group in grouped for c in group])
-            best: list[list[str]] = []
+            best[temperature] = []
             for index, group in enumerate(grouped):
                 scored = list(zip(rewards[index * len(group) : (index + 1) * len(group)], group, strict=True))
                 chunks = [scored[j * n : (j + 1) * n] for j in range(job.samples_per_prompt)]
-                best.append([max(chunk, key=lambda rc: rc[0])[1] for chunk in chunks])
-            key = _sample_key(path, prompts, temperature, job.seed, job)
-            payload = {"model": path, "temperature": temperature, "completions": best}
-            (directory / f"t{temperature:g}-{key}.json").write_text(json.dumps(payload), encoding="utf-8")
-        return path
+                best[temperature].append([max(chunk, key=lambda rc: rc[0])[1] for chunk in chunks])
+        store_samples(name, path, prompts, job, best, seed=job.seed)
+        return name, path
 
-    def run_winrates(self) -> dict[str, Any] | None:
+    def run_winrates(self) -> WinrateStage | None:
         """Win rate of every trained model (and Best-of-N) against the SFT model's samples at each
         temperature, judged pairwise by the ground-truth reward, through :func:`dpokit.analysis.winrate.run_winrate`;
         then the DPO policies as implicit-reward judges on held-out labelled pairs."""
@@ -531,15 +571,16 @@ class Experiment:
             title="Win rate vs the SFT model (judge: VADER, the ground-truth reward)",
         )
         if "best-of-n" in s.methods:
-            job.models.append((f"Best-of-{s.winrate_best_of_n}", self._best_of_n_samples(job, prompts)))
+            job.models.append(self._best_of_n_samples(job, prompts))
         results = run_winrate(job, log=self.log)
-        results["implicit_judges"] = self.implicit_judge_check(out)
+        stage = WinrateStage(results=results["results"], implicit_judges=self.implicit_judge_check(out))
+        results["implicit_judges"] = stage.implicit_judges
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
         with open(out / "results.md", "a", encoding="utf-8") as handle:
-            handle.write(implicit_markdown(results["implicit_judges"]))
+            handle.write(implicit_markdown(stage.implicit_judges))
         self.timings["winrate"] = time.time() - start
-        self.log(f"win rates: {len(results['results'])} rows in {self.timings['winrate']:.0f}s -> {out}")
-        return results
+        self.log(f"win rates: {len(stage.results)} rows in {self.timings['winrate']:.0f}s -> {out}")
+        return stage
 
     def implicit_judge_check(self, out: Path) -> list[dict[str, Any]]:
         """Each DPO policy's implicit reward as a judge (``implicit:``) on held-out pairs labelled by the
@@ -571,14 +612,10 @@ class Experiment:
 
     # -- the whole thing -------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run_methods(self) -> list[FrontierPoint]:
+        """Every method in ``methods``, in the order of :data:`ALL_METHODS`: their points."""
         s = self.settings
-        start = time.time()
-        self.prepare()
-        reference = self.evaluate(self.sft_model, keep_samples=KEEP_SAMPLES)
-        self.samples["reference"] = reference.pop("samples")
-        points = [{"method": METHOD_LABELS["reference"], "run": "sft", "beta": None, "step": 0, **reference}]
-        self.log(f"SFT reference: reward {reference['reward_mean']:.3f}  KL 0")
+        points: list[FrontierPoint] = []
         if "dpo" in s.methods:
             for beta in s.dpo_betas:
                 points += self.run_trainer(f"dpo-beta{beta:g}", "dpo", [{"name": "sigmoid"}], beta)
@@ -594,29 +631,38 @@ class Experiment:
         if "rl" in s.methods:
             for beta in s.rl_betas:
                 points += self.run_rl(beta)
+        return points
+
+    def run(self) -> SentimentResult:
+        """Prepare, run every method, the win-rate stage; write ``frontier.png``, ``results.json`` and
+        ``results.md`` into ``out_dir``."""
+        s = self.settings
+        start = time.time()
+        self.prepare()
+        points = [self.reference_point(), *self.run_methods()]
         winrates = self.run_winrates()
         self.timings["total"] = time.time() - start
-        summary = {
-            "date": time.strftime("%Y-%m-%d"),
-            "settings": asdict(s),
-            "sft_dir": str(self.sft_dir),
-            "preferences": self.preference_stats,
-            "dpo_dominance": dominance_summary(points, METHOD_LABELS["dpo"]) if "dpo" in s.methods else None,
-            "timings_seconds": {k: round(v, 1) for k, v in self.timings.items()},
-            "samples": self.samples,
-            "torch_threads": torch.get_num_threads(),
-            "winrate": None
-            if winrates is None
-            else {"results": winrates["results"], "implicit_judges": winrates["implicit_judges"]},
-        }
-        write_results(points, self.out_dir, title="Controlled sentiment (miniature): reward vs KL", extra=summary)
+        dicts = [p.to_dict() for p in points]
+        result = SentimentResult(
+            points=points,
+            settings=s,
+            sft_dir=self.sft_dir,
+            preferences=self.preference_stats,
+            dpo_dominance=dominance_summary(dicts, METHOD_LABELS["dpo"]) if "dpo" in s.methods else None,
+            timings_seconds={k: round(v, 1) for k, v in self.timings.items()},
+            samples=self.samples,
+            torch_threads=torch.get_num_threads(),
+            winrate=winrates,
+            date=time.strftime("%Y-%m-%d"),
+        )
+        write_results(dicts, self.out_dir, title="Controlled sentiment (miniature): reward vs KL", extra=result.summary())
         self.log(f"done in {self.timings['total'] / 60:.1f} min: {self.out_dir / 'frontier.png'}")
-        return {"points": points, **summary}
+        return result
 
 
 def implicit_markdown(reports: list[dict[str, Any]]) -> str:
     """The implicit-judge check as a markdown table (appended to the win-rate ``results.md``)."""
-    from dpokit.analysis.winrate import _fmt
+    from dpokit.analysis.winrate import format_stat
 
     lines = [
         "",
@@ -626,11 +672,11 @@ def implicit_markdown(reports: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in reports:
-        ci = f"{_fmt(r['agreement_ties_half'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        ci = f"{format_stat(r['agreement_ties_half'])} [{format_stat(r['ci_low'])}, {format_stat(r['ci_high'])}]"
         lines.append(
-            f"| implicit: {r['model']} | {r['num_pairs']} | {_fmt(r['agreement'])} | {ci} "
+            f"| implicit: {r['model']} | {r['num_pairs']} | {format_stat(r['agreement'])} | {ci} "
             f"| {r['wins']} / {r['ties']} / {r['losses']} "
-            f"| {_fmt(r['position_consistency'], 2)} | {_fmt(r['position_bias'], 2)} |"
+            f"| {format_stat(r['position_consistency'], 2)} | {format_stat(r['position_bias'], 2)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -641,12 +687,14 @@ def run_experiment(
     cache_dir: str | Path = DEFAULT_CACHE_DIR,
     *,
     threads: int = DEFAULT_THREADS,
-    **kwargs: Any,
-) -> dict[str, Any]:
+    keep_checkpoints: bool = False,
+    log: Log | None = None,
+) -> SentimentResult:
     """Run the experiment with a named mode (``full``, ``quick``, ``demo``, ``smoke``) or explicit
-    settings, on ``threads`` torch threads; ``kwargs`` go to :class:`Experiment`."""
+    settings, on ``threads`` torch threads (see :class:`Experiment` for the rest)."""
     with torch_threads(threads):
-        return Experiment(resolve_mode(mode, MODES), out_dir, cache_dir, **kwargs).run()
+        experiment = Experiment(resolve_mode(mode, MODES), out_dir, cache_dir, keep_checkpoints=keep_checkpoints, log=log)
+        return experiment.run()
 
 
 def resolve_mode(mode: str | _Settings, modes: dict[str, _Settings]) -> _Settings:
@@ -664,23 +712,41 @@ def resolve_mode(mode: str | _Settings, modes: dict[str, _Settings]) -> _Setting
 # ------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DemoResult:
+    """What ``dpokit demo`` measured: the SFT model and the DPO policy on the frontier, each with its first
+    samples (sample i of both answers the same prompt), the DPO run's held-out evaluations, and where it went."""
+
+    beta: float
+    before: FrontierPoint
+    before_samples: list[Sample]
+    after: FrontierPoint
+    after_samples: list[Sample]  # empty when the DPO run left no checkpoint to evaluate
+    evals: list[dict[str, Any]]  # the run's held-out evaluation records (metrics.jsonl, split "eval")
+    num_eval_prompts: int
+    eval_samples_per_prompt: int
+    seconds: float
+    run_dir: Path
+    out_dir: Path
+
+
 def run_sentiment_demo(
     out_dir: str | Path = DEMO_RUN_DIR,
     cache_dir: str | Path = DEFAULT_CACHE_DIR,
     *,
     settings: ExperimentSettings | None = None,
-    log: Callable[[str], None] | None = print,
+    log: Log | None = None,
     threads: int = DEFAULT_THREADS,
-) -> dict[str, Any]:
+) -> DemoResult:
     """``dpokit demo``: teach the tiny review model to write positive continuations with DPO.
 
     Pretrains (or loads from the cache) the small GPT-2, labels pairs of its own completions with
-    VADER, runs DPO through :func:`dpokit.training.run`, and prints the ground-truth reward and
-    KL(pi || pi_sft) before and after, with samples of both models for the same prompts. Returns
-    ``{"before": point, "after": point, "samples": {...}, "seconds": ...}``.
+    VADER, runs DPO through :func:`dpokit.training.run` (progress to ``log``), and measures the
+    ground-truth reward and KL(pi || pi_sft) before and after, with samples of both models for the same
+    prompts. Only the SFT model is cached: the demo always trains.
     """
     with torch_threads(threads):
-        return _sentiment_demo(out_dir, cache_dir, settings, log)
+        return _sentiment_demo(out_dir, cache_dir, settings or MODES["demo"], log)
 
 
 def online_example_command(out_dir: str | Path) -> str:
@@ -696,56 +762,33 @@ def online_example_command(out_dir: str | Path) -> str:
     )
 
 
-def _sentiment_demo(
-    out_dir: str | Path, cache_dir: str | Path, settings: ExperimentSettings | None, log: Callable[[str], None] | None
-) -> dict[str, Any]:
-    out = log or (lambda line: None)
-    settings = settings or MODES["demo"]
+def _sentiment_demo(out_dir: str | Path, cache_dir: str | Path, settings: ExperimentSettings, log: Log | None) -> DemoResult:
+    from dpokit.training.tracking import read_metrics
+
     settings = dataclasses.replace(settings, methods=("dpo",), dpo_betas=settings.dpo_betas[:1])
     start = time.time()
-    out("dpokit demo: DPO on the miniature of the paper's controlled-sentiment task")
-    out("  policy: a small GPT-2 trained from scratch on generated movie reviews (the SFT model)")
-    out("  ground-truth reward: VADER sentiment of prompt + completion, in [-1, 1]")
-    experiment = Experiment(settings, out_dir, cache_dir, log=lambda line: out("  " + line))
+    experiment = Experiment(settings, out_dir, cache_dir, log=log)
     shutil.rmtree(Path(out_dir) / "points", ignore_errors=True)  # the demo always trains; only the SFT model is cached
     experiment.prepare()
     # The SFT model beside the demo's data, at a path the online example names (examples/online.yaml).
     shutil.copytree(experiment.sft_dir, Path(out_dir) / "sft", dirs_exist_ok=True)
-    before = experiment.evaluate(experiment.sft_model, keep_samples=KEEP_SAMPLES)
-    beta = settings.dpo_betas[0]
-    points = experiment.run_trainer(f"dpo-beta{beta:g}", "dpo", [{"name": "sigmoid"}], beta)
-    after = points[-1]
-    # Both evaluations sample with the same seed over the same prompt list, so sample i of each
-    # answers the same prompt.
-    after_samples = experiment.samples.get(f"dpo-beta{beta:g}", [])
-    run_dir = Path(out_dir) / "runs" / f"dpo-beta{beta:g}"
-    from dpokit.training.tracking import read_metrics
-
-    out("")
-    out("held-out preference pairs during DPO (the implicit reward r = beta * log pi/pi_sft):")
-    out(f"{'step':>6s} {'reward accuracy':>16s} {'margin':>8s} {'loss':>7s}")
-    out(f"{0:6d} {'(ties)':>16s} {0.0:8.3f} {0.6931:7.4f}   <- policy = reference: every reward is 0")
-    for record in read_metrics(run_dir):
-        if record.get("split") == "eval":
-            out(
-                f"{record['step']:6d} {record['rewards/accuracies']:16.3f} {record['rewards/margins']:8.3f} {record['loss']:7.4f}"
-            )
-    out("")
-    out(f"{'':24s} {'reward':>8s} {'KL(pi||pi_sft)':>16s}")
-    out(f"{'before (SFT model)':24s} {before['reward_mean']:8.3f} {0.0:16.2f}")
-    out(f"{f'after DPO (beta={beta:g})':24s} {after['reward_mean']:8.3f} {after['kl_mean']:16.2f}")
-    out(
-        f"(means over {before['num_samples']} samples for {len(experiment.eval_prompts)} held-out prompts; "
-        "KL in nats per completion)"
+    before, before_samples = experiment.frontier.estimate(
+        experiment.sft_model, method=METHOD_LABELS["reference"], run="sft", step=0, keep_samples=KEEP_SAMPLES
     )
-    out("")
-    step = settings.eval_samples_per_prompt
-    # after_samples is empty when the DPO run left none: then no examples are shown.
-    for b, a in list(zip(before["samples"], after_samples, strict=False))[::step][:3]:
-        out(f"prompt: {b['prompt']!r}")
-        out(f"  SFT  [{b['reward']:+.2f}] {b['completion'].strip()}")
-        out(f"  DPO  [{a['reward']:+.2f}] {a['completion'].strip()}")
-    seconds = time.time() - start
-    out(f"\ndone in {seconds:.0f}s; run directory (metrics.jsonl, tensorboard/, curves.png): {run_dir}")
-    out(f"next, online DPO from the same SFT model on the same prompts: {online_example_command(out_dir)}")
-    return {"before": before, "after": after, "after_samples": after_samples, "seconds": seconds, "run_dir": run_dir}
+    beta = settings.dpo_betas[0]
+    run = f"dpo-beta{beta:g}"
+    points = experiment.run_trainer(run, "dpo", [{"name": "sigmoid"}], beta)
+    run_dir = Path(out_dir) / "runs" / run
+    return DemoResult(
+        beta=beta,
+        before=before,
+        before_samples=before_samples,
+        after=points[-1],
+        after_samples=experiment.samples.get(run, []),
+        evals=[r for r in read_metrics(run_dir) if r.get("split") == "eval"],
+        num_eval_prompts=len(experiment.eval_prompts),
+        eval_samples_per_prompt=settings.eval_samples_per_prompt,
+        seconds=time.time() - start,
+        run_dir=run_dir,
+        out_dir=Path(out_dir),
+    )

@@ -1,0 +1,236 @@
+"""What the experiments measure and keep: typed reward-KL points, the store of finished runs' results, and
+the evaluation of a run directory's checkpoints on the frontier -- one of each, for every experiment.
+
+* :class:`FrontierPoint` -- one model's mean ground-truth reward and KL to the reference, as
+  :mod:`dpokit.analysis.frontier` draws and tabulates it (``to_dict``/``from_dict`` are the JSON form
+  of ``results.json`` and of the store).
+* :class:`ResultStore` -- each finished run's points (and the samples and round statistics that go with
+  them) under ``<out>/points/<run>.json``, valid for one settings key, so an interrupted experiment
+  picks up where it stopped and a change of settings runs again.
+* :class:`FrontierEvaluation` -- the reference model, prompts, reward and sampling of one experiment's
+  estimates; :meth:`~FrontierEvaluation.checkpoints` evaluates every checkpoint of a run directory on
+  the reference model's device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpokit.analysis.frontier import estimate_reward_kl, find_checkpoints
+from dpokit.scoring import RewardFn
+
+Sample = dict[str, Any]  # one evaluation sample: prompt, completion, reward, kl (online: and prompt_index)
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One model on the reward-KL frontier: means and standard errors over its evaluation samples.
+
+    ``step`` counts optimizer steps from the SFT model (best-of-n: its ``n``); ``beta`` annotates the
+    run's last point in the figure; ``n`` is best-of-n's and None elsewhere.
+    """
+
+    method: str
+    run: str
+    step: int
+    reward_mean: float
+    reward_sem: float
+    kl_mean: float
+    kl_sem: float
+    num_samples: int
+    beta: float | None = None
+    mean_length: float | None = None
+    n: int | None = None
+
+    @classmethod
+    def from_estimate(
+        cls, estimate: Mapping[str, Any], *, method: str, run: str, step: int, beta: float | None = None
+    ) -> FrontierPoint:
+        """A point from :func:`dpokit.analysis.frontier.estimate_reward_kl`'s result (its samples left out)."""
+        return cls(
+            method=method,
+            run=run,
+            step=step,
+            beta=beta,
+            reward_mean=float(estimate["reward_mean"]),
+            reward_sem=float(estimate["reward_sem"]),
+            kl_mean=float(estimate["kl_mean"]),
+            kl_sem=float(estimate["kl_sem"]),
+            num_samples=int(estimate["num_samples"]),
+            mean_length=None if estimate.get("mean_length") is None else float(estimate["mean_length"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: ``method, run, beta, step, [n], reward_mean, reward_sem, kl_mean, kl_sem,
+        num_samples, [mean_length]`` (``n`` and ``mean_length`` only where they are known)."""
+        data: dict[str, Any] = {"method": self.method, "run": self.run, "beta": self.beta, "step": self.step}
+        if self.n is not None:
+            data["n"] = self.n
+        data |= {
+            "reward_mean": self.reward_mean,
+            "reward_sem": self.reward_sem,
+            "kl_mean": self.kl_mean,
+            "kl_sem": self.kl_sem,
+            "num_samples": self.num_samples,
+        }
+        if self.mean_length is not None:
+            data["mean_length"] = self.mean_length
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FrontierPoint:
+        """A point from its JSON form (``beta``, ``mean_length`` and ``n`` may be absent); a KeyError,
+        TypeError or ValueError names what is missing or malformed."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def relabelled(self, *, method: str, run: str) -> FrontierPoint:
+        """The same measurement under another method and run name (an arm that starts from it)."""
+        return dataclasses.replace(self, method=method, run=run)
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """A finished run's results: its points, the seconds it took, the kept samples of its last evaluated
+    model and, for an online run, each round's statistics."""
+
+    points: list[FrontierPoint]
+    seconds: float
+    samples: list[Sample] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ResultStore:
+    """Finished runs' results in ``directory/<run>.json``, each valid for the settings ``key`` it was stored
+    under: ``{"settings_key", "points", "seconds", "samples", "rounds"}`` (a file without ``rounds``, as
+    the sentiment experiment stored before, reads as no rounds). A file stored under other settings is not
+    used, nor is an unreadable one (with the reason logged): the run is done again and the file replaced."""
+
+    def __init__(self, directory: str | Path, key: str, log: Log | None = None) -> None:
+        self.directory = Path(directory)
+        self.key = key
+        self.log = log or (lambda line: None)
+
+    def path(self, run: str) -> Path:
+        return self.directory / f"{run}.json"
+
+    def load(self, run: str) -> StoredRun | None:
+        """The stored results of ``run`` under this store's key, or None."""
+        path = self.path(run)
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("settings_key") != self.key:
+                return None
+            return StoredRun(
+                points=[FrontierPoint.from_dict(p) for p in data["points"]],
+                seconds=float(data["seconds"]),
+                samples=list(data["samples"]),
+                rounds=list(data.get("rounds", [])),
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            self.log(f"{path}: unreadable stored results ({type(error).__name__}: {error}); running {run} again")
+            return None
+
+    def save(self, run: str, stored: StoredRun) -> None:
+        """Store ``run``'s results under this store's key (written whole: an interruption leaves no torn file)."""
+        payload = {
+            "settings_key": self.key,
+            "points": [p.to_dict() for p in stored.points],
+            "seconds": stored.seconds,
+            "samples": stored.samples,
+            "rounds": stored.rounds,
+        }
+        path = self.path(run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        partial.replace(path)
+
+
+@dataclass(frozen=True)
+class FrontierEvaluation:
+    """What every reward-KL estimate of one experiment shares: the reference (SFT) model and its tokenizer,
+    the evaluation prompts, the ground-truth reward and the sampling (``samples_per_prompt`` completions
+    of at most ``max_new_tokens`` tokens per prompt, with one ``seed`` for every model, so sample i of
+    any two models answers the same prompt)."""
+
+    reference: torch.nn.Module
+    tokenizer: Any
+    prompts: Sequence[str]
+    reward_fn: RewardFn
+    samples_per_prompt: int
+    max_new_tokens: int
+    seed: int
+
+    @property
+    def device(self) -> str:
+        """The reference model's device: policies are loaded beside it."""
+        return str(next(self.reference.parameters()).device)
+
+    def estimate(
+        self, policy: torch.nn.Module, *, method: str, run: str, step: int, beta: float | None = None, keep_samples: int = 0
+    ) -> tuple[FrontierPoint, list[Sample]]:
+        """``policy``'s point and its first ``keep_samples`` samples."""
+        estimate = estimate_reward_kl(
+            policy,
+            self.reference,
+            self.tokenizer,
+            self.prompts,
+            self.reward_fn,
+            num_samples=self.samples_per_prompt,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+            keep_samples=keep_samples,
+        )
+        samples = estimate.pop("samples", [])
+        return FrontierPoint.from_estimate(estimate, method=method, run=run, step=step, beta=beta), samples
+
+    def checkpoints(
+        self,
+        run_dir: str | Path,
+        *,
+        method: str,
+        run: str,
+        beta: float | None = None,
+        step_offset: int = 0,
+        keep_samples: int = 0,
+        log: Log | None = None,
+    ) -> tuple[list[FrontierPoint], list[Sample]]:
+        """Every checkpoint of ``run_dir`` that has a step (a final export without one is left out), loaded
+        on the reference's device: the points in step order (steps + ``step_offset``) and the first
+        ``keep_samples`` samples of the last checkpoint."""
+        from dpokit.models import load_policy
+
+        say = log or (lambda line: None)
+        checkpoints = [(step, path) for step, path in find_checkpoints(run_dir) if step is not None]
+        points: list[FrontierPoint] = []
+        samples: list[Sample] = []
+        for index, (step, path) in enumerate(checkpoints):
+            last = index == len(checkpoints) - 1
+            policy = load_policy(path, dtype="float32", device=self.device).model
+            point, kept = self.estimate(
+                policy, method=method, run=run, step=step + step_offset, beta=beta, keep_samples=keep_samples if last else 0
+            )
+            points.append(point)
+            samples = kept if last else samples
+            say(f"  {run} step {point.step}: reward {point.reward_mean:.3f}  KL {point.kl_mean:.2f}")
+        return points, samples
+
+
+def remove_checkpoints(run_dir: str | Path, keep_steps: Collection[int] = ()) -> None:
+    """Delete the checkpoints of ``run_dir`` once evaluated, except those at ``keep_steps`` and a final
+    export without a step."""
+    for step, path in find_checkpoints(run_dir):
+        if step is not None and step not in keep_steps:
+            shutil.rmtree(path.parent if path.name == "model" else path, ignore_errors=True)
