@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from dpokit.analysis.winrate import JudgeCheckJob, WinrateJob, read_references, run_judge_check, run_winrate
+from dpokit.analysis.winrate import (
+    JudgeCheckJob,
+    WinrateJob,
+    judge_check_markdown,
+    read_references,
+    run_judge_check,
+    run_winrate,
+)
 from dpokit.commands.main import main
 from dpokit.errors import ConfigError, DataError
 from tests.helpers import tiny_llama, tiny_tokenizer
@@ -277,3 +284,49 @@ def test_winrate_progress_in_a_log_is_plain_lines_without_carriage_returns(model
     err = capsys.readouterr().err
     assert "\r" not in err
     assert "winrate: 3/3 (100%)" in err and "model=mine, T=0.5, template=-" in err
+
+
+def test_winrate_reports_the_length_controlled_win_rate_in_the_json_the_table_and_the_figure(models, tmp_path):
+    """Against references of mixed lengths, judged by length: each row carries the win rate at equal length
+    and the length effect with their intervals, results.md has their columns and note, and winrate.png
+    draws the controlled rate dashed beside the raw one (named in the legend and the subtitle)."""
+    from dpokit.analysis.winrate import winrate_figure
+
+    a, _ = models
+    references = tmp_path / "refs.jsonl"
+    texts = ["x", "a b c d e f g h i j k", "one two", "a much longer reference than the model writes here", "ok", "b c d"]
+    references.write_text("\n".join(json.dumps({"prompt": f"prompt {i}", "reference": r}) for i, r in enumerate(texts)))
+    job = WinrateJob(
+        models=[("a", a)], references=str(references), judge=LENGTH, temperatures=[0.0], max_new_tokens=4,
+        bootstrap_samples=200, out=str(tmp_path / "out"), progress=False,
+    )  # fmt: skip
+    results = run_winrate(job)
+    [row] = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert row == results["results"][0]
+    for key in ("lc_win_rate", "lc_ci_low", "lc_ci_high", "lc_ci_method", "length_effect", "length_sd"):
+        assert key in row
+    assert row["lc_ci_low"] <= row["lc_win_rate"] <= row["lc_ci_high"]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| LC win rate [95% CI] | length effect [95% CI] |" in table and "LC: the length-controlled win rate" in table
+    figure = winrate_figure(results)
+    [axis] = figure.axes
+    assert [t.get_text() for t in axis.get_legend().get_texts()] == ["a (n=6)", "a, length-controlled"]
+    assert "dashed: length-controlled" in axis.get_title().replace("\n", " ")
+
+
+def test_judge_check_reports_the_agreement_at_equal_length(tmp_path):
+    """A judge that prefers the longer response, on labels whose chosen response is the longer in 9 of 12
+    pairs (by 1 to 9 words; shorter by 1 to 3 in the other 3): its agreement is 0.75, all of it length. At
+    equal length the fit puts it near 0.5, with a positive length effect."""
+    word = "word "
+    gaps = [*range(1, 10), -1, -2, -3]
+    rows = [{"prompt": f"p{i}", "chosen": word * (5 + g), "rejected": word * 5} for i, g in enumerate(gaps)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    report = run_judge_check(JudgeCheckJob(judge=LENGTH, data=str(data), cache=str(tmp_path / "cache.jsonl")))
+    [result] = report["results"]
+    assert result["agreement"] == 0.75
+    assert abs(result["lc_win_rate"] - 0.5) < 0.1 and result["length_effect"] > 0
+    assert result["lc_ci_low"] < 0.5 < result["lc_ci_high"]
+    table = judge_check_markdown(report)
+    assert "| LC agreement [95% CI] | length effect [95% CI] |" in table and "LC agreement: the agreement" in table

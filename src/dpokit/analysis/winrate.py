@@ -6,7 +6,9 @@ completions of ``--baseline MODEL`` at the same temperature (sample j against sa
 uses another seed so that a model compared with itself is not compared with identical text) or the
 fixed ``--references FILE`` (e.g. human-written summaries). Each pair is judged in both orders by the
 judge of every template, and :mod:`dpokit.judges.stats` turns the judgments into a win rate with a 95%
-confidence interval, ties, unparseable judgments, position consistency and position bias. With
+confidence interval, ties, unparseable judgments, position consistency and position bias, and the
+length-controlled win rate (the win rate at equal length, :func:`dpokit.judges.stats.length_controlled`)
+with the fitted length effect. With
 several templates the report adds each template's win rate, their spread, and the agreement between
 templates (fraction of equal outcomes and Cohen's kappa) -- the paper's remark that GPT-4's win rates
 depend on its prompt, measured.
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from dpokit.errors import ConfigError, DataError, DpokitError
 from dpokit.judges import CachedJudge, Judge, JudgmentCache, load_judge, load_template
-from dpokit.judges.base import PairJudgment, Text
+from dpokit.judges.base import PairJudgment, Text, text_of
 from dpokit.judges.stats import INCONSISTENT_POLICIES, agreement, win_stats
 from dpokit.models import LoadOptions
 
@@ -311,6 +313,11 @@ def judge_both_orders(
     return list(zip(judgments[:n], judgments[n:], strict=True))
 
 
+def length_differences(x: Sequence[Text], y: Sequence[Text]) -> list[float]:
+    """Each pair's length difference in characters, len(x) - len(y) (chat messages: their joined text)."""
+    return [float(len(text_of(a)) - len(text_of(b))) for a, b in zip(x, y, strict=True)]
+
+
 def _judges(job: WinrateJob, cache: JudgmentCache) -> dict[str, CachedJudge]:
     """One cached judge per template (``"-"`` when the judge takes none); a local model is loaded once."""
     if not job.templates:
@@ -408,7 +415,13 @@ def run_winrate(job: WinrateJob, log: Log | None = None) -> dict[str, Any]:
             bar.set_postfix(model=name, T=f"{temperature:g}", template=template)
             pairs = judge_both_orders(judge, flat_prompts, xs, ys)
             stats, outcome = win_stats(
-                pairs, groups, inconsistent=job.inconsistent, ci=job.ci, bootstrap_samples=job.bootstrap_samples, seed=job.seed
+                pairs,
+                groups,
+                inconsistent=job.inconsistent,
+                ci=job.ci,
+                bootstrap_samples=job.bootstrap_samples,
+                seed=job.seed,
+                length_differences=length_differences(xs, ys),
             )
             outcomes[(name, temperature, template)] = outcome
             rows.append({"model": name, "temperature": temperature, "template": template, **stats.to_dict()})
@@ -441,15 +454,38 @@ INTERVALS_NOTE = (
 )
 
 
+LENGTH_CONTROL_NOTE = (
+    "LC: the length-controlled win rate, the win rate at equal length of a logistic fit of each pair's outcome "
+    "(win 1, tie 1/2, loss 0) on tanh(length difference / its sd), lengths in characters; length effect: the fit's "
+    "coefficient of that term (> 0: the judge prefers the longer response). Both with a percentile bootstrap over prompts."
+)
+
+
+def has_length_control(rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether the rows carry the length-controlled win rate (results written before it had none)."""
+    return any("lc_win_rate" in row for row in rows)
+
+
+def length_control_cells(row: dict[str, Any]) -> str:
+    """The length-controlled win rate and the length effect, each with its 95% interval, as two table cells."""
+    rate = f"{format_stat(row.get('lc_win_rate'))} [{format_stat(row.get('lc_ci_low'))}, {format_stat(row.get('lc_ci_high'))}]"
+    effect = row.get("length_effect")
+    low, high = row.get("length_effect_ci_low"), row.get("length_effect_ci_high")
+    span = f" [{format_stat(low, 2)}, {format_stat(high, 2)}]" if low is not None else ""
+    return f" {rate} | {format_stat(effect, 2)}{span} |"
+
+
 def _judged(row: dict[str, Any]) -> int:
     return int(row["wins"]) + int(row["ties"]) + int(row["losses"])
 
 
 def results_markdown(results: dict[str, Any]) -> str:
     """The results table: each win rate with its n, its 95% interval and the method that gave the interval."""
+    lc = has_length_control(results["results"])
     lines = [
-        "| model | T | template | win rate (n) [95% CI] | interval | W / T / L | unparseable | consistency | position bias |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | T | template | win rate (n) [95% CI] | interval | W / T / L | unparseable | consistency | position bias |"
+        + (" LC win rate [95% CI] | length effect [95% CI] |" if lc else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if lc else ""),
     ]
     for r in results["results"]:
         ci = f"{format_stat(r['win_rate'])} (n={_judged(r)}) [{format_stat(r['ci_low'])}, {format_stat(r['ci_high'])}]"
@@ -457,8 +493,9 @@ def results_markdown(results: dict[str, Any]) -> str:
             f"| {r['model']} | {r['temperature']:g} | {r['template']} | {ci} | {r.get('ci_method', '–')} "
             f"| {r['wins']} / {r['ties']} / {r['losses']} "
             f"| {r['unparseable']} | {format_stat(r['position_consistency'], 2)} | {format_stat(r['position_bias'], 2)} |"
+            + (length_control_cells(r) if lc else "")
         )
-    lines += ["", INTERVALS_NOTE]
+    lines += ["", INTERVALS_NOTE] + (["", LENGTH_CONTROL_NOTE] if lc else [])
     summary = results.get("templates") or {}
     if summary:
         lines += ["", "| template | mean win rate |", "|---|---|"]
@@ -485,12 +522,14 @@ def winrate_subtitle(results: dict[str, Any], template: str) -> str:
     prompts, samples = results.get("num_prompts"), job.get("samples_per_prompt")
     plural = "" if samples == 1 else "s"
     per = f" pairs per point ({prompts} prompts x {samples} sample{plural})" if prompts and samples else " pairs per point"
-    return "\n".join(textwrap.wrap(f"{judge}; {baseline}; {n}{per}", 90))
+    lc = "; dashed: length-controlled (the win rate at equal length)" if has_length_control(results["results"]) else ""
+    return "\n".join(textwrap.wrap(f"{judge}; {baseline}; {n}{per}{lc}", 90))
 
 
 def winrate_figure(results: dict[str, Any], *, title: str | None = None) -> Figure:
-    """Win rate vs temperature, one line per model (first template) with its 95% interval as a band; the
-    subtitle names the judge, the baseline and n, and each model's legend entry its n."""
+    """Win rate vs temperature, one line per model (first template) with its 95% interval as a band, and
+    its length-controlled win rate dashed in the same colour; the subtitle names the judge, the baseline
+    and n, and each model's legend entry its n."""
     from matplotlib.figure import Figure
 
     from dpokit.training.plots import count_label
@@ -503,10 +542,13 @@ def winrate_figure(results: dict[str, Any], *, title: str | None = None) -> Figu
         mine = sorted((r for r in rows if r["model"] == model and r["template"] == template), key=lambda r: r["temperature"])
         xs = [r["temperature"] for r in mine]
         label = f"{model} ({count_label([_judged(r) for r in mine])})"
-        axis.plot(xs, [r["win_rate"] if r["win_rate"] is not None else math.nan for r in mine], marker="o", label=label)
+        [line] = axis.plot(xs, [r["win_rate"] if r["win_rate"] is not None else math.nan for r in mine], marker="o", label=label)
         low = [r["ci_low"] if r["ci_low"] is not None else math.nan for r in mine]
         high = [r["ci_high"] if r["ci_high"] is not None else math.nan for r in mine]
         axis.fill_between(xs, low, high, alpha=0.2)
+        if has_length_control(mine):
+            lc = [math.nan if r.get("lc_win_rate") is None else r["lc_win_rate"] for r in mine]
+            axis.plot(xs, lc, marker="x", linestyle="--", color=line.get_color(), label=f"{model}, length-controlled")
     axis.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
     axis.set_xlabel("sampling temperature")
     axis.set_ylabel("win rate vs baseline (95% CI)")
@@ -541,6 +583,14 @@ def write_winrate_outputs(results: dict[str, Any], out: str | Path, *, title: st
 JUDGE_CHECK_CHUNK = 16  # pairs per judge call: the progress advances one chunk at a time
 LOW_READABLE_RATE = 0.5  # below this fraction of readable verdicts, judge-check warns
 BothOrders = list[tuple[PairJudgment, PairJudgment]]  # each pair's (forward, swapped) judgments
+
+
+JUDGE_CHECK_LENGTH_NOTE = (
+    "LC agreement: the agreement (ties ½) at equal length of chosen and rejected, from a logistic fit of each pair's "
+    "outcome on tanh(length difference / its sd), lengths in characters; length effect: that term's coefficient "
+    "(> 0: the judge agrees more where the chosen response is the longer, i.e. it prefers length beyond the labels). "
+    "Both with a percentile bootstrap over pairs."
+)
 
 
 class UnreadableJudgeError(DpokitError):
@@ -617,7 +667,8 @@ def _check_readable(job: JudgeCheckJob, judged: Mapping[str, tuple[Judge, BothOr
 
 def run_judge_check(job: JudgeCheckJob, log: Log | None = None) -> dict[str, Any]:
     """Agreement of the judge with the labels (the judge prefers ``chosen``), with a Wilson 95% CI,
-    ties, unparseable judgments, position consistency and bias; per template, plus template agreement.
+    ties, unparseable judgments, position consistency and bias, and the agreement at equal length of chosen
+    and rejected (``lc_win_rate``, with the length effect); per template, plus template agreement.
 
     Progress goes to standard error as ``dpokit train``'s does (a bar on a terminal, plain lines in a log).
     No readable verdict at all raises :class:`UnreadableJudgeError`; under half readable is logged as a
@@ -646,8 +697,11 @@ def run_judge_check(job: JudgeCheckJob, log: Log | None = None) -> dict[str, Any
             judged[template] = (judge, _judge_rows_in_chunks(judge, rows, bar.update))
     warnings = _check_readable(job, judged, log)
     results, outcomes = [], {}
+    lengths = length_differences([r.responses[0] for r in rows], [r.responses[1] for r in rows])
     for template, (_, pairs) in judged.items():
-        stats, outcome = win_stats(pairs, list(range(len(rows))), inconsistent=job.inconsistent, ci="wilson")
+        stats, outcome = win_stats(
+            pairs, list(range(len(rows))), inconsistent=job.inconsistent, ci="wilson", length_differences=lengths
+        )
         outcomes[template] = outcome
         judged_pairs = stats.wins + stats.ties + stats.losses
         results.append(
@@ -675,11 +729,13 @@ def judge_check_markdown(report: dict[str, Any]) -> str:
         from dpokit.analysis.label.check import human_check_markdown
 
         return human_check_markdown(report)
+    lc = has_length_control(report["results"])
     lines = [
         f"judge {report['judge']} on {report['num_pairs']} labelled pairs of {report['data']}",
         "",
-        "| template | agreement | agreement (ties ½) [95% CI] | W / T / L | unparseable | consistency | position bias |",
-        "|---|---|---|---|---|---|---|",
+        "| template | agreement | agreement (ties ½) [95% CI] | W / T / L | unparseable | consistency | position bias |"
+        + (" LC agreement [95% CI] | length effect [95% CI] |" if lc else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if lc else ""),
     ]
     for r in report["results"]:
         ci = f"{format_stat(r['agreement_ties_half'])} [{format_stat(r['ci_low'])}, {format_stat(r['ci_high'])}]"
@@ -687,10 +743,13 @@ def judge_check_markdown(report: dict[str, Any]) -> str:
             f"| {r['template']} | {format_stat(r['agreement'])} | {ci} "
             f"| {r['wins']} / {r['ties']} / {r['losses']} | {r['unparseable']} "
             f"| {format_stat(r['position_consistency'], 2)} | {format_stat(r['position_bias'], 2)} |"
+            + (length_control_cells(r) if lc else "")
         )
     for a in report["template_agreement"]:
         lines.append(
             f"\n{' vs '.join(a['templates'])}: agreement {format_stat(a['agreement'])}, "
             f"Cohen's κ {format_stat(a['kappa'])} ({a['n']} pairs)"
         )
+    if lc:
+        lines += ["", JUDGE_CHECK_LENGTH_NOTE]
     return "\n".join(lines) + "\n"
