@@ -166,12 +166,12 @@ def test_a_run_that_cannot_start_releases_its_run_directory(assets, tmp_path):
     assert run(make_config(assets, run_dir, "optim.max_steps=1")).global_step == 1
 
 
-def _train_command(assets: Path, run_dir: Path, *overrides: str) -> int:
-    """``dpokit train`` (the real command line, in this process) on the test config; its exit code."""
+def _train_command(assets: Path, run_dir: Path, *overrides: str, config: Path) -> int:
+    """``dpokit train`` (the real command line, in this process) on the test config, written to
+    ``config``; its exit code."""
     from dpokit.commands.main import main
     from dpokit.config import save_config
 
-    config = run_dir.parent.parent / "train-config.yaml"
     save_config(make_config(assets, run_dir, "optim.max_steps=1"), config)
     try:
         return main(["train", str(config), *overrides])
@@ -185,14 +185,15 @@ def test_a_run_that_fails_at_data_loading_leaves_no_run_directory_and_no_lock_fi
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n', encoding="utf-8")
     run_dir = tmp_path / "runs" / "exp"
-    assert _train_command(assets, run_dir, f"data.train_path={bad}") == 2
+    assert _train_command(assets, run_dir, f"data.train_path={bad}", config=tmp_path / "config.yaml") == 2
     assert "bad.jsonl:line 2" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
     # A bad model name fails before the data is read; nothing is left either.
-    assert _train_command(assets, run_dir, f"model.name_or_path={tmp_path / 'no-such-model'}") == 2
+    missing_model = f"model.name_or_path={tmp_path / 'no-such-model'}"
+    assert _train_command(assets, run_dir, missing_model, config=tmp_path / "config.yaml") == 2
     assert not (tmp_path / "runs").exists()
     # The same directory is then usable at once (no "already holds an earlier run").
-    assert _train_command(assets, run_dir) == 0
+    assert _train_command(assets, run_dir, config=tmp_path / "config.yaml") == 0
     assert list_checkpoints(run_dir) == [] and (run_dir / "final" / "config.json").is_file()
     assert not (run_dir / LOCK_FILENAME).exists()
 
@@ -203,7 +204,7 @@ def test_a_failed_run_keeps_a_directory_that_existed_before_and_removes_only_its
     (run_dir / "notes.txt").write_text("mine")
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n", encoding="utf-8")
-    assert _train_command(assets, run_dir, f"data.train_path={bad}") == 2
+    assert _train_command(assets, run_dir, f"data.train_path={bad}", config=tmp_path / "config.yaml") == 2
     assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
     capsys.readouterr()
 
