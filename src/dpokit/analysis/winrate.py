@@ -117,7 +117,9 @@ def read_references(path: str | Path) -> list[tuple[Text, Text]]:
     return rows
 
 
-def _prompts_and_references(job: WinrateJob) -> tuple[list[Any], list[Text] | None]:
+def prompts_and_references(job: WinrateJob) -> tuple[list[Any], list[Text] | None]:
+    """The prompts of a win-rate job (``--prompts``, else the references' prompts; ``max_prompts`` of them)
+    and, with ``--references``, the reference of each prompt (None with a baseline model)."""
     from dpokit.data.prompts import read_prompts
 
     references = read_references(job.references) if job.references else None
@@ -318,7 +320,7 @@ def length_differences(x: Sequence[Text], y: Sequence[Text]) -> list[float]:
     return [float(len(text_of(a)) - len(text_of(b))) for a, b in zip(x, y, strict=True)]
 
 
-def _judges(job: WinrateJob, cache: JudgmentCache) -> dict[str, CachedJudge]:
+def template_judges(job: WinrateJob, cache: JudgmentCache) -> dict[str, CachedJudge]:
     """One cached judge per template (``"-"`` when the judge takes none); a local model is loaded once."""
     if not job.templates:
         return {"-": CachedJudge(load_judge(job.judge, load=job.load), cache)}
@@ -382,10 +384,10 @@ def run_winrate(job: WinrateJob, log: Log | None = None) -> dict[str, Any]:
 
     job.validate()
     log = log or (lambda line: None)
-    prompts, references = _prompts_and_references(job)
+    prompts, references = prompts_and_references(job)
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
-    judges = _judges(job, JudgmentCache(out / "judgments.jsonl"))
+    judges = template_judges(job, JudgmentCache(out / "judgments.jsonl"))
     sampled = [*job.models, *([("baseline", job.baseline)] if job.baseline else [])]
     total = len(sampled) * len(job.temperatures) + len(job.models) * len(job.temperatures) * len(judges)
     with progress_bar(total, enabled=job.progress, desc="winrate") as bar:
@@ -641,7 +643,7 @@ def _readable_verdicts(pairs: BothOrders) -> int:
     return sum(j.verdict is not None for pair in pairs for j in pair)
 
 
-def _check_readable(job: JudgeCheckJob, judged: Mapping[str, tuple[Judge, BothOrders]], log: Log) -> list[str]:
+def check_readable(job: JudgeCheckJob, judged: Mapping[str, tuple[Judge, BothOrders]], log: Log) -> list[str]:
     """Raise :class:`UnreadableJudgeError` (with the format and the first answers) when no verdict could
     be read; return a warning per template whose readable share is under :data:`LOW_READABLE_RATE`."""
     if judged and all(_readable_verdicts(pairs) == 0 for _, pairs in judged.values()):
@@ -672,15 +674,10 @@ def run_judge_check(job: JudgeCheckJob, log: Log | None = None) -> dict[str, Any
 
     Progress goes to standard error as ``dpokit train``'s does (a bar on a terminal, plain lines in a log).
     No readable verdict at all raises :class:`UnreadableJudgeError`; under half readable is logged as a
-    warning (also in the report's ``warnings``). A label file of ``dpokit label`` is reported by
-    :func:`dpokit.analysis.label.check.human_judge_check` (agreement and Cohen's kappa with the person)."""
-    from dpokit.analysis.label.check import human_judge_check
-    from dpokit.analysis.label.store import is_label_file
+    warning (also in the report's ``warnings``)."""
     from dpokit.analysis.score import read_score_rows
     from dpokit.training.tracking import progress_bar
 
-    if is_label_file(job.data):
-        return human_judge_check(job, log)
     log = log or (lambda line: None)
     rows = read_score_rows(job.data)
     for row in rows:
@@ -688,14 +685,14 @@ def run_judge_check(job: JudgeCheckJob, log: Log | None = None) -> dict[str, Any
             raise DataError(f"{row.source}: judge-check needs pairs: give 'chosen' and 'rejected'")
     rows = rows[: job.limit] if job.limit is not None else rows
     probe = WinrateJob(models=[], judge=job.judge, templates=job.templates, load=job.load)
-    judges = _judges(probe, JudgmentCache(job.cache))
+    judges = template_judges(probe, JudgmentCache(job.cache))
     total = len(rows) * len(judges)
     judged: dict[str, tuple[Judge, BothOrders]] = {}
     with progress_bar(total, enabled=job.progress, desc="judge-check", line_every=max(JUDGE_CHECK_CHUNK, total // 20)) as bar:
         for template, judge in judges.items():
             bar.set_postfix(template=template)
             judged[template] = (judge, _judge_rows_in_chunks(judge, rows, bar.update))
-    warnings = _check_readable(job, judged, log)
+    warnings = check_readable(job, judged, log)
     results, outcomes = [], {}
     lengths = length_differences([r.responses[0] for r in rows], [r.responses[1] for r in rows])
     for template, (_, pairs) in judged.items():
@@ -725,10 +722,6 @@ def run_judge_check(job: JudgeCheckJob, log: Log | None = None) -> dict[str, Any
 
 
 def judge_check_markdown(report: dict[str, Any]) -> str:
-    if report.get("human"):  # a judge against a dpokit label file
-        from dpokit.analysis.label.check import human_check_markdown
-
-        return human_check_markdown(report)
     lc = has_length_control(report["results"])
     lines = [
         f"judge {report['judge']} on {report['num_pairs']} labelled pairs of {report['data']}",

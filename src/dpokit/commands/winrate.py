@@ -150,6 +150,8 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_check_command(args: argparse.Namespace) -> int:
+    from dpokit.analysis.label import is_label_file
+    from dpokit.analysis.label.check import human_check_markdown, human_judge_check
     from dpokit.analysis.winrate import JudgeCheckJob, judge_check_markdown, run_judge_check
 
     job = JudgeCheckJob(
@@ -162,8 +164,17 @@ def run_check_command(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         load=load_options(args),
     )
-    report = run_judge_check(job, log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(json.dumps(report, indent=2) if args.json else judge_check_markdown(report))
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if is_label_file(args.data):  # labels a person gave with dpokit label: agreement and kappa with them
+        report = human_judge_check(job, log=log)
+        table = human_check_markdown(report)
+    else:
+        report = run_judge_check(job, log=log)
+        table = judge_check_markdown(report)
+    print(json.dumps(report, indent=2) if args.json else table)
     return 0
 
 

@@ -43,8 +43,8 @@ from dpokit.experiments.results import FrontierEvaluation, FrontierPoint, Result
 from dpokit.experiments.reward import vader_reward
 
 if TYPE_CHECKING:
-    from dpokit.analysis.winrate import WinrateJob
     from dpokit.config import TrainConfig
+    from dpokit.experiments.winrates import WinrateStage
 
 Log = Callable[[str], None]
 
@@ -245,15 +245,6 @@ def trainer_config(
             "checkpoint": {"every_steps": max(1, steps // settings.checkpoints_per_run), "keep_last": 1000},
         }
     )
-
-
-@dataclass(frozen=True)
-class WinrateStage:
-    """The win-rate stage's rows (:func:`dpokit.analysis.winrate.run_winrate`'s ``results``) and the DPO
-    policies' checks as implicit-reward judges."""
-
-    results: list[dict[str, Any]]
-    implicit_judges: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -519,96 +510,35 @@ class Experiment:
         found = [(name, self.out_dir / "runs" / run / "final") for name, run in runs]
         return [(name, str(path)) for name, path in found if (path / "config.json").exists()]
 
-    def _best_of_n_samples(self, job: WinrateJob, prompts: list[str]) -> tuple[str, str]:
-        """Best-of-N of the SFT model's samples at each temperature, stored through
-        :func:`dpokit.analysis.winrate.store_samples` where the win-rate run reads a model's samples;
-        returns the model's ``(name, path)`` (a path of its own: nothing is loaded from it)."""
-        from dpokit.analysis.winrate import sample_model, store_samples
-
-        n = self.settings.winrate_best_of_n
-        pool_job = dataclasses.replace(job, samples_per_prompt=n * job.samples_per_prompt)
-        pools = sample_model("sft-pool", str(self.sft_dir), prompts, pool_job, seed=job.seed + 17, advance=lambda: None)
-        name, path = f"Best-of-{n}", f"{self.sft_dir}#best-of-{n}"
-        best: dict[float, list[list[str]]] = {}
-        for temperature, grouped in pools.items():
-            flat_prompts = [p for p, group in zip(prompts, grouped, strict=True) for _ in group]
-            rewards = self.reward_fn(prompts=flat_prompts, completions=[c for group in grouped for c in group])
-            best[temperature] = []
-            for index, group in enumerate(grouped):
-                scored = list(zip(rewards[index * len(group) : (index + 1) * len(group)], group, strict=True))
-                chunks = [scored[j * n : (j + 1) * n] for j in range(job.samples_per_prompt)]
-                best[temperature].append([max(chunk, key=lambda rc: rc[0])[1] for chunk in chunks])
-        store_samples(name, path, prompts, job, best, seed=job.seed)
-        return name, path
-
     def run_winrates(self) -> WinrateStage | None:
-        """Win rate of every trained model (and Best-of-N) against the SFT model's samples at each
-        temperature, judged pairwise by the ground-truth reward, through :func:`dpokit.analysis.winrate.run_winrate`;
-        then the DPO policies as implicit-reward judges on held-out labelled pairs."""
-        from dpokit.analysis.winrate import WinrateJob, run_winrate
+        """The win-rate stage (:mod:`dpokit.experiments.winrates`) on every finished trainer run in
+        ``methods`` and Best-of-N; None when it has no temperatures or no model."""
+        from dpokit.experiments.winrates import WinrateSetup, run_winrate_stage
 
         s = self.settings
         models = self.winrate_models()
         if not s.winrate_temperatures or not models:
             return None
         start = time.time()
-        out = self.out_dir / "winrate"
-        prompts = self.eval_prompts[: s.winrate_prompts]
-        prompts_path = out / "prompts.txt"
-        prompts_path.parent.mkdir(parents=True, exist_ok=True)
-        prompts_path.write_text("\n".join(prompts) + "\n")
-        job = WinrateJob(
-            models=models,
-            judge="reward:dpokit.experiments.reward:vader_reward",
-            prompts=str(prompts_path),
-            baseline=str(self.sft_dir),
-            temperatures=list(s.winrate_temperatures),
-            max_new_tokens=s.max_new_tokens,
-            seed=s.seed + 23,
-            out=str(out),
-            ci="wilson",
-            progress=False,
-            title="Win rate vs the SFT model (judge: VADER, the ground-truth reward)",
-        )
-        if "best-of-n" in s.methods:
-            job.models.append(self._best_of_n_samples(job, prompts))
-        results = run_winrate(job, log=self.log)
-        stage = WinrateStage(results=results["results"], implicit_judges=self.implicit_judge_check(out))
-        results["implicit_judges"] = stage.implicit_judges
-        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
-        with open(out / "results.md", "a", encoding="utf-8") as handle:
-            handle.write(implicit_markdown(stage.implicit_judges))
-        self.timings["winrate"] = time.time() - start
-        self.log(f"win rates: {len(stage.results)} rows in {self.timings['winrate']:.0f}s -> {out}")
-        return stage
-
-    def implicit_judge_check(self, out: Path) -> list[dict[str, Any]]:
-        """Each DPO policy's implicit reward as a judge (``implicit:``) on held-out pairs labelled by the
-        ground truth (SFT samples for evaluation prompts, not trained on): agreement, position bias."""
-        from dpokit.analysis.winrate import JudgeCheckJob, run_judge_check
-
-        s = self.settings
-        prompts = self.eval_prompts[: s.judge_check_prompts]
-        rows, _ = make_preference_pairs(
-            self.sft_model,
-            self.tokenizer,
-            prompts,
-            self.reward_fn,
-            completions_per_prompt=2,
+        setup = WinrateSetup(
+            out=self.out_dir / "winrate",
+            sft_dir=self.sft_dir,
+            sft_model=self.sft_model,
+            tokenizer=self.tokenizer,
+            eval_prompts=self.eval_prompts,
+            reward_fn=self.reward_fn,
+            temperatures=s.winrate_temperatures,
+            num_prompts=s.winrate_prompts,
+            best_of_n=s.winrate_best_of_n if "best-of-n" in s.methods else None,
+            judge_check_prompts=s.judge_check_prompts,
             max_new_tokens=s.max_new_tokens,
             require_eos=s.require_eos,
-            seed=s.seed + 29,
+            seed=s.seed,
         )
-        if not rows:
-            return []
-        data = write_jsonl(rows, out / "heldout_pairs.jsonl")
-        reports = []
-        for name, path in self.winrate_models():
-            if name.startswith("DPO"):
-                job = JudgeCheckJob(judge=f"implicit:{path}", data=str(data), cache=str(out / "judgments.jsonl"))
-                report = run_judge_check(job)
-                reports.append({"model": name, "num_pairs": report["num_pairs"], **report["results"][0]})
-        return reports
+        stage = run_winrate_stage(setup, models, log=self.log)
+        self.timings["winrate"] = time.time() - start
+        self.log(f"win rates: {len(stage.results)} rows in {self.timings['winrate']:.0f}s -> {setup.out}")
+        return stage
 
     # -- the whole thing -------------------------------------------------------------------------
 
@@ -658,27 +588,6 @@ class Experiment:
         write_results(dicts, self.out_dir, title="Controlled sentiment (miniature): reward vs KL", extra=result.summary())
         self.log(f"done in {self.timings['total'] / 60:.1f} min: {self.out_dir / 'frontier.png'}")
         return result
-
-
-def implicit_markdown(reports: list[dict[str, Any]]) -> str:
-    """The implicit-judge check as a markdown table (appended to the win-rate ``results.md``)."""
-    from dpokit.analysis.winrate import format_stat
-
-    lines = [
-        "",
-        "DPO policies as implicit-reward judges on held-out pairs labelled by the ground truth:",
-        "",
-        "| judge | pairs | agreement | agreement (ties ½) [95% Wilson CI] | W / T / L | consistency | position bias |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in reports:
-        ci = f"{format_stat(r['agreement_ties_half'])} [{format_stat(r['ci_low'])}, {format_stat(r['ci_high'])}]"
-        lines.append(
-            f"| implicit: {r['model']} | {r['num_pairs']} | {format_stat(r['agreement'])} | {ci} "
-            f"| {r['wins']} / {r['ties']} / {r['losses']} "
-            f"| {format_stat(r['position_consistency'], 2)} | {format_stat(r['position_bias'], 2)} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def run_experiment(

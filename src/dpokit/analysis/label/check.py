@@ -49,7 +49,7 @@ def _judge_labels(judge: Judge, labels: list[HumanLabel], advance: Callable[[int
 
 def human_judge_check(job: JudgeCheckJob, log: Log | None = None) -> dict[str, Any]:
     """The judge's agreement with the human labels in ``job.data``, per template (see the module docstring)."""
-    from dpokit.analysis.winrate import WinrateJob, _check_readable, _judges
+    from dpokit.analysis.winrate import WinrateJob, check_readable, template_judges
     from dpokit.judges import JudgmentCache
     from dpokit.training.tracking import progress_bar
 
@@ -61,14 +61,16 @@ def human_judge_check(job: JudgeCheckJob, log: Log | None = None) -> dict[str, A
     if not labels:
         raise DataError(f"{job.data}: no labels yet: label some pairs with dpokit label first")
     decided = [label for label in labels if label.choice in ("a", "b")]
-    judges = _judges(WinrateJob(models=[], judge=job.judge, templates=job.templates, load=job.load), JudgmentCache(job.cache))
+    judges = template_judges(
+        WinrateJob(models=[], judge=job.judge, templates=job.templates, load=job.load), JudgmentCache(job.cache)
+    )
     judged: dict[str, tuple[Judge, BothOrders]] = {}
     total = len(decided) * len(judges)
     with progress_bar(total, enabled=job.progress, desc="judge-check", line_every=max(CHUNK, total // 20)) as bar:
         for template, judge in judges.items():
             bar.set_postfix(template=template)
             judged[template] = (judge, _judge_labels(judge, decided, bar.update))
-    warnings += _check_readable(job, judged, log) if decided else []
+    warnings += check_readable(job, judged, log) if decided else []
     results = []
     for template, (_, pairs) in judged.items():
         stats, outcomes = win_stats(pairs, list(range(len(pairs))), inconsistent=job.inconsistent, ci="wilson")

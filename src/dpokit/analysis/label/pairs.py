@@ -119,7 +119,7 @@ def _newest_samples(directory: Path, name: str, temperature: float, num_prompts:
 
 def winrate_pairs(directory: Path) -> list[LabelPair]:
     """(prompt, model sample j, baseline sample j or reference) for every model, temperature, prompt and j."""
-    from dpokit.analysis.winrate import WinrateJob, _prompts_and_references
+    from dpokit.analysis.winrate import WinrateJob, prompts_and_references
 
     results_path = directory / "results.json"
     try:
@@ -130,7 +130,7 @@ def winrate_pairs(directory: Path) -> list[LabelPair]:
         raise DataError(f"{results_path}: not a dpokit winrate results file ({type(error).__name__}: {error})") from None
     fields = ("prompts", "baseline", "references", "max_prompts")
     run = WinrateJob(models=models, judge=str(job.get("judge", "")), **{k: job.get(k) for k in fields})
-    prompts, references = _prompts_and_references(run)
+    prompts, references = prompts_and_references(run)
     pairs: list[LabelPair] = []
     for (name, _), temperature in ((m, t) for m in models for t in temperatures):
         samples = _newest_samples(directory, name, temperature, len(prompts))
