@@ -275,6 +275,16 @@ def test_unknown_routes_and_malformed_lengths_get_json_errors_and_chat_prompts_a
         session.server_close()
 
 
+def test_the_command_reports_a_missing_input_or_a_bad_row_as_one_error_line(tmp_path, capsys):
+    assert main(["label", "--data", str(tmp_path / "missing.jsonl"), "--port", "0"]) == 2
+    assert "missing.jsonl: input file not found" in capsys.readouterr().err
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "x"}])
+    assert main(["label", "--data", bad, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.jsonl:line 1: a pair needs both 'chosen' and 'rejected'" in err
+    assert "Traceback" not in err
+
+
 def test_label_jobs_are_validated(tmp_path):
     data = _pairs_file(tmp_path / "pairs.jsonl")
     with pytest.raises(ConfigError, match="is the input file"):
