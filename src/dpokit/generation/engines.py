@@ -30,8 +30,8 @@ from dpokit.errors import ConfigError, DpokitError
 from dpokit.generation.sampler import (
     DEFAULT_BATCH_SIZE,
     SamplingConfig,
-    _eval_mode,
     completion_logps,
+    eval_mode,
     generate,
     stop_token_ids,
 )
@@ -244,7 +244,7 @@ def policy_logps(
     """Teacher-forced ``log pi(y|x)`` of each sampled completion under ``model`` (in eval mode meanwhile)."""
     if not token_ids:
         return []
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         logps = completion_logps(model, prompt_ids, token_ids, pad_token_id=pad_id_of(tokenizer), batch_size=batch_size)
     return [float(x) for x in logps]
 

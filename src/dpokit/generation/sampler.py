@@ -143,7 +143,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def _eval_mode(*models: torch.nn.Module | None) -> Iterator[None]:
+def eval_mode(*models: torch.nn.Module | None) -> Iterator[None]:
     """Eval mode for ``models`` inside the block; each model's train/eval mode is restored after it."""
     present = [m for m in dict.fromkeys(models) if m is not None]
     modes = [m.training for m in present]
@@ -284,7 +284,7 @@ def generate(
     uniforms = None if sampling.greedy else _row_uniforms(len(prompt_ids), sampling)
     stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long)
     completions: list[Completion] = []
-    with _eval_mode(model, reference):
+    with eval_mode(model, reference):
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             ids, stopped, logps = _decode_batch(
