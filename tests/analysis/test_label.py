@@ -212,6 +212,9 @@ def test_the_server_shows_pairs_in_order_records_sides_as_a_or_b_and_ignores_a_r
     assert [x.choice for x in labels] == [left0, "b" if left1 == "a" else "a"]
     shown_left = first["left"]
     assert shown_left == (labels[0].a if left0 == "a" else labels[0].b)
+    while after["pair"] is not None:
+        after = _label(server, after["pair"]["id"], "skip")
+    assert (after["labelled"], after["total"]) == (5, 5) and len(read_labels(tmp_path / "labels.jsonl")[0]) == 5
 
 
 def test_the_page_is_served_with_its_own_script_only_and_no_inline_code(server):
