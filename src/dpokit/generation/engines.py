@@ -107,7 +107,9 @@ class VllmEngine:
 
     ``model``: the served model name (None: the server's first, from ``/v1/models``); ``adapter``, when
     set, is the name of a LoRA adapter loaded into the server, asked for instead of the base model.
-    ``stop_ids``: extra stop tokens (a chat template's end-of-turn token; EOS stops vLLM by itself).
+    ``tokenizer`` (the policy's): its stop tokens (EOS and a chat template's end-of-turn token) stop
+    sampling, and it decodes the texts, exactly as the dpokit engine does -- vLLM's own text holds back
+    the bytes of a character that the token limit cut in half.
     """
 
     name = "vllm"
@@ -117,7 +119,7 @@ class VllmEngine:
         url: str,
         *,
         model: str | None = None,
-        stop_ids: Sequence[int] = (),
+        tokenizer: Any = None,
         api_key_env: str = DEFAULT_VLLM_KEY_ENV,
         timeout_s: float = 600.0,
         max_prompts_per_request: int = 256,
@@ -130,7 +132,8 @@ class VllmEngine:
         key = os.environ.get(api_key_env) or "no-key"
         self.client = openai.OpenAI(base_url=self.url, api_key=key, max_retries=2, timeout=timeout_s)
         self.headers = {"Authorization": f"Bearer {key}"}  # for the server's other endpoints (weight updates)
-        self.stop_ids = sorted(set(int(i) for i in stop_ids))
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_token_ids(tokenizer) if tokenizer is not None else []
         self.max_prompts_per_request = max(1, max_prompts_per_request)
         self.adapter: str | None = None  # the LoRA adapter holding the current policy, once one is loaded
         self.synced_step: int | None = None  # the policy step whose weights the server has (None: not yet given)
@@ -202,14 +205,12 @@ class VllmEngine:
             raise EngineError(f"the vLLM server at {self.url} returned no token ids (it needs return_token_ids: vLLM >= 0.10.2)")
         logprobs = choice.logprobs.token_logprobs if choice.logprobs is not None else None
         finish = "stop" if choice.finish_reason == "stop" else "length"
-        return SampledCompletion(
-            first + choice.index // n,
-            choice.index % n,
-            [int(t) for t in token_ids],
-            choice.text,
-            finish,
-            None if logprobs is None else [float(x) for x in logprobs],
-        )
+        ids = [int(t) for t in token_ids]
+        text = choice.text
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(ids[:-1] if finish == "stop" else ids, skip_special_tokens=True)
+        logps = None if logprobs is None else [float(x) for x in logprobs]
+        return SampledCompletion(first + choice.index // n, choice.index % n, ids, text, finish, logps)
 
 
 def build_engine(
@@ -233,8 +234,7 @@ def build_engine(
                 "online.sampling.engine=vllm needs online.sampling.url, the address of a running vLLM server "
                 "(e.g. http://127.0.0.1:8000; docs/vllm.md shows how to start one)"
             )
-        stops = stop_token_ids(tokenizer) if tokenizer is not None else []
-        return VllmEngine(url, model=served_model, stop_ids=stops, api_key_env=api_key_env)
+        return VllmEngine(url, model=served_model, tokenizer=tokenizer, api_key_env=api_key_env)
     raise ConfigError(f"unknown sampling engine {engine!r}; choose one of {', '.join(ENGINES)}")
 
 

@@ -1,0 +1,148 @@
+"""The vLLM engine against a real vLLM server process (tests/vllm_server.py): what it returns, and the weight
+sync -- the log-probs vLLM reports for its samples are the trainer's teacher-forced log-probs of the same
+tokens under the same weights, before and after an update (full weights and a LoRA adapter).
+
+Tolerance: 1e-4 nats per token (float32 on both sides; measured differences are about 1e-6). A stale
+server is told apart: after the update the old weights' log-probs of the same tokens differ by more
+than 1e-2 nats on some token."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dpokit.generation import SamplingConfig, build_engine, encode_prompts, stop_token_ids
+from dpokit.online import run_online
+from dpokit.online.records import RoundFiles
+from dpokit.online.sync import load_adapter, reload_weights
+from dpokit.training.tracking import read_metrics
+from tests.online.test_rounds import make_config_overrides
+from tests.vllm_server import API_KEY
+
+pytestmark = pytest.mark.slow
+TOLERANCE = 1e-4
+PROMPTS = ["tell me the movie was", "why the plot is", "i liked it because"]
+
+
+@pytest.fixture
+def server(vllm_server, monkeypatch):
+    """The session's server with its key in VLLM_API_KEY; given its base weights back afterwards."""
+    monkeypatch.setenv("VLLM_API_KEY", API_KEY)
+    yield vllm_server
+    vllm_server.restore()
+
+
+def token_logps(model, prompt: list[int], completion: list[int]) -> list[float]:
+    """Teacher-forced log pi(y_t | x, y_<t) of every completion token."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0].float()
+    steps = logits[len(prompt) - 1 : len(prompt) - 1 + len(completion)].log_softmax(-1)
+    return steps.gather(1, torch.tensor(completion)[:, None]).squeeze(1).tolist()
+
+
+def largest_gap(model, prompt_ids, completions) -> float:
+    return max(
+        abs(a - b)
+        for c in completions
+        for a, b in zip(token_logps(model, prompt_ids[c.prompt_index], c.token_ids), c.token_logprobs, strict=True)
+    )
+
+
+def sample(server, tokenizer, adapter: str | None = None):
+    engine = build_engine("vllm", tokenizer=tokenizer, url=server.url)
+    engine.adapter = adapter
+    _, ids = encode_prompts(tokenizer, PROMPTS)
+    return ids, engine.sample(ids, SamplingConfig(max_new_tokens=12, temperature=1.0, num_samples=3))
+
+
+def test_the_vllm_engine_returns_sampled_ids_text_finish_reasons_and_the_models_logprobs(server):
+    tokenizer = AutoTokenizer.from_pretrained(server.base_dir)
+    model = AutoModelForCausalLM.from_pretrained(server.base_dir, dtype=torch.float32).eval()
+    ids, completions = sample(server, tokenizer)
+    assert [(c.prompt_index, c.sample_index) for c in completions] == [(p, k) for p in range(3) for k in range(3)]
+    stops = set(stop_token_ids(tokenizer))
+    for c in completions:
+        assert 1 <= len(c.token_ids) <= 12 and len(c.token_logprobs) == len(c.token_ids)
+        assert c.stopped == (c.token_ids[-1] in stops)  # a stop token is kept as the last sampled id
+        assert c.finish_reason == ("stop" if c.stopped else "length") and (c.stopped or len(c.token_ids) == 12)
+        assert c.text == tokenizer.decode(c.content_ids, skip_special_tokens=True)
+    assert largest_gap(model, ids, completions) <= TOLERANCE
+
+
+def test_after_a_weight_update_vllm_samples_from_the_new_weights_full_and_lora(server, tmp_path: Path):
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = AutoTokenizer.from_pretrained(server.base_dir)
+    old = AutoModelForCausalLM.from_pretrained(server.base_dir, dtype=torch.float32).eval()
+    ids, before = sample(server, tokenizer)
+    assert largest_gap(old, ids, before) <= TOLERANCE
+    # An optimizer phase: a few SFT steps on the policy, saved, and the server's weights reloaded from the save.
+    new = AutoModelForCausalLM.from_pretrained(server.base_dir, dtype=torch.float32)
+    optimizer = torch.optim.Adam(new.parameters(), lr=1e-2)
+    batch = torch.tensor([ids[0] + ids[1]])
+    for _ in range(3):
+        loss = new(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    new.eval().save_pretrained(tmp_path / "full")
+    reload_weights(build_engine("vllm", tokenizer=tokenizer, url=server.url), tmp_path / "full")
+    _, after = sample(server, tokenizer)
+    assert largest_gap(new, ids, after) <= TOLERANCE
+    assert largest_gap(old, ids, after) > 1e-2  # the check tells a stale server apart
+    # LoRA: the adapter loaded at run time is what vLLM samples from when asked for by name.
+    server.restore()
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(server.base_dir, dtype=torch.float32), LoraConfig(r=8))
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+    policy.eval().save_pretrained(tmp_path / "adapter")
+    engine = build_engine("vllm", tokenizer=tokenizer, url=server.url)
+    load_adapter(engine, "policy-test", tmp_path / "adapter")
+    _, adapted = sample(server, tokenizer, adapter="policy-test")
+    assert largest_gap(policy, ids, adapted) <= TOLERANCE
+    assert largest_gap(old, ids, adapted) > 1e-2
+
+
+@pytest.mark.parametrize("weights", ["full", "lora"])
+def test_online_rounds_on_vllm_sample_from_the_current_policy_and_keep_the_records_shape(server, tmp_path: Path, weights):
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 2), encoding="utf-8")
+    from tests.helpers import write_preference_jsonl
+
+    write_preference_jsonl(assets / "heldout.jsonl", n=4, seed=1)
+    overrides = make_config_overrides(assets, tmp_path / "run")
+    overrides[0] = f"model.name_or_path={server.base_dir}"
+    lora = ["model.lora.enabled=true", "model.lora.r=8"] if weights == "lora" else []
+    from dpokit.config import load_config
+
+    cfg = load_config(None, [*overrides, "online.sampling.engine=vllm", f"online.sampling.url={server.url}", *lora])
+    result = run_online(cfg)
+    records = read_metrics(result.run_dir, split="round")
+    assert [r["round"] for r in records] == [0, 1]
+    for r, record in enumerate(records):
+        assert record["engine/logp_gap_per_token"] <= TOLERANCE, record  # vLLM sampled from the trainer's weights
+        summary = RoundFiles(result.run_dir, r).summary()
+        assert summary["completions"]["engine"] == "vllm" and summary["completions"]["engine/sync_s"] >= 0
+        policy = RoundFiles(result.run_dir, r).path / "engine_policy"
+        assert (policy / ("adapter_config.json" if weights == "lora" else "config.json")).is_file()
+    completions = RoundFiles(result.run_dir, 1).read("completions")
+    assert set(completions[0]) == {
+        "prompt_index",
+        "sample_index",
+        "rank",
+        "completion",
+        "num_tokens",
+        "stopped",
+        "policy_logp",
+        "reference_logp",
+        "token_ids",
+    }
+    if weights == "lora":
+        assert "Loaded new LoRA adapter: name 'policy-step-2'" in server.log_text()
