@@ -326,6 +326,22 @@ class OnlineConfig:
         "Subtracted from the judge score of a completion cut off at sampling.max_new_tokens (no EOS) before pairing "
         "(0 = off), so truncated completions lose to finished ones of similar score.",
     )
+    self_reward: Literal["implicit", "length_regularized", "length_normalized"] = _f(
+        "implicit",
+        "online.judge=self: the form of the policy's own label, with |y| the completion's tokens (its stop token "
+        "included): 'implicit' = beta * log(pi / pi_ref) (the paper's); 'length_regularized' = beta * log(pi / pi_ref) "
+        "- length_penalty * |y| (DICE's length-regularized reward shaping); 'length_normalized' = beta * log(pi / pi_ref) "
+        "/ |y| (per token). The implicit reward is a sum over tokens, so the plain form tends to prefer longer completions.",
+    )
+    length_penalty: float = _f(
+        0.0, "self_reward=length_regularized: alpha, the reward taken off per token of the completion (> 0 there, 0 otherwise)."
+    )
+    prefer_shorter_within: float | None = _f(
+        None,
+        "Length-aware pair choice (pairs=best_vs_worst): among the completions whose scores lie within this much of the "
+        "best, the shortest (fewest tokens) is the chosen one; the worst stays the rejected one. null = off (the best is "
+        "chosen).",
+    )
     judge_retries: int = _f(2, "Retries of a failing judge call before the run stops with a checkpoint.")
     judge_retry_wait_s: float = _f(5.0, "Seconds between judge retries (doubled after each).")
     heldout_path: str | None = _f(
@@ -735,6 +751,7 @@ def _validate_online(on: OnlineConfig, need: Any) -> None:
     need(0 <= on.offline_fraction < 1, f"online.offline_fraction must be in [0, 1), got {on.offline_fraction}")
     need(on.min_margin >= 0, f"online.min_margin must be >= 0, got {on.min_margin}")
     need(on.missing_eos_penalty >= 0, f"online.missing_eos_penalty must be >= 0, got {on.missing_eos_penalty}")
+    _validate_length_control(on, need)
     need(on.judge_retries >= 0, f"online.judge_retries must be >= 0, got {on.judge_retries}")
     need(on.judge_retry_wait_s >= 0, f"online.judge_retry_wait_s must be >= 0, got {on.judge_retry_wait_s}")
     s = on.sampling
@@ -745,6 +762,34 @@ def _validate_online(on: OnlineConfig, need: Any) -> None:
     need(s.batch_size >= 1, f"online.sampling.batch_size must be >= 1, got {s.batch_size}")
     need(s.engine in ("dpokit", "vllm"), f"online.sampling.engine must be dpokit or vllm, got {s.engine!r}")
     need(s.engine != "vllm" or bool(s.url), "online.sampling.engine=vllm needs online.sampling.url (the vLLM server's address)")
+
+
+def _validate_length_control(on: OnlineConfig, need: Any) -> None:
+    """The self-label's form, its length penalty and the length-aware pair choice: each only where it applies."""
+    forms = ("implicit", "length_regularized", "length_normalized")
+    need(on.self_reward in forms, f"online.self_reward must be one of {', '.join(forms)}, got {on.self_reward!r}")
+    need(
+        on.self_reward == "implicit" or on.judge == "self",
+        f"online.self_reward={on.self_reward} shapes the policy's own labels: it needs online.judge=self (got {on.judge!r})",
+    )
+    need(
+        math.isfinite(on.length_penalty) and on.length_penalty >= 0,
+        f"online.length_penalty must be >= 0, got {on.length_penalty}",
+    )
+    need(
+        (on.length_penalty > 0) == (on.self_reward == "length_regularized"),
+        "online.length_penalty (alpha, per token) is used by online.self_reward=length_regularized only, and that form needs "
+        f"it > 0; got self_reward={on.self_reward}, length_penalty={on.length_penalty}",
+    )
+    shorter = on.prefer_shorter_within
+    need(
+        shorter is None or (math.isfinite(shorter) and shorter >= 0),
+        f"online.prefer_shorter_within must be >= 0 or null, got {shorter}",
+    )
+    need(
+        shorter is None or on.pairs == "best_vs_worst",
+        f"online.prefer_shorter_within picks the chosen completion of online.pairs=best_vs_worst, not pairs={on.pairs}",
+    )
 
 
 def require_paths(cfg: TrainConfig) -> None:

@@ -75,3 +75,42 @@ def test_the_missing_eos_penalty_changes_which_completion_is_chosen():
     assert pair(1.0) == (["A", "C"], [5.0, 2.0], [False, False])
     responses, values, _ = pair(0.5)
     assert responses == ["B", "C"] and values == pytest.approx([5.1, 2.0])
+
+
+def test_the_length_aware_choice_takes_the_shortest_completion_near_the_best():
+    """Scores A 5.0 (40 tokens), B 4.8 (12 tokens), C 1.0 (30 tokens). Within 0.5 of the best: A and B, so
+    the chosen is B, the shorter (pair (B, C), scores [4.8, 1.0]). Within 0.1: A only, so (A, C) as
+    without the option. Within 10: C too, and B is still the shortest."""
+    texts, scores, lengths = [["A", "B", "C"]], [[5.0, 4.8, 1.0]], [[40, 12, 30]]
+
+    def pair(within: float | None) -> tuple[list[str], list[float], int]:
+        (row,), report = build_rows(["p"], texts, scores, mode="best_vs_worst", lengths=lengths, prefer_shorter_within=within)
+        return row["responses"], row["scores"], report.shorter_chosen
+
+    assert pair(0.5) == (["B", "C"], [4.8, 1.0], 1)
+    assert pair(0.1) == (["A", "C"], [5.0, 1.0], 0)
+    assert pair(10.0) == (["B", "C"], [4.8, 1.0], 1)
+    assert pair(None)[:2] == (["A", "C"], [5.0, 1.0])
+
+
+def test_the_length_aware_choice_still_needs_a_margin_over_the_rejected_completion():
+    """The shortest near the best may be the worst itself, or too close to it: no pair, a tie counted."""
+    rows, report = build_rows(
+        ["p", "q"],
+        [["A", "B", "C"], ["D", "E", "F"]],
+        [[5.0, 4.8, 4.7], [5.0, 4.0, 1.0]],
+        mode="best_vs_worst",
+        min_margin=0.2,
+        lengths=[[40, 30, 5], [40, 30, 20]],
+        prefer_shorter_within=0.5,
+    )
+    assert [r["prompt_index"] for r in rows] == [1]
+    assert rows[0]["responses"] == ["D", "F"]  # q: only D is within 0.5 of 5.0; p: the shortest (C) is the worst
+    assert report.dropped == {"tie": 1} and report.shorter_chosen == 0
+
+
+def test_the_length_aware_choice_is_refused_where_it_does_not_apply():
+    with pytest.raises(ValueError, match="prefer_shorter_within needs mode best_vs_worst"):
+        build_rows(["p"], [["a", "b"]], [[1.0, 0.0]], mode="all_pairs", lengths=[[1, 2]], prefer_shorter_within=0.5)
+    with pytest.raises(ValueError, match="lengths"):
+        build_rows(["p"], [["a", "b"]], [[1.0, 0.0]], mode="best_vs_worst", prefer_shorter_within=0.5)

@@ -7,6 +7,16 @@
   ``r = beta * (log pi(y|x) - log pi_ref(y|x))`` against the run's own reference, from the log-probs the
   generation stage already computed (no second model, no extra forward pass).
 
+The implicit reward is a sum over the completion's tokens, so the policy's own labels tend to prefer
+longer completions. ``online.self_reward`` picks the form of the self-label (:func:`self_reward`), with
+``|y|`` the number of tokens whose log-probs are summed (the completion's tokens and its stop token):
+
+* ``implicit`` -- ``r = beta * log(pi / pi_ref)``, the paper's;
+* ``length_regularized`` -- ``r = beta * log(pi / pi_ref) - alpha * |y|``, DICE's length-regularized reward
+  shaping (alpha = ``online.length_penalty``, per token);
+* ``length_normalized`` -- ``r = beta * log(pi / pi_ref) / |y|``, the per-token implicit reward (as
+  SimPO's and ORPO's averaged log-probs).
+
 The judge runs on rank 0 only (its scores are broadcast), so an endpoint sees each question once and a
 retry happens in one place. A failing call is retried ``online.judge_retries`` times, ``judge_retry_wait_s``
 seconds apart (doubling); then :class:`JudgeFailed` stops the run (with a checkpoint, see
@@ -32,6 +42,7 @@ from dpokit.errors import ConfigError, DpokitError, TrainingError
 logger = logging.getLogger(__name__)
 
 SELF = "self"
+SELF_REWARDS = ("implicit", "length_regularized", "length_normalized")
 
 
 class JudgeFailed(DpokitError):
@@ -55,17 +66,51 @@ class JudgeLabeller:
         return [float(s) for s in self.judge.score(list(prompts), [c["completion"] for c in completions])]
 
 
-class SelfLabeller:
-    """``beta * (policy_logp - reference_logp)`` of each completion, as sampled."""
+def self_reward(log_ratio: float, tokens: int, *, beta: float, form: str = "implicit", alpha: float = 0.0) -> float:
+    """The self-label of a completion whose ``log pi(y|x) - log pi_ref(y|x)`` is ``log_ratio`` over
+    ``tokens`` tokens, in the ``form`` the module docstring gives.
 
-    spec = SELF
+    A log-ratio of 6 over 20 tokens, beta 0.5: implicit 0.5 * 6 = 3; length-regularized with alpha 0.1,
+    3 - 0.1 * 20 = 1; length-normalized 3 / 20 = 0.15::
+
+        >>> [self_reward(6.0, 20, beta=0.5, form=f, alpha=0.1) for f in ("implicit", "length_regularized")]
+        [3.0, 1.0]
+        >>> self_reward(6.0, 20, beta=0.5, form="length_normalized")
+        0.15
+    """
+    reward = beta * log_ratio
+    if form == "implicit":
+        return reward
+    if form == "length_regularized":
+        return reward - alpha * tokens
+    if form == "length_normalized":
+        return reward / max(1, tokens)
+    raise ConfigError(f"online.self_reward must be one of {', '.join(SELF_REWARDS)}, not {form!r}")
+
+
+def scored_tokens(completion: dict[str, Any]) -> int:
+    """|y|: the tokens whose log-probs a completion's ``policy_logp`` sums (its tokens and its stop token)."""
+    return int(completion["num_tokens"]) + int(bool(completion["stopped"]))
+
+
+class SelfLabeller:
+    """The policy's own implicit reward of each completion, as sampled, in the form ``online.self_reward``
+    names (:func:`self_reward`)."""
+
     implicit = True
 
-    def __init__(self, beta: float) -> None:
-        self.beta = beta
+    def __init__(self, beta: float, form: str = "implicit", alpha: float = 0.0) -> None:
+        self.beta, self.form, self.alpha = beta, form, alpha
+        self.spec = SELF if form == "implicit" else f"{SELF} ({form}" + (f", alpha={alpha:g})" if alpha else ")")
+
+        self.last_log_ratios: list[float] = []  # of the last call, for :func:`check_rewards`
 
     def label(self, prompts: Sequence[Any], completions: Sequence[dict[str, Any]]) -> list[float]:
-        return [self.beta * (c["policy_logp"] - c["reference_logp"]) for c in completions]
+        self.last_log_ratios = [c["policy_logp"] - c["reference_logp"] for c in completions]
+        return [
+            self_reward(ratio, scored_tokens(c), beta=self.beta, form=self.form, alpha=self.alpha)
+            for ratio, c in zip(self.last_log_ratios, completions, strict=True)
+        ]
 
 
 def judge_name(cfg: TrainConfig) -> str:
@@ -111,7 +156,7 @@ def _same_path(a: str, b: str) -> bool:
 def load_labeller(cfg: TrainConfig, device: str) -> Labeller:
     """The labeller ``online.judge`` names (the judge's models on ``device``)."""
     if cfg.online.judge == SELF:
-        return SelfLabeller(cfg.loss.beta)
+        return SelfLabeller(cfg.loss.beta, cfg.online.self_reward, cfg.online.length_penalty)
     from dpokit.judges import load_judge, parse_judge_spec
     from dpokit.models import LoadOptions
 
@@ -158,7 +203,10 @@ def label_with_retries(
 
 
 def check_rewards(labeller: Labeller, scores: Sequence[float], where: str) -> None:
-    """Stop when an implicit reward is 0 for every completion: its policy and reference are the same weights."""
+    """Stop when an implicit reward is 0 for every completion: its policy and reference are the same weights.
+    For the policy's own labels the log-ratios are checked (a length term would hide the zeros)."""
+    if isinstance(labeller, SelfLabeller):
+        scores = labeller.last_log_ratios
     if labeller.implicit and scores and all(math.isfinite(s) and abs(s) < 1e-9 for s in scores):
         raise TrainingError(
             f"{where}: judge {labeller.spec} gave every completion an implicit reward of 0: its policy and its reference are "

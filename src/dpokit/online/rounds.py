@@ -493,6 +493,7 @@ class OnlineLoop:
         texts = [[c["completion"] for c in completions[i * k : (i + 1) * k]] for i in range(len(prompts))]
         values = [[math.nan if s is None else s for s in scores[i * k : (i + 1) * k]] for i in range(len(prompts))]
         stopped = [[bool(c["stopped"]) for c in completions[i * k : (i + 1) * k]] for i in range(len(prompts))]
+        lengths = [[int(c["num_tokens"]) for c in completions[i * k : (i + 1) * k]] for i in range(len(prompts))]
         rows, report = build_rows(
             prompts,
             texts,
@@ -501,8 +502,12 @@ class OnlineLoop:
             min_margin=self.on.min_margin,
             stopped=stopped,
             missing_eos_penalty=self.on.missing_eos_penalty,
+            lengths=lengths,
+            prefer_shorter_within=self.on.prefer_shorter_within,
         )
         info = {"pairs": report.rows, **{f"pairs/dropped_{reason}": n for reason, n in sorted(report.dropped.items())}}
+        if self.on.prefer_shorter_within is not None:
+            info["pairs/shorter_chosen"] = report.shorter_chosen
         return rows, info
 
     def offline_rows(self, files: RoundFiles, r: int, num_online: int) -> list[dict[str, Any]]:
