@@ -134,6 +134,8 @@ def start_server(root: Path, timeout_s: float = 600.0) -> VllmServer:
     """Write the models under ``root`` and start the server; wait until it answers."""
     base_dir, adapter_dir, log = root / "base", root / "judge", root / "server.log"
     base, tokenizer = tiny_llama(hidden_size=128, seed=0), tiny_tokenizer()
+    # A chat turn ends at <|im_end|>: listed beside EOS, as chat models' generation configs do, so vLLM stops there.
+    base.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     write_judge_adapter(base, tokenizer, adapter_dir)
