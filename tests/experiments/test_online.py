@@ -118,3 +118,65 @@ def test_smoke_run_gives_every_arm_the_same_steps_and_writes_rounds_table_and_fr
 def test_an_unknown_mode_is_refused_with_the_choices(tmp_path):
     with pytest.raises(ConfigError, match="unknown mode 'huge'.*full.*quick.*smoke"):
         run_online_experiment("huge", tmp_path / "out", tmp_path / "cache", log=None)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"self_reward": "length_normalized"}, "set self_judges=\\('current',\\)"),
+        ({"self_reward": "length_regularized", "self_judges": ("current",)}, "that form needs it > 0"),
+        ({"length_penalty": 0.1}, "used by online.self_reward=length_regularized only"),
+        ({"prefer_shorter_within": -1.0}, "prefer_shorter_within must be >= 0"),
+    ],
+)
+def test_length_control_settings_are_refused_before_any_arm_trains(change, message, tmp_path):
+    settings = dataclasses.replace(MODES["smoke"], **change)
+    with pytest.raises(ConfigError, match=message):
+        run_online_experiment(settings, tmp_path / "out", tmp_path / "cache", log=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_length_control_at_its_defaults_leaves_the_stored_results_key_alone(tmp_path):
+    """Results stored before the length-control settings existed stay valid: at their defaults they are not
+    part of the key; any other value is."""
+    import hashlib
+    from dataclasses import asdict
+
+    from dpokit.experiments.online import LENGTH_CONTROL_DEFAULTS, STORE_LAYOUT, OnlineExperiment
+
+    settings = MODES["smoke"]
+    before = {k: v for k, v in asdict(settings).items() if k not in LENGTH_CONTROL_DEFAULTS}
+    expected = hashlib.sha256(json.dumps({**before, "store_layout": STORE_LAYOUT}, sort_keys=True).encode()).hexdigest()[:10]
+    assert OnlineExperiment(settings, tmp_path / "a", tmp_path / "cache").key() == expected
+    shorter = dataclasses.replace(settings, prefer_shorter_within=0.5)
+    assert OnlineExperiment(shorter, tmp_path / "b", tmp_path / "cache").key() != expected
+
+
+@pytest.mark.slow
+def test_smoke_run_with_length_control_labels_the_current_policys_arm_with_it(tmp_path):
+    """(c') with the DICE-form self-label and the length-aware pair choice at toy size: its online config
+    carries them, its rounds are labelled and paired with them, and its label names them."""
+    settings = dataclasses.replace(
+        MODES["smoke"],
+        self_judges=("current",),
+        self_reward="length_regularized",
+        length_penalty=0.01,
+        prefer_shorter_within=0.5,
+    )
+    result = run_online_experiment(settings, tmp_path / "out", tmp_path / "cache", log=None)
+    arm = result.arms["self-label-current"]
+    assert "self-label" not in result.arms and arm["step"] == settings.total_steps
+    note = " [length-regularized reward, alpha=0.01; shortest within 0.5 of the best chosen]"
+    assert arm["label"] == "(c') 10% DPO + self-labelled rounds (current policy)" + note
+    assert result.arms["online-gt"]["label"] == "(b) online DPO, ground-truth judge"  # the other arms as before
+    config = (tmp_path / "out" / "runs" / "self-label-current" / "config.yaml").read_text()
+    assert "self_reward: length_regularized" in config and "prefer_shorter_within: 0.5" in config
+    gt_config = (tmp_path / "out" / "runs" / "online-gt" / "config.yaml").read_text()
+    assert "self_reward: implicit" in gt_config and "prefer_shorter_within: null" in gt_config
+    assert arm["rounds"] and all("pairs/shorter_chosen" in record for record in arm["rounds"])
+    rounds = sorted((tmp_path / "out" / "runs" / "self-label-current" / "rounds").glob("round-*"))
+    assert rounds
+    for directory in rounds:
+        summary = json.loads((directory / "round.json").read_text())
+        assert summary["judgments"]["judge"] == "self (length_regularized, alpha=0.01)"
+    assert f"| (c') 10% DPO + self-labelled rounds (current policy){note} vs (d)" in (tmp_path / "out" / "results.md").read_text()

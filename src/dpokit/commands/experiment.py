@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from dpokit.commands.common import Subcommand
 
 if TYPE_CHECKING:
+    from dpokit.experiments.online import OnlineExperimentSettings
     from dpokit.experiments.sentiment import DemoResult
 
 EXPERIMENT_DESCRIPTION = (
@@ -66,6 +67,22 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"sentiment only: comma-separated subset of {','.join(sentiment.ALL_METHODS)} (default: the mode's)",
     )
+    parser.add_argument(
+        "--self-reward",
+        choices=["implicit", "length_regularized", "length_normalized"],
+        default=None,
+        help="online only: the self-label of (c') -- beta*log-ratio (implicit), minus --length-penalty per token "
+        "(length_regularized), or over the token count (length_normalized); a form other than implicit runs (c') alone",
+    )
+    parser.add_argument(
+        "--length-penalty", type=float, default=None, help="online only: alpha per token of --self-reward length_regularized"
+    )
+    parser.add_argument(
+        "--prefer-shorter-within",
+        type=float,
+        default=None,
+        help="online only: the self-labelled arms choose the shortest completion scoring within this of the best",
+    )
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep run checkpoints after evaluating them")
     parser.add_argument(
         "--threads",
@@ -84,6 +101,10 @@ def run_experiment(args: argparse.Namespace) -> int:
 
     if args.name == "online":
         return run_online_experiment(args)
+    if any(v is not None for v in (args.self_reward, args.length_penalty, args.prefer_shorter_within)):
+        from dpokit.errors import ConfigError
+
+        raise ConfigError("--self-reward, --length-penalty and --prefer-shorter-within apply to the online experiment")
     settings = MODES[args.mode]
     if args.methods is not None:
         settings = dataclasses.replace(settings, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
@@ -108,9 +129,10 @@ def run_online_experiment(args: argparse.Namespace) -> int:
 
     if args.methods is not None:
         raise ConfigError("--methods applies to the sentiment experiment; the online experiment always runs its four arms")
-    out_dir = args.out or f"runs/online-{args.mode}"
+    settings, suffix = online_length_control(args)
+    out_dir = args.out or f"runs/online-{args.mode}{suffix}"
     result = run_online(
-        args.mode,
+        settings,
         out_dir,
         args.cache_dir,
         keep_checkpoints=args.keep_checkpoints,
@@ -120,6 +142,27 @@ def run_online_experiment(args: argparse.Namespace) -> int:
     print(summary_markdown(result.summary()))
     print(f"wrote {out_dir}/frontier.png, results.json, results.md")
     return 0
+
+
+def online_length_control(args: argparse.Namespace) -> tuple[OnlineExperimentSettings, str]:
+    """The online experiment's settings of ``--mode`` with the length-control options, and a suffix naming
+    them for the default output directory ("" without them)."""
+    import dataclasses
+
+    from dpokit.experiments.online import MODES
+
+    settings = MODES[args.mode]
+    suffix = ""
+    if args.self_reward not in (None, "implicit"):
+        penalty = args.length_penalty if args.length_penalty is not None else 0.0
+        settings = dataclasses.replace(settings, self_reward=args.self_reward, length_penalty=penalty, self_judges=("current",))
+        suffix += f"-{args.self_reward}" + (f"{penalty:g}" if penalty else "")
+    elif args.length_penalty is not None:
+        settings = dataclasses.replace(settings, length_penalty=args.length_penalty)  # refused by validation
+    if args.prefer_shorter_within is not None:
+        settings = dataclasses.replace(settings, prefer_shorter_within=args.prefer_shorter_within)
+        suffix += f"-shorter{args.prefer_shorter_within:g}"
+    return settings, suffix
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:

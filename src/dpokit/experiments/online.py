@@ -19,6 +19,13 @@ optimizer steps ``S`` (batch, learning rate, beta and the reference -- the SFT m
 * **(d) the fair baseline**: the same 10% start continued on its 10% pairs for the remaining
   ``S - S0`` steps (one DPO run of ``S`` steps on the 10%; its step-``S0`` checkpoint is (c)'s start).
 
+**Length control** of the self-labelled arms (the plain implicit reward, a sum over tokens, prefers
+longer completions): ``self_reward`` / ``length_penalty`` give (c') a length-regularized or
+length-normalized self-label (``online.self_reward``, :mod:`dpokit.online.labelling`; (c)'s frozen
+``implicit:`` judge has no such form, so these settings run (c') alone), and ``prefer_shorter_within``
+gives (c) and (c') the length-aware pair choice (``online.prefer_shorter_within``). The arms' labels say
+which; settings at their defaults leave the stored results' key unchanged.
+
 Every checkpoint is evaluated on the reward-KL frontier (:func:`dpokit.analysis.frontier.estimate_reward_kl`,
 KL to the SFT model). The final policies get the mean reward with a 95% confidence interval over
 evaluation prompts (each prompt's samples averaged, normal interval), and (c) is compared with (d)
@@ -77,6 +84,9 @@ ARM_LABELS = {
     "ten-percent": "(d) 10% DPO only (baseline)",
 }
 SELF_JUDGES = ("frozen", "current")  # who self-labels: a frozen copy of the 10% policy, or the policy being trained
+SELF_ARMS = ("self-label", "self-label-current")
+# Length-control settings at these values are left out of the stored results' key (results from before they existed stay valid).
+LENGTH_CONTROL_DEFAULTS: dict[str, Any] = {"self_reward": "implicit", "length_penalty": 0.0, "prefer_shorter_within": None}
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,11 @@ class OnlineExperimentSettings:
     steps_per_round: int = 8
     temperature: float = 1.0
     self_judges: tuple[str, ...] = SELF_JUDGES  # (c) with the frozen 10% policy's implicit reward, (c') the current one's
+    # Length control of the self-labelled arms (see the module docstring): (c')'s label form, alpha per
+    # token for length_regularized, and the length-aware pair choice of (c) and (c') (None = off).
+    self_reward: str = "implicit"
+    length_penalty: float = 0.0
+    prefer_shorter_within: float | None = None
     # Evaluation.
     num_eval_prompts: int = 256
     eval_samples_per_prompt: int = 2
@@ -125,6 +140,31 @@ class OnlineExperimentSettings:
             raise ConfigError(f"self_judges must be a non-empty subset of {SELF_JUDGES}, got {self.self_judges}")
         if not 0 < self.labelled_fraction <= 1:
             raise ConfigError(f"labelled_fraction must be in (0, 1], got {self.labelled_fraction}")
+        self.validate_length_control()
+
+    def validate_length_control(self) -> None:
+        """The length-control settings, by the online loop's own validation, before any arm trains."""
+        from dpokit.config import TrainConfig, validate_config
+
+        if self.self_reward != "implicit" and "frozen" in self.self_judges:
+            raise ConfigError(
+                f"self_reward={self.self_reward} shapes the labels of the policy being trained (c'); the frozen 10% "
+                "policy's implicit: judge (c) has no length form: set self_judges=('current',)"
+            )
+        cfg = TrainConfig()
+        cfg.online.judge, cfg.online.self_reward = "self", self.self_reward  # type: ignore[assignment]
+        cfg.online.length_penalty, cfg.online.prefer_shorter_within = self.length_penalty, self.prefer_shorter_within
+        validate_config(cfg)
+
+    def length_control_note(self) -> str:
+        """How the self-labelled arms control length, for their labels ("" when they do not)."""
+        parts = []
+        if self.self_reward != "implicit":
+            alpha = f", alpha={self.length_penalty:g}" if self.self_reward == "length_regularized" else ""
+            parts.append(f"{self.self_reward.replace('_', '-')} reward{alpha}")
+        if self.prefer_shorter_within is not None:
+            parts.append(f"shortest within {self.prefer_shorter_within:g} of the best chosen")
+        return f" [{'; '.join(parts)}]" if parts else ""
 
     def sentiment(self) -> ExperimentSettings:
         """The sentiment experiment's settings for the shared pieces (SFT model, prompts, pairs, trainer)."""
@@ -305,7 +345,12 @@ class OnlineExperiment:
     def key(self) -> str:
         """Hash of every setting (and of the stored points' layout): what the stored arms are valid for."""
         settings = {**asdict(self.settings), "store_layout": STORE_LAYOUT}
+        settings = {k: v for k, v in settings.items() if k not in LENGTH_CONTROL_DEFAULTS or v != LENGTH_CONTROL_DEFAULTS[k]}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+    def label(self, arm: str) -> str:
+        """The arm's label; a self-labelled arm's names its length control."""
+        return ARM_LABELS[arm] + (self.settings.length_control_note() if arm in SELF_ARMS else "")
 
     # -- shared pieces ---------------------------------------------------------------------------
 
@@ -393,7 +438,7 @@ class OnlineExperiment:
         stored with the time since ``start``; checkpoints are removed afterwards unless kept, or their step
         is in ``keep``."""
         points, samples = self.base.frontier.checkpoints(
-            run_dir, method=ARM_LABELS[arm], run=arm, step_offset=offset, keep_samples=self.all_samples, log=self.log
+            run_dir, method=self.label(arm), run=arm, step_offset=offset, keep_samples=self.all_samples, log=self.log
         )
         self.finals[arm] = (points[-1], self._indexed(samples))
         if not self.keep_checkpoints:
@@ -460,7 +505,12 @@ class OnlineExperiment:
             f"{arm}: {steps // s.steps_per_round} rounds of {s.prompts_per_round} prompts x {s.samples_per_prompt} samples, "
             f"{s.steps_per_round} steps each, judge {judge}"
         )
-        result = run_online(self._online_config(run_dir, model_dir, judge, steps, self.few_path, self.few_pairs))
+        cfg = self._online_config(run_dir, model_dir, judge, steps, self.few_path, self.few_pairs)
+        if arm in SELF_ARMS:
+            cfg.online.prefer_shorter_within = s.prefer_shorter_within
+            if judge == "self":
+                cfg.online.self_reward, cfg.online.length_penalty = s.self_reward, s.length_penalty  # type: ignore[assignment]
+        result = run_online(cfg)
         self.online_stats[arm] = result.rounds
         return self._evaluate_run(arm, run_dir, start, offset=offset)
 
@@ -476,7 +526,7 @@ class OnlineExperiment:
         points: list[FrontierPoint] = []
         for name in s.self_judges:
             arm, judge = judges[name]
-            points.append(start_point.relabelled(method=ARM_LABELS[arm], run=arm))
+            points.append(start_point.relabelled(method=self.label(arm), run=arm))
             points += self.run_online(arm, start_dir, judge, s.total_steps - s.start_steps, offset=s.start_steps)
         return points
 
@@ -518,7 +568,7 @@ class OnlineExperiment:
         arms = {}
         for arm, (point, samples) in self.finals.items():
             arms[arm] = {
-                "label": ARM_LABELS[arm],
+                "label": self.label(arm),
                 "step": point.step,
                 "reward": mean_interval(prompt_means(samples, "reward")),
                 "kl": mean_interval(prompt_means(samples, "kl")),
@@ -578,11 +628,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "| comparison | wins / ties / losses | win rate [95% Wilson CI] | reward difference [95% CI] |",
         "|---|---|---|---|",
     ]
+
+    def label(arm: str) -> str:
+        return str(summary["arms"].get(arm, {}).get("label", ARM_LABELS[arm]))
+
     for name, c in summary["comparisons"].items():
         ours, theirs = name.split(" vs ")
         low, high = c["win_rate_ci"]
         lines.append(
-            f"| {ARM_LABELS[ours]} vs {ARM_LABELS[theirs]} | {c['wins']} / {c['ties']} / {c['losses']} "
+            f"| {label(ours)} vs {label(theirs)} | {c['wins']} / {c['ties']} / {c['losses']} "
             f"| {c['win_rate']:.3f} [{low:.3f}, {high:.3f}] | {_interval(c['reward_difference'])} |"
         )
     return "\n".join(lines) + "\n"
