@@ -52,6 +52,9 @@ from dpokit.training.splits import Split, prepare_with_config
 from dpokit.training.trainer import DataSource, OnStep, RunResult, Segment, Trainer, run_loop
 
 REFERENCE_WEIGHTS = "reference.safetensors"
+# Nats per token between an engine's log-probs and the policy's above which a round warns: float32 on CPU
+# differs by about 1e-6, bfloat16 kernels by up to about 1e-2; a missed weight update by far more.
+LOGP_GAP_WARNING = 0.05
 RowsCheck = Callable[[list[dict[str, Any]]], str | None]  # what is wrong with a stage file's rows (None: nothing)
 logger = logging.getLogger(__name__)
 
@@ -419,6 +422,14 @@ class OnlineLoop:
         gaps = [g for _, _, g in gathered if g is not None]
         if gaps:
             info["engine/logp_gap_per_token"] = max(gaps)
+            if max(gaps) > LOGP_GAP_WARNING:
+                logger.warning(
+                    "round %d: the %s engine's log-probs differ from the policy's by up to %.3g nats per token; it may not "
+                    "be sampling from the current weights (see docs/vllm.md, weight sync)",
+                    r,
+                    engine.name,
+                    max(gaps),
+                )
         if self.sync_s is not None:
             info["engine/sync_s"] = self.sync_s
         return merged, info
