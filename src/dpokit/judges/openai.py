@@ -20,8 +20,8 @@ status and the server's message (e.g. ``HTTP 400: model 'judge''s maximum contex
 Options: ``template=``, ``api_key_env=``, ``concurrency=``, ``max_retries=`` (default 4), ``timeout=``
 seconds (default 60), ``max_tokens=`` (default 256), ``temperature=`` (default 0).
 
-Tests run this judge against a real server process on 127.0.0.1: ``dpokit serve`` (see
-:mod:`dpokit.serve` for why it is dpokit's own server rather than a third-party one).
+Tests run this judge against real server processes on 127.0.0.1: ``dpokit serve`` and a vLLM server
+(tests/judges/test_vllm_server.py).
 """
 
 from __future__ import annotations
