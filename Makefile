@@ -78,3 +78,9 @@ bench: $(TEST_STAMP)
 
 clean:
 	rm -rf $(VENV) runs .dpokit_cache .coverage .coverage.* .mypy_cache .ruff_cache
+
+# GPU readiness on the GPUs present (< 8 minutes on one H100): writes runs/gpu_check/gpu_check.{json,md} and
+# exits non-zero naming any failed section. `python benchmarks/gpu_check.py --cpu --tiny` is its CPU smoke run.
+.PHONY: gpu-check
+gpu-check: $(TEST_STAMP)
+	$(PY) benchmarks/gpu_check.py --out runs/gpu_check
