@@ -83,7 +83,10 @@ class ModelConfig:
     )
     trust_remote_code: bool = _f(False, "Allow model code from the checkpoint's repository to run. Off unless asked.")
     quantization: Literal["none", "4bit", "8bit"] = _f(
-        "none", "Load the frozen base weights quantized with bitsandbytes (QLoRA-style; needs lora.enabled and a GPU)."
+        "none",
+        "Load the frozen base weights quantized with bitsandbytes: '4bit' is QLoRA's NF4 (double-quantized, computed in "
+        "model.dtype; runs on CUDA and on the CPU), '8bit' int8. Needs lora.enabled and `pip install 'dpokit[qlora]'`; "
+        "lora.export=merged writes the dequantized base plus the adapters in full precision (4bit).",
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     compile: bool = _f(

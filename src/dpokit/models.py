@@ -354,6 +354,9 @@ def _from_pretrained(auto_class: Any, location: str | Path, *, what: str, hint: 
 
 
 def _quantization_config(model_cfg: ModelConfig, dtype: torch.dtype) -> Any:
+    """The ``BitsAndBytesConfig`` for ``model.quantization`` (None for ``none``): NF4 with double
+    quantization and ``dtype`` compute for ``4bit`` (QLoRA), int8 for ``8bit``. bitsandbytes runs these
+    on CUDA and, from 0.50, on the CPU."""
     if model_cfg.quantization == "none":
         return None
     try:
@@ -361,8 +364,8 @@ def _quantization_config(model_cfg: ModelConfig, dtype: torch.dtype) -> Any:
         from transformers import BitsAndBytesConfig
     except ImportError:
         raise ConfigError(
-            f"model.quantization={model_cfg.quantization} needs the 'bitsandbytes' package and a CUDA GPU: "
-            "`pip install bitsandbytes`, or set model.quantization=none"
+            f"model.quantization={model_cfg.quantization} needs the 'bitsandbytes' package: "
+            "`pip install 'dpokit[qlora]'` (bitsandbytes>=0.50, which also runs on the CPU), or set model.quantization=none"
         ) from None
     # BitsAndBytesConfig.__init__ is unannotated in transformers 5.24.
     if model_cfg.quantization == "4bit":
@@ -370,6 +373,16 @@ def _quantization_config(model_cfg: ModelConfig, dtype: torch.dtype) -> Any:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )
     return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+
+
+def _quantized_device_map(device: torch.device | None) -> dict[str, int | str]:
+    """Where ``from_pretrained`` puts a quantized model (it is quantized as it is placed, so it cannot
+    be moved afterwards): the given CUDA device, the CPU, or CUDA 0 / the CPU when none is given."""
+    if device is None:
+        return {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    if device.type == "cuda":
+        return {"": device.index or 0}
+    return {"": device.type}
 
 
 def load_model(model_cfg: ModelConfig, name_or_path: str | None = None, *, device: torch.device | None = None) -> nn.Module:
@@ -386,13 +399,25 @@ def load_model(model_cfg: ModelConfig, name_or_path: str | None = None, *, devic
     quantization = _quantization_config(model_cfg, dtype)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": device.index or 0} if device is not None and device.type == "cuda" else {"": 0}
+        kwargs["device_map"] = _quantized_device_map(device)
     model: nn.Module = _from_pretrained(AutoModelForCausalLM, location, what="a causal language model", **kwargs)
     if quantization is None and device is not None:
         model.to(device)
+    if quantization is not None:
+        _one_cpu_4bit_path(model)
     if model_cfg.disable_dropout:
         disable_dropout(model)
     return model
+
+
+def _one_cpu_4bit_path(model: nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers on one arithmetic path. On CPUs with AVX512-BF16 they otherwise
+    repack their weights for a bfloat16 kernel whenever they run in eval mode without gradients, so the
+    reference (the same base, adapters off, no grad) would differ from the policy at step 0 by bfloat16
+    rounding, and the exported model would no longer be the trained one."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010  # an nn.Module attribute
 
 
 def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | None = None) -> tuple[nn.Module, Any]:
@@ -701,10 +726,53 @@ def _save_policy(policy: nn.Module, out: Path, lora_export: str) -> None:
         if lora_export == "adapter":
             hf_policy.save_pretrained(out, safe_serialization=True)
         elif lora_export == "merged":
-            if getattr(policy, "is_loaded_in_4bit", False) or getattr(policy, "is_loaded_in_8bit", False):
-                raise TrainingError("cannot merge adapters into quantized base weights; set model.lora.export=adapter")
-            hf_policy.merge_and_unload().save_pretrained(out, safe_serialization=True)
+            if getattr(policy, "is_loaded_in_8bit", False):
+                raise TrainingError("cannot merge adapters into 8-bit base weights; set model.lora.export=adapter")
+            merged = _merge_dequantized(policy) if getattr(policy, "is_loaded_in_4bit", False) else hf_policy.merge_and_unload()
+            merged.save_pretrained(out, safe_serialization=True)
         else:
             raise ConfigError(f"model.lora.export must be 'merged' or 'adapter', got {lora_export!r}")
     else:
         hf_policy.save_pretrained(out, safe_serialization=True)
+
+
+def _merge_dequantized(policy: nn.Module) -> Any:
+    """A 4-bit (QLoRA) peft model as a plain full-precision model: each quantized base weight is
+    dequantized (to the dtype it was loaded in) and its adapters' delta added in that precision, so the
+    saved model computes what the trained policy computed. (peft's own merge would quantize the sum to 4
+    bits again.) Modifies ``policy`` in place; it must not be used afterwards."""
+    from bitsandbytes.functional import dequantize_4bit
+    from bitsandbytes.nn.modules import Linear4bit
+    from peft.tuners.lora import LoraLayer
+
+    hf_policy: Any = policy
+    deltas: dict[str, torch.Tensor] = {}
+    for name, module in hf_policy.base_model.model.named_modules():
+        if isinstance(module, LoraLayer):
+            layer: Any = module  # peft's layer classes define get_delta_weight; LoraLayer does not declare it
+            active = [a for a in layer.active_adapters if a in layer.lora_A]
+            if active:
+                deltas[name] = sum((layer.get_delta_weight(a) for a in active), torch.zeros(()))
+    base: Any = hf_policy.unload()
+    with torch.no_grad():
+        for name, module in list(base.named_modules()):
+            if isinstance(module, Linear4bit):
+                weight = dequantize_4bit(module.weight.data, getattr(module.weight, "quant_state", None))
+                if name in deltas:
+                    weight = weight + deltas[name].to(device=weight.device, dtype=weight.dtype)
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device=weight.device)
+                linear.weight = nn.Parameter(weight, requires_grad=False)
+                if module.bias is not None:
+                    linear.bias = nn.Parameter(module.bias.data.to(weight.dtype), requires_grad=False)
+                parent, _, child = name.rpartition(".")
+                setattr(base.get_submodule(parent) if parent else base, child, linear)
+    for flag in ("is_loaded_in_4bit", "is_quantized"):
+        if hasattr(base, flag):
+            with contextlib.suppress(AttributeError):
+                setattr(base, flag, False)
+    for holder in (base, base.config):
+        if hasattr(holder, "quantization_config"):
+            with contextlib.suppress(AttributeError):
+                delattr(holder, "quantization_config")
+    base.hf_quantizer = None
+    return base
