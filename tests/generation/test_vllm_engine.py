@@ -146,3 +146,20 @@ def test_online_rounds_on_vllm_sample_from_the_current_policy_and_keep_the_recor
     }
     if weights == "lora":
         assert "Loaded new LoRA adapter: name 'policy-step-2'" in server.log_text()
+
+
+def test_engine_and_sync_failures_are_one_line_naming_the_server_and_what_it_needs(server, tmp_path: Path):
+    from dpokit.errors import TrainingError
+    from dpokit.generation import EngineError, VllmEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(server.base_dir)
+    sampling = SamplingConfig(max_new_tokens=4, temperature=1.0, num_samples=2)
+    with pytest.raises(EngineError, match=r"answered HTTP 404: The model `missing` does not exist"):
+        VllmEngine(server.url, model="missing", tokenizer=tokenizer).sample([[5, 6, 7]], sampling)
+    with pytest.raises(EngineError, match=r"cannot reach the vLLM server at http://127.0.0.1:9/v1 .*online.sampling.url"):
+        VllmEngine("http://127.0.0.1:9", tokenizer=tokenizer).sample([[5, 6, 7]], sampling)
+    engine = build_engine("vllm", tokenizer=tokenizer, url=server.url + "/v1")
+    with pytest.raises(TrainingError, match=r"refused to load the policy: HTTP 4\d\d.*--enable-lora"):
+        load_adapter(engine, "nothing-there", tmp_path / "no-adapter")
+    with pytest.raises(TrainingError, match=r"cannot reach the vLLM server at http://127.0.0.1:9 to reload"):
+        reload_weights(VllmEngine("http://127.0.0.1:9/v1", tokenizer=tokenizer), tmp_path)
