@@ -114,7 +114,7 @@ def make_plan(options: argparse.Namespace) -> Plan:
         sizes |= dict(batch=2, steps=3, warmup=1, frontier_start=64, frontier_max=128, frontier_budget_s=60.0)
     else:
         sizes = dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=32000, prompt=512, response=768)
-        sizes |= dict(batch=8, steps=8, warmup=3, frontier_start=8192, frontier_max=131072, frontier_budget_s=150.0)
+        sizes |= dict(batch=8, steps=8, warmup=3, frontier_start=8192, frontier_max=131072, frontier_budget_s=100.0)
     nproc = options.nproc or (2 if options.cpu else max(1, _cuda_count()))
     return Plan(cpu=options.cpu, out=out, nproc=nproc, trl=not options.no_trl, timeout_s=options.section_timeout, **sizes)
 
@@ -593,20 +593,26 @@ def distributed_config(plan: Plan, assets: Assets, work: Path, strategy: str, **
 
 
 def distributed_section(plan: Plan, assets: Assets, strategy: str) -> dict:
+    """3 steps under torchrun; the FSDP2 run also saves a checkpoint after step 2 (resumed by
+    :func:`resume_section`)."""
     work = plan.out / "work" / f"torchrun-{strategy}"
+    checkpoint = {"every_steps": 2, "keep_last": 5} if strategy == "fsdp" else {}
+    config = distributed_config(plan, assets, work, strategy, **checkpoint)
     start = time.perf_counter()
-    records = torchrun(plan, distributed_config(plan, assets, work, strategy), work)
+    records = torchrun(plan, config, work)
     if [r["step"] for r in records] != [1, 2, 3]:
         raise SectionFailed(f"expected train records for steps 1-3, got {[r['step'] for r in records]}")
+    (work / "config.json").write_text(json.dumps(config), encoding="utf-8")
     return {"processes": plan.nproc, "losses": [r["loss"] for r in records], "wall_s": time.perf_counter() - start}
 
 
-def resume_section(plan: Plan, assets: Assets) -> dict:
-    """FSDP2 for 3 steps with a checkpoint after step 2; that checkpoint resumed in a fresh run directory
-    must give the same step-3 loss."""
-    work = plan.out / "work" / "torchrun-resume"
-    config = distributed_config(plan, assets, work, "fsdp", every_steps=2, keep_last=5)
-    full = torchrun(plan, config, work)
+def resume_section(plan: Plan, fsdp: dict | None) -> dict:
+    """The FSDP2 run's checkpoint after step 2, resumed under torchrun in a fresh run directory, must give
+    the uninterrupted run's step-3 loss."""
+    if fsdp is None:
+        raise SectionFailed("not run: distributed.fsdp, whose checkpoint it resumes, failed")
+    work = plan.out / "work" / "torchrun-fsdp"
+    config = json.loads((work / "config.json").read_text(encoding="utf-8"))
     checkpoint = Path(config["logging"]["run_dir"]) / "checkpoint-2"
     if not checkpoint.is_dir():
         raise SectionFailed(f"no checkpoint at {checkpoint} after an FSDP run with checkpoint.every_steps=2")
@@ -616,7 +622,7 @@ def resume_section(plan: Plan, assets: Assets) -> dict:
     shutil.copy(Path(config["logging"]["run_dir"]) / "metrics.jsonl", again / "metrics.jsonl")
     config["logging"]["run_dir"] = str(again)
     resumed = torchrun(plan, config, work / "resume-launch", resume=True)
-    expected, got = full[-1]["loss"], resumed[-1]["loss"]
+    expected, got = fsdp["losses"][-1], resumed[-1]["loss"]
     tolerance = 1e-5 if plan.cpu else 2e-2  # bf16 kernels on the GPU need not be bit-identical across launches
     if resumed[-1]["step"] != 3 or abs(got - expected) > tolerance * max(1.0, abs(expected)):
         raise SectionFailed(
@@ -708,8 +714,8 @@ def run_sections(plan: Plan) -> dict:
     record(report, "frontier.dpokit", lambda: frontier_section(plan, a, "dpokit"))
     optional_trl(report, plan, "frontier.trl_default", lambda: frontier_section(plan, a, "trl"))
     record(report, "distributed.ddp", lambda: distributed_section(plan, a, "ddp"))
-    record(report, "distributed.fsdp", lambda: distributed_section(plan, a, "fsdp"))
-    record(report, "distributed.fsdp_resume", lambda: resume_section(plan, a))
+    fsdp = record(report, "distributed.fsdp", lambda: distributed_section(plan, a, "fsdp"))
+    record(report, "distributed.fsdp_resume", lambda: resume_section(plan, fsdp))
     record(report, "lora", lambda: steps_section(plan, a, "lora"))
     record(report, "qlora", lambda: qlora_section(plan, a, env or {}))
     record(report, "vllm", lambda: vllm_section(plan, a, env or {}))
