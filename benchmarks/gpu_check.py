@@ -786,7 +786,7 @@ def markdown(report: dict) -> str:
     env = sections.get("environment", {})
     lines += ["## Environment", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {json.dumps(v) if isinstance(v, dict | list) else v} |" for k, v in env.items() if k != "traceback"]
-    lines += ["", f"Model: Llama from config, {plan['parameters'] / 1e9:.2f} B parameters, {plan['dtype']}, "]
+    lines += ["", f"Model: Llama from config, {plan['parameters']:,} parameters, {plan['dtype']}, "]
     lines[-1] += (
         f"hidden {plan['hidden']}, {plan['layers']} layers; pairs of {plan['pair_tokens']} tokens, batch {plan['batch']} pairs."
     )
