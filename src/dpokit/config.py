@@ -88,7 +88,18 @@ class ModelConfig:
         "model.dtype; runs on CUDA and on the CPU), '8bit' int8. Needs lora.enabled and `pip install 'dpokit[qlora]'`; "
         "lora.export=merged writes the dequantized base plus the adapters in full precision (4bit).",
     )
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    activation_checkpointing: Literal["auto", "on", "off"] | bool = _f(
+        "auto",
+        "Recompute decoder blocks' activations in the backward pass to save memory: on/true (every block), off/false, or auto "
+        "(the fewest blocks that bring the estimated step memory within model.memory_budget_gib; none when it fits). "
+        "The estimate and the choice are on the run's first lines.",
+    )
+    gradient_checkpointing: bool | None = _f(
+        None, "Older name: true = activation_checkpointing on, false = off; null = unset. Both set differently is an error."
+    )
+    memory_budget_gib: float | None = _f(
+        None, "Memory one training step may use, for activation_checkpointing=auto; null = what the device has free."
+    )
     compile: bool = _f(
         False, "torch.compile each decoder layer (fuses element-wise kernels; pays a one-off compile time, so for long runs)."
     )
@@ -267,7 +278,7 @@ class DistributedConfig:
     fsdp_reshard_after_forward: bool = _f(
         True,
         "FSDP: free each block's gathered parameters after its forward (less memory, one more all-gather in "
-        "backward). Activation checkpointing is model.gradient_checkpointing, applied per block.",
+        "backward). Activation checkpointing is model.activation_checkpointing, applied per block.",
     )
     timeout_s: int = _f(1800, "Seconds a collective may wait for the other processes before the run fails.")
 
@@ -702,6 +713,21 @@ def validate_config(cfg: TrainConfig) -> None:
     need(
         0 < d.max_prompt_length < d.max_length,
         f"data.max_prompt_length must be in [1, data.max_length), got {d.max_prompt_length} with max_length {d.max_length}",
+    )
+    need(
+        m.activation_checkpointing in ("auto", "on", "off", True, False),
+        f"model.activation_checkpointing must be auto, on or off, got {m.activation_checkpointing!r}",
+    )
+    need(
+        m.gradient_checkpointing is None
+        or m.activation_checkpointing == "auto"
+        or m.gradient_checkpointing == (m.activation_checkpointing in ("on", True)),
+        f"model.gradient_checkpointing={m.gradient_checkpointing} contradicts model.activation_checkpointing="
+        f"{'on' if m.activation_checkpointing in ('on', True) else 'off'}; set only model.activation_checkpointing",
+    )
+    need(
+        m.memory_budget_gib is None or (math.isfinite(m.memory_budget_gib) and m.memory_budget_gib > 0),
+        f"model.memory_budget_gib must be a positive number of GiB or null, got {m.memory_budget_gib}",
     )
     need(m.lora.r >= 1, f"model.lora.r must be >= 1, got {m.lora.r}")
     need(0 <= m.lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {m.lora.dropout}")

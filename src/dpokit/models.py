@@ -671,6 +671,33 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         hf_model.config.use_cache = False
 
 
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks transformers can checkpoint one by one (its ``GradientCheckpointingLayer``s), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+def checkpoint_blocks(model: nn.Module, count: int) -> int:
+    """Recompute the activations of the last ``count`` decoder blocks in the backward pass (non-reentrant
+    ``torch.utils.checkpoint``, so frozen inputs need no ``requires_grad``) and switch the KV cache off;
+    the other blocks keep theirs (which ``count`` blocks makes no difference to the saving). Returns how
+    many blocks were wrapped."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = decoder_blocks(model)
+    chosen = blocks[len(blocks) - min(count, len(blocks)) :] if count > 0 else []
+    for block in chosen:
+        setattr(block, "gradient_checkpointing", True)  # noqa: B010  # transformers' switch, read per call
+        setattr(block, "_gradient_checkpointing_func", functools.partial(checkpoint, use_reentrant=False))  # noqa: B010
+    config: Any = getattr(model, "config", None)
+    if chosen and config is not None:
+        config.use_cache = False
+    return len(chosen)
+
+
 def is_peft_model(model: nn.Module) -> bool:
     """Whether ``model`` is a peft model; checked without importing peft (seconds of start-up): a
     peft model can only exist once peft has been imported."""

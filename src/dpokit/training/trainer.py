@@ -39,6 +39,7 @@ from dpokit.errors import ConfigError, TrainingError
 from dpokit.models import apply_lora, enable_gradient_checkpointing, load_model_and_tokenizer
 from dpokit.training import step as steps
 from dpokit.training.checkpoint import export_final_model, load_checkpoint, save_checkpoint
+from dpokit.training.memory import apply_checkpointing_plan, checkpointing_mode, micro_batch_shape
 from dpokit.training.metrics import MetricSums
 from dpokit.training.model_card import RunSummary
 from dpokit.training.optim import build_optimizer, build_scheduler, plan_steps, planned_steps
@@ -597,10 +598,23 @@ class Trainer:
             if isinstance(reference, PrecomputedReference) and reference.path is not None:
                 how = "reused from" if reference.from_cache else "computed and cached in"
                 self.say(f"reference log-probs {how} {reference.path}")
-        if cfg.model.gradient_checkpointing:
+        every_block = checkpointing_mode(cfg.model) == "on"
+        if every_block:
             enable_gradient_checkpointing(policy)
         if cfg.model.lora.enabled:
-            policy = apply_lora(policy, cfg.model.lora, gradient_checkpointing=cfg.model.gradient_checkpointing)
+            policy = apply_lora(policy, cfg.model.lora, gradient_checkpointing=every_block)
+        d = cfg.data
+        _blocks, lines = apply_checkpointing_plan(
+            policy,
+            cfg.model,
+            layout=self.layout,
+            shape=micro_batch_shape(self.layout, cfg.optim.batch_size, d.max_length, d.pack_tokens),
+            optimizer=cfg.optim.optimizer,
+            chunk_size=cfg.optim.logps_chunk_size,
+            free_bytes=available_memory(self.ctx.device),
+        )
+        for line in lines:
+            self.say(line)
         if cfg.model.compile:
             from dpokit.training.speed import compile_decoder_layers
 
