@@ -5,7 +5,7 @@ Tools (each attempt is a fresh child process; the parent polls its RSS, children
 and kills it above ``--cap-gib``, default 4 GiB -- the watchdog of ``bench_scaling.py``):
 
 * ``dpokit``         -- ``dpokit.training.run`` with its defaults (``data.layout: auto``, ``reference.strategy:
-                        auto``, no gradient checkpointing);
+                        auto``, and whatever the checkpointing default decides);
 * ``dpokit_gc``      -- the same with ``model.gradient_checkpointing=true``;
 * ``trl_default``    -- ``DPOTrainer`` with ``DPOConfig`` defaults (gradient checkpointing on, a live reference
                         copy), float32 (``bf16=False``, so both tools train in the same precision);
