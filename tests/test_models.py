@@ -295,3 +295,20 @@ def test_a_hub_that_does_not_answer_is_given_up_after_the_etag_timeout(monkeypat
         seconds = time.monotonic() - started
     assert problem is not None and "cannot be reached" in problem and "no answer within 1 s (HF_HUB_ETAG_TIMEOUT)" in problem
     assert 0.9 < seconds < 4.0
+
+
+def test_checkpoint_blocks_wraps_only_the_last_blocks_and_keeps_the_gradients():
+    """checkpoint_blocks(model, 1) on a 3-block Llama turns checkpointing on for the last block alone, and
+    the recomputed backward gives the gradients of the plain model."""
+    from dpokit.models import checkpoint_blocks, decoder_blocks
+    from tests.helpers import tiny_llama
+
+    plain, wrapped = tiny_llama(layers=3), tiny_llama(layers=3)
+    assert checkpoint_blocks(wrapped, 1) == 1
+    assert [getattr(b, "gradient_checkpointing", False) for b in decoder_blocks(wrapped)] == [False, False, True]
+    ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))
+    for model in (plain, wrapped):
+        model.train()
+        model(ids, labels=ids).loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), wrapped.named_parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name

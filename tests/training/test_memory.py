@@ -36,32 +36,37 @@ def step(model, ids, opt):
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-rows, seq = int(sys.argv[1]), int(sys.argv[2])
 small = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=1))
 step(small, torch.randint(0, 64, (1, 16)), torch.optim.AdamW(small.parameters()))  # kernels initialised
 del small
-base = status("VmRSS:")
-torch.manual_seed(0)
 config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                      num_key_value_heads=4, max_position_embeddings=4096, attn_implementation="sdpa")
+rows, seq = map(int, sys.argv[1].split("x"))
+base = status("VmRSS:")
+torch.manual_seed(0)
 model = LlamaForCausalLM(config)
 opt = torch.optim.AdamW(model.parameters())
 ids = torch.randint(0, 2048, (rows, seq))
 step(model, ids, opt)
 step(model, ids, opt)
 estimate = estimate_step_memory(model, rows=rows, seq_len=seq, optimizer="adamw", attention_matrix=False).total()
-print(json.dumps({"peak": status("VmHWM:") - base, "estimate": estimate}))
+print(json.dumps({"shape": sys.argv[1], "peak": status("VmHWM:") - base, "estimate": estimate}))
 """
 
 
-@pytest.mark.parametrize(("rows", "seq"), [(2, 256), (2, 1024), (4, 1024)])
-def test_step_memory_estimate_is_within_25_percent_of_the_measured_peak(rows, seq):
-    """Measured here (2 CPU cores, torch 2.13): estimate / peak 0.84-0.91 over these shapes; the test
-    allows 0.75-1.25. The peak is the process's resident set, so allocator slack is in it."""
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(rows), str(seq)], capture_output=True, text=True, check=True)
-    numbers = json.loads(out.stdout.strip().splitlines()[-1])
-    assert 0.75 <= numbers["estimate"] / numbers["peak"] <= 1.25, numbers
+@pytest.mark.slow
+def test_step_memory_estimate_is_within_25_percent_of_the_measured_peak():
+    """Three micro-batch shapes, each in its own process. Measured here (2 CPU cores, torch 2.13):
+    estimate / peak 0.84-0.91; the test allows 0.75-1.25. The peak is the process's resident set, so the
+    allocator's slack is in it."""
+    shapes = ["2x256", "2x1024", "4x1024"]
+    # One process per shape (a process's peak cannot be measured twice: freed memory stays resident), run side by side.
+    children = [subprocess.Popen([sys.executable, "-c", MEASURE, shape], stdout=subprocess.PIPE, text=True) for shape in shapes]
+    measured = [json.loads(child.communicate(timeout=300)[0].strip().splitlines()[-1]) for child in children]
+    assert [m["shape"] for m in measured] == shapes
+    for m in measured:
+        assert 0.75 <= m["estimate"] / m["peak"] <= 1.25, measured
 
 
 def test_estimate_grows_with_tokens_and_checkpointing_lowers_it():

@@ -318,6 +318,8 @@ _NOT_SETTINGS = (
     "model.device",
     "model.compile",
     "model.gradient_checkpointing",
+    "model.activation_checkpointing",
+    "model.memory_budget_gib",
     "model.attn_implementation",
     "data.cache_dir",
     "data.layout",
