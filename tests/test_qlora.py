@@ -95,3 +95,16 @@ def test_qlora_adapter_export_loads_with_transformers(assets, tmp_path):
     result = run(make_config(assets, tmp_path / "run", *QLORA, *overrides))
     loaded = AutoModelForCausalLM.from_pretrained(result.output_dir)
     assert any("lora_" in name for name, _ in loaded.named_parameters())
+
+
+def test_qlora_run_stopped_and_resumed_gives_the_uninterrupted_losses(assets, tmp_path):
+    """A 4-bit run stopped at step 3 and resumed from its checkpoint continues the straight run's curve:
+    the checkpoint carries the adapters and optimizer state, the quantized base is loaded again."""
+    common = (*QLORA, "model.quantization=4bit", "checkpoint.every_steps=3")
+    straight = run(make_config(assets, tmp_path / "a", *common))
+    stopped = run(make_config(assets, tmp_path / "b", *common), on_step=lambda step, metrics: step == 3)
+    assert stopped.last_checkpoint.name == "checkpoint-3"
+    resumed = run(make_config(assets, tmp_path / "b", *common), resume=str(stopped.last_checkpoint))
+    a = [r["loss"] for r in read_metrics(straight.run_dir, split="train")]
+    b = [r["loss"] for r in read_metrics(resumed.run_dir, split="train")]
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
