@@ -128,3 +128,13 @@ def test_auto_checkpointing_changes_nothing_when_the_step_fits_and_checkpoints_s
         small = run(make_config(assets, tmp_path / "small", *common, f"model.memory_budget_gib={budget}"))
         assert "activation checkpointing on for 2 of 4 blocks" in caplog.text
     assert _losses(small) == pytest.approx(_losses(off), abs=1e-6)
+
+
+def test_default_budget_is_the_free_memory_plus_the_weights_already_loaded():
+    """Free memory is measured with the policy loaded, so its weights (counted in the estimate) are added
+    back; a configured model.memory_budget_gib is taken as it is."""
+    from dpokit.training.memory import memory_budget
+
+    assert memory_budget(None, 10 * GIB, resident=3 * GIB) == (13 * GIB, "free on the device + the loaded weights")
+    assert memory_budget(2.5, 10 * GIB, resident=3 * GIB) == (int(2.5 * GIB), "model.memory_budget_gib")
+    assert memory_budget(None, None, resident=3 * GIB)[0] is None

@@ -179,11 +179,14 @@ def plan_checkpointing(mode: CheckpointingMode, estimate: StepMemory, budget: in
     )
 
 
-def memory_budget(budget_gib: float | None, free_bytes: int | None) -> tuple[int | None, str]:
-    """The budget in bytes and where it came from: ``model.memory_budget_gib``, else ``free_bytes``."""
+def memory_budget(budget_gib: float | None, free_bytes: int | None, resident: int = 0) -> tuple[int | None, str]:
+    """The budget in bytes and where it came from: ``model.memory_budget_gib``, else ``free_bytes``
+    (measured with the policy loaded) plus ``resident``, the policy's weights it already holds."""
     if budget_gib is not None:
         return math.floor(budget_gib * GIB), "model.memory_budget_gib"
-    return free_bytes, "free on the device"
+    if free_bytes is None:
+        return None, "unknown"
+    return free_bytes + resident, "free on the device + the loaded weights"
 
 
 def micro_batch_shape(layout: str, batch_size: int, max_length: int, pack_tokens: int) -> tuple[int, int]:
@@ -219,7 +222,7 @@ def apply_checkpointing_plan(
     estimate = estimate_step_memory(
         model, rows=rows, seq_len=seq_len, optimizer=optimizer, attention_matrix=matrix, chunk_size=chunk_size
     )
-    budget, source = memory_budget(model_cfg.memory_budget_gib, free_bytes)
+    budget, source = memory_budget(model_cfg.memory_budget_gib, free_bytes, resident=estimate.weights)
     mode = checkpointing_mode(model_cfg)
     count, why = plan_checkpointing(mode, estimate, budget)
     if mode == "auto":
