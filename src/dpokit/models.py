@@ -49,6 +49,18 @@ RUN_CONFIG_FILES = ("config.yaml",)
 CHECKPOINT_MODEL_SUBDIRS = ("model", "policy", "adapter")
 
 
+class _NoKernelHubAdvice(logging.Filter):
+    """Drops bitsandbytes' advice, logged whenever peft imports it on a CPU with AVX512-BF16, to install
+    ``kernels`` and fetch a bfloat16 kernel from a hub: that kernel serves only the bfloat16 path
+    dpokit keeps its 4-bit layers off (:func:`_one_cpu_4bit_path`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelHubAdvice())
+
+
 def resolve_device(name: str | None = "auto", *, setting: str = "model.device") -> torch.device:
     """``"auto"`` (or None) -> cuda when available, else cpu; anything else is passed to torch.device.
 
