@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -113,8 +113,8 @@ def test_exported_lora_model_loads_with_automodel_and_gives_the_same_logps(model
     assert (out / "tokenizer_config.json").is_file()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
-def test_quantization_without_bitsandbytes_is_a_clear_config_error(model_dir):
+def test_quantization_without_bitsandbytes_is_a_clear_config_error(model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed: importing it fails
     cfg = ModelConfig(name_or_path=str(model_dir), quantization="4bit", device="cpu", lora=LoraConfig(enabled=True))
     with pytest.raises(ConfigError, match="bitsandbytes"):
         load_model_and_tokenizer(cfg)
