@@ -684,64 +684,15 @@ def validate_config(cfg: TrainConfig) -> None:
         if not ok:
             problems.append(message)
 
-    o, d, m = cfg.optim, cfg.data, cfg.model
-    need(math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be a positive number, got {o.lr}")
-    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    need(
-        len(o.adam_betas) == 2 and all(0 <= b < 1 for b in o.adam_betas),
-        f"optim.adam_betas must be two numbers in [0, 1), got {o.adam_betas}",
-    )
-    need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-    need(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
-    need(
-        o.warmup_ratio is None or (math.isfinite(o.warmup_ratio) and 0 <= o.warmup_ratio < 1),
-        f"optim.warmup_ratio must be in [0, 1) or null, got {o.warmup_ratio}",
-    )
-    need(o.max_steps is None or o.max_steps >= 1, f"optim.max_steps must be >= 1 or null, got {o.max_steps}")
-    need(o.batch_size >= 1, f"optim.batch_size must be >= 1, got {o.batch_size}")
-    need(
-        0 <= o.seed < 2**32,
-        f"optim.seed must be a whole number in [0, 2**32) (numpy and torch take no other), got {o.seed}",
-    )
-    need(o.grad_accumulation >= 1, f"optim.grad_accumulation must be >= 1, got {o.grad_accumulation}")
-    need(o.max_grad_norm is None or o.max_grad_norm > 0, f"optim.max_grad_norm must be > 0 or null, got {o.max_grad_norm}")
-    need(o.logps_chunk_size >= 1, f"optim.logps_chunk_size must be >= 1, got {o.logps_chunk_size}")
+    _validate_optim(cfg.optim, need)
+    _validate_model(cfg.model, cfg.reference, need)
+    d = cfg.data
     need(0 <= d.eval_split_fraction < 1, f"data.eval_split_fraction must be in [0, 1), got {d.eval_split_fraction}")
     need(d.pack_tokens >= 2, f"data.pack_tokens must be >= 2, got {d.pack_tokens}")
     need(d.max_length >= 2, f"data.max_length must be >= 2, got {d.max_length}")
     need(
         0 < d.max_prompt_length < d.max_length,
         f"data.max_prompt_length must be in [1, data.max_length), got {d.max_prompt_length} with max_length {d.max_length}",
-    )
-    need(
-        m.activation_checkpointing in ("auto", "on", "off", True, False),
-        f"model.activation_checkpointing must be auto, on or off, got {m.activation_checkpointing!r}",
-    )
-    need(
-        m.gradient_checkpointing is None
-        or m.activation_checkpointing == "auto"
-        or m.gradient_checkpointing == (m.activation_checkpointing in ("on", True)),
-        f"model.gradient_checkpointing={m.gradient_checkpointing} contradicts model.activation_checkpointing="
-        f"{'on' if m.activation_checkpointing in ('on', True) else 'off'}; set only model.activation_checkpointing",
-    )
-    need(
-        m.memory_budget_gib is None or (math.isfinite(m.memory_budget_gib) and m.memory_budget_gib > 0),
-        f"model.memory_budget_gib must be a positive number of GiB or null, got {m.memory_budget_gib}",
-    )
-    need(m.lora.r >= 1, f"model.lora.r must be >= 1, got {m.lora.r}")
-    need(0 <= m.lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {m.lora.dropout}")
-    need(
-        not (m.quantization != "none" and not m.lora.enabled),
-        "model.quantization needs model.lora.enabled=true (quantized base weights cannot be trained directly)",
-    )
-    need(
-        cfg.reference.strategy != "adapter_disabled" or m.lora.enabled,
-        "reference.strategy=adapter_disabled needs model.lora.enabled=true; use 'copy' or 'precomputed' for full fine-tuning",
-    )
-    need(
-        not (cfg.reference.strategy == "adapter_disabled" and cfg.reference.name_or_path),
-        "reference.name_or_path cannot be used with reference.strategy=adapter_disabled (the reference is the policy's base)",
     )
     need(cfg.reference.batch_size >= 1, f"reference.batch_size must be >= 1, got {cfg.reference.batch_size}")
     need(cfg.reference.batch_tokens >= 1, f"reference.batch_tokens must be >= 1, got {cfg.reference.batch_tokens}")
@@ -770,6 +721,63 @@ def validate_config(cfg: TrainConfig) -> None:
     )
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _validate_optim(o: OptimConfig, need: Any) -> None:
+    need(math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be a positive number, got {o.lr}")
+    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    need(
+        len(o.adam_betas) == 2 and all(0 <= b < 1 for b in o.adam_betas),
+        f"optim.adam_betas must be two numbers in [0, 1), got {o.adam_betas}",
+    )
+    need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    need(
+        o.warmup_ratio is None or (math.isfinite(o.warmup_ratio) and 0 <= o.warmup_ratio < 1),
+        f"optim.warmup_ratio must be in [0, 1) or null, got {o.warmup_ratio}",
+    )
+    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    need(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
+    need(o.max_steps is None or o.max_steps >= 1, f"optim.max_steps must be >= 1 or null, got {o.max_steps}")
+    need(o.batch_size >= 1, f"optim.batch_size must be >= 1, got {o.batch_size}")
+    need(
+        0 <= o.seed < 2**32,
+        f"optim.seed must be a whole number in [0, 2**32) (numpy and torch take no other), got {o.seed}",
+    )
+    need(o.grad_accumulation >= 1, f"optim.grad_accumulation must be >= 1, got {o.grad_accumulation}")
+    need(o.max_grad_norm is None or o.max_grad_norm > 0, f"optim.max_grad_norm must be > 0 or null, got {o.max_grad_norm}")
+    need(o.logps_chunk_size >= 1, f"optim.logps_chunk_size must be >= 1, got {o.logps_chunk_size}")
+
+
+def _validate_model(m: ModelConfig, reference: ReferenceConfig, need: Any) -> None:
+    need(
+        m.activation_checkpointing in ("auto", "on", "off", True, False),
+        f"model.activation_checkpointing must be auto, on or off, got {m.activation_checkpointing!r}",
+    )
+    need(
+        m.gradient_checkpointing is None
+        or m.activation_checkpointing == "auto"
+        or m.gradient_checkpointing == (m.activation_checkpointing in ("on", True)),
+        f"model.gradient_checkpointing={m.gradient_checkpointing} contradicts model.activation_checkpointing="
+        f"{'on' if m.activation_checkpointing in ('on', True) else 'off'}; set only model.activation_checkpointing",
+    )
+    need(
+        m.memory_budget_gib is None or (math.isfinite(m.memory_budget_gib) and m.memory_budget_gib > 0),
+        f"model.memory_budget_gib must be a positive number of GiB or null, got {m.memory_budget_gib}",
+    )
+    need(m.lora.r >= 1, f"model.lora.r must be >= 1, got {m.lora.r}")
+    need(0 <= m.lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {m.lora.dropout}")
+    need(
+        not (m.quantization != "none" and not m.lora.enabled),
+        "model.quantization needs model.lora.enabled=true (quantized base weights cannot be trained directly)",
+    )
+    need(
+        reference.strategy != "adapter_disabled" or m.lora.enabled,
+        "reference.strategy=adapter_disabled needs model.lora.enabled=true; use 'copy' or 'precomputed' for full fine-tuning",
+    )
+    need(
+        not (reference.strategy == "adapter_disabled" and reference.name_or_path),
+        "reference.name_or_path cannot be used with reference.strategy=adapter_disabled (the reference is the policy's base)",
+    )
 
 
 def _validate_online(on: OnlineConfig, need: Any) -> None:
