@@ -35,7 +35,9 @@ def test_a_best_of_n_point_keeps_its_n_and_has_no_mean_length():
 
 
 def test_a_stored_run_reads_back_under_the_same_settings_only(tmp_path):
-    stored = StoredRun(points=[POINT], seconds=3.5, samples=[{"prompt": "a", "completion": "b"}], rounds=[{"round": 0}])
+    stored = StoredRun(
+        points=[POINT], seconds=3.5, samples=[{"prompt": "a", "completion": "b"}], rounds=[{"round": 0}], measures=[{"step": 1}]
+    )
     ResultStore(tmp_path, "key1").save("dpo", stored)
     assert ResultStore(tmp_path, "key1").load("dpo") == stored
     assert ResultStore(tmp_path, "key2").load("dpo") is None

@@ -17,7 +17,9 @@ EXPERIMENT_DESCRIPTION = (
     "VADER as the ground-truth reward, DPO (beta sweep), Preferred-FT, Unlikelihood, ORPO, SimPO, KTO, Best-of-N "
     "and RLOO, each evaluated on the reward-KL frontier; then win rates against the SFT model across temperatures. "
     "'online': the same task with online DPO (labelled by VADER) and self-labelled DPO (a policy trained on 10% of the "
-    "pairs labels its own samples with its implicit reward) against offline DPO and the 10% baseline, at equal steps."
+    "pairs labels its own samples with its implicit reward) against offline DPO and the 10% baseline, at equal steps. "
+    "'overoptimisation': DPO trained longer for several beta and the online run labelled by VADER, with the ground-truth "
+    "reward, the implicit reward and the KL at every checkpoint."
 )
 EXPERIMENT_EPILOG = """examples:
   dpokit experiment sentiment --mode quick           # the paper's methods, smaller
@@ -25,6 +27,7 @@ EXPERIMENT_EPILOG = """examples:
   dpokit experiment sentiment --methods dpo,best-of-n
   dpokit experiment online --mode quick              # online and self-labelling DPO, smaller
   dpokit experiment online --mode full               # the reported comparison (docs/online/)
+  dpokit experiment overoptimisation --mode full     # reward over-optimisation (docs/overoptimisation/)
 
 Measured run times are in docs/experiments.md."""
 
@@ -46,15 +49,16 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "name",
-        choices=["sentiment", "online"],
-        help="which experiment: the paper's controlled sentiment, or online and self-labelling DPO on the same task",
+        choices=["sentiment", "online", "overoptimisation"],
+        help="which experiment: the paper's controlled sentiment, online and self-labelling DPO on the same task, or "
+        "reward over-optimisation over the course of training",
     )
     parser.add_argument(
         "--mode",
         choices=["full", "quick"],
         default="full",
         help="sentiment: full (every method, win rates included) or quick (the paper's methods, smaller); "
-        "online: full (the reported comparison) or quick (smaller everything)",
+        "online and overoptimisation: full (the reported run) or quick (smaller everything)",
     )
     parser.add_argument("--out", default=None, help="output directory (default runs/<name>-<mode>)")
     parser.add_argument(
@@ -105,6 +109,8 @@ def run_experiment(args: argparse.Namespace) -> int:
         from dpokit.errors import ConfigError
 
         raise ConfigError("--self-reward, --length-penalty and --prefer-shorter-within apply to the online experiment")
+    if args.name == "overoptimisation":
+        return run_overoptimisation(args)
     settings = MODES[args.mode]
     if args.methods is not None:
         settings = dataclasses.replace(settings, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
@@ -141,6 +147,26 @@ def run_online_experiment(args: argparse.Namespace) -> int:
     )
     print(summary_markdown(result.summary()))
     print(f"wrote {out_dir}/frontier.png, results.json, results.md")
+    return 0
+
+
+def run_overoptimisation(args: argparse.Namespace) -> int:
+    from dpokit.errors import ConfigError
+    from dpokit.experiments.overoptimisation import run_overoptimisation_experiment, summary_markdown
+
+    if args.methods is not None:
+        raise ConfigError("--methods applies to the sentiment experiment; the over-optimisation experiment runs DPO only")
+    out_dir = args.out or f"runs/overoptimisation-{args.mode}"
+    result = run_overoptimisation_experiment(
+        args.mode,
+        out_dir,
+        args.cache_dir,
+        keep_checkpoints=args.keep_checkpoints,
+        threads=args.threads,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(summary_markdown(result.curves))
+    print(f"wrote {out_dir}/overoptimisation.png, overoptimisation-online.png, results.json, results.md")
     return 0
 
 

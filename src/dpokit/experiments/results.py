@@ -101,18 +101,20 @@ class FrontierPoint:
 @dataclass(frozen=True)
 class StoredRun:
     """A finished run's results: its points, the seconds it took, the kept samples of its last evaluated
-    model and, for an online run, each round's statistics."""
+    model, for an online run each round's statistics, and any further per-checkpoint measurements
+    (``measures``: the over-optimisation experiment's rows)."""
 
     points: list[FrontierPoint]
     seconds: float
     samples: list[Sample] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    measures: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ResultStore:
     """Finished runs' results in ``directory/<run>.json``, each valid for the settings ``key`` it was stored
-    under: ``{"settings_key", "points", "seconds", "samples", "rounds"}`` (a file without ``rounds``, as
-    the sentiment experiment stored before, reads as no rounds). A file stored under other settings is not
+    under: ``{"settings_key", "points", "seconds", "samples", "rounds", "measures"}`` (a file without
+    ``rounds`` or ``measures``, as the experiments stored before, reads as none). A file stored under other settings is not
     used, nor is an unreadable one (with the reason logged): the run is done again and the file replaced."""
 
     def __init__(self, directory: str | Path, key: str, log: Log | None = None) -> None:
@@ -137,6 +139,7 @@ class ResultStore:
                 seconds=float(data["seconds"]),
                 samples=list(data["samples"]),
                 rounds=list(data.get("rounds", [])),
+                measures=list(data.get("measures", [])),
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             self.log(f"{path}: unreadable stored results ({type(error).__name__}: {error}); running {run} again")
@@ -150,6 +153,7 @@ class ResultStore:
             "seconds": stored.seconds,
             "samples": stored.samples,
             "rounds": stored.rounds,
+            "measures": stored.measures,
         }
         path = self.path(run)
         path.parent.mkdir(parents=True, exist_ok=True)
