@@ -72,10 +72,24 @@ class LoraConfig:
 
 
 @dataclass
+class VisionConfig:
+    """Vision-language models (loaded with AutoModelForImageTextToText when the checkpoint is one)."""
+
+    train_vision_tower: bool = _f(
+        False, "Train the vision tower (image encoder) too; by default it stays frozen (the projector trains with the LM)."
+    )
+    lora_modules: Literal["language_model", "all"] = _f(
+        "language_model",
+        "With lora.enabled: adapt lora.target_modules in the language model only, or in the vision tower and "
+        "projector as well ('all').",
+    )
+
+
+@dataclass
 class ModelConfig:
     """The policy model and its tokenizer."""
 
-    name_or_path: str = _f("", "Local directory or hub id of a transformers causal LM (required).")
+    name_or_path: str = _f("", "Local directory or hub id of a transformers causal LM or image-text-to-text model (required).")
     tokenizer_name_or_path: str | None = _f(None, "Tokenizer location when it differs from name_or_path.")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Weight dtype the model is loaded and trained in.")
     attn_implementation: str | None = _f(
@@ -106,6 +120,7 @@ class ModelConfig:
     disable_dropout: bool = _f(True, "Set every dropout probability in the policy to 0 (as the DPO reference code does).")
     device: str = _f("auto", "Device to train on: 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     lora: LoraConfig = _f(factory=LoraConfig, help="LoRA adapters.")
+    vision: VisionConfig = _f(factory=VisionConfig, help="Vision-language models: which parts train.")
 
 
 @dataclass

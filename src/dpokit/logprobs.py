@@ -496,11 +496,32 @@ def plan_layout(
     return choice, f"estimated decoder FLOPs per epoch, shared_prompt / padded = {ratio:.2f}"
 
 
+TEXT_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids"})
+
+
+def multimodal_body(model: nn.Module) -> nn.Module:
+    """The network of an image-text-to-text model without its output layer (``LlavaModel``,
+    ``Idefics3Model``, ...: vision tower, projector and language model), through a peft wrapper: the
+    transformers ``base_model`` (the module named by ``base_model_prefix``) of the wrapped model."""
+    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+    body = getattr(inner, "base_model", None)
+    if not isinstance(body, nn.Module) or body is inner:
+        raise TrainingError(
+            f"{type(inner).__name__} takes no images: the batch has image inputs but the model has no multimodal body; "
+            "train an image-text-to-text model (AutoModelForImageTextToText) on data with images"
+        )
+    return body
+
+
 def final_hidden_states(model: nn.Module, model_inputs: dict[str, Tensor]) -> Tensor:
     """(N, T, H) hidden states after the final norm, from the model's decoder (the network without
     its output layer). Works through peft wrappers: LoRA layers live inside the decoder, so they
-    apply, and ``with model.disable_adapter():`` switches them off."""
-    decoder = model.get_decoder()  # type: ignore[operator]  # transformers method via nn.Module.__getattr__
+    apply, and ``with model.disable_adapter():`` switches them off. Inputs beyond the token rows
+    (``pixel_values`` and the like) go to the :func:`multimodal_body`, which places each image's
+    features at its image tokens."""
+    # With images, the multimodal body merges the image features into the token embeddings.
+    text_only = TEXT_INPUTS.issuperset(model_inputs)
+    decoder = model.get_decoder() if text_only else multimodal_body(model)  # type: ignore[operator]  # transformers method
     outputs = decoder(**model_inputs, use_cache=False)
     hidden: Tensor = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     return hidden

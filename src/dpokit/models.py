@@ -397,13 +397,71 @@ def _quantized_device_map(device: torch.device | None) -> dict[str, int | str]:
     return {"": device.type}
 
 
+def is_vision_language(location: str | Path, *, trust_remote_code: bool = False) -> bool:
+    """Whether the checkpoint at ``location`` is an image-text-to-text model: its config has a vision
+    part (``vision_config``) and transformers maps it to ``AutoModelForImageTextToText``."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(str(location), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        return False  # from_pretrained reports what is wrong with the location
+    return getattr(config, "vision_config", None) is not None and config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def load_processor(model_cfg: ModelConfig) -> Any:
+    """The processor (tokenizer + image processor) of a vision-language policy; None for a causal LM."""
+    from transformers import AutoProcessor
+
+    location = model_cfg.tokenizer_name_or_path or model_cfg.name_or_path
+    if not is_vision_language(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code):
+        return None
+    processor = _from_pretrained(
+        AutoProcessor, location, what="the processor of a vision-language model", trust_remote_code=model_cfg.trust_remote_code
+    )
+    _ensure_pad_token(processor.tokenizer)
+    return processor
+
+
+def vision_tower(model: nn.Module) -> nn.Module | None:
+    """The image encoder of a vision-language model (``vision_tower``, ``vision_model``, ``visual``), or None."""
+    for module_name, module in model.named_modules():
+        if module_name.rsplit(".", 1)[-1] in ("vision_tower", "vision_model", "visual"):
+            found: nn.Module = module
+            return found
+    return None
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The language model of a vision-language model (its decoder), the model itself for a causal LM."""
+    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+    decoder: nn.Module = inner.get_decoder() if hasattr(inner, "get_decoder") else inner
+    return decoder
+
+
+def freeze_vision_tower(model: nn.Module) -> int:
+    """Stop gradients to the vision tower's weights; returns how many parameters were frozen."""
+    tower = vision_tower(model)
+    if tower is None:
+        return 0
+    count = 0
+    for parameter in tower.parameters():
+        parameter.requires_grad_(False)
+        count += parameter.numel()
+    return count
+
+
 def load_model(model_cfg: ModelConfig, name_or_path: str | None = None, *, device: torch.device | None = None) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` with the config's dtype, attention kernel and
+    """``AutoModelForCausalLM.from_pretrained`` (``AutoModelForImageTextToText`` for a vision-language
+    checkpoint, :func:`is_vision_language`) with the config's dtype, attention kernel and
     ``trust_remote_code`` (off unless asked), moved to ``device``. Returns the model in train mode
-    with dropout disabled when ``model_cfg.disable_dropout``."""
-    from transformers import AutoModelForCausalLM
+    with dropout disabled when ``model_cfg.disable_dropout``; a vision tower is frozen unless
+    ``model_cfg.vision.train_vision_tower``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     location = name_or_path or model_cfg.name_or_path
+    vision = is_vision_language(location, trust_remote_code=model_cfg.trust_remote_code)
     dtype = resolve_dtype(model_cfg.dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code}
     if model_cfg.attn_implementation:
@@ -412,7 +470,11 @@ def load_model(model_cfg: ModelConfig, name_or_path: str | None = None, *, devic
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = _quantized_device_map(device)
-    model: nn.Module = _from_pretrained(AutoModelForCausalLM, location, what="a causal language model", **kwargs)
+    auto_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    what = "an image-text-to-text model" if vision else "a causal language model"
+    model: nn.Module = _from_pretrained(auto_class, location, what=what, **kwargs)
+    if vision and not model_cfg.vision.train_vision_tower:
+        freeze_vision_tower(model)
     if quantization is None and device is not None:
         model.to(device)
     if quantization is not None:
@@ -641,18 +703,47 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_lora(model: nn.Module, lora_cfg: LoraConfig, *, gradient_checkpointing: bool = False) -> nn.Module:
+def lora_targets(model: nn.Module, target: list[str] | str, scope: str) -> list[str] | str:
+    """The modules LoRA adapts in a vision-language model: the linear layers named by ``target``
+    (suffixes, or ``all-linear``) inside the language model (``scope="language_model"``), or anywhere
+    but the output layer (``"all"``); full module names, so peft adapts exactly those. A causal LM
+    keeps ``target`` as given."""
+    if vision_tower(model) is None:
+        return target
+    if scope == "all" and target != "all-linear":
+        return target
+    inside = {id(m) for m in (language_model(model) if scope == "language_model" else model).modules()}
+    head: Any = model
+    output = head.get_output_embeddings()
+    suffixes = None if target == "all-linear" else ([target] if isinstance(target, str) else list(target))
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and id(module) in inside
+        and module is not output
+        and (suffixes is None or any(name == s or name.endswith("." + s) for s in suffixes))
+    ]
+    if not names:
+        raise ConfigError(f"model.lora.target_modules={target!r} matches no linear layer in the {scope.replace('_', ' ')}")
+    return names
+
+
+def apply_lora(
+    model: nn.Module, lora_cfg: LoraConfig, *, gradient_checkpointing: bool = False, vision_scope: str = "language_model"
+) -> nn.Module:
     """Wrap ``model`` with trainable LoRA adapters (``peft``); the base weights are frozen.
 
     Adapters start as an exact no-op (B = 0), so the policy initially equals the base model, which
-    is what makes "adapters disabled" a valid reference.
+    is what makes "adapters disabled" a valid reference. In a vision-language model the adapters go
+    where ``vision_scope`` says (:func:`lora_targets`).
     """
     import peft
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # Unannotated in peft.
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)  # type: ignore[no-untyped-call]
-    target = lora_cfg.target_modules
+    target = lora_targets(model, lora_cfg.target_modules, vision_scope)
     peft_config = peft.LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; the scale alpha / r takes a float

@@ -69,6 +69,7 @@ def test_a_default_batch_has_no_extras_and_each_batch_its_own_dict():
 
 def test_to_moves_every_tensor_and_the_extras_into_a_new_batch():
     batch = make_batch(position_ids=True, extras=True)
+    batch.image_inputs = {"pixel_values": torch.zeros(2, 3, 4, 4)}
     moved = batch.to("meta")
     assert moved is not batch
     for f in dataclasses.fields(Batch):
@@ -76,6 +77,8 @@ def test_to_moves_every_tensor_and_the_extras_into_a_new_batch():
         if f.name == "extras":
             assert set(value) == {"example_ids"}
             assert value["example_ids"].device.type == "meta"
+        elif f.name == "image_inputs":
+            assert set(value) == {"pixel_values"} and value["pixel_values"].device.type == "meta"
         elif f.name in ("desirable", "mismatched"):  # unpaired data only (tests/data/test_unpaired.py)
             assert value is None
         else:

@@ -277,7 +277,16 @@ def test_a_string_chosen_without_prompt_is_read_as_hh():
         ([{"content": "x"}], "missing_field", "message 0 has no 'role'"),
         ([GOOD, {"role": "", "content": "x"}], "wrong_type", "message 1: 'role' must be a non-empty string, got a string"),
         ([{"role": 1, "content": "x"}], "wrong_type", "message 0: 'role' must be a non-empty string, got a number"),
-        ([{"role": "assistant", "content": ["x"]}], "wrong_type", "message 0: 'content' must be a string, got a list"),
+        (
+            [{"role": "assistant", "content": ["x"]}],
+            "wrong_type",
+            """message 0 part 0 must be {"type": "text", "text": ...} or {"type": "image"}, got 'x'""",
+        ),
+        (
+            [{"role": "assistant", "content": 3}],
+            "wrong_type",
+            "message 0: 'content' must be a string or a list of parts, got a number",
+        ),
         ([{"role": "assistant", "content": " "}], "empty_response", "the response is empty"),
     ],
 )

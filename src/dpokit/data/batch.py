@@ -37,7 +37,9 @@ class Batch:
     ``response_mask`` (B, K) bool -- False where a ranking has fewer than K responses (those
     sequences have no scored tokens); ``response_lengths`` (B, K) long -- scored tokens per response.
 
-    Unpaired data (K = 1) adds ``desirable`` (B,) bool, the label of each completion. ``mismatched``
+    Prompts with images add ``image_inputs``: the image processor's tensors for the images of every
+    prompt the rows hold, in the order the prompts appear (row by row), passed to the model beside the
+    token ids. Unpaired data (K = 1) adds ``desirable`` (B,) bool, the label of each completion. ``mismatched``
     is a second batch in the same layout, for objectives with a KL reference point (KTO): example b's
     prompt with another example's completion; it is only ever run without gradient.
     """
@@ -54,6 +56,9 @@ class Batch:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     desirable: torch.Tensor | None = None
     mismatched: Batch | None = None
+    # What the model's image processor made of the prompts' images (pixel_values, and e.g.
+    # pixel_attention_mask or image_grid_thw), one set per prompt written in the rows, in row-major order.
+    image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -72,6 +77,7 @@ class Batch:
         inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.position_ids is not None:
             inputs["position_ids"] = self.position_ids
+        inputs.update(self.image_inputs)
         return inputs
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:

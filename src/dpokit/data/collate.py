@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Sampler
 
 from dpokit.data.batch import Batch
+from dpokit.data.images import image_inputs
 from dpokit.errors import ConfigError
 
 IGNORE_INDEX = -100
@@ -61,14 +62,24 @@ class PaddedCollator:
         pad_token_id: id written into padding (never attended, never scored).
         pad_to_multiple_of: round T up to a multiple of this (e.g. 8 for tensor cores); None: exact.
         num_responses: force K (e.g. 2); by default K = the most responses in the batch.
+        image_processor: the model's image processor, for items with ``"images"``: every row repeats its
+            prompt, so each row gets its example's images (``Batch.image_inputs``).
     """
 
-    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None, num_responses: int | None = None):
+    def __init__(
+        self,
+        pad_token_id: int,
+        *,
+        pad_to_multiple_of: int | None = None,
+        num_responses: int | None = None,
+        image_processor: Any = None,
+    ):
         if pad_token_id is None:
             raise ConfigError("PaddedCollator needs a pad_token_id; set tokenizer.pad_token (e.g. to the eos token)")
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.num_responses = num_responses
+        self.image_processor = image_processor
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> Batch:
         batch_size = len(items)
@@ -122,6 +133,7 @@ class PaddedCollator:
             response_lengths=torch.from_numpy(response_lengths),
             extras={"example_id": torch.tensor(example_ids, dtype=torch.long), "labels": torch.from_numpy(labels)},
             desirable=desirable_labels(items),
+            image_inputs=image_inputs(self.image_processor, [item_images(items[s % batch_size]) for s in range(num_rows)]),
         )
 
 
@@ -159,6 +171,8 @@ class SharedPromptCollator:
         pack_tokens: row budget in tokens for packing several examples per row; None: one per row.
         pad_to_multiple_of: round T up to a multiple of this.
         num_responses: force K; by default the most responses in the batch.
+        image_processor: the model's image processor, for items with ``"images"``: each block's prompt,
+            and so its images, appears once (``Batch.image_inputs``, in the order the blocks are written).
     """
 
     def __init__(
@@ -168,6 +182,7 @@ class SharedPromptCollator:
         pack_tokens: int | None = None,
         pad_to_multiple_of: int | None = None,
         num_responses: int | None = None,
+        image_processor: Any = None,
     ):
         if pad_token_id is None:
             raise ConfigError("the collator needs a pad_token_id; set tokenizer.pad_token (e.g. to the eos token)")
@@ -177,6 +192,7 @@ class SharedPromptCollator:
         self.pack_tokens = pack_tokens
         self.pad_to_multiple_of = pad_to_multiple_of
         self.num_responses = num_responses
+        self.image_processor = image_processor
 
     def _rows(self, block_lengths: list[int]) -> list[list[int]]:
         """Which blocks go in which row (first-fit decreasing when packing)."""
@@ -281,7 +297,14 @@ class SharedPromptCollator:
             response_lengths=torch.from_numpy(response_lengths),
             extras={"example_id": torch.tensor(example_ids, dtype=torch.long), "block_id": block, "segment_id": segment},
             desirable=desirable_labels(items),
+            image_inputs=image_inputs(self.image_processor, [item_images(items[b]) for row in rows for b in row]),
         )
+
+
+def item_images(item: Mapping[str, Any]) -> list[bytes]:
+    """The encoded images of an item's prompt (none for text-only items)."""
+    images: list[bytes] = item.get("images") or []
+    return images
 
 
 def desirable_labels(items: Sequence[Mapping[str, Any]]) -> torch.Tensor | None:

@@ -32,12 +32,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from dpokit.data.images import count_image_parts, insert_image_parts, message_text, read_images
 from dpokit.data.schema import Conversation, InvalidRowError, PreferenceExample, Text, type_name
 from dpokit.errors import ConfigError
 
-CANONICAL_FIELDS = ("prompt", "chosen", "rejected", "responses", "scores", "completion", "label", "score")
+CANONICAL_FIELDS = ("prompt", "chosen", "rejected", "responses", "scores", "completion", "label", "score", "images")
 FORMATS = ("auto", "standard", "conversational", "hh", "ranked", "unpaired")
 HH_ASSISTANT = "\n\nAssistant:"
 RESPONSE_TEXT_KEYS = ("response", "text", "completion")
@@ -101,7 +103,7 @@ def _maybe_json_cell(value: str, field: str) -> Any:
         parsed = json.loads(stripped)
     except ValueError:
         return value
-    if field in ("responses", "scores"):
+    if field in ("responses", "scores", "images"):
         return parsed if isinstance(parsed, list) else value
     # prompt/chosen/rejected: only a list of message objects counts as a conversation.
     if isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed):
@@ -132,7 +134,7 @@ def _text(row: _Row, field: str, value: Any, *, what: str = "string") -> str:
     return _check_unicode(row, field, value)
 
 
-def _messages(row: _Row, field: str, value: Any) -> list[dict[str, str]]:
+def _messages(row: _Row, field: str, value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise row.error(field, "wrong_type", f"expected a list of {{role, content}} messages, got {type_name(value)}")
     if not value:
@@ -149,16 +151,40 @@ def _messages(row: _Row, field: str, value: Any) -> list[dict[str, str]]:
             raise row.error(field, "missing_field", f"message {i} has no '{missing}'")
         if not isinstance(role, str) or not role:
             raise row.error(field, "wrong_type", f"message {i}: 'role' must be a non-empty string, got {type_name(role)}")
-        if not isinstance(content, str):
-            raise row.error(field, "wrong_type", f"message {i}: 'content' must be a string, got {type_name(content)}")
+        if isinstance(content, list):
+            content = _content_parts(row, field, i, content)
+        elif isinstance(content, str):
+            content = _check_unicode(row, field, content)
+        else:
+            raise row.error(
+                field, "wrong_type", f"message {i}: 'content' must be a string or a list of parts, got {type_name(content)}"
+            )
         if role not in CHAT_ROLES:
             raise row.error(
                 field, "bad_role", f"message {i} has the unknown role {role!r}; chat roles are {', '.join(CHAT_ROLES)}"
             )
-        messages.append({"role": _check_unicode(row, field, role), "content": _check_unicode(row, field, content)})
+        messages.append({"role": _check_unicode(row, field, role), "content": content})
     if field == "prompt":
         _check_prompt_roles(row, messages)
     return messages
+
+
+def _content_parts(row: _Row, field: str, index: int, parts: list[Any]) -> list[dict[str, str]]:
+    """A message's content as a list of parts: ``{"type": "text", "text": ...}`` and ``{"type": "image"}``
+    (the image itself comes from the row's ``images``, in placeholder order). Responses may hold no image
+    (:func:`_check_responses`)."""
+    checked: list[dict[str, str]] = []
+    for j, part in enumerate(parts):
+        where = f"message {index} part {j}"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            checked.append({"type": "text", "text": _check_unicode(row, field, part["text"])})
+        elif kind == "image":
+            checked.append({"type": "image"})
+        else:
+            expected = '{"type": "text", "text": ...} or {"type": "image"}'
+            raise row.error(field, "wrong_type", f"{where} must be {expected}, got {part!r}")
+    return checked
 
 
 def _is_conversation(value: Any) -> bool:
@@ -195,7 +221,7 @@ def _check_nonempty_prompt(row: _Row, prompt: Any) -> None:
 def _response_is_empty(response: Any) -> bool:
     if isinstance(response, str):
         return not response.strip()
-    return not any(m["content"].strip() for m in response)
+    return not any(message_text(m["content"]).strip() for m in response)
 
 
 def _check_responses(row: _Row, responses: Sequence[Text], fields: list[str]) -> None:
@@ -203,6 +229,8 @@ def _check_responses(row: _Row, responses: Sequence[Text], fields: list[str]) ->
     for response, field in zip(responses, fields, strict=True):
         if _response_is_empty(response):
             raise row.error(field, "empty_response", "the response is empty")
+        if isinstance(response, list) and count_image_parts(response):
+            raise row.error(field, "wrong_type", "has an image part; images are supported in the prompt only")
         if isinstance(response, list) and response[0]["role"] != "assistant":
             raise row.error(
                 field, "bad_role", f"the response must start with an assistant message, got role '{response[0]['role']}'"
@@ -494,10 +522,52 @@ PARSERS = {
 }
 
 
+def _attach_images(row: _Row, example: PreferenceExample, base_dir: Path | None) -> None:
+    """The row's ``images`` (or ``image``), read and checked, on the example. In chat rows their count
+    must match the prompt's ``{"type": "image"}`` parts; a prompt with no such part gets them at the
+    start of its first user message (TRL's rule). Plain-text prompts are checked against the
+    processor's placeholder when tokenized (:mod:`dpokit.data.tokenize`)."""
+    field = "image" if row.has("image") and not row.has("images") else "images"
+    parts = count_image_parts(example.prompt) if isinstance(example.prompt, list) else 0
+    if not row.has(field):
+        if parts:
+            problem = f"the prompt has {parts} image placeholder(s) but the row has no 'images'"
+            raise row.error("prompt", "image_count", problem)
+        return
+    value = row.get(field)
+    if not isinstance(value, list):
+        value = [value]
+    images, names = read_images(value, field=row.name(field), base_dir=base_dir, error=row.error)
+    if not images:
+        if parts:
+            raise row.error(field, "image_count", f"is empty but the prompt has {parts} image placeholder(s)")
+        return
+    if isinstance(example.prompt, list):
+        if parts == 0:
+            example.prompt = insert_image_parts(example.prompt, len(images))
+        elif parts != len(images):
+            raise row.error(
+                field,
+                "image_count",
+                f"the row has {len(images)} image(s) but its prompt has {parts} image placeholder(s) "
+                '({"type": "image"} parts); give one image per placeholder',
+            )
+    example.images, example.image_names = images, names
+
+
 def parse_row(
-    raw: Any, source: str, *, format: str = "auto", inverse_columns: dict[str, str] | None = None, text_table: bool = False
+    raw: Any,
+    source: str,
+    *,
+    format: str = "auto",
+    inverse_columns: dict[str, str] | None = None,
+    text_table: bool = False,
+    base_dir: Path | None = None,
 ) -> tuple[PreferenceExample, str]:
     """Validate one raw row; return the example and the format it was read as.
+
+    ``base_dir``: what image paths in the row are relative to (the data file's directory; None: the
+    working directory).
 
     Raises :class:`InvalidRowError` naming ``source`` and the field for anything unusable.
     """
@@ -507,4 +577,6 @@ def parse_row(
         )
     row = _Row(raw, source, inverse_columns or {}, text_table)
     fmt = detect_format(row) if format == "auto" else format
-    return PARSERS[fmt](row), fmt
+    example = PARSERS[fmt](row)
+    _attach_images(row, example, base_dir)
+    return example, fmt

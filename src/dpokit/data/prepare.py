@@ -29,6 +29,7 @@ from typing import Any, overload
 import numpy as np
 
 from dpokit.compat import serialized_tokenizer, tokenizer_backend
+from dpokit.data.images import ImageTable, ImageTokens
 from dpokit.data.reader import ReadReport, check_read_options, describe_source, read_preferences, source_fingerprint
 from dpokit.data.schema import PreferenceExample
 from dpokit.data.tokenize import TokenizedColumns, TokenizeReport, check_truncation_settings, tokenize_examples
@@ -63,12 +64,14 @@ class PreparedItems(Sequence[dict[str, Any]]):
     """``items[i] -> {"example_id": i, "prompt_ids": list[int], "response_ids": list[list[int]]}``.
 
     Backed by flat numpy arrays; dicts are built on access. ``response_ids`` are ranked best first
-    (``[chosen, rejected]`` for pairs). Unpaired data (one response each) adds ``"desirable": bool``.
+    (``[chosen, rejected]`` for pairs). Unpaired data (one response each) adds ``"desirable": bool``;
+    data with images adds ``"images": list[bytes]`` (the prompt's images, encoded, in placeholder order).
     """
 
-    def __init__(self, columns: TokenizedColumns, desirable: np.ndarray | None = None):
+    def __init__(self, columns: TokenizedColumns, desirable: np.ndarray | None = None, images: ImageTable | None = None):
         self.columns = columns
         self.desirable = desirable
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.columns)
@@ -90,6 +93,8 @@ class PreparedItems(Sequence[dict[str, Any]]):
         item: dict[str, Any] = {"example_id": index, "prompt_ids": prompt, "response_ids": responses}
         if self.desirable is not None:
             item["desirable"] = bool(self.desirable[index])
+        if self.images is not None:
+            item["images"] = self.images.example(index)
         return item
 
 
@@ -117,10 +122,11 @@ class PreparedDataset:
     from_cache: bool = False
     cache_path: Path | None = None
     desirable: np.ndarray | None = None  # (E,) bool for unpaired data: True = desirable, False = undesirable
+    images: ImageTable | None = None  # the prompts' images, for data that has any
 
     @property
     def items(self) -> PreparedItems:
-        return PreparedItems(self.columns, self.desirable)
+        return PreparedItems(self.columns, self.desirable, self.images)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -213,10 +219,16 @@ def _load_entry(path: Path, fingerprint: str) -> PreparedDataset | None:
         sources = meta["sources"]
         columns = TokenizedColumns(**arrays)
         _check_columns(columns, len(sources), desirable)
+        images = None
+        if meta.get("images"):  # memory-mapped: the images are read as batches need them
+            images = ImageTable(*(np.load(path / f"image_{name}.npy", mmap_mode="r") for name in ImageTable.ARRAYS))
+            images.check(len(sources))
     except Exception as error:  # a damaged entry is rebuilt, never trusted
         logger.warning("ignoring unreadable cache entry %s (%s); re-tokenizing", path, error)
         return None
-    return PreparedDataset(columns, fingerprint, report, sources, from_cache=True, cache_path=path, desirable=desirable)
+    return PreparedDataset(
+        columns, fingerprint, report, sources, from_cache=True, cache_path=path, desirable=desirable, images=images
+    )
 
 
 def _check_columns(columns: TokenizedColumns, num_sources: int, desirable: np.ndarray | None) -> None:
@@ -254,6 +266,10 @@ def _save_entry(path: Path, dataset: PreparedDataset) -> None:
         if dataset.desirable is not None:
             np.save(tmp / "desirable.npy", dataset.desirable)
             meta["unpaired"] = True
+        if dataset.images is not None:
+            for name in ImageTable.ARRAYS:
+                np.save(tmp / f"image_{name}.npy", getattr(dataset.images, name))
+            meta["images"] = True
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(tmp, path)  # atomic: readers see no entry or a complete one
@@ -301,7 +317,8 @@ def _build(
     desirable = None
     if any(ex.label is not None for ex in examples):
         desirable = np.fromiter((bool(examples[i].label) for i in kept), dtype=bool, count=len(kept))
-    return PreparedDataset(columns, fingerprint, report, [examples[i].source for i in kept], desirable=desirable)
+    images = ImageTable.from_lists([examples[i].images or [] for i in kept]) if any(ex.has_images for ex in examples) else None
+    return PreparedDataset(columns, fingerprint, report, [examples[i].source for i in kept], desirable=desirable, images=images)
 
 
 def _cached(fingerprint: str, cache_dir: Any, use_cache: bool, build: Callable[[], PreparedDataset]) -> PreparedDataset:
@@ -335,6 +352,7 @@ def prepare_dataset(
     use_cache: bool = True,
     unpaired: bool = False,
     score_threshold: float | None = None,
+    processor: Any = None,
 ) -> PreparedDataset:
     """Read, validate, tokenize and truncate a preference dataset, with an on-disk cache.
 
@@ -359,13 +377,15 @@ def prepare_dataset(
         use_cache: False to neither read nor write the cache.
         unpaired, score_threshold: read for an unpaired objective (KTO): see
             :func:`~dpokit.data.reader.read_preferences`; the items then carry ``"desirable"``.
+        processor: a vision-language model's processor, for rows with images (items then carry ``"images"``;
+            the key covers the data file and image settings, not the image files a row names).
 
     Returns:
         a :class:`PreparedDataset`; check ``.report.summary()`` for skips, truncation and drops.
     """
     check_read_options(format, ranked_mode)
     check_truncation_settings(max_length, max_prompt_length, truncation_mode)
-    tokenize_settings = dict(
+    tokenize_settings: dict[str, Any] = dict(
         max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, skip_invalid=skip_invalid
     )
     unpaired_settings: dict[str, Any] = {"unpaired": True, "score_threshold": score_threshold} if unpaired else {}
@@ -376,8 +396,11 @@ def prepare_dataset(
         ranked_mode=ranked_mode,
         **tokenize_settings,
         **unpaired_settings,
+        **({"images": ImageTokens(processor).fingerprint()} if processor is not None else {}),
     )
     fingerprint = _combine(source_fingerprint(source, split=split), tokenizer_fingerprint(tokenizer), settings)
+    if processor is not None:
+        tokenize_settings["processor"] = processor
 
     def build() -> PreparedDataset:
         examples, read_report = read_preferences(
@@ -406,12 +429,14 @@ def prepare_from_examples(
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = False,
     drop_identical: bool = True,
+    processor: Any = None,
 ) -> PreparedDataset:
     """Tokenize in-memory :class:`PreferenceExample` s (already validated; responses best first).
 
     Same tokenization, truncation and report as :func:`prepare_dataset`. Caching is off by default
     here (``use_cache=True`` keys it by the examples' content). ``drop_identical=False`` keeps
     examples whose responses tokenize identically (for scoring responses, not training on pairs).
+    ``processor``: the image-text-to-text processor, for examples with images (as :func:`prepare_dataset`).
     """
     check_truncation_settings(max_length, max_prompt_length, truncation_mode)
     examples = list(examples)
@@ -420,14 +445,17 @@ def prepare_from_examples(
     for ex in examples:
         if not isinstance(ex, PreferenceExample) or len(ex.responses) < 2:
             raise DataError(f"{getattr(ex, 'source', '') or 'example'}: expected a PreferenceExample with at least 2 responses")
-    tokenize_settings = dict(
+    tokenize_settings: dict[str, Any] = dict(
         max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, skip_invalid=skip_invalid
     )
     if not drop_identical:
         tokenize_settings["drop_identical"] = False
+    vision = {"images": ImageTokens(processor).fingerprint()} if processor is not None else {}
     fingerprint = _combine(
-        examples_fingerprint(examples), tokenizer_fingerprint(tokenizer), _settings_fingerprint(**tokenize_settings)
+        examples_fingerprint(examples), tokenizer_fingerprint(tokenizer), _settings_fingerprint(**tokenize_settings, **vision)
     )
+    if processor is not None:
+        tokenize_settings["processor"] = processor
     read_report = ReadReport(source=describe_source(examples), rows=len(examples), examples=len(examples))
     read_report.formats["in_memory"] = len(examples)
     return _cached(

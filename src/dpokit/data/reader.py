@@ -335,6 +335,17 @@ def _in_memory_dataset(source: Any, split: str) -> Any | None:
     return source if isinstance(source, datasets.Dataset) else None
 
 
+def image_base_dir(source: Any) -> Path | None:
+    """What image paths in ``source``'s rows are relative to: a data file's directory, a data directory
+    itself; None (the working directory) for rows in memory and hub datasets."""
+    if not isinstance(source, (str, Path)):
+        return None
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.resolve().parent
+    return path.resolve() if path.is_dir() else None
+
+
 def raw_rows(source: Any, *, split: str = "train") -> tuple[RawRows, bool]:
     """Iterate raw rows of any supported source. Returns (rows, text_table) where ``text_table``
     says every cell is a string (CSV), so list-valued fields may hold JSON text."""
@@ -446,6 +457,8 @@ def expand_ranking(example: PreferenceExample, mode: str, report: ReadReport) ->
                 pair_scores,
                 source,
                 truncated=example.truncation_of([i, j]),
+                images=example.images,
+                image_names=example.image_names,
             )
         )
     if k > 2:
@@ -508,6 +521,8 @@ def as_unpaired(example: PreferenceExample) -> list[PreferenceExample]:
             f"{example.source} (response {k})",
             label=label,
             truncated=example.truncation_of([k]),
+            images=example.images,
+            image_names=example.image_names,
         )
         for k, (response, label) in enumerate(zip(example.responses, labels, strict=True))
     ]
@@ -570,7 +585,9 @@ def read_preferences(
             directory; another directory or a dataset name (loaded with ``datasets.load_dataset``);
             a ``datasets.Dataset``/``DatasetDict``; or a list of row dicts.
         format: ``"auto"`` (detect per row), ``"standard"``, ``"conversational"``, ``"hh"`` or
-            ``"ranked"`` (see :mod:`dpokit.data.formats`).
+            ``"ranked"`` (see :mod:`dpokit.data.formats`). A row may carry prompt images
+            (``images``: paths relative to the data file, bytes, ``datasets`` Image values, PIL images;
+            see :mod:`dpokit.data.images`).
         columns: ``{source column: field}`` renames, fields being ``prompt``, ``chosen``,
             ``rejected``, ``responses``, ``scores``; e.g. ``{"question": "prompt",
             "response_j": "chosen", "response_k": "rejected"}``.
@@ -597,6 +614,7 @@ def read_preferences(
     inverse_columns = check_columns(columns)
     report = ReadReport(source=describe_source(source), ranked_mode=ranked_mode)
     rows, text_table = raw_rows(source, split=split)
+    base_dir = image_base_dir(source)
     examples: list[PreferenceExample] = []
     for where, raw in rows:
         if raw is _BLANK:
@@ -606,7 +624,9 @@ def read_preferences(
         try:
             if isinstance(raw, InvalidRowError):
                 raise raw
-            example, detected = parse_row(raw, where, format=format, inverse_columns=inverse_columns, text_table=text_table)
+            example, detected = parse_row(
+                raw, where, format=format, inverse_columns=inverse_columns, text_table=text_table, base_dir=base_dir
+            )
         except InvalidRowError as error:
             if not skip_invalid:
                 raise DataError(f"{error}. {_SKIP_HINT}") from None

@@ -7,12 +7,15 @@ Everything downstream of the reader (tokenization, batching, the losses) sees on
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from dpokit.errors import DataError
 
-Message = dict[str, str]  # {"role": ..., "content": ...}
+# {"role": ..., "content": ...}; a prompt message's content may also be a list of parts,
+# {"type": "text", "text": ...} and {"type": "image"} (the image itself is in PreferenceExample.images).
+Message = dict[str, Any]
 Conversation = list[Message]
 Text = str | Conversation
 
@@ -35,6 +38,9 @@ class PreferenceExample:
         truncated: per response (same order), True when the response was cut off before it ended (e.g. a
             sampled completion that hit the token limit): tokenization appends no EOS to it, so the model
             is not taught to stop there. None (the usual case) means every response is complete.
+        images: the prompt's images as encoded image files (PNG, JPEG, ...), in the order of the
+            prompt's image placeholders; None for a text-only prompt.
+        image_names: where each image came from (a path, or ``images[i]`` for bytes), for messages.
     """
 
     prompt: Text
@@ -43,6 +49,8 @@ class PreferenceExample:
     source: str = ""
     label: bool | None = None
     truncated: list[bool] | None = None
+    images: list[bytes] | None = None
+    image_names: list[str] | None = None
 
     @property
     def is_unpaired(self) -> bool:
@@ -62,6 +70,10 @@ class PreferenceExample:
         return len(self.responses)
 
     @property
+    def has_images(self) -> bool:
+        return bool(self.images)
+
+    @property
     def is_conversational(self) -> bool:
         return isinstance(self.prompt, list)
 
@@ -71,6 +83,8 @@ class PreferenceExample:
             out["label"] = self.label
         if self.truncated is not None and any(self.truncated):
             out["truncated"] = self.truncated
+        if self.images:
+            out["images"] = [hashlib.sha256(image).hexdigest() for image in self.images]
         return out
 
     def is_truncated(self, k: int) -> bool:
@@ -100,6 +114,8 @@ SKIP_REASONS = {
     "bad_role": "an unknown chat role, a response not starting with an assistant message, or a system-only prompt",
     "chat_template_error": "the chat template failed on the row",
     "chat_template_prefix": "the chat template's prompt is not a token prefix of the conversation",
+    "bad_image": "an image is missing, unreadable or not an image file",
+    "image_count": "the number of images does not match the prompt's image placeholders",
 }
 
 

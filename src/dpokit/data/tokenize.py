@@ -42,6 +42,7 @@ from typing import Any, cast
 import numpy as np
 
 from dpokit.data.encode import Ragged, encode_texts
+from dpokit.data.images import ImageTokens, decode_image
 from dpokit.data.schema import SKIP_REASONS, Conversation, InvalidRowError, PreferenceExample
 from dpokit.errors import ConfigError, DataError
 
@@ -51,6 +52,8 @@ DROP_REASONS = {
     "prompt_fills_max_length": "the prompt leaves no room for a response within max_length",
     "identical_after_truncation": "two responses have the same tokens after truncation (or tokenization), so the pair "
     "teaches nothing; raise data.max_length or shorten the prompts",
+    "image_tokens_exceed_max_prompt_length": "the prompt must be cut to max_prompt_length but its image tokens alone "
+    "are longer, and image tokens are never cut; raise data.max_prompt_length (and max_length) or use smaller images",
 }
 _MESSAGES_KEPT = 3
 
@@ -385,6 +388,19 @@ def _tokenize_chat(
     return out
 
 
+def _cut_around(prompt: list[int], limit: int, truncation_mode: str, keep_first: int, protected: set[int]) -> list[int] | None:
+    """``prompt`` cut to ``limit`` tokens by removing only tokens outside ``protected`` (image tokens):
+    the earliest ones (after ``keep_first``) for ``keep_end``, the latest for ``keep_start``. None when
+    the protected tokens (and ``keep_first``) alone exceed ``limit``."""
+    keep_first = keep_first if truncation_mode == "keep_end" else 0
+    removable = [j for j in range(keep_first, len(prompt)) if prompt[j] not in protected]
+    excess = len(prompt) - limit
+    if excess > len(removable):
+        return None
+    removed = set(removable[:excess] if truncation_mode == "keep_end" else removable[len(removable) - excess :])
+    return [token for j, token in enumerate(prompt) if j not in removed]
+
+
 def truncate(
     prompt: list[int],
     responses: list[list[int]],
@@ -393,17 +409,25 @@ def truncate(
     max_prompt_length: int | None,
     truncation_mode: str,
     keep_first: int = 0,
+    protected: set[int] | frozenset[int] = frozenset(),
 ) -> tuple[list[int], list[list[int]], str | None]:
     """Apply the truncation rules (module docstring). Returns (prompt, responses, what happened):
-    ``None`` (fits), ``"prompt"``, ``"responses"``, ``"both"``, or ``"drop"``.
+    ``None`` (fits), ``"prompt"``, ``"responses"``, ``"both"``, ``"drop"`` or ``"drop_images"``.
 
-    ``keep_first``: leading prompt tokens ``keep_end`` must keep (the BOS).
+    ``keep_first``: leading prompt tokens ``keep_end`` must keep (the BOS). ``protected``: token ids the
+    prompt cut never removes (image tokens); a prompt holding any is cut around them, and when they
+    alone exceed ``max_prompt_length`` the example is dropped (``"drop_images"``).
     """
     if max_length is None or len(prompt) + max(len(r) for r in responses) <= max_length:
         return prompt, responses, None
     prompt_cut = False
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
-        if truncation_mode == "keep_start":
+        if protected and any(token in protected for token in prompt):
+            cut = _cut_around(prompt, max_prompt_length, truncation_mode, keep_first, set(protected))
+            if cut is None:
+                return prompt, responses, "drop_images"
+            prompt = cut
+        elif truncation_mode == "keep_start":
             prompt = prompt[:max_prompt_length]
         else:
             keep = min(keep_first, max_prompt_length - 1)
@@ -430,11 +454,15 @@ def tokenize_examples(
     truncation_mode: str = "keep_end",
     skip_invalid: bool = False,
     drop_identical: bool = True,
+    processor: Any = None,
 ) -> tuple[TokenizedColumns, list[int], TokenizeReport]:
     """Tokenize and truncate. Returns (columns, kept example indices into ``examples``, report).
 
     ``drop_identical``: drop (and count) examples whose responses have the same token ids, which no
-    preference loss can learn from; False keeps them (scoring responses one by one)."""
+    preference loss can learn from; False keeps them (scoring responses one by one).
+    ``processor``: the model's image-text-to-text processor, needed when examples carry images: each
+    image placeholder of the prompt becomes the image's tokens (:class:`~dpokit.data.images.ImageTokens`),
+    which truncation never cuts."""
     check_truncation_settings(max_length, max_prompt_length, truncation_mode)
     report = TokenizeReport(
         examples_in=len(examples), max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode
@@ -451,10 +479,16 @@ def tokenize_examples(
         if len(kept) < _MESSAGES_KEPT:
             kept.append(str(error))
 
-    text_index = [i for i, ex in enumerate(examples) if not ex.is_conversational]
-    chat_index = [i for i, ex in enumerate(examples) if ex.is_conversational]
+    vision_index = [i for i, ex in enumerate(examples) if ex.has_images]
+    text_index = [i for i, ex in enumerate(examples) if not ex.is_conversational and not ex.has_images]
+    chat_index = [i for i, ex in enumerate(examples) if ex.is_conversational and not ex.has_images]
     parts: list[TokenizedColumns] = []
     indices: list[np.ndarray] = []
+    image_tokens = _image_tokens(processor, examples, vision_index)
+    if vision_index and image_tokens is not None:
+        vision = _tokenize_vision([examples[i] for i in vision_index], tokenizer, image_tokens, on_invalid)
+        parts.append(TokenizedColumns.from_lists([ids for ids in vision if ids is not None]))
+        indices.append(np.asarray([i for i, ids in zip(vision_index, vision, strict=True) if ids is not None], dtype=np.int64))
     if text_index:
         parts.append(_tokenize_text([examples[i] for i in text_index], tokenizer))
         indices.append(np.asarray(text_index, dtype=np.int64))
@@ -469,15 +503,92 @@ def tokenize_examples(
         order = np.argsort(kept, kind="stable")
         kept = kept[order]
 
-    columns, kept = _truncate_long(columns, kept, order, tokenizer, report)
+    protected = image_tokens.protected if image_tokens is not None else set()
+    columns, kept = _truncate_long(columns, kept, order, tokenizer, report, protected, examples)
     if drop_identical:
         columns, kept = _drop_identical_responses(columns, kept, examples, report)
     report.examples_out = len(columns)
     return columns, kept.tolist(), report
 
 
+def _image_tokens(processor: Any, examples: Sequence[PreferenceExample], vision_index: list[int]) -> ImageTokens | None:
+    """The processor's image-token rule when some examples carry images (an error without a processor)."""
+    if not vision_index:
+        return None
+    if processor is None:
+        raise ConfigError(
+            f"{examples[vision_index[0]].source}: the data has images ({len(vision_index)} examples) but no image processor "
+            "was given; train a vision-language model (one transformers loads with AutoModelForImageTextToText, with its "
+            "processor) or drop the images column"
+        )
+    return ImageTokens(processor)
+
+
+def _tokenize_vision(
+    examples: list[PreferenceExample], tokenizer: Any, image_tokens: ImageTokens, on_invalid: Any
+) -> list[tuple[list[int], list[list[int]]] | None]:
+    """Examples with images: tokenized as text or chat (each image placeholder one token), then every
+    placeholder replaced by its image's tokens. The number of placeholders must equal the number of images."""
+    ids: list[tuple[list[int], list[list[int]]] | None] = [None] * len(examples)
+    chat = [i for i, ex in enumerate(examples) if ex.is_conversational]
+    text = [i for i, ex in enumerate(examples) if not ex.is_conversational]
+    if chat:
+        for i, pair in zip(chat, _tokenize_chat([examples[i] for i in chat], tokenizer, on_invalid), strict=True):
+            ids[i] = pair
+    if text:
+        columns = _tokenize_text([examples[i] for i in text], tokenizer)
+        for j, i in enumerate(text):
+            ids[i] = columns.example(j)
+    out: list[tuple[list[int], list[list[int]]] | None] = []
+    for ex, pair in zip(examples, ids, strict=True):
+        expanded = None if pair is None else _expand_prompt(ex, pair[0], tokenizer, image_tokens, on_invalid)
+        out.append(None if pair is None or expanded is None else (expanded, pair[1]))
+    return out
+
+
+def _expand_prompt(
+    ex: PreferenceExample, prompt: list[int], tokenizer: Any, image_tokens: ImageTokens, on_invalid: Any
+) -> list[int] | None:
+    """``prompt`` with its placeholders replaced by the images' tokens; None (reported) on a bad row."""
+    images = ex.images or []
+    try:
+        decoded = [decode_image(data) for data in images]
+    except Exception as error:  # PIL raises several types for damaged files
+        on_invalid(InvalidRowError(ex.source, "images", "bad_image", f"an image cannot be decoded ({error})"))
+        return None
+    expanded = image_tokens.expand(prompt, decoded)
+    if expanded is None:
+        found = image_tokens.placeholders(prompt)
+        how = (
+            "the chat template wrote"
+            if ex.is_conversational
+            else f"write {image_tokens.placeholder} where each image goes; the prompt has"
+        )
+        on_invalid(
+            InvalidRowError(
+                ex.source,
+                "images",
+                "image_count",
+                f"the row has {len(images)} image(s) but {how} {found} {image_tokens.placeholder!r} placeholder(s)",
+            )
+        )
+        return None
+    if ex.is_conversational:
+        text = tokenizer.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=True)
+    else:
+        text = str(ex.prompt)
+    image_tokens.check(text, decoded, expanded)
+    return expanded
+
+
 def _truncate_long(
-    columns: TokenizedColumns, kept: np.ndarray, order: np.ndarray | None, tokenizer: Any, report: TokenizeReport
+    columns: TokenizedColumns,
+    kept: np.ndarray,
+    order: np.ndarray | None,
+    tokenizer: Any,
+    report: TokenizeReport,
+    protected: set[int],
+    examples: Sequence[PreferenceExample],
 ) -> tuple[TokenizedColumns, np.ndarray]:
     """Truncate (or drop) the examples longer than ``report.max_length`` and put the rows in input order
     (``order``: the permutation that does); only the long examples go through Python lists."""
@@ -498,9 +609,18 @@ def _truncate_long(
                 max_prompt_length=report.max_prompt_length,
                 truncation_mode=report.truncation_mode,
                 keep_first=keep_first,
+                protected=protected,
             )
             if what == "drop":
                 report.dropped["prompt_fills_max_length"] += 1
+                keep[j] = False
+                continue
+            if what == "drop_images":
+                images = sum(token in protected for token in prompt)
+                report.record_drop(
+                    "image_tokens_exceed_max_prompt_length",
+                    f"{examples[int(kept[j])].source}: {images} image tokens, max_prompt_length={report.max_prompt_length}",
+                )
                 keep[j] = False
                 continue
             if what in ("prompt", "both"):

@@ -125,7 +125,10 @@ def response_rows(items: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]]
     places: list[tuple[int, int]] = []
     for i, item in enumerate(items):
         for k, response in enumerate(item["response_ids"]):
-            rows.append({"example_id": len(rows), "prompt_ids": item["prompt_ids"], "response_ids": [response]})
+            row = {"example_id": len(rows), "prompt_ids": item["prompt_ids"], "response_ids": [response]}
+            if "images" in item:
+                row["images"] = item["images"]
+            rows.append(row)
             places.append((i, k))
     return rows, places
 
@@ -163,7 +166,8 @@ def compute_reference_logps(
     places: list[tuple[int, int]] = []
     if isinstance(collate, PaddedCollator):  # one row per response: batch the responses one by one
         (work, places), per_response = response_rows(items), True
-        collate, batch_size = PaddedCollator(collate.pad_token_id), batch_size * k_max  # no fixed K
+        collate = PaddedCollator(collate.pad_token_id, image_processor=collate.image_processor)  # no fixed K
+        batch_size *= k_max
     batches = reference_batches(work, max_examples=batch_size, max_tokens=batch_tokens, one_row_per_response=per_response)
     device = device or next(model.parameters()).device
     bar = None

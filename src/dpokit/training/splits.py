@@ -102,16 +102,18 @@ def load_data(
     *,
     unpaired: bool = False,
     run_dir: str | Path | None = None,
+    processor: Any = None,
 ) -> tuple[Split, Split | None]:
     """Tokenized train and eval splits. Eval is ``data.eval_path``, else a seeded carve-out of
     ``data.eval_split_fraction`` of the training examples, else None. The data reports (skips,
     truncation, drops) are printed on rank 0 and written to ``<run_dir>/data_report.json``
     (``run_dir``: the run directory, default ``logging.run_dir``); ``say`` gets other notes.
-    ``unpaired``: the objective trains on unpaired examples (labels; pairs split into two)."""
+    ``unpaired``: the objective trains on unpaired examples (labels; pairs split into two). ``processor``:
+    a vision-language model's processor, for rows with images."""
     d = cfg.data
 
     def prepare(path: str, split: str) -> PreparedDataset:
-        return prepare_with_config(d, path, tokenizer, split=split, unpaired=unpaired)
+        return prepare_with_config(d, path, tokenizer, split=split, unpaired=unpaired, processor=processor)
 
     train_data = prepare(d.train_path, d.train_split)
     reports: dict[str, tuple[str, Any]] = {"train": (d.train_path, train_data.report)}

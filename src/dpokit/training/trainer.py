@@ -36,7 +36,7 @@ import torch
 
 from dpokit.config import CONFIG_FILENAME, TrainConfig, config_to_dict, require_paths, save_config, validate_config
 from dpokit.errors import ConfigError, TrainingError
-from dpokit.models import apply_lora, enable_gradient_checkpointing, load_model_and_tokenizer
+from dpokit.models import apply_lora, enable_gradient_checkpointing, load_model_and_tokenizer, load_processor
 from dpokit.training import step as steps
 from dpokit.training.checkpoint import export_final_model, load_checkpoint, save_checkpoint
 from dpokit.training.memory import apply_checkpointing_plan, checkpointing_mode, micro_batch_shape
@@ -384,7 +384,8 @@ class Trainer:
             metrics = steps.evaluate(
                 self.runner, self.eval_split, self.eval_reference, self.objective, self.collate, batch_size=cfg.eval.batch_size
             ).metrics
-            if cfg.eval.sample_prompts and self.ctx.is_main and self.ctx.holds_whole_model:
+            # Sampling from image prompts is not built yet: a vision-language run writes no samples.
+            if cfg.eval.sample_prompts and self.ctx.is_main and self.ctx.holds_whole_model and self.processor is None:
                 self.write_samples()
         self.tracker.log(p.step, metrics, split="eval")
         if not p.best_eval or metrics.get("loss", math.inf) < p.best_eval.get("loss", math.inf):
@@ -432,7 +433,7 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             trainer_state=state,
-            tokenizer=self.tokenizer,
+            tokenizer=self.processor or self.tokenizer,
             keep_last=self.cfg.checkpoint.keep_last,
             ctx=self.ctx,
         )
@@ -455,7 +456,8 @@ class Trainer:
             online=self.data_source is not None,
             reference=self.reference_strategy,
         )
-        export_final_model(self.ctx, self.runner.model, self.tokenizer, output_dir, self.cfg.model, summary=summary)
+        saved = self.processor or self.tokenizer  # a processor saves its tokenizer and image processor
+        export_final_model(self.ctx, self.runner.model, saved, output_dir, self.cfg.model, summary=summary)
         if self.ctx.is_main and output_dir.is_dir():
             save_config(self.cfg, output_dir / CONFIG_FILENAME)
         return output_dir
@@ -512,18 +514,29 @@ class Trainer:
         seed_everything(cfg.optim.seed)
         with self.clock.phase("model"):
             policy, self.tokenizer = load_model_and_tokenizer(cfg.model, device=ctx.device)
+            self.processor = load_processor(cfg.model)  # a vision-language policy's (None for a causal LM)
+            if self.processor is not None:  # the tokenizer that writes the processor's image tokens
+                self.tokenizer = self.processor.tokenizer
         self.objective = build_objective(cfg.loss.terms, beta=cfg.loss.beta, reference_free=cfg.loss.reference_free)
         with ctx.main_first(), self.clock.phase("data"):  # one rank fills the tokenized-data cache
             if self.data_source is not None:
                 self.train_split, self.eval_split = self.data_source(self.tokenizer, self.objective.unpaired)
             else:
                 self.train_split, self.eval_split = load_data(
-                    cfg, self.tokenizer, say=self.say, unpaired=self.objective.unpaired, run_dir=self.run_dir
+                    cfg,
+                    self.tokenizer,
+                    say=self.say,
+                    unpaired=self.objective.unpaired,
+                    run_dir=self.run_dir,
+                    processor=self.processor,
                 )
         layout, layout_why = plan_layout(cfg.data.layout, policy, self.layout_batches() if cfg.data.layout == "auto" else None)
         self.layout = layout
         self.collate = make_collator(
-            layout, self.tokenizer.pad_token_id, pack_tokens=cfg.data.pack_tokens if layout == "packed" else None
+            layout,
+            self.tokenizer.pad_token_id,
+            pack_tokens=cfg.data.pack_tokens if layout == "packed" else None,
+            image_processor=getattr(self.processor, "image_processor", None),
         )
         if layout != "padded":  # group batches by the length of a whole [prompt | responses] block
             self.train_split.length_kind = "block"
@@ -602,7 +615,9 @@ class Trainer:
         if every_block:
             enable_gradient_checkpointing(policy)
         if cfg.model.lora.enabled:
-            policy = apply_lora(policy, cfg.model.lora, gradient_checkpointing=every_block)
+            policy = apply_lora(
+                policy, cfg.model.lora, gradient_checkpointing=every_block, vision_scope=cfg.model.vision.lora_modules
+            )
         d = cfg.data
         _blocks, lines = apply_checkpointing_plan(
             policy,

@@ -1,0 +1,232 @@
+"""A visual preference task in miniature, and tiny vision-language models to train on it.
+
+The task: an image of one coloured shape and the question "What colour is the shape?"; the preferred
+answer names the shape's colour, the dispreferred one another colour -- a ground-truth reward a
+judge needs no model for. :func:`write_shapes_data` writes the images (PNG) and a JSON Lines file of
+chat rows whose ``images`` are paths relative to it, the format ``dpokit train`` reads.
+
+:func:`build_tiny_vlm` saves a randomly initialised image-text-to-text model and its processor with
+``save_pretrained`` (a byte-level BPE tokenizer trained on the task's words on the spot, an image
+processor configured locally): ``llava`` (CLIP vision tower, MLP projector, Llama) or ``idefics3``
+(SigLIP-style tower, pixel-shuffle connector, Llama; the SmolVLM family). Both load with
+``AutoModelForImageTextToText`` / ``AutoProcessor`` from the directory, as a hub model would.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SHAPES = ("square", "circle", "triangle")
+QUESTION = "What colour is the shape?"
+FAMILIES = ("llava", "idefics3")
+
+# A ChatML-shaped template that writes each {"type": "image"} part as the processor's image token.
+VLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_SPECIALS = {
+    "llava": ["<image>"],
+    "idefics3": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"],
+}
+
+
+def draw_shape(colour: str, shape: str, *, size: int = 32, rng: random.Random | None = None) -> Any:
+    """A PIL image: one ``shape`` filled with ``colour`` on a white background, at a random offset."""
+    from PIL import Image, ImageDraw
+
+    rng = rng or random.Random(0)
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    extent = rng.randint(size // 2, size - 4)
+    x, y = rng.randint(0, size - extent), rng.randint(0, size - extent)
+    box = (x, y, x + extent - 1, y + extent - 1)
+    fill = COLOURS[colour]
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    else:
+        draw.polygon([(x + extent // 2, y), (x, y + extent - 1), (x + extent - 1, y + extent - 1)], fill=fill)
+    return image
+
+
+def shapes_rows(directory: str | Path, n: int, *, seed: int = 0, size: int = 32) -> list[dict[str, Any]]:
+    """``n`` preference rows of the task, their images written to ``directory/images`` (paths in the
+    rows are relative to ``directory``)."""
+    root = Path(directory)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        wrong = rng.choice([c for c in COLOURS if c != colour])
+        name = f"images/{seed}_{i:05d}.png"
+        draw_shape(colour, shape, size=size, rng=rng).save(root / name)
+        rows.append(
+            {
+                "images": [name],
+                "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+                "chosen": [{"role": "assistant", "content": f"It is {colour}."}],
+                "rejected": [{"role": "assistant", "content": f"It is {wrong}."}],
+                "colour": colour,
+            }
+        )
+    return rows
+
+
+def write_shapes_data(directory: str | Path, n: int = 64, *, seed: int = 0, name: str = "train.jsonl", size: int = 32) -> Path:
+    """Write ``n`` rows of the task to ``directory/name`` (JSON Lines) with their images; return the file."""
+    path = Path(directory) / name
+    rows = shapes_rows(directory, n, seed=seed, size=size)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _corpus() -> list[str]:
+    words = [f"It is {c}." for c in COLOURS] + [QUESTION, "a " + " ".join(SHAPES), "user assistant system"]
+    return words * 20
+
+
+def train_vlm_tokenizer(family: str, vocab_size: int = 320) -> Any:
+    """A byte-level BPE tokenizer trained on the task's words, with ChatML markers and the family's
+    image tokens as special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>", *_SPECIALS[family]]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    backend.train_from_iterator(_corpus(), trainer=trainer)
+    # PreTrainedTokenizerFast.__init__ is unannotated in transformers 5.24.
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=backend, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": _SPECIALS[family]})
+    tokenizer.chat_template = VLM_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _text_config(tokenizer: Any, hidden_size: int, layers: int) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def _llava(tokenizer: Any, hidden_size: int, layers: int, image_size: int, patch_size: int) -> tuple[Any, Any]:
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    vision = CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden_size,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=_text_config(tokenizer, hidden_size, layers),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(  # type: ignore[no-untyped-call]  # unannotated in transformers 5.24
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=VLM_CHAT_TEMPLATE,
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+def _idefics3(tokenizer: Any, hidden_size: int, layers: int, image_size: int, patch_size: int) -> tuple[Any, Any]:
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+    )
+
+    scale_factor = 2
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size}
+    )
+    image_seq_len = (image_size // patch_size) ** 2 // scale_factor**2
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len, chat_template=VLM_CHAT_TEMPLATE
+    )
+    vision = Idefics3VisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    config = Idefics3Config(
+        vision_config=vision.to_dict(),
+        text_config=_text_config(tokenizer, hidden_size, layers).to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=scale_factor,
+    )
+    return Idefics3ForConditionalGeneration(config), processor
+
+
+def build_tiny_vlm(
+    directory: str | Path,
+    family: str = "llava",
+    *,
+    seed: int = 0,
+    hidden_size: int = 32,
+    layers: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+) -> Path:
+    """Save a randomly initialised ``family`` VLM (see the module docstring) and its processor in
+    ``directory``; return it. ``image_size`` / ``patch_size`` set the image tokens: 16 per image for
+    LLaVA at 32/8, 4 (+ 3 markers) for Idefics3."""
+    import torch
+
+    from dpokit.models import quiet_progress_bars
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny VLM family {family!r}; choose from {', '.join(FAMILIES)}")
+    tokenizer = train_vlm_tokenizer(family)
+    torch.manual_seed(seed)
+    build = _llava if family == "llava" else _idefics3
+    model, processor = build(tokenizer, hidden_size, layers, image_size, patch_size)
+    out = Path(directory)
+    with quiet_progress_bars():
+        model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
