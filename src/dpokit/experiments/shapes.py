@@ -230,3 +230,33 @@ def build_tiny_vlm(
         model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def write_fixture(directory: str | Path, *, family: str = "llava", train: int = 64, evaluation: int = 16) -> Path:
+    """A tiny ``family`` VLM in ``directory/model`` and the shapes task in ``directory/train.jsonl`` and
+    ``directory/eval.jsonl`` (images in ``directory/images``): what ``examples/vlm.yaml`` trains on."""
+    root = Path(directory)
+    build_tiny_vlm(root / "model", family)
+    write_shapes_data(root, train, seed=0, name="train.jsonl")
+    write_shapes_data(root, evaluation, seed=1, name="eval.jsonl")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dpokit.experiments.shapes [DIRECTORY [FAMILY]]`` (default ``vlm-fixture llava``):
+    :func:`write_fixture`."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    directory = args[0] if args else "vlm-fixture"
+    family = args[1] if len(args) > 1 else "llava"
+    if family not in FAMILIES or len(args) > 2 or directory.startswith("-"):
+        print(f"usage: python -m dpokit.experiments.shapes [DIRECTORY [{'|'.join(FAMILIES)}]]", file=sys.stderr)
+        return 2
+    root = write_fixture(directory, family=family)
+    print(f"wrote a tiny {family} model to {root / 'model'} and the shapes task to {root}/train.jsonl, eval.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
