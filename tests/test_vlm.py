@@ -194,3 +194,47 @@ def test_the_fixture_command_writes_model_and_data_and_refuses_an_unknown_family
     assert main([str(tmp_path / "fixture"), "idefics3"]) == 0
     assert (tmp_path / "fixture" / "model" / "config.json").is_file()
     assert len((tmp_path / "fixture" / "train.jsonl").read_text().splitlines()) == 64
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_vlm_run_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun, gloo, 2 ranks x batch 4 (DDP, LoRA on the language model, precomputed reference with
+    images) against one process with batch 8 on the tiny LLaVA: the same losses at every step."""
+    from dpokit.training import run
+    from tests.training.test_parallel import assert_same_losses, check_ok, torchrun, train_losses
+
+    write_fixture(tmp_path / "fixture", train=12, evaluation=4)
+    (tmp_path / "cfg.yaml").write_text("optim:\n  optimizer: adamw\n", encoding="utf-8")
+    common = [
+        f"model.name_or_path={tmp_path / 'fixture' / 'model'}",
+        f"data.train_path={tmp_path / 'fixture' / 'train.jsonl'}",
+        "model.lora.enabled=true",
+        "model.lora.r=4",
+        "reference.strategy=precomputed",
+        "data.layout=shared_prompt",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=0",
+        "optim.grad_accumulation=1",
+        "optim.max_steps=2",
+        "eval.every_steps=0",
+        "logging.log_every=1",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+        "checkpoint.every_steps=0",
+    ]
+    torch.set_num_threads(1)
+    single = tmp_path / "single"
+    run(
+        load_config(
+            tmp_path / "cfg.yaml",
+            [*common, f"logging.run_dir={single}", f"data.cache_dir={tmp_path / 'c1'}", "optim.batch_size=8"],
+        )
+    )
+    ranks = tmp_path / "ranks"
+    overrides = [*common, f"logging.run_dir={ranks}", f"data.cache_dir={tmp_path / 'c2'}", "optim.batch_size=4"]
+    check_ok(torchrun(tmp_path / "cfg.yaml", [*overrides, "distributed.strategy=ddp"]))
+    expected = train_losses(single)
+    assert len(expected) == 2
+    assert_same_losses(train_losses(ranks), expected)
