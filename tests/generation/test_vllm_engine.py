@@ -163,3 +163,74 @@ def test_engine_and_sync_failures_are_one_line_naming_the_server_and_what_it_nee
         load_adapter(engine, "nothing-there", tmp_path / "no-adapter")
     with pytest.raises(TrainingError, match=r"cannot reach the vLLM server at http://127.0.0.1:9 to reload"):
         reload_weights(VllmEngine("http://127.0.0.1:9/v1", tokenizer=tokenizer), tmp_path)
+
+
+# ------------------------------------------------------------------ dpokit generate / winrate --engine vllm
+
+
+@pytest.fixture
+def keyed_server(vllm_server, monkeypatch):
+    """The session's server with its key in VLLM_API_KEY (these tests change no weights: nothing to restore)."""
+    monkeypatch.setenv("VLLM_API_KEY", API_KEY)
+    return vllm_server
+
+
+def test_generate_on_vllm_samples_the_served_model_named_by_its_name_or_directory_and_refuses_another(
+    keyed_server, capsys, tmp_path: Path
+):
+    from dpokit.commands.main import main
+
+    engine = ["--engine", "vllm", "--engine-url", keyed_server.url]
+    sampling = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "5", "--num-samples", "2", "--json"]
+    for model in ("noise", str(keyed_server.base_dir)):  # the served name, or the directory the server loaded it from
+        assert main(["generate", *engine, "--model", model, *sampling]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert all(r["prompt_text"] == PROMPTS[r["prompt_index"]] and 0 <= r["num_tokens"] <= 5 for r in rows)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    for model in ("missing", str(other)):
+        assert main(["generate", *engine, "--model", model, *sampling]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1
+        assert f"the vLLM server at {keyed_server.url}/v1 does not serve the model {model!r} (it serves noise, judge)" in error
+    assert main(["generate", "--engine", "vllm", "--model", "noise", *sampling]) == 2
+    assert "--engine vllm needs --engine-url" in capsys.readouterr().err
+
+
+def test_winrate_on_vllm_keys_its_samples_by_the_engine_and_the_served_model_and_reuses_them(
+    keyed_server, monkeypatch, tmp_path: Path
+):
+    from dpokit.analysis.winrate import WinrateJob, model_fingerprint, run_winrate
+    from dpokit.generation import EngineOptions, VllmEngine
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    vllm = EngineOptions(engine="vllm", url=keyed_server.url)
+    job = WinrateJob(
+        models=[("judge-adapter", "judge")],  # a LoRA adapter the server serves; its tokenizer is its base's
+        baseline="noise",
+        prompts=str(prompts),
+        judge="reward:tests.judges.fakes:length_reward",
+        temperatures=[1.0],
+        max_new_tokens=6,
+        out=str(tmp_path / "out"),
+        bootstrap_samples=50,
+        progress=False,
+        engine=vllm,
+    )
+    results = run_winrate(job)
+    assert [(r["model"], r["n"]) for r in results["results"]] == [("judge-adapter", 3)]
+    stored = sorted((tmp_path / "out" / "samples").rglob("*.json"))
+    assert [p.parent.name for p in stored] == ["baseline", "judge-adapter"]
+    assert {json.loads(p.read_text())["engine"] for p in stored} == {"vllm"}
+    # A rerun samples nothing: every sample is read back under the same key.
+    monkeypatch.setattr(VllmEngine, "sample", lambda *a, **k: pytest.fail("sampled again"))
+    assert run_winrate(job)["results"] == results["results"]
+    # The key: the engine and the served model, whichever way it is named; not the dpokit engine's key of the same weights.
+    memo: dict = {}
+    by_name = model_fingerprint("noise", job, memo)[0]
+    assert model_fingerprint(str(keyed_server.base_dir), job, memo)[0] == by_name
+    assert model_fingerprint("judge", job, memo)[0] != by_name
+    here = WinrateJob(models=job.models, judge=job.judge, baseline="noise", prompts=job.prompts, out=job.out)
+    assert model_fingerprint(str(keyed_server.base_dir), here, memo)[0] != by_name

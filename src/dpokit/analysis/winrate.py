@@ -1,7 +1,8 @@
 """Win rates against a baseline across sampling temperatures -- the DPO paper's Figure 2 (right).
 
 For every model and temperature, each prompt's ``samples_per_prompt`` completions (drawn by
-:func:`dpokit.generation.generate_samples`, the one generator) are compared with a baseline's:
+:func:`dpokit.generation.generate_samples` through the job's sampling engine: dpokit's generator on the
+model loaded here, or a vLLM server that serves it) are compared with a baseline's:
 completions of ``--baseline MODEL`` at the same temperature (sample j against sample j; the baseline
 uses another seed so that a model compared with itself is not compared with identical text) or the
 fixed ``--references FILE`` (e.g. human-written summaries). Each pair is judged in both orders by the
@@ -15,8 +16,10 @@ depend on its prompt, measured.
 
 Outputs in ``out``: ``winrate.png`` (win rate vs temperature, one line per model, CI bands),
 ``results.json``, ``results.md``. Samples are stored under ``out/samples/`` keyed by everything that
-shapes them -- the content of the model's weight, config and tokenizer files (not its path: a model
-replaced at the same path is sampled again), the prompts and the sampling settings -- and judgments
+shapes them -- the model (:func:`model_fingerprint`: with the dpokit engine the content of its weight,
+config and tokenizer files, not its path, so a model replaced at the same path is sampled again; with
+vLLM the engine, the served model's name, where the server loaded it and its base from, and those
+files' content when they are visible here), the prompts and the sampling settings -- and judgments
 in ``out/judgments.jsonl`` (:class:`dpokit.judges.JudgmentCache`), so a rerun -- or a run resumed after
 an interruption -- generates and judges only what is missing; a stored file found unusable is redone.
 
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpokit.errors import ConfigError, DataError, DpokitError
+from dpokit.generation.engines import EngineOptions, ModelSampler
 from dpokit.judges import CachedJudge, Judge, JudgmentCache, load_judge, load_template
 from dpokit.judges.base import PairJudgment, Text, text_of
 from dpokit.judges.stats import INCONSISTENT_POLICIES, agreement, win_stats
@@ -75,8 +79,10 @@ class WinrateJob:
     title: str | None = None
     progress: bool = True
     load: LoadOptions = field(default_factory=LoadOptions)
+    engine: EngineOptions = field(default_factory=EngineOptions)  # who samples (--engine); every model is sampled by it
 
     def validate(self) -> None:
+        self.engine.validate()
         if not self.models:
             raise ConfigError("no models: give --model PATH (or NAME=PATH), repeatable")
         if (self.baseline is None) == (self.references is None):
@@ -198,6 +204,27 @@ def _read_memo(path: Path) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
+def model_fingerprint(path: str, job: WinrateJob, memo: dict[str, Any]) -> tuple[str, ModelSampler | None]:
+    """What a model's samples are keyed by, and the model opened for sampling when that took opening it.
+
+    dpokit engine: :func:`weights_fingerprint` of ``path`` (nothing is loaded). vLLM: the server is asked
+    which served model ``path`` names (an error when it serves none such), and the key is the engine, that
+    model's served name, where the server loaded it and its base from, and the content of those directories
+    when they are visible here -- so vLLM samples are never mistaken for the dpokit engine's samples of the
+    same weights, nor for another served model's. A server whose weights were reloaded in place under the
+    same name from other files is not told apart: delete ``out/samples`` to sample it again."""
+    from dpokit.generation import open_sampler
+
+    if job.engine.engine == "dpokit":
+        return weights_fingerprint(path, memo), None
+    opened = open_sampler(path, job.engine, job.load, batch_size=job.batch_size)
+    served = opened.served
+    assert served is not None  # a vLLM sampler always names its served model
+    contents = [weights_fingerprint(root, memo) if root else None for root in (served.root, served.parent_root)]
+    payload = ["vllm", served.name, served.root, served.parent, served.parent_root, contents]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest(), opened
+
+
 def _sample_key(fingerprint: str, prompts: Sequence[Any], temperature: float, seed: int, job: WinrateJob) -> str:
     """What a stored sample file is keyed by: the model's weights (not its path), the prompts and every
     sampling setting."""
@@ -241,18 +268,18 @@ def sample_model(
 ) -> dict[float, list[list[str]]]:
     """``{temperature: [[completion per sample] per prompt]}`` for one model; stored under
     ``out/samples/NAME/`` keyed by the model's weights and the sampling settings, and read back instead
-    of sampled again when they match (a stored file that is unusable is sampled again)."""
-    from dpokit.generation import SamplingConfig, generate_samples
+    of sampled again when they match (a stored file that is unusable is sampled again). The job's engine
+    samples; with the dpokit engine the model is loaded only when something is missing."""
+    from dpokit.generation import SamplingConfig, generate_samples, open_sampler
 
     directory = Path(job.out) / "samples" / name
     memo_path = Path(job.out) / FINGERPRINTS_FILE
     memo = _read_memo(memo_path)
-    fingerprint = weights_fingerprint(path, memo)
+    fingerprint, opened = model_fingerprint(path, job, memo)
     memo_path.parent.mkdir(parents=True, exist_ok=True)
     memo_path.with_suffix(".tmp").write_text(json.dumps(memo, indent=1), encoding="utf-8")
     memo_path.with_suffix(".tmp").replace(memo_path)
     result: dict[float, list[list[str]]] = {}
-    loaded = None
     for temperature in job.temperatures:
         key = _sample_key(fingerprint, prompts, temperature, seed, job)
         stored = directory / f"t{temperature:g}-{key}.json"
@@ -261,21 +288,19 @@ def sample_model(
             result[temperature] = reused
             advance()
             continue
-        if loaded is None:
-            from dpokit.models import load_policy
-
-            opts = job.load
-            loaded = load_policy(path, dtype=opts.dtype, device=opts.device, trust_remote_code=opts.trust_remote_code)
+        if opened is None:
+            opened = open_sampler(path, job.engine, job.load, batch_size=job.batch_size)
         sampling = SamplingConfig(
             max_new_tokens=job.max_new_tokens, temperature=temperature, num_samples=job.samples_per_prompt, seed=seed
         )
         samples = generate_samples(
-            loaded.model, loaded.tokenizer, prompts, sampling, chat_template=job.chat_template, batch_size=job.batch_size
+            None, opened.tokenizer, prompts, sampling, chat_template=job.chat_template, engine=opened.engine
         )
         grouped: list[list[str]] = [[] for _ in prompts]
         for sample in samples:
             grouped[sample.prompt_index].append(sample.completion)
-        _write_samples(stored, {"model": path, "weights": fingerprint, "temperature": temperature, "completions": grouped})
+        record = {"model": path, "engine": opened.engine.name, "weights": fingerprint, "temperature": temperature}
+        _write_samples(stored, {**record, "completions": grouped})
         result[temperature] = grouped
         advance()
     return result
@@ -287,7 +312,8 @@ def store_samples(
     """Store ``{temperature: [[completion per sample] per prompt]}`` where :func:`sample_model` reads them
     back for the model ``name`` at ``path`` sampled with ``seed``, so a model that cannot be loaded (such
     as best-of-n picked from another model's samples, under a path of its own) takes part in a win-rate
-    run. Each temperature needs ``job.samples_per_prompt`` completions for each prompt."""
+    run. Each temperature needs ``job.samples_per_prompt`` completions for each prompt (keyed as the dpokit
+    engine's samples: such a model has no served name)."""
     fingerprint = weights_fingerprint(path, _read_memo(Path(job.out) / FINGERPRINTS_FILE))
     for temperature, grouped in completions.items():
         key = _sample_key(fingerprint, prompts, temperature, seed, job)

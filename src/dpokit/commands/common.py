@@ -86,6 +86,36 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_model: bool = T
     )
 
 
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--engine``, ``--engine-url`` and ``--api-key-env`` (as ``online.sampling.engine``, ``.url`` and
+    ``.api_key_env``; defaults from :class:`dpokit.generation.engines.EngineOptions`)."""
+    from dpokit.generation.engines import ENGINES, EngineOptions
+
+    group = parser.add_argument_group("sampling engine")
+    group.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=field_default(EngineOptions, "engine"),
+        help="who samples: dpokit (its own generator, on the model loaded here) or vllm (a running vLLM server at "
+        "--engine-url; each model must then be one the server serves: its served name, or the directory the "
+        "server loaded it from; --dtype/--device do not apply). Default: %(default)s",
+    )
+    group.add_argument("--engine-url", metavar="URL", default=None, help="--engine vllm: the server, e.g. http://127.0.0.1:8000")
+    group.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        default=field_default(EngineOptions, "api_key_env"),
+        help="--engine vllm: the environment variable holding the server's API key, if it has one (default: %(default)s)",
+    )
+
+
+def engine_options(args: argparse.Namespace) -> Any:
+    """The :class:`dpokit.generation.engines.EngineOptions` of the parsed engine arguments."""
+    from dpokit.generation.engines import EngineOptions
+
+    return EngineOptions(engine=args.engine, url=args.engine_url, api_key_env=args.api_key_env)
+
+
 def load_options(args: argparse.Namespace) -> Any:
     """The :class:`dpokit.models.LoadOptions` of the parsed loading arguments."""
     from dpokit.models import LoadOptions

@@ -8,19 +8,30 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from dpokit.commands.common import Subcommand, add_model_arguments, field_default, load_options, non_negative_int, positive_int
+from dpokit.commands.common import (
+    Subcommand,
+    add_engine_arguments,
+    add_model_arguments,
+    engine_options,
+    field_default,
+    load_options,
+    non_negative_int,
+    positive_int,
+)
 
 EPILOG = """\
 examples:
   dpokit generate --model outputs/dpo --prompt "Tell me about the film." --num-samples 3
   dpokit generate --model outputs/lora-adapter --prompts-file prompts.jsonl --temperature 0 --output samples.jsonl
-  dpokit generate --model runs/exp/checkpoint-200 --prompt "Hi" --chat-template always --seed 7"""
+  dpokit generate --model runs/exp/checkpoint-200 --prompt "Hi" --chat-template always --seed 7
+  dpokit generate --engine vllm --engine-url http://127.0.0.1:8000 --model my-model --prompt "Hi"  # a model the server serves"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dpokit.generation import GenerateJob, SamplingConfig
 
     add_model_arguments(parser)
+    add_engine_arguments(parser)
     inputs = parser.add_argument_group("prompts")
     inputs.add_argument("--prompt", action="append", default=None, help="a prompt; repeat for several")
     inputs.add_argument(
@@ -46,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "top_p": "nucleus sampling mass (1.0 = off)",
         "top_k": "sample among the k likeliest tokens (0 = off)",
         "num_samples": "samples per prompt",
-        "seed": "random seed; prompt i is sampled with seed + i, so the same seed gives the same samples",
+        "seed": "random seed; prompt i is sampled with seed + i, so the same seed gives the same samples (dpokit engine; "
+        "vLLM samples as its server's --seed makes it)",
     }
     types = {"max_new_tokens": positive_int, "num_samples": positive_int, "top_k": non_negative_int}
     for name, text in helps.items():
@@ -81,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         system=args.system,
         sampling=sampling,
         load=load_options(args),
+        engine=engine_options(args),
     )
     samples = run_generate(job)
     rows = [asdict(sample) for sample in samples]

@@ -7,7 +7,15 @@ import argparse
 import json
 import sys
 
-from dpokit.commands.common import Subcommand, add_model_arguments, field_default, load_options, positive_int
+from dpokit.commands.common import (
+    Subcommand,
+    add_engine_arguments,
+    add_model_arguments,
+    engine_options,
+    field_default,
+    load_options,
+    positive_int,
+)
 
 JUDGE_HELP = (
     "the judge: reward:MODULE:FUNCTION | reward_model:PATH | implicit:POLICY | llm:PATH | openai:MODEL@URL, "
@@ -29,7 +37,9 @@ WINRATE_EPILOG = """examples:
   dpokit winrate --model dpo=runs/dpo/final --baseline models/sft --prompts prompts.txt \\
       --judge reward:dpokit.experiments.reward:vader_reward --temperatures 0.25 0.5 0.75 1.0 --out winrate/
   dpokit winrate --model runs/dpo/final --references tldr_test.jsonl --judge openai:judge@http://127.0.0.1:8000/v1 \\
-      --templates summarization summarization-simple"""
+      --templates summarization summarization-simple
+  dpokit winrate --engine vllm --engine-url http://127.0.0.1:8000 --model dpo=policy-lora --baseline base-model \\
+      --prompts prompts.txt --judge reward:dpokit.experiments.reward:vader_reward  # models the server serves"""
 
 
 def add_winrate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +82,7 @@ def add_winrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", default=None, help="title of winrate.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_arguments(parser, with_model=False)
+    add_engine_arguments(parser)
 
 
 def run_winrate_command(args: argparse.Namespace) -> int:
@@ -99,6 +110,7 @@ def run_winrate_command(args: argparse.Namespace) -> int:
         title=args.title,
         progress=not args.no_progress,
         load=load_options(args),
+        engine=engine_options(args),
     )
     results = run_winrate(job, log=lambda line: print(line, file=sys.stderr))
     print(results_markdown(results))

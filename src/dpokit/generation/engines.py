@@ -15,27 +15,37 @@ log-probs when the engine reports them, and why it finished. Callers build an en
   those of the model's own distribution before temperature and truncation (vLLM's ``raw_logprobs``).
   No per-request seed is sent: the CPU build of vLLM 0.32 dies on one ("CPU Generator does not use
   offset"), so vLLM samples are reproducible only as far as the server's ``--seed`` makes them.
+
+The commands that sample named models (``dpokit generate``, ``dpokit winrate``) take the engine as
+:class:`EngineOptions` (``--engine``, ``--engine-url``, ``--api-key-env``) and open each model with
+:func:`open_sampler`: with ``dpokit`` the model is loaded here; with ``vllm`` the model must be one the
+server serves (:func:`find_served_model`: its served name, or the directory the server loaded it from),
+and its tokenizer is read from that directory. :func:`generate_samples` is prompts in, texts out, through
+either engine.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from dpokit.data.prompts import Prompt, read_prompts
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.generation.sampler import (
     DEFAULT_BATCH_SIZE,
     SamplingConfig,
     completion_logps,
+    encode_prompts,
     eval_mode,
     generate,
     stop_token_ids,
 )
-from dpokit.models import pad_id_of
+from dpokit.models import LoadOptions, pad_id_of
 
 ENGINES = ("dpokit", "vllm")
 DEFAULT_VLLM_KEY_ENV = "VLLM_API_KEY"
@@ -43,6 +53,37 @@ DEFAULT_VLLM_KEY_ENV = "VLLM_API_KEY"
 
 class EngineError(DpokitError):
     """The sampling engine failed (a server that cannot be reached or answered with an error)."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Which engine a command samples with: ``--engine``, ``--engine-url`` and ``--api-key-env`` (the
+    meaning of ``online.sampling.engine``, ``.url`` and ``.api_key_env``)."""
+
+    engine: str = "dpokit"
+    url: str | None = None
+    api_key_env: str = DEFAULT_VLLM_KEY_ENV
+
+    def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown sampling engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.engine == "vllm" and not self.url:
+            raise ConfigError(
+                "--engine vllm needs --engine-url, the address of a running vLLM server "
+                "(e.g. http://127.0.0.1:8000; docs/vllm.md shows how to start one)"
+            )
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model a vLLM server serves (an entry of its ``/v1/models``): the ``name`` requests ask for, the
+    ``root`` it was loaded from (a directory on the server's machine, or a hub id) and, for a LoRA adapter,
+    the ``parent`` base model's name and that model's root (``parent_root``)."""
+
+    name: str
+    root: str | None = None
+    parent: str | None = None
+    parent_root: str | None = None
 
 
 @dataclass
@@ -123,11 +164,13 @@ class VllmEngine:
         api_key_env: str = DEFAULT_VLLM_KEY_ENV,
         timeout_s: float = 600.0,
         max_prompts_per_request: int = 256,
+        setting: str = "online.sampling.url",
     ) -> None:
         import openai
 
+        self.setting = setting  # the setting that gave the URL, named in errors
         if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"online.sampling.url must be an http(s) URL of a vLLM server, got {url!r}")
+            raise ConfigError(f"{setting} must be an http(s) URL of a vLLM server, got {url!r}")
         self.url = url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1"
         key = os.environ.get(api_key_env) or "no-key"
         self.client = openai.OpenAI(base_url=self.url, api_key=key, max_retries=2, timeout=timeout_s)
@@ -145,11 +188,18 @@ class VllmEngine:
         if self.adapter is not None:
             return self.adapter
         if self._model is None:
-            served = self._call(lambda: self.client.models.list()).data
+            served = self.served_models()
             if not served:
                 raise EngineError(f"the vLLM server at {self.url} serves no model")
-            self._model = str(served[0].id)
+            self._model = served[0].name
         return self._model
+
+    def served_models(self) -> list[ServedModel]:
+        """What the server serves (``GET /v1/models``), in its order: base models, then LoRA adapters."""
+        listed = self._call(lambda: self.client.models.list()).data
+        entries = [(str(m.id), (m.model_extra or {}).get("root"), (m.model_extra or {}).get("parent")) for m in listed]
+        roots = {name: root for name, root, _ in entries}
+        return [ServedModel(name, root, parent, roots.get(parent) if parent else None) for name, root, parent in entries]
 
     def _call(self, request: Any) -> Any:
         """``request()``, with the client's failures said as one line naming the server."""
@@ -163,7 +213,7 @@ class VllmEngine:
             raise EngineError(f"the vLLM server at {self.url} answered HTTP {error.status_code}: {message}") from None
         except openai.APIConnectionError as error:
             raise EngineError(
-                f"cannot reach the vLLM server at {self.url} ({error}); start it (docs/vllm.md) or fix online.sampling.url"
+                f"cannot reach the vLLM server at {self.url} ({error}); start it (docs/vllm.md) or fix {self.setting}"
             ) from None
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[SampledCompletion]:
@@ -259,3 +309,147 @@ def engine_logp_gap(completions: Sequence[SampledCompletion], policy_logps: Sequ
         if c.token_logprobs is not None
     ]
     return max(gaps) if gaps else None
+
+
+# ------------------------------------------------------------------------ named models, for the commands
+
+
+def find_served_model(engine: VllmEngine, spec: str) -> ServedModel:
+    """The model ``spec`` names on ``engine``'s server: a served name (``--served-model-name``, or the
+    ``--model`` the server was started with; a LoRA adapter's name), else the directory the server loaded
+    it from. A model the server does not serve is a one-line :class:`EngineError` naming both."""
+    served = engine.served_models()
+    named = next((m for m in served if m.name == spec), None)
+    if named is not None:
+        return named
+    local = Path(spec).expanduser()
+    if local.exists():
+        for model in served:
+            if model.root and Path(model.root).expanduser().exists() and Path(model.root).resolve() == local.resolve():
+                return model
+    names = ", ".join(m.name for m in served) or "no model"
+    raise EngineError(
+        f"the vLLM server at {engine.url} does not serve the model {spec!r} (it serves {names}): give one of "
+        "those names (or the directory the server loaded it from), or start the server on this model"
+    )
+
+
+@dataclass
+class ModelSampler:
+    """A model opened for sampling: its engine, its tokenizer (prompts are encoded and completions decoded
+    with it, whichever engine samples) and, on a vLLM server, the served model it is."""
+
+    engine: SamplingEngine
+    tokenizer: Any
+    served: ServedModel | None = None
+
+
+def open_sampler(
+    spec: str, options: EngineOptions, load: LoadOptions | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE
+) -> ModelSampler:
+    """The model ``spec`` ready to sample with the engine ``options`` name.
+
+    ``dpokit``: ``spec`` is a model, LoRA adapter or checkpoint directory (or hub id), loaded here with
+    ``load``. ``vllm``: ``spec`` must be served by the server at ``options.url`` (:func:`find_served_model`);
+    nothing is loaded but the tokenizer, read from ``spec`` when it is a directory, else from the directory
+    the server loaded the model (or, for an adapter, its base) from -- so that directory must be visible here
+    (the same machine, or a shared file system). ``load`` (dtype, device) applies to the dpokit engine only."""
+    from dpokit.models import load_policy, load_tokenizer
+
+    options.validate()
+    load = load or LoadOptions()
+    if options.engine == "dpokit":
+        loaded = load_policy(spec, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code)
+        return ModelSampler(DpokitEngine(loaded.model, loaded.tokenizer, batch_size=batch_size), loaded.tokenizer)
+    assert options.url is not None  # validated
+    probe = VllmEngine(options.url, api_key_env=options.api_key_env, setting="--engine-url")
+    served = find_served_model(probe, spec)
+    places = [p for p in (spec, served.root, served.parent_root) if p and Path(p).expanduser().is_dir()]
+    if not places:
+        raise EngineError(
+            f"the tokenizer of {served.name!r} (served by the vLLM server at {probe.url} from {served.root}) is needed "
+            "here to encode the prompts and decode the samples, and that directory is not visible on this machine: "
+            "run where it is (a shared file system)"
+        )
+    tokenizer = load_tokenizer(*places, trust_remote_code=load.trust_remote_code)
+    engine = VllmEngine(
+        options.url, model=served.name, tokenizer=tokenizer, api_key_env=options.api_key_env, setting="--engine-url"
+    )
+    return ModelSampler(engine, tokenizer, served)
+
+
+# ------------------------------------------------------------------------------------ prompts to texts
+
+
+@dataclass
+class Sample:
+    """One generated completion. ``prompt_text`` is the exact text the model was conditioned on."""
+
+    prompt_index: int
+    sample_index: int
+    prompt: Prompt
+    prompt_text: str
+    completion: str
+    num_tokens: int
+
+
+def generate_samples(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    sampling: SamplingConfig | None = None,
+    *,
+    chat_template: str = "auto",
+    system: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    engine: SamplingEngine | None = None,
+) -> list[Sample]:
+    """``sampling.num_samples`` decoded completions per prompt (default :class:`SamplingConfig`),
+    ``len(prompts) * num_samples`` samples, prompt-major, drawn by ``engine`` (default: the dpokit engine
+    on ``model``; with an engine, ``model`` is not used). Prompts are formatted and encoded with
+    ``tokenizer`` (:func:`~dpokit.generation.sampler.encode_prompts`); ``num_tokens`` counts the
+    completion's tokens before its stop token."""
+    sampling = sampling or SamplingConfig()
+    texts, ids = encode_prompts(tokenizer, prompts, chat_template=chat_template, system=system)
+    sampler = engine if engine is not None else DpokitEngine(model, tokenizer, batch_size=batch_size)
+    return [
+        Sample(
+            prompt_index=c.prompt_index,
+            sample_index=c.sample_index,
+            prompt=prompts[c.prompt_index],
+            prompt_text=texts[c.prompt_index],
+            completion=c.text,
+            num_tokens=len(c.content_ids),
+        )
+        for c in sampler.sample(ids, sampling)
+    ]
+
+
+# --------------------------------------------------------------------------------------- dpokit generate
+
+
+@dataclass
+class GenerateJob:
+    """What ``dpokit generate`` does: sample from ``model`` for ``prompts`` (plus those of ``prompts_file``),
+    with the engine ``engine`` names (with vLLM, ``model`` is a model the server serves)."""
+
+    model: str
+    prompts: list[Prompt] = field(default_factory=list)
+    prompts_file: str | None = None
+    chat_template: str = "auto"
+    system: str | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    load: LoadOptions = field(default_factory=LoadOptions)
+    engine: EngineOptions = field(default_factory=EngineOptions)
+
+
+def run_generate(job: GenerateJob) -> list[Sample]:
+    """Open the model (:func:`open_sampler`) and sample the job's prompts."""
+    prompts = list(job.prompts) + (read_prompts(job.prompts_file) if job.prompts_file else [])
+    if not prompts:
+        raise ConfigError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    job.sampling.validate()
+    opened = open_sampler(job.model, job.engine, job.load)
+    return generate_samples(
+        None, opened.tokenizer, prompts, job.sampling, chat_template=job.chat_template, system=job.system, engine=opened.engine
+    )

@@ -1,7 +1,8 @@
 """dpokit's own generator: the batched sampler behind the `dpokit` sampling engine.
 
-One batched generator, :func:`generate`, serves ``dpokit generate`` (:func:`generate_samples`),
-the trainer's evaluation samples (:func:`policy_and_reference_samples`), the reward-KL frontier
+One batched generator, :func:`generate`, serves the ``dpokit`` sampling engine
+(:class:`dpokit.generation.engines.DpokitEngine`, behind ``dpokit generate``, ``dpokit winrate`` and
+the online rounds), the trainer's evaluation samples (:func:`policy_and_reference_samples`), the reward-KL frontier
 (:func:`sample_with_kl`) and the experiments (:func:`sample_completions`). For N prompt rows
 (``len(prompt_ids) * num_samples``, prompt-major) it
 
@@ -30,15 +31,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dpokit.compat import kv_cache_keyword
-from dpokit.data.prompts import Prompt, read_prompts
+from dpokit.data.prompts import Prompt
 from dpokit.errors import ConfigError, DataError
-from dpokit.models import LoadOptions, pad_id_of
+from dpokit.models import pad_id_of
 
 # Rows (prompt x sample) per forward pass when a caller does not say.
 DEFAULT_BATCH_SIZE = 64
@@ -504,49 +505,6 @@ def decode_completions(tokenizer: Any, completions: Sequence[Completion]) -> lis
     return texts
 
 
-@dataclass
-class Sample:
-    """One generated completion. ``prompt_text`` is the exact text the model was conditioned on."""
-
-    prompt_index: int
-    sample_index: int
-    prompt: Prompt
-    prompt_text: str
-    completion: str
-    num_tokens: int
-
-
-def generate_samples(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[Prompt],
-    sampling: SamplingConfig | None = None,
-    *,
-    chat_template: str = "auto",
-    system: str | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-) -> list[Sample]:
-    """``sampling.num_samples`` decoded completions per prompt (default :class:`SamplingConfig`),
-    ``len(prompts) * num_samples`` samples, prompt-major. ``num_tokens`` counts the completion's
-    tokens before its stop token."""
-    sampling = sampling or SamplingConfig()
-    texts, ids = encode_prompts(tokenizer, prompts, chat_template=chat_template, system=system)
-    completions = generate(
-        model, ids, sampling, stop_token_ids=stop_token_ids(tokenizer), pad_token_id=pad_id_of(tokenizer), batch_size=batch_size
-    )
-    return [
-        Sample(
-            prompt_index=c.prompt_index,
-            sample_index=c.sample_index,
-            prompt=prompts[c.prompt_index],
-            prompt_text=texts[c.prompt_index],
-            completion=text,
-            num_tokens=len(c.content_ids),
-        )
-        for c, text in zip(completions, decode_completions(tokenizer, completions), strict=True)
-    ]
-
-
 def policy_and_reference_samples(
     policy: Any,
     reference: Any,
@@ -573,35 +531,3 @@ def policy_and_reference_samples(
             for sample, text in zip(samples, continuations(reference_model), strict=True):
                 sample["reference"] = text
     return samples
-
-
-# --------------------------------------------------------------------------------------------------
-# dpokit generate
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GenerateJob:
-    """What ``dpokit generate`` does: sample from ``model`` for ``prompts`` (plus those of ``prompts_file``)."""
-
-    model: str
-    prompts: list[Prompt] = field(default_factory=list)
-    prompts_file: str | None = None
-    chat_template: str = "auto"
-    system: str | None = None
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    load: LoadOptions = field(default_factory=LoadOptions)
-
-
-def run_generate(job: GenerateJob) -> list[Sample]:
-    """Load the model (directory, LoRA adapter or checkpoint) and sample the job's prompts."""
-    from dpokit.models import load_policy
-
-    prompts = list(job.prompts) + (read_prompts(job.prompts_file) if job.prompts_file else [])
-    if not prompts:
-        raise ConfigError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
-    job.sampling.validate()
-    loaded = load_policy(job.model, dtype=job.load.dtype, device=job.load.device, trust_remote_code=job.load.trust_remote_code)
-    return generate_samples(
-        loaded.model, loaded.tokenizer, prompts, job.sampling, chat_template=job.chat_template, system=job.system
-    )
