@@ -27,6 +27,12 @@ Truncation (only when ``prompt + longest response > max_length``)
     3. an example whose responses would get no token at all is dropped.
     Each case is counted in :class:`TokenizeReport`.
 
+Images (examples with ``images``; :mod:`dpokit.data.images`)
+    The prompt is tokenized as above with each image placeholder as one token; each placeholder is
+    then replaced by the tokens the model's processor writes for its image. Their number must equal
+    the number of images. Truncation removes only prompt text around image tokens; an example whose
+    image tokens alone exceed ``max_prompt_length`` is dropped (``image_tokens_exceed_max_prompt_length``).
+
 Texts are encoded by :func:`dpokit.data.encode.encode_texts`: the tokenizer's own ids, with each distinct
 word encoded once where that is provably exact, into flat arrays; only examples that need truncation
 pass through Python lists.
