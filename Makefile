@@ -69,9 +69,11 @@ format: $(TEST_STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks scripts
 
 # The checks, then the suite with line and branch coverage per module (fully covered modules omitted);
-# the floor is [tool.coverage.report] fail_under in pyproject.toml.
+# the floor is [tool.coverage.report] fail_under in pyproject.toml. The suite runs in TEST_WORKERS processes
+# (pytest-xdist; each module's tests stay together in one, see tests/conftest.py); TEST_WORKERS=0 runs it in one.
+TEST_WORKERS ?= 2
 test: check $(VLLM_STAMP)
-	$(PY) -m pytest -q tests --cov=dpokit --cov-branch --cov-report=term-missing:skip-covered
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests --cov=dpokit --cov-branch --cov-report=term-missing:skip-covered
 
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/run_all.py

@@ -171,11 +171,24 @@ def stop_server(server: VllmServer) -> None:
         server.process.wait(timeout=30)
 
 
-@pytest.fixture(scope="session")
+# The one server of this test process: started by the first test that asks, stopped after the last of a run of
+# tests that use it (tests/conftest.py keeps them together), so it does not hold CPU and memory while the rest
+# of the suite runs. A later test that asks again starts it again.
+_RUNNING: dict[str, VllmServer] = {}
+
+
+@pytest.fixture
 def vllm_server(tmp_path_factory):
-    """The session's vLLM server (skipped, saying how to install it, when .venv-vllm is missing)."""
+    """The test process's vLLM server (skipped, saying how to install it, when .venv-vllm is missing)."""
     if not VLLM_PYTHON.is_file():
         pytest.skip(f"no vLLM environment at {VLLM_PYTHON}: run 'make vllm-env' (make test builds it)")
-    server = start_server(tmp_path_factory.mktemp("vllm"))
-    yield server
-    stop_server(server)
+    if "server" not in _RUNNING:
+        _RUNNING["server"] = start_server(tmp_path_factory.mktemp("vllm"))
+    return _RUNNING["server"]
+
+
+def release_vllm_server() -> None:
+    """Stop the server if one is running."""
+    server = _RUNNING.pop("server", None)
+    if server is not None:
+        stop_server(server)
