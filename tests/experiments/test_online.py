@@ -9,7 +9,14 @@ import math
 import pytest
 
 from dpokit.errors import ConfigError
-from dpokit.experiments.online import MODES, compare_samples, mean_interval, prompt_means, run_online_experiment
+from dpokit.experiments.online import (
+    MODES,
+    across_seeds,
+    compare_samples,
+    mean_interval,
+    prompt_means,
+    run_online_experiment,
+)
 from dpokit.judges.stats import Z95
 
 
@@ -180,3 +187,20 @@ def test_smoke_run_with_length_control_labels_the_current_policys_arm_with_it(tm
         summary = json.loads((directory / "round.json").read_text())
         assert summary["judgments"]["judge"] == "self (length_regularized, alpha=0.01)"
     assert f"| (c') 10% DPO + self-labelled rounds (current policy){note} vs (d)" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_across_seeds_gives_each_arm_and_comparison_a_student_t_interval_over_the_seeds():
+    def summary(seed, reward, difference):
+        arm = {"label": "(c')", "reward": {"mean": reward}, "kl": {"mean": 2.0 * reward}, "mean_length": 20.0}
+        comparison = {"reward_difference": {"mean": difference}, "win_rate": 0.5 + difference}
+        return {"settings": {"seed": seed}, "arms": {"self-label-current": arm}, "comparisons": {"c vs d": comparison}}
+
+    aggregate = across_seeds([summary(0, 0.4, 0.1), summary(1, 0.5, 0.0), summary(2, 0.6, 0.2)])
+    assert aggregate["seeds"] == [0, 1, 2]
+    reward = aggregate["arms"]["self-label-current"]["reward"]
+    # mean 0.5, sd 0.1 over 3 seeds: half-width t(0.975, 2) * 0.1 / sqrt(3) = 4.303 * 0.0577
+    assert reward["mean"] == pytest.approx(0.5) and reward["per_seed"] == [0.4, 0.5, 0.6]
+    assert reward["ci_high"] - reward["mean"] == pytest.approx(4.3027 * 0.1 / math.sqrt(3), rel=1e-3)
+    difference = aggregate["comparisons"]["c vs d"]["reward_difference"]
+    assert difference["mean"] == pytest.approx(0.1) and difference["ci_low"] < 0 < difference["ci_high"]
+    assert aggregate["comparisons"]["c vs d"]["seeds"] == 3

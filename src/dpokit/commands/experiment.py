@@ -87,6 +87,12 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="online only: the self-labelled arms choose the shortest completion scoring within this of the best",
     )
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="online only: comma-separated training seeds; the experiment runs once per seed (in OUT/seed-N) and "
+        "writes OUT/seeds.md and seeds.json with intervals across seeds",
+    )
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep run checkpoints after evaluating them")
     parser.add_argument(
         "--threads",
@@ -105,10 +111,10 @@ def run_experiment(args: argparse.Namespace) -> int:
 
     if args.name == "online":
         return run_online_experiment(args)
-    if any(v is not None for v in (args.self_reward, args.length_penalty, args.prefer_shorter_within)):
+    if any(v is not None for v in (args.self_reward, args.length_penalty, args.prefer_shorter_within, args.seeds)):
         from dpokit.errors import ConfigError
 
-        raise ConfigError("--self-reward, --length-penalty and --prefer-shorter-within apply to the online experiment")
+        raise ConfigError("--self-reward, --length-penalty, --prefer-shorter-within and --seeds apply to the online experiment")
     if args.name == "overoptimisation":
         return run_overoptimisation(args)
     settings = MODES[args.mode]
@@ -137,6 +143,8 @@ def run_online_experiment(args: argparse.Namespace) -> int:
         raise ConfigError("--methods applies to the sentiment experiment; the online experiment always runs its four arms")
     settings, suffix = online_length_control(args)
     out_dir = args.out or f"runs/online-{args.mode}{suffix}"
+    if args.seeds is not None:
+        return run_online_seeds(args, settings, out_dir)
     result = run_online(
         settings,
         out_dir,
@@ -167,6 +175,31 @@ def run_overoptimisation(args: argparse.Namespace) -> int:
     )
     print(summary_markdown(result.curves))
     print(f"wrote {out_dir}/overoptimisation.png, overoptimisation-online.png, results.json, results.md")
+    return 0
+
+
+def run_online_seeds(args: argparse.Namespace, settings: OnlineExperimentSettings, out_dir: str) -> int:
+    """``dpokit experiment online --seeds ...``: one run per seed, then the intervals across seeds."""
+    from dpokit.errors import ConfigError
+    from dpokit.experiments import online
+
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated whole numbers, got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds needs at least one seed and no seed twice, got {args.seeds!r}")
+    aggregate = online.run_online_seeds(
+        settings,
+        seeds,
+        out_dir,
+        args.cache_dir,
+        keep_checkpoints=args.keep_checkpoints,
+        threads=args.threads,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(online.seeds_markdown(aggregate))
+    print(f"wrote {out_dir}/seed-*/ and {out_dir}/seeds.md, seeds.json")
     return 0
 
 

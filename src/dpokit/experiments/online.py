@@ -40,6 +40,7 @@ prompts, completions, judgments, pairs -- under ``runs/<arm>/rounds/``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -67,7 +68,7 @@ from dpokit.experiments.sentiment import (
     trainer_config,
 )
 from dpokit.experiments.sentiment import MODES as SENTIMENT_MODES
-from dpokit.judges.stats import Z95, wilson_interval
+from dpokit.judges.stats import Z95, t_interval, wilson_interval
 
 if TYPE_CHECKING:
     from dpokit.config import TrainConfig
@@ -656,3 +657,92 @@ def run_online_experiment(
     with torch_threads(threads):
         experiment = OnlineExperiment(resolve_mode(mode, MODES), out_dir, cache_dir, keep_checkpoints=keep_checkpoints, log=log)
         return experiment.run()
+
+
+# ------------------------------------------------------------------------------------------------
+# Several training seeds
+# ------------------------------------------------------------------------------------------------
+
+
+def across_seeds(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The experiment's results over training seeds (``summaries``: each seed's ``results.json`` fields):
+    each arm's final reward, KL and mean length, and each comparison's paired reward difference and win
+    rate -- the per-seed values (each the mean over that seed's evaluation), their mean and a 95%
+    Student-t interval across seeds. An arm or comparison missing from a seed is left out of that seed."""
+    arms: dict[str, dict[str, Any]] = {}
+    for arm in dict.fromkeys(a for s in summaries for a in s["arms"]):
+        rows = [s["arms"][arm] for s in summaries if arm in s["arms"]]
+        arms[arm] = {"label": rows[0]["label"], "seeds": len(rows)}
+        for name in ("reward", "kl"):
+            arms[arm][name] = {**t_interval([r[name]["mean"] for r in rows]), "per_seed": [r[name]["mean"] for r in rows]}
+        lengths = [float(r["mean_length"]) for r in rows if r.get("mean_length") is not None]
+        arms[arm]["mean_length"] = t_interval(lengths) if lengths else None
+    comparisons: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(c for s in summaries for c in s["comparisons"]):
+        rows = [s["comparisons"][name] for s in summaries if name in s["comparisons"]]
+        differences = [r["reward_difference"]["mean"] for r in rows]
+        comparisons[name] = {
+            "seeds": len(rows),
+            "reward_difference": {**t_interval(differences), "per_seed": differences},
+            "win_rate": {**t_interval([r["win_rate"] for r in rows]), "per_seed": [r["win_rate"] for r in rows]},
+        }
+    return {"seeds": [s["settings"]["seed"] for s in summaries], "arms": arms, "comparisons": comparisons}
+
+
+def seeds_markdown(aggregate: dict[str, Any]) -> str:
+    """:func:`across_seeds` as two tables: the arms, then the comparisons (per-seed values listed)."""
+    seeds = aggregate["seeds"]
+    lines = [
+        f"Over training seeds {', '.join(str(s) for s in seeds)}: mean across seeds [95% Student-t interval across seeds].",
+        "",
+        "| arm | reward | KL nats | mean length |",
+        "|---|---|---|---|",
+    ]
+    for row in aggregate["arms"].values():
+        length = "–" if row["mean_length"] is None else _interval(row["mean_length"], 1)
+        lines.append(f"| {row['label']} | {_interval(row['reward'])} | {_interval(row['kl'], 1)} | {length} |")
+    lines += ["", "| comparison | reward difference | per seed | win rate | per seed |", "|---|---|---|---|---|"]
+
+    def label(arm: str) -> str:
+        return str(aggregate["arms"].get(arm, {}).get("label", ARM_LABELS.get(arm, arm)))
+
+    for name, c in aggregate["comparisons"].items():
+        ours, theirs = name.split(" vs ")
+        each = ", ".join(f"{v:+.3f}" for v in c["reward_difference"]["per_seed"])
+        rates = ", ".join(f"{v:.3f}" for v in c["win_rate"]["per_seed"])
+        lines.append(
+            f"| {label(ours)} vs {label(theirs)} | {_interval(c['reward_difference'])} | {each} "
+            f"| {_interval(c['win_rate'])} | {rates} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_online_seeds(
+    mode: str | OnlineExperimentSettings,
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    *,
+    threads: int = DEFAULT_THREADS,
+    keep_checkpoints: bool = False,
+    log: Log | None = None,
+) -> dict[str, Any]:
+    """The experiment once per training seed, each in ``out_dir/seed-<seed>`` (a finished seed's stored
+    arms are reused), then :func:`across_seeds` written to ``out_dir/seeds.json`` and ``seeds.md``."""
+    settings = resolve_mode(mode, MODES)
+    summaries = []
+    for seed in seeds:
+        result = run_online_experiment(
+            dataclasses.replace(settings, seed=seed),
+            Path(out_dir) / f"seed-{seed}",
+            cache_dir,
+            threads=threads,
+            keep_checkpoints=keep_checkpoints,
+            log=log,
+        )
+        summaries.append(result.summary())
+    aggregate = across_seeds(summaries)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    Path(out_dir, "seeds.json").write_text(json.dumps(aggregate, indent=2) + "\n", encoding="utf-8")
+    Path(out_dir, "seeds.md").write_text(seeds_markdown(aggregate), encoding="utf-8")
+    return aggregate

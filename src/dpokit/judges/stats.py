@@ -39,6 +39,7 @@ Cohen's kappa, ``(p_o - p_e) / (1 - p_e)``, p_e the agreement expected from each
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections import Counter
@@ -114,6 +115,47 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     low = 0.0 if successes <= 0 else max(0.0, center - half)
     high = 1.0 if successes >= n else min(1.0, center + half)
     return (low, high)
+
+
+@functools.lru_cache(maxsize=64)
+def student_t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile (``p`` > 0.5) of Student's t distribution with ``df`` degrees of freedom: the CDF
+    integrated by Simpson's rule from 0, the quantile found by bisection.
+
+    >>> round(student_t_quantile(0.975, 2), 3), round(student_t_quantile(0.975, 10), 3)
+    (4.303, 2.228)
+    """
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"need 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float, steps: int = 2000) -> float:
+        h = x / steps
+        density = [math.exp(log_norm - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(steps + 1)]
+        return 0.5 + h / 3 * (density[0] + density[-1] + 4 * sum(density[1:-1:2]) + 2 * sum(density[2:-1:2]))
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        low, high = high, high * 2
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < p else (low, middle)
+    return (low + high) / 2
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """Mean of ``values`` (one per seed) with its Student-t interval (NaN bounds for a single value).
+
+    >>> {k: round(v, 3) for k, v in t_interval([1.0, 2.0, 3.0]).items()}
+    {'mean': 2.0, 'ci_low': -0.484, 'ci_high': 4.484}
+    """
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "ci_low": float("nan"), "ci_high": float("nan")}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = student_t_quantile(1 - (1 - level) / 2, n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half}
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
