@@ -11,7 +11,8 @@ import torch
 from dpokit.data import make_collator
 from dpokit.data.collate import PackedCollator, SharedPromptCollator, block_attention_mask
 from dpokit.errors import ConfigError
-from dpokit.logprobs import attention_inputs, causal_mask_suffices, compute_logps, layout_costs, plan_layout
+from dpokit.logprobs import attention_inputs, causal_mask_suffices, compute_logps
+from dpokit.training.layout import layout_costs, plan_layout
 from tests.helpers import tiny_gpt2, tiny_llama
 
 PAD = 0

@@ -507,8 +507,8 @@ class Trainer:
     def setup(self) -> None:
         """Model, data, objective, reference, wrapping, optimizer and schedule, then the resumed position."""
         from dpokit.data import make_collator
-        from dpokit.logprobs import plan_layout
         from dpokit.losses import build_objective
+        from dpokit.training.layout import plan_layout
 
         cfg, ctx = self.cfg, self.ctx
         seed_everything(cfg.optim.seed)
