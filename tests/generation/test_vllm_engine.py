@@ -234,3 +234,42 @@ def test_winrate_on_vllm_keys_its_samples_by_the_engine_and_the_served_model_and
     assert model_fingerprint("judge", job, memo)[0] != by_name
     here = WinrateJob(models=job.models, judge=job.judge, baseline="noise", prompts=job.prompts, out=job.out)
     assert model_fingerprint(str(keyed_server.base_dir), here, memo)[0] != by_name
+
+
+def test_an_online_run_on_vllm_interrupted_mid_round_resumes_without_sampling_again_and_keeps_the_records_shape(
+    server, tmp_path: Path
+):
+    from dpokit.config import load_config
+    from dpokit.training.checkpoint import read_trainer_state
+    from tests.helpers import write_preference_jsonl
+    from tests.online.test_rounds import hashes
+
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 2), encoding="utf-8")
+    write_preference_jsonl(assets / "heldout.jsonl", n=4, seed=1)
+    engine = ["online.sampling.engine=vllm", f"online.sampling.url={server.url}", "online.steps_per_round=3"]
+
+    def config(run_dir: Path):
+        overrides = make_config_overrides(assets, run_dir)
+        overrides[0] = f"model.name_or_path={server.base_dir}"
+        return load_config(None, [*overrides, *engine])
+
+    whole = run_online(config(tmp_path / "whole"))
+    server.restore()  # the start model again, as a fresh server would have
+    run_dir = tmp_path / "run"
+    stopped = run_online(config(run_dir), on_step=lambda step, _: step == 4)  # round 1, after 1 of its 3 steps
+    assert stopped.interrupted and read_trainer_state(stopped.last_checkpoint)["online"]["round"] == 1
+    before = hashes(run_dir)
+    resumed = run_online(config(run_dir), resume="latest")
+    assert not resumed.interrupted and resumed.global_step == whole.global_step == 6
+    assert hashes(run_dir) == before  # the round's samples were reused, not drawn again from the server
+    records, reference = read_metrics(run_dir, split="round"), read_metrics(whole.run_dir, split="round")
+    assert [r["round"] for r in records] == [r["round"] for r in reference] == [0, 1]
+    assert [sorted(r) for r in records] == [sorted(r) for r in reference]  # the same fields as an uninterrupted run
+    assert all(r["engine/logp_gap_per_token"] <= TOLERANCE for r in records)
+    assert [r["step"] for r in read_metrics(run_dir, split="train")] == [1, 2, 3, 4, 5, 6]
+    for r in (0, 1):
+        ours, theirs = RoundFiles(run_dir, r), RoundFiles(whole.run_dir, r)
+        assert [sorted(c) for c in ours.read("completions")] == [sorted(c) for c in theirs.read("completions")]
+        assert sorted(ours.summary()) == sorted(theirs.summary())

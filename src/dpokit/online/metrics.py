@@ -12,7 +12,8 @@ From a round's files (so a resumed round reports what the original stages measur
 * ``distinct_1``, ``distinct_2`` -- unique word n-grams / all word n-grams over the round's completions;
 * ``generation/tokens_per_s`` -- generated tokens per second of the generation stage (all processes);
 * ``time/generation_s``, ``time/judging_s``, ``time/training_s`` -- where the round's time went;
-* ``pairs``, ``pairs/dropped_*`` -- the training rows built and what pairing dropped;
+* ``pairs``, ``pairs/dropped_*`` -- the training rows built and what pairing dropped (each reason of
+  :data:`dpokit.online.pairs.DROP_REASONS`, 0 when none);
 * ``heldout/...`` -- the trainer's evaluation on the held-out labelled pairs after the round's training
   (``heldout/rewards/accuracies`` is the held-out reward accuracy).
 """

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PAIR_MODES = ("best_vs_worst", "all_pairs", "ranking")
+DROP_REASONS = ("empty", "unscored", "duplicate", "tie")  # what pairing drops; every round's record counts each
 
 
 @dataclass
@@ -46,7 +47,7 @@ class PairReport:
 
     prompts: int = 0
     rows: int = 0
-    dropped: Counter[str] = field(default_factory=Counter)  # "empty", "unscored", "duplicate", "tie"
+    dropped: Counter[str] = field(default_factory=Counter)  # by reason, one of DROP_REASONS
     shorter_chosen: int = 0  # pairs whose chosen completion is a shorter one than the best-scored (length-aware choice)
 
     def to_dict(self) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from dpokit.errors import ConfigError, DpokitError, TrainingError
 from dpokit.generation.engines import SamplingEngine, VllmEngine, engine_logp_gap
 from dpokit.online import labelling
 from dpokit.online.metrics import ROUNDS_PLOT, generation_metrics, judge_metrics, plot_rounds
-from dpokit.online.pairs import build_rows
+from dpokit.online.pairs import DROP_REASONS, build_rows
 from dpokit.online.prompts import round_prompt_indices
 from dpokit.online.records import STAGES, DamagedRoundFile, RoundFiles, round_dir, set_aside_rounds_after
 from dpokit.training.reference import CopyReference
@@ -516,7 +516,8 @@ class OnlineLoop:
             lengths=lengths,
             prefer_shorter_within=self.on.prefer_shorter_within,
         )
-        info = {"pairs": report.rows, **{f"pairs/dropped_{reason}": n for reason, n in sorted(report.dropped.items())}}
+        # Every reason, 0 when nothing was dropped for it: a round's record has the same fields whatever was sampled.
+        info = {"pairs": report.rows, **{f"pairs/dropped_{reason}": report.dropped[reason] for reason in DROP_REASONS}}
         if self.on.prefer_shorter_within is not None:
             info["pairs/shorter_chosen"] = report.shorter_chosen
         return rows, info
