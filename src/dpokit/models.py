@@ -27,7 +27,7 @@ import os
 import pickle
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -554,6 +554,7 @@ class LoadedPolicy:
     kind: str
     base_path: str | None = None
     run_config: dict[str, Any] | None = None
+    processor: Any = None  # a vision-language model's processor (tokenizer + image processor); None for a causal LM
 
     @property
     def is_adapter(self) -> bool:
@@ -603,10 +604,9 @@ def load_policy(
 
     The model is put in eval mode on ``device`` (``"auto"``/None: cuda when available). A LoRA
     adapter is loaded on top of the base model named in its ``adapter_config.json`` and kept as a
-    peft model, so its adapter can be disabled for the reference log-probs.
+    peft model, so its adapter can be disabled for the reference log-probs. A vision-language
+    checkpoint (:func:`is_vision_language`) loads with ``AutoModelForImageTextToText`` and its processor.
     """
-    from transformers import AutoModelForCausalLM
-
     given = Path(path).expanduser()
     problem = location_problem(path)
     if problem is not None:
@@ -618,17 +618,15 @@ def load_policy(
     base_path: str | None = None
     if (model_dir / "adapter_config.json").is_file():
         model, base_path = _load_adapter(model_dir, torch_dtype, trust_remote_code)
-        tokenizer = load_tokenizer(model_dir, base_path, trust_remote_code=trust_remote_code)
+        locations: tuple[str | Path, ...] = (model_dir, base_path)
     else:
+        auto_class, what = _policy_class(model_dir, trust_remote_code)
         model = _from_pretrained(
-            AutoModelForCausalLM,
-            model_dir,
-            what="a causal language model",
-            hint=_POLICY_HINT,
-            dtype=torch_dtype,
-            trust_remote_code=trust_remote_code,
+            auto_class, model_dir, what=what, hint=_POLICY_HINT, dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
-        tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+        locations = (model_dir,)
+    processor = _policy_processor(locations, trust_remote_code) if _is_vision_model(model) else None
+    tokenizer = processor.tokenizer if processor is not None else load_tokenizer(*locations, trust_remote_code=trust_remote_code)
     model.to(target)
     model.eval()
     return LoadedPolicy(
@@ -638,20 +636,51 @@ def load_policy(
         kind="adapter" if base_path else "model",
         base_path=base_path,
         run_config=run_config,
+        processor=processor,
     )
+
+
+def _policy_class(location: str | Path, trust_remote_code: bool) -> tuple[Any, str]:
+    """The auto class a policy at ``location`` loads with, and what to call it in errors."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if is_vision_language(location, trust_remote_code=trust_remote_code):
+        return AutoModelForImageTextToText, "an image-text-to-text model"
+    return AutoModelForCausalLM, "a causal language model"
+
+
+def _is_vision_model(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return getattr(config, "vision_config", None) is not None
+
+
+def _policy_processor(locations: Sequence[str | Path], trust_remote_code: bool) -> Any:
+    """The processor of a vision-language policy: from the first of ``locations`` that has one."""
+    from transformers import AutoProcessor
+
+    for location in locations[:-1]:
+        if (Path(location) / "preprocessor_config.json").is_file() or (Path(location) / "processor_config.json").is_file():
+            break
+    else:
+        location = locations[-1]
+    processor = _from_pretrained(
+        AutoProcessor, location, what="the processor of a vision-language model", trust_remote_code=trust_remote_code
+    )
+    _ensure_pad_token(processor.tokenizer)
+    return processor
 
 
 def _load_adapter(adapter_dir: Path, dtype: torch.dtype | str, trust_remote_code: bool) -> tuple[nn.Module, str]:
     """A peft model: the base named in ``adapter_config.json`` with the adapter on top; and that base's location."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     config_file = adapter_dir / "adapter_config.json"
     base_path = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base_path:
         raise ConfigError(f"{config_file}: no base_model_name_or_path; cannot find the base model")
+    auto_class, _ = _policy_class(base_path, trust_remote_code)
     base = _from_pretrained(
-        AutoModelForCausalLM,
+        auto_class,
         base_path,
         what=f"the base model of the adapter {str(adapter_dir)!r}",
         dtype=dtype,

@@ -16,6 +16,9 @@ log-probs when the engine reports them, and why it finished. Callers build an en
   No per-request seed is sent: the CPU build of vLLM 0.32 dies on one ("CPU Generator does not use
   offset"), so vLLM samples are reproducible only as far as the server's ``--seed`` makes them.
 
+Prompts with images (``sample(..., images=...)``, a vision-language model) are sampled by the dpokit
+engine only; the vLLM engine refuses them.
+
 The commands that sample named models (``dpokit generate``, ``dpokit winrate``) take the engine as
 :class:`EngineOptions` (``--engine``, ``--engine-url``, ``--api-key-env``) and open each model with
 :func:`open_sampler`: with ``dpokit`` the model is loaded here; with ``vllm`` the model must be one the
@@ -34,7 +37,7 @@ from typing import Any, Protocol
 
 import torch
 
-from dpokit.data.prompts import Prompt, read_prompts
+from dpokit.data.prompts import Prompt, PromptRow, read_prompt_rows
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.generation.sampler import (
     DEFAULT_BATCH_SIZE,
@@ -118,23 +121,42 @@ class SamplingEngine(Protocol):
 
     name: str
 
-    def sample(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[SampledCompletion]: ...
+    def sample(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        images: Sequence[Sequence[bytes]] | None = None,
+    ) -> list[SampledCompletion]: ...
 
 
 class DpokitEngine:
-    """dpokit's own generator on ``model`` (in this process), exactly as :func:`~dpokit.generation.sampler.generate`."""
+    """dpokit's own generator on ``model`` (in this process), exactly as :func:`~dpokit.generation.sampler.generate`;
+    ``processor``: a vision-language model's processor, whose image processor reads the prompts' images."""
 
     name = "dpokit"
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = DEFAULT_BATCH_SIZE, processor: Any = None) -> None:
+        self.model, self.tokenizer, self.batch_size, self.processor = model, tokenizer, batch_size, processor
 
-    def sample(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[SampledCompletion]:
+    def sample(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        images: Sequence[Sequence[bytes]] | None = None,
+    ) -> list[SampledCompletion]:
         if not prompt_ids:
             return []
         stops, pad = stop_token_ids(self.tokenizer), pad_id_of(self.tokenizer)
+        image_processor = getattr(self.processor, "image_processor", None)
         completions = generate(
-            self.model, prompt_ids, sampling, stop_token_ids=stops, pad_token_id=pad, batch_size=self.batch_size
+            self.model,
+            prompt_ids,
+            sampling,
+            stop_token_ids=stops,
+            pad_token_id=pad,
+            batch_size=self.batch_size,
+            images=images if images and any(images) else None,
+            image_processor=image_processor,
         )
         texts = self.tokenizer.batch_decode([c.content_ids for c in completions], skip_special_tokens=True)
         return [
@@ -216,7 +238,14 @@ class VllmEngine:
                 f"cannot reach the vLLM server at {self.url} ({error}); start it (docs/vllm.md) or fix {self.setting}"
             ) from None
 
-    def sample(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[SampledCompletion]:
+    def sample(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        images: Sequence[Sequence[bytes]] | None = None,
+    ) -> list[SampledCompletion]:
+        if images and any(images):
+            raise ConfigError("prompts with images are sampled with the dpokit engine only (--engine dpokit), not vLLM")
         sampling.validate()
         out: list[SampledCompletion] = []
         step = self.max_prompts_per_request
@@ -342,6 +371,7 @@ class ModelSampler:
     engine: SamplingEngine
     tokenizer: Any
     served: ServedModel | None = None
+    processor: Any = None  # a vision-language model's processor (dpokit engine)
 
 
 def open_sampler(
@@ -360,7 +390,8 @@ def open_sampler(
     load = load or LoadOptions()
     if options.engine == "dpokit":
         loaded = load_policy(spec, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code)
-        return ModelSampler(DpokitEngine(loaded.model, loaded.tokenizer, batch_size=batch_size), loaded.tokenizer)
+        engine = DpokitEngine(loaded.model, loaded.tokenizer, batch_size=batch_size, processor=loaded.processor)
+        return ModelSampler(engine, loaded.tokenizer, processor=loaded.processor)
     assert options.url is not None  # validated
     probe = VllmEngine(options.url, api_key_env=options.api_key_env, setting="--engine-url")
     served = find_served_model(probe, spec)
@@ -372,10 +403,10 @@ def open_sampler(
             "run where it is (a shared file system)"
         )
     tokenizer = load_tokenizer(*places, trust_remote_code=load.trust_remote_code)
-    engine = VllmEngine(
+    vllm = VllmEngine(
         options.url, model=served.name, tokenizer=tokenizer, api_key_env=options.api_key_env, setting="--engine-url"
     )
-    return ModelSampler(engine, tokenizer, served)
+    return ModelSampler(vllm, tokenizer, served)
 
 
 # ------------------------------------------------------------------------------------ prompts to texts
@@ -383,7 +414,8 @@ def open_sampler(
 
 @dataclass
 class Sample:
-    """One generated completion. ``prompt_text`` is the exact text the model was conditioned on."""
+    """One generated completion. ``prompt_text`` is the exact text the model was conditioned on (each
+    image as its placeholder); ``images`` names the prompt's images (their paths, ``<bytes>``, ...)."""
 
     prompt_index: int
     sample_index: int
@@ -391,6 +423,7 @@ class Sample:
     prompt_text: str
     completion: str
     num_tokens: int
+    images: list[str] = field(default_factory=list)
 
 
 def generate_samples(
@@ -403,15 +436,25 @@ def generate_samples(
     system: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     engine: SamplingEngine | None = None,
+    rows: Sequence[PromptRow] | None = None,
+    processor: Any = None,
 ) -> list[Sample]:
     """``sampling.num_samples`` decoded completions per prompt (default :class:`SamplingConfig`),
     ``len(prompts) * num_samples`` samples, prompt-major, drawn by ``engine`` (default: the dpokit engine
     on ``model``; with an engine, ``model`` is not used). Prompts are formatted and encoded with
     ``tokenizer`` (:func:`~dpokit.generation.sampler.encode_prompts`); ``num_tokens`` counts the
-    completion's tokens before its stop token."""
+    completion's tokens before its stop token. ``rows``: the prompts as :class:`PromptRow` s instead
+    (their images, and their locations for errors); a vision-language model's ``processor`` turns each
+    image placeholder into the image's tokens."""
     sampling = sampling or SamplingConfig()
-    texts, ids = encode_prompts(tokenizer, prompts, chat_template=chat_template, system=system)
-    sampler = engine if engine is not None else DpokitEngine(model, tokenizer, batch_size=batch_size)
+    if rows is not None:
+        prompts = [row.prompt for row in rows]
+    images = [list(row.images) for row in rows] if rows is not None else None
+    where = [row.where for row in rows] if rows is not None else None
+    texts, ids = encode_prompts(
+        tokenizer, prompts, chat_template=chat_template, system=system, images=images, processor=processor, where=where
+    )
+    sampler = engine if engine is not None else DpokitEngine(model, tokenizer, batch_size=batch_size, processor=processor)
     return [
         Sample(
             prompt_index=c.prompt_index,
@@ -420,8 +463,9 @@ def generate_samples(
             prompt_text=texts[c.prompt_index],
             completion=c.text,
             num_tokens=len(c.content_ids),
+            images=list(rows[c.prompt_index].image_names) if rows is not None else [],
         )
-        for c in sampler.sample(ids, sampling)
+        for c in sampler.sample(ids, sampling, images)
     ]
 
 
@@ -445,11 +489,22 @@ class GenerateJob:
 
 def run_generate(job: GenerateJob) -> list[Sample]:
     """Open the model (:func:`open_sampler`) and sample the job's prompts."""
-    prompts = list(job.prompts) + (read_prompts(job.prompts_file) if job.prompts_file else [])
-    if not prompts:
+    rows = [PromptRow(prompt, f"--prompt {i + 1}") for i, prompt in enumerate(job.prompts)]
+    rows += read_prompt_rows(job.prompts_file, images=True) if job.prompts_file else []
+    if not rows:
         raise ConfigError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
     job.sampling.validate()
+    if any(row.images for row in rows) and job.engine.engine != "dpokit":
+        raise ConfigError("prompts with images are sampled with the dpokit engine only (--engine dpokit), not vLLM")
     opened = open_sampler(job.model, job.engine, job.load)
     return generate_samples(
-        None, opened.tokenizer, prompts, job.sampling, chat_template=job.chat_template, system=job.system, engine=opened.engine
+        None,
+        opened.tokenizer,
+        [],
+        job.sampling,
+        chat_template=job.chat_template,
+        system=job.system,
+        engine=opened.engine,
+        rows=rows,
+        processor=opened.processor,
     )

@@ -25,6 +25,11 @@ model runs on (beyond the model's own floating-point differences).
 Prompts are plain text or chat messages (``[{"role": "user", "content": ...}]``); chat prompts go
 through the tokenizer's chat template with the generation prompt appended (``<|im_start|>assistant\\n``
 for ChatML), exactly as the data pipeline formats them for training (:func:`format_prompt`).
+
+Prompts with images (a vision-language model): each image placeholder of the tokenized prompt becomes
+the image's tokens as the model's processor expands it (:class:`~dpokit.data.images.ImageTokens`, as in
+training), and the image processor's tensors go with the prompt's rows into the forward pass that reads
+the prompt (and, for a model without a KV cache, into every pass); decoding steps need no images.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any
 import torch
 
 from dpokit.compat import kv_cache_keyword
+from dpokit.data.images import ImageTokens, decode_image, image_inputs
 from dpokit.data.prompts import Prompt
 from dpokit.errors import ConfigError, DataError
 from dpokit.models import pad_id_of
@@ -129,10 +135,17 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(
-    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: Any,
+    images: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Any]:
-    """Last-position logits (N, V) and the updated KV cache (None when the model keeps none)."""
+    """Last-position logits (N, V) and the updated KV cache (None when the model keeps none); ``images``:
+    the image processor's tensors for the prompts' images, when ``ids`` holds their tokens."""
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
+    kwargs.update(images or {})
     if cache is not None:
         kwargs[kv_cache_keyword()] = cache
     out = model(**kwargs)
@@ -141,6 +154,19 @@ def _forward(
 
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _image_batch(
+    model: torch.nn.Module, image_processor: Any, images: Sequence[Sequence[bytes]] | None, rows: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """The image processor's tensors for the images of prompts ``rows`` (one entry per batch row, in row
+    order), on the model's device and, for floating-point ones, in its dtype; empty without images."""
+    if images is None:
+        return {}
+    out = image_inputs(image_processor, [images[p] for p in rows])
+    device = _device_of(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return {k: v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in out.items()}
 
 
 @contextlib.contextmanager
@@ -222,11 +248,13 @@ def _decode_batch(
     uniforms: torch.Tensor | None,
     stop_ids: torch.Tensor,
     pad_token_id: int,
+    images: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[list[int]], list[bool], list[float]]:
     """Complete one batch of prompt rows: (completion ids, stopped, summed sampling log-probs) per row.
 
     ``uniforms`` (N, max_new_tokens) drive the sampler (None for greedy). A row that has stopped
     keeps receiving pad tokens with mask 0 until every row has stopped or the length limit is hit.
+    ``images``: the image tensors of the rows' prompts (see :func:`_image_batch`).
     """
     device = _device_of(model)
     ids, mask = _left_padded(rows, pad_token_id)
@@ -236,7 +264,7 @@ def _decode_batch(
     logp_sum = torch.zeros(n, dtype=torch.float64, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    logits, cache = _forward(model, ids, mask, _positions(mask), None)
+    logits, cache = _forward(model, ids, mask, _positions(mask), None, images)
     for t in range(steps):
         next_tokens, logps = _next_tokens(logits, sampling, None if uniforms is None else uniforms[:, t])
         alive = ~done
@@ -253,7 +281,7 @@ def _decode_batch(
             logits, cache = _forward(model, next_tokens[:, None], mask, position, cache)
         else:
             ids = torch.cat([ids, next_tokens[:, None]], dim=1)
-            logits, _ = _forward(model, ids, mask, _positions(mask), None)
+            logits, _ = _forward(model, ids, mask, _positions(mask), None, images)
     completions = [generated[i, : int(lengths[i])].tolist() for i in range(n)]
     return completions, done.tolist(), logp_sum.tolist()
 
@@ -269,8 +297,13 @@ def generate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     score: bool = False,
     reference: torch.nn.Module | None = None,
+    images: Sequence[Sequence[bytes]] | None = None,
+    image_processor: Any = None,
 ) -> list[Completion]:
     """``sampling.num_samples`` completions of every tokenized prompt, prompt-major.
+
+    ``images``: per prompt, its images (encoded files) when ``prompt_ids`` hold their image tokens
+    (:func:`encode_prompts` with a processor); ``image_processor`` turns them into the model's inputs.
 
     Rows go through the model ``batch_size`` at a time (left-padded, KV-cached; see the module
     docstring). ``score=True`` adds each completion's teacher-forced ``policy_logp``; a
@@ -295,10 +328,12 @@ def generate(
                 None if uniforms is None else uniforms[start : start + len(batch)],
                 stops,
                 pad_token_id,
+                _image_batch(model, image_processor, images, [p for p, _ in batch]),
             )
             completions += [Completion(p, s, c, d, lp) for (p, s), c, d, lp in zip(batch, ids, stopped, logps, strict=True)]
         if score or reference is not None:
-            _score(completions, model, reference, prompt_ids, pad_token_id=pad_token_id, batch_size=batch_size)
+            scoring = {"images": images, "image_processor": image_processor}
+            _score(completions, model, reference, prompt_ids, pad_token_id=pad_token_id, batch_size=batch_size, **scoring)
     return completions
 
 
@@ -310,17 +345,21 @@ def _score(
     *,
     pad_token_id: int,
     batch_size: int,
+    images: Sequence[Sequence[bytes]] | None = None,
+    image_processor: Any = None,
 ) -> None:
     """Fill in ``policy_logp`` (and ``reference_logp`` when there is a reference) by teacher forcing."""
     prompts = [prompt_ids[c.prompt_index] for c in completions]
     outputs = [c.token_ids for c in completions]
-    policy = completion_logps(model, prompts, outputs, pad_token_id=pad_token_id, batch_size=batch_size)
+    row_images = None if images is None else [images[c.prompt_index] for c in completions]
+    common = {"pad_token_id": pad_token_id, "batch_size": batch_size, "images": row_images, "image_processor": image_processor}
+    policy = completion_logps(model, prompts, outputs, **common)
     if reference is None:
         ref = None
     elif reference is model:
         ref = policy
     else:
-        ref = completion_logps(reference, prompts, outputs, pad_token_id=pad_token_id, batch_size=batch_size)
+        ref = completion_logps(reference, prompts, outputs, **common)
     for index, completion in enumerate(completions):
         completion.policy_logp = float(policy[index])
         completion.reference_logp = None if ref is None else float(ref[index])
@@ -334,12 +373,15 @@ def completion_logps(
     *,
     pad_token_id: int,
     batch_size: int = 128,
+    images: Sequence[Sequence[bytes]] | None = None,
+    image_processor: Any = None,
 ) -> torch.Tensor:
     """``log pi(y|x) = sum_t log softmax(logits)[y_t]`` over completion tokens, shape (N,), float64.
 
     Rows are ``[pad ... prompt | completion ... pad]`` (prompt left-padded to a common width P,
     completion right-padded), so the logit at column ``P - 1 + t`` predicts completion token ``t``
-    in every row. An empty completion has log-prob 0.
+    in every row. An empty completion has log-prob 0. ``images``: per row, the images whose tokens
+    its prompt holds (see :func:`generate`).
     """
     device = _device_of(model)
     results = []
@@ -355,7 +397,8 @@ def completion_logps(
             completion_mask[i, : len(c)] = 1
         ids = torch.cat([prompt_block, completion_block], dim=1).to(device)
         mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
+        extra = _image_batch(model, image_processor, images, range(start, start + len(prompts)))
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), **extra).logits
         p = prompt_block.shape[1]
         predicting = logits[:, p - 1 : p - 1 + width, :].float().log_softmax(-1)  # (N, C, V)
         token_logps = predicting.gather(2, completion_block.to(device)[:, :, None]).squeeze(2)
@@ -471,22 +514,58 @@ def encode_prompts(
     *,
     chat_template: str = "auto",
     system: str | None = None,
+    images: Sequence[Sequence[bytes]] | None = None,
+    processor: Any = None,
+    where: Sequence[str] | None = None,
 ) -> tuple[list[str], list[list[int]]]:
     """The formatted text (:func:`format_prompt`) and token ids of every prompt.
 
     A chat template writes its own special tokens (BOS included where it wants one), so templated
     text is tokenized without adding them again; plain text gets the tokenizer's usual special tokens.
+    ``images`` (per prompt) with the model's ``processor``: each image placeholder becomes its image's
+    tokens, as in training; a prompt whose placeholders do not match its images is a :class:`DataError`
+    naming it (``where[i]``, else ``prompt i``).
     """
     texts, ids = [], []
+    image_tokens = _image_tokens(processor, images)
     for index, prompt in enumerate(prompts):
+        name = where[index] if where is not None else f"prompt {index}"
         text = format_prompt(tokenizer, prompt, chat_template=chat_template, system=system)
         templated = (not isinstance(prompt, str) or chat_template == "always") and chat_template != "never"
         token_ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
         if not token_ids:
-            raise DataError(f"prompt {index} is empty after tokenization")
+            raise DataError(f"{name} is empty after tokenization")
+        if image_tokens is not None:
+            token_ids = _expand_images(image_tokens, text, token_ids, images[index] if images else (), name)
         texts.append(text)
         ids.append(token_ids)
     return texts, ids
+
+
+def _image_tokens(processor: Any, images: Sequence[Sequence[bytes]] | None) -> ImageTokens | None:
+    if not images or not any(images):
+        return None
+    if processor is None:
+        raise ConfigError(
+            "the prompts have images but the model has no processor; sample them with a vision-language model "
+            "(one transformers loads with AutoModelForImageTextToText, with its processor)"
+        )
+    return ImageTokens(processor)
+
+
+def _expand_images(image_tokens: ImageTokens, text: str, token_ids: list[int], images: Sequence[bytes], name: str) -> list[int]:
+    """``token_ids`` with each image placeholder replaced by its image's tokens (checked once against the processor)."""
+    decoded = [decode_image(data) for data in images]
+    expanded = image_tokens.expand(token_ids, decoded)
+    if expanded is None:
+        raise DataError(
+            f"{name}: field 'images': the row has {len(images)} image(s) but its prompt has "
+            f"{image_tokens.placeholders(token_ids)} {image_tokens.placeholder!r} placeholder(s); "
+            f'write {image_tokens.placeholder} (or a {{"type": "image"}} part) where each image goes'
+        )
+    if images:
+        image_tokens.check(text, decoded, expanded)
+    return expanded
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:

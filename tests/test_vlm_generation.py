@@ -1,0 +1,117 @@
+"""Sampling from a vision-language model with image prompts (`dpokit generate`, the dpokit engine) on the tiny
+LLaVA and Idefics3 built from config: prompts rows carry `images` as training rows do, paths relative to the
+prompts file; the samples equal transformers' own greedy `generate` on the processor's inputs; a missing image
+is a located error; commands that do not sample images yet refuse such rows instead of dropping the images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dpokit.data.prompts import read_prompt_rows
+from dpokit.errors import ConfigError, DataError
+from dpokit.experiments.shapes import FAMILIES, QUESTION, build_tiny_vlm, shapes_rows
+from dpokit.generation import EngineOptions, GenerateJob, SamplingConfig, run_generate
+from dpokit.models import LoadOptions
+
+MAX_NEW = 5
+
+
+@pytest.fixture(scope="module")
+def vlm_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlms")
+    return {family: build_tiny_vlm(root / family, family, seed=0) for family in FAMILIES}
+
+
+def write_prompts(directory, n=3):
+    """Prompts rows of the shapes task (the training rows without responses), one with a longer question so
+    the batch is left-padded; image paths relative to the file."""
+    rows = [{"images": row["images"], "prompt": row["prompt"]} for row in shapes_rows(directory, n, seed=5)]
+    if n > 1:
+        rows[1]["prompt"] = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{QUESTION} {QUESTION}"}]}]
+    path = directory / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path, rows
+
+
+def hf_greedy(model_dir, directory, rows):
+    """transformers' own greedy decoding of each prompt alone, from the processor's inputs."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    out = []
+    for row in rows:
+        text = processor.tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        image = Image.open(directory / row["images"][0]).convert("RGB")
+        inputs = processor(text=[text], images=[[image]], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+        new = ids[0, inputs["input_ids"].shape[1] :].tolist()
+        out.append(processor.tokenizer.decode(new, skip_special_tokens=True))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_on_image_prompts_equals_transformers_greedy_generation_per_prompt(vlm_dirs, tmp_path, family):
+    path, rows = write_prompts(tmp_path)
+    sampling = SamplingConfig(max_new_tokens=MAX_NEW, temperature=0)
+    job = GenerateJob(model=str(vlm_dirs[family]), prompts_file=str(path), sampling=sampling, load=LoadOptions("float32", "cpu"))
+    samples = run_generate(job)
+    assert all(s.num_tokens > 0 for s in samples)
+    assert [s.images for s in samples] == [[str(tmp_path / row["images"][0])] for row in rows]
+    assert [s.completion for s in samples] == hf_greedy(vlm_dirs[family], tmp_path, rows)
+
+
+def test_the_image_changes_what_is_sampled(vlm_dirs, tmp_path):
+    """The images reach the model: the same question on different images gives different teacher-forced
+    log-probs of the same completion (a text-only path would give equal ones)."""
+    from dpokit.generation import completion_logps, encode_prompts
+    from dpokit.models import load_policy
+
+    _, rows = write_prompts(tmp_path, n=2)
+    loaded = load_policy(vlm_dirs["llava"], device="cpu", dtype="float32")
+    prompts = [rows[0]["prompt"], rows[0]["prompt"]]
+    images = [[(tmp_path / rows[i]["images"][0]).read_bytes()] for i in range(2)]
+    _, ids = encode_prompts(loaded.tokenizer, prompts, images=images, processor=loaded.processor)
+    completion = loaded.tokenizer("It is red.", add_special_tokens=False)["input_ids"]
+    logps = completion_logps(
+        loaded.model,
+        ids,
+        [completion, completion],
+        pad_token_id=0,
+        images=images,
+        image_processor=loaded.processor.image_processor,
+    )
+    assert ids[0] == ids[1] and len(ids[0]) > 16  # the image's 16 tokens are in the prompt
+    assert abs(float(logps[0] - logps[1])) > 1e-6
+
+
+def test_a_missing_image_in_a_prompts_file_names_the_file_line_field_and_path(tmp_path):
+    path, rows = write_prompts(tmp_path)
+    (tmp_path / rows[2]["images"][0]).unlink()
+    with pytest.raises(DataError) as error:
+        read_prompt_rows(path, images=True)
+    message = str(error.value)
+    assert f"{path}:line 3" in message and "field 'images[0]'" in message and rows[2]["images"][0] in message
+    assert "no such image file" in message
+
+
+def test_an_image_count_that_does_not_match_the_placeholders_is_a_located_error(tmp_path):
+    path, rows = write_prompts(tmp_path, n=1)
+    rows[0]["images"] = rows[0]["images"] * 2
+    path.write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 1: field 'images': the row has 2 image\(s\) but its prompt has 1"):
+        read_prompt_rows(path, images=True)
+
+
+def test_commands_that_do_not_sample_images_refuse_image_rows_and_vllm_refuses_them(tmp_path):
+    path, _ = write_prompts(tmp_path, n=1)
+    with pytest.raises(DataError, match=r"line 1: field 'images': this command does not sample prompts with images"):
+        read_prompt_rows(path)
+    job = GenerateJob(model="unused", prompts_file=str(path), engine=EngineOptions(engine="vllm", url="http://127.0.0.1:9"))
+    with pytest.raises(ConfigError, match="dpokit engine only"):
+        run_generate(job)
