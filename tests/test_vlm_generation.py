@@ -115,3 +115,34 @@ def test_commands_that_do_not_sample_images_refuse_image_rows_and_vllm_refuses_t
     job = GenerateJob(model="unused", prompts_file=str(path), engine=EngineOptions(engine="vllm", url="http://127.0.0.1:9"))
     with pytest.raises(ConfigError, match="dpokit engine only"):
         run_generate(job)
+
+
+def test_dpokit_eval_on_image_pairs_gives_the_per_example_losses_of_the_training_log_prob_path(vlm_dirs, tmp_path):
+    """`dpokit eval` (load_policy, a reference model directory, padded batches with the images) against the
+    shared-prompt training path on the same models and rows (the one tested equal to TRL): equal to 1e-4."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from dpokit.analysis.evaluate import EvalJob, run_eval
+    from dpokit.data import make_collator, prepare_dataset
+    from dpokit.experiments.shapes import write_shapes_data
+    from dpokit.logprobs import compute_logps
+
+    beta, directory = 0.1, vlm_dirs["llava"]
+    reference_dir = build_tiny_vlm(tmp_path / "reference", "llava", seed=1)
+    data = write_shapes_data(tmp_path, 4, seed=2)
+    job = EvalJob(model=str(directory), reference=str(reference_dir), data=str(data), beta=beta, loss="sigmoid", max_length=None)
+    job.load, job.cache_dir = LoadOptions("float32", "cpu"), str(tmp_path / "cache")
+    report = run_eval(job)
+    losses = torch.tensor([record["loss"] for record in sorted(report.result.per_example, key=lambda r: r["example_id"])])
+
+    processor = AutoProcessor.from_pretrained(directory)
+    items = list(prepare_dataset(data, processor.tokenizer, processor=processor, max_length=None, use_cache=False).items)
+    batch = make_collator("shared_prompt", processor.tokenizer.pad_token_id, image_processor=processor.image_processor)(items)
+    with torch.no_grad():
+        policy = compute_logps(AutoModelForImageTextToText.from_pretrained(directory).eval(), batch).logps
+        reference = compute_logps(AutoModelForImageTextToText.from_pretrained(reference_dir).eval(), batch).logps
+    margins = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
+    expected = -torch.nn.functional.logsigmoid(margins)
+    assert report.summary["num_examples"] == 4
+    torch.testing.assert_close(losses, expected, atol=1e-4, rtol=0)
+    assert (expected - torch.log(torch.tensor(2.0))).abs().max() > 1e-3  # the two models differ: not a tie

@@ -44,9 +44,11 @@ def evaluate_preferences(
     *,
     batch_size: int = 8,
     pad_token_id: int = 0,
+    image_processor: Any = None,
 ) -> EvalResult:
     """Mean loss and reward metrics of ``objective`` over prepared ``items``, with per-example values:
-    the trainer's own evaluation loop (:func:`dpokit.training.step.evaluate`) on padded batches."""
+    the trainer's own evaluation loop (:func:`dpokit.training.step.evaluate`) on padded batches
+    (``image_processor``: a vision-language model's, for items with images)."""
     from dpokit.data import PaddedCollator
 
     if len(items) == 0:
@@ -56,7 +58,7 @@ def evaluate_preferences(
         Split.of_items(items),
         reference,
         objective,
-        PaddedCollator(pad_token_id),
+        PaddedCollator(pad_token_id, image_processor=image_processor),
         batch_size=batch_size,
         keep_per_example=True,
     )
@@ -152,12 +154,19 @@ def run_eval(job: EvalJob) -> EvalReport:
         max_prompt_length=int(_first(job.max_prompt_length, data.max_prompt_length)),
         truncation_mode=data.truncation_mode,
         cache_dir=_first(job.cache_dir, data.cache_dir),
+        processor=policy.processor,
     )
     items: Sequence[dict[str, Any]] = dataset.items
     if job.limit is not None:
         items = [items[index] for index in range(min(job.limit, len(items)))]
     result = evaluate_preferences(
-        runner, reference, items, objective, batch_size=job.batch_size, pad_token_id=pad_id_of(policy.tokenizer)
+        runner,
+        reference,
+        items,
+        objective,
+        batch_size=job.batch_size,
+        pad_token_id=pad_id_of(policy.tokenizer),
+        image_processor=getattr(policy.processor, "image_processor", None),
     )
     summary = {
         "model": str(job.model),
