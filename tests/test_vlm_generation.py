@@ -146,3 +146,35 @@ def test_dpokit_eval_on_image_pairs_gives_the_per_example_losses_of_the_training
     assert report.summary["num_examples"] == 4
     torch.testing.assert_close(losses, expected, atol=1e-4, rtol=0)
     assert (expected - torch.log(torch.tensor(2.0))).abs().max() > 1e-3  # the two models differ: not a tie
+
+
+def test_a_vlm_run_writes_eval_samples_equal_to_dpokit_generate_on_its_exported_model(tmp_path, monkeypatch):
+    """eval.sample_prompts on a LoRA VLM run: samples.jsonl holds the policy's and the reference's greedy
+    continuations of the first eval prompts, with their images; at the last step the policy's equal
+    `dpokit generate` on the exported model with the same prompts rows (their images read from the file)."""
+    from pathlib import Path
+
+    from dpokit.commands.main import main
+    from dpokit.experiments.shapes import write_fixture
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "vlm.yaml"
+    monkeypatch.chdir(tmp_path)
+    write_fixture(tmp_path / "vlm-fixture", train=8, evaluation=2)
+    overrides = ["optim.max_steps=2", "optim.batch_size=4", "eval.every_steps=2", "eval.sample_prompts=2"]
+    overrides += [
+        f"eval.max_new_tokens={MAX_NEW}",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+    ]
+    assert main(["train", str(example), *overrides]) == 0
+    samples = [json.loads(line) for line in (tmp_path / "runs" / "vlm" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2, 2] and all(s["policy"] and "reference" in s for s in samples)
+    assert all(s["prompt"].count("<image>") == 16 for s in samples)  # the image's tokens are in the prompt
+    job = GenerateJob(
+        model=str(tmp_path / "runs" / "vlm" / "final"),
+        prompts_file=str(tmp_path / "vlm-fixture" / "eval.jsonl"),
+        sampling=SamplingConfig(max_new_tokens=MAX_NEW, temperature=0),
+        load=LoadOptions("float32", "cpu"),
+    )
+    assert [s.completion for s in run_generate(job)] == [s["policy"] for s in samples]

@@ -591,15 +591,21 @@ def policy_and_reference_samples(
     prompt_ids: list[list[int]],
     *,
     max_new_tokens: int,
+    images: Sequence[Sequence[bytes]] | None = None,
+    image_processor: Any = None,
 ) -> list[dict[str, str]]:
     """Greedy continuations of tokenized prompts from the policy and (when the reference keeps a
     model in memory: ``reference.sampling_model()`` yields one) the reference -- the samples the
-    trainer writes at each evaluation: ``[{"prompt", "policy"[, "reference"]}]``."""
+    trainer writes at each evaluation: ``[{"prompt", "policy"[, "reference"]}]``. ``images``: per
+    prompt, the images whose tokens it holds (a vision-language run; see :func:`generate`)."""
     greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     stops, pad = stop_token_ids(tokenizer), pad_id_of(tokenizer)
 
     def continuations(model: Any) -> list[str]:
-        return decode_completions(tokenizer, generate(model, prompt_ids, greedy, stop_token_ids=stops, pad_token_id=pad))
+        completions = generate(
+            model, prompt_ids, greedy, stop_token_ids=stops, pad_token_id=pad, images=images, image_processor=image_processor
+        )
+        return decode_completions(tokenizer, completions)
 
     samples = [
         {"prompt": tokenizer.decode(ids, skip_special_tokens=False), "policy": text}

@@ -384,8 +384,7 @@ class Trainer:
             metrics = steps.evaluate(
                 self.runner, self.eval_split, self.eval_reference, self.objective, self.collate, batch_size=cfg.eval.batch_size
             ).metrics
-            # Sampling from image prompts is not built yet: a vision-language run writes no samples.
-            if cfg.eval.sample_prompts and self.ctx.is_main and self.ctx.holds_whole_model and self.processor is None:
+            if cfg.eval.sample_prompts and self.ctx.is_main and self.ctx.holds_whole_model:
                 self.write_samples()
         self.tracker.log(p.step, metrics, split="eval")
         if not p.best_eval or metrics.get("loss", math.inf) < p.best_eval.get("loss", math.inf):
@@ -407,6 +406,8 @@ class Trainer:
             self.tokenizer,
             [list(item["prompt_ids"]) for item in items],
             max_new_tokens=cfg.max_new_tokens,
+            images=[list(item.get("images") or []) for item in items] if self.processor is not None else None,
+            image_processor=getattr(self.processor, "image_processor", None),
         )
         with open(self.run_dir / SAMPLES_FILENAME, "a", encoding="utf-8") as handle:
             for sample in samples:
