@@ -178,3 +178,13 @@ def test_a_vlm_run_writes_eval_samples_equal_to_dpokit_generate_on_its_exported_
         load=LoadOptions("float32", "cpu"),
     )
     assert [s.completion for s in run_generate(job)] == [s["policy"] for s in samples]
+
+
+def test_dpokit_score_refuses_rows_with_images_instead_of_scoring_them_without(tmp_path):
+    from dpokit.analysis.score import read_score_rows
+
+    path = tmp_path / "pairs.jsonl"
+    rows = shapes_rows(tmp_path, 1, seed=4)
+    path.write_text(json.dumps({k: v for k, v in rows[0].items() if k != "colour"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 1: field 'images': dpokit score does not score prompts with images"):
+        read_score_rows(path)

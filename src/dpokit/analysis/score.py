@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpokit.data.images import count_image_parts
 from dpokit.data.schema import Text
 from dpokit.errors import DataError
 from dpokit.models import LoadOptions, load_policy
@@ -89,6 +90,15 @@ def _parse_mapping(row: Any, where: str) -> ScoreRow:
         raise DataError(f"{where}: expected an object with 'prompt' and 'response'/'responses'/'chosen'+'rejected'")
     if "prompt" not in row:
         raise DataError(f"{where}: missing field 'prompt'")
+    if (
+        row.get("images") not in (None, "", [])
+        or row.get("image") not in (None, "")
+        or (_is_messages(row["prompt"]) and count_image_parts(row["prompt"]))
+    ):
+        raise DataError(
+            f"{where}: field 'images': dpokit score does not score prompts with images yet; "
+            "dpokit eval evaluates image pairs (docs/vlm.md)"
+        )
     prompt = _text(row["prompt"], where, "prompt")
     if row.get("responses") not in (None, ""):
         responses = _cell(row["responses"])
