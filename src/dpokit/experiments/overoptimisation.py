@@ -208,10 +208,12 @@ class OveroptimisationResult:
     timings_seconds: dict[str, float]
     torch_threads: int
     date: str
+    machine: str
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "date": self.date,
+            "machine": self.machine,
             "settings": asdict(self.settings),
             "heldout_pairs": self.heldout_pairs,
             "curves": self.curves,
@@ -356,6 +358,7 @@ class OveroptimisationExperiment:
             timings_seconds={k: round(v, 1) for k, v in self.timings.items()},
             torch_threads=torch.get_num_threads(),
             date=time.strftime("%Y-%m-%d"),
+            machine=machine_description(),
         )
         write_outputs(result, self.out_dir)
         self.log(f"done in {self.timings['total'] / 60:.1f} min: {self.out_dir / 'overoptimisation.png'}")
@@ -365,6 +368,22 @@ class OveroptimisationExperiment:
 # ------------------------------------------------------------------------------------------------
 # Figures and tables
 # ------------------------------------------------------------------------------------------------
+
+
+def machine_description() -> str:
+    """The CPU model (Linux: /proc/cpuinfo), core count, memory and torch version, for the figures."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+        meminfo = Path("/proc/meminfo").read_text(encoding="utf-8").split()
+        memory = f", {int(meminfo[meminfo.index('MemTotal:') + 1]) / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        memory = ""
+    return f"{os.cpu_count()}-core {cpu}{memory}, torch {torch.__version__}"
 
 
 def _value(row: dict[str, Any], name: str) -> float:
@@ -418,7 +437,14 @@ def _draw_rounds(axes: Any, rounds: Sequence[dict[str, Any]], steps_per_round: i
     axes.flat[1].plot(xs, [beta * r["kl"] for r in rounds], ":", color="grey")
 
 
-def plot_curves(curves: Sequence[dict[str, Any]], out_png: str | Path, title: str, *, steps_per_round: int | None = None) -> Path:
+def plot_curves(
+    curves: Sequence[dict[str, Any]],
+    out_png: str | Path,
+    title: str,
+    *,
+    steps_per_round: int | None = None,
+    footer: str | None = None,
+) -> Path:
     """Four panels over the checkpoints of every curve, 95% intervals as bands: the ground-truth reward,
     the implicit reward (of the policy's own samples, and its margin on held-out pairs) and the implicit
     reward's held-out agreement against the step, and the ground-truth reward against the KL; each curve's
@@ -442,7 +468,9 @@ def plot_curves(curves: Sequence[dict[str, Any]], out_png: str | Path, title: st
     axes.flat[2].axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
     axes.flat[0].legend(fontsize=8, loc="lower right")
     figure.suptitle(title + "  (★ = peak of the ground-truth reward; bands: 95% intervals)", fontsize=10)
-    figure.tight_layout()
+    if footer:
+        figure.text(0.99, 0.005, footer, ha="right", va="bottom", fontsize=7, color="grey")
+    figure.tight_layout(rect=(0, 0.015, 1, 1))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_png, dpi=120)
@@ -501,13 +529,16 @@ def write_outputs(result: OveroptimisationResult, out_dir: Path) -> None:
     and ``results.md`` in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     dpo = [curve for run, curve in result.curves.items() if run != "online-gt"]
-    plot_curves(dpo, out_dir / "overoptimisation.png", "DPO over training (sentiment miniature)")
+    footer = f"measured {result.date} on {result.machine} ({result.torch_threads} torch thread(s))"
+    plot_curves(dpo, out_dir / "overoptimisation.png", "DPO over training (sentiment miniature)", footer=footer)
     if "online-gt" in result.curves:
         curve = result.curves["online-gt"]
         steps = None if result.settings.online is None else result.settings.online.steps_per_round
-        plot_curves([curve], out_dir / "overoptimisation-online.png", "Online DPO labelled by VADER", steps_per_round=steps)
+        title = "Online DPO labelled by VADER"
+        plot_curves([curve], out_dir / "overoptimisation-online.png", title, steps_per_round=steps, footer=footer)
     (out_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-    text = [f"Measured {result.date}; {result.heldout_pairs} held-out labelled pairs.", "", summary_markdown(result.curves)]
+    text = [f"Measured {result.date} on {result.machine}; {result.heldout_pairs} held-out labelled pairs.", ""]
+    text += [summary_markdown(result.curves)]
     text += [checkpoints_markdown(curve) for curve in result.curves.values()]
     (out_dir / "results.md").write_text("\n".join(text), encoding="utf-8")
 
