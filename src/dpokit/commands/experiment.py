@@ -27,6 +27,7 @@ EXPERIMENT_EPILOG = """examples:
   dpokit experiment sentiment --methods dpo,best-of-n
   dpokit experiment online --mode quick              # online and self-labelling DPO, smaller
   dpokit experiment online --mode full               # the reported comparison (docs/online/)
+  dpokit experiment online --mode quick --seeds 0,1,2  # once per training seed, intervals across seeds
   dpokit experiment overoptimisation --mode full     # reward over-optimisation (docs/overoptimisation/)
 
 Measured run times are in docs/experiments.md."""
