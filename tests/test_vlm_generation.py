@@ -117,23 +117,13 @@ def test_commands_that_do_not_sample_images_refuse_image_rows_and_vllm_refuses_t
         run_generate(job)
 
 
-def test_dpokit_eval_on_image_pairs_gives_the_per_example_losses_of_the_training_log_prob_path(vlm_dirs, tmp_path):
-    """`dpokit eval` (load_policy, a reference model directory, padded batches with the images) against the
-    shared-prompt training path on the same models and rows (the one tested equal to TRL): equal to 1e-4."""
+def training_path_logps(directory, reference_dir, data):
+    """Per-response log-probs (pairs, 2) of policy and reference through the shared-prompt training path on
+    ``data`` (the path tested equal to TRL)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from dpokit.analysis.evaluate import EvalJob, run_eval
     from dpokit.data import make_collator, prepare_dataset
-    from dpokit.experiments.shapes import write_shapes_data
     from dpokit.logprobs import compute_logps
-
-    beta, directory = 0.1, vlm_dirs["llava"]
-    reference_dir = build_tiny_vlm(tmp_path / "reference", "llava", seed=1)
-    data = write_shapes_data(tmp_path, 4, seed=2)
-    job = EvalJob(model=str(directory), reference=str(reference_dir), data=str(data), beta=beta, loss="sigmoid", max_length=None)
-    job.load, job.cache_dir = LoadOptions("float32", "cpu"), str(tmp_path / "cache")
-    report = run_eval(job)
-    losses = torch.tensor([record["loss"] for record in sorted(report.result.per_example, key=lambda r: r["example_id"])])
 
     processor = AutoProcessor.from_pretrained(directory)
     items = list(prepare_dataset(data, processor.tokenizer, processor=processor, max_length=None, use_cache=False).items)
@@ -141,11 +131,61 @@ def test_dpokit_eval_on_image_pairs_gives_the_per_example_losses_of_the_training
     with torch.no_grad():
         policy = compute_logps(AutoModelForImageTextToText.from_pretrained(directory).eval(), batch).logps
         reference = compute_logps(AutoModelForImageTextToText.from_pretrained(reference_dir).eval(), batch).logps
-    margins = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
-    expected = -torch.nn.functional.logsigmoid(margins)
+    return policy, reference
+
+
+@pytest.fixture(scope="module")
+def pairs(vlm_dirs, tmp_path_factory):
+    """A reference LLaVA (another seed), 4 image pairs, and their training-path log-probs."""
+    from dpokit.experiments.shapes import write_shapes_data
+
+    root = tmp_path_factory.mktemp("pairs")
+    reference_dir = build_tiny_vlm(root / "reference", "llava", seed=1)
+    data = write_shapes_data(root, 4, seed=2)
+    policy, reference = training_path_logps(vlm_dirs["llava"], reference_dir, data)
+    return reference_dir, data, policy, reference
+
+
+def test_dpokit_eval_on_image_pairs_gives_the_per_example_losses_of_the_training_log_prob_path(vlm_dirs, pairs, tmp_path):
+    """`dpokit eval` (load_policy, a reference model directory, padded batches with the images) against the
+    shared-prompt training path on the same models and rows: equal to 1e-4."""
+    from dpokit.analysis.evaluate import EvalJob, run_eval
+
+    reference_dir, data, policy, reference = pairs
+    beta = 0.1
+    job = EvalJob(model=str(vlm_dirs["llava"]), reference=str(reference_dir), data=str(data), beta=beta, loss="sigmoid")
+    job.load, job.cache_dir, job.max_length = LoadOptions("float32", "cpu"), str(tmp_path / "cache"), None
+    report = run_eval(job)
+    losses = torch.tensor([record["loss"] for record in sorted(report.result.per_example, key=lambda r: r["example_id"])])
+    expected = -torch.nn.functional.logsigmoid(beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])))
     assert report.summary["num_examples"] == 4
     torch.testing.assert_close(losses, expected, atol=1e-4, rtol=0)
     assert (expected - torch.log(torch.tensor(2.0))).abs().max() > 1e-3  # the two models differ: not a tie
+
+
+def test_dpokit_score_on_image_pairs_gives_the_implicit_rewards_of_the_training_log_prob_path(vlm_dirs, pairs):
+    """`dpokit score` on the pairs file (images read relative to it): r = beta * (log pi - log pi_ref) of each
+    response equals the training path's to 1e-4, and each scored row names its image."""
+    from dpokit.analysis.score import ScoreJob, read_score_rows, run_score
+
+    reference_dir, data, policy, reference = pairs
+    rows = read_score_rows(data)
+    job = ScoreJob(model=str(vlm_dirs["llava"]), reference=str(reference_dir), beta=0.5, load=LoadOptions("float32", "cpu"))
+    report = run_score(job, rows)
+    rewards = torch.tensor([row.rewards for row in report.rows], dtype=torch.float32)
+    torch.testing.assert_close(rewards, 0.5 * (policy - reference), atol=1e-4, rtol=0)
+    assert all(len(row.to_dict()["images"]) == 1 and row.to_dict()["images"][0].endswith(".png") for row in report.rows)
+
+
+def test_a_missing_image_in_a_score_file_is_a_located_error(tmp_path):
+    from dpokit.analysis.score import read_score_rows
+
+    path = tmp_path / "pairs.jsonl"
+    rows = shapes_rows(tmp_path, 1, seed=4)
+    path.write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    (tmp_path / rows[0]["images"][0]).unlink()
+    with pytest.raises(DataError, match=r"line 1: field 'images\[0\]': .*no such image file"):
+        read_score_rows(path)
 
 
 def test_a_vlm_run_writes_eval_samples_equal_to_dpokit_generate_on_its_exported_model(tmp_path, monkeypatch):
@@ -178,13 +218,3 @@ def test_a_vlm_run_writes_eval_samples_equal_to_dpokit_generate_on_its_exported_
         load=LoadOptions("float32", "cpu"),
     )
     assert [s.completion for s in run_generate(job)] == [s["policy"] for s in samples]
-
-
-def test_dpokit_score_refuses_rows_with_images_instead_of_scoring_them_without(tmp_path):
-    from dpokit.analysis.score import read_score_rows
-
-    path = tmp_path / "pairs.jsonl"
-    rows = shapes_rows(tmp_path, 1, seed=4)
-    path.write_text(json.dumps({k: v for k, v in rows[0].items() if k != "colour"}) + "\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"line 1: field 'images': dpokit score does not score prompts with images"):
-        read_score_rows(path)

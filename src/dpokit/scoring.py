@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +100,12 @@ def check_batch_size(batch_size: int, setting: str = "--batch-size") -> None:
         raise ConfigError(f"{setting} must be a positive whole number, got {batch_size!r}")
 
 
-def iterate_batches(items: Any, batch_size: int, pad_token_id: int) -> Iterator[Any]:
-    """Padded batches of ``batch_size`` consecutive prepared items, in dataset order."""
+def iterate_batches(items: Any, batch_size: int, pad_token_id: int, image_processor: Any = None) -> Iterator[Any]:
+    """Padded batches of ``batch_size`` consecutive prepared items, in dataset order (``image_processor``:
+    a vision-language model's, for items with images)."""
     from dpokit.data import PaddedCollator
 
-    collate = PaddedCollator(pad_token_id)
+    collate = PaddedCollator(pad_token_id, image_processor=image_processor)
     for start in range(0, len(items), batch_size):
         yield collate([items[index] for index in range(start, min(start + batch_size, len(items)))])
 
@@ -114,11 +115,14 @@ def iterate_batches(items: Any, batch_size: int, pad_token_id: int) -> Iterator[
 
 @dataclass
 class ScoreRow:
-    """One input row: a prompt and the responses to score (in the order given)."""
+    """One input row: a prompt and the responses to score (in the order given), and the prompt's images
+    (encoded files, with where each came from)."""
 
     prompt: Text
     responses: list[Text]
     source: str
+    images: list[bytes] = field(default_factory=list)
+    image_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -134,9 +138,12 @@ class ScoredRow:
     preference_prob: float | None
     best_prob: list[float] | None
     source: str
+    images: list[str] = field(default_factory=list)  # where the prompt's images came from
 
     def to_dict(self) -> dict[str, Any]:
         row: dict[str, Any] = {"prompt": self.prompt, "responses": self.responses, "rewards": self.rewards}
+        if self.images:
+            row["images"] = self.images
         if self.preference_prob is not None:
             row["preference_prob"] = self.preference_prob
         if self.best_prob is not None and len(self.responses) > 2:
@@ -158,7 +165,7 @@ def unify_row(prompt: Text, responses: list[Text]) -> tuple[Text, list[Text]]:
     return prompt, responses
 
 
-def _prepare(rows: Sequence[ScoreRow], tokenizer: Any, *, max_length: int, max_prompt_length: int) -> Any:
+def _prepare(rows: Sequence[ScoreRow], tokenizer: Any, *, max_length: int, max_prompt_length: int, processor: Any) -> Any:
     """Token ids for every row through the same data pipeline as training (chat template included)."""
     from dpokit.data import PreferenceExample, prepare_from_examples
 
@@ -169,12 +176,19 @@ def _prepare(rows: Sequence[ScoreRow], tokenizer: Any, *, max_length: int, max_p
             prompt=row.prompt,
             responses=list(row.responses) if len(row.responses) >= 2 else [row.responses[0], row.responses[0]],
             source=row.source,
+            images=list(row.images) or None,
+            image_names=list(row.image_names) or None,
         )
         for row in rows
     ]
     # Responses are scored one by one, so two that tokenize alike are both kept.
     return prepare_from_examples(
-        examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, drop_identical=False
+        examples,
+        tokenizer,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        drop_identical=False,
+        processor=processor,
     )
 
 
@@ -189,13 +203,15 @@ def score_rows(
     max_length: int = DEFAULT_MAX_LENGTH,
     max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
     batch_size: int = 8,
+    processor: Any = None,
 ) -> list[ScoredRow]:
     """r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) for every response of every row.
 
     Log-probs come from ``compute_logps`` on batches of the data pipeline's token ids (the same as
-    training), shape ``(B, K)``; responses beyond a row's own count are masked out.
+    training), shape ``(B, K)``; responses beyond a row's own count are masked out. ``processor``: a
+    vision-language model's, for rows with images.
     """
-    prepared = _prepare(rows, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    prepared = _prepare(rows, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, processor=processor)
     items = prepared.items
     truncated = prepared.report.tokenize.prompt_truncated + prepared.report.tokenize.responses_truncated
     if truncated:
@@ -212,7 +228,7 @@ def score_rows(
     pad_id = pad_id_of(tokenizer)
     scored: list[ScoredRow] = []
     row_index = 0
-    for batch in iterate_batches(items, batch_size, pad_id):
+    for batch in iterate_batches(items, batch_size, pad_id, getattr(processor, "image_processor", None)):
         batch = batch.to(device)
         policy_logps = policy.logps(batch).logps.float().cpu()  # (B, K)
         ref = reference.logps(batch)
@@ -235,6 +251,7 @@ def score_rows(
                     preference_prob=preference,
                     best_prob=best,
                     source=row.source,
+                    images=list(row.image_names),
                 )
             )
     return scored

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpokit.data.images import count_image_parts
 from dpokit.data.schema import Text
 from dpokit.errors import DataError
 from dpokit.models import LoadOptions, load_policy
@@ -79,10 +78,14 @@ def _text(value: Any, where: str, field: str) -> Text:
     raise DataError(f"{where}: field '{field}' must be a non-empty string or a list of {{'role', 'content'}} messages")
 
 
-def _row_from_mapping(row: Any, where: str) -> ScoreRow:
+def _row_from_mapping(row: Any, where: str, base_dir: Path | None = None) -> ScoreRow:
+    """One row to score; its ``images`` (paths relative to ``base_dir``) are read and checked as training rows' are."""
+    from dpokit.data.prompts import prompt_with_images
+
     parsed = _parse_mapping(row, where)
     prompt, responses = unify_row(parsed.prompt, parsed.responses)
-    return ScoreRow(prompt, responses, where)
+    with_images = prompt_with_images(row, prompt, where, base_dir)
+    return ScoreRow(with_images.prompt, responses, where, list(with_images.images), list(with_images.image_names))
 
 
 def _parse_mapping(row: Any, where: str) -> ScoreRow:
@@ -90,15 +93,6 @@ def _parse_mapping(row: Any, where: str) -> ScoreRow:
         raise DataError(f"{where}: expected an object with 'prompt' and 'response'/'responses'/'chosen'+'rejected'")
     if "prompt" not in row:
         raise DataError(f"{where}: missing field 'prompt'")
-    if (
-        row.get("images") not in (None, "", [])
-        or row.get("image") not in (None, "")
-        or (_is_messages(row["prompt"]) and count_image_parts(row["prompt"]))
-    ):
-        raise DataError(
-            f"{where}: field 'images': dpokit score does not score prompts with images yet; "
-            "dpokit eval evaluates image pairs (docs/vlm.md)"
-        )
     prompt = _text(row["prompt"], where, "prompt")
     if row.get("responses") not in (None, ""):
         responses = _cell(row["responses"])
@@ -128,9 +122,10 @@ def text_rows(prompt: str, responses: Sequence[str], *, chat: bool = False) -> l
 
 def read_score_rows(path: str | Path) -> list[ScoreRow]:
     """Rows from a JSONL, JSON (a list of objects), CSV or Parquet file, read by the data reader."""
-    from dpokit.data.reader import file_rows
+    from dpokit.data.reader import file_rows, image_base_dir
 
-    rows = [_row_from_mapping(row, where) for where, row in file_rows(path)]
+    base_dir = image_base_dir(path)
+    rows = [_row_from_mapping(row, where, base_dir) for where, row in file_rows(path)]
     if not rows:
         raise DataError(f"{path}: no rows to score")
     return rows
@@ -211,5 +206,6 @@ def run_score(job: ScoreJob, rows: Sequence[ScoreRow]) -> ScoreReport:
         max_length=int(max_length),
         max_prompt_length=int(max_prompt_length),
         batch_size=job.batch_size,
+        processor=policy.processor,
     )
     return ScoreReport(rows=scored, beta=beta, reference=described)

@@ -709,6 +709,8 @@ def run_judge_check(job: JudgeCheckJob, log: Log | None = None) -> dict[str, Any
     for row in rows:
         if len(row.responses) != 2:
             raise DataError(f"{row.source}: judge-check needs pairs: give 'chosen' and 'rejected'")
+        if row.images:
+            raise DataError(f"{row.source}: field 'images': judge-check does not judge prompts with images yet")
     rows = rows[: job.limit] if job.limit is not None else rows
     probe = WinrateJob(models=[], judge=job.judge, templates=job.templates, load=job.load)
     judges = template_judges(probe, JudgmentCache(job.cache))

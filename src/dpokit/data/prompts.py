@@ -113,7 +113,7 @@ def read_prompt_rows(source: str | Path, split: str = "train", *, images: bool =
                 raise DataError(f"{where}: expected an object with a 'prompt' field, got {type(row).__name__}")
             if "prompt" not in row:
                 raise DataError(f"{where}: missing field 'prompt' (found fields: {', '.join(map(str, row)) or 'none'})")
-            prompt = _with_images(row, check_prompt(row["prompt"], where), where, image_base_dir(source))
+            prompt = prompt_with_images(row, check_prompt(row["prompt"], where), where, image_base_dir(source))
             if prompt.images and not images:
                 raise DataError(
                     f"{where}: field 'images': this command does not sample prompts with images yet (dpokit generate "
@@ -125,8 +125,9 @@ def read_prompt_rows(source: str | Path, split: str = "train", *, images: bool =
     return prompts
 
 
-def _with_images(row: dict[str, Any], prompt: Prompt, where: str, base_dir: Path | None) -> PromptRow:
-    """The row's prompt with its ``images`` (or ``image``) read and checked against the prompt's image parts."""
+def prompt_with_images(row: dict[str, Any], prompt: Prompt, where: str, base_dir: Path | None) -> PromptRow:
+    """The row's (checked) prompt with its ``images`` (or ``image``) read and checked against the prompt's
+    image parts (paths relative to ``base_dir``); every problem is a :class:`DataError` naming ``where``."""
     field = "image" if "image" in row and "images" not in row else "images"
     parts = count_image_parts(prompt)
     value = row.get(field)
