@@ -38,6 +38,7 @@ def test_a_reward_that_falls_clearly_after_its_peak_is_reported_as_peaked_with_t
     assert change["mean"] == pytest.approx(-0.2)
     assert change["ci_high"] - change["mean"] == pytest.approx(Z95 * math.sqrt(2) * 0.02)
     assert summary["kl"] == {"peak": 2.0, "last": 3.0}
+    assert summary["margin"] == summary["agreement"] == {"peak": None, "last": None}  # no held-out pairs measured
 
 
 def test_a_drop_within_the_intervals_or_a_peak_at_the_end_is_not_called_a_peak():
@@ -93,6 +94,7 @@ def test_smoke_run_measures_every_checkpoint_and_reuses_its_stored_curves(tmp_pa
     assert not list((out / "runs" / "dpo-beta0.1").glob("checkpoint-*"))  # removed once measured
     text = (out / "results.md").read_text()
     assert "| DPO β=0.1 |" in text and "| online DPO, VADER judge (β=0.1) |" in text
+    assert f"| {'yes' if dpo['summary']['peaked'] else 'no'} |" in text
     written = json.loads((out / "results.json").read_text())
     assert json.dumps(written["curves"]["dpo-beta0.1"]["rows"]) == json.dumps(dpo["rows"])  # NaN bounds compare as text
     assert written["date"] in text and written["machine"] in text and "torch" in written["machine"]

@@ -183,13 +183,14 @@ def summarise_curve(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "peaked": peak is not last and change + half < 0,
         "implicit_reward": {"peak": peak["implicit_reward"]["mean"], "last": last["implicit_reward"]["mean"]},
         "kl": {"peak": peak["kl"]["mean"], "last": last["kl"]["mean"]},
-        "agreement": {name: _agreement(row) for name, row in (("peak", peak), ("last", last))},
+        "margin": {name: _heldout(row, "margin") for name, row in (("peak", peak), ("last", last))},
+        "agreement": {name: _heldout(row, "agreement") for name, row in (("peak", peak), ("last", last))},
     }
 
 
-def _agreement(row: dict[str, Any]) -> float | None:
+def _heldout(row: dict[str, Any], name: str) -> float | None:
     heldout = row.get("heldout")
-    return None if not heldout or heldout.get("agreement") is None else float(heldout["agreement"]["mean"])
+    return None if not heldout or heldout.get(name) is None else float(heldout[name]["mean"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -488,19 +489,24 @@ def _ci(value: dict[str, float] | None, digits: int = 3) -> str:
 
 def summary_markdown(curves: dict[str, dict[str, Any]]) -> str:
     """One row per run: the ground-truth reward's peak and last checkpoint, the change between them with
-    its 95% interval, and the implicit reward, KL and held-out agreement at both."""
+    its 95% interval and whether it peaked, and the implicit reward (on its own samples and as the held-out
+    margin), KL and held-out agreement at both."""
     lines = [
-        "| run | peak step / last step | reward at peak | reward at last | change, last − peak [95% CI] "
-        "| implicit reward (β·KL) peak → last | KL nats peak → last | held-out agreement peak → last |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | peak step / last step | reward at peak [95% CI] | reward at last [95% CI] | change, last − peak [95% CI] "
+        "| peaked | implicit reward (β·KL) peak → last | held-out margin peak → last | KL nats peak → last "
+        "| held-out agreement peak → last |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def arrow(pair: dict[str, float | None], digits: int) -> str:
+        return " → ".join("–" if v is None else f"{v:.{digits}f}" for v in pair.values())
+
     for curve in curves.values():
         s = curve["summary"]
-        agreement = " → ".join("–" if v is None else f"{v:.2f}" for v in s["agreement"].values())
         lines.append(
             f"| {curve['label']} | {s['peak_step']} / {s['last_step']} | {_ci(s['peak_reward'])} | {_ci(s['last_reward'])} "
-            f"| {_ci(s['reward_change'])} | {s['implicit_reward']['peak']:.2f} → {s['implicit_reward']['last']:.2f} "
-            f"| {s['kl']['peak']:.1f} → {s['kl']['last']:.1f} | {agreement} |"
+            f"| {_ci(s['reward_change'])} | {'yes' if s['peaked'] else 'no'} | {arrow(s['implicit_reward'], 2)} "
+            f"| {arrow(s['margin'], 2)} | {arrow(s['kl'], 1)} | {arrow(s['agreement'], 2)} |"
         )
     return "\n".join(lines) + "\n"
 
