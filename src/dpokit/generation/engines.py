@@ -465,7 +465,7 @@ def generate_samples(
             num_tokens=len(c.content_ids),
             images=list(rows[c.prompt_index].image_names) if rows is not None else [],
         )
-        for c in sampler.sample(ids, sampling, images)
+        for c in (sampler.sample(ids, sampling, images) if images and any(images) else sampler.sample(ids, sampling))
     ]
 
 
