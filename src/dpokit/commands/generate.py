@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompts-file",
         metavar="FILE",
         default=None,
-        help="a .txt file (one prompt per line) or JSONL/JSON rows with a 'prompt' field (text or chat messages)",
+        help="a .txt file (one prompt per line) or JSONL/JSON rows with a 'prompt' field (text or chat messages) and, "
+        "for a vision-language model, 'images' (paths relative to the file; docs/vlm.md)",
     )
     chat_template = field_default(GenerateJob, "chat_template")
     inputs.add_argument(
