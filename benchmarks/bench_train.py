@@ -436,9 +436,19 @@ def worker(options: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def launch(system: str, fixture: Path, work: Path, options, *, profile: bool = False, max_steps: int | None = None) -> dict:
-    """Run one system in a fresh process; wall time and time to first step are measured from the spawn."""
-    command = [sys.executable, __file__, "--worker", system, "--fixture", str(fixture), "--work", str(work)]
+def launch(
+    system: str,
+    fixture: Path,
+    work: Path,
+    options,
+    *,
+    profile: bool = False,
+    max_steps: int | None = None,
+    script: str = __file__,
+) -> dict:
+    """Run one system in a fresh process (``script --worker system ...``, this file's worker by default);
+    wall time and time to first step are measured from the spawn."""
+    command = [sys.executable, script, "--worker", system, "--fixture", str(fixture), "--work", str(work)]
     command += ["--threads", str(options.threads), "--batch-pairs", str(options.batch_pairs)]
     if profile:
         command.append("--profile")

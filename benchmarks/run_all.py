@@ -10,7 +10,10 @@
 4. ``bench_scaling.py``  -- one training step's peak memory and tokens/s vs sequence length (512-8,192
    tokens per pair) and vocabulary (4k-256k), dpokit vs TRL 1.16 defaults; writes ``docs/scaling.png``;
 5. ``bench_online.py``   -- online DPO: generation tokens/s of dpokit's generator vs ``model.generate``, and
-   an online run's time per step and reward reached vs TRL 1.16's experimental ``OnlineDPOTrainer``.
+   an online run's time per step and reward reached vs TRL 1.16's experimental ``OnlineDPOTrainer``;
+6. ``bench_vlm.py``      -- vision-language DPO on a tiny LLaVA and the shapes task (LoRA on the language
+   model): whole-process wall time and step time vs TRL 1.16 defaults, and the language-model positions
+   and images each forwards per pair.
 
 Each runs in its own process, one after another (they time things, so never in parallel).
 ``--quick`` runs smaller versions (for a smoke check, not for the README).
@@ -34,8 +37,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["tokenize", "logprobs", "train", "scaling", "online"],
-        default=["tokenize", "logprobs", "train", "scaling", "online"],
+        choices=["tokenize", "logprobs", "train", "scaling", "online", "vlm"],
+        default=["tokenize", "logprobs", "train", "scaling", "online", "vlm"],
     )
     options = parser.parse_args()
     runs = {
@@ -46,6 +49,7 @@ def main() -> None:
         + (["--lengths", "512", "1024", "--vocabs", "4096", "--vocab-length", "512", "--plot", ""] if options.quick else []),
         "online": ["bench_online.py"]
         + (["--repeats", "1", "--prompts", "16", "--steps", "4", "--eval-prompts", "32"] if options.quick else []),
+        "vlm": ["bench_vlm.py"] + (["--repeats", "1", "--pairs", "16", "--max-steps", "2"] if options.quick else []),
     }
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     failed = []
