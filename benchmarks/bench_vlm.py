@@ -30,7 +30,7 @@ The estimated FLOPs are 2 N (forward) per position (an image: the tower's patche
 x3 with gradients (forward and backward), x4 for the language model when gradient checkpointing
 recomputes its forward; the frozen vision tower forward only.
 
-    python benchmarks/bench_vlm.py                     # 2 repeats, ~5 minutes on 2 busy cores
+    python benchmarks/bench_vlm.py                     # 2 repeats, ~1 minute on 2 idle cores
     python benchmarks/bench_vlm.py --repeats 3 --image-size 64 --patch-size 4
 """
 
