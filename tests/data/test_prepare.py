@@ -42,6 +42,19 @@ def test_second_prepare_is_a_cache_hit_with_identical_items_and_report(tmp_path)
     assert warm.max_responses == 3 and list(warm.lengths) == list(cold.lengths)
 
 
+def test_a_cache_hit_made_from_another_file_with_the_same_content_names_the_file_asked_for(tmp_path):
+    """The cache is keyed by content, so a copy of a file reuses the entry; its report and the examples'
+    locations must still name the copy, not the file the entry was first made from."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, copy = write(tmp_path / "a" / "d.jsonl", ROWS), write(tmp_path / "b" / "d.jsonl", ROWS)
+    prepare_dataset(first, tiny_tokenizer(), cache_dir=tmp_path / "cache")
+    warm = prepare_dataset(copy, tiny_tokenizer(), cache_dir=tmp_path / "cache")
+    assert warm.from_cache
+    assert warm.report.read.source == str(copy)
+    assert warm.sources == [f"{copy}:line {i}" for i in (1, 2, 3)]
+    assert str(first) not in warm.report.summary()
+
+
 @pytest.mark.parametrize(
     "change",
     [

@@ -321,12 +321,20 @@ def _build(
     return PreparedDataset(columns, fingerprint, report, [examples[i].source for i in kept], desirable=desirable, images=images)
 
 
-def _cached(fingerprint: str, cache_dir: Any, use_cache: bool, build: Callable[[], PreparedDataset]) -> PreparedDataset:
+def _cached(
+    fingerprint: str, cache_dir: Any, use_cache: bool, build: Callable[[], PreparedDataset], source: str | None = None
+) -> PreparedDataset:
+    """The cache entry of ``fingerprint`` or ``build()``'s result, saved. An entry made from another file with
+    the same content (``source``: the one asked for now) is reported and located as this one."""
     path = _entry_dir(cache_dir, fingerprint) if use_cache else None
     if path is not None:
         hit = _load_entry(path, fingerprint)
         if hit is not None:
             logger.info("loaded tokenized data from cache %s", path)
+            if source is not None and hit.report.read.source != source:
+                old = hit.report.read.source
+                hit.sources = [source + name[len(old) :] if name.startswith(old) else name for name in hit.sources]
+                hit.report.read.source = source
             return hit
     dataset = build()
     if path is not None:
@@ -415,7 +423,7 @@ def prepare_dataset(
         )
         return _build(examples, read_report, tokenizer, fingerprint, tokenize_settings)
 
-    return _cached(fingerprint, cache_dir, use_cache, build)
+    return _cached(fingerprint, cache_dir, use_cache, build, describe_source(source))
 
 
 def prepare_from_examples(
