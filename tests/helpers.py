@@ -197,3 +197,23 @@ def write_tiny_model_dir(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def trl_dpo_config(output_dir: str, *, beta: float, batch_size: int) -> object:
+    """TRL 1.16's ``DPOConfig`` for the parity tests: the sigmoid loss on CPU in float32, one batch of
+    ``batch_size`` pairs, no truncation, logging, saving or dropout."""
+    import trl
+
+    return trl.DPOConfig(
+        output_dir=output_dir,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        beta=beta,
+        loss_type=["sigmoid"],
+        per_device_train_batch_size=batch_size,
+        max_length=None,
+        logging_strategy="no",
+        save_strategy="no",
+        disable_dropout=True,
+    )

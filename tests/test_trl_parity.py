@@ -13,7 +13,7 @@ from dpokit.data import make_collator, prepare_from_examples
 from dpokit.data.schema import PreferenceExample
 from dpokit.logprobs import compute_logps
 from dpokit.losses import LossInputs, build_objective
-from tests.helpers import preference_rows, tiny_llama, tiny_tokenizer
+from tests.helpers import preference_rows, tiny_llama, tiny_tokenizer, trl_dpo_config
 
 trl = pytest.importorskip("trl")
 
@@ -29,19 +29,7 @@ def trl_reference_values(tmp_path_factory):
 
     rows = preference_rows(NUM_PAIRS, seed=3)
     tokenizer = tiny_tokenizer()
-    args = trl.DPOConfig(
-        output_dir=str(tmp_path_factory.mktemp("trl")),
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        beta=BETA,
-        loss_type=["sigmoid"],
-        per_device_train_batch_size=NUM_PAIRS,
-        max_length=None,
-        logging_strategy="no",
-        save_strategy="no",
-        disable_dropout=True,
-    )
+    args = trl_dpo_config(str(tmp_path_factory.mktemp("trl")), beta=BETA, batch_size=NUM_PAIRS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = trl.DPOTrainer(

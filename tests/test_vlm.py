@@ -17,6 +17,7 @@ from dpokit.experiments.shapes import FAMILIES, build_tiny_vlm, shapes_rows, wri
 from dpokit.logprobs import compute_logps
 from dpokit.losses import LossInputs, build_objective
 from dpokit.models import apply_lora, load_model_and_tokenizer, load_processor
+from tests.helpers import trl_dpo_config
 
 BETA = 0.1
 NUM_PAIRS = 4
@@ -96,19 +97,7 @@ def test_per_example_dpo_losses_equal_trl_on_the_same_vlm_and_rows(vlm_dirs, tmp
     reference_dir = build_tiny_vlm(tmp_path / "reference", family, seed=1)
     rows, trl_data = trl_rows(tmp_path, NUM_PAIRS)
     processor = AutoProcessor.from_pretrained(directory)
-    args = trl.DPOConfig(
-        output_dir=str(tmp_path / "trl"),
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        beta=BETA,
-        loss_type=["sigmoid"],
-        per_device_train_batch_size=NUM_PAIRS,
-        max_length=None,
-        logging_strategy="no",
-        save_strategy="no",
-        disable_dropout=True,
-    )
+    args = trl_dpo_config(str(tmp_path / "trl"), beta=BETA, batch_size=NUM_PAIRS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = trl.DPOTrainer(
