@@ -134,18 +134,22 @@ def _text_config(tokenizer: Any, hidden_size: int, layers: int) -> Any:
     )
 
 
-def _llava(tokenizer: Any, hidden_size: int, layers: int, image_size: int, patch_size: int) -> tuple[Any, Any]:
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    vision = CLIPVisionConfig(
+def _vision_sizes(hidden_size: int, layers: int, image_size: int, patch_size: int) -> dict[str, Any]:
+    """The vision tower's sizes, the same for every family: the text model's width and depth."""
+    return dict(
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=layers,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=hidden_size,
     )
+
+
+def _llava(tokenizer: Any, hidden_size: int, layers: int, image_size: int, patch_size: int) -> tuple[Any, Any]:
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    vision = CLIPVisionConfig(**_vision_sizes(hidden_size, layers, image_size, patch_size), projection_dim=hidden_size)
     config = LlavaConfig(
         vision_config=vision,
         text_config=_text_config(tokenizer, hidden_size, layers),
@@ -185,14 +189,7 @@ def _idefics3(tokenizer: Any, hidden_size: int, layers: int, image_size: int, pa
     processor = Idefics3Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len, chat_template=VLM_CHAT_TEMPLATE
     )
-    vision = Idefics3VisionConfig(
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
+    vision = Idefics3VisionConfig(**_vision_sizes(hidden_size, layers, image_size, patch_size))
     config = Idefics3Config(
         vision_config=vision.to_dict(),
         text_config=_text_config(tokenizer, hidden_size, layers).to_dict(),
