@@ -50,6 +50,7 @@ dpokit's default is profiled with ``torch.profiler`` (self CPU time per op, matm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -79,6 +80,13 @@ WARMUP_STEPS = 3
 BATCH_PAIRS = 8
 LR = 1e-6
 BETA = 0.1
+# Model sizes (``--models``): overrides of ``fixtures.llama_config`` (vocabulary 4,096, untied output layer).
+MODELS: dict[str, dict[str, int]] = {
+    "5m": {},  # hidden 256, intermediate 688, 4 layers, 4 heads / 2 KV heads: 4.7M parameters
+    "57m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4),
+    "98m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4),
+}
+FLOP_STEPS = 3  # optimizer steps run under torch's FLOP counter (--flops)
 MAX_LENGTH = 1024
 MAX_PROMPT_LENGTH = 512
 PROFILE_STEP = 3
@@ -89,9 +97,9 @@ PROFILE_STEP = 3
 # ------------------------------------------------------------------------------------------------
 
 
-def build_fixture(root: Path, spec, vocab_size: int = 4096) -> Path:
-    """Model (random init, seed 0) + tokenizer (chat variant for conversational data) in ``root/model``,
-    the rows of ``spec`` in ``root/pairs.jsonl``."""
+def build_fixture(root: Path, spec, vocab_size: int = 4096, model: str = "5m") -> Path:
+    """Model of size ``model`` (:data:`MODELS`; random init, seed 0) + tokenizer (chat variant for
+    conversational data) in ``root/model``, the rows of ``spec`` in ``root/pairs.jsonl``."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -100,8 +108,8 @@ def build_fixture(root: Path, spec, vocab_size: int = 4096) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = fixtures.train_bpe_tokenizer(4096, chat=spec.conversational)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(fixtures.llama_config(vocab_size, attn_implementation="sdpa"))
-    model.save_pretrained(root / "model")
+    network = LlamaForCausalLM(fixtures.llama_config(vocab_size, attn_implementation="sdpa", **MODELS[model]))
+    network.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     fixtures.write_pairs(spec, root / "pairs.jsonl")
     return root
@@ -167,6 +175,7 @@ def fixture_work(fixture: Path) -> dict:
         "forward_flops": flops,
         "forward_flops_per_pair": flops / len(items),
         "params_body": body,
+        "params": body + embed + head,
     }
 
 
@@ -187,6 +196,42 @@ class StepClock:
 
     def tick(self, step: int) -> None:
         self.steps.append(time.time())
+
+
+class FlopTally:
+    """The FLOPs ``torch.utils.flop_counter`` counts (matrix products and attention, forward, backward and
+    any recomputation) up to the end of every optimizer step: what a system executes, padding included.
+    The CPU's fused attention kernel is counted with the counter's own SDPA formulas (full, not causal,
+    query x key products, as the counter counts every attention kernel and as the dense-mask path runs)."""
+
+    def __init__(self) -> None:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+        def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_flop_count(query, key, value)
+
+        def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_backward_flop_count(grad_out, query, key, value)
+
+        aten = torch.ops.aten
+        cpu_attention = {
+            aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+        }
+        self.mode = FlopCounterMode(display=False, custom_mapping=cpu_attention)
+        self.at_steps: list[int] = []
+
+    def tick(self) -> None:
+        self.at_steps.append(self.mode.get_total_flops())
+
+
+def executed_flops(at_steps: list[int], steps: int) -> dict[str, float]:
+    """A whole run's executed FLOPs from the first optimizer steps' cumulative counts: the mean step
+    (steps 2 onwards) and the work before it (the up-front reference pass, if any, is in step 1's count)."""
+    step = (at_steps[-1] - at_steps[0]) / (len(at_steps) - 1)
+    before = max(at_steps[0] - step, 0.0)
+    return {"step": step, "before": before, "total": before + steps * step}
 
 
 class StepProfiler:
@@ -408,11 +453,21 @@ def worker(options: argparse.Namespace) -> None:
         if profiler is not None:
             profiler(step)
 
+    tally = FlopTally() if options.count_flops else None
+
+    def counted(step: int) -> None:  # returns None: a true value from on_step asks dpokit to stop
+        on_step(step)
+        if tally is not None:
+            tally.tick()
+
     work = Path(options.work)
-    if options.worker.startswith("dpokit"):
-        extra = run_dpokit(options.worker, Path(options.fixture), work, clock, options, on_step)
-    else:
-        extra = run_trl(Path(options.fixture), work, clock, options, on_step, fast=options.worker == "trl_fast")
+    with tally.mode if tally is not None else contextlib.nullcontext():
+        if options.worker.startswith("dpokit"):
+            extra = run_dpokit(options.worker, Path(options.fixture), work, clock, options, counted)
+        else:
+            extra = run_trl(Path(options.fixture), work, clock, options, counted, fast=options.worker == "trl_fast")
+    if tally is not None:
+        extra["flops_at_steps"] = tally.at_steps
     clock.mark("end")
     steady = clock.steps[WARMUP_STEPS - 1 :] if len(clock.steps) > WARMUP_STEPS + 1 else clock.steps
     pairs_per_second = (len(steady) - 1) * options.batch_pairs / (steady[-1] - steady[0]) if len(steady) > 1 else float("nan")
@@ -443,6 +498,7 @@ def launch(
     options,
     *,
     profile: bool = False,
+    count_flops: bool = False,
     max_steps: int | None = None,
     script: str = __file__,
 ) -> dict:
@@ -452,6 +508,8 @@ def launch(
     command += ["--threads", str(options.threads), "--batch-pairs", str(options.batch_pairs)]
     if profile:
         command.append("--profile")
+    if count_flops:
+        command.append("--count-flops")
     if max_steps or options.max_steps:
         command += ["--max-steps", str(max_steps or options.max_steps)]
     env = {
@@ -531,29 +589,29 @@ def chosen_specs(options) -> list:
     return specs
 
 
-def run_one(system, spec, fixture, root, options, compile_cache, repeat) -> dict | None:
+def run_one(system, name, fixture, root, options, compile_cache, repeat) -> dict | None:
     """One run of ``system`` in its own work directory; keeps/uses the compile cache of the fixture."""
-    work = root / "work" / f"{spec.name}-{system}-{repeat}"
+    work = root / "work" / f"{name}-{system}-{repeat}"
     if system == "dpokit_compile_warm":
-        if spec.name not in compile_cache:
-            print(f"  {spec.name} {system}: skipped (no compile cache from a previous dpokit_compile run)", flush=True)
+        if name not in compile_cache:
+            print(f"  {name} {system}: skipped (no compile cache from a previous dpokit_compile run)", flush=True)
             return None
-        shutil.copytree(compile_cache[spec.name], work / "cache" / "compile")
+        shutil.copytree(compile_cache[name], work / "cache" / "compile")
     work.mkdir(parents=True, exist_ok=True)
     try:
         result = launch(system, fixture, work, options)
     except SystemExit as failure:  # report it, keep the other systems' numbers
-        print(f"  repeat {repeat + 1} {spec.name} {system}: FAILED\n{failure}", flush=True)
+        print(f"  repeat {repeat + 1} {name} {system}: FAILED\n{failure}", flush=True)
         return None
     if system == "dpokit_compile" and result["compile_cache_files"]:
-        target = root / "compile_cache" / spec.name
+        target = root / "compile_cache" / name
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(work / "cache" / "compile", target)
-        compile_cache[spec.name] = target
+        compile_cache[name] = target
     shutil.rmtree(work, ignore_errors=True)
     result["load"] = load_average().split()[0]
     print(
-        f"  repeat {repeat + 1} {spec.name:<15} {system:<20} wall {result['wall_s']:6.1f} s  "
+        f"  repeat {repeat + 1} {name:<15} {system:<20} wall {result['wall_s']:6.1f} s  "
         f"first step {result['first_step_s']:5.1f} s  "
         f"steady {result['pairs_per_s']:5.2f} pairs/s  peak RSS {result['peak_rss'] / 2**20:5.0f} MiB  (load {result['load']})",
         flush=True,
@@ -572,36 +630,73 @@ def parent(options: argparse.Namespace) -> None:
     report: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "torch": torch.__version__, "fixtures": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        specs = chosen_specs(options)
-        paths, results = {}, {spec.name: {s: [] for s in options.systems} for spec in specs}
-        for spec in specs:
-            paths[spec.name] = build_fixture(root / spec.name, spec)
-            work = fixture_work(paths[spec.name])
-            report["fixtures"][spec.name] = {"spec": dataclasses.asdict(spec), "work": work}
+        entries = [(entry_name(spec, model, options), spec, model) for model in options.models for spec in chosen_specs(options)]
+        paths, results = {}, {name: {s: [] for s in options.systems} for name, _, _ in entries}
+        for name, spec, model in entries:
+            paths[name] = build_fixture(root / name, spec, model=model)
+            work = fixture_work(paths[name])
+            report["fixtures"][name] = {"spec": dataclasses.asdict(spec), "model": model, "work": work}
             print(
-                f"fixture {spec.name}: {work['pairs']} pairs, prompt {work['prompt_mean']:.0f} / "
-                f"response {work['response_mean']:.0f} "
+                f"fixture {name}: {work['params'] / 1e6:.1f}M parameters, {work['pairs']} pairs, "
+                f"prompt {work['prompt_mean']:.0f} / response {work['response_mean']:.0f} "
                 f"tokens on average, {work['tokens']:,} tokens (prompt once), forward {work['forward_flops'] / 1e12:.2f} TFLOP",
                 flush=True,
             )
         matmul_rates, compile_cache = [], {}
         for repeat in range(options.repeats):
             order = options.systems if repeat % 2 == 0 else list(reversed(options.systems))
-            for spec in specs:
+            for name, _, _ in entries:
                 for system in order:
                     matmul_rates.append(matmul_flops_per_second(options.threads))
-                    result = run_one(system, spec, paths[spec.name], root, options, compile_cache, repeat)
+                    result = run_one(system, name, paths[name], root, options, compile_cache, repeat)
                     if result is not None:
-                        results[spec.name][system].append(result)
+                        results[name][system].append(result)
         matmul_rates.append(matmul_flops_per_second(options.threads))
         report["matmul_flops_per_s"] = statistics.median(matmul_rates)
-        for spec in specs:
-            report["fixtures"][spec.name]["results"] = results[spec.name]
-            report["fixtures"][spec.name]["profile"] = maybe_profile(spec, paths[spec.name], root, options, report)
+        for name, _, _ in entries:
+            report["fixtures"][name]["results"] = results[name]
+            if options.flops:
+                report["fixtures"][name]["flops"] = count_flops(name, paths[name], root, options, results[name])
+            report["fixtures"][name]["profile"] = maybe_profile(name, paths[name], root, options, report)
     report["load_after"] = load_average()
     print_report(options, report)
     if options.json:
         Path(options.json).write_text(json.dumps(report, indent=1), encoding="utf-8")
+
+
+def entry_name(spec, model: str, options) -> str:
+    """The fixture's name, with the model size when more than one size runs."""
+    return spec.name if options.models == ["5m"] else f"{spec.name}@{model}"
+
+
+def count_flops(name: str, fixture: Path, root: Path, options, results: dict[str, list[dict]]) -> dict[str, dict]:
+    """Executed FLOPs of each system's whole run (:func:`executed_flops`), from one run of its first
+    ``FLOP_STEPS`` steps under the FLOP counter. dpokit's default runs with the reference strategy its timed
+    runs chose (``auto`` would weigh a live reference differently for a shortened run)."""
+    out = {}
+    for system, runs in results.items():
+        if not runs or system.startswith("dpokit_compile"):
+            continue
+        as_system = system
+        if system == "dpokit":
+            as_system = "dpokit_live" if runs[0]["reference_live"] else "dpokit_precomputed"
+        work = root / "work" / f"{name}-{system}-flops"
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            counted = launch(as_system, fixture, work, options, count_flops=True, max_steps=FLOP_STEPS)
+        except SystemExit as failure:
+            print(f"  FLOP count {name} {system}: FAILED\n{failure}", flush=True)
+            continue
+        shutil.rmtree(work, ignore_errors=True)
+        steps = runs[0]["steps"]
+        if len(counted["flops_at_steps"]) < 2:
+            print(f"  FLOP count {name} {system}: FAILED (counts at {counted['flops_at_steps']})", flush=True)
+            continue
+        out[system] = executed_flops(counted["flops_at_steps"], steps)
+        print(
+            f"  FLOP count {name:<15} {system:<20} {out[system]['total'] / 1e12:8.2f} TFLOP executed ({steps} steps)", flush=True
+        )
+    return out
 
 
 def medians(runs: list[dict]) -> dict:
@@ -624,20 +719,20 @@ def mfu(m: dict, work: dict, matmul: float) -> tuple[float, float]:
     return epoch, steady
 
 
-def maybe_profile(spec, fixture: Path, root: Path, options, report: dict) -> dict | None:
+def maybe_profile(name: str, fixture: Path, root: Path, options, report: dict) -> dict | None:
     """Profile one step of dpokit's default when its steady MFU is below the target."""
-    runs = report["fixtures"][spec.name]["results"].get("dpokit")
+    runs = report["fixtures"][name]["results"].get("dpokit")
     if not runs or options.no_profile:
         return None
-    _, steady = mfu(medians(runs), report["fixtures"][spec.name]["work"], report["matmul_flops_per_s"])
+    _, steady = mfu(medians(runs), report["fixtures"][name]["work"], report["matmul_flops_per_s"])
     if steady >= options.mfu_target:
         return None
-    work = root / "work" / f"{spec.name}-profile"
+    work = root / "work" / f"{name}-profile"
     work.mkdir(parents=True, exist_ok=True)
     try:
         return launch("dpokit", fixture, work, options, profile=True, max_steps=PROFILE_STEP + 1)["profile"]
     except SystemExit as failure:
-        print(f"  profile {spec.name}: FAILED\n{failure}", flush=True)
+        print(f"  profile {name}: FAILED\n{failure}", flush=True)
         return None
 
 
@@ -655,9 +750,11 @@ def print_report(options, report: dict) -> None:
             f"tokens on average\n"
         )
         print_speed_table(med, work, matmul)
+        print_flops(entry.get("flops"), med, matmul)
         print_startup_table(med)
         print_profile(entry.get("profile"), matmul)
         print_targets(name, med, work, matmul, options.mfu_target)
+    print_scaling(report)
     print(
         "\nwall: whole process, spawn to exit. MFU: useful work (policy 3 F_fwd + reference F_fwd per pair, prompt "
         "once, attention counted) / time / matmul rate; steady MFU counts the reference forward only when it "
@@ -694,6 +791,58 @@ def print_speed_table(med: dict, work: dict, matmul: float) -> None:
                 f"{ratio(base['wall_s'], m['wall_s'])} / {ratio(m['pairs_per_s'], base['pairs_per_s'])} / "
                 f"{ratio(m['peak_rss'], base['peak_rss'])}"
             )
+        print("| " + " | ".join(cells) + " |")
+
+
+def ceilings(flops: dict, baseline: str) -> tuple[float, float]:
+    """(whole run, steady step): the speed-up over ``baseline`` that executed FLOPs alone allow dpokit."""
+    ours, theirs = flops["dpokit"], flops[baseline]
+    return theirs["total"] / ours["total"], theirs["step"] / ours["step"]
+
+
+def print_flops(flops: dict | None, med: dict, matmul: float) -> None:
+    """Executed FLOPs per system, the ceiling they set against TRL and the hardware utilisation reached."""
+    if not flops:
+        return
+    print("\nExecuted FLOPs (torch.utils.flop_counter, first steps counted, whole run extrapolated):\n")
+    for system, f in flops.items():
+        line = (
+            f"- {NAMES[system]}: {f['total'] / 1e12:.2f} TFLOP = {f['before'] / 1e12:.2f} before step 1 + "
+            f"{f['step'] / 1e12:.3f} per step; {f['total'] / med[system]['wall_s'] / matmul:.0%} of the matmul rate over the run"
+        )
+        if system != "dpokit" and "dpokit" in flops:
+            run, step = ceilings(flops, system)
+            line += f"; FLOP ceiling for dpokit vs this: {run:.2f}x whole run, {step:.2f}x per step"
+        print(line)
+
+
+def print_scaling(report: dict) -> None:
+    """One row per fixture and model size: measured ratios beside the FLOP ceilings."""
+    rows = [(name, entry) for name, entry in report["fixtures"].items() if "@" in name]
+    if not rows:
+        return
+    print(
+        "\n## How the ratios move with model size\n\n| fixture @ model | parameters | dpokit wall (s) | "
+        "vs TRL defaults: wall / steady (ceiling) | vs TRL fastest: wall / steady (ceiling) | dpokit MFU epoch / steady |"
+    )
+    print("|---|---|---|---|---|---|")
+    matmul = report["matmul_flops_per_s"]
+    for name, entry in rows:
+        med = {s: medians(runs) for s, runs in entry["results"].items() if runs}
+        if "dpokit" not in med:
+            continue
+        cells = [name, f"{entry['work']['params'] / 1e6:.1f}M", f"{med['dpokit']['wall_s']:.1f}"]
+        for baseline in ("trl_default", "trl_fast"):
+            if baseline not in med:
+                cells.append("n/a")
+                continue
+            wall = med[baseline]["wall_s"] / med["dpokit"]["wall_s"]
+            steady = med["dpokit"]["pairs_per_s"] / med[baseline]["pairs_per_s"]
+            flops = entry.get("flops") or {}
+            limit = ceilings(flops, baseline) if "dpokit" in flops and baseline in flops else None
+            cells.append(f"{wall:.2f}x / {steady:.2f}x" + (f" ({limit[0]:.2f}x / {limit[1]:.2f}x)" if limit else ""))
+        epoch, steady_mfu = mfu(med["dpokit"], entry["work"], matmul)
+        cells.append(f"{epoch:.0%} / {steady_mfu:.0%}")
         print("| " + " | ".join(cells) + " |")
 
 
@@ -742,6 +891,13 @@ def main() -> None:
     parser.add_argument("--fixture")
     parser.add_argument("--work")
     parser.add_argument("--profile", action="store_true", help="worker: profile optimizer step 3")
+    parser.add_argument("--count-flops", action="store_true", help="worker: count FLOPs (torch.utils.flop_counter)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["5m"], help="model sizes (default: 5m)")
+    parser.add_argument(
+        "--flops",
+        action="store_true",
+        help=f"also run each system once for {FLOP_STEPS} steps under torch's FLOP counter: executed FLOPs and the ceiling",
+    )
     parser.add_argument("--fixtures", nargs="+", choices=list(fixtures.FIXTURES), default=list(fixtures.FIXTURES))
     parser.add_argument("--pairs", type=int, default=None, help="pairs per fixture (default: the fixture's own)")
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=None, metavar=("LO", "HI"))
