@@ -137,10 +137,21 @@ def plot_frontier(points: list[dict[str, Any]], out_png: str | Path, title: str 
 
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(8, 5.5))
+    draw_frontier(axis, points, title=title)
+    figure.tight_layout()
+    figure.savefig(out_png, dpi=130)
+    plt.close(figure)
+    return out_png
+
+
+def draw_frontier(axis: Any, points: list[dict[str, Any]], *, title: str | None = None) -> None:
+    """:func:`plot_frontier`'s drawing on a matplotlib ``axis`` (one panel of a larger figure)."""
+    import matplotlib.pyplot as plt
+
     methods = list(dict.fromkeys(p["method"] for p in points))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = "osD^v<>pPX*h"
-    figure, axis = plt.subplots(figsize=(8, 5.5))
     for m_index, method in enumerate(methods):
         color = colors[m_index % len(colors)]
         marker = markers[m_index % len(markers)]
@@ -182,10 +193,6 @@ def plot_frontier(points: list[dict[str, Any]], out_png: str | Path, title: str 
     axis.grid(alpha=0.3)
     axis.set_xlim(left=min(-0.2, min(p["kl_mean"] for p in points) - 0.2))
     axis.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out_png, dpi=130)
-    plt.close(figure)
-    return out_png
 
 
 def frontier_envelope(points: list[dict[str, Any]]) -> list[tuple[float, float]]:

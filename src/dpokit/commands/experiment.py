@@ -19,7 +19,9 @@ EXPERIMENT_DESCRIPTION = (
     "'online': the same task with online DPO (labelled by VADER) and self-labelled DPO (a policy trained on 10% of the "
     "pairs labels its own samples with its implicit reward) against offline DPO and the 10% baseline, at equal steps. "
     "'overoptimisation': DPO trained longer for several beta and the online run labelled by VADER, with the ground-truth "
-    "reward, the implicit reward and the KL at every checkpoint."
+    "reward, the implicit reward and the KL at every checkpoint. "
+    "'ood': the sentiment experiment's DPO and RLOO policies on prompts from a shifted text domain (generated news "
+    "reports) beside the in-distribution ones, on the reward-KL frontier and by win rate."
 )
 EXPERIMENT_EPILOG = """examples:
   dpokit experiment sentiment --mode quick           # the paper's methods, smaller
@@ -29,6 +31,7 @@ EXPERIMENT_EPILOG = """examples:
   dpokit experiment online --mode full               # the reported comparison (docs/online/)
   dpokit experiment online --mode quick --seeds 0,1,2  # once per training seed, intervals across seeds
   dpokit experiment overoptimisation --mode full     # reward over-optimisation (docs/overoptimisation/)
+  dpokit experiment ood --mode full                  # out-of-distribution generalisation (docs/ood/)
 
 Measured run times are in docs/experiments.md."""
 
@@ -50,16 +53,16 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "name",
-        choices=["sentiment", "online", "overoptimisation"],
-        help="which experiment: the paper's controlled sentiment, online and self-labelling DPO on the same task, or "
-        "reward over-optimisation over the course of training",
+        choices=["sentiment", "online", "overoptimisation", "ood"],
+        help="which experiment: the paper's controlled sentiment, online and self-labelling DPO on the same task, "
+        "reward over-optimisation over the course of training, or the sentiment policies on a shifted text domain",
     )
     parser.add_argument(
         "--mode",
         choices=["full", "quick"],
         default="full",
         help="sentiment: full (every method, win rates included) or quick (the paper's methods, smaller); "
-        "online and overoptimisation: full (the reported run) or quick (smaller everything)",
+        "online, overoptimisation and ood: full (the reported run) or quick (smaller everything)",
     )
     parser.add_argument("--out", default=None, help="output directory (default runs/<name>-<mode>)")
     parser.add_argument(
@@ -118,6 +121,8 @@ def run_experiment(args: argparse.Namespace) -> int:
         raise ConfigError("--self-reward, --length-penalty, --prefer-shorter-within and --seeds apply to the online experiment")
     if args.name == "overoptimisation":
         return run_overoptimisation(args)
+    if args.name == "ood":
+        return run_ood(args)
     settings = MODES[args.mode]
     if args.methods is not None:
         settings = dataclasses.replace(settings, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
@@ -176,6 +181,26 @@ def run_overoptimisation(args: argparse.Namespace) -> int:
     )
     print(summary_markdown(result.curves))
     print(f"wrote {out_dir}/overoptimisation.png, overoptimisation-online.png, results.json, results.md")
+    return 0
+
+
+def run_ood(args: argparse.Namespace) -> int:
+    from dpokit.errors import ConfigError
+    from dpokit.experiments.ood import run_ood_experiment, summary_markdown
+
+    if args.methods is not None:
+        raise ConfigError("--methods applies to the sentiment experiment; the ood experiment evaluates DPO and RLOO")
+    out_dir = args.out or f"runs/ood-{args.mode}"
+    result = run_ood_experiment(
+        args.mode,
+        out_dir,
+        args.cache_dir,
+        keep_checkpoints=args.keep_checkpoints,
+        threads=args.threads,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(summary_markdown(result))
+    print(f"wrote {out_dir}/ood.png, results.json, results.md")
     return 0
 
 

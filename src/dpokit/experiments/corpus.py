@@ -18,13 +18,22 @@ Every word in the positive/negative lists is in VADER's lexicon with the expecte
 neutral word is absent from it (checked by the tests), so the ground-truth reward of the experiment
 (VADER compound score) sees the sentiment the grammar put in, including VADER's own handling of
 ``not``, ``but`` and intensifiers like ``very``.
+
+**A shifted domain** for out-of-distribution evaluation (:func:`make_news_corpus`): short news reports
+from a second grammar with the same latent-mood mechanism but a different vocabulary and structure --
+3-5 sentences of reported events and reactions ("officials welcomed the harbour upgrade on tuesday.",
+"the budget remains uncertain, analysts said.", "according to the unions, the election had ended in
+crisis."), about councils, budgets and transport rather than films, with its own positive, negative and
+neutral words (the same VADER checks). It shares no noun with the reviews and almost no sentiment word
+(only the intensifiers), so a model trained on reviews meets it as a text domain it never saw.
+:data:`DOMAINS` names both generators.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 POSITIVE_ADJECTIVES = [
     "good",
@@ -163,3 +172,89 @@ def make_corpus(num_texts: int, seed: int = 0) -> list[str]:
     """``num_texts`` reviews, deterministic in ``(num_texts, seed)``."""
     rng = random.Random(seed)
     return [make_review(rng) for _ in range(num_texts)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The shifted domain: news reports
+# ------------------------------------------------------------------------------------------------
+
+POSITIVE_NEWS_ADJECTIVES = ["strong", "successful", "promising", "encouraging", "secure", "safe", "stable", "robust"]
+NEGATIVE_NEWS_ADJECTIVES = ["unstable", "uncertain", "troubled", "chaotic", "struggling", "delayed", "suspended"]
+NEUTRAL_NEWS_ADJECTIVES = ["local", "regional", "annual", "early", "official", "national", "unchanged"]
+POSITIVE_NEWS_NOUNS = ["success", "progress", "growth", "relief", "improvement", "agreement", "gains"]
+NEGATIVE_NEWS_NOUNS = ["crisis", "collapse", "losses", "damage", "scandal", "failure", "disruption", "tensions"]
+NEUTRAL_NEWS_NOUNS = ["changes", "talks", "results", "measures", "figures", "a review"]
+POSITIVE_NEWS_VERBS = ["welcomed", "praised", "approved", "supported", "applauded"]
+NEGATIVE_NEWS_VERBS = ["criticised", "rejected", "blamed", "condemned"]
+NEUTRAL_NEWS_VERBS = ["discussed", "announced", "described", "confirmed", "outlined"]
+NEWS_SUBJECTS = [
+    "officials",
+    "the council",
+    "the minister",
+    "residents",
+    "analysts",
+    "the mayor",
+    "a spokesperson",
+    "the unions",
+    "local traders",
+    "the ministry",
+]
+NEWS_TOPICS = [
+    "budget",
+    "harbour upgrade",
+    "transport plan",
+    "hospital funding",
+    "election",
+    "school reform",
+    "water supply",
+    "quarterly report",
+    "bridge project",
+    "tourism season",
+]
+NEWS_PLACES = ["the northern district", "the capital", "the coastal towns", "the region", "the city centre"]
+DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday"]
+
+# Slots: {subject}, {topic}, {place}, {day}, {int} intensifier, {adj} sentiment adjective, {noun}
+# sentiment noun, {verb} reaction verb.
+NEWS_TEMPLATES = (
+    "{subject} {verb} the {topic} on {day}.",
+    "{subject} said the {topic} was {int} {adj}.",
+    "the {topic} remains {adj}, {subject} said.",
+    "according to {subject}, the {topic} had ended in {noun}.",
+    "in {place}, {subject} reported {noun} after the {topic}.",
+    "{subject} described the {topic} as {int} {adj}.",
+    "the {topic} brought {noun} to {place}.",
+    "analysts expect {noun} in {place} in the coming months.",
+    "{subject} {verb} the decision on {day}, citing {noun}.",
+)
+
+
+def make_news_report(rng: random.Random) -> str:
+    """One news report: a latent mood, then 3-5 templated sentences filled according to it."""
+    mood = rng.uniform(-1.0, 1.0)
+    sentences = []
+    for _ in range(rng.randint(3, 5)):
+        template = rng.choice(NEWS_TEMPLATES)
+        noun = _sentiment_word(rng, mood, POSITIVE_NEWS_NOUNS, NEGATIVE_NEWS_NOUNS, NEUTRAL_NEWS_NOUNS)
+        sentence = template.format(
+            subject=rng.choice(NEWS_SUBJECTS),
+            topic=rng.choice(NEWS_TOPICS),
+            place=rng.choice(NEWS_PLACES),
+            day=rng.choice(DAYS),
+            int=rng.choice(INTENSIFIERS),
+            adj=_sentiment_word(rng, mood, POSITIVE_NEWS_ADJECTIVES, NEGATIVE_NEWS_ADJECTIVES, NEUTRAL_NEWS_ADJECTIVES),
+            noun=noun,
+            verb=_sentiment_word(rng, mood, POSITIVE_NEWS_VERBS, NEGATIVE_NEWS_VERBS, NEUTRAL_NEWS_VERBS),
+        )
+        sentences.append(" ".join(sentence.split()))  # an empty intensifier leaves a double space
+    return " ".join(sentences)
+
+
+def make_news_corpus(num_texts: int, seed: int = 0) -> list[str]:
+    """``num_texts`` news reports, deterministic in ``(num_texts, seed)``."""
+    rng = random.Random(seed)
+    return [make_news_report(rng) for _ in range(num_texts)]
+
+
+DOMAINS: dict[str, Callable[[int, int], list[str]]] = {"reviews": make_corpus, "news": make_news_corpus}
+"""The text domains by name: ``reviews`` (the SFT model's domain) and ``news`` (the shifted one)."""

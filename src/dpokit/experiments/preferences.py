@@ -1,7 +1,10 @@
 """Prompts and preference pairs for the sentiment experiment, as in the paper's section 6.1.
 
 * Prompts are prefixes of held-out reviews (a corpus drawn with a different seed than the one the
-  SFT model was trained on), 2-8 tokens long, the length drawn uniformly per review.
+  SFT model was trained on), 2-8 tokens long, the length drawn uniformly per review; with
+  ``domain="news"``, prefixes of the shifted domain's reports (:data:`dpokit.experiments.corpus.DOMAINS`),
+  2-8 whole words long, at most as many tokens as the trainer's prompts may have (the review tokenizer
+  splits the news words into pieces).
 * For every training prompt, ``completions_per_prompt`` completions are sampled from the SFT model
   (temperature 1, no truncation of the distribution) and scored with the ground-truth reward.
   Every pair of completions with different rewards becomes one preference, the higher-reward
@@ -25,18 +28,39 @@ from typing import Any
 
 import torch
 
-from dpokit.experiments.corpus import make_corpus
+from dpokit.errors import ConfigError
+from dpokit.experiments.corpus import DOMAINS
 from dpokit.generation import decode_completions, encode_prompts, sample_completions, stop_token_ids
 from dpokit.models import pad_id_of
 
 
-def make_prompts(tokenizer: Any, num_prompts: int, seed: int, min_tokens: int = 2, max_tokens: int = 8) -> list[str]:
-    """Prefixes of ``min_tokens``-``max_tokens`` tokens of fresh reviews (corpus seed ``seed``), as strings."""
+def make_prompts(
+    tokenizer: Any,
+    num_prompts: int,
+    seed: int,
+    min_tokens: int = 2,
+    max_tokens: int = 8,
+    *,
+    domain: str = "reviews",
+    whole_words_within: int | None = None,
+) -> list[str]:
+    """Prefixes of ``min_tokens``-``max_tokens`` tokens of fresh texts of ``domain`` (corpus seed ``seed``),
+    as strings. With ``whole_words_within``, prefixes of as many whole words instead, words dropped from
+    the end (down to one) until the prefix has at most that many tokens: for a domain whose words the
+    tokenizer splits into pieces, where a token prefix would often end inside the first word."""
+    if domain not in DOMAINS:
+        raise ConfigError(f"unknown text domain {domain!r}; choose from {sorted(DOMAINS)}")
     rng = random.Random(seed)
-    reviews = make_corpus(num_prompts, seed=seed)
+    texts = DOMAINS[domain](num_prompts, seed)
     prompts = []
-    for review in reviews:
-        ids = tokenizer(review, add_special_tokens=False)["input_ids"]
+    for text in texts:
+        if whole_words_within is not None:
+            words = text.split()[: rng.randint(min_tokens, max_tokens)]
+            while len(words) > 1 and len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) > whole_words_within:
+                words.pop()
+            prompts.append(" ".join(words))
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         k = min(len(ids), rng.randint(min_tokens, max_tokens))
         prompts.append(tokenizer.decode(ids[:k]))
     return prompts
