@@ -90,6 +90,45 @@ def test_the_image_changes_what_is_sampled(vlm_dirs, tmp_path):
     assert abs(float(logps[0] - logps[1])) > 1e-6
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_vlm_never_samples_its_image_token_so_its_samples_can_be_scored(vlm_dirs, tmp_path, temperature):
+    """A model pushed to emit its image token (+50 on that logit) still samples text only, greedy or not, and the
+    samples are teacher-forced with their images (a sampled image token would make the model look for an image
+    that is not there)."""
+    from PIL import Image
+
+    from dpokit.generation import encode_prompts, generate
+    from dpokit.models import load_policy
+
+    _, rows = write_prompts(tmp_path, n=2)
+    loaded = load_policy(vlm_dirs["llava"], device="cpu", dtype="float32")
+    image_id = loaded.model.config.image_token_id
+    image_processor = loaded.processor.image_processor
+    images = [[(tmp_path / row["images"][0]).read_bytes()] for row in rows]
+    _, ids = encode_prompts(loaded.tokenizer, [row["prompt"] for row in rows], images=images, processor=loaded.processor)
+    pixels = image_processor([[Image.open(tmp_path / rows[0]["images"][0])]], return_tensors="pt")
+    sampling = SamplingConfig(max_new_tokens=MAX_NEW, temperature=temperature, num_samples=2, seed=3)
+    push = torch.zeros(loaded.model.config.text_config.vocab_size)
+    push[image_id] = 50.0
+    with loaded.model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + push):
+        with torch.no_grad():
+            logits = loaded.model(input_ids=torch.tensor([ids[0]]), **pixels).logits
+        assert int(logits[0, -1].argmax()) == image_id  # unmasked, the image token would be chosen
+        completions = generate(
+            loaded.model,
+            ids,
+            sampling,
+            stop_token_ids=[loaded.tokenizer.eos_token_id],
+            pad_token_id=0,
+            reference=loaded.model,
+            images=images,
+            image_processor=image_processor,
+        )
+    assert len(completions) == 4 and all(len(c.token_ids) == MAX_NEW for c in completions)
+    assert all(image_id not in c.token_ids for c in completions)
+    assert all(c.policy_logp is not None and c.policy_logp == c.reference_logp for c in completions)
+
+
 def test_a_missing_image_in_a_prompts_file_names_the_file_line_field_and_path(tmp_path):
     path, rows = write_prompts(tmp_path)
     (tmp_path / rows[2]["images"][0]).unlink()

@@ -30,6 +30,9 @@ Prompts with images (a vision-language model): each image placeholder of the tok
 the image's tokens as the model's processor expands it (:class:`~dpokit.data.images.ImageTokens`, as in
 training), and the image processor's tensors go with the prompt's rows into the forward pass that reads
 the prompt (and, for a model without a KV cache, into every pass); decoding steps need no images.
+Such a model never samples its image tokens (:func:`image_token_ids`; their logits are set to -inf
+before each choice, greedy or sampled): a completion holding one could not be scored or trained on (the
+model would look for an image to put there), and no text answer needs one.
 """
 
 from __future__ import annotations
@@ -152,6 +155,15 @@ def _forward(
     return out.logits[:, -1, :], getattr(out, kv_cache_keyword(), None)
 
 
+def image_token_ids(model: torch.nn.Module) -> list[int]:
+    """The ids a vision-language model replaces with image (or video) features -- its config's
+    ``image_token_id`` / ``image_token_index`` / ``video_token_id`` -- which a sampler must never emit;
+    empty for a text model."""
+    config = getattr(model, "config", None)
+    found = {getattr(config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id")}
+    return sorted(int(token) for token in found if isinstance(token, int) and not isinstance(token, bool) and token >= 0)
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
@@ -254,7 +266,8 @@ def _decode_batch(
 
     ``uniforms`` (N, max_new_tokens) drive the sampler (None for greedy). A row that has stopped
     keeps receiving pad tokens with mask 0 until every row has stopped or the length limit is hit.
-    ``images``: the image tensors of the rows' prompts (see :func:`_image_batch`).
+    ``images``: the image tensors of the rows' prompts (see :func:`_image_batch`). A vision-language
+    model's image tokens are never chosen (:func:`image_token_ids`).
     """
     device = _device_of(model)
     ids, mask = _left_padded(rows, pad_token_id)
@@ -264,8 +277,11 @@ def _decode_batch(
     logp_sum = torch.zeros(n, dtype=torch.float64, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    banned = torch.tensor(image_token_ids(model), dtype=torch.long, device=device)
     logits, cache = _forward(model, ids, mask, _positions(mask), None, images)
     for t in range(steps):
+        if len(banned):
+            logits = logits.index_fill(1, banned, float("-inf"))
         next_tokens, logps = _next_tokens(logits, sampling, None if uniforms is None else uniforms[:, t])
         alive = ~done
         next_tokens = torch.where(alive, next_tokens, torch.full_like(next_tokens, pad_token_id))
