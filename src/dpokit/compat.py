@@ -101,9 +101,16 @@ def text_config(model: nn.Module) -> Any:
     return config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
 
 
+# The attention implementation name of a model prepared for sequence parallelism
+# (dpokit.training.sequence_parallel): SDPA except in a forward split over ranks.
+SEQUENCE_PARALLEL_ATTENTION = "dpokit_sequence_parallel"
+
+
 def attention_implementation(model: nn.Module) -> str:
     """The attention implementation ``model`` runs (``"sdpa"``, ``"eager"``, ``"flex_attention"``,
     ``"flash_attention_2"``, ...); ``"eager"`` when the config does not say (or there is no config).
+    A model prepared for sequence parallelism (:data:`SEQUENCE_PARALLEL_ATTENTION`) reports
+    ``"sdpa"``: outside a forward split over ranks it runs transformers' SDPA attention.
 
     transformers ``PretrainedConfig._attn_implementation`` (private), read on the text config;
     checked with transformers 5.24. A transformers config without it is a LibraryCompatibilityError
@@ -113,7 +120,8 @@ def attention_implementation(model: nn.Module) -> str:
         return "eager"
     if _is_transformers_config(config) and not hasattr(config, "_attn_implementation"):
         raise _incompatible("transformers", "model configs no longer have `_attn_implementation`")
-    return str(getattr(config, "_attn_implementation", None) or "eager")
+    name = str(getattr(config, "_attn_implementation", None) or "eager")
+    return "sdpa" if name == SEQUENCE_PARALLEL_ATTENTION else name
 
 
 def no_split_module_class_names(model: nn.Module) -> set[str]:

@@ -295,6 +295,12 @@ class DistributedConfig:
         "FSDP: free each block's gathered parameters after its forward (less memory, one more all-gather in "
         "backward). Activation checkpointing is model.activation_checkpointing, applied per block.",
     )
+    sequence_parallel: int = _f(
+        1,
+        "Sequence parallelism: every row of a micro-batch split along its positions over this many processes "
+        "(consecutive ranks form a group that trains the same examples; 1 = off). Padded layout and SDPA only; the "
+        "number of processes must be a multiple of it. See docs/sequence-parallel.md.",
+    )
     timeout_s: int = _f(1800, "Seconds a collective may wait for the other processes before the run fails.")
 
 
@@ -730,6 +736,12 @@ def validate_config(cfg: TrainConfig) -> None:
     _validate_online(cfg.online, need)
     dd = cfg.distributed
     need(dd.timeout_s >= 1, f"distributed.timeout_s must be >= 1, got {dd.timeout_s}")
+    need(dd.sequence_parallel >= 1, f"distributed.sequence_parallel must be >= 1, got {dd.sequence_parallel}")
+    need(
+        dd.sequence_parallel == 1 or cfg.data.layout == "padded",
+        f"distributed.sequence_parallel={dd.sequence_parallel} splits the rows of the padded layout only, but "
+        f"data.layout={cfg.data.layout}; set data.layout=padded",
+    )
     need(
         dd.global_batch_size is None or dd.global_batch_size >= 1,
         f"distributed.global_batch_size must be >= 1 or null, got {dd.global_batch_size}",

@@ -51,8 +51,10 @@ __all__ = [
     "causal_mask_suffices",
     "custom_mask_problem",
     "compute_logps",
+    "checked_output_head",
     "chunked_token_logps",
     "find_output_head",
+    "head_token_logps",
     "final_hidden_states",
 ]
 
@@ -482,6 +484,25 @@ def _verify_decomposition(model: nn.Module, head: OutputHead, input_ids: Tensor)
     _VERIFIED[model] = True
 
 
+def checked_output_head(model: nn.Module, input_ids: Tensor) -> OutputHead:
+    """:func:`find_output_head`, checked once per model against the model's own logits on a few of
+    ``input_ids``' tokens (TrainingError for a logit transform dpokit does not know)."""
+    head = find_output_head(model)
+    _verify_decomposition(model, head, input_ids)
+    return head
+
+
+def head_token_logps(head: OutputHead, hidden: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """(M,) float32 log p(target) of hidden states (M, H) through the output layer, ``chunk_size`` rows
+    at a time: the hand-written backward of :func:`chunked_token_logps` for a plain ``nn.Linear``,
+    else the module per chunk under activation checkpointing."""
+    if head.weight is None:
+        return _module_token_logps(head, hidden, targets, chunk_size)
+    return chunked_token_logps(
+        hidden, head.weight, targets, bias=head.bias, chunk_size=chunk_size, scale=head.scale, softcap=head.softcap
+    )
+
+
 def compute_logps(model: nn.Module, batch: Batch, *, chunk_size: int = 1024) -> SequenceLogps:
     """Summed and per-token log-probs of every scored response token in ``batch``.
 
@@ -491,8 +512,7 @@ def compute_logps(model: nn.Module, batch: Batch, *, chunk_size: int = 1024) -> 
     per-token values are summed per scored sequence s = k * B + b and returned as (B, K). The row
     layout is never inspected; a 4-D mask layout is checked once per model against the padded one.
     """
-    head = find_output_head(model)
-    _verify_decomposition(model, head, batch.input_ids)
+    head = checked_output_head(model, batch.input_ids)
     if batch.attention_mask.dim() == 4:
         _verify_custom_mask(model, batch.input_ids)
     return _sequence_logps(model, batch, chunk_size, head)
@@ -503,18 +523,7 @@ def _sequence_logps(model: nn.Module, batch: Batch, chunk_size: int, head: Outpu
     hidden = final_hidden_states(model, attention_inputs(model, batch))
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     scored_hidden = flat_hidden.index_select(0, batch.score_index)
-    if head.weight is not None:
-        token_logps = chunked_token_logps(
-            scored_hidden,
-            head.weight,
-            batch.score_target,
-            bias=head.bias,
-            chunk_size=chunk_size,
-            scale=head.scale,
-            softcap=head.softcap,
-        )
-    else:
-        token_logps = _module_token_logps(head, scored_hidden, batch.score_target, chunk_size)
+    token_logps = head_token_logps(head, scored_hidden, batch.score_target, chunk_size)
     num_sequences = batch.num_sequences
     sequence_logps = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
     sequence_logps = sequence_logps.index_add(0, batch.score_seq, token_logps)

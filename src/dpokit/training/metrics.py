@@ -47,9 +47,10 @@ class MetricSums:
             self.add(name, total, count)
 
     def reduced(self, ctx: ParallelContext, names: Sequence[str]) -> MetricSums:
-        """The sums and counts of ``names`` over all ranks (one all-reduce; every rank passes the same names)."""
+        """The sums and counts of ``names`` over all ranks (one all-reduce; every rank passes the same names;
+        a sequence-parallel group's examples counted once)."""
         values = [self.sums.get(n, 0.0) for n in names] + [self.counts.get(n, 0.0) for n in names]
-        totals = ctx.all_reduce_sum(values) if values else []
+        totals = ctx.all_reduce_data_sum(values) if values else []
         merged = MetricSums()
         for i, name in enumerate(names):
             merged.add(name, totals[i], totals[len(names) + i])

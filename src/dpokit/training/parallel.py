@@ -6,6 +6,11 @@ identities in a world of one, so the trainer, the evaluation loop, the precomput
 the checkpoints are written once and never ask "distributed or not". DDP and FSDP2 are wrappings
 chosen once at set-up by :class:`ParallelPolicy`. See ``docs/engine.md`` for the batch, loss-weight
 and checkpoint conventions across ranks.
+
+With ``distributed.sequence_parallel: C`` > 1, consecutive groups of C ranks split every row of the
+same micro-batch along its positions (:mod:`dpokit.training.sequence_parallel`); the data is then cut
+over ``world_size / C`` data-parallel ranks (:attr:`ParallelContext.data_rank`), and the policy's
+log-prob module runs its forward split over the group.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dpokit.config import DistributedConfig, TrainConfig
 from dpokit.data.batch import Batch
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.models import DTYPES, reference_mode, resolve_device
+from dpokit.training.sequence_parallel import SequenceGroup, prepare_model, sharded_logps, verify_split
 
 # ------------------------------------------------------------------------------------------------
 # Set-up.
@@ -49,12 +55,13 @@ def apply_global_batch_size(cfg: TrainConfig, world_size: int) -> TrainConfig:
     wanted = cfg.distributed.global_batch_size
     if wanted is None:
         return cfg
-    per_micro_batch = cfg.optim.batch_size * world_size
+    ranks = max(1, world_size // cfg.distributed.sequence_parallel)  # a sequence-parallel group trains one slice
+    per_micro_batch = cfg.optim.batch_size * ranks
     if wanted % per_micro_batch:
         lower = max(per_micro_batch, wanted // per_micro_batch * per_micro_batch)
         raise ConfigError(
             f"distributed.global_batch_size={wanted} is not a multiple of optim.batch_size ({cfg.optim.batch_size}) x "
-            f"{world_size} process(es) = {per_micro_batch} examples per micro-batch; use a global batch size of "
+            f"{ranks} data-parallel rank(s) = {per_micro_batch} examples per micro-batch; use a global batch size of "
             f"{lower} or {lower + per_micro_batch}, or change optim.batch_size / the number of processes"
         )
     optim = dataclasses.replace(cfg.optim, grad_accumulation=wanted // per_micro_batch)
@@ -97,15 +104,32 @@ class ParallelContext:
     local_rank: int = 0
     world_size: int = 1
     settings: DistributedConfig = field(default_factory=DistributedConfig)
+    sequence: SequenceGroup | None = None  # this rank's sequence-parallel group (None: rows are not split)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
+    def sequence_size(self) -> int:
+        """Ranks splitting each row (1 without sequence parallelism)."""
+        return self.sequence.size if self.sequence is not None else 1
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's place among the ranks that train different examples (its sequence-parallel group's index)."""
+        return self.rank // self.sequence_size
+
+    @property
+    def data_ranks(self) -> int:
+        """How many ranks train different examples: ``world_size`` over the sequence-parallel group size."""
+        return self.world_size // self.sequence_size
+
+    @property
     def holds_whole_model(self) -> bool:
-        """Whether this rank's policy is a whole model (it can generate): not under FSDP."""
-        return self.strategy != "fsdp"
+        """Whether this rank's policy is a whole model (it can generate): not under FSDP, nor with its
+        attention split over a sequence-parallel group."""
+        return self.strategy != "fsdp" and self.sequence is None
 
     @property
     def handles_signals(self) -> bool:
@@ -141,6 +165,12 @@ class ParallelContext:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.tolist()
 
+    def all_reduce_data_sum(self, values: Sequence[float]) -> list[float]:
+        """Sums over the data-parallel ranks of per-example values (float64): the ranks of a
+        sequence-parallel group hold the same examples, so only its first rank's values count."""
+        counted = self.sequence is None or self.sequence.rank == 0
+        return self.all_reduce_sum([float(v) if counted else 0.0 for v in values])
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order."""
         if self.world_size == 1:
@@ -148,6 +178,10 @@ class ParallelContext:
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, obj)
         return gathered
+
+    def gather_data_parts(self, obj: Any) -> list[Any]:
+        """Every data-parallel rank's ``obj`` in order (one per sequence-parallel group)."""
+        return self.all_gather_object(obj)[:: self.sequence_size]
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
@@ -159,10 +193,11 @@ class ParallelContext:
             self.barrier()
 
     def rank_slice(self, positions: Sequence[int]) -> list[int]:
-        """This rank's contiguous slice of a global micro-batch (sizes differ by at most one)."""
-        count, extra = divmod(len(positions), self.world_size)
-        start = self.rank * count + min(self.rank, extra)
-        stop = start + count + (1 if self.rank < extra else 0)
+        """This rank's contiguous slice of a global micro-batch (sizes differ by at most one); the
+        ranks of a sequence-parallel group get the same slice."""
+        count, extra = divmod(len(positions), self.data_ranks)
+        start = self.data_rank * count + min(self.data_rank, extra)
+        stop = start + count + (1 if self.data_rank < extra else 0)
         return list(positions[start:stop])
 
     def agree_on_stop(self, stop: Any) -> None:
@@ -206,10 +241,10 @@ def setup_parallel(cfg: TrainConfig) -> ParallelContext:
     world_size = launched_world_size()
     settings = cfg.distributed
     if world_size is None:
-        if settings.strategy in ("ddp", "fsdp"):
+        if settings.strategy in ("ddp", "fsdp") or settings.sequence_parallel > 1:
             print(
-                f"note: distributed.strategy={settings.strategy} but the run was not started by torchrun "
-                "(WORLD_SIZE is unset): training in this one process",
+                f"note: distributed.strategy={settings.strategy}, sequence_parallel={settings.sequence_parallel} but the "
+                "run was not started by torchrun (WORLD_SIZE is unset): training in this one process",
                 file=sys.stderr,
                 flush=True,
             )
@@ -217,6 +252,11 @@ def setup_parallel(cfg: TrainConfig) -> ParallelContext:
     strategy = resolve_strategy(settings.strategy, world_size)
     if strategy == "none":
         return ParallelContext(device=resolve_device(cfg.model.device), settings=settings)
+    if world_size % settings.sequence_parallel:
+        raise ConfigError(
+            f"distributed.sequence_parallel={settings.sequence_parallel} does not divide the {world_size} processes "
+            "torchrun started; launch a multiple of it (--nproc_per_node) or change distributed.sequence_parallel"
+        )
     backend = resolve_backend(settings.backend, cfg.model.device)
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -235,7 +275,27 @@ def setup_parallel(cfg: TrainConfig) -> ParallelContext:
             timeout=datetime.timedelta(seconds=settings.timeout_s),
             device_id=device if backend == "nccl" else None,
         )
-    return ParallelContext(device, strategy, backend, rank, local_rank, world_size, settings)
+    sequence = _sequence_group(rank, world_size, settings.sequence_parallel)
+    if sequence is not None and rank == 0:
+        print(
+            f"sequence parallelism: rows split over {sequence.size} ranks, {world_size // sequence.size} data-parallel group(s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return ParallelContext(device, strategy, backend, rank, local_rank, world_size, settings, sequence)
+
+
+def _sequence_group(rank: int, world_size: int, size: int) -> SequenceGroup | None:
+    """This rank's group of ``size`` consecutive ranks (every rank creates every group, as
+    ``new_group`` asks), or None when ``size`` is 1."""
+    if size == 1:
+        return None
+    mine = None
+    for first in range(0, world_size, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = SequenceGroup(group, rank - first, size)
+    return mine
 
 
 def _rank_device(backend: str, local_rank: int, model_device: str) -> torch.device:
@@ -268,21 +328,29 @@ class LogpsModule(nn.Module):
     so DDP / the FSDP2 root see (and hook) the whole computation.
 
     ``reference=True`` runs the model as the reference (eval mode, no grad, LoRA adapters off) --
-    for a sharded policy this is the only way to reach its base weights.
+    for a sharded policy this is the only way to reach its base weights. With a ``sequence`` group,
+    every row is split over the group's ranks (:func:`dpokit.training.sequence_parallel.sharded_logps`).
     """
 
-    def __init__(self, model: nn.Module, *, chunk_size: int = 1024) -> None:
+    def __init__(self, model: nn.Module, *, chunk_size: int = 1024, sequence: SequenceGroup | None = None) -> None:
         super().__init__()
-        self.model = model
+        self.model = prepare_model(model) if sequence is not None else model
         self.chunk_size = chunk_size
+        self.sequence = sequence
 
-    def forward(self, batch: Batch, reference: bool = False) -> Any:
+    def _logps(self, model: nn.Module, batch: Batch) -> Any:
         from dpokit.logprobs import compute_logps
 
+        if self.sequence is None:
+            return compute_logps(model, batch, chunk_size=self.chunk_size)
+        verify_split(model, self.sequence, batch.input_ids.device)
+        return sharded_logps(model, batch, self.sequence, chunk_size=self.chunk_size)
+
+    def forward(self, batch: Batch, reference: bool = False) -> Any:
         if reference:
             with reference_mode(self.model) as model:
-                return compute_logps(model, batch, chunk_size=self.chunk_size)
-        out = compute_logps(self.model, batch, chunk_size=self.chunk_size)
+                return self._logps(model, batch)
+        out = self._logps(self.model, batch)
         # (B, K) logps is a transposed view; FSDP2 hooks an output's backward, which in-place ops on a
         # view would bypass -- hand out a tensor of its own.
         return dataclasses.replace(out, logps=out.logps.clone())
@@ -331,7 +399,7 @@ class ParallelPolicy:
     def __init__(self, ctx: ParallelContext, model: nn.Module, *, chunk_size: int = 1024) -> None:
         self.ctx = ctx
         self.model = model  # its parameters are DTensors under fsdp
-        self.logps_module = LogpsModule(model, chunk_size=chunk_size)
+        self.logps_module = LogpsModule(model, chunk_size=chunk_size, sequence=ctx.sequence)
         if ctx.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -380,5 +448,5 @@ class ParallelPolicy:
 def shard_frozen(ctx: ParallelContext, model: nn.Module, *, chunk_size: int) -> LogpsModule | nn.Module:
     """A frozen model as a log-prob module: sharded like the policy (its own FSDP2 root) under FSDP,
     else as it is."""
-    module = LogpsModule(model.eval(), chunk_size=chunk_size)
+    module = LogpsModule(model.eval(), chunk_size=chunk_size, sequence=ctx.sequence)
     return shard(ctx, module, model) if ctx.strategy == "fsdp" else module

@@ -271,7 +271,7 @@ def load_or_compute_reference(
     if ctx.all_reduce_sum([0.0 if cached is not None else 1.0])[0] == 0:
         logger.info("reusing precomputed reference log-probs from %s", path)
         return cached  # type: ignore[return-value]  # not None on every rank
-    shard = list(items)[ctx.rank :: ctx.world_size]
+    shard = list(items)[ctx.data_rank :: ctx.data_ranks]
     example_ids, logps = compute_reference_logps(
         model,
         shard,
@@ -281,7 +281,7 @@ def load_or_compute_reference(
         chunk_size=chunk_size,
         progress=progress and ctx.is_main,
     )
-    gathered = [part for part in ctx.all_gather_object((example_ids, logps)) if part[0].numel()]
+    gathered = [part for part in ctx.gather_data_parts((example_ids, logps)) if part[0].numel()]
     k_max = max((part[1].shape[1] for part in gathered), default=2)
     all_ids = torch.cat([part[0] for part in gathered]) if gathered else example_ids
     all_logps = (

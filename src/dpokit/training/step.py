@@ -101,7 +101,10 @@ def train_step(
     Rank r's slice of b_r examples has loss weight ``b_r * W / n_step`` (n_step: examples in the
     step, all ranks; W ranks). DDP/FSDP average gradients over ranks, so the step's gradient is
     exactly that of the mean loss over its examples -- with W = 1, ``b / n_step``, whatever the
-    micro-batch sizes. ``check_loss`` sees every micro-batch loss before the optimizer may step.
+    micro-batch sizes. Under sequence parallelism W still counts every rank: the C ranks of a group
+    share one slice and their gradients add up to that slice's (see
+    :mod:`dpokit.training.sequence_parallel`). ``check_loss`` sees every micro-batch loss before the
+    optimizer may step.
     """
     ctx = policy.ctx
     step_examples = sum(len(m) for m in micro_batches)
@@ -150,7 +153,7 @@ def evaluate(
     """
     ctx = policy.ctx
     shard = ctx.rank_slice(range(len(split)))
-    per_rank = -(-len(split) // ctx.world_size)
+    per_rank = -(-len(split) // ctx.data_ranks)
     local = MetricSums()
     names: list[str] = ["loss"]
     records: list[dict[str, Any]] = []

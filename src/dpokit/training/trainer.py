@@ -567,7 +567,7 @@ class Trainer:
         run starts with none)."""
         if len(self.train_split) == 0 or not hasattr(self.train_split.dataset, "lengths"):
             return None
-        micro = self.cfg.optim.batch_size * self.ctx.world_size
+        micro = self.cfg.optim.batch_size * self.ctx.data_ranks
         batches = {}
         for layout, kind in (("padded", "row"), ("shared_prompt", "block")):
             split = replace(self.train_split, length_kind=kind)
@@ -579,7 +579,7 @@ class Trainer:
         """The examples a precomputed pass and a live reference would forward in this run, and whether a
         copy of ``policy`` fits, for ``reference.strategy: auto``."""
         cfg, o = self.cfg, self.cfg.optim
-        micro = o.batch_size * self.ctx.world_size
+        micro = o.batch_size * self.ctx.data_ranks
         steps = planned_steps(o, num_examples=len(self.train_split), micro_examples=micro)
         datasets = {id(s.dataset): len(s.dataset.items) for s in (self.train_split, self.eval_split) if s is not None}
         evaluations = (steps // cfg.eval.every_steps if cfg.eval.every_steps else 0) + 1 if self.eval_split is not None else 0
@@ -649,7 +649,7 @@ class Trainer:
         """Optimizer over the (possibly sharded) trainable parameters; the length of the run; the schedule."""
         o = self.cfg.optim
         # The sampler draws micro-batches of batch_size x processes examples; each rank gets a slice.
-        self.micro_examples = o.batch_size * self.ctx.world_size
+        self.micro_examples = o.batch_size * self.ctx.data_ranks
         self._batches = (-1, [])
         plan = plan_steps(o, num_examples=len(self.train_split), micro_examples=self.micro_examples)
         self.total_steps = plan.total_steps
