@@ -19,7 +19,7 @@ from dpokit.analysis.frontier import (
     write_results,
 )
 from dpokit.errors import ConfigError, DataError
-from dpokit.generation import completion_logps, sample_completions, sample_with_kl
+from dpokit.generation import DpokitEngine, completion_logps, sample_completions, sample_with_kl
 from dpokit.scoring import load_reward
 from tests.helpers import tiny_gpt2, tiny_tokenizer
 
@@ -146,6 +146,22 @@ def test_same_seed_gives_the_same_estimate():
     first = estimate_reward_kl(policy, reference, tokenizer, ["the", "a good"], reward, 2, 5, seed=7)
     second = estimate_reward_kl(policy, reference, tokenizer, ["the", "a good"], reward, 2, 5, seed=7)
     assert first == second
+
+
+def test_an_engine_sampling_the_policy_gives_the_in_process_estimate_scored_on_its_sampled_ids():
+    """The engine route (--engine) samples through engine.sample and teacher-forces both models on the sampled
+    ids; with dpokit's engine on the policy it draws the same samples, so the estimate is the in-process one."""
+    tokenizer = tiny_tokenizer()
+    policy = tiny_gpt2(vocab_size=len(tokenizer), seed=1, initializer_range=0.5)
+    reference = tiny_gpt2(vocab_size=len(tokenizer), seed=2, initializer_range=0.5)
+    reward = lambda prompts, completions: [float(len(c)) for c in completions]  # noqa: E731
+    args = (policy, reference, tokenizer, ["the movie was", "i liked", "a"] * 3, reward, 2, 6)
+    direct = estimate_reward_kl(*args, seed=4, keep_samples=18)
+    through = estimate_reward_kl(*args, seed=4, keep_samples=18, engine=DpokitEngine(policy, tokenizer))
+    assert [s["completion"] for s in through["samples"]] == [s["completion"] for s in direct["samples"]]
+    assert through["reward_mean"] == direct["reward_mean"] and through["mean_length"] == direct["mean_length"]
+    assert through["kl_mean"] == pytest.approx(direct["kl_mean"], abs=1e-5) and direct["kl_mean"] > 0.5
+    assert through["engine_logp_gap"] is None  # dpokit's engine reports no per-token log-probs to compare
 
 
 def test_best_of_n_kl_is_zero_for_one_sample_and_grows_like_log_n():
@@ -307,3 +323,14 @@ def test_frontier_command_evaluates_saved_runs_end_to_end(tmp_path):
     assert by_run["same"]["kl_mean"] == 0.0 and by_run["same"]["beta"] == 0.1
     assert by_run["other"]["kl_mean"] > 0 and by_run["other"]["step"] == 3
     assert (tmp_path / "out/frontier.png").exists()
+
+
+def test_frontier_command_on_vllm_without_a_server_url_is_refused_before_loading_anything(tmp_path, capsys):
+    from dpokit.commands.main import main
+
+    (tmp_path / "prompts.txt").write_text("the movie was\n")
+    arguments = ["frontier", str(tmp_path / "run"), "--reference", str(tmp_path / "missing-reference")]
+    arguments += ["--prompts", str(tmp_path / "prompts.txt"), "--reward", "dpokit.experiments.reward:vader_reward"]
+    assert main([*arguments, "--engine", "vllm", "--out", str(tmp_path / "out")]) == 2
+    assert "--engine vllm needs --engine-url" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

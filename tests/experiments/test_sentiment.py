@@ -241,3 +241,28 @@ def test_experiment_command_uses_the_modes_methods_unless_given(monkeypatch, tmp
     assert main(["experiment", "sentiment", "--mode", "quick", "--out", str(tmp_path)]) == 0
     assert main(["experiment", "sentiment", "--mode", "full", "--out", str(tmp_path), "--methods", "dpo,kto"]) == 0
     assert seen == [MODES["quick"].methods, ("dpo", "kto")]
+
+
+def test_best_of_n_through_a_sampling_engine_draws_the_same_pool_as_in_process():
+    from dpokit.experiments.baselines import best_of_n_points
+    from dpokit.generation import DpokitEngine
+    from tests.helpers import tiny_gpt2, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_gpt2(vocab_size=len(tokenizer), seed=1, initializer_range=0.5)
+    by_length = lambda prompts, completions: [float(len(c)) for c in completions]  # noqa: E731
+    args = (model, tokenizer, ["the movie was", "i liked", "a"], by_length, [1, 4])
+    direct = best_of_n_points(*args, max_new_tokens=6, seed=5)
+    through = best_of_n_points(*args, max_new_tokens=6, seed=5, engine=DpokitEngine(model, tokenizer))
+    assert through == direct and direct[1].reward_mean > direct[0].reward_mean
+
+
+def test_experiment_engine_option_reaches_only_the_sentiment_experiment(capsys):
+    from dpokit.commands.main import main
+
+    assert main(["experiment", "online", "--mode", "quick", "--engine", "vllm", "--engine-url", "http://127.0.0.1:9"]) == 2
+    assert "--engine vllm applies to the sentiment experiment; the online experiment samples with dpokit's engine" in (
+        capsys.readouterr().err
+    )
+    assert main(["experiment", "sentiment", "--mode", "quick", "--engine", "vllm"]) == 2
+    assert "--engine vllm needs --engine-url" in capsys.readouterr().err

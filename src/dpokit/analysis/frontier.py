@@ -17,6 +17,11 @@ prefixes, which is what the samples' quality is judged on. Individual terms can 
 mean is not (up to sampling error), and it is exactly 0 when ``pi`` is ``pi_ref``.
 
 Sampling and scoring go through :mod:`dpokit.generation` (:func:`~dpokit.generation.sample_with_kl`).
+With a sampling engine (``dpokit frontier --engine vllm``: a vLLM server, :class:`CheckpointServer`)
+the engine draws the samples from the same distribution (temperature 1, no truncation) and both
+log-probs are teacher-forced here on the same sampled token ids; each point then also records
+``engine_logp_gap``, the largest per-token difference between the log-probs the engine reported and
+the policy's here -- the check that the server sampled from the checkpoint being evaluated.
 
 Entry points: :func:`estimate_reward_kl` (one policy), :func:`plot_frontier` /
 :func:`write_results` (many points), and :func:`run_frontier` (a :class:`FrontierJob`, behind
@@ -36,7 +41,17 @@ from typing import Any
 import torch
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.generation import decode_completions, encode_prompts, sample_with_kl, stop_token_ids
+from dpokit.generation import (
+    EngineOptions,
+    SamplingConfig,
+    SamplingEngine,
+    VllmEngine,
+    decode_completions,
+    encode_prompts,
+    sample_with_kl,
+    stop_token_ids,
+)
+from dpokit.generation.engines import engine_logp_gap, policy_logps
 from dpokit.models import LoadOptions, pad_id_of
 from dpokit.scoring import RewardFn, load_reward
 
@@ -62,6 +77,7 @@ def estimate_reward_kl(
     *,
     batch_size: int = 128,
     keep_samples: int = 0,
+    engine: SamplingEngine | None = None,
 ) -> dict[str, Any]:
     """Mean ground-truth reward and sequence KL(pi || pi_ref) from samples of ``policy``.
 
@@ -70,25 +86,44 @@ def estimate_reward_kl(
     ``reward_fn(prompts=[x...], completions=[y...]) -> list[float]`` (decoded text, special tokens
     dropped) and compute ``kl_i = log pi(y_i|x_i) - log pi_ref(y_i|x_i)``.
 
+    ``engine``: the sampling engine that draws the samples instead of ``policy`` here (it must be
+    sampling from ``policy``'s weights: a vLLM server that loaded them); ``policy`` and ``reference``
+    then score the sampled token ids, and ``engine_logp_gap`` is added when the engine reports log-probs.
+
     Returns ``reward_mean``, ``reward_sem``, ``kl_mean``, ``kl_sem`` (standard errors of the means),
     ``num_samples`` (total), ``mean_length`` (completion tokens) and, when ``keep_samples > 0``,
     ``samples``: the first few ``{"prompt", "completion", "reward", "kl"}``.
     """
     _, prompt_ids = encode_prompts(tokenizer, prompts)
-    completions, kl_values = sample_with_kl(
-        policy,
-        reference,
-        prompt_ids,
-        max_new_tokens=max_new_tokens,
-        stop_token_ids=stop_token_ids(tokenizer),
-        pad_token_id=pad_id_of(tokenizer),
-        seed=seed,
-        num_samples=num_samples,
-        batch_size=batch_size,
-    )
-    kls = kl_values.tolist()
-    prompt_texts = [prompts[c.prompt_index] for c in completions]
-    completion_texts = decode_completions(tokenizer, completions)
+    extra: dict[str, Any] = {}
+    if engine is None:
+        completions, kl_values = sample_with_kl(
+            policy,
+            reference,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids(tokenizer),
+            pad_token_id=pad_id_of(tokenizer),
+            seed=seed,
+            num_samples=num_samples,
+            batch_size=batch_size,
+        )
+        kls = kl_values.tolist()
+        indices = [c.prompt_index for c in completions]
+        lengths = [len(c.token_ids) for c in completions]
+        completion_texts = decode_completions(tokenizer, completions)
+    else:
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=num_samples, seed=seed
+        )
+        sampled = engine.sample(prompt_ids, sampling)
+        rows, ids = [prompt_ids[c.prompt_index] for c in sampled], [c.token_ids for c in sampled]
+        logps = policy_logps(policy, rows, ids, tokenizer=tokenizer, batch_size=batch_size)
+        reference_logps = policy_logps(reference, rows, ids, tokenizer=tokenizer, batch_size=batch_size)
+        kls = [p - r for p, r in zip(logps, reference_logps, strict=True)]
+        indices, lengths, completion_texts = [c.prompt_index for c in sampled], [len(i) for i in ids], [c.text for c in sampled]
+        extra["engine_logp_gap"] = engine_logp_gap(sampled, logps)
+    prompt_texts = [prompts[i] for i in indices]
     rewards = [float(r) for r in reward_fn(prompts=prompt_texts, completions=completion_texts)]
     if len(rewards) != len(completion_texts):
         raise ConfigError(f"the reward function returned {len(rewards)} rewards for {len(completion_texts)} completions")
@@ -100,7 +135,8 @@ def estimate_reward_kl(
         "kl_mean": kl_mean,
         "kl_sem": kl_sem,
         "num_samples": len(rewards),
-        "mean_length": sum(len(c.token_ids) for c in completions) / max(1, len(completions)),
+        "mean_length": sum(lengths) / max(1, len(lengths)),
+        **extra,
     }
     if keep_samples:
         result["samples"] = [
@@ -108,6 +144,41 @@ def estimate_reward_kl(
             for p, c, r, k in list(zip(prompt_texts, completion_texts, rewards, kls, strict=True))[:keep_samples]
         ]
     return result
+
+
+class CheckpointServer:
+    """A vLLM server that samples the models a frontier evaluates, one at a time (``--engine vllm``).
+
+    The server must serve the reference model (its served name, or the directory it loaded it from:
+    :func:`~dpokit.generation.open_sampler`); the tokenizer is read from that directory here. Each other
+    model is loaded into the server before it is sampled (:func:`dpokit.online.sync.serve_saved_model`: a
+    LoRA adapter at run time, full weights reloaded in place -- the server needs
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` / ``VLLM_SERVER_DEV_MODE=1`` for them), and :meth:`restore`
+    gives it the reference's weights back. The server must see the checkpoints' directories."""
+
+    def __init__(self, reference: str, options: EngineOptions, load: LoadOptions | None = None) -> None:
+        from dpokit.generation import open_sampler
+
+        opened = open_sampler(reference, options, load)
+        assert isinstance(opened.engine, VllmEngine)  # open_sampler with the vllm engine
+        self.engine: VllmEngine = opened.engine
+        self.tokenizer = opened.tokenizer
+        self.reference = Path(reference)
+        self.changed = False
+
+    def serve(self, path: str | Path, name: str) -> VllmEngine:
+        """The engine, sampling from the model saved at ``path`` (loaded into the server as ``name``)."""
+        from dpokit.online.sync import serve_saved_model
+
+        self.changed = True
+        serve_saved_model(self.engine, path, name)
+        return self.engine
+
+    def restore(self) -> None:
+        """The reference's weights back in the server (and no adapter of ours), if anything was loaded."""
+        if self.changed:
+            self.serve(self.reference, "reference")
+            self.changed = False
 
 
 def best_of_n_kl(n: int) -> float:
@@ -340,7 +411,9 @@ class FrontierJob:
 
     ``runs`` are ``(series name, run or model directory)``; ``betas`` annotate series by name.
     ``num_samples`` completions of at most ``max_new_tokens`` tokens are sampled per prompt (the
-    first ``max_prompts`` of the ``prompts`` file), with the same ``seed`` for every model.
+    first ``max_prompts`` of the ``prompts`` file), with the same ``seed`` for every model, by the
+    sampling ``engine`` (``--engine``: dpokit's generator here, or a vLLM server serving the reference
+    that each checkpoint is loaded into, :class:`CheckpointServer`).
     """
 
     runs: list[tuple[str, str]]
@@ -355,6 +428,7 @@ class FrontierJob:
     betas: dict[str, float] = field(default_factory=dict)
     title: str | None = None
     load: LoadOptions = field(default_factory=LoadOptions)
+    engine: EngineOptions = field(default_factory=EngineOptions)
 
 
 def run_frontier(job: FrontierJob, *, log: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
@@ -370,22 +444,37 @@ def run_frontier(job: FrontierJob, *, log: Callable[[str], None] | None = None) 
     }
     reward_fn = load_reward(job.reward, device=job.load.device)
     prompts = read_text_prompts(job.prompts)[: job.max_prompts]
+    job.engine.validate()
     reference = load_policy(job.reference, **options)
+    server = CheckpointServer(job.reference, job.engine, job.load) if job.engine.engine == "vllm" else None
 
-    def estimate(policy: torch.nn.Module) -> dict[str, Any]:
+    def estimate(policy: torch.nn.Module, engine: SamplingEngine | None = None) -> dict[str, Any]:
         return estimate_reward_kl(
-            policy, reference.model, reference.tokenizer, prompts, reward_fn, job.num_samples, job.max_new_tokens, job.seed
+            policy,
+            reference.model,
+            reference.tokenizer,
+            prompts,
+            reward_fn,
+            job.num_samples,
+            job.max_new_tokens,
+            job.seed,
+            engine=engine,
         )
 
-    base = estimate(reference.model)
-    points: list[dict[str, Any]] = [{"method": "reference", "run": "reference", "step": 0, **base}]
-    say(f"reference: reward {base['reward_mean']:.3f}  KL 0")
-    for name, run_dir in job.runs:
-        for step, checkpoint in find_checkpoints(run_dir):
-            result = estimate(load_policy(checkpoint, **options).model)
-            points.append(
-                {"method": name, "run": name, "step": step, "checkpoint": str(checkpoint), "beta": job.betas.get(name), **result}
-            )
-            where = f"step {step}" if step is not None else checkpoint.name
-            say(f"{name} {where}: reward {result['reward_mean']:.3f}  KL {result['kl_mean']:.2f}")
-    return points, write_results(points, job.out, title=job.title)
+    try:
+        base = estimate(reference.model, server.engine if server else None)
+        points: list[dict[str, Any]] = [{"method": "reference", "run": "reference", "step": 0, **base}]
+        say(f"reference: reward {base['reward_mean']:.3f}  KL 0")
+        for name, run_dir in job.runs:
+            for step, checkpoint in find_checkpoints(run_dir):
+                engine = server.serve(checkpoint, f"frontier-{name}-{step}") if server else None
+                result = estimate(load_policy(checkpoint, **options).model, engine)
+                point = {"method": name, "run": name, "step": step, "checkpoint": str(checkpoint), "beta": job.betas.get(name)}
+                points.append({**point, **result})
+                where = f"step {step}" if step is not None else checkpoint.name
+                say(f"{name} {where}: reward {result['reward_mean']:.3f}  KL {result['kl_mean']:.2f}")
+    finally:
+        if server is not None:
+            server.restore()
+    sampled_by = {"engine": job.engine.engine, **({"url": job.engine.url} if server else {})}
+    return points, write_results(points, job.out, title=job.title, extra=sampled_by)

@@ -86,9 +86,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, with_model: bool = T
     )
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, *, vllm: str | None = None) -> None:
     """``--engine``, ``--engine-url`` and ``--api-key-env`` (as ``online.sampling.engine``, ``.url`` and
-    ``.api_key_env``; defaults from :class:`dpokit.generation.engines.EngineOptions`)."""
+    ``.api_key_env``; defaults from :class:`dpokit.generation.engines.EngineOptions`); ``vllm``: what the
+    command needs of the server, when it is not that it serves every model named."""
     from dpokit.generation.engines import ENGINES, EngineOptions
 
     group = parser.add_argument_group("sampling engine")
@@ -97,8 +98,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         choices=ENGINES,
         default=field_default(EngineOptions, "engine"),
         help="who samples: dpokit (its own generator, on the model loaded here) or vllm (a running vLLM server at "
-        "--engine-url; each model must then be one the server serves: its served name, or the directory the "
-        "server loaded it from; --dtype/--device do not apply). Default: %(default)s",
+        "--engine-url; "
+        + (
+            vllm
+            or "each model must then be one the server serves: its served name, or the directory the server loaded it "
+            "from; --dtype/--device do not apply"
+        )
+        + "). Default: %(default)s",
     )
     group.add_argument("--engine-url", metavar="URL", default=None, help="--engine vllm: the server, e.g. http://127.0.0.1:8000")
     group.add_argument(

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from dpokit.commands.common import Subcommand
+from dpokit.commands.common import Subcommand, add_engine_arguments, engine_options
 
 if TYPE_CHECKING:
     from dpokit.experiments.online import OnlineExperimentSettings
@@ -97,6 +97,13 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
         help="online only: comma-separated training seeds; the experiment runs once per seed (in OUT/seed-N) and "
         "writes OUT/seeds.md and seeds.json with intervals across seeds",
     )
+    add_engine_arguments(
+        parser,
+        vllm="sentiment only: the evaluation samples of every checkpoint and Best-of-N's pool; the server must serve "
+        "the experiment's SFT model (the cached directory the experiment logs) with VLLM_SERVER_DEV_MODE=1, as each "
+        "checkpoint is loaded into it in turn; the KL's log-probs are computed here, and the win rates are still "
+        "sampled by dpokit's engine",
+    )
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep run checkpoints after evaluating them")
     parser.add_argument(
         "--threads",
@@ -113,6 +120,12 @@ def run_experiment(args: argparse.Namespace) -> int:
     from dpokit.experiments.sentiment import MODES
     from dpokit.experiments.sentiment import run_experiment as run_sentiment_experiment
 
+    if args.engine != "dpokit" and args.name != "sentiment":
+        from dpokit.errors import ConfigError
+
+        raise ConfigError(
+            f"--engine {args.engine} applies to the sentiment experiment; the {args.name} experiment samples with dpokit's engine"
+        )
     if args.name == "online":
         return run_online_experiment(args)
     if any(v is not None for v in (args.self_reward, args.length_penalty, args.prefer_shorter_within, args.seeds)):
@@ -134,6 +147,7 @@ def run_experiment(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         threads=args.threads,
         log=lambda line: print(line, file=sys.stderr, flush=True),
+        engine=engine_options(args),
     )
     print(results_markdown([p.to_dict() for p in result.points]))
     print(f"wrote {out_dir}/frontier.png, results.json, results.md")

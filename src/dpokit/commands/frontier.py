@@ -6,16 +6,28 @@ import argparse
 import sys
 from pathlib import Path
 
-from dpokit.commands.common import Subcommand, add_model_arguments, field_default, load_options
+from dpokit.commands.common import (
+    Subcommand,
+    add_engine_arguments,
+    add_model_arguments,
+    engine_options,
+    field_default,
+    load_options,
+)
 
 DESCRIPTION = (
     "Sample completions from every checkpoint of each run, score them with a reward, estimate "
-    "KL(policy || reference) from the same samples, and write frontier.png, results.json and results.md."
+    "KL(policy || reference) from the same samples, and write frontier.png, results.json and results.md. "
+    "With --engine vllm a vLLM server serving the reference samples: each checkpoint is loaded into it in turn "
+    "(a LoRA adapter at run time, full weights in place) and both log-probs are computed here on the sampled "
+    "tokens; the server gets the reference's weights back at the end."
 )
 EPILOG = """examples:
   dpokit frontier runs/dpo-b0.1 runs/dpo-b0.5 sft=runs/sft --reference models/sft --prompts prompts.txt \\
       --reward dpokit.experiments.reward:vader_reward --out frontier/
-  dpokit frontier runs/dpo --reference models/sft --prompts eval.jsonl --reward models/sentiment-classifier"""
+  dpokit frontier runs/dpo --reference models/sft --prompts eval.jsonl --reward models/sentiment-classifier
+  dpokit frontier runs/dpo --reference models/sft --prompts prompts.txt --reward dpokit.experiments.reward:vader_reward \\
+      --engine vllm --engine-url http://127.0.0.1:8000   # a server started on models/sft (docs/vllm.md)"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,13 +62,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed",
         type=int,
         default=default("seed"),
-        help=f"sampling seed; every model samples the same prompts with it (default {default('seed')})",
+        help=f"sampling seed; every model samples the same prompts with it (dpokit engine; default {default('seed')})",
     )
     parser.add_argument(
         "--beta", action="append", default=[], metavar="NAME=BETA", help="annotate a series with its beta (repeatable)"
     )
     parser.add_argument("--title", default=None, help="title of frontier.png (default: reward vs KL)")
     add_model_arguments(parser, with_model=False)
+    add_engine_arguments(
+        parser,
+        vllm="the server must serve the reference (its served name, or the directory it loaded it from) and see "
+        "the runs' directories; each checkpoint is loaded into it in turn, which needs VLLM_SERVER_DEV_MODE=1 for full "
+        "weights and --enable-lora with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True for adapters; the log-probs are computed "
+        "here with --dtype/--device",
+    )
 
 
 def parse_run(spec: str) -> tuple[str, str]:
@@ -96,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         betas=_parse_betas(args.beta),
         title=args.title,
         load=load_options(args),
+        engine=engine_options(args),
     )
     points, paths = run_frontier(job, log=lambda line: print(line, file=sys.stderr))
     print(results_markdown(points))

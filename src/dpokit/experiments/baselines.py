@@ -23,7 +23,14 @@ import torch
 from dpokit.analysis.frontier import best_of_n_kl
 from dpokit.errors import ConfigError
 from dpokit.experiments.results import FrontierPoint
-from dpokit.generation import decode_completions, encode_prompts, sample_completions, stop_token_ids
+from dpokit.generation import (
+    SamplingConfig,
+    SamplingEngine,
+    decode_completions,
+    encode_prompts,
+    sample_completions,
+    stop_token_ids,
+)
 from dpokit.models import load_policy, pad_id_of
 
 
@@ -37,15 +44,21 @@ def best_of_n_points(
     max_new_tokens: int,
     seed: int,
     batch_size: int = 256,
+    engine: SamplingEngine | None = None,
 ) -> list[FrontierPoint]:
     """Reward of best-of-n for every ``n`` in ``ns``, from one pool of ``max(ns)`` samples per prompt.
 
     Best-of-n for prompt ``x`` takes the first ``n`` samples of the pool (i.i.d., so any ``n`` of
     them are a fair draw) and keeps the highest reward. Returns one point per ``n`` with
     ``reward_mean``/``reward_sem`` over prompts and ``kl_mean = log n - (n-1)/n`` (``kl_sem`` 0).
+    ``engine``: a sampling engine serving ``model`` that draws the pool instead (temperature 1, no truncation).
     """
     pool = max(ns)
     _, prompt_ids = encode_prompts(tokenizer, prompts)
+    if engine is not None:
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=pool, seed=seed)
+        sampled = engine.sample(prompt_ids, sampling)
+        return _best_of_n([prompts[c.prompt_index] for c in sampled], [c.text for c in sampled], reward_fn, ns, len(prompts))
     completions = sample_completions(
         model,
         prompt_ids,
@@ -57,8 +70,14 @@ def best_of_n_points(
         batch_size=batch_size,
     )
     prompt_texts = [prompts[c.prompt_index] for c in completions]
-    texts = decode_completions(tokenizer, completions)
-    rewards = torch.tensor([float(r) for r in reward_fn(prompts=prompt_texts, completions=texts)]).view(len(prompts), pool)
+    return _best_of_n(prompt_texts, decode_completions(tokenizer, completions), reward_fn, ns, len(prompts))
+
+
+def _best_of_n(
+    prompt_texts: list[str], texts: list[str], reward_fn: Callable[..., Sequence[float]], ns: Sequence[int], num_prompts: int
+) -> list[FrontierPoint]:
+    """:func:`best_of_n_points` from the pool's texts (prompt-major, ``max(ns)`` per prompt)."""
+    rewards = torch.tensor([float(r) for r in reward_fn(prompts=prompt_texts, completions=texts)]).view(num_prompts, max(ns))
     points = []
     for n in ns:
         best = rewards[:, :n].max(dim=1).values

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dpokit.analysis.frontier import estimate_reward_kl, find_checkpoints
+from dpokit.analysis.frontier import CheckpointServer, estimate_reward_kl, find_checkpoints
 from dpokit.scoring import RewardFn
 
 Sample = dict[str, Any]  # one evaluation sample: prompt, completion, reward, kl (online: and prompt_index)
@@ -167,7 +167,9 @@ class FrontierEvaluation:
     """What every reward-KL estimate of one experiment shares: the reference (SFT) model and its tokenizer,
     the evaluation prompts, the ground-truth reward and the sampling (``samples_per_prompt`` completions
     of at most ``max_new_tokens`` tokens per prompt, with one ``seed`` for every model, so sample i of
-    any two models answers the same prompt)."""
+    any two models answers the same prompt). ``server``: a vLLM server serving the reference that draws the
+    samples instead (``--engine vllm``; each policy is loaded into it from its directory, and the seed does
+    not apply), the log-probs of the KL still computed here."""
 
     reference: torch.nn.Module
     tokenizer: Any
@@ -176,6 +178,7 @@ class FrontierEvaluation:
     samples_per_prompt: int
     max_new_tokens: int
     seed: int
+    server: CheckpointServer | None = None
 
     @property
     def device(self) -> str:
@@ -183,9 +186,23 @@ class FrontierEvaluation:
         return str(next(self.reference.parameters()).device)
 
     def estimate(
-        self, policy: torch.nn.Module, *, method: str, run: str, step: int, beta: float | None = None, keep_samples: int = 0
+        self,
+        policy: torch.nn.Module,
+        *,
+        method: str,
+        run: str,
+        step: int,
+        beta: float | None = None,
+        keep_samples: int = 0,
+        path: str | Path | None = None,
     ) -> tuple[FrontierPoint, list[Sample]]:
-        """``policy``'s point and its first ``keep_samples`` samples."""
+        """``policy``'s point and its first ``keep_samples`` samples; ``path``: the directory ``policy`` was
+        loaded from (None: it is the reference), which a vLLM ``server`` loads to sample it."""
+        engine = None
+        if self.server is not None:
+            if path is None:
+                self.server.restore()
+            engine = self.server.engine if path is None else self.server.serve(path, f"{run}-step-{step}")
         estimate = estimate_reward_kl(
             policy,
             self.reference,
@@ -196,6 +213,7 @@ class FrontierEvaluation:
             max_new_tokens=self.max_new_tokens,
             seed=self.seed,
             keep_samples=keep_samples,
+            engine=engine,
         )
         samples = estimate.pop("samples", [])
         return FrontierPoint.from_estimate(estimate, method=method, run=run, step=step, beta=beta), samples
@@ -224,7 +242,13 @@ class FrontierEvaluation:
             last = index == len(checkpoints) - 1
             policy = load_policy(path, dtype="float32", device=self.device).model
             point, kept = self.estimate(
-                policy, method=method, run=run, step=step + step_offset, beta=beta, keep_samples=keep_samples if last else 0
+                policy,
+                method=method,
+                run=run,
+                step=step + step_offset,
+                beta=beta,
+                keep_samples=keep_samples if last else 0,
+                path=path,
             )
             points.append(point)
             samples = kept if last else samples

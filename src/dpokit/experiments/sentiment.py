@@ -35,12 +35,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from dpokit.analysis.frontier import dominance_summary, write_results
+from dpokit.analysis.frontier import CheckpointServer, dominance_summary, write_results
 from dpokit.errors import ConfigError
 from dpokit.experiments.lm import LMSettings, load_or_pretrain
 from dpokit.experiments.preferences import make_preference_pairs, make_prompts, write_jsonl
 from dpokit.experiments.results import FrontierEvaluation, FrontierPoint, ResultStore, Sample, StoredRun, remove_checkpoints
 from dpokit.experiments.reward import vader_reward
+from dpokit.generation import EngineOptions, SamplingEngine
 
 if TYPE_CHECKING:
     from dpokit.config import TrainConfig
@@ -289,6 +290,7 @@ class Experiment:
         *,
         keep_checkpoints: bool = False,
         log: Log | None = None,
+        engine: EngineOptions | None = None,
     ) -> None:
         unknown = set(settings.methods) - set(ALL_METHODS)
         if unknown:
@@ -298,7 +300,12 @@ class Experiment:
         self.cache_dir = Path(cache_dir)
         self.keep_checkpoints = keep_checkpoints
         self.log: Log = log or (lambda line: None)
-        self.store = ResultStore(self.out_dir / "points", settings.key(), self.log)
+        self.engine = engine or EngineOptions()
+        self.engine.validate()
+        # vLLM's samples are not the dpokit engine's: points stored under one engine are not reused under the other.
+        key = settings.key() if self.engine.engine == "dpokit" else f"{settings.key()}+{self.engine.engine}"
+        self.store = ResultStore(self.out_dir / "points", key, self.log)
+        self.server: CheckpointServer | None = None
         self.timings: dict[str, float] = {}
         self.samples: dict[str, list[Sample]] = {}
         self.reward_fn = vader_reward
@@ -316,6 +323,9 @@ class Experiment:
         self.eval_prompts = make_prompts(self.tokenizer, s.num_eval_prompts, EVAL_PROMPT_SEED + s.seed)
         (self.out_dir / "data").mkdir(parents=True, exist_ok=True)
         (self.out_dir / "data" / "eval_prompts.txt").write_text("\n".join(self.eval_prompts) + "\n")
+        if self.engine.engine == "vllm":
+            self.server = CheckpointServer(str(self.sft_dir), self.engine)
+            self.log(f"evaluation samples and Best-of-N from the vLLM server at {self.server.engine.url} ({self.sft_dir})")
         self.frontier = FrontierEvaluation(
             self.sft_model,
             self.tokenizer,
@@ -324,6 +334,7 @@ class Experiment:
             samples_per_prompt=s.eval_samples_per_prompt,
             max_new_tokens=s.max_new_tokens,
             seed=s.seed + 7,
+            server=self.server,
         )
         rows, self.preference_stats = make_preference_pairs(
             self.sft_model,
@@ -433,12 +444,20 @@ class Experiment:
             s.best_of_n,
             max_new_tokens=s.max_new_tokens,
             seed=s.seed + 11,
+            engine=self._reference_engine(),
         )
         for point in points:
             self.log(f"  best-of-{point.n}: reward {point.reward_mean:.3f}  KL {point.kl_mean:.2f} (analytic)")
         self.timings["best-of-n"] = time.time() - start
         self.store.save("best-of-n", StoredRun(points=points, seconds=self.timings["best-of-n"]))
         return points
+
+    def _reference_engine(self) -> SamplingEngine | None:
+        """The vLLM server with the SFT model's weights (given back first), or None (dpokit's engine)."""
+        if self.server is None:
+            return None
+        self.server.restore()
+        return self.server.engine
 
     def run_rl(self, beta: float) -> list[FrontierPoint]:
         """RLOO (TRL) on the ground-truth reward with KL weight ``beta``; its checkpoints on the frontier."""
@@ -519,6 +538,8 @@ class Experiment:
         models = self.winrate_models()
         if not s.winrate_temperatures or not models:
             return None
+        if self.server is not None:
+            self.log("win rates: sampled by dpokit's engine (the win-rate stage does not sample on a vLLM server yet)")
         start = time.time()
         setup = WinrateSetup(
             out=self.out_dir / "winrate",
@@ -569,7 +590,11 @@ class Experiment:
         s = self.settings
         start = time.time()
         self.prepare()
-        points = [self.reference_point(), *self.run_methods()]
+        try:
+            points = [self.reference_point(), *self.run_methods()]
+        finally:
+            if self.server is not None:
+                self.server.restore()
         winrates = self.run_winrates()
         self.timings["total"] = time.time() - start
         dicts = [p.to_dict() for p in points]
@@ -598,11 +623,14 @@ def run_experiment(
     threads: int = DEFAULT_THREADS,
     keep_checkpoints: bool = False,
     log: Log | None = None,
+    engine: EngineOptions | None = None,
 ) -> SentimentResult:
     """Run the experiment with a named mode (``full``, ``quick``, ``demo``, ``smoke``) or explicit
-    settings, on ``threads`` torch threads (see :class:`Experiment` for the rest)."""
+    settings, on ``threads`` torch threads, the evaluation samples and Best-of-N's drawn by ``engine``
+    (default dpokit's; see :class:`Experiment` for the rest)."""
     with torch_threads(threads):
-        experiment = Experiment(resolve_mode(mode, MODES), out_dir, cache_dir, keep_checkpoints=keep_checkpoints, log=log)
+        settings = resolve_mode(mode, MODES)
+        experiment = Experiment(settings, out_dir, cache_dir, keep_checkpoints=keep_checkpoints, log=log, engine=engine)
         return experiment.run()
 
 

@@ -94,3 +94,20 @@ def reload_weights(engine: VllmEngine, path: Path) -> None:
     body = {"method": "reload_weights", "kwargs": {"weights_path": str(path.resolve())}}
     _post(engine, "/collective_rpc", body, "reload the policy's weights", needs)
     _post(engine, "/reset_prefix_cache", {}, "reset its prefix cache", needs)
+
+
+def serve_saved_model(engine: VllmEngine, path: str | Path, name: str) -> None:
+    """Have ``engine``'s server sample from the model saved at ``path`` (a checkpoint being evaluated): a LoRA
+    adapter directory (``adapter_config.json``) is loaded as ``name``, which the engine asks for from then on;
+    full weights are reloaded in place (the previous adapter, if any, unloaded). The server needs what
+    :func:`sync_policy` needs for the same kind of model, and must see ``path``."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        load_adapter(engine, name, path)
+        engine.adapter = name
+        return
+    reload_weights(engine, path)
+    if engine.adapter is not None:
+        needs = "start the server with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+        _post(engine, "/v1/unload_lora_adapter", {"lora_name": engine.adapter}, f"unload adapter {engine.adapter}", needs)
+        engine.adapter = None
