@@ -394,12 +394,12 @@ class OnlineLoop:
         engine = self.sampling_engine(r)
         completions = engine.sample(ids, sampling) if ids else []
         prompt_ids, outputs = [ids[c.prompt_index] for c in completions], [c.token_ids for c in completions]
-        policy = policy_logps(t.runner.model, prompt_ids, outputs, tokenizer=t.tokenizer, batch_size=s.batch_size)
+        policy = policy_logps(t.parts.runner.model, prompt_ids, outputs, tokenizer=t.parts.tokenizer, batch_size=s.batch_size)
         reference: list[float | None] = [None] * len(completions)
-        with t.train_reference.sampling_model() as reference_model:
+        with t.parts.train_reference.sampling_model() as reference_model:
             if reference_model is not None and completions:
                 reference = list(
-                    policy_logps(reference_model, prompt_ids, outputs, tokenizer=t.tokenizer, batch_size=s.batch_size)
+                    policy_logps(reference_model, prompt_ids, outputs, tokenizer=t.parts.tokenizer, batch_size=s.batch_size)
                 )
         records = [
             {
@@ -454,7 +454,7 @@ class OnlineLoop:
         from dpokit.generation import encode_prompts
 
         d = self.cfg.data
-        _, ids = encode_prompts(self.trainer.tokenizer, prompts)
+        _, ids = encode_prompts(self.trainer.parts.tokenizer, prompts)
         limit = d.max_prompt_length
         return [x[-limit:] if d.truncation_mode == "keep_end" else x[:limit] for x in ids]
 
@@ -466,8 +466,8 @@ class OnlineLoop:
             s, t = self.on.sampling, self.trainer
             self.engine = build_engine(
                 s.engine,
-                model=t.runner.model,
-                tokenizer=t.tokenizer,
+                model=t.parts.runner.model,
+                tokenizer=t.parts.tokenizer,
                 url=s.url,
                 api_key_env=s.api_key_env,
                 batch_size=s.batch_size,
@@ -573,14 +573,14 @@ class OnlineLoop:
         if self.sampled is not None:  # the completions as the ids that were sampled
             from dpokit.online.sampled import prepare_round
 
-            unpaired = self.trainer.objective.unpaired
-            prepared = prepare_round(rows, *self.sampled, self.trainer.tokenizer, self.cfg.data, unpaired=unpaired)
+            unpaired = self.trainer.parts.objective.unpaired
+            prepared = prepare_round(rows, *self.sampled, self.trainer.parts.tokenizer, self.cfg.data, unpaired=unpaired)
         else:
             prepared = prepare_with_config(
                 self.cfg.data,
                 rows,
-                self.trainer.tokenizer,
-                unpaired=self.trainer.objective.unpaired,
+                self.trainer.parts.tokenizer,
+                unpaired=self.trainer.parts.objective.unpaired,
                 format="ranked",  # the round's rows, written by this loop: no renames, nothing to skip, no cache
                 columns=None,
                 skip_invalid=False,
@@ -597,14 +597,14 @@ class OnlineLoop:
             return
         from safetensors.torch import load_file, save_file
 
-        reference = self.trainer.train_reference
+        reference = self.trainer.parts.train_reference
         if not isinstance(reference, CopyReference):  # online_config allows refresh with a copy only
             raise ConfigError(f"online.reference=refresh needs a copied reference model, got {type(reference).__name__}")
         path = round_dir(self.run_dir, r) / REFERENCE_WEIGHTS
         if restore:
             reference.model.load_state_dict(load_file(str(path)))
             return
-        state = {k: v.detach().clone().contiguous() for k, v in self.trainer.runner.model.state_dict().items()}
+        state = {k: v.detach().clone().contiguous() for k, v in self.trainer.parts.runner.model.state_dict().items()}
         reference.model.load_state_dict(state)
         if self.ctx.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def sync_policy(engine: VllmEngine, trainer: Any, round_path: Path) -> float | N
     step = int(trainer.position.step)
     if getattr(engine, "synced_step", None) == step:
         return None
-    model = getattr(trainer.runner.model, "module", trainer.runner.model)
+    model = getattr(trainer.parts.runner.model, "module", trainer.parts.runner.model)
     lora = is_peft_model(model)
     name = f"policy-step-{step}"
     started = time.perf_counter()

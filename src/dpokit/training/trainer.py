@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -56,7 +56,11 @@ from dpokit.training.reference import (
 from dpokit.training.resume import RunDirectory, check_resume_compatible, invariants, weights_fingerprint
 from dpokit.training.splits import Split, epoch_batches, load_data
 from dpokit.training.stop import StopRequest
-from dpokit.training.tracking import StartupClock
+from dpokit.training.tracking import MetricsTracker, StartupClock, progress_bar
+
+if TYPE_CHECKING:
+    from dpokit.data import BatchLayout
+    from dpokit.losses import Objective
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +118,7 @@ class WholeRun:
     """The offline run as a loop: one segment to the planned end, on the training data."""
 
     def segments(self, trainer: Trainer) -> Iterator[Segment]:
-        yield Segment(end_step=trainer.total_steps)
+        yield Segment(end_step=trainer.parts.total_steps)
 
     def after_segment(self, trainer: Trainer, segment: Segment, seconds: float) -> None:
         return None
@@ -129,6 +133,27 @@ class Position:
     batch_in_epoch: int = 0
     window: MetricSums = field(default_factory=MetricSums)  # training metrics since the last log
     best_eval: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Components:
+    """The run's parts, built once from its config by :meth:`Trainer.setup`: what every step uses and
+    what a :class:`Loop` may read. Only the data changes during a run (``Trainer.train_split``)."""
+
+    tokenizer: Any  # writes the prompts' token ids (a vision-language processor's own tokenizer)
+    processor: Any | None  # a vision-language policy's processor; None for a causal language model
+    objective: Objective
+    layout: str  # the batch layout: padded, shared_prompt or packed
+    collate: BatchLayout
+    reference_strategy: str  # precomputed, copy, adapter_disabled or none
+    runner: ParallelPolicy  # the policy, wrapped for the process group
+    train_reference: Reference
+    eval_reference: Reference
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int  # the planned optimizer steps
+    micro_examples: int  # examples per micro-batch over all processes
+    invariants: dict[str, Any]  # what a checkpoint records for a resume to check
 
 
 def seed_everything(seed: int) -> None:
@@ -221,7 +246,6 @@ class Trainer:
         self.data_source = data
         self.extra_state: dict[str, Any] = {}  # recorded in every checkpoint (the online loop's round)
         self.restored_state: dict[str, Any] = {}  # the trainer state of the checkpoint resumed from
-        self.layout = "padded"  # the batch layout, chosen in setup
         self.run_directory = RunDirectory.open(cfg, ctx, resume=resume, overwrite=overwrite)  # locked by rank 0
         self.run_dir, self.resume_from = self.run_directory.path, self.run_directory.resume_from
         self.position = Position()
@@ -229,9 +253,17 @@ class Trainer:
         self.last_saved_step = self.last_eval_step = -1
         self.train_metrics: dict[str, float] = {}
         self.eval_metrics: dict[str, float] = {}
-        self._batches: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its micro-batches), set in setup_optimizer
+        self._batches: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its micro-batches)
+        # The metrics tracker and progress bar are opened by fit (reporting); closed until then.
+        self.tracker = MetricsTracker(self.run_dir, enabled=False)
+        self.bar = progress_bar(None, enabled=False)
         try:
-            self.setup()
+            self.train_split, self.eval_split, self.parts = self.setup()
+            if self.resume_from is not None:
+                self.restore(self.resume_from)
+            if ctx.is_main:  # the record of the run (a resume's beside it), once the resume is accepted
+                self.run_directory.write_config(cfg, resumed_at=self.position.step if self.resume_from is not None else None)
+            self.clock.remainder("other_setup")  # wrapping, compilation, optimizer, resume
         except BaseException:
             self.run_directory.close(failed=True)  # nor its directory, unless it existed before or holds results
             raise
@@ -243,7 +275,7 @@ class Trainer:
         evaluate, checkpoint and export on the way. Signals, reporting, the last evaluation and
         checkpoint and the export are the trainer's, whatever the loop."""
         loop = loop or WholeRun()
-        self.runner.train(True)
+        self.parts.runner.train(True)
         signals = (signal.SIGINT, signal.SIGTERM) if self.ctx.handles_signals else ()  # torchrun stops ranks itself
         with StopRequest(signals) as stop, self.reporting():
             for segment in loop.segments(self):
@@ -272,7 +304,7 @@ class Trainer:
             if on_step is not None and on_step(p.step, step_metrics):
                 stop.request("on_step")
             self.ctx.agree_on_stop(stop)
-            if stop.reason is not None and p.step < self.total_steps:
+            if stop.reason is not None and p.step < self.parts.total_steps:
                 self.interrupt(stop.reason)
                 return True
         return False
@@ -295,7 +327,7 @@ class Trainer:
         """Train on ``split`` from now on (an online round's pairs), keeping the policy, optimizer and
         schedule; the data position restarts at its first micro-batch unless ``keep_position`` (a resume
         inside the round it belongs to)."""
-        if self.layout != "padded":
+        if self.parts.layout != "padded":
             split.length_kind = "block"
         self.train_split = split
         self._batches = (-1, [])
@@ -312,22 +344,22 @@ class Trainer:
             if not math.isfinite(value):
                 raise self.non_finite("the loss", value, f"epoch {p.epoch}, micro-batch {p.batch_in_epoch + index}")
 
-        self.optimizer.zero_grad(set_to_none=True)
+        self.parts.optimizer.zero_grad(set_to_none=True)
         step_sums, grad_norm = steps.train_step(
-            self.runner,
+            self.parts.runner,
             micro_batches,
             self.train_split,
-            self.collate,
-            self.train_reference,
-            self.objective,
+            self.parts.collate,
+            self.parts.train_reference,
+            self.parts.objective,
             max_grad_norm=o.max_grad_norm if o.max_grad_norm is not None else math.inf,
             check_loss=check_loss,
         )
         if not math.isfinite(grad_norm):
             raise self.non_finite("the gradient norm", grad_norm, f"epoch {p.epoch}")
-        learning_rate = float(self.scheduler.get_last_lr()[0])
-        self.optimizer.step()
-        self.scheduler.step()
+        learning_rate = float(self.parts.scheduler.get_last_lr()[0])
+        self.parts.optimizer.step()
+        self.parts.scheduler.step()
         p.step += 1
         p.batch_in_epoch += len(micro_batches)
         if p.batch_in_epoch >= len(batches):
@@ -343,7 +375,7 @@ class Trainer:
         step_metrics = step_sums.averages()
         self.bar.update(1)
         self.bar.set_metrics(step_metrics)
-        if p.step % self.cfg.logging.log_every == 0 or p.step == self.total_steps:
+        if p.step % self.cfg.logging.log_every == 0 or p.step == self.parts.total_steps:
             epoch_fraction = p.batch_in_epoch / len(self.epoch_batches(p.epoch))
             self.train_metrics = {**p.window.logged(), "epoch": p.epoch + epoch_fraction}
             self.tracker.log(p.step, self.train_metrics, split="train")
@@ -382,7 +414,12 @@ class Trainer:
         device = self.ctx.device
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             metrics = steps.evaluate(
-                self.runner, self.eval_split, self.eval_reference, self.objective, self.collate, batch_size=cfg.eval.batch_size
+                self.parts.runner,
+                self.eval_split,
+                self.parts.eval_reference,
+                self.parts.objective,
+                self.parts.collate,
+                batch_size=cfg.eval.batch_size,
             ).metrics
             if cfg.eval.sample_prompts and self.ctx.is_main and self.ctx.holds_whole_model:
                 self.write_samples()
@@ -401,13 +438,13 @@ class Trainer:
         cfg = self.cfg.eval
         items = self.eval_split.items(range(min(cfg.sample_prompts, len(self.eval_split))))
         samples = policy_and_reference_samples(
-            self.runner.model,
-            self.eval_reference,
-            self.tokenizer,
+            self.parts.runner.model,
+            self.parts.eval_reference,
+            self.parts.tokenizer,
             [list(item["prompt_ids"]) for item in items],
             max_new_tokens=cfg.max_new_tokens,
-            images=[list(item.get("images") or []) for item in items] if self.processor is not None else None,
-            image_processor=getattr(self.processor, "image_processor", None),
+            images=[list(item.get("images") or []) for item in items] if self.parts.processor is not None else None,
+            image_processor=getattr(self.parts.processor, "image_processor", None),
         )
         with open(self.run_dir / SAMPLES_FILENAME, "a", encoding="utf-8") as handle:
             for sample in samples:
@@ -419,22 +456,22 @@ class Trainer:
             "global_step": p.step,
             "epoch": p.epoch,
             "batch_in_epoch": p.batch_in_epoch,
-            "total_steps": self.total_steps,
+            "total_steps": self.parts.total_steps,
             "pending_metrics": p.window.state(),
             "best_eval": p.best_eval,
-            "invariants": self.invariants,
-            "reference_strategy": self.reference_strategy,
+            "invariants": self.parts.invariants,
+            "reference_strategy": self.parts.reference_strategy,
             "config": config_to_dict(self.cfg),
             **self.extra_state,
         }
         self.last_checkpoint = save_checkpoint(
             self.run_dir,
             p.step,
-            model=self.runner.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
+            model=self.parts.runner.model,
+            optimizer=self.parts.optimizer,
+            scheduler=self.parts.scheduler,
             trainer_state=state,
-            tokenizer=self.processor or self.tokenizer,
+            tokenizer=self.parts.processor or self.parts.tokenizer,
             keep_last=self.cfg.checkpoint.keep_last,
             ctx=self.ctx,
         )
@@ -447,7 +484,7 @@ class Trainer:
         output_dir = Path(self.cfg.output_dir) if self.cfg.output_dir else self.run_dir / "final"
         summary = RunSummary(
             self.cfg,
-            repr(self.objective),
+            repr(self.parts.objective),
             self.position.step,
             len(self.train_split),
             len(self.eval_split) if self.eval_split is not None else None,
@@ -455,10 +492,10 @@ class Trainer:
             self.train_metrics,
             self.eval_metrics,
             online=self.data_source is not None,
-            reference=self.reference_strategy,
+            reference=self.parts.reference_strategy,
         )
-        saved = self.processor or self.tokenizer  # a processor saves its tokenizer and image processor
-        export_final_model(self.ctx, self.runner.model, saved, output_dir, self.cfg.model, summary=summary)
+        saved = self.parts.processor or self.parts.tokenizer  # a processor saves its tokenizer and image processor
+        export_final_model(self.ctx, self.parts.runner.model, saved, output_dir, self.cfg.model, summary=summary)
         if self.ctx.is_main and output_dir.is_dir():
             save_config(self.cfg, output_dir / CONFIG_FILENAME)
         return output_dir
@@ -480,7 +517,7 @@ class Trainer:
         if self._batches[0] != epoch:
             self._batches = (
                 epoch,
-                epoch_batches(self.train_split, batch_size=self.micro_examples, seed=self.cfg.optim.seed, epoch=epoch),
+                epoch_batches(self.train_split, batch_size=self.parts.micro_examples, seed=self.cfg.optim.seed, epoch=epoch),
             )
         return self._batches[1]
 
@@ -505,92 +542,115 @@ class Trainer:
         else:
             logger.warning(message)
 
-    def setup(self) -> None:
-        """Model, data, objective, reference, wrapping, optimizer and schedule, then the resumed position."""
+    def setup(self) -> tuple[Split, Split | None, Components]:
+        """Model, data, objective, layout, reference, wrapping, optimizer and schedule, built once: the
+        training and held-out data and the run's :class:`Components`."""
         from dpokit.data import make_collator
-        from dpokit.losses import build_objective
         from dpokit.training.layout import plan_layout
 
-        cfg, ctx = self.cfg, self.ctx
+        cfg = self.cfg
         seed_everything(cfg.optim.seed)
-        with self.clock.phase("model"):
-            policy, self.tokenizer = load_model_and_tokenizer(cfg.model, device=ctx.device)
-            self.processor = load_processor(cfg.model)  # a vision-language policy's (None for a causal LM)
-            if self.processor is not None:  # the tokenizer that writes the processor's image tokens
-                self.tokenizer = self.processor.tokenizer
-        self.objective = build_objective(cfg.loss.terms, beta=cfg.loss.beta, reference_free=cfg.loss.reference_free)
-        with ctx.main_first(), self.clock.phase("data"):  # one rank fills the tokenized-data cache
-            if self.data_source is not None:
-                self.train_split, self.eval_split = self.data_source(self.tokenizer, self.objective.unpaired)
-            else:
-                self.train_split, self.eval_split = load_data(
-                    cfg,
-                    self.tokenizer,
-                    say=self.say,
-                    unpaired=self.objective.unpaired,
-                    run_dir=self.run_dir,
-                    processor=self.processor,
-                )
-        layout, layout_why = plan_layout(cfg.data.layout, policy, self.layout_batches() if cfg.data.layout == "auto" else None)
-        self.layout = layout
-        self.collate = make_collator(
+        policy, tokenizer, processor, objective, train, held_out = self.load()
+        layout, layout_why = plan_layout(
+            cfg.data.layout, policy, self.layout_batches(train) if cfg.data.layout == "auto" else None
+        )
+        collate = make_collator(
             layout,
-            self.tokenizer.pad_token_id,
+            tokenizer.pad_token_id,
             pack_tokens=cfg.data.pack_tokens if layout == "packed" else None,
-            image_processor=getattr(self.processor, "image_processor", None),
+            image_processor=getattr(processor, "image_processor", None),
         )
         if layout != "padded":  # group batches by the length of a whole [prompt | responses] block
-            self.train_split.length_kind = "block"
-        self.reference_strategy, why = plan_reference(
+            train.length_kind = "block"
+        strategy, why = plan_reference(
             cfg.reference.strategy,
-            needs_reference=self.objective.needs_reference,
+            needs_reference=objective.needs_reference,
             lora=cfg.model.lora.enabled,
-            mismatched_pairs=self.objective.needs_kl,
-            workload=self.reference_workload(policy),
+            mismatched_pairs=objective.needs_kl,
+            workload=self.reference_workload(policy, train, held_out),
         )
         self.say(
-            f"objective {self.objective!r}; {len(self.train_split)} training examples"
-            + (f", {len(self.eval_split)} held out" if self.eval_split is not None else "")
-            + f"; layout: {layout} ({layout_why}); reference: {self.reference_strategy} ({why})"
+            f"objective {objective!r}; {len(train)} training examples"
+            + (f", {len(held_out)} held out" if held_out is not None else "")
+            + f"; layout: {layout} ({layout_why}); reference: {strategy} ({why})"
         )
-        self.setup_policy_and_references(policy)
-        self.setup_optimizer()
-        if self.resume_from is not None:
-            self.restore(self.resume_from)
-        if ctx.is_main:  # the record of the run (a resume's beside it), once the resume is accepted
-            self.run_directory.write_config(cfg, resumed_at=self.position.step if self.resume_from is not None else None)
-        self.clock.remainder("other_setup")  # wrapping, compilation, optimizer, resume
+        datasets = [s.dataset for s in (train, held_out) if s is not None]
+        runner, train_reference, eval_reference = self.wrap_policy(policy, strategy, layout, collate, datasets)
+        optimizer, scheduler, total_steps, micro_examples = self.plan_optimizer(runner, train)
+        parts = Components(
+            tokenizer=tokenizer,
+            processor=processor,
+            objective=objective,
+            layout=layout,
+            collate=collate,
+            reference_strategy=strategy,
+            runner=runner,
+            train_reference=train_reference,
+            eval_reference=eval_reference,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            total_steps=total_steps,
+            micro_examples=micro_examples,
+            invariants=invariants(
+                cfg,
+                num_train=len(train),
+                micro_batch_examples=micro_examples,
+                data_fingerprint=getattr(train.dataset, "fingerprint", None),
+                weights_fingerprint=weights_fingerprint(cfg.model.name_or_path),
+            ),
+        )
+        return train, held_out, parts
 
-    def layout_batches(self) -> dict[str, list[list[dict[str, Any]]]] | None:
+    def load(self) -> tuple[torch.nn.Module, Any, Any, Objective, Split, Split | None]:
+        """The policy, its tokenizer and processor, the objective and the (training, held-out) data."""
+        from dpokit.losses import build_objective
+
+        cfg, ctx = self.cfg, self.ctx
+        with self.clock.phase("model"):
+            policy, tokenizer = load_model_and_tokenizer(cfg.model, device=ctx.device)
+            processor = load_processor(cfg.model)  # a vision-language policy's (None for a causal LM)
+            if processor is not None:  # the tokenizer that writes the processor's image tokens
+                tokenizer = processor.tokenizer
+        objective = build_objective(cfg.loss.terms, beta=cfg.loss.beta, reference_free=cfg.loss.reference_free)
+        with ctx.main_first(), self.clock.phase("data"):  # one rank fills the tokenized-data cache
+            if self.data_source is not None:
+                train, held_out = self.data_source(tokenizer, objective.unpaired)
+            else:
+                train, held_out = load_data(
+                    cfg, tokenizer, say=self.say, unpaired=objective.unpaired, run_dir=self.run_dir, processor=processor
+                )
+        return policy, tokenizer, processor, objective, train, held_out
+
+    def layout_batches(self, train: Split) -> dict[str, list[list[dict[str, Any]]]] | None:
         """Epoch 0's micro-batches of training items as each layout's length grouping makes them, for
         ``data.layout: auto`` to estimate their cost (None before there is training data: an online
         run starts with none)."""
-        if len(self.train_split) == 0 or not hasattr(self.train_split.dataset, "lengths"):
+        if len(train) == 0 or not hasattr(train.dataset, "lengths"):
             return None
         micro = self.cfg.optim.batch_size * self.ctx.data_ranks
         batches = {}
         for layout, kind in (("padded", "row"), ("shared_prompt", "block")):
-            split = replace(self.train_split, length_kind=kind)
+            split = replace(train, length_kind=kind)
             positions = epoch_batches(split, batch_size=micro, seed=self.cfg.optim.seed, epoch=0)
             batches[layout] = [split.items(batch) for batch in positions]
         return batches
 
-    def reference_workload(self, policy: torch.nn.Module) -> ReferenceWorkload:
+    def reference_workload(self, policy: torch.nn.Module, train: Split, held_out: Split | None) -> ReferenceWorkload:
         """The examples a precomputed pass and a live reference would forward in this run, and whether a
         copy of ``policy`` fits, for ``reference.strategy: auto``."""
         cfg, o = self.cfg, self.cfg.optim
         micro = o.batch_size * self.ctx.data_ranks
-        steps = planned_steps(o, num_examples=len(self.train_split), micro_examples=micro)
-        datasets = {id(s.dataset): len(s.dataset.items) for s in (self.train_split, self.eval_split) if s is not None}
-        evaluations = (steps // cfg.eval.every_steps if cfg.eval.every_steps else 0) + 1 if self.eval_split is not None else 0
-        live = steps * micro * o.grad_accumulation + evaluations * (len(self.eval_split) if self.eval_split is not None else 0)
+        steps = planned_steps(o, num_examples=len(train), micro_examples=micro)
+        datasets = {id(s.dataset): len(s.dataset.items) for s in (train, held_out) if s is not None}
+        evaluations = (steps // cfg.eval.every_steps if cfg.eval.every_steps else 0) + 1 if held_out is not None else 0
+        live = steps * micro * o.grad_accumulation + evaluations * (len(held_out) if held_out is not None else 0)
         tensors = [*policy.parameters(), *policy.buffers()]
         return ReferenceWorkload(
             precomputed_examples=sum(datasets.values()),
             live_examples=live,
             copy_bytes=sum(t.numel() * t.element_size() for t in tensors),
             free_bytes=available_memory(self.ctx.device),
-            samples_reference=self.eval_split is not None and cfg.eval.sample_prompts > 0,
+            samples_reference=held_out is not None and cfg.eval.sample_prompts > 0,
         )
 
     def report_startup(self) -> None:
@@ -599,15 +659,17 @@ class Trainer:
         self.say(self.clock.summary())
         if self.ctx.is_main:
             with contextlib.suppress(OSError):
-                self.clock.write(self.run_dir, reference_strategy=self.reference_strategy)
+                self.clock.write(self.run_dir, reference_strategy=self.parts.reference_strategy)
 
-    def setup_policy_and_references(self, policy: torch.nn.Module) -> None:
+    def wrap_policy(
+        self, policy: torch.nn.Module, strategy: str, layout: str, collate: BatchLayout, datasets: list[Any]
+    ) -> tuple[ParallelPolicy, Reference, Reference]:
         """The references (fixed from the initial weights, before LoRA and any resumed weights), then
-        gradient checkpointing, LoRA and compilation, then the DDP / FSDP2 wrapping."""
+        gradient checkpointing, LoRA and compilation, then the DDP / FSDP2 wrapping: (the wrapped policy,
+        the training reference, the held-out reference)."""
         cfg = self.cfg
-        datasets = [s.dataset for s in (self.train_split, self.eval_split) if s is not None]
         with self.clock.phase("reference"):
-            references = build_references(self.reference_strategy, cfg, self.ctx, policy, datasets, self.collate)
+            references = build_references(strategy, cfg, self.ctx, policy, datasets, collate)
         for reference in dict.fromkeys(references):
             if isinstance(reference, PrecomputedReference) and reference.path is not None:
                 how = "reused from" if reference.from_cache else "computed and cached in"
@@ -623,8 +685,8 @@ class Trainer:
         _blocks, lines = apply_checkpointing_plan(
             policy,
             cfg.model,
-            layout=self.layout,
-            shape=micro_batch_shape(self.layout, cfg.optim.batch_size, d.max_length, d.pack_tokens),
+            layout=layout,
+            shape=micro_batch_shape(layout, cfg.optim.batch_size, d.max_length, d.pack_tokens),
             optimizer=cfg.optim.optimizer,
             chunk_size=cfg.optim.logps_chunk_size,
             free_bytes=available_memory(self.ctx.device),
@@ -635,44 +697,41 @@ class Trainer:
             from dpokit.training.speed import compile_decoder_layers
 
             compile_decoder_layers(policy, cache_dir=Path(cfg.data.cache_dir) / "compile")
-        self.runner = ParallelPolicy(self.ctx, policy, chunk_size=cfg.optim.logps_chunk_size)
+        runner = ParallelPolicy(self.ctx, policy, chunk_size=cfg.optim.logps_chunk_size)
         # build_references leaves None only for adapter_disabled, made here from the wrapped policy.
         resolved: list[Reference] = (
-            [AdapterDisabledReference(self.runner) for _ in references]
-            if self.reference_strategy == "adapter_disabled"
+            [AdapterDisabledReference(runner) for _ in references]
+            if strategy == "adapter_disabled"
             else [r for r in references if r is not None]
         )
-        self.train_reference = resolved[0]
-        self.eval_reference = resolved[-1]
+        return runner, resolved[0], resolved[-1]
 
-    def setup_optimizer(self) -> None:
-        """Optimizer over the (possibly sharded) trainable parameters; the length of the run; the schedule."""
+    def plan_optimizer(
+        self, runner: ParallelPolicy, train: Split
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int, int]:
+        """Optimizer over the (possibly sharded) trainable parameters, the schedule, the length of the run
+        in optimizer steps and the examples per micro-batch (batch_size x processes: each rank gets a slice)."""
         o = self.cfg.optim
-        # The sampler draws micro-batches of batch_size x processes examples; each rank gets a slice.
-        self.micro_examples = o.batch_size * self.ctx.data_ranks
-        self._batches = (-1, [])
-        plan = plan_steps(o, num_examples=len(self.train_split), micro_examples=self.micro_examples)
-        self.total_steps = plan.total_steps
+        micro_examples = o.batch_size * self.ctx.data_ranks
+        plan = plan_steps(o, num_examples=len(train), micro_examples=micro_examples)
         for line in plan.notes:
             self.say(line)
         for line in plan.warnings:
             self.warn(line)
-        self.optimizer = build_optimizer(o, [p for p in self.runner.model.parameters() if p.requires_grad])
-        self.scheduler = build_scheduler(self.optimizer, o, self.total_steps, plan.warmup_steps)
-        self.invariants = invariants(
-            self.cfg,
-            num_train=len(self.train_split),
-            micro_batch_examples=self.micro_examples,
-            data_fingerprint=getattr(self.train_split.dataset, "fingerprint", None),
-            weights_fingerprint=weights_fingerprint(self.cfg.model.name_or_path),
-        )
+        optimizer = build_optimizer(o, [p for p in runner.model.parameters() if p.requires_grad])
+        scheduler = build_scheduler(optimizer, o, plan.total_steps, plan.warmup_steps)
+        return optimizer, scheduler, plan.total_steps, micro_examples
 
     def restore(self, checkpoint: Path) -> None:
         """Weights, optimizer, scheduler, RNG and data position from ``checkpoint``."""
         state = load_checkpoint(
-            checkpoint, model=self.runner.model, optimizer=self.optimizer, scheduler=self.scheduler, ctx=self.ctx
+            checkpoint,
+            model=self.parts.runner.model,
+            optimizer=self.parts.optimizer,
+            scheduler=self.parts.scheduler,
+            ctx=self.ctx,
         )
-        applied = check_resume_compatible(state, self.cfg, self.invariants)
+        applied = check_resume_compatible(state, self.cfg, self.parts.invariants)
         self.restored_state = state
         self.position = Position(
             state["global_step"],
@@ -707,7 +766,7 @@ class Trainer:
             enabled=is_main,
         )
         self.bar = progress_bar(
-            self.total_steps,
+            self.parts.total_steps,
             initial=self.position.step,
             enabled=cfg.logging.progress_bar and is_main,
             line_every=cfg.logging.log_every,
