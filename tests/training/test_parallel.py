@@ -356,7 +356,7 @@ def test_one_process_and_torchrun_ranks_run_the_same_trainer(assets, tmp_path, m
     original_fit = trainer_module.Trainer.fit
 
     def recording_fit(self, loop=None, on_step=None):
-        seen.append((type(self).__name__, self.ctx.world_size, type(self.runner.module).__name__))
+        seen.append((type(self).__name__, self.ctx.world_size, type(self.parts.runner.module).__name__))
         return original_fit(self, loop, on_step)
 
     monkeypatch.setattr(trainer_module.Trainer, "fit", recording_fit)
