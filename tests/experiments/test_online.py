@@ -204,3 +204,53 @@ def test_across_seeds_gives_each_arm_and_comparison_a_student_t_interval_over_th
     difference = aggregate["comparisons"]["c vs d"]["reward_difference"]
     assert difference["mean"] == pytest.approx(0.1) and difference["ci_low"] < 0 < difference["ci_high"]
     assert aggregate["comparisons"]["c vs d"]["seeds"] == 3
+
+
+def _with_completions(rewards, lengths, per_prompt=2):
+    return [{**s, "completion": "x" * n} for s, n in zip(_samples(rewards, per_prompt), lengths, strict=True)]
+
+
+def test_compare_samples_length_controlled_win_rate_is_near_half_when_length_alone_decides():
+    # Ours wins exactly where its sample is the longer one, and it is the longer one in 6 of 8 pairs.
+    ours = _with_completions([0.9, 0.8, 0.7, 0.9, 0.6, 0.8, 0.1, 0.2], [65, 55, 45, 35, 25, 15, 5, 8])
+    theirs = _with_completions([0.1, 0.2, 0.3, 0.1, 0.2, 0.3, 0.5, 0.6], [5, 5, 5, 5, 5, 5, 15, 28])
+    result = compare_samples(ours, theirs)
+    assert result["win_rate"] == pytest.approx(0.75)
+    assert abs(result["lc_win_rate"] - 0.5) < 0.05 and result["length_effect"] > 1.0
+    assert result["lc_ci_low"] <= result["lc_win_rate"] <= result["lc_ci_high"]
+
+
+def test_compare_samples_length_controlled_win_rate_stays_with_the_raw_one_when_length_does_not_decide():
+    # 6 wins and 2 losses, wins and losses alike on both sides of equal length.
+    ours = _with_completions([0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.1, 0.1], [10, 20, 30, 50, 60, 70, 25, 55])
+    theirs = _with_completions([0.1] * 6 + [0.9, 0.9], [40, 50, 60, 20, 30, 40, 40, 40])
+    result = compare_samples(ours, theirs)
+    assert result["win_rate"] == pytest.approx(0.75) and result["lc_win_rate"] == pytest.approx(0.75, abs=0.02)
+    assert abs(result["length_effect"]) < 0.1
+
+
+def test_compare_samples_without_completions_has_no_length_control():
+    assert "lc_win_rate" not in compare_samples(_samples([0.9, 0.1]), _samples([0.1, 0.9]))
+
+
+def test_across_seeds_carries_the_length_controlled_win_rate_into_the_seeds_table():
+    from dpokit.experiments.online import seeds_markdown
+
+    def summary(seed, lc):
+        arm = {"label": "(c')", "reward": {"mean": 0.3}, "kl": {"mean": 2.0}, "mean_length": 20.0}
+        comparison = {"reward_difference": {"mean": 0.0}, "win_rate": 0.5, "lc_win_rate": lc, "length_effect": lc - 0.5}
+        return {
+            "settings": {"seed": seed},
+            "arms": {"self-label-current": arm},
+            "comparisons": {"self-label-current vs ten-percent": comparison},
+        }
+
+    aggregate = across_seeds([summary(0, 0.4), summary(1, 0.5), summary(2, 0.6)])
+    lc = aggregate["comparisons"]["self-label-current vs ten-percent"]["lc_win_rate"]
+    assert lc["mean"] == pytest.approx(0.5) and lc["per_seed"] == [0.4, 0.5, 0.6] and lc["ci_low"] < 0.4
+    table = seeds_markdown(aggregate)
+    assert "| LC win rate | per seed | length effect | per seed |" in table and "| 0.400, 0.500, 0.600 |" in table
+    # A seed stored without it (an older results.json) leaves the column out rather than averaging fewer seeds.
+    older = summary(3, 0.5)
+    del older["comparisons"]["self-label-current vs ten-percent"]["lc_win_rate"]
+    assert "lc_win_rate" not in across_seeds([summary(0, 0.4), older])["comparisons"]["self-label-current vs ten-percent"]

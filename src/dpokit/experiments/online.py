@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dpokit.analysis.frontier import write_results
+from dpokit.analysis.winrate import length_control_cells
 from dpokit.errors import ConfigError
 from dpokit.experiments.lm import LMSettings
 from dpokit.experiments.preferences import make_preference_pairs, write_jsonl
@@ -68,7 +69,7 @@ from dpokit.experiments.sentiment import (
     trainer_config,
 )
 from dpokit.experiments.sentiment import MODES as SENTIMENT_MODES
-from dpokit.judges.stats import Z95, t_interval, wilson_interval
+from dpokit.judges.stats import Z95, length_controlled, t_interval, wilson_interval
 
 if TYPE_CHECKING:
     from dpokit.config import TrainConfig
@@ -258,7 +259,11 @@ def mean_interval(values: Sequence[float]) -> dict[str, float]:
 def compare_samples(ours: Sequence[dict[str, Any]], theirs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Sample i of one policy against sample i of another (same prompt, same sampling seed) under the
     ground-truth reward: wins / ties / losses, win rate (ties half) with a Wilson interval, and the
-    paired mean reward difference with a 95% interval over prompts."""
+    paired mean reward difference with a 95% interval over prompts. When the samples carry their
+    ``completion``, also the length-controlled win rate -- the win rate at equal length, from a logistic
+    fit of each pair's outcome on its length difference in characters
+    (:func:`dpokit.judges.stats.length_controlled`, bootstrap over prompts) -- and the fitted length
+    effect (> 0: the longer completion tends to win), each with its 95% interval."""
     if len(ours) != len(theirs) or any(a["prompt"] != b["prompt"] for a, b in zip(ours, theirs, strict=True)):
         raise ConfigError("the two policies' evaluation samples do not answer the same prompts in the same order")
     wins = sum(a["reward"] > b["reward"] for a, b in zip(ours, theirs, strict=True))
@@ -274,7 +279,19 @@ def compare_samples(ours: Sequence[dict[str, Any]], theirs: Sequence[dict[str, A
         "win_rate": (wins + 0.5 * ties) / len(ours),
         "win_rate_ci": [low, high],
         "reward_difference": mean_interval(prompt_means(differences, "d")),
+        **_length_control(ours, theirs),
     }
+
+
+def _length_control(ours: Sequence[dict[str, Any]], theirs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`compare_samples`'s length-controlled win rate and length effect ({} without completions)."""
+    if not all("completion" in sample for sample in [*ours, *theirs]):
+        return {}
+    pairs = list(zip(ours, theirs, strict=True))
+    outcomes = ["win" if a["reward"] > b["reward"] else "loss" if a["reward"] < b["reward"] else "tie" for a, b in pairs]
+    lengths = [float(len(a["completion"]) - len(b["completion"])) for a, b in pairs]
+    control = length_controlled(outcomes, lengths, [a["prompt_index"] for a in ours])
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(control).items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -625,9 +642,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             f"| {'–' if length is None else f'{length:.1f}'} | {row['seconds']:.0f} |"
         )
     lines += ["", "Sample against sample (same prompt, same sampling seed), judged by the ground-truth reward:", ""]
+    lc = any("lc_win_rate" in c for c in summary["comparisons"].values())
     lines += [
-        "| comparison | wins / ties / losses | win rate [95% Wilson CI] | reward difference [95% CI] |",
-        "|---|---|---|---|",
+        "| comparison | wins / ties / losses | win rate [95% Wilson CI] | reward difference [95% CI] |"
+        + (" LC win rate [95% CI] | length effect [95% CI] |" if lc else ""),
+        "|---|---|---|---|" + ("---|---|" if lc else ""),
     ]
 
     def label(arm: str) -> str:
@@ -639,7 +658,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {label(ours)} vs {label(theirs)} | {c['wins']} / {c['ties']} / {c['losses']} "
             f"| {c['win_rate']:.3f} [{low:.3f}, {high:.3f}] | {_interval(c['reward_difference'])} |"
+            + (length_control_cells(c) if lc else "")
         )
+    if lc:
+        lines += [
+            "",
+            "LC: the win rate at equal length (lengths in characters); length effect > 0: the longer sample tends to win.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -667,8 +692,9 @@ def run_online_experiment(
 def across_seeds(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The experiment's results over training seeds (``summaries``: each seed's ``results.json`` fields):
     each arm's final reward, KL and mean length, and each comparison's paired reward difference and win
-    rate -- the per-seed values (each the mean over that seed's evaluation), their mean and a 95%
-    Student-t interval across seeds. An arm or comparison missing from a seed is left out of that seed."""
+    rate, with the length-controlled win rate and the length effect where every seed has them -- the
+    per-seed values (each the mean over that seed's evaluation), their mean and a 95% Student-t interval
+    across seeds. An arm or comparison missing from a seed is left out of that seed."""
     arms: dict[str, dict[str, Any]] = {}
     for arm in dict.fromkeys(a for s in summaries for a in s["arms"]):
         rows = [s["arms"][arm] for s in summaries if arm in s["arms"]]
@@ -686,6 +712,10 @@ def across_seeds(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "reward_difference": {**t_interval(differences), "per_seed": differences},
             "win_rate": {**t_interval([r["win_rate"] for r in rows]), "per_seed": [r["win_rate"] for r in rows]},
         }
+        for field_name in ("lc_win_rate", "length_effect"):
+            values = [r.get(field_name) for r in rows]
+            if all(v is not None for v in values):
+                comparisons[name][field_name] = {**t_interval(values), "per_seed": values}
     return {"seeds": [s["settings"]["seed"] for s in summaries], "arms": arms, "comparisons": comparisons}
 
 
@@ -701,19 +731,32 @@ def seeds_markdown(aggregate: dict[str, Any]) -> str:
     for row in aggregate["arms"].values():
         length = "–" if row["mean_length"] is None else _interval(row["mean_length"], 1)
         lines.append(f"| {row['label']} | {_interval(row['reward'])} | {_interval(row['kl'], 1)} | {length} |")
-    lines += ["", "| comparison | reward difference | per seed | win rate | per seed |", "|---|---|---|---|---|"]
+    lc = any("lc_win_rate" in c for c in aggregate["comparisons"].values())
+    lines += [
+        "",
+        "| comparison | reward difference | per seed | win rate | per seed |"
+        + (" LC win rate | per seed | length effect | per seed |" if lc else ""),
+        "|---|---|---|---|---|" + ("---|---|---|---|" if lc else ""),
+    ]
 
     def label(arm: str) -> str:
         return str(aggregate["arms"].get(arm, {}).get("label", ARM_LABELS.get(arm, arm)))
 
+    def cells(value: dict[str, Any] | None, signed: bool = False) -> str:
+        if value is None:
+            return " – | – |"
+        each = ", ".join(f"{v:+.3f}" if signed else f"{v:.3f}" for v in value["per_seed"])
+        return f" {_interval(value)} | {each} |"
+
     for name, c in aggregate["comparisons"].items():
         ours, theirs = name.split(" vs ")
-        each = ", ".join(f"{v:+.3f}" for v in c["reward_difference"]["per_seed"])
-        rates = ", ".join(f"{v:.3f}" for v in c["win_rate"]["per_seed"])
-        lines.append(
-            f"| {label(ours)} vs {label(theirs)} | {_interval(c['reward_difference'])} | {each} "
-            f"| {_interval(c['win_rate'])} | {rates} |"
-        )
+        row = f"| {label(ours)} vs {label(theirs)} |" + cells(c["reward_difference"], signed=True) + cells(c["win_rate"])
+        lines.append(row + (cells(c.get("lc_win_rate")) + cells(c.get("length_effect"), signed=True) if lc else ""))
+    if lc:
+        lines += [
+            "",
+            "LC: the win rate at equal length (lengths in characters); length effect > 0: the longer sample tends to win.",
+        ]
     return "\n".join(lines) + "\n"
 
 
