@@ -48,3 +48,13 @@ class Oracle(Judge):
     def score(self, prompts, responses):
         self.calls += len(prompts)
         return [float(len(r)) for r in responses]
+
+
+def pixel_length_reward(prompts, completions, images):
+    """The mean pixel value of the prompt's first image times the completion's length plus one: a reward that
+    changes with the image, so a judge handed the wrong image (or none) gives other numbers."""
+    import numpy as np
+
+    from dpokit.data.images import decode_image
+
+    return [float(np.asarray(decode_image(group[0])).mean()) * (len(c) + 1) for c, group in zip(completions, images, strict=True)]

@@ -23,6 +23,12 @@ files' content when they are visible here), the prompts and the sampling setting
 in ``out/judgments.jsonl`` (:class:`dpokit.judges.JudgmentCache`), so a rerun -- or a run resumed after
 an interruption -- generates and judges only what is missing; a stored file found unusable is redone.
 
+Prompts with images (a vision-language model; rows with ``images`` as ``dpokit generate`` reads them) are
+sampled with their images by the dpokit engine and judged with them: the judge must read images (a
+``reward:`` function with an ``images`` parameter, or ``implicit:`` of a vision-language policy; see
+:mod:`dpokit.judges.base`), and the stored samples and judgments are keyed by the images' content too.
+The baseline is then a model (``--references`` are matched to prompts by text, which images would not tell apart).
+
 :func:`run_judge_check` is ``dpokit judge-check``: a judge's agreement with held-out preference labels
 (``chosen`` preferred to ``rejected``), with its position bias, before it is trusted.
 """
@@ -40,10 +46,12 @@ from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpokit.data.prompts import PromptRow
 from dpokit.errors import ConfigError, DataError, DpokitError
 from dpokit.generation.engines import EngineOptions, ModelSampler
 from dpokit.judges import CachedJudge, Judge, JudgmentCache, load_judge, load_template
-from dpokit.judges.base import PairJudgment, Text, text_of
+from dpokit.judges.base import Images, PairJudgment, Text, text_of
+from dpokit.judges.cache import images_digest
 from dpokit.judges.stats import INCONSISTENT_POLICIES, agreement, win_stats
 from dpokit.models import LoadOptions
 
@@ -125,12 +133,30 @@ def read_references(path: str | Path) -> list[tuple[Text, Text]]:
 
 def prompts_and_references(job: WinrateJob) -> tuple[list[Any], list[Text] | None]:
     """The prompts of a win-rate job (``--prompts``, else the references' prompts; ``max_prompts`` of them)
-    and, with ``--references``, the reference of each prompt (None with a baseline model)."""
-    from dpokit.data.prompts import read_prompts
+    and, with ``--references``, the reference of each prompt (None with a baseline model). Prompts with
+    images are refused here (:func:`prompt_rows_and_references` reads them)."""
+    rows, references = prompt_rows_and_references(job)
+    for row in rows:
+        if row.images:
+            raise DataError(f"{row.where}: field 'images': this command does not sample prompts with images yet")
+    return [row.prompt for row in rows], references
+
+
+def prompt_rows_and_references(job: WinrateJob) -> tuple[list[PromptRow], list[Text] | None]:
+    """:func:`prompts_and_references` with each prompt's row: where it came from and its images (read and
+    checked, paths relative to the prompts file). Prompts with images need a baseline model."""
+    from dpokit.data.prompts import read_prompt_rows
 
     references = read_references(job.references) if job.references else None
     if job.prompts:
-        prompts: list[Any] = list(read_prompts(job.prompts))
+        rows = read_prompt_rows(job.prompts, images=True)
+        pictured = next((row for row in rows if row.images), None)
+        if pictured is not None and references is not None:
+            raise DataError(
+                f"{pictured.where}: field 'images': --references are matched to prompts by their text, which does not tell "
+                "prompts with images apart; compare with a --baseline model instead"
+            )
+        prompts: list[Any] = [row.prompt for row in rows]
         if references is not None:
             by_prompt = {json.dumps(p, sort_keys=True): r for p, r in references}
             missing = [i for i, p in enumerate(prompts) if json.dumps(p, sort_keys=True) not in by_prompt]
@@ -138,13 +164,13 @@ def prompts_and_references(job: WinrateJob) -> tuple[list[Any], list[Text] | Non
                 raise DataError(f"{job.prompts}: prompt {missing[0] + 1} has no row in {job.references}")
             references = [(p, by_prompt[json.dumps(p, sort_keys=True)]) for p in prompts]
     else:
-        prompts = [p for p, _ in references or []]
+        rows = [PromptRow(p, f"{job.references}: row {i + 1}") for i, (p, _) in enumerate(references or [])]
     if job.max_prompts is not None:
-        prompts = prompts[: job.max_prompts]
+        rows = rows[: job.max_prompts]
         references = None if references is None else references[: job.max_prompts]
-    if not prompts:
+    if not rows:
         raise DataError("no prompts to evaluate")
-    return prompts, None if references is None else [r for _, r in references]
+    return rows, None if references is None else [r for _, r in references]
 
 
 # --------------------------------------------------------------------------------------- sampling
@@ -225,10 +251,12 @@ def model_fingerprint(path: str, job: WinrateJob, memo: dict[str, Any]) -> tuple
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest(), opened
 
 
-def _sample_key(fingerprint: str, prompts: Sequence[Any], temperature: float, seed: int, job: WinrateJob) -> str:
-    """What a stored sample file is keyed by: the model's weights (not its path), the prompts and every
-    sampling setting."""
-    payload = [
+def _sample_key(
+    fingerprint: str, prompts: Sequence[Any], temperature: float, seed: int, job: WinrateJob, images: Images | None = None
+) -> str:
+    """What a stored sample file is keyed by: the model's weights (not its path), the prompts (and the content
+    of their images, when they have any) and every sampling setting."""
+    payload: list[Any] = [
         fingerprint,
         prompts,
         temperature,
@@ -238,6 +266,8 @@ def _sample_key(fingerprint: str, prompts: Sequence[Any], temperature: float, se
         job.chat_template,
         job.load.dtype,
     ]
+    if images and any(images):
+        payload.append([images_digest(group) for group in images])
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -264,12 +294,20 @@ def _stored_samples(stored: Path, num_prompts: int, job: WinrateJob) -> list[lis
 
 
 def sample_model(
-    name: str, path: str, prompts: Sequence[Any], job: WinrateJob, *, seed: int, advance: Callable[[], object]
+    name: str,
+    path: str,
+    prompts: Sequence[Any],
+    job: WinrateJob,
+    *,
+    seed: int,
+    advance: Callable[[], object],
+    images: Images | None = None,
 ) -> dict[float, list[list[str]]]:
     """``{temperature: [[completion per sample] per prompt]}`` for one model; stored under
     ``out/samples/NAME/`` keyed by the model's weights and the sampling settings, and read back instead
     of sampled again when they match (a stored file that is unusable is sampled again). The job's engine
-    samples; with the dpokit engine the model is loaded only when something is missing."""
+    samples; with the dpokit engine the model is loaded only when something is missing. ``images``: per
+    prompt, its images (a vision-language model reads them with its processor)."""
     from dpokit.generation import SamplingConfig, generate_samples, open_sampler
 
     directory = Path(job.out) / "samples" / name
@@ -281,7 +319,7 @@ def sample_model(
     memo_path.with_suffix(".tmp").replace(memo_path)
     result: dict[float, list[list[str]]] = {}
     for temperature in job.temperatures:
-        key = _sample_key(fingerprint, prompts, temperature, seed, job)
+        key = _sample_key(fingerprint, prompts, temperature, seed, job, images)
         stored = directory / f"t{temperature:g}-{key}.json"
         reused = _stored_samples(stored, len(prompts), job) if stored.exists() else None
         if reused is not None:
@@ -293,8 +331,18 @@ def sample_model(
         sampling = SamplingConfig(
             max_new_tokens=job.max_new_tokens, temperature=temperature, num_samples=job.samples_per_prompt, seed=seed
         )
+        rows = None
+        if images and any(images):
+            rows = [PromptRow(p, f"prompt {i + 1}", tuple(images[i])) for i, p in enumerate(prompts)]
         samples = generate_samples(
-            None, opened.tokenizer, prompts, sampling, chat_template=job.chat_template, engine=opened.engine
+            None,
+            opened.tokenizer,
+            prompts,
+            sampling,
+            chat_template=job.chat_template,
+            engine=opened.engine,
+            rows=rows,
+            processor=opened.processor,
         )
         grouped: list[list[str]] = [[] for _ in prompts]
         for sample in samples:
@@ -333,11 +381,14 @@ def _write_samples(stored: Path, record: dict[str, Any]) -> None:
 
 
 def judge_both_orders(
-    judge: Judge, prompts: Sequence[Text], x: Sequence[Text], y: Sequence[Text]
+    judge: Judge, prompts: Sequence[Text], x: Sequence[Text], y: Sequence[Text], images: Images | None = None
 ) -> list[tuple[PairJudgment, PairJudgment]]:
-    """Each pair judged as (A=x, B=y) and as (A=y, B=x), in one batch: ``[(forward, swapped)]``."""
+    """Each pair judged as (A=x, B=y) and as (A=y, B=x), in one batch: ``[(forward, swapped)]``; ``images``:
+    each pair's prompt images, for a judge that reads them."""
     n = len(prompts)
-    judgments = judge.judge_pairs([*prompts, *prompts], [*x, *y], [*y, *x])
+    asked = ([*prompts, *prompts], [*x, *y], [*y, *x])
+    # Images only when there are some: a judge written for text takes three arguments.
+    judgments = judge.judge_pairs(*asked) if images is None or not any(images) else judge.judge_pairs(*asked, [*images, *images])
     return list(zip(judgments[:n], judgments[n:], strict=True))
 
 
@@ -410,7 +461,9 @@ def run_winrate(job: WinrateJob, log: Log | None = None) -> dict[str, Any]:
 
     job.validate()
     log = log or (lambda line: None)
-    prompts, references = prompts_and_references(job)
+    prompt_rows, references = prompt_rows_and_references(job)
+    prompts = [row.prompt for row in prompt_rows]
+    images = [list(row.images) for row in prompt_rows] if any(row.images for row in prompt_rows) else None
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     judges = template_judges(job, JudgmentCache(out / "judgments.jsonl"))
@@ -429,6 +482,7 @@ def run_winrate(job: WinrateJob, log: Log | None = None) -> dict[str, Any]:
                 job,
                 seed=job.seed + (BASELINE_SEED_OFFSET if name == "baseline" else 0),
                 advance=advance,
+                images=images,
             )
             for name, path in sampled
         }
@@ -441,7 +495,7 @@ def run_winrate(job: WinrateJob, log: Log | None = None) -> dict[str, Any]:
             )
             flat_prompts, xs, ys, groups = _flatten(prompts, samples[name][temperature], baseline)
             bar.set_postfix(model=name, T=f"{temperature:g}", template=template)
-            pairs = judge_both_orders(judge, flat_prompts, xs, ys)
+            pairs = judge_both_orders(judge, flat_prompts, xs, ys, None if images is None else [images[g] for g in groups])
             stats, outcome = win_stats(
                 pairs,
                 groups,
@@ -645,7 +699,7 @@ def _judge_rows_in_chunks(judge: Judge, rows: Sequence[Any], advance: Callable[[
     for start in range(0, len(rows), JUDGE_CHECK_CHUNK):
         chunk = rows[start : start + JUDGE_CHECK_CHUNK]
         chosen, rejected = [r.responses[0] for r in chunk], [r.responses[1] for r in chunk]
-        pairs += judge_both_orders(judge, [r.prompt for r in chunk], chosen, rejected)
+        pairs += judge_both_orders(judge, [r.prompt for r in chunk], chosen, rejected, [r.images for r in chunk])
         advance(len(chunk))
     return pairs
 
@@ -709,8 +763,6 @@ def run_judge_check(job: JudgeCheckJob, log: Log | None = None) -> dict[str, Any
     for row in rows:
         if len(row.responses) != 2:
             raise DataError(f"{row.source}: judge-check needs pairs: give 'chosen' and 'rejected'")
-        if row.images:
-            raise DataError(f"{row.source}: field 'images': judge-check does not judge prompts with images yet")
     rows = rows[: job.limit] if job.limit is not None else rows
     probe = WinrateJob(models=[], judge=job.judge, templates=job.templates, load=job.load)
     judges = template_judges(probe, JudgmentCache(job.cache))

@@ -52,7 +52,12 @@ def add_winrate_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--baseline", metavar="PATH", help="the baseline model, sampled at the same temperatures")
     source.add_argument("--references", metavar="FILE", help="baseline responses: rows with 'prompt' and 'reference'")
-    parser.add_argument("--prompts", metavar="FILE", help="prompts: .txt (one per line) or .jsonl/.json rows with 'prompt'")
+    parser.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="prompts: .txt (one per line) or .jsonl/.json rows with 'prompt' (and 'images' for a vision-language model, "
+        "judged by a judge that reads them)",
+    )
     parser.add_argument("--judge", required=True, help=JUDGE_HELP)
     parser.add_argument("--templates", nargs="+", default=default("templates"), metavar="T", help=TEMPLATES_HELP)
     parser.add_argument(

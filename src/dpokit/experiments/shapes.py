@@ -10,12 +10,19 @@ chat rows whose ``images`` are paths relative to it, the format ``dpokit train``
 processor configured locally): ``llava`` (CLIP vision tower, MLP projector, Llama) or ``idefics3``
 (SigLIP-style tower, pixel-shuffle connector, Llama; the SmolVLM family). Both load with
 ``AutoModelForImageTextToText`` / ``AutoProcessor`` from the directory, as a hub model would.
+
+:func:`colour_reward` is the task's ground truth as a reward function (``reward:`` judges, ``dpokit
+winrate``): it reads the shape's colour from the image's pixels. :func:`run_shapes_experiment` is
+``dpokit experiment shapes``, the proof of learning in miniature: a tiny LLaVA SFT-ed on noisy answers,
+then DPO (and its relatives) on correct-vs-wrong pairs, with the ground-truth accuracy before and after
+on held-out images and the reward-KL frontier (:mod:`dpokit.experiments.shapes_experiment`).
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +62,47 @@ def draw_shape(colour: str, shape: str, *, size: int = 32, rng: random.Random | 
     else:
         draw.polygon([(x + extent // 2, y), (x, y + extent - 1), (x + extent - 1, y + extent - 1)], fill=fill)
     return image
+
+
+def shape_colour(image: Any) -> str:
+    """The colour (a key of :data:`COLOURS`) nearest to the mean of ``image``'s non-white pixels: the ground
+    truth of the task, read from the picture alone."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3)
+    painted = pixels[pixels.min(axis=1) < 250]
+    mean = (painted if len(painted) else pixels).mean(axis=0)
+    return min(COLOURS, key=lambda name: float(((mean - np.asarray(COLOURS[name])) ** 2).sum()))
+
+
+def named_colours(text: str) -> list[str]:
+    """The colour words of :data:`COLOURS` that ``text`` names (as whole words, any case), in order."""
+    import re
+
+    return [word for word in re.findall(r"[a-z]+", text.lower()) if word in COLOURS]
+
+
+def colour_reward(
+    prompts: Sequence[Any], completions: Sequence[Any], images: Sequence[Sequence[bytes]] | None = None
+) -> list[float]:
+    """The task's ground-truth reward: 1 when a completion names exactly one colour and it is the colour of
+    its prompt's (first) image, else 0. ``images``: per prompt, its encoded image files (a ``reward:``
+    judge hands them over; see :mod:`dpokit.judges.reward`). Usable as
+    ``--judge reward:dpokit.experiments.shapes:colour_reward``."""
+    from dpokit.data.images import decode_image
+    from dpokit.errors import ConfigError
+
+    if images is None or len(images) != len(completions) or any(not group for group in images):
+        raise ConfigError("colour_reward judges the shapes task by its images: every prompt needs its image (images=)")
+    truth: dict[bytes, str] = {}
+    rewards = []
+    for completion, group in zip(completions, images, strict=True):
+        colour = truth.get(group[0])
+        if colour is None:
+            colour = truth[group[0]] = shape_colour(decode_image(group[0]))
+        named = set(named_colours(completion if isinstance(completion, str) else str(completion)))
+        rewards.append(1.0 if named == {colour} else 0.0)
+    return rewards
 
 
 def shapes_rows(directory: str | Path, n: int, *, seed: int = 0, size: int = 32) -> list[dict[str, Any]]:

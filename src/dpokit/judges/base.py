@@ -16,6 +16,12 @@ Options follow the spec after commas, ``key=value`` each: ``reward:pkg.mod:fn,te
 ``implicit:runs/dpo/final,reference=models/sft``, ``openai:gpt-4o@https://api.openai.com/v1,concurrency=4``.
 In YAML a judge is either that string or a mapping ``{spec: ..., <option>: <value>, ...}``.
 
+Prompts with images (a vision-language task): both questions take ``images=``, per prompt its images
+(encoded files, in placeholder order). A judge sees them only when it can (``sees_images``): a
+``reward:`` function that takes an ``images`` argument, or ``implicit:`` of a vision-language policy;
+the text-only judges (``reward_model:``, ``llm:``, ``openai:``) refuse prompts with images
+(:meth:`Judge.check_images`) instead of judging their text alone.
+
 A judgment never defaults silently: a verdict that cannot be read (an LLM's free text that does not
 follow the template's format) is a :class:`PairJudgment` with ``parsed=False`` and ``prob_a`` NaN,
 counted as *unparseable* by the statistics.
@@ -32,6 +38,7 @@ from dpokit.data.schema import Text as Text  # the one prompt-or-response type, 
 from dpokit.errors import ConfigError
 
 JUDGE_KINDS = ("reward", "reward_model", "implicit", "llm", "openai")
+Images = Sequence[Sequence[bytes]]  # per prompt, its images (encoded files), in placeholder order
 
 
 @dataclass(frozen=True)
@@ -77,12 +84,28 @@ class Judge:
 
     spec: str = ""
     template_text: str = ""  # the prompt template the judge asks with ("" for reward judges); part of the cache key
+    sees_images: bool = False  # whether the judge reads the prompts' images (images=) or only their text
 
-    def judge_pairs(self, prompts: Sequence[Text], a: Sequence[Text], b: Sequence[Text]) -> list[PairJudgment]:
+    def judge_pairs(
+        self, prompts: Sequence[Text], a: Sequence[Text], b: Sequence[Text], images: Images | None = None
+    ) -> list[PairJudgment]:
         raise NotImplementedError
 
-    def score(self, prompts: Sequence[Text], responses: Sequence[Text]) -> list[float]:
+    def score(self, prompts: Sequence[Text], responses: Sequence[Text], images: Images | None = None) -> list[float]:
         raise NotImplementedError
+
+    def check_images(self, prompts: Sequence[Any], images: Images | None) -> None:
+        """Refuse prompts with images when this judge reads text only (the images are never ignored); with
+        images, one list per prompt."""
+        if images is None or not any(images):
+            return
+        if len(images) != len(prompts):
+            raise ConfigError(f"judge {self.spec}: {len(images)} image lists for {len(prompts)} prompts")
+        if not self.sees_images:
+            raise ConfigError(
+                f"judge {self.spec} reads text only and the prompts have images: judge them with a reward:MODULE:FUNCTION "
+                "whose function takes images= (each prompt's encoded image files), or implicit: of a vision-language policy"
+            )
 
     @property
     def identity(self) -> str:

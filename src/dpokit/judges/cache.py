@@ -2,8 +2,9 @@
 
 The cache is one JSONL file; a line is
 ``{"key": ..., "kind": "pair"|"score", "a": ..., "value": ..., "check": ...}``, where
-``key = sha256(judge identity, template text, kind, prompt, response A[, response B])`` -- the order of
-A and B is part of the key, so the two orders of a pair are two entries. ``a`` is a digest of response
+``key = sha256(judge identity, template text, kind, prompt, response A[, response B][, image digests])`` --
+the order of A and B is part of the key, so the two orders of a pair are two entries; a prompt with images
+adds the sha256 of each image file (the same question on another image is another judgment). ``a`` is a digest of response
 A (the one ``prob_a`` is about; for a score, the scored response), checked when the row is used, and
 ``check`` a digest of the whole row, so a value moved onto another row (say, the two orders' ``prob_a``
 swapped) is not taken for that row's judgment.
@@ -30,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dpokit.judges.base import Judge, PairJudgment, Text, check_lengths
+from dpokit.judges.base import Images, Judge, PairJudgment, Text, check_lengths
 
 DEFAULT_CACHE = ".dpokit_cache/judgments/judgments.jsonl"
 KINDS = ("pair", "score")
@@ -38,9 +39,14 @@ KINDS = ("pair", "score")
 logger = logging.getLogger(__name__)
 
 
-def judgment_key(identity: str, template: str, kind: str, *texts: Text) -> str:
+def judgment_key(identity: str, template: str, kind: str, *texts: Text | list[str]) -> str:
     payload = json.dumps([identity, template, kind, *texts], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def images_digest(images: Sequence[bytes]) -> list[str]:
+    """The sha256 of each of a prompt's image files: what a judgment's key adds for them (nothing without images)."""
+    return [hashlib.sha256(image).hexdigest() for image in images]
 
 
 def text_digest(text: Text) -> str:
@@ -169,15 +175,24 @@ class CachedJudge(Judge):
         self.cache = cache
         self.spec = judge.spec
         self.template_text = judge.template_text
+        self.sees_images = judge.sees_images
         self.hits = 0
         self.misses = 0
 
-    def _key(self, kind: str, *texts: Text) -> str:
-        return judgment_key(self.judge.identity, self.judge.template_text, kind, *texts)
+    def _key(self, kind: str, *texts: Text, images: Sequence[bytes] = ()) -> str:
+        digests = [images_digest(images)] if images else []
+        return judgment_key(self.judge.identity, self.judge.template_text, kind, *texts, *digests)
 
-    def judge_pairs(self, prompts: Sequence[Text], a: Sequence[Text], b: Sequence[Text]) -> list[PairJudgment]:
+    def judge_pairs(
+        self, prompts: Sequence[Text], a: Sequence[Text], b: Sequence[Text], images: Images | None = None
+    ) -> list[PairJudgment]:
         check_lengths(prompts, a, b)
-        keys = [self._key("pair", p, x, y) for p, x, y in zip(prompts, a, b, strict=True)]
+        self.check_images(prompts, images)
+        given = images if images and any(images) else None
+        keys = [
+            self._key("pair", p, x, y, images=given[i] if given else ())
+            for i, (p, x, y) in enumerate(zip(prompts, a, b, strict=True))
+        ]
         firsts = [text_digest(x) for x in a]
         results: list[PairJudgment | None] = [
             None if (v := self.cache.get(k, f)) is None else PairJudgment.from_dict(v) for k, f in zip(keys, firsts, strict=True)
@@ -186,15 +201,22 @@ class CachedJudge(Judge):
         self.hits += len(keys) - len(todo)
         self.misses += len(todo)
         if todo:
-            fresh = self.judge.judge_pairs([prompts[i] for i in todo], [a[i] for i in todo], [b[i] for i in todo])
+            asked = ([prompts[i] for i in todo], [a[i] for i in todo], [b[i] for i in todo])
+            # Images only when there are some: a judge written for text takes three arguments.
+            fresh = self.judge.judge_pairs(*asked) if given is None else self.judge.judge_pairs(*asked, [given[i] for i in todo])
             self.cache.put_many([(keys[i], "pair", firsts[i], j.to_dict()) for i, j in zip(todo, fresh, strict=True)])
             for i, judgment in zip(todo, fresh, strict=True):
                 results[i] = judgment
         return [r for r in results if r is not None]
 
-    def score(self, prompts: Sequence[Text], responses: Sequence[Text]) -> list[float]:
+    def score(self, prompts: Sequence[Text], responses: Sequence[Text], images: Images | None = None) -> list[float]:
         check_lengths(prompts, responses)
-        keys = [self._key("score", p, r) for p, r in zip(prompts, responses, strict=True)]
+        self.check_images(prompts, images)
+        given = images if images and any(images) else None
+        keys = [
+            self._key("score", p, r, images=given[i] if given else ())
+            for i, (p, r) in enumerate(zip(prompts, responses, strict=True))
+        ]
         firsts = [text_digest(r) for r in responses]
         cached = [self.cache.get(k, f) for k, f in zip(keys, firsts, strict=True)]
         todo = [i for i, v in enumerate(cached) if v is None]
@@ -202,7 +224,8 @@ class CachedJudge(Judge):
         self.misses += len(todo)
         values: list[float] = [float("nan") if v is None or v == "nan" else float(v) for v in cached]
         if todo:
-            fresh = self.judge.score([prompts[i] for i in todo], [responses[i] for i in todo])
+            scored = ([prompts[i] for i in todo], [responses[i] for i in todo])
+            fresh = self.judge.score(*scored) if given is None else self.judge.score(*scored, [given[i] for i in todo])
             self.cache.put_many(
                 [(keys[i], "score", firsts[i], "nan" if math.isnan(s) else s) for i, s in zip(todo, fresh, strict=True)]
             )

@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from dpokit.judges.base import Judge, JudgeSpec, PairJudgment, Text, check_lengths, text_of
+from dpokit.judges.base import Images, Judge, JudgeSpec, PairJudgment, Text, check_lengths, text_of
 from dpokit.judges.templates import Template
 
 
@@ -80,14 +80,18 @@ class LLMJudge(Judge):
         other.template, other.template_text = template, template.text
         return other
 
-    def judge_pairs(self, prompts: Sequence[Text], a: Sequence[Text], b: Sequence[Text]) -> list[PairJudgment]:
+    def judge_pairs(
+        self, prompts: Sequence[Text], a: Sequence[Text], b: Sequence[Text], images: Images | None = None
+    ) -> list[PairJudgment]:
         check_lengths(prompts, a, b)
+        self.check_images(prompts, images)
         rows = zip(prompts, a, b, strict=True)
         questions = [self.template.label_prompt(text_of(p), text_of(x), text_of(y)) for p, x, y in rows]
         return [PairJudgment(pa, f"logp A={la:.4f} B={lb:.4f}") for pa, la, lb in self._two_label_probs(questions, ("A", "B"))]
 
-    def score(self, prompts: Sequence[Text], responses: Sequence[Text]) -> list[float]:
+    def score(self, prompts: Sequence[Text], responses: Sequence[Text], images: Images | None = None) -> list[float]:
         check_lengths(prompts, responses)
+        self.check_images(prompts, images)
         rows = zip(prompts, responses, strict=True)
         questions = [self.template.pointwise_label_prompt(text_of(p), text_of(r)) for p, r in rows]
         return [p for p, _, _ in self._two_label_probs(questions, ("Yes", "No"))]

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dpokit.errors import ConfigError, DpokitError
-from dpokit.judges.base import Judge, JudgeSpec, PairJudgment, Text, check_lengths, text_of, unparseable
+from dpokit.judges.base import Images, Judge, JudgeSpec, PairJudgment, Text, check_lengths, text_of, unparseable
 from dpokit.judges.templates import Template, parse_rating, parse_verdict
 
 OPENAI_OPTIONS = ("template", "api_key_env", "concurrency", "max_retries", "timeout", "max_tokens", "temperature")
@@ -173,8 +173,11 @@ class OpenAIJudge(Judge):
         other.template, other.template_text = template, template.text
         return other
 
-    def judge_pairs(self, prompts: Sequence[Text], a: Sequence[Text], b: Sequence[Text]) -> list[PairJudgment]:
+    def judge_pairs(
+        self, prompts: Sequence[Text], a: Sequence[Text], b: Sequence[Text], images: Images | None = None
+    ) -> list[PairJudgment]:
         check_lengths(prompts, a, b)
+        self.check_images(prompts, images)
         questions = [self.template.chat_prompt(text_of(p), text_of(x), text_of(y)) for p, x, y in zip(prompts, a, b, strict=True)]
         judgments = []
         for answer in self._ask_all(questions):
@@ -186,9 +189,10 @@ class OpenAIJudge(Judge):
                 judgments.append(PairJudgment(1.0 if label == "A" else 0.0, answer))
         return judgments
 
-    def score(self, prompts: Sequence[Text], responses: Sequence[Text]) -> list[float]:
+    def score(self, prompts: Sequence[Text], responses: Sequence[Text], images: Images | None = None) -> list[float]:
         """A 1-10 rating per response; NaN (and one more ``unparseable``) when the answer has no rating line."""
         check_lengths(prompts, responses)
+        self.check_images(prompts, images)
         questions = [self.template.pointwise_chat_prompt(text_of(p), text_of(r)) for p, r in zip(prompts, responses, strict=True)]
         scores = []
         for answer in self._ask_all(questions):
