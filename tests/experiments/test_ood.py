@@ -121,3 +121,23 @@ def test_ood_command_refuses_a_method_selection_before_running(tmp_path, capsys)
     assert main(["experiment", "ood", "--mode", "quick", "--out", str(tmp_path / "out"), "--methods", "dpo"]) != 0
     assert "--methods applies to the sentiment experiment" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_run_selection_picks_among_the_sentiment_runs_and_leaves_the_store_key_alone():
+    import dataclasses
+
+    full = MODES["full"]
+    assert full.runs() == [("dpo-beta0.05", "dpo", 0.05), ("dpo-beta0.5", "dpo", 0.5), ("rloo-beta0.05", "rl", 0.05)]
+    every = dataclasses.replace(full, dpo_betas=None, rl_betas=None)
+    assert [run for run, _, _ in every.runs()] == [
+        "dpo-beta0.05",
+        "dpo-beta0.1",
+        "dpo-beta0.5",
+        "dpo-beta1",
+        "rloo-beta0.05",
+        "rloo-beta0.2",
+    ]
+    assert every.key() == full.key()
+    assert dataclasses.replace(full, domain="reviews").key() != full.key()
+    with pytest.raises(ConfigError, match=r"dpo_betas \[0.3\] must be among the sentiment experiment's dpo_betas"):
+        dataclasses.replace(full, dpo_betas=(0.3,)).runs()
