@@ -21,7 +21,10 @@ EXPERIMENT_DESCRIPTION = (
     "'overoptimisation': DPO trained longer for several beta and the online run labelled by VADER, with the ground-truth "
     "reward, the implicit reward and the KL at every checkpoint. "
     "'ood': the sentiment experiment's DPO and RLOO policies on prompts from a shifted text domain (generated news "
-    "reports) beside the in-distribution ones, on the reward-KL frontier and by win rate."
+    "reports) beside the in-distribution ones, on the reward-KL frontier and by win rate. "
+    "'shapes': a vision-language model (a tiny LLaVA built on the spot) answers 'What colour is the shape?' about "
+    "images; SFT on noisy answers, then DPO (two beta), DPO + NLL and Preferred-FT on correct-vs-wrong pairs, with the "
+    "ground-truth accuracy (greedy and sampled) and the KL to the SFT model on held-out images."
 )
 EXPERIMENT_EPILOG = """examples:
   dpokit experiment sentiment --mode quick           # the paper's methods, smaller
@@ -32,6 +35,7 @@ EXPERIMENT_EPILOG = """examples:
   dpokit experiment online --mode quick --seeds 0,1,2  # once per training seed, intervals across seeds
   dpokit experiment overoptimisation --mode full     # reward over-optimisation (docs/overoptimisation/)
   dpokit experiment ood --mode full                  # out-of-distribution generalisation (docs/ood/)
+  dpokit experiment shapes --mode full               # a VLM learns colours from preferences (docs/vlm.md)
 
 Measured run times are in docs/experiments.md."""
 
@@ -53,16 +57,17 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "name",
-        choices=["sentiment", "online", "overoptimisation", "ood"],
+        choices=["sentiment", "online", "overoptimisation", "ood", "shapes"],
         help="which experiment: the paper's controlled sentiment, online and self-labelling DPO on the same task, "
-        "reward over-optimisation over the course of training, or the sentiment policies on a shifted text domain",
+        "reward over-optimisation over the course of training, the sentiment policies on a shifted text domain, or "
+        "a vision-language model's proof of learning on coloured shapes",
     )
     parser.add_argument(
         "--mode",
         choices=["full", "quick"],
         default="full",
         help="sentiment: full (every method, win rates included) or quick (the paper's methods, smaller); "
-        "online, overoptimisation and ood: full (the reported run) or quick (smaller everything)",
+        "online, overoptimisation, ood and shapes: full (the reported run) or quick (smaller everything)",
     )
     parser.add_argument("--out", default=None, help="output directory (default runs/<name>-<mode>)")
     parser.add_argument(
@@ -136,6 +141,8 @@ def run_experiment(args: argparse.Namespace) -> int:
         return run_overoptimisation(args)
     if args.name == "ood":
         return run_ood(args)
+    if args.name == "shapes":
+        return run_shapes(args)
     settings = MODES[args.mode]
     if args.methods is not None:
         settings = dataclasses.replace(settings, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
@@ -215,6 +222,21 @@ def run_ood(args: argparse.Namespace) -> int:
     )
     print(summary_markdown(result))
     print(f"wrote {out_dir}/ood.png, results.json, results.md")
+    return 0
+
+
+def run_shapes(args: argparse.Namespace) -> int:
+    from dpokit.errors import ConfigError
+    from dpokit.experiments.shapes_experiment import run_shapes_experiment, summary_markdown
+
+    if args.methods is not None:
+        raise ConfigError("--methods applies to the sentiment experiment; the shapes experiment runs its arms of its --mode")
+    out_dir = args.out or f"runs/shapes-{args.mode}"
+    result = run_shapes_experiment(
+        args.mode, out_dir, threads=args.threads, log=lambda line: print(line, file=sys.stderr, flush=True)
+    )
+    print(summary_markdown(result))
+    print(f"wrote {out_dir}/frontier.png, results.json, results.md")
     return 0
 
 
