@@ -36,6 +36,7 @@ def test_the_shapes_experiment_measures_every_checkpoint_and_its_sft_accuracy_eq
     for point in results["points"]:
         greedy = results["greedy"][f"{point['run']}@{point['step']}"]
         assert greedy["n"] == 8 and greedy["ci_low"] <= greedy["accuracy"] <= greedy["ci_high"]
+        assert 0 < greedy["answer_start"] <= 1 and 0 < greedy["colour_mass"] <= 1 and 0 < greedy["colour_choice"] <= 1
     assert set(results["training"]["dpo-beta0.1"]) == {
         f"logps/{k}@{w}" for k in ("chosen", "rejected") for w in ("first", "last")
     }

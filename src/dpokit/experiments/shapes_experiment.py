@@ -18,8 +18,10 @@ shape's colour, read from the pixels, and 0 otherwise. Everything is built on th
 5. **Evaluation** -- on held-out images, for the SFT model and every checkpoint: greedy accuracy (with a
    Wilson 95% interval) and, from ``samples_per_prompt`` samples per image at temperature 1 (full softmax),
    the sampled accuracy (the reward) and KL(pi || pi_sft) in nats per answer, with 95% normal intervals
-   -- the reward-KL frontier's points. Each run's training log (``logps/chosen``, ``logps/rejected``) is
-   kept beside its points: where the probability of the chosen answers goes says why an arm moves.
+   -- the reward-KL frontier's points. Where the answers' probability goes says why an arm moves: each
+   model's answer slot (:meth:`ShapesExperiment.answer_slot`: after "It is", the probability of naming any
+   colour, and of the right one among the colours) and each run's training log (``logps/chosen``,
+   ``logps/rejected``) are kept beside the points.
 
 Outputs in ``out``: ``results.json``, ``results.md`` (the table), ``frontier.png``; each finished run's
 points are stored under ``out/points`` keyed by the settings, so an interrupted experiment continues.
@@ -41,7 +43,7 @@ import torch
 
 from dpokit.errors import ConfigError
 from dpokit.experiments.results import FrontierPoint, ResultStore, StoredRun
-from dpokit.experiments.shapes import COLOURS, build_tiny_vlm, colour_reward, shapes_rows
+from dpokit.experiments.shapes import COLOURS, build_tiny_vlm, colour_reward, shape_colour, shapes_rows
 
 Log = Callable[[str], None]
 ARMS = ("dpo", "dpo+nll", "preferred-ft")
@@ -106,7 +108,7 @@ class ShapesResult:
     to the SFT model), each point's greedy accuracy, and each run's training log at its first and last record."""
 
     points: list[FrontierPoint]
-    greedy: dict[str, dict[str, float]]  # "run@step" -> accuracy, ci_low, ci_high, n
+    greedy: dict[str, dict[str, float]]  # "run@step" -> accuracy, ci_low, ci_high, n, and the answer slot's measures
     training: dict[str, dict[str, float]]  # run -> logps/chosen and logps/rejected at the first and last record
     settings: ShapesSettings
     timings_seconds: dict[str, float]
@@ -258,6 +260,7 @@ class ShapesExperiment:
         self._load_evaluation()
 
     def _load_evaluation(self) -> None:
+        from dpokit.data.images import decode_image
         from dpokit.data.prompts import read_prompt_rows
         from dpokit.generation import encode_prompts
         from dpokit.models import load_policy
@@ -267,6 +270,7 @@ class ShapesExperiment:
         self.images = [list(row.images) for row in rows]
         tokenizer, processor = self.reference.tokenizer, self.reference.processor
         _, self.prompt_ids = encode_prompts(tokenizer, [row.prompt for row in rows], images=self.images, processor=processor)
+        self.truth = [shape_colour(decode_image(group[0])) for group in self.images]
 
     # -- evaluation --------------------------------------------------------------------------------
 
@@ -290,11 +294,50 @@ class ShapesExperiment:
         rewards = colour_reward([""] * len(texts), texts, [self.images[c.prompt_index] for c in completions])
         return completions, rewards
 
+    @torch.no_grad()
+    def answer_slot(self, model: Any) -> dict[str, float]:
+        """After the prompt and "It is" (teacher-forced), averaged over the held-out images: ``answer_start``,
+        P("It is" | x); ``colour_mass``, the probability that the next token is one of the colour words; and
+        ``colour_choice``, the probability of the right colour among them (empty when a colour word is not
+        one token after "It is")."""
+        from dpokit.generation import completion_logps
+        from dpokit.models import pad_id_of
+
+        tokenizer = self.reference.tokenizer
+        start = tokenizer("It is", add_special_tokens=False)["input_ids"]
+        answers = {c: tokenizer(f"It is {c}", add_special_tokens=False)["input_ids"] for c in COLOURS}
+        if any(ids[:-1] != start for ids in answers.values()):
+            return {}
+        n = len(self.prompt_ids)
+
+        def logps(completion: list[int]) -> torch.Tensor:
+            return completion_logps(
+                model,
+                self.prompt_ids,
+                [completion] * n,
+                pad_token_id=pad_id_of(tokenizer),
+                batch_size=64,
+                images=self.images,
+                image_processor=self.reference.processor.image_processor,
+            )
+
+        prefix = logps(start)
+        slot = {c: (logps(ids) - prefix).exp() for c, ids in answers.items()}  # P(colour | x, "It is"), (N,)
+        mass = sum(slot.values(), torch.zeros(n, dtype=torch.float64))
+        right = torch.stack([slot[self.truth[i]][i] for i in range(n)])
+        return {
+            "answer_start": float(prefix.exp().mean()),
+            "colour_mass": float(mass.mean()),
+            "colour_choice": float((right / mass.clamp(min=1e-300)).mean()),
+        }
+
     def evaluate(self, model: Any, *, method: str, run: str, step: int, beta: float | None) -> FrontierPoint:
         """``model``'s greedy accuracy (kept in ``greedy``) and its point: sampled accuracy and KL to the SFT model."""
         _, greedy = self._generate(model, 0.0, 1)
         low, high = wilson(sum(greedy), len(greedy))
-        self.greedy[f"{run}@{step}"] = {"accuracy": sum(greedy) / len(greedy), "ci_low": low, "ci_high": high, "n": len(greedy)}
+        accuracy = sum(greedy) / len(greedy)
+        self.greedy[f"{run}@{step}"] = {"accuracy": accuracy, "ci_low": low, "ci_high": high, "n": len(greedy)}
+        self.greedy[f"{run}@{step}"].update(self.answer_slot(model))
         completions, rewards = self._generate(model, 1.0, self.s.samples_per_prompt, reference=self.reference.model)
         kls = [c.policy_logp - c.reference_logp for c in completions]
         point = FrontierPoint(
@@ -424,33 +467,34 @@ def _sem(values: Sequence[float]) -> float:
 
 
 def summary_markdown(result: ShapesResult) -> str:
-    """The experiment's table: every evaluated model, greedy and sampled accuracy and KL with 95% intervals,
-    then each run's chosen / rejected log-probs at its first and last training step."""
+    """The experiment's table: every evaluated model, greedy and sampled accuracy and KL with 95% intervals
+    and its answer slot; then each run's chosen / rejected log-probs at its first and last training step."""
     lines = [
-        "| model | step | greedy accuracy [95% CI] | sampled accuracy [95% CI] | KL to SFT (nats) [95% CI] |",
-        "|---|---|---|---|---|",
+        "| model | step | greedy accuracy [95% CI] | sampled accuracy [95% CI] | KL to SFT (nats) [95% CI] "
+        '| P(colour after "It is") | P(right colour \\| a colour) |',
+        "|---|---|---|---|---|---|---|",
     ]
     for p in result.points:
         g = result.greedy.get(f"{p.run}@{p.step}", {})
-        name = p.run if p.beta is None else f"{p.method} β={p.beta:g}"
+        name = ARM_LABELS["sft"] if p.run == "sft" else p.method + ("" if p.beta is None else f" β={p.beta:g}")
         lines.append(
-            f"| {name if p.run != 'sft' else ARM_LABELS['sft']} | {p.step} "
+            f"| {name} | {p.step} "
             f"| {g.get('accuracy', math.nan):.3f} [{g.get('ci_low', math.nan):.3f}, {g.get('ci_high', math.nan):.3f}] "
             f"| {p.reward_mean:.3f} [{p.reward_mean - Z95 * p.reward_sem:.3f}, {p.reward_mean + Z95 * p.reward_sem:.3f}] "
-            f"| {p.kl_mean:.3f} [{p.kl_mean - Z95 * p.kl_sem:.3f}, {p.kl_mean + Z95 * p.kl_sem:.3f}] |"
+            f"| {p.kl_mean:.3f} [{p.kl_mean - Z95 * p.kl_sem:.3f}, {p.kl_mean + Z95 * p.kl_sem:.3f}] "
+            f"| {g.get('colour_mass', math.nan):.3f} | {g.get('colour_choice', math.nan):.3f} |"
         )
     lines += ["", "| run | logps/chosen first → last | logps/rejected first → last |", "|---|---|---|"]
     for run, log in result.training.items():
-        cells = [
-            f"{log.get(f'{k}@first', math.nan):.2f} → {log.get(f'{k}@last', math.nan):.2f}"
-            for k in ("logps/chosen", "logps/rejected")
-        ]
+        keys = ("logps/chosen", "logps/rejected")
+        cells = [f"{log.get(f'{k}@first', math.nan):.2f} → {log.get(f'{k}@last', math.nan):.2f}" for k in keys]
         lines.append(f"| {run} | {cells[0]} | {cells[1]} |")
     s = result.settings
     lines += [
         "",
         f"{s.eval_images} held-out images; greedy: one answer each (Wilson interval); sampled: {s.samples_per_prompt} "
-        f"answers each at temperature 1 (normal interval). Reward = the answer names the shape's colour.",
+        "answers each at temperature 1 (normal interval). Reward = the answer names the shape's colour and no other. "
+        'The last two columns are teacher-forced after "It is", averaged over the images.',
     ]
     return "\n".join(lines) + "\n"
 
