@@ -121,7 +121,7 @@ def test_library_modules_take_no_argparse_namespace():
 # The layers, bottom to top: a module may import from its own layer and the layers below it, never from
 # a layer above. Each entry names top-level parts of the package (a sub-package counts with its modules).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "locations", "compat", "config", "losses"),
+    ("errors", "locations", "rundir", "compat", "config", "losses"),
     ("data", "models"),
     ("logprobs", "generation"),
     ("training", "judges", "scoring"),

@@ -36,7 +36,6 @@ from dpokit.errors import ConfigError
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
-CONFIG_FILENAME = "config.yaml"
 
 _Section = TypeVar("_Section", bound="DataclassInstance")
 

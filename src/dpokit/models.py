@@ -39,12 +39,12 @@ from dpokit.compat import adapters_disabled
 from dpokit.config import LoraConfig, ModelConfig
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.locations import hub_offline, is_unreachable_hub_error, looks_local, missing_message
+from dpokit.rundir import RunPaths
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The resolved config `dpokit train` writes into its run directory and beside the exported model.
-RUN_CONFIG_FILES = ("config.yaml",)
 # Sub-directories in which a checkpoint directory may keep the policy weights.
 CHECKPOINT_MODEL_SUBDIRS = ("model", "policy", "adapter")
 
@@ -566,13 +566,12 @@ def _read_run_config(directory: Path) -> dict[str, Any] | None:
     import yaml
 
     for candidate_dir in (directory, directory.parent, directory.parent.parent):
-        for name in RUN_CONFIG_FILES:
-            candidate = candidate_dir / name
-            if candidate.is_file():
-                text = candidate.read_text(encoding="utf-8")
-                loaded = json.loads(text) if candidate.suffix == ".json" else yaml.safe_load(text)
-                if isinstance(loaded, dict) and ("model" in loaded or "loss" in loaded):
-                    return loaded
+        candidate = RunPaths(candidate_dir).config
+        if candidate.is_file():
+            text = candidate.read_text(encoding="utf-8")
+            loaded = json.loads(text) if candidate.suffix == ".json" else yaml.safe_load(text)
+            if isinstance(loaded, dict) and ("model" in loaded or "loss" in loaded):
+                return loaded
     return None
 
 

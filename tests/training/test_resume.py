@@ -14,10 +14,11 @@ import pytest
 
 from dpokit.commands.train import exit_code, print_run_result
 from dpokit.errors import ConfigError, TrainingError
+from dpokit.rundir import LOCK_FILENAME
 from dpokit.training import run
 from dpokit.training.checkpoint import list_checkpoints
 from dpokit.training.parallel import ParallelContext
-from dpokit.training.resume import LOCK_FILENAME, RunDirectory, _lock
+from dpokit.training.resume import RunDirectory, _lock
 from dpokit.training.tracking import read_metrics
 from dpokit.training.trainer import RunResult
 from tests.helpers import write_preference_jsonl, write_tiny_model_dir

@@ -30,8 +30,6 @@ from dpokit.training.tracking import read_metrics
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-ROUNDS_PLOT = "rounds.png"
-
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """Unique word n-grams / total word n-grams over ``texts`` (0 when there are none).

@@ -29,14 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.errors import TrainingError
+from dpokit.rundir import RunPaths
 from dpokit.training.checkpoint import write_errors
 
-ROUNDS_DIRNAME = "rounds"
 STAGES = ("prompts", "completions", "judgments", "pairs")
-
-
-def round_dir(run_dir: Path, round_index: int) -> Path:
-    return Path(run_dir) / ROUNDS_DIRNAME / f"round-{round_index:04d}"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -89,7 +85,7 @@ class RoundFiles:
 
     def __init__(self, run_dir: Path, round_index: int) -> None:
         self.round_index = round_index
-        self.path = round_dir(run_dir, round_index)
+        self.path = RunPaths.of(run_dir).round(round_index)
 
     def file(self, stage: str) -> Path:
         return self.path / f"{stage}.jsonl"
@@ -168,7 +164,7 @@ class RoundFiles:
 def set_aside_rounds_after(run_dir: Path, round_index: int) -> list[Path]:
     """Resuming at ``round_index``: the directories of later rounds belong to an abandoned branch and are
     moved to ``<run_dir>/abandoned/`` (a resume never reuses samples of weights it did not keep)."""
-    root = Path(run_dir) / ROUNDS_DIRNAME
+    root = RunPaths.of(run_dir).rounds
     moved: list[Path] = []
     if not root.is_dir():
         return moved
@@ -178,7 +174,7 @@ def set_aside_rounds_after(run_dir: Path, round_index: int) -> list[Path]:
         except (IndexError, ValueError):
             continue
         if later:
-            target = Path(run_dir) / "abandoned" / f"{directory.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+            target = RunPaths.of(run_dir).abandoned / f"{directory.name}.{time.strftime('%Y%m%d-%H%M%S')}"
             target.parent.mkdir(parents=True, exist_ok=True)
             directory.rename(target)
             moved.append(target)

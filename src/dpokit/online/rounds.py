@@ -43,10 +43,11 @@ from dpokit.data.prompts import PromptRow, read_prompt_rows
 from dpokit.errors import ConfigError, DpokitError, TrainingError
 from dpokit.generation.engines import SamplingEngine, VllmEngine, engine_logp_gap
 from dpokit.online import labelling
-from dpokit.online.metrics import ROUNDS_PLOT, generation_metrics, judge_metrics, plot_rounds
+from dpokit.online.metrics import generation_metrics, judge_metrics, plot_rounds
 from dpokit.online.pairs import DROP_REASONS, build_rows
 from dpokit.online.prompts import round_prompt_indices
-from dpokit.online.records import STAGES, DamagedRoundFile, RoundFiles, round_dir, set_aside_rounds_after
+from dpokit.online.records import STAGES, DamagedRoundFile, RoundFiles, set_aside_rounds_after
+from dpokit.rundir import RunPaths
 from dpokit.training.reference import CopyReference
 from dpokit.training.splits import Split, prepare_with_config
 from dpokit.training.trainer import DataSource, OnStep, RunResult, Segment, Trainer, run_loop
@@ -67,7 +68,7 @@ class OnlineResult(RunResult):
 
     def round_dir(self, round_index: int) -> Path:
         """Where round ``round_index``'s files are."""
-        return round_dir(self.run_dir, round_index)
+        return RunPaths(self.run_dir).round(round_index)
 
 
 def run_online(
@@ -90,9 +91,9 @@ def run_online(
         overwrite=overwrite,
         on_step=on_step,
     )
-    from dpokit.training.tracking import METRICS_FILENAME, read_metrics
+    from dpokit.training.tracking import read_metrics
 
-    found = (result.run_dir / METRICS_FILENAME).is_file()
+    found = RunPaths(result.run_dir).metrics.is_file()
     return OnlineResult(**vars(result), rounds=read_metrics(result.run_dir, split="round") if found else [])
 
 
@@ -172,7 +173,7 @@ class OnlineLoop:
     def __init__(self, trainer: Trainer, prompts: list[PromptRow]) -> None:
         self.trainer, self.prompts = trainer, prompts
         self.cfg, self.ctx, self.on = trainer.cfg, trainer.ctx, trainer.cfg.online
-        self.run_dir = trainer.run_dir
+        self.run_dir, self.paths = trainer.run_dir, trainer.run_directory.paths
         self.labeller: labelling.Labeller | None = None
         self.offline: list[dict[str, Any]] | None = None
         self.remade: set[str] = set()  # the stages of the current round made afresh (not read from their files)
@@ -221,7 +222,7 @@ class OnlineLoop:
 
         found = None
         if self.ctx.is_main:
-            found = (self.run_dir / "metrics.jsonl").is_file() and any(
+            found = self.paths.metrics.is_file() and any(
                 r.get("round") == round_index for r in read_metrics(self.run_dir, split="round")
             )
         return bool(self.ctx.broadcast_object(found))
@@ -330,7 +331,7 @@ class OnlineLoop:
         return (
             "TrainingError",
             f"{problem}. Round {r} has already trained on it, and the weights that made it are gone: restore the file, or "
-            f"resume from the checkpoint at the round's start (--resume {self.run_dir / f'checkpoint-{r * spr}'}, when kept), "
+            f"resume from the checkpoint at the round's start (--resume {self.paths.checkpoint(r * spr)}, when kept), "
             "which makes the round again",
         )
 
@@ -476,7 +477,7 @@ class OnlineLoop:
         if isinstance(self.engine, VllmEngine):
             from dpokit.online.sync import sync_policy
 
-            self.sync_s = sync_policy(self.engine, self.trainer, round_dir(self.run_dir, r))
+            self.sync_s = sync_policy(self.engine, self.trainer, self.paths.round(r))
         return self.engine
 
     def judge(self, r: int, prompts: list[Any], completions: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -567,7 +568,7 @@ class OnlineLoop:
         if not rows:
             raise TrainingError(
                 f"online round {r}: no preference pairs (every prompt's completions tied, were empty or were unscored; see "
-                f"{round_dir(self.run_dir, r) / 'round.json'}); sample more (online.samples_per_prompt, a higher "
+                f"{self.paths.round(r) / 'round.json'}); sample more (online.samples_per_prompt, a higher "
                 "online.sampling.temperature) or lower online.min_margin"
             )
         if self.sampled is not None:  # the completions as the ids that were sampled
@@ -600,7 +601,7 @@ class OnlineLoop:
         reference = self.trainer.parts.train_reference
         if not isinstance(reference, CopyReference):  # online_config allows refresh with a copy only
             raise ConfigError(f"online.reference=refresh needs a copied reference model, got {type(reference).__name__}")
-        path = round_dir(self.run_dir, r) / REFERENCE_WEIGHTS
+        path = self.paths.round(r) / REFERENCE_WEIGHTS
         if restore:
             reference.model.load_state_dict(load_file(str(path)))
             return
@@ -611,7 +612,7 @@ class OnlineLoop:
             save_file(state, str(path.with_suffix(".tmp")))
             path.with_suffix(".tmp").replace(path)
             if r > 0:
-                round_dir(self.run_dir, r - 1).joinpath(REFERENCE_WEIGHTS).unlink(missing_ok=True)
+                self.paths.round(r - 1).joinpath(REFERENCE_WEIGHTS).unlink(missing_ok=True)
         self.ctx.barrier()
 
     def finish_round(self, r: int, *, training_s: float) -> None:
@@ -635,9 +636,9 @@ class OnlineLoop:
         if self.cfg.logging.plot:
             t.tracker.flush()
             try:
-                plot_rounds(self.run_dir / "metrics.jsonl", self.run_dir / ROUNDS_PLOT)
+                plot_rounds(self.paths.metrics, self.paths.rounds_plot)
             except Exception as error:  # a plot must never stop the run
-                t.say(f"could not draw {ROUNDS_PLOT}: {error}")
+                t.say(f"could not draw {self.paths.rounds_plot}: {error}")
 
 
 def completions_problem(rows: list[dict[str, Any]], grid: list[tuple[int, int]]) -> str | None:

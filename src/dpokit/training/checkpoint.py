@@ -17,7 +17,6 @@ import logging
 import os
 import pickle
 import random
-import re
 import shutil
 import tempfile
 import zlib
@@ -32,12 +31,12 @@ from torch import nn
 
 from dpokit.compat import UnsafeCheckpointError, dcp_safe_reader_and_planner
 from dpokit.errors import TrainingError
+from dpokit.rundir import CHECKPOINT_PREFIX, RunPaths, checkpoint_step
 from dpokit.training.model_card import RunSummary, write_model_card
 from dpokit.training.parallel import ParallelContext
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 MODEL_DIR = "model"
 DCP_DIR = "dcp"
@@ -80,11 +79,6 @@ def restore_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -
 # ------------------------------------------------------------------------------------------------
 # Finding checkpoints.
 # ------------------------------------------------------------------------------------------------
-
-
-def checkpoint_step(path: str | Path) -> int | None:
-    match = CHECKPOINT_PATTERN.match(Path(path).name)
-    return int(match.group(1)) if match else None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -268,7 +262,7 @@ def _state_dict_options(**kwargs: Any) -> Any:
 
 def remove_partial_checkpoints(run_dir: str | Path) -> None:
     """Delete leftovers of interrupted saves (``checkpoint-*.tmp-*``)."""
-    for child in Path(run_dir).glob("checkpoint-*.tmp-*"):
+    for child in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*.tmp-*"):
         shutil.rmtree(child, ignore_errors=True)
 
 
@@ -362,13 +356,13 @@ def save_checkpoint(
     """
     ctx = ctx or ParallelContext()
     run_dir = Path(run_dir)
-    final = run_dir / f"checkpoint-{step}"
+    final = RunPaths(run_dir).checkpoint(step)
     tmp = None
     if ctx.is_main:
         with write_errors(f"the checkpoint of step {step}", run_dir, checkpoints_in=run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_checkpoints(run_dir)
-            tmp = tempfile.mkdtemp(prefix=f"checkpoint-{step}.tmp-", dir=run_dir)
+            tmp = tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=run_dir)
     tmp_dir = Path(ctx.broadcast_object(tmp))
     try:
         with write_errors(f"the checkpoint of step {step}", run_dir, checkpoints_in=run_dir):

@@ -19,26 +19,16 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from dpokit.config import CONFIG_FILENAME, TrainConfig, config_to_dict, save_config
+from dpokit.config import TrainConfig, config_to_dict, save_config
 from dpokit.errors import ConfigError, TrainingError
+from dpokit.rundir import RUN_RECORDS, SETUP_FILES, RunPaths, checkpoint_step
 from dpokit.training.checkpoint import (
-    checkpoint_step,
     list_checkpoints,
     remove_partial_checkpoints,
     resolve_resume_path,
     write_errors,
 )
 from dpokit.training.parallel import ParallelContext
-from dpokit.training.splits import DATA_REPORT_FILENAME
-
-LOCK_FILENAME = ".dpokit.lock"
-# What a run writes into its directory: a fresh run refuses a directory holding any of these.
-# (A run that failed in set-up leaves only its config and data report: it may simply be started again.)
-RUN_RECORDS = ("metrics.jsonl", "checkpoint-*", "tensorboard", "samples.jsonl", "curves.png", "rounds", "rounds.png")
-# What set-up writes before the first optimizer step (startup.json comes after it): a failed run whose
-# directory holds only these (and empty files, such as a metrics.jsonl opened but never written) had
-# nothing to show, and the directory goes if the run created it.
-SETUP_FILES = (LOCK_FILENAME, CONFIG_FILENAME, DATA_REPORT_FILENAME)
 
 
 class RunDirectory:
@@ -46,6 +36,7 @@ class RunDirectory:
 
     def __init__(self, path: Path, resume_from: Path | None, lock: IO[str] | None, created: Path | None = None) -> None:
         self.path = path
+        self.paths = RunPaths(path)  # every file and folder the run writes here
         self.resume_from = resume_from
         self._lock = lock
         self._created = created  # the outermost directory this run made (``path`` or an ancestor), or None
@@ -73,10 +64,10 @@ class RunDirectory:
 
     def write_config(self, cfg: TrainConfig, resumed_at: int | None) -> Path:
         """``config.yaml`` for a fresh run; ``config.resume-<step>.yaml`` for an accepted resume."""
-        name = CONFIG_FILENAME if resumed_at is None else f"config.resume-{resumed_at}.yaml"
-        with write_errors(f"the run's {name}", self.path):
-            save_config(cfg, self.path / name)
-        return self.path / name
+        target = self.paths.config if resumed_at is None else self.paths.resume_config(resumed_at)
+        with write_errors(f"the run's {target.name}", self.path):
+            save_config(cfg, target)
+        return target
 
     def continue_from(self, step: int) -> list[Path]:
         """Resuming at ``step``: drop metrics logged after it and set aside checkpoints of the abandoned
@@ -87,7 +78,7 @@ class RunDirectory:
         for checkpoint in list_checkpoints(self.path):
             later = checkpoint_step(checkpoint)
             if later is not None and later > step:
-                target = self.path / "abandoned" / f"{checkpoint.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+                target = self.paths.abandoned / f"{checkpoint.name}.{time.strftime('%Y%m%d-%H%M%S')}"
                 target.parent.mkdir(exist_ok=True)
                 os.rename(checkpoint, target)
                 moved.append(target)
@@ -109,10 +100,10 @@ class RunDirectory:
                 with contextlib.suppress(OSError):
                     if child.is_dir():
                         child.rmdir()
-                    elif child.name != LOCK_FILENAME:
+                    elif child != self.paths.lock:
                         child.unlink()
         with contextlib.suppress(OSError):
-            (self.path / LOCK_FILENAME).unlink()
+            self.paths.lock.unlink()
         with contextlib.suppress(OSError):
             fcntl.flock(self._lock, fcntl.LOCK_UN)
         self._lock.close()
@@ -164,7 +155,7 @@ def _lock(run_dir: Path) -> IO[str]:
         handle = _open_lock_file(run_dir)
         _take_lock(handle, run_dir)
         try:
-            if os.fstat(handle.fileno()).st_ino == os.stat(run_dir / LOCK_FILENAME).st_ino:
+            if os.fstat(handle.fileno()).st_ino == os.stat(RunPaths(run_dir).lock).st_ino:
                 break
         except FileNotFoundError:
             pass
@@ -180,7 +171,7 @@ def _open_lock_file(run_dir: Path) -> IO[str]:
     """``run_dir`` (created if missing) and its lock file, opened for reading and appending."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        return open(run_dir / LOCK_FILENAME, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+        return open(RunPaths(run_dir).lock, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
     except NotADirectoryError:
         raise ConfigError(f"logging.run_dir {str(run_dir)!r} is a file, not a directory; choose another run_dir") from None
     except PermissionError:
@@ -251,7 +242,7 @@ def refuse_model_overwrite(cfg: TrainConfig, run_dir: Path) -> None:
     model_dir = Path(cfg.model.name_or_path)
     if not model_dir.is_dir():
         return  # a hub id: nothing local to overwrite
-    outputs = {"logging.run_dir": run_dir, "output_dir": Path(cfg.output_dir) if cfg.output_dir else run_dir / "final"}
+    outputs = {"logging.run_dir": run_dir, "output_dir": Path(cfg.output_dir) if cfg.output_dir else RunPaths(run_dir).final}
     for key, output in outputs.items():
         resolved, model = output.resolve(), model_dir.resolve()
         if resolved == model or model in resolved.parents:
@@ -263,7 +254,7 @@ def refuse_model_overwrite(cfg: TrainConfig, run_dir: Path) -> None:
 
 def trim_metrics_file(run_dir: Path, step: int) -> None:
     """On resume, drop records logged after the checkpoint (they will be logged again)."""
-    path = run_dir / "metrics.jsonl"
+    path = RunPaths(run_dir).metrics
     if not path.is_file():
         return
     kept = []

@@ -15,6 +15,7 @@ import torch
 
 from dpokit.config import DataConfig, TrainConfig
 from dpokit.errors import TrainingError
+from dpokit.rundir import RunPaths
 
 if TYPE_CHECKING:
     from dpokit.data import PreparedDataset
@@ -47,9 +48,6 @@ class Split:
         return np.asarray(self.dataset.lengths)[self.indices]
 
 
-DATA_REPORT_FILENAME = "data_report.json"
-
-
 def _is_main_process() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 
@@ -64,7 +62,7 @@ def report_data(reports: dict[str, tuple[str, Any]], run_dir: str | Path | None,
         print(f"{'training' if name == 'train' else 'evaluation'} data {path}: {report.summary()}", file=sys.stderr, flush=True)
     if run_dir is None:
         return None
-    target = Path(run_dir) / DATA_REPORT_FILENAME
+    target = RunPaths.of(run_dir).data_report
     document = {name: {"path": path, **report.to_dict()} for name, (path, report) in reports.items()}
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

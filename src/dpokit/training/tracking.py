@@ -25,9 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from dpokit.errors import ConfigError, DataError
-
-METRICS_FILENAME = "metrics.jsonl"
-TENSORBOARD_DIRNAME = "tensorboard"
+from dpokit.rundir import RunPaths
 
 
 def _as_number(value: Any) -> float | int | None:
@@ -78,7 +76,7 @@ class MetricsTracker:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
-        self.metrics_path = self.run_dir / METRICS_FILENAME
+        self.metrics_path = RunPaths(self.run_dir).metrics
         self._tb_writer = None
         self._wandb_run = None
         self._file = None
@@ -96,7 +94,7 @@ class MetricsTracker:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: it pulls in tensorboard
 
-            self._tb_writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIRNAME))
+            self._tb_writer = SummaryWriter(log_dir=str(RunPaths(self.run_dir).tensorboard))
             if config_dict is not None:
                 text = "```\n" + json.dumps(config_dict, indent=2, default=str) + "\n```"
                 self._tb_writer.add_text("config", text, global_step=0)
@@ -169,9 +167,9 @@ def read_metrics(path: str | Path, split: str | None = None) -> list[dict[str, A
     """
     path = Path(path)
     if path.is_dir():
-        path = path / METRICS_FILENAME
+        path = RunPaths(path).metrics
     if not path.exists():
-        raise DataError(f"{path}: no metrics file here (a run directory holds {METRICS_FILENAME})")
+        raise DataError(f"{path}: no metrics file here (a run directory holds {RunPaths(Path()).metrics})")
     lines = path.read_text(encoding="utf-8").splitlines()
     records: list[dict[str, Any]] = []
     for line_number, line in enumerate(lines, start=1):
@@ -384,8 +382,6 @@ def progress_bar(
 # Time to the first optimizer step.
 # ------------------------------------------------------------------------------------------------
 
-STARTUP_FILENAME = "startup.json"
-
 
 def seconds_since_process_start() -> float | None:
     """Seconds since this process started (Linux ``/proc``), or None where that is not known."""
@@ -440,7 +436,7 @@ class StartupClock:
         return f"first optimizer step after {first:.1f} s: " + ", ".join(parts)
 
     def write(self, run_dir: str | Path, **extra: Any) -> Path:
-        path = Path(run_dir) / STARTUP_FILENAME
+        path = RunPaths.of(run_dir).startup
         path.write_text(json.dumps(self.record(**extra), indent=2) + "\n", encoding="utf-8")
         return path
 

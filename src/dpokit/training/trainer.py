@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from dpokit.config import CONFIG_FILENAME, TrainConfig, config_to_dict, require_paths, save_config, validate_config
+from dpokit.config import TrainConfig, config_to_dict, require_paths, save_config, validate_config
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.models import apply_lora, enable_gradient_checkpointing, load_model_and_tokenizer, load_processor
+from dpokit.rundir import RunPaths
 from dpokit.training import step as steps
 from dpokit.training.checkpoint import export_final_model, load_checkpoint, save_checkpoint
 from dpokit.training.memory import apply_checkpointing_plan, checkpointing_mode, micro_batch_shape
@@ -63,9 +64,6 @@ if TYPE_CHECKING:
     from dpokit.losses import Objective
 
 logger = logging.getLogger(__name__)
-
-CURVES_FILENAME = "curves.png"
-SAMPLES_FILENAME = "samples.jsonl"
 
 OnStep = Callable[[int, dict[str, float]], "bool | None"]
 # Builds the (train, eval) splits instead of reading data.train_path / data.eval_path: (tokenizer, unpaired).
@@ -248,6 +246,7 @@ class Trainer:
         self.restored_state: dict[str, Any] = {}  # the trainer state of the checkpoint resumed from
         self.run_directory = RunDirectory.open(cfg, ctx, resume=resume, overwrite=overwrite)  # locked by rank 0
         self.run_dir, self.resume_from = self.run_directory.path, self.run_directory.resume_from
+        self.paths = self.run_directory.paths
         self.position = Position()
         self.last_checkpoint: Path | None = None
         self.last_saved_step = self.last_eval_step = -1
@@ -446,7 +445,7 @@ class Trainer:
             images=[list(item.get("images") or []) for item in items] if self.parts.processor is not None else None,
             image_processor=getattr(self.parts.processor, "image_processor", None),
         )
-        with open(self.run_dir / SAMPLES_FILENAME, "a", encoding="utf-8") as handle:
+        with open(self.paths.samples, "a", encoding="utf-8") as handle:
             for sample in samples:
                 handle.write(json.dumps({"step": self.position.step, **sample}) + "\n")
 
@@ -481,7 +480,7 @@ class Trainer:
     def export(self) -> Path:
         """The trained model for ``from_pretrained``, with the run's config beside it (``dpokit eval`` /
         ``dpokit score`` read it to find the reference and beta, wherever output_dir is)."""
-        output_dir = Path(self.cfg.output_dir) if self.cfg.output_dir else self.run_dir / "final"
+        output_dir = Path(self.cfg.output_dir) if self.cfg.output_dir else self.paths.final
         summary = RunSummary(
             self.cfg,
             repr(self.parts.objective),
@@ -497,7 +496,7 @@ class Trainer:
         saved = self.parts.processor or self.parts.tokenizer  # a processor saves its tokenizer and image processor
         export_final_model(self.ctx, self.parts.runner.model, saved, output_dir, self.cfg.model, summary=summary)
         if self.ctx.is_main and output_dir.is_dir():
-            save_config(self.cfg, output_dir / CONFIG_FILENAME)
+            save_config(self.cfg, RunPaths(output_dir).config)
         return output_dir
 
     def non_finite(self, what: str, value: float, where: str) -> TrainingError:
@@ -662,14 +661,14 @@ class Trainer:
                 self.clock.write(self.run_dir, reference_strategy=self.parts.reference_strategy)
 
     def wrap_policy(
-        self, policy: torch.nn.Module, strategy: str, layout: str, collate: BatchLayout, datasets: list[Any]
+        self, policy: torch.nn.Module, reference_strategy: str, layout: str, collate: BatchLayout, datasets: list[Any]
     ) -> tuple[ParallelPolicy, Reference, Reference]:
         """The references (fixed from the initial weights, before LoRA and any resumed weights), then
         gradient checkpointing, LoRA and compilation, then the DDP / FSDP2 wrapping: (the wrapped policy,
         the training reference, the held-out reference)."""
         cfg = self.cfg
         with self.clock.phase("reference"):
-            references = build_references(strategy, cfg, self.ctx, policy, datasets, collate)
+            references = build_references(reference_strategy, cfg, self.ctx, policy, datasets, collate)
         for reference in dict.fromkeys(references):
             if isinstance(reference, PrecomputedReference) and reference.path is not None:
                 how = "reused from" if reference.from_cache else "computed and cached in"
@@ -701,7 +700,7 @@ class Trainer:
         # build_references leaves None only for adapter_disabled, made here from the wrapped policy.
         resolved: list[Reference] = (
             [AdapterDisabledReference(runner) for _ in references]
-            if strategy == "adapter_disabled"
+            if reference_strategy == "adapter_disabled"
             else [r for r in references if r is not None]
         )
         return runner, resolved[0], resolved[-1]
@@ -776,6 +775,6 @@ class Trainer:
         finally:
             self.bar.close()
             self.tracker.close()
-            if cfg.logging.plot and is_main and (self.run_dir / "metrics.jsonl").is_file():
+            if cfg.logging.plot and is_main and self.paths.metrics.is_file():
                 with contextlib.suppress(Exception):  # a plot must never hide the run's own outcome
-                    plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / CURVES_FILENAME)
+                    plot_training_curves(self.paths.metrics, self.paths.curves)
