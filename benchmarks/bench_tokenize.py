@@ -41,10 +41,10 @@ import fixtures  # noqa: E402  (benchmarks/fixtures.py: English-like text, 4,096
 
 
 def time_dpokit(path: Path, tokenizer, cache_dir: Path):
-    from dpokit.data import prepare_dataset
+    from dpokit.data import PrepareOptions, prepare_dataset
 
     start = time.perf_counter()
-    dataset = prepare_dataset(path, tokenizer, cache_dir=cache_dir, max_length=512, max_prompt_length=256)
+    dataset = prepare_dataset(path, tokenizer, PrepareOptions(max_length=512, max_prompt_length=256), cache_dir=cache_dir)
     return time.perf_counter() - start, dataset
 
 

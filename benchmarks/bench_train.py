@@ -153,7 +153,7 @@ def fixture_work(fixture: Path) -> dict:
     """Tokens and F_fwd summed over the fixture as dpokit tokenizes it (chat template included)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpokit.data import prepare_dataset
+    from dpokit.data import PrepareOptions, prepare_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(fixture / "model")
     model = AutoModelForCausalLM.from_pretrained(fixture / "model")
@@ -163,7 +163,10 @@ def fixture_work(fixture: Path) -> dict:
     shape = dict(body=body, vocab=config.vocab_size, hidden=config.hidden_size, layers=config.num_hidden_layers)
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare_dataset(
-            fixture / "pairs.jsonl", tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, cache_dir=tmp
+            fixture / "pairs.jsonl",
+            tokenizer,
+            PrepareOptions(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH),
+            cache_dir=tmp,
         )
         items = [(len(item["prompt_ids"]), [len(r) for r in item["response_ids"]]) for item in data.items]
     flops = sum(forward_flops(p, rs, **shape) for p, rs in items)

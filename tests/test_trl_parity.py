@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from dpokit.data import make_collator, prepare_from_examples
+from dpokit.data import PrepareOptions, make_collator, prepare_from_examples
 from dpokit.data.schema import PreferenceExample
 from dpokit.logprobs import compute_logps
 from dpokit.losses import LossInputs, build_objective
@@ -60,7 +60,7 @@ def test_sequence_logps_and_sigmoid_loss_equal_trl(trl_reference_values, layout)
         PreferenceExample(prompt=r["prompt"], responses=[r["chosen"], r["rejected"]], source=f"row {i}")
         for i, r in enumerate(rows)
     ]
-    items = prepare_from_examples(examples, tokenizer, max_length=None, max_prompt_length=None).items
+    items = prepare_from_examples(examples, tokenizer, PrepareOptions(max_length=None, max_prompt_length=None)).items
     # The same token ids go in (TRL: prompt, then each response + EOS).
     assert [(item["prompt_ids"], item["response_ids"]) for item in items] == trl_token_ids
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dpokit.config import ModelConfig, load_config
-from dpokit.data import make_collator, prepare_dataset
+from dpokit.data import PrepareOptions, make_collator, prepare_dataset
 from dpokit.experiments.shapes import FAMILIES, build_tiny_vlm, shapes_rows, write_fixture
 from dpokit.logprobs import compute_logps
 from dpokit.losses import LossInputs, build_objective
@@ -118,7 +118,11 @@ def test_per_example_dpo_losses_equal_trl_on_the_same_vlm_and_rows(vlm_dirs, tmp
 
     rows_file = tmp_path / "rows.jsonl"
     rows_file.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    items = list(prepare_dataset(rows_file, processor.tokenizer, processor=processor, max_length=None, use_cache=False).items)
+    items = list(
+        prepare_dataset(
+            rows_file, processor.tokenizer, PrepareOptions(max_length=None), processor=processor, use_cache=False
+        ).items
+    )
     collate = make_collator("shared_prompt", processor.tokenizer.pad_token_id, image_processor=processor.image_processor)
     policy = AutoModelForImageTextToText.from_pretrained(directory).train()
     reference = AutoModelForImageTextToText.from_pretrained(reference_dir).eval()

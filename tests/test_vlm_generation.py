@@ -161,11 +161,13 @@ def training_path_logps(directory, reference_dir, data):
     ``data`` (the path tested equal to TRL)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from dpokit.data import make_collator, prepare_dataset
+    from dpokit.data import PrepareOptions, make_collator, prepare_dataset
     from dpokit.logprobs import compute_logps
 
     processor = AutoProcessor.from_pretrained(directory)
-    items = list(prepare_dataset(data, processor.tokenizer, processor=processor, max_length=None, use_cache=False).items)
+    items = list(
+        prepare_dataset(data, processor.tokenizer, PrepareOptions(max_length=None), processor=processor, use_cache=False).items
+    )
     batch = make_collator("shared_prompt", processor.tokenizer.pad_token_id, image_processor=processor.image_processor)(items)
     with torch.no_grad():
         policy = compute_logps(AutoModelForImageTextToText.from_pretrained(directory).eval(), batch).logps

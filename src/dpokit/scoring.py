@@ -167,7 +167,7 @@ def unify_row(prompt: Text, responses: list[Text]) -> tuple[Text, list[Text]]:
 
 def _prepare(rows: Sequence[ScoreRow], tokenizer: Any, *, max_length: int, max_prompt_length: int, processor: Any) -> Any:
     """Token ids for every row through the same data pipeline as training (chat template included)."""
-    from dpokit.data import PreferenceExample, prepare_from_examples
+    from dpokit.data import PreferenceExample, PrepareOptions, prepare_from_examples
 
     # The data pipeline works on rankings of >= 2 responses; a single response is scored as a "pair"
     # with itself and the duplicate dropped afterwards.
@@ -185,8 +185,7 @@ def _prepare(rows: Sequence[ScoreRow], tokenizer: Any, *, max_length: int, max_p
     return prepare_from_examples(
         examples,
         tokenizer,
-        max_length=max_length,
-        max_prompt_length=max_prompt_length,
+        PrepareOptions(max_length=max_length, max_prompt_length=max_prompt_length),
         drop_identical=False,
         processor=processor,
     )

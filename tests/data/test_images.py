@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from dpokit.data import make_collator, prepare_dataset, read_preferences
+from dpokit.data import PrepareOptions, make_collator, prepare_dataset, read_preferences
 from dpokit.errors import DataError
 from dpokit.experiments.shapes import QUESTION, build_tiny_vlm, draw_shape, write_shapes_data
 from dpokit.logprobs import compute_logps
@@ -128,9 +128,11 @@ def test_truncation_cuts_the_prompt_text_around_its_image_tokens(llava):
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     long_text = " ".join(["What colour is the shape?"] * 6)
     rows = [chat_row([png_bytes()], text=long_text), chat_row([png_bytes()])]
-    whole = prepare_dataset(rows, processor.tokenizer, processor=processor, max_length=None, use_cache=False)
+    whole = prepare_dataset(rows, processor.tokenizer, PrepareOptions(max_length=None), processor=processor, use_cache=False)
     assert len(whole.items[0]["prompt_ids"]) > 40
-    cut = prepare_dataset(rows, processor.tokenizer, processor=processor, max_length=44, max_prompt_length=24, use_cache=False)
+    cut = prepare_dataset(
+        rows, processor.tokenizer, PrepareOptions(max_length=44, max_prompt_length=24), processor=processor, use_cache=False
+    )
     assert cut.report.tokenize.prompt_truncated == 1  # the short row fits and is not cut
     prompt = cut.items[0]["prompt_ids"]
     assert len(prompt) == 24 and prompt.count(image_id) == 16  # text cut, every image token kept
@@ -142,7 +144,9 @@ def test_rows_whose_image_tokens_exceed_max_prompt_length_are_reported_and_count
     _, processor = llava
     rows = [chat_row([png_bytes()]), chat_row([png_bytes()], text="short")]
     with pytest.raises(DataError, match="no examples left") as error:
-        prepare_dataset(rows, processor.tokenizer, processor=processor, max_length=16, max_prompt_length=12, use_cache=False)
+        prepare_dataset(
+            rows, processor.tokenizer, PrepareOptions(max_length=16, max_prompt_length=12), processor=processor, use_cache=False
+        )
     assert "dropped 2: image_tokens_exceed_max_prompt_length" in str(error.value)
     assert "16 image tokens, max_prompt_length=12" in str(error.value)
 

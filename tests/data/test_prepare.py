@@ -4,11 +4,12 @@ or a setting changes; the report survives the cache."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from dpokit.data import PreferenceExample, prepare_dataset, prepare_from_examples
+from dpokit.data import PreferenceExample, PrepareOptions, prepare_dataset, prepare_from_examples
 from dpokit.errors import ConfigError
 from tests.helpers import LLAMA2_TEMPLATE, tiny_tokenizer
 
@@ -31,8 +32,8 @@ def write(path: Path, rows) -> Path:
 def test_second_prepare_is_a_cache_hit_with_identical_items_and_report(tmp_path):
     data = write(tmp_path / "d.jsonl", ROWS + ["not an object"])
     tokenizer = tiny_tokenizer()
-    cold = prepare_dataset(data, tokenizer, cache_dir=tmp_path / "cache", skip_invalid=True)
-    warm = prepare_dataset(data, tokenizer, cache_dir=tmp_path / "cache", skip_invalid=True)
+    cold = prepare_dataset(data, tokenizer, PrepareOptions(skip_invalid=True), cache_dir=tmp_path / "cache")
+    warm = prepare_dataset(data, tokenizer, PrepareOptions(skip_invalid=True), cache_dir=tmp_path / "cache")
     assert not cold.from_cache and warm.from_cache
     assert warm.fingerprint == cold.fingerprint and warm.cache_path == cold.cache_path
     assert list(warm.items) == list(cold.items)
@@ -69,12 +70,10 @@ def test_a_cache_hit_made_from_another_file_with_the_same_content_names_the_file
     ],
 )
 def test_any_change_to_data_tokenizer_or_settings_misses_the_cache(tmp_path, change):
-    data = write(tmp_path / "d.jsonl", ROWS)
-    base = dict(
-        cache_dir=tmp_path / "cache", max_length=64, max_prompt_length=32, truncation_mode="keep_end", ranked_mode="listwise"
-    )
-    first = prepare_dataset(data, tiny_tokenizer(), **base)
-    tokenizer, settings = tiny_tokenizer(), dict(base)
+    data, cache = write(tmp_path / "d.jsonl", ROWS), tmp_path / "cache"
+    base = PrepareOptions(max_length=64, max_prompt_length=32, truncation_mode="keep_end", ranked_mode="listwise")
+    first = prepare_dataset(data, tiny_tokenizer(), base, cache_dir=cache)
+    tokenizer, options = tiny_tokenizer(), base
     if change == "data content":
         write(data, ROWS[:2])
     elif change == "tokenizer vocabulary":
@@ -82,17 +81,13 @@ def test_any_change_to_data_tokenizer_or_settings_misses_the_cache(tmp_path, cha
     elif change == "chat template":
         tokenizer = tiny_tokenizer(chat_template=LLAMA2_TEMPLATE)
     elif change == "columns":
-        settings["columns"] = {"scores": "scores"}
+        options = replace(base, columns={"scores": "scores"})
     else:
-        settings[change] = {
-            "max_length": 63,
-            "max_prompt_length": 31,
-            "truncation_mode": "keep_start",
-            "ranked_mode": "all_pairs",
-        }[change]
-    second = prepare_dataset(data, tokenizer, **settings)
+        value = {"max_length": 63, "max_prompt_length": 31, "truncation_mode": "keep_start", "ranked_mode": "all_pairs"}[change]
+        options = replace(base, **{change: value})
+    second = prepare_dataset(data, tokenizer, options, cache_dir=cache)
     assert not second.from_cache and second.fingerprint != first.fingerprint
-    assert prepare_dataset(data, tokenizer, **settings).from_cache
+    assert prepare_dataset(data, tokenizer, options, cache_dir=cache).from_cache
 
 
 def test_use_cache_false_writes_nothing(tmp_path):
@@ -136,6 +131,6 @@ def test_prepare_from_examples_matches_prepare_dataset(tmp_path):
 def test_bad_settings_are_config_errors(tmp_path):
     data = write(tmp_path / "d.jsonl", ROWS)
     with pytest.raises(ConfigError, match="truncation_mode"):
-        prepare_dataset(data, tiny_tokenizer(), truncation_mode="middle", use_cache=False)
+        prepare_dataset(data, tiny_tokenizer(), PrepareOptions(truncation_mode="middle"), use_cache=False)
     with pytest.raises(ConfigError, match="max_prompt_length"):
-        prepare_dataset(data, tiny_tokenizer(), max_length=16, max_prompt_length=16, use_cache=False)
+        prepare_dataset(data, tiny_tokenizer(), PrepareOptions(max_length=16, max_prompt_length=16), use_cache=False)

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
-from dpokit.data import PreferenceExample, prepare_from_examples, tokenize_examples
+from dpokit.data import PreferenceExample, PrepareOptions, prepare_from_examples, tokenize_examples
 from dpokit.data.tokenize import truncate
 from dpokit.errors import DataError
 from tests.helpers import CHATML_TEMPLATE, LLAMA2_TEMPLATE, tiny_tokenizer
@@ -170,12 +170,12 @@ def test_truncation_counts_are_reported_end_to_end():
         PreferenceExample(long_prompt, [" good", " bad"]),
         PreferenceExample("short.", [" the movie was great " * 20, " bad"]),
     ]
-    dataset = prepare_from_examples(examples, tokenizer, max_length=24, max_prompt_length=12)
+    dataset = prepare_from_examples(examples, tokenizer, PrepareOptions(max_length=24, max_prompt_length=12))
     report = dataset.report.tokenize
     assert (report.prompt_truncated, report.responses_truncated) == (1, 1)
     assert all(len(item["prompt_ids"]) + max(map(len, item["response_ids"])) <= 24 for item in dataset.items)
     assert len(dataset.items[1]["prompt_ids"]) == 12
-    dropped = prepare_from_examples(examples, tokenizer, max_length=24, max_prompt_length=None)
+    dropped = prepare_from_examples(examples, tokenizer, PrepareOptions(max_length=24, max_prompt_length=None))
     assert len(dropped) == 2 and dropped.report.tokenize.dropped == {"prompt_fills_max_length": 1}
     assert "dropped 1" in dropped.report.summary()
 
@@ -252,7 +252,10 @@ def test_truncation_flags_survive_ranking_expansion_and_the_cache(tmp_path):
     def prepared(truncated):
         path.write_text(json.dumps({**row, "truncated": truncated}) + "\n", encoding="utf-8")
         dataset = prepare_dataset(
-            path, tokenizer, cache_dir=tmp_path / "cache", ranked_mode="all_pairs", max_length=None, max_prompt_length=None
+            path,
+            tokenizer,
+            PrepareOptions(ranked_mode="all_pairs", max_length=None, max_prompt_length=None),
+            cache_dir=tmp_path / "cache",
         )
         return dataset, [dataset.columns.example(i)[1] for i in range(len(dataset))]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit.data import make_collator, prepare_dataset, read_preferences
+from dpokit.data import PrepareOptions, make_collator, prepare_dataset, read_preferences
 from dpokit.data.collate import mismatched_items
 from dpokit.data.reader import balance_summary, suggest_kto_weights
 from dpokit.errors import ConfigError, DataError
@@ -112,8 +112,8 @@ def test_kto_weight_suggestion_keeps_the_papers_ratio():
 def test_labels_reach_every_layout_and_survive_the_cache(tmp_path, layout):
     tokenizer = tiny_tokenizer()
     path = _write(tmp_path / "u.jsonl", ROWS[:2] + [{"prompt": "Why?", "completion": " Because.", "label": True}])
-    first = prepare_dataset(path, tokenizer, unpaired=True, cache_dir=tmp_path / "cache")
-    again = prepare_dataset(path, tokenizer, unpaired=True, cache_dir=tmp_path / "cache")
+    first = prepare_dataset(path, tokenizer, PrepareOptions(unpaired=True), cache_dir=tmp_path / "cache")
+    again = prepare_dataset(path, tokenizer, PrepareOptions(unpaired=True), cache_dir=tmp_path / "cache")
     assert again.from_cache and again.desirable is not None and again.desirable.tolist() == [True, False, True]
     items = list(first.items)
     assert [item["desirable"] for item in items] == [True, False, True]
@@ -130,11 +130,11 @@ def test_labels_reach_every_layout_and_survive_the_cache(tmp_path, layout):
     assert moved.to("cpu").mismatched is not None
     # paired reading of the same file is refused; a paired file read as unpaired gets labels too
     assert (
-        prepare_dataset(path, tokenizer, unpaired=True, use_cache=False).fingerprint
+        prepare_dataset(path, tokenizer, PrepareOptions(unpaired=True), use_cache=False).fingerprint
         != prepare_dataset(
             _write(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}]),
             tokenizer,
-            unpaired=True,
+            PrepareOptions(unpaired=True),
             use_cache=False,
         ).fingerprint
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpokit.data import prepare_dataset
+from dpokit.data import PrepareOptions, prepare_dataset
 from dpokit.data.reader import read_preferences
 from dpokit.errors import ConfigError, DataError
 from dpokit.locations import looks_local, missing_local
@@ -253,7 +253,7 @@ def _write_rows(path: Path, rows: list[dict]) -> Path:
 
 def test_pairs_identical_after_truncation_are_dropped_counted_and_reported(tmp_path):
     path = _write_rows(tmp_path / "d.jsonl", _rows_sharing_a_long_start(6, identical_after_cut=2))
-    dataset = prepare_dataset(path, tiny_tokenizer(), max_length=16, max_prompt_length=8, use_cache=False)
+    dataset = prepare_dataset(path, tiny_tokenizer(), PrepareOptions(max_length=16, max_prompt_length=8), use_cache=False)
     assert len(dataset) == 4
     assert dataset.report.tokenize.dropped == {"identical_after_truncation": 2}
     summary = dataset.report.summary()
@@ -266,7 +266,7 @@ def test_pairs_identical_after_truncation_are_dropped_counted_and_reported(tmp_p
 def test_when_every_pair_is_identical_after_truncation_it_is_an_error(tmp_path):
     path = _write_rows(tmp_path / "d.jsonl", _rows_sharing_a_long_start(3, identical_after_cut=3))
     with pytest.raises(DataError, match="no examples left after tokenization") as caught:
-        prepare_dataset(path, tiny_tokenizer(), max_length=16, max_prompt_length=8, use_cache=False)
+        prepare_dataset(path, tiny_tokenizer(), PrepareOptions(max_length=16, max_prompt_length=8), use_cache=False)
     assert "dropped 3: identical_after_truncation" in str(caught.value)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dpokit.config import LoraConfig, ModelConfig
-from dpokit.data import PaddedCollator, PreferenceExample, make_collator, prepare_dataset, prepare_from_examples
+from dpokit.data import PaddedCollator, PreferenceExample, PrepareOptions, make_collator, prepare_dataset, prepare_from_examples
 from dpokit.errors import ConfigError
 from dpokit.logprobs import compute_logps
 from dpokit.models import apply_lora, load_model_and_tokenizer
@@ -96,7 +96,9 @@ def test_cache_is_invalidated_by_a_change_of_model_data_or_tokenization(assets, 
     changed_data = precompute(model, prepare_dataset(other_rows, tokenizer, cache_dir=tmp_path), collate, tmp_path)
     assert not changed_data.from_cache and changed_data.path != base.path
 
-    truncated = prepare_dataset(assets / "train.jsonl", tokenizer, cache_dir=tmp_path, max_length=12, max_prompt_length=6)
+    truncated = prepare_dataset(
+        assets / "train.jsonl", tokenizer, PrepareOptions(max_length=12, max_prompt_length=6), cache_dir=tmp_path
+    )
     changed_tokens = precompute(model, truncated, collate, tmp_path)
     assert not changed_tokens.from_cache and changed_tokens.path != base.path
     assert len(cached_reference_files(tmp_path)) == 4

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dpokit.config import load_config
-from dpokit.data import make_collator, prepare_dataset
+from dpokit.data import PrepareOptions, make_collator, prepare_dataset
 from dpokit.errors import ConfigError
 from dpokit.losses import build_objective
 from dpokit.training import reference as reference_module
@@ -65,7 +65,7 @@ def test_kl_reference_point_is_the_mean_log_ratio_of_rotated_pairs(assets):
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
     policy_model, reference_model = tiny_llama(seed=0), tiny_llama(seed=1)
-    data = prepare_dataset(assets / "train.jsonl", tokenizer, unpaired=True, use_cache=False)
+    data = prepare_dataset(assets / "train.jsonl", tokenizer, PrepareOptions(unpaired=True), use_cache=False)
     split = Split(data, list(range(len(data))))
     collate = make_collator("padded", tokenizer.pad_token_id or 0)
     objective = build_objective([{"name": "kto"}], beta=0.1)

@@ -120,7 +120,7 @@ class EvalReport:
 
 def run_eval(job: EvalJob) -> EvalReport:
     """Load the policy and reference, prepare the data as training does, and evaluate."""
-    from dpokit.data import prepare_dataset
+    from dpokit.data import PrepareOptions, prepare_dataset
     from dpokit.losses import build_objective
 
     check_batch_size(job.batch_size)
@@ -142,19 +142,15 @@ def run_eval(job: EvalJob) -> EvalReport:
         policy, runner, job.reference, reference_free=job.reference_free or loss.reference_free, **options
     )
     objective = build_objective(terms, beta=beta, reference_free=isinstance(reference, NoReference))
-    dataset = prepare_dataset(
-        data_path,
-        policy.tokenizer,
+    prepare = PrepareOptions.from_config(
+        data,
         format=_first(job.format, data.format),
         split=_first(job.split, data.eval_split),
-        columns=data.columns,
-        skip_invalid=data.skip_invalid,
-        ranked_mode=data.ranked_mode,
         max_length=int(_first(job.max_length, data.max_length)),
         max_prompt_length=int(_first(job.max_prompt_length, data.max_prompt_length)),
-        truncation_mode=data.truncation_mode,
-        cache_dir=_first(job.cache_dir, data.cache_dir),
-        processor=policy.processor,
+    )
+    dataset = prepare_dataset(
+        data_path, policy.tokenizer, prepare, cache_dir=_first(job.cache_dir, data.cache_dir), processor=policy.processor
     )
     items: Sequence[dict[str, Any]] = dataset.items
     if job.limit is not None:

@@ -22,9 +22,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from dpokit.data.reader import ReadReport, check_read_options, describe_source, 
 from dpokit.data.schema import PreferenceExample
 from dpokit.data.tokenize import TokenizedColumns, TokenizeReport, check_truncation_settings, tokenize_examples
 from dpokit.errors import DataError
+
+if TYPE_CHECKING:
+    from dpokit.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -344,32 +347,12 @@ def _cached(
     return dataset
 
 
-def prepare_dataset(
-    source: Any,
-    tokenizer: Any,
-    *,
-    format: str = "auto",
-    columns: Mapping[str, str] | None = None,
-    split: str = "train",
-    skip_invalid: bool = False,
-    ranked_mode: str = "listwise",
-    max_length: int | None = 512,
-    max_prompt_length: int | None = 256,
-    truncation_mode: str = "keep_end",
-    cache_dir: str | os.PathLike[str] | None = None,
-    use_cache: bool = True,
-    unpaired: bool = False,
-    score_threshold: float | None = None,
-    processor: Any = None,
-) -> PreparedDataset:
-    """Read, validate, tokenize and truncate a preference dataset, with an on-disk cache.
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How :func:`prepare_dataset` reads, tokenizes and truncates a data set. With the source's and the
+    tokenizer's fingerprints, these fields are the tokenized-data cache key.
 
-    Args:
-        source: a data file (``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``), a
-            ``save_to_disk`` directory, a dataset name / directory for ``datasets.load_dataset``, a
-            ``datasets.Dataset``, or a list of row dicts (see :func:`~dpokit.data.reader.read_preferences`).
-        tokenizer: a Hugging Face tokenizer (fast tokenizers are much faster). Conversational data
-            needs its ``chat_template``; plain text needs an ``eos_token``.
+    Fields:
         format: ``"auto"`` | ``"standard"`` | ``"conversational"`` | ``"hh"`` | ``"ranked"``.
         columns: ``{source column: field}`` renames (fields: prompt, chosen, rejected, responses, scores).
         split: split of a ``DatasetDict`` / ``load_dataset`` source.
@@ -381,45 +364,106 @@ def prepare_dataset(
             exceeds ``max_length`` (None: never cut the prompt). Paper default 256.
         truncation_mode: ``"keep_end"`` (default: keep the prompt's last tokens, i.e. the latest
             dialogue turns; a leading BOS is kept) or ``"keep_start"`` (keep its first tokens).
-        cache_dir: where tokenized data is cached; None means ``./.dpokit_cache``.
-        use_cache: False to neither read nor write the cache.
         unpaired, score_threshold: read for an unpaired objective (KTO): see
             :func:`~dpokit.data.reader.read_preferences`; the items then carry ``"desirable"``.
+    """
+
+    format: str = "auto"
+    columns: Mapping[str, str] | None = None
+    split: str = "train"
+    skip_invalid: bool = False
+    ranked_mode: str = "listwise"
+    max_length: int | None = 512
+    max_prompt_length: int | None = 256
+    truncation_mode: str = "keep_end"
+    unpaired: bool = False
+    score_threshold: float | None = None
+
+    @classmethod
+    def from_config(cls, data: DataConfig, *, unpaired: bool = False, **changes: Any) -> PrepareOptions:
+        """The options of a config's ``data`` section (its training split), with ``changes`` applied."""
+        options = cls(
+            format=data.format,
+            columns=data.columns,
+            split=data.train_split,
+            skip_invalid=data.skip_invalid,
+            ranked_mode=data.ranked_mode,
+            max_length=data.max_length,
+            max_prompt_length=data.max_prompt_length,
+            truncation_mode=data.truncation_mode,
+            unpaired=unpaired,
+            score_threshold=data.score_threshold,
+        )
+        return replace(options, **changes)
+
+    def check(self) -> None:
+        """A ConfigError naming the setting when a value is not one dpokit knows."""
+        check_read_options(self.format, self.ranked_mode)
+        check_truncation_settings(self.max_length, self.max_prompt_length, self.truncation_mode)
+
+    def tokenize_settings(self) -> dict[str, Any]:
+        return dict(
+            max_length=self.max_length,
+            max_prompt_length=self.max_prompt_length,
+            truncation_mode=self.truncation_mode,
+            skip_invalid=self.skip_invalid,
+        )
+
+    def fingerprint(self, processor: Any = None) -> str:
+        """The settings part of the cache key (a processor adds its image-token settings)."""
+        return _settings_fingerprint(
+            format=self.format,
+            columns=dict(self.columns) if self.columns else None,
+            split=self.split,
+            ranked_mode=self.ranked_mode,
+            **self.tokenize_settings(),
+            **({"unpaired": True, "score_threshold": self.score_threshold} if self.unpaired else {}),
+            **({"images": ImageTokens(processor).fingerprint()} if processor is not None else {}),
+        )
+
+
+def prepare_dataset(
+    source: Any,
+    tokenizer: Any,
+    options: PrepareOptions | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    processor: Any = None,
+) -> PreparedDataset:
+    """Read, validate, tokenize and truncate a preference dataset, with an on-disk cache.
+
+    Args:
+        source: a data file (``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``), a
+            ``save_to_disk`` directory, a dataset name / directory for ``datasets.load_dataset``, a
+            ``datasets.Dataset``, or a list of row dicts (see :func:`~dpokit.data.reader.read_preferences`).
+        tokenizer: a Hugging Face tokenizer (fast tokenizers are much faster). Conversational data
+            needs its ``chat_template``; plain text needs an ``eos_token``.
+        options: how to read and tokenize (:class:`PrepareOptions`; None: its defaults, the paper's
+            lengths 512 / 256).
+        cache_dir: where tokenized data is cached; None means ``./.dpokit_cache``.
+        use_cache: False to neither read nor write the cache.
         processor: a vision-language model's processor, for rows with images (items then carry ``"images"``;
             the key covers the data file and image settings, not the image files a row names).
 
     Returns:
         a :class:`PreparedDataset`; check ``.report.summary()`` for skips, truncation and drops.
     """
-    check_read_options(format, ranked_mode)
-    check_truncation_settings(max_length, max_prompt_length, truncation_mode)
-    tokenize_settings: dict[str, Any] = dict(
-        max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, skip_invalid=skip_invalid
-    )
-    unpaired_settings: dict[str, Any] = {"unpaired": True, "score_threshold": score_threshold} if unpaired else {}
-    settings = _settings_fingerprint(
-        format=format,
-        columns=dict(columns) if columns else None,
-        split=split,
-        ranked_mode=ranked_mode,
-        **tokenize_settings,
-        **unpaired_settings,
-        **({"images": ImageTokens(processor).fingerprint()} if processor is not None else {}),
-    )
-    fingerprint = _combine(source_fingerprint(source, split=split), tokenizer_fingerprint(tokenizer), settings)
-    if processor is not None:
-        tokenize_settings["processor"] = processor
+    o = options or PrepareOptions()
+    o.check()
+    fingerprint = _combine(source_fingerprint(source, split=o.split), tokenizer_fingerprint(tokenizer), o.fingerprint(processor))
+    tokenize_settings = {**o.tokenize_settings(), **({"processor": processor} if processor is not None else {})}
 
     def build() -> PreparedDataset:
         examples, read_report = read_preferences(
             source,
-            format=format,
-            columns=columns,
-            split=split,
-            skip_invalid=skip_invalid,
-            ranked_mode=ranked_mode,
-            unpaired=unpaired,
-            score_threshold=score_threshold,
+            format=o.format,
+            columns=o.columns,
+            split=o.split,
+            skip_invalid=o.skip_invalid,
+            ranked_mode=o.ranked_mode,
+            unpaired=o.unpaired,
+            score_threshold=o.score_threshold,
         )
         return _build(examples, read_report, tokenizer, fingerprint, tokenize_settings)
 
@@ -429,11 +473,8 @@ def prepare_dataset(
 def prepare_from_examples(
     examples: Sequence[PreferenceExample],
     tokenizer: Any,
+    options: PrepareOptions | None = None,
     *,
-    skip_invalid: bool = False,
-    max_length: int | None = 512,
-    max_prompt_length: int | None = 256,
-    truncation_mode: str = "keep_end",
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = False,
     drop_identical: bool = True,
@@ -441,21 +482,21 @@ def prepare_from_examples(
 ) -> PreparedDataset:
     """Tokenize in-memory :class:`PreferenceExample` s (already validated; responses best first).
 
-    Same tokenization, truncation and report as :func:`prepare_dataset`. Caching is off by default
-    here (``use_cache=True`` keys it by the examples' content). ``drop_identical=False`` keeps
-    examples whose responses tokenize identically (for scoring responses, not training on pairs).
-    ``processor``: the image-text-to-text processor, for examples with images (as :func:`prepare_dataset`).
+    Same tokenization, truncation and report as :func:`prepare_dataset`; of ``options`` only the
+    tokenization settings apply (the examples are already read). Caching is off by default here
+    (``use_cache=True`` keys it by the examples' content). ``drop_identical=False`` keeps examples whose
+    responses tokenize identically (for scoring responses, not training on pairs). ``processor``: the
+    image-text-to-text processor, for examples with images (as :func:`prepare_dataset`).
     """
-    check_truncation_settings(max_length, max_prompt_length, truncation_mode)
+    o = options or PrepareOptions()
+    check_truncation_settings(o.max_length, o.max_prompt_length, o.truncation_mode)
     examples = list(examples)
     if not examples:
         raise DataError("prepare_from_examples got no examples")
     for ex in examples:
         if not isinstance(ex, PreferenceExample) or len(ex.responses) < 2:
             raise DataError(f"{getattr(ex, 'source', '') or 'example'}: expected a PreferenceExample with at least 2 responses")
-    tokenize_settings: dict[str, Any] = dict(
-        max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode, skip_invalid=skip_invalid
-    )
+    tokenize_settings = o.tokenize_settings()
     if not drop_identical:
         tokenize_settings["drop_identical"] = False
     vision = {"images": ImageTokens(processor).fingerprint()} if processor is not None else {}

@@ -73,24 +73,23 @@ def report_data(reports: dict[str, tuple[str, Any]], run_dir: str | Path | None,
     return target
 
 
-def prepare_with_config(data: DataConfig, source: Any, tokenizer: Any, *, unpaired: bool, **overrides: Any) -> PreparedDataset:
+def prepare_with_config(
+    data: DataConfig,
+    source: Any,
+    tokenizer: Any,
+    *,
+    unpaired: bool,
+    processor: Any = None,
+    use_cache: bool = True,
+    **changes: Any,
+) -> PreparedDataset:
     """:func:`dpokit.data.prepare_dataset` of ``source`` (a path, hub id or list of rows) with the ``data``
-    section's reading and tokenization settings; ``overrides`` replace any of them (e.g. ``split``)."""
-    from dpokit.data import prepare_dataset
+    section's reading and tokenization settings (:meth:`PrepareOptions.from_config`) and cache directory;
+    ``changes`` replace any of the options (e.g. ``split``)."""
+    from dpokit.data import PrepareOptions, prepare_dataset
 
-    settings: dict[str, Any] = {
-        "split": data.train_split,
-        "format": data.format,
-        "columns": data.columns,
-        "skip_invalid": data.skip_invalid,
-        "ranked_mode": data.ranked_mode,
-        "max_length": data.max_length,
-        "max_prompt_length": data.max_prompt_length,
-        "truncation_mode": data.truncation_mode,
-        "cache_dir": data.cache_dir,
-        "score_threshold": data.score_threshold,
-    }
-    return prepare_dataset(source, tokenizer, unpaired=unpaired, **{**settings, **overrides})
+    options = PrepareOptions.from_config(data, unpaired=unpaired, **changes)
+    return prepare_dataset(source, tokenizer, options, cache_dir=data.cache_dir, use_cache=use_cache, processor=processor)
 
 
 def load_data(
