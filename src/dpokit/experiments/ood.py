@@ -416,7 +416,8 @@ def winrates_markdown(rows: list[dict[str, Any]]) -> str:
 
 def plot_ood(result: OodResult, out_png: str | Path) -> Path:
     """Three panels: the reward-KL frontier on in-distribution and on shifted prompts (every checkpoint, 95%
-    error bars), and the win rates at the highest temperature on both distributions; dated, with the machine."""
+    error bars, the same scales), and the win rates at the highest temperature on both distributions, raw
+    (filled) and length-controlled (open); dated, with the machine."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -425,6 +426,8 @@ def plot_ood(result: OodResult, out_png: str | Path) -> Path:
     from dpokit.analysis.frontier import draw_frontier
 
     figure, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    axes[1].sharex(axes[0])  # the same scales on both distributions
+    axes[1].sharey(axes[0])
     for axis, distribution in zip(axes[:2], DISTRIBUTIONS, strict=True):
         points = [result.reference[distribution].to_dict()]
         points += [p.to_dict() for policy in result.policies for p in policy.points[distribution]]
@@ -456,7 +459,7 @@ def plot_ood(result: OodResult, out_png: str | Path) -> Path:
                 label=f"{distribution}{' (length-controlled)' if prefix else ''}",
             )
     axes[2].axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
-    axes[2].set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    axes[2].set_xticks(range(len(names)), names, fontsize=7)
     axes[2].set_ylabel("win rate (judge: VADER), 95% CI")
     axes[2].set_title(f"win rates at T={top:g}" if top is not None else "win rates")
     axes[2].legend(fontsize=7)
