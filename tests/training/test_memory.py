@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from dpokit.config import ConfigError, load_config
+from dpokit.config import load_config
+from dpokit.errors import ConfigError
 from dpokit.training import run
 from dpokit.training.memory import GIB, checkpointing_mode, estimate_step_memory
 from dpokit.training.tracking import read_metrics
