@@ -8,6 +8,7 @@ than 1e-2 nats on some token."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -273,3 +274,44 @@ def test_an_online_run_on_vllm_interrupted_mid_round_resumes_without_sampling_ag
         ours, theirs = RoundFiles(run_dir, r), RoundFiles(whole.run_dir, r)
         assert [sorted(c) for c in ours.read("completions")] == [sorted(c) for c in theirs.read("completions")]
         assert sorted(ours.summary()) == sorted(theirs.summary())
+
+
+def test_frontier_and_experiment_evaluation_on_vllm_load_each_checkpoint_into_the_server_and_give_the_reference_back(
+    server, tmp_path: Path
+):
+    """dpokit frontier --engine vllm (and the experiments' evaluation, FrontierEvaluation and Best-of-N): the
+    server samples each checkpoint after loading it (its log-probs equal the checkpoint's here), the KL is
+    teacher-forced here on the sampled ids, and the server serves the reference's weights again at the end."""
+    from dpokit.analysis.frontier import CheckpointServer, FrontierJob, run_frontier
+    from dpokit.experiments.baselines import best_of_n_points
+    from dpokit.experiments.results import FrontierEvaluation
+    from dpokit.generation import EngineOptions
+    from tests.helpers import tiny_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(server.base_dir)
+    base = AutoModelForCausalLM.from_pretrained(server.base_dir, dtype=torch.float32).eval()
+    checkpoint = tmp_path / "run" / "checkpoint-2" / "model"
+    tiny_llama(vocab_size=base.config.vocab_size, hidden_size=128, seed=3, initializer_range=0.5).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    reward = "dpokit.experiments.reward:vader_reward"
+    options = EngineOptions("vllm", server.url)
+    job = FrontierJob([("other", str(tmp_path / "run"))], str(server.base_dir), str(tmp_path / "prompts.txt"), reward)
+    job.out, job.num_samples, job.max_new_tokens, job.engine = str(tmp_path / "out"), 3, 8, options
+    reference, other = run_frontier(job)[0]
+    assert reference["engine_logp_gap"] <= TOLERANCE and other["engine_logp_gap"] <= TOLERANCE
+    assert abs(reference["kl_mean"]) <= 1e-4 and other["kl_mean"] > 1.0 and other["step"] == 2
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["engine"] == "vllm"
+    ids, completions = sample(server, tokenizer)
+    assert largest_gap(base, ids, completions) <= TOLERANCE  # the reference's weights are back
+
+    evaluation = FrontierEvaluation(base, tokenizer, PROMPTS, lambda prompts, completions: [1.0] * len(completions), 2, 8, 0)
+    evaluation = dataclasses.replace(evaluation, server=CheckpointServer(str(server.base_dir), options))
+    points, _ = evaluation.checkpoints(tmp_path / "run", method="DPO", run="other")
+    assert [p.step for p in points] == [2] and points[0].kl_mean > 1.0
+    evaluation.server.restore()
+    by_length = lambda prompts, completions: [float(len(c)) for c in completions]  # noqa: E731
+    one, two = best_of_n_points(
+        base, tokenizer, PROMPTS, by_length, [1, 2], max_new_tokens=8, seed=0, engine=evaluation.server.engine
+    )
+    assert (one.n, two.n, one.num_samples) == (1, 2, len(PROMPTS)) and two.reward_mean >= one.reward_mean
