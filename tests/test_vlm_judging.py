@@ -175,3 +175,74 @@ def test_the_implicit_judge_of_a_vlm_reads_the_images_as_dpokit_score_does(model
     raws = [f"reward A={row.rewards[0]!r} B={row.rewards[1]!r}" for row in report.rows]
     assert [j.raw for j in judgments] == raws
     assert len({row.rewards[0] for row in report.rows}) == 3  # three images, three rewards for the same answer text
+
+
+def test_an_online_round_on_image_prompts_samples_judges_and_trains_with_each_prompts_image(models, tmp_path):
+    """`dpokit online` on a prompts file of image rows (tiny LLaVA, one round, one step): the samples are scored
+    with their images (policy and copied reference give the same log-probs before training, equal to a
+    teacher-forced pass with the images), the judge scores each completion with its own prompt's image, and
+    the round trains on pairs whose batches carry the images (the weights move)."""
+    from dpokit.config import load_config
+    from dpokit.generation import completion_logps, encode_prompts
+    from dpokit.models import load_policy
+    from dpokit.online import run_online
+    from tests.judges.fakes import pixel_length_reward
+
+    policy, _ = models
+    path, rows = write_prompts(tmp_path, n=4)
+    overrides = [
+        f"model.name_or_path={policy}",
+        f"logging.run_dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.max_length=64",
+        "data.max_prompt_length=48",
+        "optim.optimizer=adamw",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=0",
+        "optim.batch_size=4",
+        "optim.grad_accumulation=1",
+        "reference.strategy=copy",
+        "eval.every_steps=0",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+        "checkpoint.every_steps=0",
+        f"online.prompts_path={path}",
+        "online.rounds=1",
+        "online.prompts_per_round=4",
+        "online.samples_per_prompt=3",
+        "online.steps_per_round=1",
+        "online.judge=reward:tests.judges.fakes:pixel_length_reward",
+        "online.sampling.max_new_tokens=4",
+        "online.sampling.temperature=1.0",
+    ]
+    result = run_online(load_config(None, overrides))
+    round_dir = result.round_dir(0)
+    read = [
+        [json.loads(line) for line in (round_dir / f"{stage}.jsonl").read_text().splitlines()]
+        for stage in ("prompts", "completions", "judgments")
+    ]
+    prompts, completions, judgments = read
+    assert [p["images"] for p in prompts] == [[str(tmp_path / rows[p["source_index"]]["images"][0])] for p in prompts]
+    images = [[(tmp_path / rows[p["source_index"]]["images"][0]).read_bytes()] for p in prompts]
+    per_completion = [images[c["prompt_index"]] for c in completions]
+    texts = [c["completion"] for c in completions]
+    assert [j["score"] for j in judgments] == pytest.approx(pixel_length_reward(None, texts, per_completion))
+    initial = load_policy(policy, dtype="float32", device="cpu")
+    _, ids = encode_prompts(initial.tokenizer, [p["prompt"] for p in prompts], images=images, processor=initial.processor)
+    expected = completion_logps(
+        initial.model,
+        [ids[c["prompt_index"]] for c in completions],
+        [c["token_ids"] for c in completions],
+        pad_token_id=initial.tokenizer.pad_token_id,
+        images=per_completion,
+        image_processor=initial.processor.image_processor,
+    )
+    assert [c["policy_logp"] for c in completions] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert all(c["policy_logp"] == c["reference_logp"] for c in completions)
+    assert result.global_step == 1 and result.rounds[0]["pairs"] > 0
+    offline = [f"data.train_path={write_shapes_data(tmp_path, 4, seed=2)}", "online.offline_fraction=0.5"]
+    with pytest.raises(ConfigError, match=r"prompts.jsonl:line 1: a prompt with images: .*online.offline_fraction=0"):
+        run_online(load_config(None, [*overrides, *offline, f"logging.run_dir={tmp_path / 'offline'}"]))
+    trained = load_policy(result.run_dir / "final", dtype="float32", device="cpu").model
+    assert any((a - b).abs().max() > 0 for a, b in zip(trained.parameters(), initial.model.parameters(), strict=True))

@@ -301,12 +301,14 @@ def build_engine(
     served_model: str | None = None,
     api_key_env: str = DEFAULT_VLLM_KEY_ENV,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    processor: Any = None,
 ) -> SamplingEngine:
-    """The engine named ``engine``: ``dpokit`` samples ``model`` here, ``vllm`` asks the server at ``url``."""
+    """The engine named ``engine``: ``dpokit`` samples ``model`` here (``processor``: a vision-language model's,
+    for prompts with images), ``vllm`` asks the server at ``url``."""
     if engine == "dpokit":
         if model is None or tokenizer is None:
             raise ConfigError("the dpokit sampling engine needs a model and its tokenizer")
-        return DpokitEngine(model, tokenizer, batch_size=batch_size)
+        return DpokitEngine(model, tokenizer, batch_size=batch_size, processor=processor)
     if engine == "vllm":
         if not url:
             raise ConfigError(
@@ -318,13 +320,23 @@ def build_engine(
 
 
 def policy_logps(
-    model: Any, prompt_ids: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]], *, tokenizer: Any, batch_size: int
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    token_ids: Sequence[Sequence[int]],
+    *,
+    tokenizer: Any,
+    batch_size: int,
+    images: Sequence[Sequence[bytes]] | None = None,
+    image_processor: Any = None,
 ) -> list[float]:
-    """Teacher-forced ``log pi(y|x)`` of each sampled completion under ``model`` (in eval mode meanwhile)."""
+    """Teacher-forced ``log pi(y|x)`` of each sampled completion under ``model`` (in eval mode meanwhile);
+    ``images``: per completion, its prompt's images (a vision-language model)."""
     if not token_ids:
         return []
+    pictured = {"images": images, "image_processor": image_processor} if images and any(images) else {}
     with torch.no_grad(), eval_mode(model):
-        logps = completion_logps(model, prompt_ids, token_ids, pad_token_id=pad_id_of(tokenizer), batch_size=batch_size)
+        pad = pad_id_of(tokenizer)
+        logps = completion_logps(model, prompt_ids, token_ids, pad_token_id=pad, batch_size=batch_size, **pictured)
     return [float(x) for x in logps]
 
 

@@ -53,7 +53,9 @@ class Labeller(Protocol):
     spec: str
     implicit: bool  # an implicit reward (all zeros mean the policy and reference are the same weights)
 
-    def label(self, prompts: Sequence[Any], completions: Sequence[dict[str, Any]]) -> list[float]: ...
+    def label(
+        self, prompts: Sequence[Any], completions: Sequence[dict[str, Any]], images: Sequence[Sequence[bytes]] | None = None
+    ) -> list[float]: ...
 
 
 class JudgeLabeller:
@@ -62,8 +64,13 @@ class JudgeLabeller:
     def __init__(self, judge: Any, spec: str, implicit: bool) -> None:
         self.judge, self.spec, self.implicit = judge, spec, implicit
 
-    def label(self, prompts: Sequence[Any], completions: Sequence[dict[str, Any]]) -> list[float]:
-        return [float(s) for s in self.judge.score(list(prompts), [c["completion"] for c in completions])]
+    def label(
+        self, prompts: Sequence[Any], completions: Sequence[dict[str, Any]], images: Sequence[Sequence[bytes]] | None = None
+    ) -> list[float]:
+        texts = [c["completion"] for c in completions]
+        # Images only when there are some (per completion, its prompt's): a judge written for text takes two arguments.
+        scores = self.judge.score(list(prompts), texts) if not images else self.judge.score(list(prompts), texts, images)
+        return [float(s) for s in scores]
 
 
 def self_reward(log_ratio: float, tokens: int, *, beta: float, form: str = "implicit", alpha: float = 0.0) -> float:
@@ -105,7 +112,9 @@ class SelfLabeller:
 
         self.last_log_ratios: list[float] = []  # of the last call, for :func:`check_rewards`
 
-    def label(self, prompts: Sequence[Any], completions: Sequence[dict[str, Any]]) -> list[float]:
+    def label(
+        self, prompts: Sequence[Any], completions: Sequence[dict[str, Any]], images: Sequence[Sequence[bytes]] | None = None
+    ) -> list[float]:
         self.last_log_ratios = [c["policy_logp"] - c["reference_logp"] for c in completions]
         return [
             self_reward(ratio, scored_tokens(c), beta=self.beta, form=self.form, alpha=self.alpha)
@@ -176,11 +185,13 @@ def label_with_retries(
     wait_s: float,
     where: str,
     sleep: Callable[[float], None] = time.sleep,
+    images: Sequence[Sequence[bytes]] | None = None,
 ) -> list[float]:
-    """The labeller's scores, retried on failure; :class:`JudgeFailed` after the last retry."""
+    """The labeller's scores, retried on failure; :class:`JudgeFailed` after the last retry. ``images``: per
+    completion, its prompt's images (a vision-language task)."""
     for attempt in range(retries + 1):
         try:
-            scores = labeller.label(prompts, completions)
+            scores = labeller.label(prompts, completions, images) if images else labeller.label(prompts, completions)
         except ConfigError:
             raise  # a wrong key or spec does not heal by waiting
         except Exception as error:  # an endpoint down, a time-out, a crashing reward function

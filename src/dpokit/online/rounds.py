@@ -22,6 +22,12 @@ Under torchrun every rank samples its contiguous share of the round's prompts (`
 ``i`` is seeded with ``seed + i`` whatever the rank, so the samples do not depend on the number of
 processes), the shares are all-gathered, rank 0 judges and writes, the rows are broadcast, and every
 rank trains on the union (DDP). FSDP cannot sample (no rank holds the whole model) and is refused.
+
+Prompts with images (a vision-language policy; rows with ``images`` as ``dpokit generate`` reads them): the
+round's prompts are encoded with the policy's processor (never cut: a prompt longer than
+``data.max_prompt_length`` is an error), sampled and teacher-forced with their images, judged with them (a
+judge that reads images, :mod:`dpokit.judges.base`), and trained on with them (the round's pair rows get
+their prompt's images in memory; the files name them). The dpokit engine only; no offline rows mixed in.
 """
 
 from __future__ import annotations
@@ -77,7 +83,14 @@ def run_online(
     """Run ``cfg``'s online rounds (``cfg.online``); ``resume``/``overwrite``/``on_step`` as in
     :func:`dpokit.training.run`. Under torchrun every process calls this with the same arguments."""
     cfg = online_config(cfg)
-    prompts = read_prompt_rows(cfg.online.prompts_path, cfg.online.prompt_split)  # a bad prompts file fails first
+    # A bad prompts file fails first; rows with images are for a vision-language policy (encoding them checks that).
+    prompts = read_prompt_rows(cfg.online.prompts_path, cfg.online.prompt_split, images=True)
+    pictured = next((row for row in prompts if row.images), None)
+    if pictured is not None and cfg.online.offline_fraction > 0:
+        raise ConfigError(
+            f"{pictured.where}: a prompt with images: online rounds on image prompts do not mix in offline rows yet; "
+            "set online.offline_fraction=0"
+        )
     result = run_loop(
         cfg,
         check=lambda config: config,  # online_config checked it
@@ -182,6 +195,7 @@ class OnlineLoop:
         # The current round's sampled ids: prompt ids by prompt, token ids by (prompt, sample); None for a
         # round whose completions file predates token ids (its rows are then tokenized from text).
         self.sampled: tuple[dict[int, list[int]], dict[tuple[int, int], list[int]]] | None = None
+        self.images: list[list[bytes]] | None = None  # the current round's prompts' images (None: no prompt has any)
 
     # -- the loop: the trainer's segments -----------------------------------------------------------
 
@@ -237,6 +251,8 @@ class OnlineLoop:
         self.remade = set()
         indices = round_prompt_indices(len(self.prompts), self.on.prompts_per_round, seed=self.cfg.optim.seed, round_index=r)
         prompts = [self.prompts[i].prompt for i in indices]
+        images = [list(self.prompts[i].images) for i in indices]
+        self.images = images if any(images) else None
         if self.ctx.is_main:
             self.repair_summary(files)
             self.write_prompts(files, indices)
@@ -365,6 +381,7 @@ class OnlineLoop:
         """Rank 0: the round's prompts file, (re)written unless it holds exactly the round's prompts."""
         rows = [
             {"prompt_index": k, "source_index": i, "where": self.prompts[i].where, "prompt": self.prompts[i].prompt}
+            | ({"images": list(self.prompts[i].image_names)} if self.prompts[i].images else {})
             for k, i in enumerate(indices)
         ]
         if files.has("prompts"):
@@ -389,19 +406,22 @@ class OnlineLoop:
         t, s = self.trainer, self.on.sampling
         started = time.perf_counter()
         local = self.ctx.rank_slice(list(range(len(prompts))))
-        ids = self.prompt_ids([prompts[i] for i in local])
+        images = None if self.images is None else [self.images[i] for i in local]
+        ids = self.prompt_ids([prompts[i] for i in local], images)
         seed = (self.cfg.optim.seed * 1_000_003 + r * 7_919_993 + (local[0] if local else 0)) % 2**62
         sampling = SamplingConfig(s.max_new_tokens, s.temperature, s.top_p, s.top_k, self.on.samples_per_prompt, seed)
         engine = self.sampling_engine(r)
-        completions = engine.sample(ids, sampling) if ids else []
+        completions = (engine.sample(ids, sampling) if images is None else engine.sample(ids, sampling, images)) if ids else []
         prompt_ids, outputs = [ids[c.prompt_index] for c in completions], [c.token_ids for c in completions]
-        policy = policy_logps(t.parts.runner.model, prompt_ids, outputs, tokenizer=t.parts.tokenizer, batch_size=s.batch_size)
+        scoring: dict[str, Any] = {"tokenizer": t.parts.tokenizer, "batch_size": s.batch_size}
+        if images is not None:
+            image_processor = getattr(t.parts.processor, "image_processor", None)
+            scoring.update(images=[images[c.prompt_index] for c in completions], image_processor=image_processor)
+        policy = policy_logps(t.parts.runner.model, prompt_ids, outputs, **scoring)
         reference: list[float | None] = [None] * len(completions)
         with t.parts.train_reference.sampling_model() as reference_model:
             if reference_model is not None and completions:
-                reference = list(
-                    policy_logps(reference_model, prompt_ids, outputs, tokenizer=t.parts.tokenizer, batch_size=s.batch_size)
-                )
+                reference = list(policy_logps(reference_model, prompt_ids, outputs, **scoring))
         records = [
             {
                 "prompt_index": local[c.prompt_index],
@@ -447,16 +467,26 @@ class OnlineLoop:
             logger.warning("the round's completions carry no token ids (an older run); training on their re-tokenized text")
             return None
         tokens = {(int(c["prompt_index"]), int(c["sample_index"])): [int(t) for t in c["token_ids"]] for c in completions}
-        return dict(enumerate(self.prompt_ids(prompts))), tokens
+        return dict(enumerate(self.prompt_ids(prompts, self.images))), tokens
 
-    def prompt_ids(self, prompts: list[Any]) -> list[list[int]]:
-        """The token ids the policy is prompted with (and trained after): formatted, encoded and cut to
-        ``data.max_prompt_length`` as ``data.truncation_mode`` says."""
+    def prompt_ids(self, prompts: list[Any], images: list[list[bytes]] | None = None) -> list[list[int]]:
+        """The token ids the policy is prompted with (and trained after): formatted, encoded (each image as its
+        tokens, with the policy's processor) and cut to ``data.max_prompt_length`` as ``data.truncation_mode``
+        says. A prompt with images is never cut (its image tokens must stay whole): a longer one is an error."""
         from dpokit.generation import encode_prompts
 
         d = self.cfg.data
-        _, ids = encode_prompts(self.trainer.parts.tokenizer, prompts)
+        processor = self.trainer.parts.processor if images is not None else None
+        _, ids = encode_prompts(self.trainer.parts.tokenizer, prompts, images=images, processor=processor)
         limit = d.max_prompt_length
+        if images is not None:
+            too_long = next((i for i, x in enumerate(ids) if len(x) > limit), None)
+            if too_long is not None:
+                raise ConfigError(
+                    f"an online prompt with images is {len(ids[too_long])} tokens (image tokens included), more than "
+                    f"data.max_prompt_length={limit}; raise it (image tokens are never cut)"
+                )
+            return ids
         return [x[-limit:] if d.truncation_mode == "keep_end" else x[:limit] for x in ids]
 
     def sampling_engine(self, r: int) -> SamplingEngine:
@@ -469,6 +499,7 @@ class OnlineLoop:
                 s.engine,
                 model=t.parts.runner.model,
                 tokenizer=t.parts.tokenizer,
+                processor=t.parts.processor,
                 url=s.url,
                 api_key_env=s.api_key_env,
                 batch_size=s.batch_size,
@@ -493,6 +524,7 @@ class OnlineLoop:
             retries=self.on.judge_retries,
             wait_s=self.on.judge_retry_wait_s,
             where=where,
+            images=None if self.images is None else [self.images[c["prompt_index"]] for c in completions],
         )
         labelling.check_rewards(self.labeller, scores, where)
         rows = [
@@ -571,6 +603,14 @@ class OnlineLoop:
                 f"{self.paths.round(r) / 'round.json'}); sample more (online.samples_per_prompt, a higher "
                 "online.sampling.temperature) or lower online.min_margin"
             )
+        if self.images is not None:
+            if self.sampled is None or any("sample_indices" not in row for row in rows):
+                raise ConfigError(
+                    f"online round {r}: rows with images train from the sampled token ids only (no offline rows mixed "
+                    "in with online.offline_fraction, no completions file without token ids)"
+                )
+            images = self.images  # each online row gets its prompt's images, for the data reader and the image table
+            rows = [{**row, "images": images[int(row["prompt_index"])]} for row in rows]
         if self.sampled is not None:  # the completions as the ids that were sampled
             from dpokit.online.sampled import prepare_round
 

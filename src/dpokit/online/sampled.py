@@ -14,7 +14,8 @@ and then gives each online example
 
 then the data path's truncation (:func:`~dpokit.data.tokenize.truncate`) and its drop of examples whose
 responses became identical. Rows without sample indices (the offline pairs mixed in) and any example
-whose responses cannot be matched to samples are tokenized from text as before.
+whose responses cannot be matched to samples are tokenized from text as before. Rows with ``images`` (a
+vision-language round: the prompt ids hold the images' tokens) keep them in the prepared round's image table.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from dpokit.config import DataConfig
+from dpokit.data.images import ImageTable
 from dpokit.data.prepare import PreparedDataset, PrepareReport
 from dpokit.data.reader import read_preferences
 from dpokit.data.schema import PreferenceExample
@@ -122,8 +124,11 @@ def prepare_round(
     if any(ex.label is not None for ex in examples):
         desirable = np.fromiter((bool(examples[i].label) for i in kept.tolist()), dtype=bool, count=len(kept))
     fingerprint = f"online-sampled-{len(columns)}-{int(columns.tokens.sum()) if len(columns.tokens) else 0}"
+    images = None
+    if any(ex.has_images for ex in examples):  # a vision-language round: each example keeps its prompt's images
+        images = ImageTable.from_lists([examples[i].images or [] for i in kept.tolist()])
     return PreparedDataset(
-        columns, fingerprint, prepared_report, [examples[i].source for i in kept.tolist()], desirable=desirable
+        columns, fingerprint, prepared_report, [examples[i].source for i in kept.tolist()], desirable=desirable, images=images
     )
 
 
