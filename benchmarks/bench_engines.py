@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -76,19 +77,34 @@ def prompts(tokenizer: Any, count: int) -> list[list[int]]:
     raise RuntimeError("not enough long sentences for the prompts")
 
 
-def start_server(directory: Path, python: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    directory: Path,
+    python: Path,
+    *,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    cores: set[int] | None = None,
+    log_path: Path | None = None,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A vLLM server on 127.0.0.1 (a free port) serving ``directory`` in float32, eager mode, with ``args``
+    added and ``env`` over this environment; ``cores``: the CPU cores it may run on (default: all).
+    Returns the process and its URL once ``/v1/models`` answers."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(directory), "--dtype", "float32"]
-    command += ["--enforce-eager", "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port)]
-    log = (OUT / "server.log").open("wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
+    command += ["--enforce-eager", "--max-model-len", "1024", "--host", "127.0.0.1", "--port", str(port), *args]
+    log_path = log_path or OUT / "server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("wb")
+    pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+    environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, preexec_fn=pin)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 900
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the vLLM server exited; see {OUT / 'server.log'}")
+            raise RuntimeError(f"the vLLM server exited; see {log_path}")
         try:
             with urllib.request.urlopen(url + "/v1/models", timeout=5):
                 return process, url
@@ -96,6 +112,15 @@ def start_server(directory: Path, python: Path) -> tuple[subprocess.Popen[bytes]
             time.sleep(1)
     process.terminate()
     raise RuntimeError("the vLLM server did not start")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=60)
 
 
 def measure(engine: Any, ids: list[list[int]], max_new_tokens: int) -> tuple[float, int]:
@@ -140,8 +165,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                     )
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(timeout=60)
+            stop_server(server)
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",

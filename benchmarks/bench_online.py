@@ -30,17 +30,41 @@ the smaller one) with one torch thread, the experiment's setting.
    last step, measured the same way for both (:func:`dpokit.analysis.frontier.estimate_reward_kl`,
    ``--eval-prompts`` held-out prompts x 2 samples).
 
-Each measurement runs in a fresh subprocess; the contenders alternate, ``--repeats`` times; the
-figures are medians (with the range), and ratios against dpokit measured in the same run.
+3. ``--part engines`` -- the online run of part 2 (``dpokit online``, per-step mode) with each sampling
+   engine (``online.sampling.engine``), everything else equal:
 
-    python benchmarks/bench_online.py                        # both parts, 3 repeats
+   * ``dpokit``         -- dpokit's generator, in the training process;
+   * ``vllm-colocated`` -- a vLLM server on the trainer's own machine and resources (on a CPU: the same
+                           cores, which the trainer and the server share; on a GPU: the trainer's GPU, the
+                           server holding ``--gpu-memory-utilization`` of it);
+   * ``vllm-server``    -- a vLLM server with resources of its own, as a cluster runs generation on other
+                           machines (on a CPU: the server pinned to its own cores and the trainer to the
+                           rest; on a GPU: another GPU, where there is one).
+
+   The server is started for each run (not timed) on the start model, from ``--vllm-python`` (the
+   ``.venv-vllm`` environment, docs/vllm.md), with the weight-sync settings dpokit's rounds need; it gets
+   the policy's weights before every round's sampling. Reported: seconds per round (median over the run's
+   rounds after the first), of which sampling and weight sync, and the reward and KL reached after the
+   last round, measured the same way for every mode. The model is part 2's SFT model, or ``--model DIR``
+   (any saved causal LM, e.g. the GPU check's ~1B Llama). The vLLM CPU build supports attention head
+   sizes 32, 64, 80, ...: the quick SFT model (``--lm quick``, head size 32) runs on it, the full one
+   (head size 48) does not.
+
+Each measurement runs in a fresh subprocess; the contenders alternate (which goes first rotates each
+repeat in part 3), ``--repeats`` times; the figures are medians (with the range), and ratios against
+dpokit measured in the same run.
+
+    python benchmarks/bench_online.py                        # parts 1 and 2, 3 repeats
     python benchmarks/bench_online.py --part generation --repeats 5
+    nice -n 5 python benchmarks/bench_online.py --part engines --lm quick --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -54,6 +78,8 @@ sys.path.insert(0, str(HERE))
 
 GENERATORS = ("dpokit", "hf-loop", "hf-batched")
 ONLINE = ("dpokit", "trl")
+ENGINE_MODES = ("dpokit", "vllm-colocated", "vllm-server")
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # the vLLM CPU build's attention kernels
 PROMPT_SEED = 3003  # held-out review prefixes, a corpus seed neither the SFT model nor the experiment's prompts use
 EVAL_SEED = 2002  # the sentiment experiment's evaluation prompts
 
@@ -281,7 +307,8 @@ def _sft_reward(options: argparse.Namespace) -> float:
 
 
 def _dpokit_online(model_dir: Path, prompts: list[str], out_dir: Path, options: argparse.Namespace) -> tuple[Any, list[float]]:
-    """``dpokit online`` in its per-step mode on the SFT model; returns the trained model and step end times."""
+    """``dpokit online`` in its per-step mode on the SFT model; returns the trained model and step end times.
+    Part 3 (``--engine-url``) samples through the vLLM server there (``online.sampling.engine=vllm``)."""
     from dpokit.config import config_from_dict
     from dpokit.models import load_policy
     from dpokit.online import run_online
@@ -290,7 +317,7 @@ def _dpokit_online(model_dir: Path, prompts: list[str], out_dir: Path, options: 
     prompts_path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     cfg = config_from_dict(
         {
-            "model": {"name_or_path": str(model_dir), "dtype": "float32", "device": "cpu"},
+            "model": {"name_or_path": str(model_dir), "dtype": options.dtype, "device": options.device},
             "data": {"max_length": 96, "max_prompt_length": 16, "cache_dir": str(out_dir / "cache")},
             "loss": {"beta": 0.1, "terms": [{"name": "sigmoid"}]},
             "reference": {"strategy": "copy"},
@@ -316,7 +343,13 @@ def _dpokit_online(model_dir: Path, prompts: list[str], out_dir: Path, options: 
                 "steps_per_round": 1,
                 "pairs": "best_vs_worst",
                 "judge": "reward:dpokit.experiments.reward:vader_reward",
-                "sampling": {"max_new_tokens": options.max_new_tokens, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
+                "sampling": {
+                    "max_new_tokens": options.max_new_tokens,
+                    "temperature": 1.0,
+                    "top_p": 1.0,
+                    "top_k": 0,
+                    **({"engine": "vllm", "url": options.engine_url} if options.engine_url else {}),
+                },
             },
         }
     )
@@ -324,7 +357,7 @@ def _dpokit_online(model_dir: Path, prompts: list[str], out_dir: Path, options: 
     result = run_online(cfg, on_step=lambda step, metrics: step_ends.append(time.perf_counter()) and None)
     if result.output_dir is None:
         raise SystemExit(f"dpokit online stopped early: {result.stop_reason}")
-    return load_policy(result.output_dir, dtype="float32", device="cpu").model, step_ends
+    return load_policy(result.output_dir, dtype=options.dtype, device=options.device).model, step_ends
 
 
 def parent_online(options: argparse.Namespace) -> None:
@@ -362,17 +395,215 @@ def parent_online(options: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Part 3: one online round with each sampling engine
+# ------------------------------------------------------------------------------------------------
+
+
+def _start_model(options: argparse.Namespace) -> Path:
+    """The online runs' start model: ``--model`` or the sentiment SFT model."""
+    return Path(options.model) if options.model else _sft(options)[2]
+
+
+def head_size(model_dir: Path) -> int:
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    heads = config.get("num_attention_heads") or config.get("n_head")
+    return int(config.get("head_dim") or hidden // heads)
+
+
+def engines_worker(options: argparse.Namespace) -> dict[str, Any]:
+    """One online run of part 3 (the engine named by ``--engine-url``, else dpokit's); per-round figures
+    from the rounds' records, and the reward and KL reached."""
+    import tempfile
+
+    import transformers
+
+    from dpokit.analysis.frontier import estimate_reward_kl
+    from dpokit.experiments.preferences import make_prompts
+    from dpokit.experiments.reward import vader_reward
+    from dpokit.models import load_policy
+
+    transformers.logging.set_verbosity_error()
+    if options.cores:
+        os.sched_setaffinity(0, {int(c) for c in options.cores.split(",")})
+    model_dir = _start_model(options)
+    start = load_policy(model_dir, dtype=options.dtype, device=options.device)
+    prompts = make_prompts(start.tokenizer, options.steps * options.batch_prompts, PROMPT_SEED)
+    with tempfile.TemporaryDirectory() as tmp:
+        policy, step_ends = _dpokit_online(model_dir, prompts, Path(tmp), options)
+        rounds = sorted((Path(tmp) / "run" / "rounds").glob("round-*/round.json"))
+        stats = [json.loads(path.read_text()).get("completions", {}) for path in rounds]
+    step_s = [b - a for a, b in zip(step_ends, step_ends[1:], strict=False)]
+    eval_prompts = make_prompts(start.tokenizer, options.eval_prompts, EVAL_SEED)
+    estimate = estimate_reward_kl(
+        policy.eval(), start.model, start.tokenizer, eval_prompts, vader_reward, 2, options.max_new_tokens, seed=7
+    )
+    return {
+        "steps": len(step_s),
+        "step_s": step_s,
+        "generation_s": [float(r.get("time/generation_s", math.nan)) for r in stats],
+        "sync_s": [float(r.get("engine/sync_s", 0.0)) for r in stats],
+        "logp_gaps": [r.get("engine/logp_gap_per_token") for r in stats],  # per round (None: the engine reports none)
+        "reward": estimate["reward_mean"],
+        "kl": estimate["kl_mean"],
+        "mean_length": estimate["mean_length"],
+    }
+
+
+def engine_placement(mode: str, options: argparse.Namespace) -> dict[str, Any] | str:
+    """Where ``mode`` runs the trainer and the vLLM server: ``trainer_cores`` (None: all), the server's
+    ``cores``, ``env`` and extra ``args``; or why the mode cannot run here (a string)."""
+    if options.device == "cuda":
+        import torch
+
+        if mode == "vllm-colocated":
+            return {"trainer_cores": None, "cores": None, "env": {}, "args": ["--gpu-memory-utilization", "0.3"]}
+        if torch.cuda.device_count() < 2:
+            return "one GPU: a server with a GPU of its own needs a second one"
+        return {"trainer_cores": None, "cores": None, "env": {"CUDA_VISIBLE_DEVICES": "1"}, "args": []}
+    cores = sorted(os.sched_getaffinity(0))  # main() widened it to every core the machine allows
+    every = ",".join(map(str, cores))
+    if mode == "vllm-colocated":
+        return {"trainer_cores": None, "cores": None, "env": {"VLLM_CPU_OMP_THREADS_BIND": every}, "args": []}
+    if len(cores) < 2:
+        return "one CPU core: a server with cores of its own needs a second one"
+    trainer, server = cores[: max(1, len(cores) // 2)], cores[max(1, len(cores) // 2) :]
+    bind = ",".join(map(str, server))
+    return {"trainer_cores": set(trainer), "cores": set(server), "env": {"VLLM_CPU_OMP_THREADS_BIND": bind}, "args": []}
+
+
+def run_engine_mode(mode: str, model_dir: Path, options: argparse.Namespace) -> dict[str, Any]:
+    """One online run with ``mode``'s engine (its vLLM server started first, not timed, and stopped after)."""
+    from bench_engines import start_server, stop_server
+
+    if mode == "dpokit":
+        return launch("engines", mode, options)
+    placement = engine_placement(mode, options)
+    if isinstance(placement, str):
+        return {"skipped": placement}
+    config = json.loads((model_dir / "config.json").read_text())
+    length = config.get("max_position_embeddings") or config.get("n_positions") or 1024
+    args = ["--max-model-len", str(min(int(length), 1024)), *placement["args"]]
+    if options.device == "cuda":
+        args += ["--dtype", options.dtype]
+    env = {"VLLM_SERVER_DEV_MODE": "1", **placement["env"]}  # dpokit's full-weight sync: /collective_rpc
+    log = Path(options.server_log or (HERE / "out" / "online" / f"server-{mode}.log"))
+    server, url = start_server(model_dir, Path(options.vllm_python), args=args, env=env, cores=placement["cores"], log_path=log)
+    try:
+        extra = ["--engine-url", url]
+        if placement["trainer_cores"]:
+            extra += ["--cores", ",".join(map(str, sorted(placement["trainer_cores"])))]
+        return launch("engines", mode, options, extra)
+    finally:
+        stop_server(server)
+
+
+def engines_summary(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians over the repeats of each mode's median round time (rounds after the first: the first
+    round's sampling includes each engine's start-up work), sampling and sync time, reward and KL."""
+    summary: dict[str, Any] = {}
+    for mode, records in results.items():
+        ran = [r for r in records if "skipped" not in r]
+        if not ran:
+            summary[mode] = {"skipped": records[0]["skipped"] if records else "not run"}
+            continue
+
+        def per_run(key: str, records: list[dict[str, Any]] = ran) -> list[float]:
+            return [statistics.median(r[key][1:] or r[key]) for r in records]
+
+        summary[mode] = {
+            "runs": len(ran),
+            "round_s": per_run("step_s"),
+            "generation_s": per_run("generation_s"),
+            "sync_s": per_run("sync_s"),
+            "reward": [r["reward"] for r in ran],
+            "kl": [r["kl"] for r in ran],
+            "logp_gap": max((g for r in ran for g in r["logp_gaps"] if g is not None), default=None),
+            "logp_gap_first_round": max((r["logp_gaps"][0] for r in ran if r["logp_gaps"][0] is not None), default=None),
+        }
+    return summary
+
+
+def engines_markdown(summary: dict[str, Any]) -> str:
+    labels = {
+        "dpokit": "dpokit generator (in the trainer)",
+        "vllm-colocated": "vLLM colocated (server sharing the trainer's resources)",
+        "vllm-server": "vLLM server (resources of its own)",
+    }
+    lines = [
+        "| engine | s per round, median (range) | of which sampling | of which weight sync | round time / dpokit "
+        "| reward after the last round | KL (nats) | largest log-prob gap per token |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = statistics.median(summary["dpokit"]["round_s"]) if "round_s" in summary.get("dpokit", {}) else None
+    for mode, row in summary.items():
+        if "skipped" in row:
+            lines.append(f"| {labels[mode]} | not run: {row['skipped']} | | | | | | |")
+            continue
+        ratio = f"{statistics.median(row['round_s']) / base:.2f}x" if base else "n/a"
+        gap = "n/a" if row["logp_gap"] is None else f"{row['logp_gap']:.1e}"
+        lines.append(
+            f"| {labels[mode]} | {_median_range(row['round_s'], 2)} | {statistics.median(row['generation_s']):.2f} "
+            f"| {statistics.median(row['sync_s']):.2f} | {ratio} | {_median_range(row['reward'], 3)} "
+            f"| {_median_range(row['kl'], 2)} | {gap} |"
+        )
+    return "\n".join(lines)
+
+
+def parent_engines(options: argparse.Namespace) -> dict[str, Any]:
+    """Part 3: the modes alternate (the first rotates each repeat); prints and returns the summary."""
+    model_dir = _start_model(options)
+    if options.device == "cpu" and head_size(model_dir) not in VLLM_CPU_HEAD_SIZES:
+        raise SystemExit(
+            f"{model_dir}: attention head size {head_size(model_dir)}, which the vLLM CPU build does not support "
+            f"({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); use --lm quick (head size 32) or another --model"
+        )
+    if not Path(options.vllm_python).is_file():
+        raise SystemExit(f"no vLLM environment at {options.vllm_python}: run 'make vllm-env' or give --vllm-python")
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in ENGINE_MODES}
+    for repeat in range(options.repeats):
+        order = ENGINE_MODES[repeat % 3 :] + ENGINE_MODES[: repeat % 3]
+        for mode in order:
+            record = run_engine_mode(mode, model_dir, options)
+            results[mode].append(record)
+            if options.json:  # every finished run kept, should a later one fail
+                Path(options.json).write_text(json.dumps({"runs": results}, indent=2))
+            if "skipped" in record:
+                print(f"repeat {repeat + 1} {mode:14s} not run: {record['skipped']}", flush=True)
+                continue
+            print(
+                f"repeat {repeat + 1} {mode:14s} {record['steps']} rounds, median {statistics.median(record['step_s'][1:]):.2f} "
+                f"s/round (sampling {statistics.median(record['generation_s'][1:]):.2f} s), reward {record['reward']:.3f}  "
+                f"KL {record['kl']:.2f}",
+                flush=True,
+            )
+    summary = engines_summary(results)
+    print(
+        f"\nonline DPO rounds by sampling engine: {options.steps} rounds of {options.batch_prompts} prompts x 2 samples, "
+        f"at most {options.max_new_tokens} new tokens, one optimizer step per round, {options.device} {options.dtype}, "
+        f"{options.threads} torch thread(s) in the trainer; evaluation on {options.eval_prompts} held-out prompts x 2 "
+        f"samples; {options.repeats} repeats, modes alternating; model {model_dir}\n"
+    )
+    print(engines_markdown(summary))
+    if options.json:
+        Path(options.json).write_text(json.dumps({"summary": summary, "runs": results}, indent=2))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
 # Launching, alternating, reporting
 # ------------------------------------------------------------------------------------------------
 
 
-def launch(part: str, contender: str, options: argparse.Namespace) -> dict[str, Any]:
-    """Run one measurement in a fresh interpreter; returns its RESULT record."""
-    command = [sys.executable, __file__, "--part", part, "--worker", contender]
+def launch(part: str, contender: str, options: argparse.Namespace, extra: list[str] | None = None) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter (with ``extra`` arguments); returns its RESULT record."""
+    command = [sys.executable, __file__, "--part", part, "--worker", contender, *(extra or [])]
     for name in ("lm", "cache_dir", "prompts", "samples", "max_new_tokens", "batch_rows", "threads", "seed"):
         command += [f"--{name.replace('_', '-')}", str(getattr(options, name))]
-    for name in ("steps", "batch_prompts", "lr", "eval_prompts"):
+    for name in ("steps", "batch_prompts", "lr", "eval_prompts", "device", "dtype"):
         command += [f"--{name.replace('_', '-')}", str(getattr(options, name))]
+    if options.model:
+        command += ["--model", options.model]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(options.threads),
@@ -423,7 +654,9 @@ def main() -> None:
     from bench_train import load_average, machine
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["generation", "online", "all"], default="all")
+    parser.add_argument(
+        "--part", choices=["generation", "online", "engines", "all"], default="all", help="all: generation and online"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lm", choices=["full", "quick"], default="full", help="which sentiment SFT model")
     parser.add_argument("--cache-dir", default=".dpokit_cache/sentiment")
@@ -437,22 +670,39 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", help="engines: a saved causal LM to start from instead of the sentiment SFT model")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="engines: where the trainer runs")
+    parser.add_argument("--dtype", default="float32", help="engines: the trainer's and the server's dtype")
+    parser.add_argument("--vllm-python", default=str(HERE.parent / ".venv-vllm" / "bin" / "python"))
+    parser.add_argument("--server-log", help="engines: the vLLM server's log (default benchmarks/out/online/)")
+    parser.add_argument("--json", help="engines: also write the summary and every run's figures to this file")
     parser.add_argument("--worker")
+    parser.add_argument("--engine-url", help=argparse.SUPPRESS)
+    parser.add_argument("--cores", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.worker:
         import torch
 
         torch.set_num_threads(options.threads)
-        worker = generation_worker if options.part == "generation" else online_worker
+        workers = {"generation": generation_worker, "online": online_worker, "engines": engines_worker}
+        worker = workers[options.part]
         print("RESULT " + json.dumps(worker(options)), flush=True)
         return
     started = time.time()
-    _sft(options)  # pretrain and cache the SFT model once, outside any measurement
+    if options.part == "engines" and hasattr(os, "sched_setaffinity"):
+        # An inherited narrower CPU affinity would make the modes' core split meaningless: take every allowed core.
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+        print(f"cores: {sorted(os.sched_getaffinity(0))}")
+    if not options.model:
+        _sft(options)  # pretrain and cache the SFT model once, outside any measurement
     print(f"{time.strftime('%Y-%m-%d')}, {machine()}, {options.threads} torch thread(s), load average {load_average()}\n")
     if options.part in ("generation", "all"):
         parent_generation(options)
     if options.part in ("online", "all"):
         parent_online(options)
+    if options.part == "engines":
+        parent_engines(options)
     print(f"\nload average at the end {load_average()}; total {time.time() - started:.0f} s")
 
 

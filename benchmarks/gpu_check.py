@@ -22,7 +22,13 @@ recorded as that section's failure and the others still run):
 * ``lora``, ``qlora`` -- LoRA steps; 4-bit QLoRA steps (``model.quantization: 4bit``, bitsandbytes) where
   bitsandbytes is installed, else "not installed";
 * ``vllm``         -- vLLM's generation tokens/s on the same model if vllm is importable, else "not installed"
-  (dpokit has no vLLM engine of its own yet; this measures vLLM itself).
+  (vLLM itself, in this process's environment);
+* ``engines``      -- the time of one online DPO round and the reward reached after equal rounds with each
+  sampling engine on the same model: dpokit's generator, a vLLM server colocated on the trainer's GPU,
+  and a vLLM server on a GPU of its own (where there is a second one) -- ``benchmarks/bench_online.py
+  --part engines`` with the model above, the server from ``--vllm-python`` (default ``.venv-vllm``, else
+  this interpreter when vllm is importable). Skipped with ``--cpu`` (the CPU figures come from
+  ``bench_online.py --part engines --lm quick``, docs/vllm.md) and, saying so, without a vLLM environment.
 
 The process exits 1 and names the failed sections when any section fails (a GPU run without a GPU
 fails in ``environment``). ``--cpu --tiny`` runs every section on the CPU with a tiny model, gloo
@@ -93,6 +99,7 @@ class Plan:
     nproc: int
     trl: bool
     timeout_s: int
+    vllm_python: str | None = None
 
     @property
     def device(self) -> str:
@@ -116,7 +123,15 @@ def make_plan(options: argparse.Namespace) -> Plan:
         sizes = dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=32000, prompt=512, response=768)
         sizes |= dict(batch=8, steps=8, warmup=3, frontier_start=8192, frontier_max=131072, frontier_budget_s=100.0)
     nproc = options.nproc or (2 if options.cpu else max(1, _cuda_count()))
-    return Plan(cpu=options.cpu, out=out, nproc=nproc, trl=not options.no_trl, timeout_s=options.section_timeout, **sizes)
+    return Plan(
+        cpu=options.cpu,
+        out=out,
+        nproc=nproc,
+        trl=not options.no_trl,
+        timeout_s=options.section_timeout,
+        vllm_python=getattr(options, "vllm_python", None),
+        **sizes,
+    )
 
 
 def _cuda_count() -> int:
@@ -649,7 +664,51 @@ def vllm_section(plan: Plan, assets: Assets, env: dict) -> dict:
     path = work / "config.json"
     path.write_text(json.dumps({"model": {"name_or_path": str(assets.model)}}), encoding="utf-8")
     result = child_result(run_child(plan, [sys.executable, __file__, "--worker", "vllm", "--config", str(path)]))
-    return {"tokens_per_s": result["tokens"] / result["seconds"], "note": "vLLM itself; dpokit has no vLLM engine yet"}
+    return {"tokens_per_s": result["tokens"] / result["seconds"], "note": "vLLM itself (the engines section: dpokit on vLLM)"}
+
+
+def vllm_python(plan: Plan, env: dict) -> str | None:
+    """The interpreter that runs a vLLM server: ``--vllm-python``, ``.venv-vllm``, else this one if vllm imports."""
+    if plan.vllm_python:
+        return plan.vllm_python if Path(plan.vllm_python).is_file() else None
+    venv = HERE.parent / ".venv-vllm" / "bin" / "python"
+    if venv.is_file():
+        return str(venv)
+    return sys.executable if env.get("vllm") not in (None, "not installed") else None
+
+
+def engines_section(plan: Plan, assets: Assets, env: dict) -> dict:
+    """One online round per sampling engine (``bench_online.py --part engines``) on the check's model."""
+    python = vllm_python(plan, env)
+    if python is None:
+        return {"status": "not installed", "why": "no vLLM environment (.venv-vllm, --vllm-python, or vllm importable)"}
+    if plan.cpu:
+        why = "the engine round check runs on the GPU; on a CPU: bench_online.py --part engines --lm quick (docs/vllm.md)"
+        return {"status": "skipped", "why": why}
+    work = plan.out / "work" / "engines"
+    work.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(HERE / "bench_online.py"), "--part", "engines", "--model", str(assets.model)]
+    command += ["--device", "cuda", "--dtype", plan.dtype, "--vllm-python", python, "--repeats", "1", "--steps", "8"]
+    command += ["--batch-prompts", "32", "--max-new-tokens", "64", "--eval-prompts", "64", "--threads", "4"]
+    command += ["--json", str(work / "engines.json"), "--server-log", str(work / "server.log")]
+    result = run_child(plan, command, timeout=max(plan.timeout_s, 900))
+    if result.returncode != 0 or not (work / "engines.json").is_file():
+        tail = (result.stdout + result.stderr).strip().splitlines()
+        raise SectionFailed(f"failed (exit {result.returncode}): " + " | ".join(tail[-6:])[-1500:])
+    summary = json.loads((work / "engines.json").read_text())["summary"]
+    figures: dict[str, Any] = {}
+    for mode, row in summary.items():
+        if "skipped" in row:
+            figures[mode] = f"not run: {row['skipped']}"
+        else:
+            figures[mode] = {
+                "round_s": statistics.median(row["round_s"]),
+                "sampling_s": statistics.median(row["generation_s"]),
+                "sync_s": statistics.median(row["sync_s"]),
+                "reward": statistics.median(row["reward"]),
+                "logp_gap": row["logp_gap"],
+            }
+    return figures
 
 
 # ------------------------------------------------------------------------------------------------
@@ -673,7 +732,8 @@ def record(report: dict, name: str, action: Callable[[], dict]) -> dict | None:
         )
     entry["seconds"] = round(time.perf_counter() - start, 1)
     report["sections"][name] = entry
-    print(f"[gpu-check] {name}: {entry['status']}" + (f" -- {entry['error'][:300]}" if "error" in entry else ""), flush=True)
+    said = entry.get("error", entry.get("why")) if entry["status"] != "ok" else None
+    print(f"[gpu-check] {name}: {entry['status']}" + (f" -- {said[:300]}" if said else ""), flush=True)
     return outcome
 
 
@@ -719,6 +779,7 @@ def run_sections(plan: Plan) -> dict:
     record(report, "lora", lambda: steps_section(plan, a, "lora"))
     record(report, "qlora", lambda: qlora_section(plan, a, env or {}))
     record(report, "vllm", lambda: vllm_section(plan, a, env or {}))
+    record(report, "engines", lambda: engines_section(plan, a, env or {}))
     return report
 
 
@@ -742,6 +803,7 @@ def section_names(plan: Plan) -> list[str]:
         "lora",
         "qlora",
         "vllm",
+        "engines",
     ]
 
 
@@ -825,7 +887,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {e.get('status', '-')} | {fmt(e.get('longest_pair_tokens'))} | {e.get('stopped', '-')} |")
     lines += ["", "## Other sections", "", "| section | status | details |", "|---|---|---|"]
     for name, e in sections.items():
-        if name.startswith(("distributed", "vllm", "qlora")) or e["status"] != "ok":
+        if name.startswith(("distributed", "vllm", "qlora", "engines")) or e["status"] != "ok":
             details = (
                 e.get("error") or e.get("why") or {k: v for k, v in e.items() if k not in ("status", "seconds", "traceback")}
             )
@@ -842,6 +904,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=0, help="torchrun processes (default: the GPUs present; 2 with --cpu)")
     parser.add_argument("--section-timeout", type=int, default=300, help="seconds any one child process may run")
     parser.add_argument("--keep-work", action="store_true", help="keep the model, data and runs under OUT/work")
+    parser.add_argument("--vllm-python", help="the interpreter of the vLLM server (default .venv-vllm, else this one)")
     parser.add_argument("--worker", choices=("dpokit", "trl", "vllm"), help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     options = parser.parse_args()

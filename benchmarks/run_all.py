@@ -10,7 +10,9 @@
 4. ``bench_scaling.py``  -- one training step's peak memory and tokens/s vs sequence length (512-8,192
    tokens per pair) and vocabulary (4k-256k), dpokit vs TRL 1.16 defaults; writes ``docs/scaling.png``;
 5. ``bench_online.py``   -- online DPO: generation tokens/s of dpokit's generator vs ``model.generate``, and
-   an online run's time per step and reward reached vs TRL 1.16's experimental ``OnlineDPOTrainer``;
+   an online run's time per step and reward reached vs TRL 1.16's experimental ``OnlineDPOTrainer`` (its
+   third part, ``--part engines``, the same run with each sampling engine, needs ``.venv-vllm`` and runs
+   on its own: docs/vllm.md);
 6. ``bench_vlm.py``      -- vision-language DPO on a tiny LLaVA and the shapes task (LoRA on the language
    model): whole-process wall time and step time vs TRL 1.16 defaults, and the language-model positions
    and images each forwards per pair.

@@ -56,6 +56,8 @@ def test_tiny_cpu_check_runs_every_section_and_writes_json_and_markdown_reports(
     assert statuses["steps.trl_default"] == "skipped" and statuses["frontier.trl_default"] == "skipped"
     assert statuses["qlora"] == "skipped"  # 4-bit needs CUDA
     assert statuses["vllm"] in ("not installed", "skipped")
+    assert statuses["engines"] in ("not installed", "skipped") and sections["engines"]["seconds"] < 1  # never runs on a CPU
+    assert f"[gpu-check] engines: {statuses['engines']} -- " in result.stdout
 
     steps = sections["steps.dpokit_sdpa"]
     assert steps["step_s"] > 0 and steps["tokens_per_s"] == pytest.approx(2 * 96 / steps["step_s"])
