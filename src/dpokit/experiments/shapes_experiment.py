@@ -24,7 +24,9 @@ shape's colour, read from the pixels, and 0 otherwise. Everything is built on th
    ``logps/rejected``) are kept beside the points.
 
 Outputs in ``out``: ``results.json``, ``results.md`` (the table), ``frontier.png``; each finished run's
-points are stored under ``out/points`` keyed by the settings, so an interrupted experiment continues.
+points are stored under ``out/points`` keyed by the settings, so an interrupted experiment continues. The
+runs' checkpoints are kept (under 1 MB each, optimizer state included), so any of them can be sampled or judged
+again (``dpokit winrate`` with :func:`~dpokit.experiments.shapes.colour_reward`, docs/vlm.md).
 """
 
 from __future__ import annotations
