@@ -277,8 +277,8 @@ def _decode_batch(
     logp_sum = torch.zeros(n, dtype=torch.float64, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    banned = torch.tensor(image_token_ids(model), dtype=torch.long, device=device)
     logits, cache = _forward(model, ids, mask, _positions(mask), None, images)
+    banned = torch.tensor([t for t in image_token_ids(model) if t < logits.shape[-1]], dtype=torch.long, device=device)
     for t in range(steps):
         if len(banned):
             logits = logits.index_fill(1, banned, float("-inf"))
