@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dpokit.analysis.frontier import (
+    FrontierPoint,
     best_of_n_kl,
     dominance_summary,
     estimate_reward_kl,
@@ -171,13 +172,19 @@ def test_best_of_n_kl_is_zero_for_one_sample_and_grows_like_log_n():
     assert best_of_n_kl(64) == pytest.approx(math.log(64) - 63 / 64)
 
 
+def point(method: str, kl: float, reward: float, **fields) -> FrontierPoint:
+    """A frontier point with no standard errors unless given."""
+    defaults = dict(run=method, step=0, reward_sem=0.0, kl_sem=0.0, num_samples=1)
+    return FrontierPoint(method=method, kl_mean=kl, reward_mean=reward, **{**defaults, **fields})
+
+
 def test_dominance_counts_points_matched_at_no_more_kl():
     points = [
-        {"method": "DPO", "kl_mean": 1.0, "reward_mean": 0.5},
-        {"method": "DPO", "kl_mean": 3.0, "reward_mean": 0.9},
-        {"method": "PPO", "kl_mean": 2.0, "reward_mean": 0.4},  # DPO has 0.5 at KL 1 <= 2: dominated
-        {"method": "PPO", "kl_mean": 4.0, "reward_mean": 0.95},  # DPO reaches only 0.9 by KL 4: not dominated
-        {"method": "PPO", "kl_mean": 0.5, "reward_mean": 0.1},  # no DPO point at KL <= 0.5: not comparable
+        point("DPO", 1.0, 0.5),
+        point("DPO", 3.0, 0.9),
+        point("PPO", 2.0, 0.4),  # DPO has 0.5 at KL 1 <= 2: dominated
+        point("PPO", 4.0, 0.95),  # DPO reaches only 0.9 by KL 4: not dominated
+        point("PPO", 0.5, 0.1),  # no DPO point at KL <= 0.5: not comparable
     ]
     summary = dominance_summary(points, "DPO")
     assert summary["PPO"]["points"] == 3
@@ -187,42 +194,15 @@ def test_dominance_counts_points_matched_at_no_more_kl():
 
 def test_write_results_produces_png_json_and_markdown(tmp_path):
     points = [
-        {
-            "method": "reference",
-            "run": "reference",
-            "step": 0,
-            "kl_mean": 0.0,
-            "reward_mean": 0.1,
-            "kl_sem": 0.0,
-            "reward_sem": 0.02,
-        },
-        {
-            "method": "DPO",
-            "run": "dpo-b0.1",
-            "beta": 0.1,
-            "step": 10,
-            "kl_mean": 2.0,
-            "reward_mean": 0.6,
-            "kl_sem": 0.1,
-            "reward_sem": 0.03,
-        },
-        {
-            "method": "DPO",
-            "run": "dpo-b0.1",
-            "beta": 0.1,
-            "step": 20,
-            "kl_mean": 3.0,
-            "reward_mean": 0.7,
-            "kl_sem": 0.1,
-            "reward_sem": 0.03,
-            "samples": [{"prompt": "x", "completion": "y"}],
-        },
+        point("reference", 0.0, 0.1, run="reference", reward_sem=0.02),
+        point("DPO", 2.0, 0.6, run="dpo-b0.1", beta=0.1, step=10, kl_sem=0.1, reward_sem=0.03),
+        point("DPO", 3.0, 0.7, run="dpo-b0.1", beta=0.1, step=20, kl_sem=0.1, reward_sem=0.03, checkpoint="run/checkpoint-20"),
     ]
     paths = write_results(points, tmp_path, extra={"settings": {"mode": "test"}})
     assert paths["png"].stat().st_size > 1000
     data = json.loads(paths["json"].read_text())
     assert data["settings"] == {"mode": "test"} and len(data["points"]) == 3
-    assert "samples" not in data["points"][2]
+    assert data["points"][2]["checkpoint"] == "run/checkpoint-20" and "checkpoint" not in data["points"][1]
     table = paths["md"].read_text().splitlines()
     assert table[0].startswith("| method |") and len(table) == 2 + 3
     assert "| DPO | dpo-b0.1 | 0.10 | 20 | 0.700 ± 0.030 | 3.00 ± 0.10 |" in table

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit.experiments.results import FrontierEvaluation, FrontierPoint, ResultStore, StoredRun, remove_checkpoints
+from dpokit.analysis.frontier import FrontierPoint
+from dpokit.experiments.results import FrontierEvaluation, ResultStore, StoredRun, remove_checkpoints
 from tests.helpers import write_tiny_model_dir
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"

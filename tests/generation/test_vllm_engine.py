@@ -299,8 +299,8 @@ def test_frontier_and_experiment_evaluation_on_vllm_load_each_checkpoint_into_th
     job = FrontierJob([("other", str(tmp_path / "run"))], str(server.base_dir), str(tmp_path / "prompts.txt"), reward)
     job.out, job.num_samples, job.max_new_tokens, job.engine = str(tmp_path / "out"), 3, 8, options
     reference, other = run_frontier(job)[0]
-    assert reference["engine_logp_gap"] <= TOLERANCE and other["engine_logp_gap"] <= TOLERANCE
-    assert abs(reference["kl_mean"]) <= 1e-4 and other["kl_mean"] > 1.0 and other["step"] == 2
+    assert reference.engine_logp_gap <= TOLERANCE and other.engine_logp_gap <= TOLERANCE
+    assert abs(reference.kl_mean) <= 1e-4 and other.kl_mean > 1.0 and other.step == 2
     assert json.loads((tmp_path / "out" / "results.json").read_text())["engine"] == "vllm"
     ids, completions = sample(server, tokenizer)
     assert largest_gap(base, ids, completions) <= TOLERANCE  # the reference's weights are back

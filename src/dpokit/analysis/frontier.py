@@ -30,10 +30,11 @@ Entry points: :func:`estimate_reward_kl` (one policy), :func:`plot_frontier` /
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,16 +191,96 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One model on the reward-KL frontier: means and standard errors over its evaluation samples.
+
+    ``step`` counts optimizer steps from the SFT model (best-of-n: its ``n``; None for a final export
+    without a step); ``beta`` annotates the run's last point in the figure; ``n`` is best-of-n's and None
+    elsewhere; ``checkpoint`` is the evaluated model's directory where it was read from one;
+    ``engine_logp_gap`` the sampling engine's largest log-prob gap to the policy (a vLLM engine's).
+    """
+
+    method: str
+    run: str
+    step: int | None
+    reward_mean: float
+    reward_sem: float
+    kl_mean: float
+    kl_sem: float
+    num_samples: int
+    beta: float | None = None
+    mean_length: float | None = None
+    n: int | None = None
+    checkpoint: str | None = None
+    engine_logp_gap: float | None = None
+
+    @classmethod
+    def from_estimate(
+        cls,
+        estimate: Mapping[str, Any],
+        *,
+        method: str,
+        run: str,
+        step: int | None,
+        beta: float | None = None,
+        checkpoint: str | None = None,
+    ) -> FrontierPoint:
+        """A point from :func:`estimate_reward_kl`'s result (its samples left out)."""
+        return cls(
+            method=method,
+            run=run,
+            step=step,
+            beta=beta,
+            reward_mean=float(estimate["reward_mean"]),
+            reward_sem=float(estimate["reward_sem"]),
+            kl_mean=float(estimate["kl_mean"]),
+            kl_sem=float(estimate["kl_sem"]),
+            num_samples=int(estimate["num_samples"]),
+            mean_length=None if estimate.get("mean_length") is None else float(estimate["mean_length"]),
+            checkpoint=checkpoint,
+            engine_logp_gap=estimate.get("engine_logp_gap"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: ``method, run, beta, step, [n], reward_mean, reward_sem, kl_mean, kl_sem,
+        num_samples, [mean_length, checkpoint, engine_logp_gap]`` (the bracketed ones only where known)."""
+        data: dict[str, Any] = {"method": self.method, "run": self.run, "beta": self.beta, "step": self.step}
+        if self.n is not None:
+            data["n"] = self.n
+        data |= {
+            "reward_mean": self.reward_mean,
+            "reward_sem": self.reward_sem,
+            "kl_mean": self.kl_mean,
+            "kl_sem": self.kl_sem,
+            "num_samples": self.num_samples,
+        }
+        for name in ("mean_length", "checkpoint", "engine_logp_gap"):
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FrontierPoint:
+        """A point from its JSON form (``beta``, ``mean_length`` and ``n`` may be absent); a KeyError,
+        TypeError or ValueError names what is missing or malformed."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def relabelled(self, *, method: str, run: str) -> FrontierPoint:
+        """The same measurement under another method and run name (an arm that starts from it)."""
+        return dataclasses.replace(self, method=method, run=run)
+
+
 # --------------------------------------------------------------------------------------------------
 # Points, plot, tables
 # --------------------------------------------------------------------------------------------------
 
 
-def plot_frontier(points: list[dict[str, Any]], out_png: str | Path, title: str | None = None) -> Path:
+def plot_frontier(points: Sequence[FrontierPoint], out_png: str | Path, title: str | None = None) -> Path:
     """Reward against KL, one colour per ``method``; points of one ``run`` joined in ``step`` order.
 
-    Each point is a dict with ``method``, ``run``, ``kl_mean``, ``reward_mean`` and optionally
-    ``kl_sem``/``reward_sem`` (error bars), ``beta`` (annotated at the run's last point) and ``step``.
+    Standard errors are drawn as error bars; ``beta`` is annotated at a run's last point.
     """
     import matplotlib
 
@@ -216,30 +297,28 @@ def plot_frontier(points: list[dict[str, Any]], out_png: str | Path, title: str 
     return out_png
 
 
-def draw_frontier(axis: Any, points: list[dict[str, Any]], *, title: str | None = None) -> None:
+def draw_frontier(axis: Any, points: Sequence[FrontierPoint], *, title: str | None = None) -> None:
     """:func:`plot_frontier`'s drawing on a matplotlib ``axis`` (one panel of a larger figure)."""
     import matplotlib.pyplot as plt
 
-    methods = list(dict.fromkeys(p["method"] for p in points))
+    methods = list(dict.fromkeys(p.method for p in points))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = "osD^v<>pPX*h"
     for m_index, method in enumerate(methods):
         color = colors[m_index % len(colors)]
         marker = markers[m_index % len(markers)]
-        method_points = [p for p in points if p["method"] == method]
-        runs = list(dict.fromkeys(p.get("run", method) for p in method_points))
+        method_points = [p for p in points if p.method == method]
+        runs = list(dict.fromkeys(p.run for p in method_points))
         for r_index, run in enumerate(runs):
-            run_points = sorted(
-                (p for p in method_points if p.get("run", method) == run), key=lambda p: (p.get("step") or 0, p["kl_mean"])
-            )
-            xs = [p["kl_mean"] for p in run_points]
-            ys = [p["reward_mean"] for p in run_points]
+            run_points = sorted((p for p in method_points if p.run == run), key=lambda p: (p.step or 0, p.kl_mean))
+            xs = [p.kl_mean for p in run_points]
+            ys = [p.reward_mean for p in run_points]
             axis.plot(xs, ys, "-", color=color, alpha=0.35, linewidth=1)
             axis.errorbar(
                 xs,
                 ys,
-                xerr=[p.get("kl_sem") or 0.0 for p in run_points],
-                yerr=[p.get("reward_sem") or 0.0 for p in run_points],
+                xerr=[p.kl_sem for p in run_points],
+                yerr=[p.reward_sem for p in run_points],
                 fmt=marker,
                 color=color,
                 markersize=5,
@@ -249,9 +328,9 @@ def draw_frontier(axis: Any, points: list[dict[str, Any]], *, title: str | None 
                 label=method if r_index == 0 else None,
             )
             last = run_points[-1]
-            if last.get("beta") is not None:
+            if last.beta is not None:
                 axis.annotate(
-                    f"β={last['beta']:g}",
+                    f"β={last.beta:g}",
                     (xs[-1], ys[-1]),
                     textcoords="offset points",
                     xytext=(4, -10),
@@ -262,22 +341,22 @@ def draw_frontier(axis: Any, points: list[dict[str, Any]], *, title: str | None 
     axis.set_ylabel("mean ground-truth reward")
     axis.set_title(title or "Reward vs KL frontier")
     axis.grid(alpha=0.3)
-    axis.set_xlim(left=min(-0.2, min(p["kl_mean"] for p in points) - 0.2))
+    axis.set_xlim(left=min(-0.2, min(p.kl_mean for p in points) - 0.2))
     axis.legend(loc="lower right", fontsize=8)
 
 
-def frontier_envelope(points: list[dict[str, Any]]) -> list[tuple[float, float]]:
+def frontier_envelope(points: Sequence[FrontierPoint]) -> list[tuple[float, float]]:
     """The upper-left envelope: (kl, best reward reached by any point with KL <= kl), KL ascending."""
     envelope: list[tuple[float, float]] = []
     best = -math.inf
-    for p in sorted(points, key=lambda p: p["kl_mean"]):
-        if p["reward_mean"] > best:
-            best = p["reward_mean"]
-            envelope.append((p["kl_mean"], best))
+    for p in sorted(points, key=lambda p: p.kl_mean):
+        if p.reward_mean > best:
+            best = p.reward_mean
+            envelope.append((p.kl_mean, best))
     return envelope
 
 
-def dominance_summary(points: list[dict[str, Any]], method: str) -> dict[str, dict[str, Any]]:
+def dominance_summary(points: Sequence[FrontierPoint], method: str) -> dict[str, dict[str, Any]]:
     """For every other method: how many of its points ``method`` matches or beats at no more KL.
 
     A point (k, r) is dominated when some ``method`` point has KL <= k and reward >= r. Returns
@@ -285,18 +364,18 @@ def dominance_summary(points: list[dict[str, Any]], method: str) -> dict[str, di
     largest ``r - best method reward at KL <= k`` over the other method's points (positive = the
     other method is ahead somewhere; ``None`` when ``method`` has no point at that KL).
     """
-    ours = [p for p in points if p["method"] == method]
+    ours = [p for p in points if p.method == method]
     summary: dict[str, dict[str, Any]] = {}
-    for other in dict.fromkeys(p["method"] for p in points):
+    for other in dict.fromkeys(p.method for p in points):
         if other == method:
             continue
         dominated, gaps = 0, []
-        theirs = [p for p in points if p["method"] == other]
+        theirs = [p for p in points if p.method == other]
         for p in theirs:
-            reachable = [q["reward_mean"] for q in ours if q["kl_mean"] <= p["kl_mean"]]
+            reachable = [q.reward_mean for q in ours if q.kl_mean <= p.kl_mean]
             if reachable:
-                gaps.append(p["reward_mean"] - max(reachable))
-                dominated += max(reachable) >= p["reward_mean"]
+                gaps.append(p.reward_mean - max(reachable))
+                dominated += max(reachable) >= p.reward_mean
         summary[other] = {
             "points": len(theirs),
             "dominated": dominated,
@@ -313,7 +392,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def results_markdown(points: list[dict[str, Any]]) -> str:
+def results_markdown(points: Sequence[FrontierPoint]) -> str:
     """A markdown table, one row per point: method, run, beta, step, reward ± sem, KL ± sem."""
     lines = [
         "| method | run | β | step | reward (mean ± s.e.) | KL nats (mean ± s.e.) |",
@@ -321,23 +400,23 @@ def results_markdown(points: list[dict[str, Any]]) -> str:
     ]
     for p in points:
         lines.append(
-            f"| {p['method']} | {p.get('run', '')} | {_fmt(p.get('beta'), 2) if p.get('beta') is not None else '–'} "
-            f"| {_fmt(p.get('step'))} | {p['reward_mean']:.3f} ± {_fmt(p.get('reward_sem'))} "
-            f"| {p['kl_mean']:.2f} ± {_fmt(p.get('kl_sem'), 2)} |"
+            f"| {p.method} | {p.run} | {_fmt(p.beta, 2) if p.beta is not None else '–'} "
+            f"| {_fmt(p.step)} | {p.reward_mean:.3f} ± {_fmt(p.reward_sem)} "
+            f"| {p.kl_mean:.2f} ± {_fmt(p.kl_sem, 2)} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def write_results(
-    points: list[dict[str, Any]], out_dir: str | Path, *, title: str | None = None, extra: dict[str, Any] | None = None
+    points: Sequence[FrontierPoint], out_dir: str | Path, *, title: str | None = None, extra: dict[str, Any] | None = None
 ) -> dict[str, Path]:
     """Write ``frontier.png``, ``results.json`` (points + ``extra``) and ``results.md`` into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    clean = [{k: v for k, v in p.items() if k != "samples"} for p in points]
-    (out_dir / "results.json").write_text(json.dumps({**(extra or {}), "points": clean}, indent=2) + "\n")
-    (out_dir / "results.md").write_text(results_markdown(clean))
-    png = plot_frontier(clean, out_dir / "frontier.png", title=title)
+    data = [p.to_dict() for p in points]
+    (out_dir / "results.json").write_text(json.dumps({**(extra or {}), "points": data}, indent=2) + "\n")
+    (out_dir / "results.md").write_text(results_markdown(points))
+    png = plot_frontier(points, out_dir / "frontier.png", title=title)
     return {"png": png, "json": out_dir / "results.json", "md": out_dir / "results.md"}
 
 
@@ -431,7 +510,7 @@ class FrontierJob:
     engine: EngineOptions = field(default_factory=EngineOptions)
 
 
-def run_frontier(job: FrontierJob, *, log: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+def run_frontier(job: FrontierJob, *, log: Callable[[str], None] | None = None) -> tuple[list[FrontierPoint], dict[str, Path]]:
     """Evaluate the reference and every checkpoint of every run; write the figure and tables into
     ``job.out``. Returns the points and the written paths (``png``, ``json``, ``md``)."""
     from dpokit.models import load_policy
@@ -463,14 +542,17 @@ def run_frontier(job: FrontierJob, *, log: Callable[[str], None] | None = None) 
 
     try:
         base = estimate(reference.model, server.engine if server else None)
-        points: list[dict[str, Any]] = [{"method": "reference", "run": "reference", "step": 0, **base}]
+        points = [FrontierPoint.from_estimate(base, method="reference", run="reference", step=0)]
         say(f"reference: reward {base['reward_mean']:.3f}  KL 0")
         for name, run_dir in job.runs:
             for step, checkpoint in find_checkpoints(run_dir):
                 engine = server.serve(checkpoint, f"frontier-{name}-{step}") if server else None
                 result = estimate(load_policy(checkpoint, **options).model, engine)
-                point = {"method": name, "run": name, "step": step, "checkpoint": str(checkpoint), "beta": job.betas.get(name)}
-                points.append({**point, **result})
+                points.append(
+                    FrontierPoint.from_estimate(
+                        result, method=name, run=name, step=step, beta=job.betas.get(name), checkpoint=str(checkpoint)
+                    )
+                )
                 where = f"step {step}" if step is not None else checkpoint.name
                 say(f"{name} {where}: reward {result['reward_mean']:.3f}  KL {result['kl_mean']:.2f}")
     finally:

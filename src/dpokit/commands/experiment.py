@@ -156,7 +156,7 @@ def run_experiment(args: argparse.Namespace) -> int:
         log=lambda line: print(line, file=sys.stderr, flush=True),
         engine=engine_options(args),
     )
-    print(results_markdown([p.to_dict() for p in result.points]))
+    print(results_markdown(result.points))
     print(f"wrote {out_dir}/frontier.png, results.json, results.md")
     return 0
 

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-from dpokit.analysis.frontier import best_of_n_kl
+from dpokit.analysis.frontier import FrontierPoint, best_of_n_kl
 from dpokit.errors import ConfigError
-from dpokit.experiments.results import FrontierPoint
 from dpokit.generation import (
     SamplingConfig,
     SamplingEngine,

@@ -53,12 +53,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dpokit.analysis.frontier import write_results
+from dpokit.analysis.frontier import FrontierPoint, write_results
 from dpokit.analysis.winrate import length_control_cells
 from dpokit.errors import ConfigError
 from dpokit.experiments.lm import LMSettings
 from dpokit.experiments.preferences import make_preference_pairs, write_jsonl
-from dpokit.experiments.results import FrontierPoint, ResultStore, Sample, StoredRun, remove_checkpoints
+from dpokit.experiments.results import ResultStore, Sample, StoredRun, remove_checkpoints
 from dpokit.experiments.sentiment import (
     DEFAULT_CACHE_DIR,
     DEFAULT_THREADS,
@@ -571,7 +571,7 @@ class OnlineExperiment:
         result = self.result(points)
         summary = result.summary()
         write_results(
-            [p.to_dict() for p in points],
+            points,
             self.out_dir,
             title="Online and self-labelling DPO (sentiment miniature): reward vs KL",
             extra=summary,

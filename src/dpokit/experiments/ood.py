@@ -43,11 +43,11 @@ from typing import Any
 
 import torch
 
-from dpokit.analysis.frontier import find_checkpoints
+from dpokit.analysis.frontier import FrontierPoint, find_checkpoints
 from dpokit.errors import ConfigError
 from dpokit.experiments.overoptimisation import machine_description, normal_interval
 from dpokit.experiments.preferences import make_prompts
-from dpokit.experiments.results import FrontierPoint, ResultStore, StoredRun, remove_checkpoints
+from dpokit.experiments.results import ResultStore, StoredRun, remove_checkpoints
 from dpokit.experiments.sentiment import (
     DEFAULT_CACHE_DIR,
     DEFAULT_THREADS,
@@ -429,11 +429,10 @@ def plot_ood(result: OodResult, out_png: str | Path) -> Path:
     axes[1].sharex(axes[0])  # the same scales on both distributions
     axes[1].sharey(axes[0])
     for axis, distribution in zip(axes[:2], DISTRIBUTIONS, strict=True):
-        points = [result.reference[distribution].to_dict()]
-        points += [p.to_dict() for policy in result.policies for p in policy.points[distribution]]
-        for point in points:  # 95% error bars
-            point["reward_sem"], point["kl_sem"] = 1.96 * point["reward_sem"], 1.96 * point["kl_sem"]
-        draw_frontier(axis, points, title=f"{distribution} prompts")
+        points = [result.reference[distribution]]
+        points += [p for policy in result.policies for p in policy.points[distribution]]
+        bars = [dataclasses.replace(p, reward_sem=1.96 * p.reward_sem, kl_sem=1.96 * p.kl_sem) for p in points]  # 95%
+        draw_frontier(axis, bars, title=f"{distribution} prompts")
     top = max((r["temperature"] for r in result.winrates), default=None)
     rows = [r for r in result.winrates if r["temperature"] == top]
     names = list(dict.fromkeys(f"{r['model']}\nvs {r['baseline']}" for r in rows))

@@ -44,11 +44,11 @@ from typing import Any
 
 import torch
 
-from dpokit.analysis.frontier import find_checkpoints
+from dpokit.analysis.frontier import FrontierPoint, find_checkpoints
 from dpokit.experiments.online import MODES as ONLINE_MODES
 from dpokit.experiments.online import VADER_JUDGE, OnlineExperiment, OnlineExperimentSettings
 from dpokit.experiments.preferences import make_preference_pairs, write_jsonl
-from dpokit.experiments.results import FrontierPoint, ResultStore, StoredRun, remove_checkpoints
+from dpokit.experiments.results import ResultStore, StoredRun, remove_checkpoints
 from dpokit.experiments.sentiment import (
     DEFAULT_CACHE_DIR,
     DEFAULT_THREADS,

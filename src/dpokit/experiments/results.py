@@ -14,88 +14,20 @@ the evaluation of a run directory's checkpoints on the frontier -- one of each, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpokit.analysis.frontier import CheckpointServer, estimate_reward_kl, find_checkpoints
+from dpokit.analysis.frontier import CheckpointServer, FrontierPoint, estimate_reward_kl, find_checkpoints
 from dpokit.scoring import RewardFn
 
 Sample = dict[str, Any]  # one evaluation sample: prompt, completion, reward, kl (online: and prompt_index)
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class FrontierPoint:
-    """One model on the reward-KL frontier: means and standard errors over its evaluation samples.
-
-    ``step`` counts optimizer steps from the SFT model (best-of-n: its ``n``); ``beta`` annotates the
-    run's last point in the figure; ``n`` is best-of-n's and None elsewhere.
-    """
-
-    method: str
-    run: str
-    step: int
-    reward_mean: float
-    reward_sem: float
-    kl_mean: float
-    kl_sem: float
-    num_samples: int
-    beta: float | None = None
-    mean_length: float | None = None
-    n: int | None = None
-
-    @classmethod
-    def from_estimate(
-        cls, estimate: Mapping[str, Any], *, method: str, run: str, step: int, beta: float | None = None
-    ) -> FrontierPoint:
-        """A point from :func:`dpokit.analysis.frontier.estimate_reward_kl`'s result (its samples left out)."""
-        return cls(
-            method=method,
-            run=run,
-            step=step,
-            beta=beta,
-            reward_mean=float(estimate["reward_mean"]),
-            reward_sem=float(estimate["reward_sem"]),
-            kl_mean=float(estimate["kl_mean"]),
-            kl_sem=float(estimate["kl_sem"]),
-            num_samples=int(estimate["num_samples"]),
-            mean_length=None if estimate.get("mean_length") is None else float(estimate["mean_length"]),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form: ``method, run, beta, step, [n], reward_mean, reward_sem, kl_mean, kl_sem,
-        num_samples, [mean_length]`` (``n`` and ``mean_length`` only where they are known)."""
-        data: dict[str, Any] = {"method": self.method, "run": self.run, "beta": self.beta, "step": self.step}
-        if self.n is not None:
-            data["n"] = self.n
-        data |= {
-            "reward_mean": self.reward_mean,
-            "reward_sem": self.reward_sem,
-            "kl_mean": self.kl_mean,
-            "kl_sem": self.kl_sem,
-            "num_samples": self.num_samples,
-        }
-        if self.mean_length is not None:
-            data["mean_length"] = self.mean_length
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FrontierPoint:
-        """A point from its JSON form (``beta``, ``mean_length`` and ``n`` may be absent); a KeyError,
-        TypeError or ValueError names what is missing or malformed."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def relabelled(self, *, method: str, run: str) -> FrontierPoint:
-        """The same measurement under another method and run name (an arm that starts from it)."""
-        return dataclasses.replace(self, method=method, run=run)
 
 
 @dataclass(frozen=True)

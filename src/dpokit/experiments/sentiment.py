@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from dpokit.analysis.frontier import CheckpointServer, dominance_summary, write_results
+from dpokit.analysis.frontier import CheckpointServer, FrontierPoint, dominance_summary, write_results
 from dpokit.errors import ConfigError
 from dpokit.experiments.lm import LMSettings, load_or_pretrain
 from dpokit.experiments.preferences import make_preference_pairs, make_prompts, write_jsonl
-from dpokit.experiments.results import FrontierEvaluation, FrontierPoint, ResultStore, Sample, StoredRun, remove_checkpoints
+from dpokit.experiments.results import FrontierEvaluation, ResultStore, Sample, StoredRun, remove_checkpoints
 from dpokit.experiments.reward import vader_reward
 from dpokit.generation import EngineOptions, SamplingEngine
 
@@ -597,20 +597,19 @@ class Experiment:
                 self.server.restore()
         winrates = self.run_winrates()
         self.timings["total"] = time.time() - start
-        dicts = [p.to_dict() for p in points]
         result = SentimentResult(
             points=points,
             settings=s,
             sft_dir=self.sft_dir,
             preferences=self.preference_stats,
-            dpo_dominance=dominance_summary(dicts, METHOD_LABELS["dpo"]) if "dpo" in s.methods else None,
+            dpo_dominance=dominance_summary(points, METHOD_LABELS["dpo"]) if "dpo" in s.methods else None,
             timings_seconds={k: round(v, 1) for k, v in self.timings.items()},
             samples=self.samples,
             torch_threads=torch.get_num_threads(),
             winrate=winrates,
             date=time.strftime("%Y-%m-%d"),
         )
-        write_results(dicts, self.out_dir, title="Controlled sentiment (miniature): reward vs KL", extra=result.summary())
+        write_results(points, self.out_dir, title="Controlled sentiment (miniature): reward vs KL", extra=result.summary())
         self.log(f"done in {self.timings['total'] / 60:.1f} min: {self.out_dir / 'frontier.png'}")
         return result
 

@@ -43,8 +43,9 @@ from typing import Any
 
 import torch
 
+from dpokit.analysis.frontier import FrontierPoint
 from dpokit.errors import ConfigError
-from dpokit.experiments.results import FrontierPoint, ResultStore, StoredRun
+from dpokit.experiments.results import ResultStore, StoredRun
 from dpokit.experiments.shapes import COLOURS, build_tiny_vlm, colour_reward, shape_colour, shapes_rows
 
 Log = Callable[[str], None]
@@ -436,7 +437,7 @@ class ShapesExperiment:
             date=time.strftime("%Y-%m-%d"),
         )
         title = "Shapes (tiny LLaVA): sampled accuracy vs KL to the SFT model"
-        write_results([p.to_dict() for p in points], self.out, title=title, extra=result.summary())
+        write_results(points, self.out, title=title, extra=result.summary())
         (self.out / "results.md").write_text(summary_markdown(result), encoding="utf-8")
         return result
 
