@@ -62,7 +62,6 @@ dpokit measured in the same run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -461,7 +460,7 @@ def engine_placement(mode: str, options: argparse.Namespace) -> dict[str, Any] |
         if torch.cuda.device_count() < 2:
             return "one GPU: a server with a GPU of its own needs a second one"
         return {"trainer_cores": None, "cores": None, "env": {"CUDA_VISIBLE_DEVICES": "1"}, "args": []}
-    cores = sorted(os.sched_getaffinity(0))  # main() widened it to every core the machine allows
+    cores = sorted(os.sched_getaffinity(0))  # the cores this process may use
     every = ",".join(map(str, cores))
     if mode == "vllm-colocated":
         return {"trainer_cores": None, "cores": None, "env": {"VLLM_CPU_OMP_THREADS_BIND": every}, "args": []}
@@ -689,10 +688,9 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(options)), flush=True)
         return
     started = time.time()
-    if options.part == "engines" and hasattr(os, "sched_setaffinity"):
-        # An inherited narrower CPU affinity would make the modes' core split meaningless: take every allowed core.
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    if options.part == "engines" and hasattr(os, "sched_getaffinity"):
+        # The cores this process may use (taskset, a container's limit) are the ones the modes split; the
+        # benchmark never widens them. With one core the server mode says why it cannot run.
         print(f"cores: {sorted(os.sched_getaffinity(0))}")
     if not options.model:
         _sft(options)  # pretrain and cache the SFT model once, outside any measurement
