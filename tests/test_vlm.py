@@ -192,8 +192,9 @@ def test_the_fixture_command_writes_model_and_data_and_refuses_an_unknown_family
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_vlm_run_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_path):
-    """torchrun, gloo, 2 ranks x batch 4 (DDP, LoRA on the language model, precomputed reference with
-    images) against one process with batch 8 on the tiny LLaVA: the same losses at every step."""
+    """torchrun, gloo, 2 ranks x batch 4 (LoRA on the language model, precomputed reference with images)
+    against one process with batch 8 on the tiny LLaVA: the same losses at every step, under DDP and under
+    FSDP2 (which shards the vision tower's blocks and the language model's alike)."""
     from dpokit.training import run
     from tests.training.test_parallel import assert_same_losses, check_ok, torchrun, train_losses
 
@@ -225,9 +226,10 @@ def test_a_vlm_run_on_two_processes_equals_one_process_with_the_same_global_batc
             [*common, f"logging.run_dir={single}", f"data.cache_dir={tmp_path / 'c1'}", "optim.batch_size=8"],
         )
     )
-    ranks = tmp_path / "ranks"
-    overrides = [*common, f"logging.run_dir={ranks}", f"data.cache_dir={tmp_path / 'c2'}", "optim.batch_size=4"]
-    check_ok(torchrun(tmp_path / "cfg.yaml", [*overrides, "distributed.strategy=ddp"]))
     expected = train_losses(single)
     assert len(expected) == 2
-    assert_same_losses(train_losses(ranks), expected)
+    for strategy in ("ddp", "fsdp"):
+        ranks = tmp_path / strategy
+        overrides = [*common, f"logging.run_dir={ranks}", f"data.cache_dir={tmp_path / 'c2'}", "optim.batch_size=4"]
+        check_ok(torchrun(tmp_path / "cfg.yaml", [*overrides, f"distributed.strategy={strategy}"]))
+        assert_same_losses(train_losses(ranks), expected)
