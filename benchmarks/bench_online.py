@@ -200,9 +200,9 @@ def _trl_online(model_dir: Path, prompts: list[str], out_dir: Path, options: arg
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
     from dpokit.experiments.reward import vader_reward
-    from dpokit.models import load_policy
+    from dpokit.models import LoadOptions, load_policy
 
-    loaded = load_policy(model_dir, dtype="float32", device="cpu")
+    loaded = load_policy(model_dir, LoadOptions(dtype="float32", device="cpu"))
     model, tokenizer = loaded.model, loaded.tokenizer
     tokenizer.padding_side = "left"
     step_ends: list[float] = []
@@ -309,7 +309,7 @@ def _dpokit_online(model_dir: Path, prompts: list[str], out_dir: Path, options: 
     """``dpokit online`` in its per-step mode on the SFT model; returns the trained model and step end times.
     Part 3 (``--engine-url``) samples through the vLLM server there (``online.sampling.engine=vllm``)."""
     from dpokit.config import config_from_dict
-    from dpokit.models import load_policy
+    from dpokit.models import LoadOptions, load_policy
     from dpokit.online import run_online
 
     prompts_path = out_dir / "prompts.jsonl"
@@ -356,7 +356,7 @@ def _dpokit_online(model_dir: Path, prompts: list[str], out_dir: Path, options: 
     result = run_online(cfg, on_step=lambda step, metrics: step_ends.append(time.perf_counter()) and None)
     if result.output_dir is None:
         raise SystemExit(f"dpokit online stopped early: {result.stop_reason}")
-    return load_policy(result.output_dir, dtype=options.dtype, device=options.device).model, step_ends
+    return load_policy(result.output_dir, LoadOptions(dtype=options.dtype, device=options.device)).model, step_ends
 
 
 def parent_online(options: argparse.Namespace) -> None:
@@ -420,13 +420,13 @@ def engines_worker(options: argparse.Namespace) -> dict[str, Any]:
     from dpokit.analysis.frontier import estimate_reward_kl
     from dpokit.experiments.preferences import make_prompts
     from dpokit.experiments.reward import vader_reward
-    from dpokit.models import load_policy
+    from dpokit.models import LoadOptions, load_policy
 
     transformers.logging.set_verbosity_error()
     if options.cores:
         os.sched_setaffinity(0, {int(c) for c in options.cores.split(",")})
     model_dir = _start_model(options)
-    start = load_policy(model_dir, dtype=options.dtype, device=options.device)
+    start = load_policy(model_dir, LoadOptions(dtype=options.dtype, device=options.device))
     prompts = make_prompts(start.tokenizer, options.steps * options.batch_prompts, PROMPT_SEED)
     with tempfile.TemporaryDirectory() as tmp:
         policy, step_ends = _dpokit_online(model_dir, prompts, Path(tmp), options)

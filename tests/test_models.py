@@ -128,12 +128,12 @@ def test_load_policy_finds_a_checkpoints_model_and_its_run_config(model_dir, tmp
 
     import yaml
 
-    from dpokit.models import load_policy
+    from dpokit.models import LoadOptions, load_policy
 
     run = tmp_path / "run"
     shutil.copytree(model_dir, run / "checkpoint-4" / "model")
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)}, "loss": {"beta": 0.3}}))
-    loaded = load_policy(run / "checkpoint-4", device="cpu")
+    loaded = load_policy(run / "checkpoint-4", LoadOptions(device="cpu"))
     assert loaded.kind == "model" and not loaded.is_adapter and not loaded.model.training
     assert loaded.run_config["loss"]["beta"] == 0.3
     assert loaded.tokenizer.pad_token == "<|pad|>"
@@ -141,13 +141,13 @@ def test_load_policy_finds_a_checkpoints_model_and_its_run_config(model_dir, tmp
 
 
 def test_load_policy_of_a_lora_adapter_keeps_the_adapter_switchable(model_dir, tmp_path):
-    from dpokit.models import is_peft_model, load_policy
+    from dpokit.models import LoadOptions, is_peft_model, load_policy
 
     policy, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=str(model_dir), device="cpu"))
     policy = apply_lora(policy, LoraConfig(enabled=True, r=4))
     _perturb_adapters(policy)
     save_final_model(policy, tokenizer, tmp_path / "adapter", lora_export="adapter")
-    loaded = load_policy(tmp_path / "adapter", dtype="float32")
+    loaded = load_policy(tmp_path / "adapter", LoadOptions(dtype="float32"))
     assert loaded.is_adapter and loaded.base_path == str(model_dir) and is_peft_model(loaded.model)
     batch = batch_for(loaded.tokenizer)
     with torch.no_grad():
@@ -158,17 +158,17 @@ def test_load_policy_of_a_lora_adapter_keeps_the_adapter_switchable(model_dir, t
 
 
 def test_bad_locations_dtypes_and_devices_are_located_config_errors(model_dir, tmp_path):
-    from dpokit.models import load_policy, load_tokenizer, resolve_device
+    from dpokit.models import LoadOptions, load_policy, load_tokenizer, resolve_device
 
     with pytest.raises(ConfigError, match="missing: no such file or directory"):
         load_policy(tmp_path / "missing")
     with pytest.raises(ConfigError, match="dtype must be one of auto, float32"):
-        load_policy(model_dir, dtype="float8")
+        load_policy(model_dir, LoadOptions(dtype="float8"))
     with pytest.raises(ConfigError, match="--device 'tpu!'"):
         resolve_device("tpu!", setting="--device")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
-            load_policy(model_dir, device="cuda")
+            load_policy(model_dir, LoadOptions(device="cuda"))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ConfigError, match="cannot load a causal language model"):

@@ -70,10 +70,10 @@ def test_the_image_changes_what_is_sampled(vlm_dirs, tmp_path):
     """The images reach the model: the same question on different images gives different teacher-forced
     log-probs of the same completion (a text-only path would give equal ones)."""
     from dpokit.generation import completion_logps, encode_prompts
-    from dpokit.models import load_policy
+    from dpokit.models import LoadOptions, load_policy
 
     _, rows = write_prompts(tmp_path, n=2)
-    loaded = load_policy(vlm_dirs["llava"], device="cpu", dtype="float32")
+    loaded = load_policy(vlm_dirs["llava"], LoadOptions(device="cpu", dtype="float32"))
     prompts = [rows[0]["prompt"], rows[0]["prompt"]]
     images = [[(tmp_path / rows[i]["images"][0]).read_bytes()] for i in range(2)]
     _, ids = encode_prompts(loaded.tokenizer, prompts, images=images, processor=loaded.processor)
@@ -98,10 +98,10 @@ def test_a_vlm_never_samples_its_image_token_so_its_samples_can_be_scored(vlm_di
     from PIL import Image
 
     from dpokit.generation import encode_prompts, generate
-    from dpokit.models import load_policy
+    from dpokit.models import LoadOptions, load_policy
 
     _, rows = write_prompts(tmp_path, n=2)
-    loaded = load_policy(vlm_dirs["llava"], device="cpu", dtype="float32")
+    loaded = load_policy(vlm_dirs["llava"], LoadOptions(device="cpu", dtype="float32"))
     image_id = loaded.model.config.image_token_id
     image_processor = loaded.processor.image_processor
     images = [[(tmp_path / row["images"][0]).read_bytes()] for row in rows]

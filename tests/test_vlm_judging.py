@@ -184,7 +184,7 @@ def test_an_online_round_on_image_prompts_samples_judges_and_trains_with_each_pr
     the round trains on pairs whose batches carry the images (the weights move)."""
     from dpokit.config import load_config
     from dpokit.generation import completion_logps, encode_prompts
-    from dpokit.models import load_policy
+    from dpokit.models import LoadOptions, load_policy
     from dpokit.online import run_online
     from tests.judges.fakes import pixel_length_reward
 
@@ -228,7 +228,7 @@ def test_an_online_round_on_image_prompts_samples_judges_and_trains_with_each_pr
     per_completion = [images[c["prompt_index"]] for c in completions]
     texts = [c["completion"] for c in completions]
     assert [j["score"] for j in judgments] == pytest.approx(pixel_length_reward(None, texts, per_completion))
-    initial = load_policy(policy, dtype="float32", device="cpu")
+    initial = load_policy(policy, LoadOptions(dtype="float32", device="cpu"))
     _, ids = encode_prompts(initial.tokenizer, [p["prompt"] for p in prompts], images=images, processor=initial.processor)
     expected = completion_logps(
         initial.model,
@@ -244,5 +244,5 @@ def test_an_online_round_on_image_prompts_samples_judges_and_trains_with_each_pr
     offline = [f"data.train_path={write_shapes_data(tmp_path, 4, seed=2)}", "online.offline_fraction=0.5"]
     with pytest.raises(ConfigError, match=r"prompts.jsonl:line 1: a prompt with images: .*online.offline_fraction=0"):
         run_online(load_config(None, [*overrides, *offline, f"logging.run_dir={tmp_path / 'offline'}"]))
-    trained = load_policy(result.run_dir / "final", dtype="float32", device="cpu").model
+    trained = load_policy(result.run_dir / "final", LoadOptions(dtype="float32", device="cpu")).model
     assert any((a - b).abs().max() > 0 for a, b in zip(trained.parameters(), initial.model.parameters(), strict=True))

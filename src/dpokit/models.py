@@ -532,10 +532,10 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | N
 class LoadOptions:
     """How a model is loaded for inference; the defaults of every command's ``--dtype``,
     ``--device`` and ``--trust-remote-code``. ``dtype="auto"`` keeps the checkpoint's own dtype;
-    ``device="auto"`` is cuda when available, else cpu."""
+    ``device="auto"`` (or None) is cuda when available, else cpu."""
 
     dtype: str = "auto"
-    device: str = "auto"
+    device: str | None = "auto"
     trust_remote_code: bool = False
 
 
@@ -592,20 +592,17 @@ _POLICY_HINT = (
 )
 
 
-def load_policy(
-    path: str | Path,
-    *,
-    dtype: str = LoadOptions.dtype,
-    device: str | None = LoadOptions.device,
-    trust_remote_code: bool = LoadOptions.trust_remote_code,
-) -> LoadedPolicy:
-    """Load a model directory / hub id, a LoRA adapter directory, or a ``dpokit train`` checkpoint.
+def load_policy(path: str | Path, load: LoadOptions | None = None) -> LoadedPolicy:
+    """Load a model directory / hub id, a LoRA adapter directory, or a ``dpokit train`` checkpoint, with
+    ``load``'s dtype, device and trust in remote code (None: :class:`LoadOptions`' defaults).
 
-    The model is put in eval mode on ``device`` (``"auto"``/None: cuda when available). A LoRA
+    The model is put in eval mode on the device (``"auto"``: cuda when available). A LoRA
     adapter is loaded on top of the base model named in its ``adapter_config.json`` and kept as a
     peft model, so its adapter can be disabled for the reference log-probs. A vision-language
     checkpoint (:func:`is_vision_language`) loads with ``AutoModelForImageTextToText`` and its processor.
     """
+    load = load or LoadOptions()
+    dtype, device, trust_remote_code = load.dtype, load.device, load.trust_remote_code
     given = Path(path).expanduser()
     problem = location_problem(path)
     if problem is not None:

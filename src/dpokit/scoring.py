@@ -50,18 +50,17 @@ def resolve_reference(
     reference_path: str | None,
     *,
     reference_free: bool = False,
-    dtype: str = "auto",
-    device: str | None = None,
-    trust_remote_code: bool = False,
+    load: LoadOptions | None = None,
 ) -> tuple[Reference, str]:
     """pi_ref and a description of it: ``--reference``, else the adapter's base (the policy with its
-    adapter disabled), else the model the run started from; or none for ``--reference-free``."""
+    adapter disabled), else the model the run started from; or none for ``--reference-free``. A reference
+    model loads with ``load`` (None: :class:`LoadOptions`' defaults)."""
     if reference_free:
         if reference_path:
             raise ConfigError("give either --reference or --reference-free, not both")
         return NoReference(), "no reference (reference-free)"
     if reference_path:
-        reference = load_policy(reference_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        reference = load_policy(reference_path, load)
         return CopyReference(reference.model), f"reference model {reference_path}"
     if policy.is_adapter:
         return AdapterDisabledReference(runner), "base model with the adapter disabled"
@@ -69,7 +68,7 @@ def resolve_reference(
     # The run's reference: reference.name_or_path when it set one, else the model it started from.
     start_model = (run_config.get("reference") or {}).get("name_or_path") or (run_config.get("model") or {}).get("name_or_path")
     if start_model and Path(str(start_model)).resolve() != Path(policy.path).resolve():
-        reference = load_policy(start_model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        reference = load_policy(start_model, load)
         return CopyReference(reference.model), f"reference model {start_model}"
     raise ConfigError(
         f"{policy.path} is a full model with no record of its reference model: pass --reference PATH "

@@ -298,10 +298,7 @@ class ModelServer:
         job.validate()
         self.job = job
         self.log = log
-        self.models = {
-            name: load_policy(path, dtype=job.load.dtype, device=job.load.device, trust_remote_code=job.load.trust_remote_code)
-            for name, path in job.models
-        }
+        self.models = {name: load_policy(path, job.load) for name, path in job.models}
         self.contexts = {name: context_length(loaded.model) for name, loaded in self.models.items()}
         self.lock = threading.Lock()
         self.failures_left = job.fail_first

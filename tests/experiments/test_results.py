@@ -78,10 +78,10 @@ def _length_reward(prompts, completions, **_):
 
 
 def _evaluation(reference_dir: Path) -> FrontierEvaluation:
-    from dpokit.models import load_policy
+    from dpokit.models import LoadOptions, load_policy
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    reference = load_policy(reference_dir, dtype="float32", device=device)
+    reference = load_policy(reference_dir, LoadOptions(dtype="float32", device=device))
     prompts = ["the cat sat", "a good film", "it was"]
     return FrontierEvaluation(
         reference.model, reference.tokenizer, prompts, _length_reward, samples_per_prompt=2, max_new_tokens=5, seed=3
@@ -111,9 +111,9 @@ def test_every_checkpoint_with_a_step_is_evaluated_in_order_with_the_last_ones_s
 
 
 def _load(path: Path, device: str) -> torch.nn.Module:
-    from dpokit.models import load_policy
+    from dpokit.models import LoadOptions, load_policy
 
-    return load_policy(path, dtype="float32", device=device).model
+    return load_policy(path, LoadOptions(dtype="float32", device=device)).model
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: on a CPU every model is on the CPU")

@@ -124,12 +124,7 @@ def run_eval(job: EvalJob) -> EvalReport:
     from dpokit.losses import build_objective
 
     check_batch_size(job.batch_size)
-    options: dict[str, Any] = {
-        "dtype": job.load.dtype,
-        "device": job.load.device,
-        "trust_remote_code": job.load.trust_remote_code,
-    }
-    policy = load_policy(job.model, **options)
+    policy = load_policy(job.model, job.load)
     train = training_defaults(policy, job.config)
     data, loss = train.data, train.loss
     beta = float(_first(job.beta, loss.beta))
@@ -139,7 +134,7 @@ def run_eval(job: EvalJob) -> EvalReport:
         raise ConfigError("no evaluation data: pass --data PATH (or --config with data.eval_path set)")
     runner = policy_runner(policy)
     reference, described = resolve_reference(
-        policy, runner, job.reference, reference_free=job.reference_free or loss.reference_free, **options
+        policy, runner, job.reference, reference_free=job.reference_free or loss.reference_free, load=job.load
     )
     objective = build_objective(terms, beta=beta, reference_free=isinstance(reference, NoReference))
     prepare = PrepareOptions.from_config(

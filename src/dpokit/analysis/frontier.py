@@ -516,15 +516,10 @@ def run_frontier(job: FrontierJob, *, log: Callable[[str], None] | None = None) 
     from dpokit.models import load_policy
 
     say = log or (lambda line: None)
-    options: dict[str, Any] = {
-        "dtype": job.load.dtype,
-        "device": job.load.device,
-        "trust_remote_code": job.load.trust_remote_code,
-    }
     reward_fn = load_reward(job.reward, device=job.load.device)
     prompts = read_text_prompts(job.prompts)[: job.max_prompts]
     job.engine.validate()
-    reference = load_policy(job.reference, **options)
+    reference = load_policy(job.reference, job.load)
     server = CheckpointServer(job.reference, job.engine, job.load) if job.engine.engine == "vllm" else None
 
     def estimate(policy: torch.nn.Module, engine: SamplingEngine | None = None) -> dict[str, Any]:
@@ -547,7 +542,7 @@ def run_frontier(job: FrontierJob, *, log: Callable[[str], None] | None = None) 
         for name, run_dir in job.runs:
             for step, checkpoint in find_checkpoints(run_dir):
                 engine = server.serve(checkpoint, f"frontier-{name}-{step}") if server else None
-                result = estimate(load_policy(checkpoint, **options).model, engine)
+                result = estimate(load_policy(checkpoint, job.load).model, engine)
                 points.append(
                     FrontierPoint.from_estimate(
                         result, method=name, run=name, step=step, beta=job.betas.get(name), checkpoint=str(checkpoint)

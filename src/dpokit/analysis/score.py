@@ -184,19 +184,14 @@ class ScoreReport:
 def run_score(job: ScoreJob, rows: Sequence[ScoreRow]) -> ScoreReport:
     """Load the policy and its reference and score ``rows``."""
     check_batch_size(job.batch_size)
-    options: dict[str, Any] = {
-        "dtype": job.load.dtype,
-        "device": job.load.device,
-        "trust_remote_code": job.load.trust_remote_code,
-    }
-    policy = load_policy(job.model, **options)
+    policy = load_policy(job.model, job.load)
     train = training_defaults(policy)
     beta = float(job.beta if job.beta is not None else train.loss.beta)
     has_run = policy.run_config is not None
     max_length = job.max_length or (train.data.max_length if has_run else DEFAULT_MAX_LENGTH)
     max_prompt_length = job.max_prompt_length or (train.data.max_prompt_length if has_run else DEFAULT_MAX_PROMPT_LENGTH)
     runner = policy_runner(policy)
-    reference, described = resolve_reference(policy, runner, job.reference, reference_free=job.reference_free, **options)
+    reference, described = resolve_reference(policy, runner, job.reference, reference_free=job.reference_free, load=job.load)
     scored = score_rows(
         runner,
         policy.tokenizer,

@@ -30,7 +30,7 @@ from dpokit.generation import (
     sample_completions,
     stop_token_ids,
 )
-from dpokit.models import load_policy, pad_id_of
+from dpokit.models import LoadOptions, load_policy, pad_id_of
 
 
 def best_of_n_points(
@@ -127,7 +127,7 @@ def train_rloo(
         raise ConfigError("the RL baseline needs TRL: pip install 'dpokit[experiment]' (or skip it with --methods)") from error
     os.environ.setdefault("WANDB_DISABLED", "true")
     out_dir = Path(out_dir)
-    sft = load_policy(sft_dir, dtype="float32", device="cpu")  # TRL moves it where it trains
+    sft = load_policy(sft_dir, LoadOptions(dtype="float32", device="cpu"))  # TRL moves it where it trains
     tokenizer, model = sft.tokenizer, sft.model
     tokenizer.padding_side = "left"
     repeats = math.ceil(steps * prompts_per_step / max(1, len(prompts))) + 1

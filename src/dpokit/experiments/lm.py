@@ -185,7 +185,7 @@ def load_or_pretrain(
 
 def _load(model_dir: Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
     """The saved SFT model (eval mode, float32, on the CPU: the experiment is sized for it) and tokenizer."""
-    from dpokit.models import load_policy
+    from dpokit.models import LoadOptions, load_policy
 
-    loaded = load_policy(model_dir, dtype="float32", device="cpu")
+    loaded = load_policy(model_dir, LoadOptions(dtype="float32", device="cpu"))
     return loaded.model, loaded.tokenizer

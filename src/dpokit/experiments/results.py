@@ -164,7 +164,7 @@ class FrontierEvaluation:
         """Every checkpoint of ``run_dir`` that has a step (a final export without one is left out), loaded
         on the reference's device: the points in step order (steps + ``step_offset``) and the first
         ``keep_samples`` samples of the last checkpoint."""
-        from dpokit.models import load_policy
+        from dpokit.models import LoadOptions, load_policy
 
         say = log or (lambda line: None)
         checkpoints = [(step, path) for step, path in find_checkpoints(run_dir) if step is not None]
@@ -172,7 +172,7 @@ class FrontierEvaluation:
         samples: list[Sample] = []
         for index, (step, path) in enumerate(checkpoints):
             last = index == len(checkpoints) - 1
-            policy = load_policy(path, dtype="float32", device=self.device).model
+            policy = load_policy(path, LoadOptions(dtype="float32", device=self.device)).model
             point, kept = self.estimate(
                 policy,
                 method=method,

@@ -266,9 +266,9 @@ class ShapesExperiment:
         from dpokit.data.images import decode_image
         from dpokit.data.prompts import read_prompt_rows
         from dpokit.generation import encode_prompts
-        from dpokit.models import load_policy
+        from dpokit.models import LoadOptions, load_policy
 
-        self.reference = load_policy(self.sft_dir, dtype="float32", device="cpu")
+        self.reference = load_policy(self.sft_dir, LoadOptions(dtype="float32", device="cpu"))
         rows = read_prompt_rows(self.out / "data" / "eval.jsonl", images=True)
         self.images = [list(row.images) for row in rows]
         tokenizer, processor = self.reference.tokenizer, self.reference.processor
@@ -380,7 +380,7 @@ class ShapesExperiment:
     def run_arm(self, run: str, method: str, terms: list[dict[str, Any]], beta: float | None) -> list[FrontierPoint]:
         """One trainer run from the SFT model on the pairs, every checkpoint evaluated (stored once done)."""
         from dpokit.analysis.frontier import find_checkpoints
-        from dpokit.models import load_policy
+        from dpokit.models import LoadOptions, load_policy
         from dpokit.training import run as train
 
         stored = self.store.load(run)
@@ -409,7 +409,7 @@ class ShapesExperiment:
         points = []
         for step, path in find_checkpoints(run_dir):
             if step is not None:
-                policy = load_policy(path, dtype="float32", device="cpu").model
+                policy = load_policy(path, LoadOptions(dtype="float32", device="cpu")).model
                 points.append(self.evaluate(policy, method=method, run=run, step=step, beta=beta))
         self.training[run] = training_log(run_dir)
         measures: list[dict[str, Any]] = [{"key": f"{run}@{p.step}", "greedy": self.greedy[f"{run}@{p.step}"]} for p in points]

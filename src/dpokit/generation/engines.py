@@ -396,12 +396,12 @@ def open_sampler(
     nothing is loaded but the tokenizer, read from ``spec`` when it is a directory, else from the directory
     the server loaded the model (or, for an adapter, its base) from -- so that directory must be visible here
     (the same machine, or a shared file system). ``load`` (dtype, device) applies to the dpokit engine only."""
-    from dpokit.models import load_policy, load_tokenizer
+    from dpokit.models import LoadOptions, load_policy, load_tokenizer
 
     options.validate()
     load = load or LoadOptions()
     if options.engine == "dpokit":
-        loaded = load_policy(spec, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code)
+        loaded = load_policy(spec, load)
         engine = DpokitEngine(loaded.model, loaded.tokenizer, batch_size=batch_size, processor=loaded.processor)
         return ModelSampler(engine, loaded.tokenizer, processor=loaded.processor)
     assert options.url is not None  # validated

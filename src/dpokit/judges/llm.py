@@ -102,5 +102,5 @@ def llm_judge(spec: JudgeSpec, template: Template, load: Any = None) -> LLMJudge
 
     spec.check_options(["template", "batch_size"])
     load = load or LoadOptions()
-    loaded = load_policy(spec.target, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code)
+    loaded = load_policy(spec.target, load)
     return LLMJudge(str(spec), loaded.model, loaded.tokenizer, template, batch_size=spec.option("batch_size", 16, int))

@@ -150,13 +150,12 @@ def implicit_judge(spec: JudgeSpec, load: Any = None) -> RewardJudge:
 
     spec.check_options(["reference", "reference_free", "beta", "temperature", "batch_size"])
     load = load or LoadOptions()
-    options = {"dtype": load.dtype, "device": load.device, "trust_remote_code": load.trust_remote_code}
-    policy = load_policy(spec.target, **options)
+    policy = load_policy(spec.target, load)
     beta = spec.option("beta", None, float)
     beta = float(beta if beta is not None else training_defaults(policy).loss.beta)
     runner = policy_runner(policy)
     reference, described = resolve_reference(
-        policy, runner, spec.option("reference", None), reference_free=spec.option("reference_free", False, bool), **options
+        policy, runner, spec.option("reference", None), reference_free=spec.option("reference_free", False, bool), load=load
     )
     batch_size = spec.option("batch_size", 8, int)
 
