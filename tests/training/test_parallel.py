@@ -263,7 +263,7 @@ def test_global_batch_size_sets_accumulation_and_refuses_a_remainder(assets, tmp
         [*common_overrides(assets, tmp_path / "run"), "optim.batch_size=4", "distributed.global_batch_size=10"],
     )
     assert result.returncode != 0
-    message = "distributed.global_batch_size=10 is not a multiple of optim.batch_size (4) x 2 process(es) = 8"
+    message = "distributed.global_batch_size=10 is not a multiple of optim.batch_size (4) x 2 data-parallel rank(s) = 8"
     assert result.stderr.count(message) >= 2  # printed by both ranks
     assert "use a global batch size of 8 or 16" in result.stderr
 
