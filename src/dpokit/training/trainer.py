@@ -245,8 +245,7 @@ class Trainer:
         self.extra_state: dict[str, Any] = {}  # recorded in every checkpoint (the online loop's round)
         self.restored_state: dict[str, Any] = {}  # the trainer state of the checkpoint resumed from
         self.run_directory = RunDirectory.open(cfg, ctx, resume=resume, overwrite=overwrite)  # locked by rank 0
-        self.run_dir, self.resume_from = self.run_directory.path, self.run_directory.resume_from
-        self.paths = self.run_directory.paths
+        self.resume_from = self.run_directory.resume_from
         self.position = Position()
         self.last_checkpoint: Path | None = None
         self.last_saved_step = self.last_eval_step = -1
@@ -266,6 +265,16 @@ class Trainer:
         except BaseException:
             self.run_directory.close(failed=True)  # nor its directory, unless it existed before or holds results
             raise
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory (:attr:`run_directory`'s path)."""
+        return self.run_directory.path
+
+    @property
+    def paths(self) -> RunPaths:
+        """Every file and folder the run writes (:attr:`run_directory`'s)."""
+        return self.run_directory.paths
 
     # -- the loop -----------------------------------------------------------------------------------
 
