@@ -13,7 +13,11 @@ torch.set_num_threads(1)
 from tests.vllm_server import release_vllm_server, vllm_server  # noqa: E402, F401  (one vLLM server, for every test that asks)
 
 VLLM_GROUP = "vllm-server"
-VLLM_MODULES = ("tests/generation/test_vllm_engine.py", "tests/judges/test_vllm_server.py")
+VLLM_MODULES = (
+    "tests/generation/test_vllm_engine.py",
+    "tests/judges/test_vllm_server.py",
+    "tests/experiments/test_vllm_experiments.py",
+)
 # How many collected tests still have to use the vLLM server in this process; the last one stops it.
 _VLLM_USERS_LEFT = {"count": 0}
 

@@ -257,12 +257,37 @@ def test_best_of_n_through_a_sampling_engine_draws_the_same_pool_as_in_process()
     assert through == direct and direct[1].reward_mean > direct[0].reward_mean
 
 
-def test_experiment_engine_option_reaches_only_the_sentiment_experiment(capsys):
-    from dpokit.commands.main import main
+def test_experiment_engine_option_reaches_every_experiment_but_shapes(monkeypatch, tmp_path, capsys):
+    from types import SimpleNamespace
 
-    assert main(["experiment", "online", "--mode", "quick", "--engine", "vllm", "--engine-url", "http://127.0.0.1:9"]) == 2
-    assert "--engine vllm applies to the sentiment experiment; the online experiment samples with dpokit's engine" in (
-        capsys.readouterr().err
-    )
+    from dpokit.commands.main import main
+    from dpokit.experiments import online, ood, overoptimisation
+    from dpokit.generation import EngineOptions
+
+    seen: dict[str, object] = {}
+
+    def fake(name: str):
+        def run(*args, engine=None, **kwargs):
+            seen[name] = engine
+            return SimpleNamespace(summary=dict, curves={})
+
+        return run
+
+    for module, runner in ((online, "run_online_experiment"), (overoptimisation, "run_overoptimisation_experiment")):
+        monkeypatch.setattr(module, runner, fake(module.__name__.rsplit(".", 1)[1]))
+    monkeypatch.setattr(ood, "run_ood_experiment", fake("ood"))
+    monkeypatch.setattr(online, "run_online_seeds", fake("online --seeds"))
+    for module in (online, overoptimisation, ood):
+        monkeypatch.setattr(module, "summary_markdown", lambda anything: "")
+    monkeypatch.setattr(online, "seeds_markdown", lambda anything: "")
+    engine = ["--engine", "vllm", "--engine-url", "http://127.0.0.1:9"]
+    for name in ("online", "overoptimisation", "ood"):
+        assert main(["experiment", name, "--mode", "quick", "--out", str(tmp_path / name), *engine]) == 0
+    assert main(["experiment", "online", "--mode", "quick", "--out", str(tmp_path / "seeds"), "--seeds", "0,1", *engine]) == 0
+    vllm = EngineOptions("vllm", "http://127.0.0.1:9")
+    assert seen == {"online": vllm, "overoptimisation": vllm, "ood": vllm, "online --seeds": vllm}
+    capsys.readouterr()
+    assert main(["experiment", "shapes", "--mode", "quick", *engine]) == 2
+    assert "--engine vllm does not apply to the shapes experiment: its prompts have images" in capsys.readouterr().err
     assert main(["experiment", "sentiment", "--mode", "quick", "--engine", "vllm"]) == 2
     assert "--engine vllm needs --engine-url" in capsys.readouterr().err

@@ -19,9 +19,11 @@ Outputs in ``out``: ``winrate.png`` (win rate vs temperature, one line per model
 shapes them -- the model (:func:`model_fingerprint`: with the dpokit engine the content of its weight,
 config and tokenizer files, not its path, so a model replaced at the same path is sampled again; with
 vLLM the engine, the served model's name, where the server loaded it and its base from, and those
-files' content when they are visible here), the prompts and the sampling settings -- and judgments
-in ``out/judgments.jsonl`` (:class:`dpokit.judges.JudgmentCache`), so a rerun -- or a run resumed after
-an interruption -- generates and judges only what is missing; a stored file found unusable is redone.
+files' content when they are visible here; with a server that each model is loaded into in turn, as the
+experiments on vLLM do, the engine and the content of the weights it was given), the prompts and the
+sampling settings -- and judgments in ``out/judgments.jsonl`` (:class:`dpokit.judges.JudgmentCache`), so a
+rerun -- or a run resumed after an interruption -- generates and judges only what is missing; a stored file
+found unusable is redone.
 
 Prompts with images (a vision-language model; rows with ``images`` as ``dpokit generate`` reads them) are
 sampled with their images by the dpokit engine and judged with them: the judge must read images (a
@@ -39,6 +41,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -57,6 +60,8 @@ from dpokit.models import LoadOptions
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from dpokit.analysis.frontier import CheckpointServer
 
 Log = Callable[[str], None]
 BASELINE_SEED_OFFSET = 1_000_003  # the baseline model samples with seed + this
@@ -230,10 +235,14 @@ def _read_memo(path: Path) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def model_fingerprint(path: str, job: WinrateJob, memo: dict[str, Any]) -> tuple[str, ModelSampler | None]:
+def model_fingerprint(
+    path: str, job: WinrateJob, memo: dict[str, Any], server: CheckpointServer | None = None
+) -> tuple[str, ModelSampler | None]:
     """What a model's samples are keyed by, and the model opened for sampling when that took opening it.
 
-    dpokit engine: :func:`weights_fingerprint` of ``path`` (nothing is loaded). vLLM: the server is asked
+    dpokit engine: :func:`weights_fingerprint` of ``path`` (nothing is loaded). A ``server`` that each model
+    is loaded into in turn (the experiments on vLLM): the engine and :func:`weights_fingerprint` of ``path``,
+    the weights it is given (nothing is loaded). vLLM otherwise: the server is asked
     which served model ``path`` names (an error when it serves none such), and the key is the engine, that
     model's served name, where the server loaded it and its base from, and the content of those directories
     when they are visible here -- so vLLM samples are never mistaken for the dpokit engine's samples of the
@@ -241,6 +250,8 @@ def model_fingerprint(path: str, job: WinrateJob, memo: dict[str, Any]) -> tuple
     same name from other files is not told apart: delete ``out/samples`` to sample it again."""
     from dpokit.generation import open_sampler
 
+    if server is not None:
+        return hashlib.sha256(json.dumps(["vllm", "loaded", weights_fingerprint(path, memo)]).encode()).hexdigest(), None
     if job.engine.engine == "dpokit":
         return weights_fingerprint(path, memo), None
     opened = open_sampler(path, job.engine, job.load, batch_size=job.batch_size)
@@ -302,18 +313,20 @@ def sample_model(
     seed: int,
     advance: Callable[[], object],
     images: Images | None = None,
+    server: CheckpointServer | None = None,
 ) -> dict[float, list[list[str]]]:
     """``{temperature: [[completion per sample] per prompt]}`` for one model; stored under
     ``out/samples/NAME/`` keyed by the model's weights and the sampling settings, and read back instead
     of sampled again when they match (a stored file that is unusable is sampled again). The job's engine
-    samples; with the dpokit engine the model is loaded only when something is missing. ``images``: per
-    prompt, its images (a vision-language model reads them with its processor)."""
+    samples; with the dpokit engine the model is loaded only when something is missing. ``server``: a vLLM
+    server the model is loaded into (:func:`served_sampler`) when something is missing, which samples it
+    instead. ``images``: per prompt, its images (a vision-language model reads them with its processor)."""
     from dpokit.generation import SamplingConfig, generate_samples, open_sampler
 
     directory = Path(job.out) / "samples" / name
     memo_path = Path(job.out) / FINGERPRINTS_FILE
     memo = _read_memo(memo_path)
-    fingerprint, opened = model_fingerprint(path, job, memo)
+    fingerprint, opened = model_fingerprint(path, job, memo, server)
     memo_path.parent.mkdir(parents=True, exist_ok=True)
     memo_path.with_suffix(".tmp").write_text(json.dumps(memo, indent=1), encoding="utf-8")
     memo_path.with_suffix(".tmp").replace(memo_path)
@@ -326,7 +339,9 @@ def sample_model(
             result[temperature] = reused
             advance()
             continue
-        if opened is None:
+        if opened is None and server is not None:
+            opened = served_sampler(server, name, path)
+        elif opened is None:
             opened = open_sampler(path, job.engine, job.load, batch_size=job.batch_size)
         sampling = SamplingConfig(
             max_new_tokens=job.max_new_tokens, temperature=temperature, num_samples=job.samples_per_prompt, seed=seed
@@ -354,19 +369,37 @@ def sample_model(
     return result
 
 
+def served_sampler(server: CheckpointServer, name: str, path: str) -> ModelSampler:
+    """The model saved at ``path`` loaded into ``server`` (as ``name``, made a valid adapter name; the
+    reference's own weights given back when ``path`` is the reference), sampled with the reference's tokenizer."""
+    if Path(path).expanduser().resolve() == server.reference.resolve():
+        server.restore()
+        return ModelSampler(server.engine, server.tokenizer)
+    return ModelSampler(server.serve(path, re.sub(r"[^A-Za-z0-9._-]+", "-", f"winrate-{name}")), server.tokenizer)
+
+
 def store_samples(
-    name: str, path: str, prompts: Sequence[Any], job: WinrateJob, completions: Mapping[float, list[list[str]]], *, seed: int
+    name: str,
+    path: str,
+    prompts: Sequence[Any],
+    job: WinrateJob,
+    completions: Mapping[float, list[list[str]]],
+    *,
+    seed: int,
+    server: CheckpointServer | None = None,
 ) -> None:
     """Store ``{temperature: [[completion per sample] per prompt]}`` where :func:`sample_model` reads them
     back for the model ``name`` at ``path`` sampled with ``seed``, so a model that cannot be loaded (such
     as best-of-n picked from another model's samples, under a path of its own) takes part in a win-rate
     run. Each temperature needs ``job.samples_per_prompt`` completions for each prompt (keyed as the dpokit
-    engine's samples: such a model has no served name)."""
-    fingerprint = weights_fingerprint(path, _read_memo(Path(job.out) / FINGERPRINTS_FILE))
+    engine's samples, such a model having no served name; with ``server``, as that server's samples)."""
+    memo = _read_memo(Path(job.out) / FINGERPRINTS_FILE)
+    fingerprint = model_fingerprint(path, job, memo, server)[0] if server else weights_fingerprint(path, memo)
     for temperature, grouped in completions.items():
         key = _sample_key(fingerprint, prompts, temperature, seed, job)
         stored = Path(job.out) / "samples" / name / f"t{temperature:g}-{key}.json"
-        _write_samples(stored, {"model": path, "weights": fingerprint, "temperature": temperature, "completions": grouped})
+        record = {"model": path, "engine": server.engine.name if server else "dpokit", "weights": fingerprint}
+        _write_samples(stored, {**record, "temperature": temperature, "completions": grouped})
 
 
 def _write_samples(stored: Path, record: dict[str, Any]) -> None:
@@ -452,9 +485,12 @@ def _template_summary(rows: list[dict[str, Any]], outcomes: dict[tuple[str, floa
     }
 
 
-def run_winrate(job: WinrateJob, log: Log | None = None) -> dict[str, Any]:
+def run_winrate(job: WinrateJob, log: Log | None = None, *, server: CheckpointServer | None = None) -> dict[str, Any]:
     """Generate, judge, and write ``winrate.png``, ``results.json`` and ``results.md`` into ``job.out``.
 
+    ``server``: a vLLM server serving the baseline, into which every model (the baseline's weights included)
+    is loaded in turn to be sampled (:func:`served_sampler`; the experiments on vLLM), its samples keyed
+    apart from the dpokit engine's; the caller gives the server its weights back afterwards.
     Progress goes to standard error as ``dpokit train``'s does: a bar redrawn in place on a terminal, one
     plain line per step (no carriage returns) in a log or a pipe."""
     from dpokit.training.tracking import progress_bar
@@ -483,6 +519,7 @@ def run_winrate(job: WinrateJob, log: Log | None = None) -> dict[str, Any]:
                 seed=job.seed + (BASELINE_SEED_OFFSET if name == "baseline" else 0),
                 advance=advance,
                 images=images,
+                server=server,
             )
             for name, path in sampled
         }

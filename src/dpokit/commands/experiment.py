@@ -104,10 +104,10 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_engine_arguments(
         parser,
-        vllm="sentiment only: the evaluation samples of every checkpoint and Best-of-N's pool; the server must serve "
-        "the experiment's SFT model (the cached directory the experiment logs) with VLLM_SERVER_DEV_MODE=1, as each "
-        "checkpoint is loaded into it in turn; the KL's log-probs are computed here, and the win rates are still "
-        "sampled by dpokit's engine",
+        vllm="sentiment, online, overoptimisation and ood (not shapes): every evaluation sample (each checkpoint's, "
+        "Best-of-N's pool, the win rates') and the online arms' rounds; the server must serve the experiment's SFT "
+        "model (the cached directory the experiment logs) with VLLM_SERVER_DEV_MODE=1, as each model is loaded into it "
+        "in turn; the KL's log-probs are computed here, and the labelled pairs stay dpokit's seeded SFT samples",
     )
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep run checkpoints after evaluating them")
     parser.add_argument(
@@ -125,11 +125,12 @@ def run_experiment(args: argparse.Namespace) -> int:
     from dpokit.experiments.sentiment import MODES
     from dpokit.experiments.sentiment import run_experiment as run_sentiment_experiment
 
-    if args.engine != "dpokit" and args.name != "sentiment":
+    if args.engine != "dpokit" and args.name == "shapes":
         from dpokit.errors import ConfigError
 
         raise ConfigError(
-            f"--engine {args.engine} applies to the sentiment experiment; the {args.name} experiment samples with dpokit's engine"
+            f"--engine {args.engine} does not apply to the shapes experiment: its prompts have images, which only dpokit's "
+            "engine samples"
         )
     if args.name == "online":
         return run_online_experiment(args)
@@ -179,6 +180,7 @@ def run_online_experiment(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         threads=args.threads,
         log=lambda line: print(line, file=sys.stderr, flush=True),
+        engine=engine_options(args),
     )
     print(summary_markdown(result.summary()))
     print(f"wrote {out_dir}/frontier.png, results.json, results.md")
@@ -199,6 +201,7 @@ def run_overoptimisation(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         threads=args.threads,
         log=lambda line: print(line, file=sys.stderr, flush=True),
+        engine=engine_options(args),
     )
     print(summary_markdown(result.curves))
     print(f"wrote {out_dir}/overoptimisation.png, overoptimisation-online.png, results.json, results.md")
@@ -219,6 +222,7 @@ def run_ood(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         threads=args.threads,
         log=lambda line: print(line, file=sys.stderr, flush=True),
+        engine=engine_options(args),
     )
     print(summary_markdown(result))
     print(f"wrote {out_dir}/ood.png, results.json, results.md")
@@ -259,6 +263,7 @@ def run_online_seeds(args: argparse.Namespace, settings: OnlineExperimentSetting
         keep_checkpoints=args.keep_checkpoints,
         threads=args.threads,
         log=lambda line: print(line, file=sys.stderr, flush=True),
+        engine=engine_options(args),
     )
     print(online.seeds_markdown(aggregate))
     print(f"wrote {out_dir}/seed-*/ and {out_dir}/seeds.md, seeds.json")

@@ -33,6 +33,11 @@ sample by sample -- same prompts, same sampling seed -- as a win rate under the 
 (ties half, Wilson interval, :mod:`dpokit.judges.stats`) and as a paired mean reward difference.
 The intervals cover the evaluation's sampling, not the training seed.
 
+With ``--engine vllm`` (a running vLLM server serving the SFT model) the online arms' rounds sample on the
+server (``online.sampling.engine=vllm``: the policy's weights are loaded into it before each round) and every
+checkpoint's evaluation samples are drawn there as in the sentiment experiment; the labelled pairs stay
+SFT samples from dpokit's seeded generator; the stored arms are keyed by the engine.
+
 Outputs in ``out_dir``: ``frontier.png``, ``results.json`` (every point, the arms, the comparison,
 timings) and ``results.md``; each arm's run directory under ``runs/`` (the online arms' rounds --
 prompts, completions, judgments, pairs -- under ``runs/<arm>/rounds/``).
@@ -64,11 +69,13 @@ from dpokit.experiments.sentiment import (
     DEFAULT_THREADS,
     Experiment,
     ExperimentSettings,
+    SftModel,
     resolve_mode,
     torch_threads,
     trainer_config,
 )
 from dpokit.experiments.sentiment import MODES as SENTIMENT_MODES
+from dpokit.generation import EngineOptions
 from dpokit.judges.stats import Z95, length_controlled, t_interval, wilson_interval
 
 if TYPE_CHECKING:
@@ -333,7 +340,8 @@ class OnlineExperimentResult:
 
 class OnlineExperiment:
     """The four arms in ``out_dir``; the shared pieces come from the sentiment experiment. Progress goes
-    to ``log``, one line at a time."""
+    to ``log``, one line at a time. ``engine`` and ``sft``: as :class:`~dpokit.experiments.sentiment.Experiment`
+    takes them (on a vLLM server the online rounds sample there too)."""
 
     def __init__(
         self,
@@ -343,6 +351,8 @@ class OnlineExperiment:
         *,
         keep_checkpoints: bool = False,
         log: Log | None = None,
+        engine: EngineOptions | None = None,
+        sft: SftModel | None = None,
     ) -> None:
         settings.validate()
         self.settings = settings
@@ -350,6 +360,9 @@ class OnlineExperiment:
         self.cache_dir = Path(cache_dir)
         self.keep_checkpoints = keep_checkpoints
         self.log: Log = log or (lambda line: None)
+        self.engine = engine or EngineOptions()
+        self.engine.validate()
+        self.sft = sft
         self.store = ResultStore(self.out_dir / "points", self.key(), self.log)
         self.timings: dict[str, float] = {}
         self.finals: dict[str, tuple[FrontierPoint, list[Sample]]] = {}  # arm -> its last point and all its samples
@@ -361,9 +374,14 @@ class OnlineExperiment:
         return max(1, self.settings.total_steps // self.settings.checkpoints_per_run)
 
     def key(self) -> str:
-        """Hash of every setting (and of the stored points' layout): what the stored arms are valid for."""
+        """Hash of every setting (and of the stored points' layout): what the stored arms are valid for; the
+        sampling engine other than dpokit's and an SFT model given instead of the cached one are part of it."""
         settings = {**asdict(self.settings), "store_layout": STORE_LAYOUT}
         settings = {k: v for k, v in settings.items() if k not in LENGTH_CONTROL_DEFAULTS or v != LENGTH_CONTROL_DEFAULTS[k]}
+        if self.engine.engine != "dpokit":
+            settings["engine"] = self.engine.engine
+        if self.sft is not None:
+            settings["sft_dir"] = str(Path(self.sft[2]).resolve())
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
     def label(self, arm: str) -> str:
@@ -376,7 +394,7 @@ class OnlineExperiment:
         """SFT model, prompts and labelled pairs (the sentiment experiment's), the labelled fraction,
         the prompt file of the online rounds, and held-out labelled pairs for their reward accuracy."""
         s = self.settings
-        self.base = Experiment(s.sentiment(), self.out_dir, self.cache_dir, log=self.log)
+        self.base = Experiment(s.sentiment(), self.out_dir, self.cache_dir, log=self.log, engine=self.engine, sft=self.sft)
         self.base.prepare()
         self.sft_dir = self.base.sft_dir
         rows = [json.loads(line) for line in self.base.train_path.read_text().splitlines() if line.strip()]
@@ -506,6 +524,9 @@ class OnlineExperiment:
         online.sampling.max_new_tokens = s.max_new_tokens
         online.sampling.temperature = s.temperature
         online.sampling.batch_size = 256
+        if self.engine.engine == "vllm":  # the rounds sample on the server, given the policy before each round
+            online.sampling.engine, online.sampling.url = "vllm", self.engine.url
+            online.sampling.api_key_env = self.engine.api_key_env
         return cfg
 
     def run_online(self, arm: str, model_dir: Path, judge: str, steps: int, offset: int = 0) -> list[FrontierPoint]:
@@ -529,6 +550,8 @@ class OnlineExperiment:
             if judge == "self":
                 cfg.online.self_reward, cfg.online.length_penalty = s.self_reward, s.length_penalty  # type: ignore[assignment]
         result = run_online(cfg)
+        if self.base.server is not None:
+            self.base.server.changed = True  # the rounds left the policy's weights in the server
         self.online_stats[arm] = result.rounds
         return self._evaluate_run(arm, run_dir, start, offset=offset)
 
@@ -552,21 +575,13 @@ class OnlineExperiment:
 
     def run(self) -> OnlineExperimentResult:
         """Prepare, run the arms; write ``frontier.png``, ``results.json`` and ``results.md`` into ``out_dir``."""
-        s = self.settings
         start = time.time()
         self.prepare()
-        points = [self.reference_point()]
-        points += self.run_offline("offline", self.base.train_path, self.all_pairs)
-        points += self.run_offline("ten-percent", self.few_path, self.few_pairs, keep=(s.start_steps,))
-        points += self.run_online("online-gt", self.sft_dir, VADER_JUDGE, s.total_steps)
-        start_dir = self.out_dir / "runs" / "ten-percent" / f"checkpoint-{s.start_steps}" / "model"
-        if not (start_dir / "config.json").exists():
-            raise ConfigError(
-                f"the 10% policy's step-{s.start_steps} checkpoint is missing ({start_dir}); "
-                f"delete {self.out_dir / 'points'} and rerun"
-            )
-        start_point = next(p for p in points if p.run == "ten-percent" and p.step == s.start_steps)
-        points += self.run_self_labelling(start_dir, start_point)
+        try:
+            points = self.run_arms()
+        finally:
+            if self.base.server is not None:
+                self.base.server.restore()
         self.timings["total"] = time.time() - start
         result = self.result(points)
         summary = result.summary()
@@ -580,6 +595,22 @@ class OnlineExperiment:
             handle.write("\n" + summary_markdown(summary))
         self.log(f"done in {self.timings['total'] / 60:.1f} min: {self.out_dir / 'frontier.png'}")
         return result
+
+    def run_arms(self) -> list[FrontierPoint]:
+        """The reference and every arm's points, in the order the arms depend on each other."""
+        s = self.settings
+        points = [self.reference_point()]
+        points += self.run_offline("offline", self.base.train_path, self.all_pairs)
+        points += self.run_offline("ten-percent", self.few_path, self.few_pairs, keep=(s.start_steps,))
+        points += self.run_online("online-gt", self.sft_dir, VADER_JUDGE, s.total_steps)
+        start_dir = self.out_dir / "runs" / "ten-percent" / f"checkpoint-{s.start_steps}" / "model"
+        if not (start_dir / "config.json").exists():
+            raise ConfigError(
+                f"the 10% policy's step-{s.start_steps} checkpoint is missing ({start_dir}); "
+                f"delete {self.out_dir / 'points'} and rerun"
+            )
+        start_point = next(p for p in points if p.run == "ten-percent" and p.step == s.start_steps)
+        return points + self.run_self_labelling(start_dir, start_point)
 
     def result(self, points: list[FrontierPoint]) -> OnlineExperimentResult:
         """The final policies' rewards and KLs with 95% intervals, and (c) against (d) and the start."""
@@ -676,11 +707,13 @@ def run_online_experiment(
     threads: int = DEFAULT_THREADS,
     keep_checkpoints: bool = False,
     log: Log | None = None,
+    engine: EngineOptions | None = None,
 ) -> OnlineExperimentResult:
     """Run the experiment with a named mode (``full``, ``quick``, ``smoke``) or explicit settings, on
-    ``threads`` torch threads (see :class:`OnlineExperiment` for the rest)."""
+    ``threads`` torch threads, sampling with ``engine`` (see :class:`OnlineExperiment` for the rest)."""
     with torch_threads(threads):
-        experiment = OnlineExperiment(resolve_mode(mode, MODES), out_dir, cache_dir, keep_checkpoints=keep_checkpoints, log=log)
+        settings = resolve_mode(mode, MODES)
+        experiment = OnlineExperiment(settings, out_dir, cache_dir, keep_checkpoints=keep_checkpoints, log=log, engine=engine)
         return experiment.run()
 
 
@@ -769,6 +802,7 @@ def run_online_seeds(
     threads: int = DEFAULT_THREADS,
     keep_checkpoints: bool = False,
     log: Log | None = None,
+    engine: EngineOptions | None = None,
 ) -> dict[str, Any]:
     """The experiment once per training seed, each in ``out_dir/seed-<seed>`` (a finished seed's stored
     arms are reused), then :func:`across_seeds` written to ``out_dir/seeds.json`` and ``seeds.md``."""
@@ -782,6 +816,7 @@ def run_online_seeds(
             threads=threads,
             keep_checkpoints=keep_checkpoints,
             log=log,
+            engine=engine,
         )
         summaries.append(result.summary())
     aggregate = across_seeds(summaries)

@@ -23,6 +23,10 @@ truth (VADER on prompt + completion).
    :func:`dpokit.analysis.winrate.run_winrate` (Wilson intervals), with the length-controlled win rate
    (the win rate at equal length) and the fitted length effect beside each.
 
+With ``--engine vllm`` (a running vLLM server serving the SFT model) every sample of the evaluation is drawn
+on the server -- both distributions' frontier samples and the win rates' samples, each model loaded into it
+in turn -- as in the sentiment experiment; the stored shifted-domain points are keyed by the engine.
+
 Outputs in ``out_dir``: ``ood.png`` (the two frontiers and the win rates, dated, with the machine),
 ``results.json`` and ``results.md``; the win-rate runs under ``winrate/<distribution>/<comparison>/``.
 Each run's shifted-domain points are stored under ``<out>/ood-points/`` keyed by the settings, so an
@@ -55,11 +59,13 @@ from dpokit.experiments.sentiment import (
     METHOD_LABELS,
     Experiment,
     ExperimentSettings,
+    SftModel,
     resolve_mode,
     torch_threads,
 )
 from dpokit.experiments.sentiment import MODES as SENTIMENT_MODES
 from dpokit.experiments.winrates import VADER_JUDGE
+from dpokit.generation import EngineOptions
 
 Log = Callable[[str], None]
 SHIFTED_PROMPT_SEED = 3003  # the news reports the shifted prompts are cut from (+ the settings' seed)
@@ -175,7 +181,8 @@ class OodResult:
 
 class OodExperiment:
     """The policies and their evaluation on both distributions in ``out_dir``, on the sentiment experiment's
-    pieces. Progress goes to ``log``, one line at a time."""
+    pieces. Progress goes to ``log``, one line at a time. ``engine`` and ``sft``: as
+    :class:`~dpokit.experiments.sentiment.Experiment` takes them (on a vLLM server the win rates sample there too)."""
 
     def __init__(
         self,
@@ -185,13 +192,21 @@ class OodExperiment:
         *,
         keep_checkpoints: bool = False,
         log: Log | None = None,
+        engine: EngineOptions | None = None,
+        sft: SftModel | None = None,
     ) -> None:
         self.settings = settings
         self.out_dir = Path(out_dir)
         self.cache_dir = Path(cache_dir)
         self.keep_checkpoints = keep_checkpoints
         self.log: Log = log or (lambda line: None)
-        self.store = ResultStore(self.out_dir / "ood-points", settings.key(), self.log)
+        self.engine = engine or EngineOptions()
+        self.engine.validate()
+        self.sft = sft
+        key = settings.key() if self.engine.engine == "dpokit" else f"{settings.key()}+{self.engine.engine}"
+        if sft is not None:  # points of another SFT model are not these
+            key += "+" + hashlib.sha256(str(Path(sft[2]).resolve()).encode()).hexdigest()[:8]
+        self.store = ResultStore(self.out_dir / "ood-points", key, self.log)
         self.timings: dict[str, float] = {}
         self.samples: dict[str, Any] = {}
 
@@ -199,7 +214,9 @@ class OodExperiment:
         """The sentiment experiment's pieces (checkpoints kept until evaluated here) and the shifted prompts,
         sampled and scored as the in-distribution ones are."""
         s = self.settings.sentiment
-        self.base = Experiment(s, self.out_dir, self.cache_dir, keep_checkpoints=True, log=self.log)
+        self.base = Experiment(
+            s, self.out_dir, self.cache_dir, keep_checkpoints=True, log=self.log, engine=self.engine, sft=self.sft
+        )
         self.base.prepare()
         prompts = make_prompts(
             self.base.tokenizer,
@@ -292,8 +309,9 @@ class OodExperiment:
                     ci="wilson",
                     progress=False,
                     title=f"Win rate vs {baseline}, {distribution} prompts (judge: VADER)",
+                    engine=self.engine,
                 )
-                for row in run_winrate(job, log=self.log)["results"]:
+                for row in run_winrate(job, log=self.log, server=self.base.server)["results"]:
                     rows.append({"distribution": distribution, "baseline": baseline, **row})
         self.timings["winrate"] = time.time() - start
         return rows
@@ -303,9 +321,13 @@ class OodExperiment:
         runs = self.settings.runs()
         start = time.time()
         self.prepare()
-        reference = self.reference()
-        policies = [self.policy(run, method, beta) for run, method, beta in runs]
-        winrates = self.winrates(policies)
+        try:
+            reference = self.reference()
+            policies = [self.policy(run, method, beta) for run, method, beta in runs]
+            winrates = self.winrates(policies)
+        finally:
+            if self.base.server is not None:
+                self.base.server.restore()
         self.timings["total"] = time.time() - start
         result = OodResult(
             reference=reference,
@@ -503,9 +525,11 @@ def run_ood_experiment(
     threads: int = DEFAULT_THREADS,
     keep_checkpoints: bool = False,
     log: Log | None = None,
+    engine: EngineOptions | None = None,
 ) -> OodResult:
     """Run the experiment with a named mode (``full``, ``quick``, ``smoke``) or explicit settings, on
-    ``threads`` torch threads (see :class:`OodExperiment`)."""
+    ``threads`` torch threads, sampling with ``engine`` (see :class:`OodExperiment`)."""
     with torch_threads(threads):
-        experiment = OodExperiment(resolve_mode(mode, MODES), out_dir, cache_dir, keep_checkpoints=keep_checkpoints, log=log)
+        settings = resolve_mode(mode, MODES)
+        experiment = OodExperiment(settings, out_dir, cache_dir, keep_checkpoints=keep_checkpoints, log=log, engine=engine)
         return experiment.run()

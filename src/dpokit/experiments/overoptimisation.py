@@ -24,6 +24,11 @@ takes, and keeps its round records (the VADER score and KL of each round's train
 EOS rate). For every run the summary names the checkpoint where the ground-truth reward peaks and the
 change from that peak to the end of training, with a 95% interval.
 
+With ``--engine vllm`` (a running vLLM server serving the SFT model) every checkpoint's samples are drawn
+on the server as in the sentiment experiment and the online arm's rounds sample there; the held-out
+labelled pairs stay SFT samples from dpokit's seeded generator and the implicit rewards are computed here
+(teacher-forced, no sampling); the stored curves are keyed by the engine.
+
 Outputs in ``out_dir``: ``overoptimisation.png`` (the DPO beta sweep), ``overoptimisation-online.png``
 (the online arm), ``results.json`` (every checkpoint's measurements, the summaries, settings, timings)
 and ``results.md`` (the tables). Each run's measurements are stored under ``<out>/curves/`` keyed by the
@@ -54,10 +59,12 @@ from dpokit.experiments.sentiment import (
     DEFAULT_THREADS,
     Experiment,
     ExperimentSettings,
+    SftModel,
     resolve_mode,
     torch_threads,
 )
 from dpokit.experiments.sentiment import MODES as SENTIMENT_MODES
+from dpokit.generation import EngineOptions
 from dpokit.judges.stats import Z95, wilson_interval
 
 Log = Callable[[str], None]
@@ -225,7 +232,9 @@ class OveroptimisationResult:
 
 class OveroptimisationExperiment:
     """The DPO sweep and the online ground-truth arm in ``out_dir``, on the sentiment experiment's pieces
-    (SFT model, prompts, pairs, frontier evaluation). Progress goes to ``log``, one line at a time."""
+    (SFT model, prompts, pairs, frontier evaluation). Progress goes to ``log``, one line at a time.
+    ``engine`` and ``sft``: as :class:`~dpokit.experiments.sentiment.Experiment` takes them (on a vLLM server
+    the online arm's rounds sample there too)."""
 
     def __init__(
         self,
@@ -235,6 +244,8 @@ class OveroptimisationExperiment:
         *,
         keep_checkpoints: bool = False,
         log: Log | None = None,
+        engine: EngineOptions | None = None,
+        sft: SftModel | None = None,
     ) -> None:
         if settings.online is not None:
             settings.online.validate()
@@ -243,15 +254,30 @@ class OveroptimisationExperiment:
         self.cache_dir = Path(cache_dir)
         self.keep_checkpoints = keep_checkpoints
         self.log: Log = log or (lambda line: None)
-        self.store = ResultStore(self.out_dir / "curves", settings.key(), self.log)
+        self.engine = engine or EngineOptions()
+        self.engine.validate()
+        self.sft = sft
+        self.store = ResultStore(self.out_dir / "curves", self.key(), self.log)
         self.timings: dict[str, float] = {}
+
+    def key(self) -> str:
+        """The settings' key, and the sampling engine other than dpokit's and an SFT model given instead of the
+        cached one: what the stored curves are valid for."""
+        key = self.settings.key()
+        if self.engine.engine != "dpokit":
+            key += f"+{self.engine.engine}"
+        if self.sft is not None:
+            key += "+" + hashlib.sha256(str(Path(self.sft[2]).resolve()).encode()).hexdigest()[:8]
+        return key
 
     def prepare(self) -> None:
         """The sentiment experiment's pieces (its checkpoints kept until measured here), and the held-out
         labelled pairs: two SFT samples for each of the first ``judge_check_prompts`` evaluation prompts,
         labelled by VADER, ties dropped."""
         s = self.settings.dpo
-        self.base = Experiment(s, self.out_dir, self.cache_dir, keep_checkpoints=True, log=self.log)
+        self.base = Experiment(
+            s, self.out_dir, self.cache_dir, keep_checkpoints=True, log=self.log, engine=self.engine, sft=self.sft
+        )
         self.base.prepare()
         rows, _ = make_preference_pairs(
             self.base.sft_model,
@@ -327,11 +353,19 @@ class OveroptimisationExperiment:
         stored = self.store.load(arm)
         if stored is None:
             start = time.time()
-            online = OnlineExperiment(s, self.out_dir / "online", self.cache_dir, keep_checkpoints=True, log=self.log)
+            if self.base.server is not None:
+                self.base.server.restore()  # the online experiment's own handle on the server starts from the SFT model
+            online = OnlineExperiment(
+                s, self.out_dir / "online", self.cache_dir, keep_checkpoints=True, log=self.log, engine=self.engine, sft=self.sft
+            )
             online.prepare()
-            sft_row = checkpoint_row(online.reference_point(), s.beta, None)  # the online experiment's evaluation prompts
-            online.store.path(arm).unlink(missing_ok=True)  # its checkpoints are needed again
-            points = online.run_online(arm, online.sft_dir, VADER_JUDGE, s.total_steps)
+            try:
+                sft_row = checkpoint_row(online.reference_point(), s.beta, None)  # the online experiment's evaluation prompts
+                online.store.path(arm).unlink(missing_ok=True)  # its checkpoints are needed again
+                points = online.run_online(arm, online.sft_dir, VADER_JUDGE, s.total_steps)
+            finally:
+                if online.base.server is not None:
+                    online.base.server.restore()
             rows = self.measure(arm, self.out_dir / "online" / "runs" / arm, points, s.beta)
             rounds = online.online_stats.get(arm, [])
             stored = StoredRun(points, time.time() - start, rounds=rounds, measures=[sft_row, *rows])
@@ -345,10 +379,14 @@ class OveroptimisationExperiment:
         """Prepare, run the sweep and the online arm; write the figures, ``results.json`` and ``results.md``."""
         start = time.time()
         self.prepare()
-        point, _ = self.base.frontier.estimate(self.base.sft_model, method="SFT (reference)", run="sft", step=0)
-        self.sft_row = checkpoint_row(point, 0.0, None)  # step 0: KL and implicit reward 0 by definition
-        curves = {f"dpo-beta{beta:g}": self.run_dpo(beta) for beta in self.settings.dpo.dpo_betas}
-        online = self.run_online_gt()
+        try:
+            point, _ = self.base.frontier.estimate(self.base.sft_model, method="SFT (reference)", run="sft", step=0)
+            self.sft_row = checkpoint_row(point, 0.0, None)  # step 0: KL and implicit reward 0 by definition
+            curves = {f"dpo-beta{beta:g}": self.run_dpo(beta) for beta in self.settings.dpo.dpo_betas}
+            online = self.run_online_gt()
+        finally:
+            if self.base.server is not None:
+                self.base.server.restore()
         if online is not None:
             curves["online-gt"] = online
         self.timings["total"] = time.time() - start
@@ -557,11 +595,12 @@ def run_overoptimisation_experiment(
     threads: int = DEFAULT_THREADS,
     keep_checkpoints: bool = False,
     log: Log | None = None,
+    engine: EngineOptions | None = None,
 ) -> OveroptimisationResult:
     """Run the experiment with a named mode (``full``, ``quick``, ``smoke``) or explicit settings, on
-    ``threads`` torch threads (see :class:`OveroptimisationExperiment`)."""
+    ``threads`` torch threads, sampling with ``engine`` (see :class:`OveroptimisationExperiment`)."""
     with torch_threads(threads):
         experiment = OveroptimisationExperiment(
-            resolve_mode(mode, MODES), out_dir, cache_dir, keep_checkpoints=keep_checkpoints, log=log
+            resolve_mode(mode, MODES), out_dir, cache_dir, keep_checkpoints=keep_checkpoints, log=log, engine=engine
         )
         return experiment.run()

@@ -18,6 +18,12 @@ Pipeline (``dpokit experiment sentiment --mode full|quick``):
 Each finished run's points are stored under ``<out>/points/`` keyed by the settings
 (:class:`dpokit.experiments.results.ResultStore`), so an interrupted experiment picks up where it
 stopped. The experiment returns a :class:`SentimentResult`; the commands print it.
+
+With ``--engine vllm`` a running vLLM server that serves the SFT model draws every sample the evaluation
+takes -- each checkpoint's frontier samples, Best-of-N's pool, the win rates' samples -- each model loaded
+into it in turn (:class:`dpokit.analysis.frontier.CheckpointServer`), the SFT model's weights given back at
+the end; the KL's log-probs are computed here. The labelled pairs stay SFT samples from dpokit's seeded
+generator, so both engines train on the same data. Points are stored under another key per engine.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ if TYPE_CHECKING:
     from dpokit.experiments.winrates import WinrateStage
 
 Log = Callable[[str], None]
+SftModel = tuple[torch.nn.Module, Any, Path]  # an SFT model, its tokenizer and the directory it is saved in
 
 ALL_METHODS = ("dpo", "preferred-ft", "unlikelihood", "orpo", "simpo", "kto", "best-of-n", "rl")
 METHOD_LABELS = {
@@ -280,7 +287,9 @@ class SentimentResult:
 
 class Experiment:
     """One experiment in ``out_dir``: the shared pieces (SFT model, prompts, data) and the method runs.
-    Progress goes to ``log``, one line at a time."""
+    Progress goes to ``log``, one line at a time. ``engine``: who draws the evaluation samples, Best-of-N's
+    pool and the win rates' samples (a vLLM server serving the SFT model, each model loaded into it in turn);
+    ``sft``: an SFT model to start from instead of the cached pretrained one (its settings' ``lm`` then unused)."""
 
     def __init__(
         self,
@@ -291,6 +300,7 @@ class Experiment:
         keep_checkpoints: bool = False,
         log: Log | None = None,
         engine: EngineOptions | None = None,
+        sft: SftModel | None = None,
     ) -> None:
         unknown = set(settings.methods) - set(ALL_METHODS)
         if unknown:
@@ -304,19 +314,23 @@ class Experiment:
         self.engine.validate()
         # vLLM's samples are not the dpokit engine's: points stored under one engine are not reused under the other.
         key = settings.key() if self.engine.engine == "dpokit" else f"{settings.key()}+{self.engine.engine}"
+        if sft is not None:  # nor are points of another SFT model
+            key += "+" + hashlib.sha256(str(Path(sft[2]).resolve()).encode()).hexdigest()[:8]
         self.store = ResultStore(self.out_dir / "points", key, self.log)
         self.server: CheckpointServer | None = None
         self.timings: dict[str, float] = {}
         self.samples: dict[str, list[Sample]] = {}
         self.reward_fn = vader_reward
+        self.sft = sft
 
     # -- shared pieces ---------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """The SFT model (cached), the training and evaluation prompts, and the labelled pairs."""
+        """The SFT model (cached, or the one given), the training and evaluation prompts, and the labelled pairs."""
         s = self.settings
         start = time.time()
-        self.sft_model, self.tokenizer, self.sft_dir = load_or_pretrain(s.lm, self.cache_dir, log=self.log)
+        sft: SftModel = self.sft or load_or_pretrain(s.lm, self.cache_dir, log=self.log)
+        self.sft_model, self.tokenizer, self.sft_dir = sft
         self.timings["sft_model"] = time.time() - start
         start = time.time()
         self.train_prompts = make_prompts(self.tokenizer, s.num_train_prompts, TRAIN_PROMPT_SEED + s.seed)
@@ -325,7 +339,10 @@ class Experiment:
         (self.out_dir / "data" / "eval_prompts.txt").write_text("\n".join(self.eval_prompts) + "\n")
         if self.engine.engine == "vllm":
             self.server = CheckpointServer(str(self.sft_dir), self.engine)
-            self.log(f"evaluation samples and Best-of-N from the vLLM server at {self.server.engine.url} ({self.sft_dir})")
+            self.log(
+                f"evaluation samples, Best-of-N and win rates from the vLLM server at {self.server.engine.url} "
+                f"({self.sft_dir}); the labelled pairs are SFT samples from dpokit's seeded generator on either engine"
+            )
         self.frontier = FrontierEvaluation(
             self.sft_model,
             self.tokenizer,
@@ -538,8 +555,6 @@ class Experiment:
         models = self.winrate_models()
         if not s.winrate_temperatures or not models:
             return None
-        if self.server is not None:
-            self.log("win rates: sampled by dpokit's engine (the win-rate stage does not sample on a vLLM server yet)")
         start = time.time()
         setup = WinrateSetup(
             out=self.out_dir / "winrate",
@@ -555,6 +570,8 @@ class Experiment:
             max_new_tokens=s.max_new_tokens,
             require_eos=s.require_eos,
             seed=s.seed,
+            engine=self.engine,
+            server=self.server,
         )
         stage = run_winrate_stage(setup, models, log=self.log)
         self.timings["winrate"] = time.time() - start

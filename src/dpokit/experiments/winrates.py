@@ -6,6 +6,12 @@ each temperature, judged pairwise by the ground-truth reward, through
 handed over with :func:`dpokit.analysis.winrate.store_samples`. Then each DPO policy's implicit reward is
 checked as a judge (:func:`dpokit.analysis.winrate.run_judge_check`) on held-out pairs labelled by the
 ground truth. Outputs go to the stage's directory: ``winrate.png``, ``results.json``, ``results.md``.
+
+On a vLLM server (``WinrateSetup.server``, the experiment's ``--engine vllm``) every model, the SFT
+baseline and Best-of-N's pool included, is loaded into the server in turn and sampled there, its samples
+stored apart from the dpokit engine's; the server gets the SFT model's weights back at the end. The
+held-out pairs of the implicit-judge check are SFT samples drawn by dpokit's seeded generator on either
+engine (data, like the training pairs), and the implicit rewards are computed here.
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,7 +35,11 @@ from dpokit.analysis.winrate import (
     store_samples,
 )
 from dpokit.experiments.preferences import make_preference_pairs, write_jsonl
+from dpokit.generation import EngineOptions
 from dpokit.scoring import RewardFn
+
+if TYPE_CHECKING:
+    from dpokit.analysis.frontier import CheckpointServer
 
 VADER_JUDGE = "reward:dpokit.experiments.reward:vader_reward"
 
@@ -47,7 +57,8 @@ class WinrateStage:
 class WinrateSetup:
     """What the stage compares and how: the SFT model (the baseline, and Best-of-N's pool), the first
     ``num_prompts`` evaluation prompts at each of ``temperatures``, Best-of-``best_of_n`` (None: left out),
-    and ``judge_check_prompts`` held-out prompts for the implicit-judge check."""
+    and ``judge_check_prompts`` held-out prompts for the implicit-judge check. ``server``: the vLLM server
+    serving the SFT model (``engine`` names it) that samples every model instead of dpokit's engine (module docstring)."""
 
     out: Path
     sft_dir: Path
@@ -62,6 +73,8 @@ class WinrateSetup:
     max_new_tokens: int
     require_eos: bool
     seed: int
+    engine: EngineOptions = field(default_factory=EngineOptions)  # who samples, as the job records it
+    server: CheckpointServer | None = None
 
 
 def run_winrate_stage(
@@ -85,10 +98,15 @@ def run_winrate_stage(
         ci="wilson",
         progress=False,
         title="Win rate vs the SFT model (judge: VADER, the ground-truth reward)",
+        engine=setup.engine,
     )
-    if setup.best_of_n is not None:
-        job.models.append(_best_of_n_samples(setup, setup.best_of_n, job, prompts))
-    results = run_winrate(job, log=log)
+    try:
+        if setup.best_of_n is not None:
+            job.models.append(_best_of_n_samples(setup, setup.best_of_n, job, prompts))
+        results = run_winrate(job, log=log, server=setup.server)
+    finally:
+        if setup.server is not None:
+            setup.server.restore()
     stage = WinrateStage(results=results["results"], implicit_judges=implicit_judge_check(setup, models))
     results["implicit_judges"] = stage.implicit_judges
     (setup.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
@@ -101,7 +119,8 @@ def _best_of_n_samples(setup: WinrateSetup, n: int, job: WinrateJob, prompts: li
     """Best-of-``n`` of the SFT model's samples at each temperature, stored where the win-rate run reads a
     model's samples; returns the model's ``(name, path)`` (a path of its own: nothing is loaded from it)."""
     pool_job = dataclasses.replace(job, samples_per_prompt=n * job.samples_per_prompt)
-    pools = sample_model("sft-pool", str(setup.sft_dir), prompts, pool_job, seed=job.seed + 17, advance=lambda: None)
+    seed = job.seed + 17
+    pools = sample_model("sft-pool", str(setup.sft_dir), prompts, pool_job, seed=seed, advance=lambda: None, server=setup.server)
     name, path = f"Best-of-{n}", f"{setup.sft_dir}#best-of-{n}"
     best: dict[float, list[list[str]]] = {}
     for temperature, grouped in pools.items():
@@ -112,7 +131,7 @@ def _best_of_n_samples(setup: WinrateSetup, n: int, job: WinrateJob, prompts: li
             scored = list(zip(rewards[index * len(group) : (index + 1) * len(group)], group, strict=True))
             chunks = [scored[j * n : (j + 1) * n] for j in range(job.samples_per_prompt)]
             best[temperature].append([max(chunk, key=lambda rc: rc[0])[1] for chunk in chunks])
-    store_samples(name, path, prompts, job, best, seed=job.seed)
+    store_samples(name, path, prompts, job, best, seed=job.seed, server=setup.server)
     return name, path
 
 
