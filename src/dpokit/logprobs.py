@@ -48,6 +48,7 @@ __all__ = [
     "SequenceLogps",
     "OutputHead",
     "attention_inputs",
+    "multimodal_inputs",
     "causal_mask_suffices",
     "custom_mask_problem",
     "compute_logps",
@@ -271,7 +272,7 @@ def attention_inputs(model: nn.Module, batch: Batch) -> dict[str, Any]:
     (so fully masked 128x128 tiles are skipped); elsewhere FlexAttention falls back to the additive
     dense mask. Implementations that ignore custom masks (flash-attention kernels) raise ConfigError.
     """
-    inputs: dict[str, Any] = dict(batch.model_inputs())
+    inputs: dict[str, Any] = {**batch.model_inputs(), **multimodal_inputs(model, batch)}
     mask = batch.attention_mask
     implementation = attention_implementation(model)
     if mask.dim() != 4:
@@ -428,6 +429,75 @@ def custom_mask_problem(model: nn.Module) -> str | None:
 
 
 TEXT_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids"})
+
+
+def _takes(module: nn.Module, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(module.forward).parameters
+
+
+def multimodal_inputs(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+    """What a batch with images also needs for models with 3-D (multimodal) rotary positions, the
+    Qwen2-VL family (``mm_token_type_ids`` in the body's ``forward``): the token types (1 on image
+    tokens, 2 on video tokens, 0 on text, as the processor writes them), from which the model computes
+    its positions when a layout gives none (``padded``); and, for a layout that writes position ids
+    (``shared_prompt``, ``packed``), the (3, N, T) positions themselves (:func:`rope_positions`).
+    Empty for other models and for batches without images."""
+    if not batch.image_inputs:
+        return {}
+    body = multimodal_body(model)
+    if not _takes(body, "mm_token_type_ids"):
+        return {}
+    config = model.config
+    types = torch.zeros_like(batch.input_ids)
+    for value, name in ((1, "image_token_id"), (2, "video_token_id")):
+        token = getattr(config, name, None)
+        if isinstance(token, int):
+            types = types.masked_fill(batch.input_ids == token, value)
+    extra = {"mm_token_type_ids": types}
+    if batch.position_ids is not None:
+        extra["position_ids"] = rope_positions(body, batch, types)
+    return extra
+
+
+def rope_positions(body: nn.Module, batch: Batch, token_types: Tensor) -> Tensor:
+    """(3, N, T) rotary positions (time, height, width) of a layout that writes each prompt once
+    (``extras["block_id"]``/``["segment_id"]``): each prompt's from the model's own ``get_rope_index``
+    (images get their grid positions, text the next position on all three axes), and each response's
+    continuing from its prompt's largest position + 1 on all three axes -- the positions the padded row
+    ``prompt + response`` gets. Padding gets 0."""
+    get_rope_index = getattr(body, "get_rope_index", None)
+    if get_rope_index is None or "block_id" not in batch.extras or batch.position_ids is None:
+        raise ConfigError(
+            f"the '{getattr(body.config, 'model_type', '?')}' model takes 3-D rotary positions that dpokit cannot compute "
+            "for a layout that shares the prompt; use data.layout=padded"
+        )
+    block, segment = batch.extras["block_id"], batch.extras["segment_id"]
+    # The prompts in the order the layout wrote them (row by row, left to right): the images' order.
+    spans: list[tuple[int, Tensor]] = []
+    for n in range(block.shape[0]):
+        prompt_columns = ((segment[n] == 0) & (block[n] >= 0)).nonzero().squeeze(1)
+        for b in dict.fromkeys(block[n, prompt_columns].tolist()):
+            spans.append((n, prompt_columns[block[n, prompt_columns] == b]))
+    width = max((len(columns) for _, columns in spans), default=0)
+    prompts = torch.zeros(len(spans), width, dtype=batch.input_ids.dtype, device=block.device)
+    types = torch.zeros_like(prompts)
+    mask = torch.zeros_like(prompts)
+    for j, (n, columns) in enumerate(spans):
+        prompts[j, : len(columns)] = batch.input_ids[n, columns]
+        types[j, : len(columns)] = token_types[n, columns]
+        mask[j, : len(columns)] = 1
+    grids = {k: v for k, v in batch.image_inputs.items() if k.endswith("grid_thw")}
+    prompt_positions, deltas = get_rope_index(input_ids=prompts, mm_token_type_ids=types, attention_mask=mask, **grids)
+    # Response tokens: 1-D position P + t becomes P + t + delta, delta = (prompt's largest position + 1) - P.
+    positions = batch.position_ids.to(prompt_positions.dtype)[None].repeat(3, 1, 1)
+    for j, (n, columns) in enumerate(spans):
+        responses = (block[n] == block[n, columns[0]]) & (segment[n] > 0)
+        positions[:, n, responses] += deltas[j].to(positions.dtype)
+        positions[:, n, columns] = prompt_positions[:, j, : len(columns)]
+    positions[:, block < 0] = 0
+    return positions
 
 
 def multimodal_body(model: nn.Module) -> nn.Module:

@@ -412,16 +412,63 @@ def is_vision_language(location: str | Path, *, trust_remote_code: bool = False)
 
 def load_processor(model_cfg: ModelConfig) -> Any:
     """The processor (tokenizer + image processor) of a vision-language policy; None for a causal LM."""
-    from transformers import AutoProcessor
-
     location = model_cfg.tokenizer_name_or_path or model_cfg.name_or_path
     if not is_vision_language(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code):
         return None
-    processor = _from_pretrained(
-        AutoProcessor, location, what="the processor of a vision-language model", trust_remote_code=model_cfg.trust_remote_code
-    )
+    processor = _auto_processor(location, model_cfg.trust_remote_code)
     _ensure_pad_token(processor.tokenizer)
     return processor
+
+
+def image_only_processor(processor_class: Any) -> Any:
+    """``processor_class`` (a transformers processor that also takes a video processor, e.g.
+    ``Qwen2VLProcessor``) without its video processor: built from an image processor and a tokenizer.
+    transformers' video processors need torchvision; images alone do not. It is saved under
+    ``processor_class``'s own name, so ``AutoProcessor`` loads the saved directory as that class where a
+    video processor can be loaded, and dpokit falls back to this class where it cannot."""
+    if "video_processor" not in processor_class.get_attributes():
+        raise ConfigError(f"{processor_class.__name__} takes no video processor; use it as it is")
+
+    def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **_: Any) -> None:
+        # The parent passes its sub-processors on by position; the video processor, last, is dropped.
+        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template)
+
+    return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "__module__": __name__})
+
+
+def _auto_processor(location: str | Path, trust_remote_code: bool) -> Any:
+    """``AutoProcessor`` at ``location``; for a processor class that also takes a video processor which
+    cannot be loaded (no torchvision, or no video processor saved), that class without it
+    (:func:`image_only_processor`): dpokit reads images, never videos."""
+    from transformers import AutoProcessor
+
+    what = "the processor of a vision-language model"
+    try:
+        return _from_pretrained(AutoProcessor, location, what=what, trust_remote_code=trust_remote_code)
+    except (ConfigError, ImportError) as error:  # ImportError: a video processor needs torchvision
+        processor_class = _saved_processor_class(location)
+        if processor_class is None or "video_processor" not in processor_class.get_attributes():
+            raise
+        try:
+            processor = _from_pretrained(image_only_processor(processor_class), location, what=what)
+        except (ConfigError, ImportError):
+            raise error from None
+        logger.info("%s: %s loaded without its video processor (%s)", location, processor_class.__name__, str(error)[:200])
+    return processor
+
+
+def _saved_processor_class(location: str | Path) -> Any:
+    """The transformers processor class a local model directory names (``processor_class`` in its
+    processor or tokenizer config), or None."""
+    import transformers
+
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        path = Path(location) / name
+        if path.is_file():
+            class_name = json.loads(path.read_text(encoding="utf-8")).get("processor_class")
+            if isinstance(class_name, str) and hasattr(transformers, class_name):
+                return getattr(transformers, class_name)
+    return None
 
 
 def vision_tower(model: nn.Module) -> nn.Module | None:
@@ -652,16 +699,12 @@ def _is_vision_model(model: nn.Module) -> bool:
 
 def _policy_processor(locations: Sequence[str | Path], trust_remote_code: bool) -> Any:
     """The processor of a vision-language policy: from the first of ``locations`` that has one."""
-    from transformers import AutoProcessor
-
     for location in locations[:-1]:
         if (Path(location) / "preprocessor_config.json").is_file() or (Path(location) / "processor_config.json").is_file():
             break
     else:
         location = locations[-1]
-    processor = _from_pretrained(
-        AutoProcessor, location, what="the processor of a vision-language model", trust_remote_code=trust_remote_code
-    )
+    processor = _auto_processor(location, trust_remote_code)
     _ensure_pad_token(processor.tokenizer)
     return processor
 

@@ -7,9 +7,12 @@ chat rows whose ``images`` are paths relative to it, the format ``dpokit train``
 
 :func:`build_tiny_vlm` saves a randomly initialised image-text-to-text model and its processor with
 ``save_pretrained`` (a byte-level BPE tokenizer trained on the task's words on the spot, an image
-processor configured locally): ``llava`` (CLIP vision tower, MLP projector, Llama) or ``idefics3``
-(SigLIP-style tower, pixel-shuffle connector, Llama; the SmolVLM family). Both load with
-``AutoModelForImageTextToText`` / ``AutoProcessor`` from the directory, as a hub model would.
+processor configured locally): ``llava`` (CLIP vision tower, MLP projector, Llama), ``idefics3``
+(SigLIP-style tower, pixel-shuffle connector, Llama; the SmolVLM family), ``qwen2_vl`` and ``qwen2_5_vl``
+(Qwen's ViT and 2x2 merger, a Qwen2 language model with 3-D rotary positions; their processor without a
+video processor). All load with ``AutoModelForImageTextToText`` from the directory, and their processors
+with ``AutoProcessor`` (the Qwen ones through :func:`dpokit.models.load_processor` where transformers
+cannot load a video processor), as a hub model would.
 
 :func:`colour_reward` is the task's ground truth as a reward function (``reward:`` judges, ``dpokit
 winrate``): it reads the shape's colour from the image's pixels. :func:`run_shapes_experiment` is
@@ -29,18 +32,33 @@ from typing import Any
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("square", "circle", "triangle")
 QUESTION = "What colour is the shape?"
+# Families every VLM feature is tested on (training, generation, judging).
 FAMILIES = ("llava", "idefics3")
+# Families with 3-D (multimodal) rotary positions: training is tested on them, generation is not.
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+ALL_FAMILIES = FAMILIES + MROPE_FAMILIES
 
-# A ChatML-shaped template that writes each {"type": "image"} part as the processor's image token.
-VLM_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+
+def chat_template(image: str = "<image>") -> str:
+    """A ChatML-shaped template that writes each {"type": "image"} part as ``image``."""
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+        f"{{% if part['type'] == 'image' %}}{image}{{% else %}}{{{{ part['text'] }}}}{{% endif %}}{{% endfor %}}{{% endif %}}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+# The template of LLaVA and Idefics3: the processor's image token where each image goes.
+VLM_CHAT_TEMPLATE = chat_template()
+# Qwen2-VL's: the image token between its vision markers.
+_QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+_QWEN_SPECIALS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 _SPECIALS = {
     "llava": ["<image>"],
     "idefics3": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"],
+    "qwen2_vl": _QWEN_SPECIALS,
+    "qwen2_5_vl": _QWEN_SPECIALS,
 }
 
 
@@ -161,7 +179,7 @@ def train_vlm_tokenizer(family: str, vocab_size: int = 320) -> Any:
         tokenizer_object=backend, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
     )
     tokenizer.add_special_tokens({"additional_special_tokens": _SPECIALS[family]})
-    tokenizer.chat_template = VLM_CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template(_QWEN_IMAGE) if family in MROPE_FAMILIES else VLM_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -247,6 +265,57 @@ def _idefics3(tokenizer: Any, hidden_size: int, layers: int, image_size: int, pa
     return Idefics3ForConditionalGeneration(config), processor
 
 
+def _qwen_vl(tokenizer: Any, hidden_size: int, layers: int, image_size: int, patch_size: int, *, version: str) -> tuple[Any, Any]:
+    """Qwen2-VL (``version`` "2") or Qwen2.5-VL ("2.5"): a ViT over patch_size patches (2 frames each), a 2x2
+    merger, a Qwen2 language model with 3-D rotary positions. The PIL image processor and no video
+    processor (:func:`dpokit.models.image_only_processor`): no torchvision needed."""
+    import transformers
+
+    from dpokit.models import image_only_processor
+
+    merge = 2
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in zip(("start", "image", "end", "video"), _QWEN_SPECIALS, strict=True)
+    }
+    text = _text_config(tokenizer, hidden_size, layers).to_dict()
+    head_dim = hidden_size // text["num_attention_heads"]
+    # The rotary half-dimension split over (time, height, width), as Qwen2-VL's [16, 24, 24] of 64.
+    quarter = head_dim // 8
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
+    }
+    vision: dict[str, Any] = dict(
+        depth=layers, hidden_size=hidden_size, num_heads=4, patch_size=patch_size, spatial_merge_size=merge
+    )
+    if version == "2":
+        vision.update(embed_dim=hidden_size, mlp_ratio=2)
+        names = ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor")
+    else:
+        # Window attention in every block but the last, windows of one merged patch group.
+        vision.update(intermediate_size=2 * hidden_size, out_hidden_size=hidden_size, window_size=merge * patch_size)
+        vision.update(fullatt_block_indexes=[layers - 1])
+        names = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")
+    config_class, model_class, processor_class = (getattr(transformers, name) for name in names)
+    config = config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["image"],
+        video_token_id=ids["video"],
+        vision_start_token_id=ids["start"],
+        vision_end_token_id=ids["end"],
+    )
+    image_processor = transformers.Qwen2VLImageProcessorPil(
+        patch_size=patch_size, merge_size=merge, min_pixels=(merge * patch_size) ** 2, max_pixels=(2 * image_size) ** 2
+    )
+    processor = image_only_processor(processor_class)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template(_QWEN_IMAGE)
+    )
+    return model_class(config), processor
+
+
 def build_tiny_vlm(
     directory: str | Path,
     family: str = "llava",
@@ -259,17 +328,21 @@ def build_tiny_vlm(
 ) -> Path:
     """Save a randomly initialised ``family`` VLM (see the module docstring) and its processor in
     ``directory``; return it. ``image_size`` / ``patch_size`` set the image tokens: 16 per image for
-    LLaVA at 32/8, 4 (+ 3 markers) for Idefics3."""
+    LLaVA at 32/8, 4 (+ 3 markers) for Idefics3 and 4 (+ 2 markers) for Qwen2-VL / Qwen2.5-VL."""
     import torch
 
     from dpokit.models import quiet_progress_bars
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tiny VLM family {family!r}; choose from {', '.join(FAMILIES)}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unknown tiny VLM family {family!r}; choose from {', '.join(ALL_FAMILIES)}")
     tokenizer = train_vlm_tokenizer(family)
     torch.manual_seed(seed)
-    build = _llava if family == "llava" else _idefics3
-    model, processor = build(tokenizer, hidden_size, layers, image_size, patch_size)
+    if family in MROPE_FAMILIES:
+        version = "2" if family == "qwen2_vl" else "2.5"
+        model, processor = _qwen_vl(tokenizer, hidden_size, layers, image_size, patch_size, version=version)
+    else:
+        build = _llava if family == "llava" else _idefics3
+        model, processor = build(tokenizer, hidden_size, layers, image_size, patch_size)
     out = Path(directory)
     with quiet_progress_bars():
         model.save_pretrained(out)
@@ -295,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     directory = args[0] if args else "vlm-fixture"
     family = args[1] if len(args) > 1 else "llava"
-    if family not in FAMILIES or len(args) > 2 or directory.startswith("-"):
-        print(f"usage: python -m dpokit.experiments.shapes [DIRECTORY [{'|'.join(FAMILIES)}]]", file=sys.stderr)
+    if family not in ALL_FAMILIES or len(args) > 2 or directory.startswith("-"):
+        print(f"usage: python -m dpokit.experiments.shapes [DIRECTORY [{'|'.join(ALL_FAMILIES)}]]", file=sys.stderr)
         return 2
     root = write_fixture(directory, family=family)
     print(f"wrote a tiny {family} model to {root / 'model'} and the shapes task to {root}/train.jsonl, eval.jsonl")
