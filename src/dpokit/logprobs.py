@@ -449,7 +449,7 @@ def multimodal_inputs(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
     body = multimodal_body(model)
     if not _takes(body, "mm_token_type_ids"):
         return {}
-    config = model.config
+    config = body.config  # the whole model's configuration: its image and video token ids
     types = torch.zeros_like(batch.input_ids)
     for value, name in ((1, "image_token_id"), (2, "video_token_id")):
         token = getattr(config, name, None)
