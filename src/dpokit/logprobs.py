@@ -49,6 +49,7 @@ __all__ = [
     "OutputHead",
     "attention_inputs",
     "multimodal_inputs",
+    "image_layout_problem",
     "causal_mask_suffices",
     "custom_mask_problem",
     "compute_logps",
@@ -437,19 +438,42 @@ def _takes(module: nn.Module, name: str) -> bool:
     return name in inspect.signature(module.forward).parameters
 
 
+# Image-text models whose language model attends both ways among each image's tokens, marked by
+# token_type_ids = 1 (built into the model's own mask; the shared-prompt layouts' 4-D mask has no such rule).
+BIDIRECTIONAL_IMAGE_MODELS = frozenset({"gemma3"})
+
+
+def image_layout_problem(model: nn.Module) -> str | None:
+    """Why prompts with images must stay in the ``padded`` layout for ``model`` (its attention over image
+    tokens is not causal, which the shared-prompt layouts' mask does not express), or None."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in BIDIRECTIONAL_IMAGE_MODELS:
+        return (
+            f"the '{model_type}' model attends both ways among each image's tokens (token_type_ids), which the "
+            "shared_prompt and packed layouts' attention mask does not express"
+        )
+    return None
+
+
 def multimodal_inputs(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
-    """What a batch with images also needs for models with 3-D (multimodal) rotary positions, the
-    Qwen2-VL family (``mm_token_type_ids`` in the body's ``forward``): the token types (1 on image
-    tokens, 2 on video tokens, 0 on text, as the processor writes them), from which the model computes
-    its positions when a layout gives none (``padded``); and, for a layout that writes position ids
-    (``shared_prompt``, ``packed``), the (3, N, T) positions themselves (:func:`rope_positions`).
-    Empty for other models and for batches without images."""
+    """What a batch with images also needs beyond the token rows and the image processor's tensors, as
+    the model's processor would write it. The Qwen2-VL family (``mm_token_type_ids`` in the body's
+    ``forward``): the token types (1 on image tokens, 2 on video tokens, 0 on text), from which the model
+    computes its 3-D rotary positions when a layout gives none (``padded``); for a layout that writes
+    position ids (``shared_prompt``, ``packed``), the (3, N, T) positions themselves
+    (:func:`rope_positions`). Gemma 3 (:data:`BIDIRECTIONAL_IMAGE_MODELS`): ``token_type_ids`` (1 on image
+    tokens), from which the model lets each image's tokens attend to each other; ``padded`` only (a
+    4-D mask layout is a ConfigError). Empty for other models and for batches without images."""
     if not batch.image_inputs:
         return {}
     body = multimodal_body(model)
+    config: Any = body.config  # the whole model's configuration: its image and video token ids
+    if config.model_type in BIDIRECTIONAL_IMAGE_MODELS:
+        if batch.attention_mask.dim() == 4:
+            raise ConfigError(f"{image_layout_problem(body)}; use data.layout=padded (layout: auto picks it for this model)")
+        return {"token_type_ids": (batch.input_ids == config.image_token_id).long()}
     if not _takes(body, "mm_token_type_ids"):
         return {}
-    config = body.config  # the whole model's configuration: its image and video token ids
     types = torch.zeros_like(batch.input_ids)
     for value, name in ((1, "image_token_id"), (2, "video_token_id")):
         token = getattr(config, name, None)

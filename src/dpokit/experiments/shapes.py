@@ -36,7 +36,8 @@ QUESTION = "What colour is the shape?"
 FAMILIES = ("llava", "idefics3")
 # Families with 3-D (multimodal) rotary positions: training is tested on them, generation is not.
 MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-ALL_FAMILIES = FAMILIES + MROPE_FAMILIES
+# Gemma 3: bidirectional attention among each image's tokens; training (padded layout) is tested.
+ALL_FAMILIES = FAMILIES + MROPE_FAMILIES + ("gemma3",)
 
 
 def chat_template(image: str = "<image>") -> str:
@@ -59,7 +60,12 @@ _SPECIALS = {
     "idefics3": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"],
     "qwen2_vl": _QWEN_SPECIALS,
     "qwen2_5_vl": _QWEN_SPECIALS,
+    "gemma3": ["<start_of_image>", "<image_soft_token>", "<end_of_image>"],
 }
+# Special tokens a family's processor reads from the tokenizer by name.
+_NAMED = {"gemma3": {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}}
+# Where each {"type": "image"} part goes in a family's chat template (the processor's image token).
+_TEMPLATE_IMAGE = {"qwen2_vl": _QWEN_IMAGE, "qwen2_5_vl": _QWEN_IMAGE, "gemma3": "<start_of_image>"}
 
 
 def draw_shape(colour: str, shape: str, *, size: int = 32, rng: random.Random | None = None) -> Any:
@@ -175,11 +181,12 @@ def train_vlm_tokenizer(family: str, vocab_size: int = 320) -> Any:
     )
     backend.train_from_iterator(_corpus(), trainer=trainer)
     # PreTrainedTokenizerFast.__init__ is unannotated in transformers 5.24.
+    named = {"extra_special_tokens": _NAMED[family]} if family in _NAMED else {}
     tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=backend, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
+        tokenizer_object=backend, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>", **named
     )
     tokenizer.add_special_tokens({"additional_special_tokens": _SPECIALS[family]})
-    tokenizer.chat_template = chat_template(_QWEN_IMAGE) if family in MROPE_FAMILIES else VLM_CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template(_TEMPLATE_IMAGE.get(family, "<image>"))
     return tokenizer
 
 
@@ -316,6 +323,31 @@ def _qwen_vl(tokenizer: Any, hidden_size: int, layers: int, image_size: int, pat
     return model_class(config), processor
 
 
+def _gemma3(tokenizer: Any, hidden_size: int, layers: int, image_size: int, patch_size: int) -> tuple[Any, Any]:
+    """Gemma 3: a SigLIP tower, average pooling to 4 tokens per image, a Gemma 3 language model whose image
+    tokens attend to each other both ways (``token_type_ids``); each image is ``\\n\\n<start_of_image>``,
+    its tokens and ``<end_of_image>\\n\\n``."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
+
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _NAMED["gemma3"].items()}
+    text = _text_config(tokenizer, hidden_size, layers).to_dict()
+    # A window wider than any test row: every layer sees the whole prompt, as the full-attention layers do.
+    text.update(head_dim=hidden_size // text["num_attention_heads"], sliding_window=512)
+    config = Gemma3Config(
+        text_config={k: v for k, v in text.items() if k not in ("model_type", "architectures")},
+        vision_config=_vision_sizes(hidden_size, layers, image_size, patch_size),
+        mm_tokens_per_image=4,
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template("<start_of_image>"), image_seq_length=4
+    )
+    return Gemma3ForConditionalGeneration(config), processor
+
+
 def build_tiny_vlm(
     directory: str | Path,
     family: str = "llava",
@@ -328,7 +360,7 @@ def build_tiny_vlm(
 ) -> Path:
     """Save a randomly initialised ``family`` VLM (see the module docstring) and its processor in
     ``directory``; return it. ``image_size`` / ``patch_size`` set the image tokens: 16 per image for
-    LLaVA at 32/8, 4 (+ 3 markers) for Idefics3 and 4 (+ 2 markers) for Qwen2-VL / Qwen2.5-VL."""
+    LLaVA at 32/8, 4 (+ 3 markers) for Idefics3 and Gemma 3, 4 (+ 2 markers) for Qwen2-VL / Qwen2.5-VL."""
     import torch
 
     from dpokit.models import quiet_progress_bars
@@ -341,7 +373,7 @@ def build_tiny_vlm(
         version = "2" if family == "qwen2_vl" else "2.5"
         model, processor = _qwen_vl(tokenizer, hidden_size, layers, image_size, patch_size, version=version)
     else:
-        build = _llava if family == "llava" else _idefics3
+        build = {"llava": _llava, "idefics3": _idefics3, "gemma3": _gemma3}[family]
         model, processor = build(tokenizer, hidden_size, layers, image_size, patch_size)
     out = Path(directory)
     with quiet_progress_bars():

@@ -1,6 +1,7 @@
 """Choosing the batch layout of a run (``data.layout``): ``auto`` estimates each layout's decoder FLOPs over
 the epoch's micro-batches and takes the cheaper, unless the model's attention cannot take the custom masks
-the shared-prompt layout needs (:func:`dpokit.logprobs.custom_mask_problem`)."""
+the shared-prompt layout needs (:func:`dpokit.logprobs.custom_mask_problem`) or its image tokens' attention
+does not fit them (:func:`dpokit.logprobs.image_layout_problem`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import torch.nn as nn
 
 from dpokit.compat import attention_implementation, text_config
-from dpokit.logprobs import causal_mask_suffices, custom_mask_problem, find_output_head
+from dpokit.logprobs import causal_mask_suffices, custom_mask_problem, find_output_head, image_layout_problem
 
 
 def _attention_cost(model: nn.Module) -> tuple[float, float]:
@@ -76,12 +77,13 @@ def plan_layout(
     """The concrete batch layout for ``data.layout`` and a one-line reason.
 
     ``auto``: ``padded`` when the model's attention does not apply custom 4-D masks (checked once on
-    a tiny batch); otherwise the cheaper of ``shared_prompt`` and ``padded`` by :func:`layout_costs`
-    over ``batches`` (each layout's micro-batches of the training data; ``shared_prompt`` without
-    them). Any other name is returned unchanged (and checked on the first batch)."""
+    a tiny batch) or attends to image tokens in a way they do not express
+    (:func:`dpokit.logprobs.image_layout_problem`); otherwise the cheaper of ``shared_prompt`` and
+    ``padded`` by :func:`layout_costs` over ``batches`` (each layout's micro-batches of the training
+    data; ``shared_prompt`` without them). Any other name is returned unchanged (and checked on the first batch)."""
     if layout != "auto":
         return layout, "set by data.layout"
-    problem = custom_mask_problem(model)
+    problem = custom_mask_problem(model) or image_layout_problem(model)
     if problem is not None:
         return "padded", problem
     if not batches or not all(batches.get(name) for name in ("padded", "shared_prompt")):

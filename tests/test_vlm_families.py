@@ -1,8 +1,10 @@
-"""Vision-language models with 3-D rotary positions (Qwen2-VL and Qwen2.5-VL, tiny, built from config, their
-processors without a video processor): the processor loads without torchvision, per-example DPO losses equal
-TRL 1.16's in the padded layout, the shared-prompt and packed layouts give the padded log-probs (their
-positions come from the model's own rope index), the precomputed reference equals the live one, image errors
-stay located, and `dpokit train` runs with `data.layout: auto`."""
+"""Vision-language families whose language model needs more than token ids and 1-D positions, tiny, built from
+config. Qwen2-VL and Qwen2.5-VL (3-D rotary positions; processors without a video processor): the processor
+loads without torchvision, per-example DPO losses equal TRL 1.16's in the padded layout, the shared-prompt and
+packed layouts give the padded log-probs (their positions come from the model's own rope index), the
+precomputed reference equals the live one, image errors stay located, and `dpokit train` runs with
+`data.layout: auto`. Gemma 3 (bidirectional attention among each image's tokens): TRL parity in the padded
+layout, which `layout: auto` picks; the shared-prompt layouts are refused with images."""
 
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import torch
 
 from dpokit.config import ModelConfig
 from dpokit.data import PrepareOptions, make_collator, prepare_dataset
-from dpokit.errors import DataError
-from dpokit.experiments.shapes import MROPE_FAMILIES, QUESTION, build_tiny_vlm, draw_shape
+from dpokit.errors import ConfigError, DataError
+from dpokit.experiments.shapes import MROPE_FAMILIES, QUESTION, build_tiny_vlm, draw_shape, shapes_rows
 from dpokit.logprobs import compute_logps, final_hidden_states, multimodal_body
 from dpokit.losses import LossInputs, build_objective
 from dpokit.models import load_processor
@@ -31,7 +33,7 @@ IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 @pytest.fixture(scope="module")
 def qwen_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen")
-    return {family: build_tiny_vlm(root / family, family, seed=0) for family in MROPE_FAMILIES}
+    return {family: build_tiny_vlm(root / family, family, seed=0) for family in (*MROPE_FAMILIES, "gemma3")}
 
 
 def processor_of(directory):
@@ -39,7 +41,7 @@ def processor_of(directory):
 
 
 def model_of(directory, *, sharpen=False):
-    """The saved model; ``sharpen``: the language model's query, key and output weights redrawn large, so the
+    """The saved model; ``sharpen``: the language model's query, key and output weights made large, so the
     log-probs depend strongly on attention and with it on the rotary positions (at the initial scale every
     answer is near-uniform and positions hardly matter)."""
     from transformers import AutoModelForImageTextToText
@@ -47,12 +49,14 @@ def model_of(directory, *, sharpen=False):
     model = AutoModelForImageTextToText.from_pretrained(directory).eval()
     if sharpen:
         generator = torch.Generator().manual_seed(0)
-        scales = {"q_proj.weight": 0.5, "k_proj.weight": 0.5, "lm_head.weight": 1.0}
         with torch.no_grad():
             for name, parameter in model.named_parameters():
-                scale = next((v for k, v in scales.items() if name.endswith(k) and "visual" not in name), None)
-                if scale is not None:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+                if "language_model" in name and name.endswith(("q_proj.weight", "k_proj.weight")):
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+                elif "language_model" in name and name.endswith(("q_norm.weight", "k_norm.weight")):
+                    parameter.fill_(3.0)  # Gemma 3 normalises queries and keys: scale them after the norm
+            head = model.get_output_embeddings().weight  # tied to the input embeddings in Gemma 3
+            head.copy_(torch.randn(head.shape, generator=generator))
     return model
 
 
@@ -65,10 +69,11 @@ def test_the_processor_loads_without_a_video_processor_and_saves_under_its_own_c
     assert type(processor_of(qwen_dirs["qwen2_5_vl"])).__name__ == "Qwen2_5_VLProcessor"
 
 
-@pytest.mark.parametrize("family", MROPE_FAMILIES)
-def test_per_example_dpo_losses_equal_trl_on_a_qwen_vl_model_in_the_padded_layout(qwen_dirs, tmp_path, family):
-    """TRL 1.16's DPOTrainer (its vision collator passes the processor's mm_token_type_ids; the model computes
-    its 3-D positions) against dpokit's padded layout, which passes none: equal to 1e-4 (float32, CPU)."""
+@pytest.mark.parametrize("family", (*MROPE_FAMILIES, "gemma3"))
+def test_per_example_dpo_losses_equal_trl_in_the_padded_layout(qwen_dirs, tmp_path, family):
+    """TRL 1.16's DPOTrainer (its vision collator passes the processor's mm_token_type_ids / token_type_ids;
+    the model computes its 3-D positions / its image attention from them) against dpokit's padded layout,
+    which builds them from the token ids: equal to 1e-4 (float32, CPU)."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
@@ -91,7 +96,7 @@ def test_per_example_dpo_losses_equal_trl_on_a_qwen_vl_model_in_the_padded_layou
         for i in range(NUM_PAIRS):
             trainer._metrics["train"].clear()
             batch = trainer.data_collator([dict(trainer.train_dataset[i])])
-            assert "mm_token_type_ids" in batch and "image_grid_thw" in batch
+            assert ("mm_token_type_ids" in batch and "image_grid_thw" in batch) or "token_type_ids" in batch
             trl_losses.append(trainer._compute_loss(trainer.model, batch, return_outputs=False).item())
             trl_logps.append([trainer._metrics["train"][f"logps/{k}"][0] for k in ("chosen", "rejected")])
 
@@ -100,7 +105,7 @@ def test_per_example_dpo_losses_equal_trl_on_a_qwen_vl_model_in_the_padded_layou
     options = PrepareOptions(max_length=None)
     items = list(prepare_dataset(rows_file, processor.tokenizer, options, processor=processor, use_cache=False).items)
     batch = make_collator("padded", processor.tokenizer.pad_token_id, image_processor=processor.image_processor)(items)
-    assert batch.position_ids is None and "image_grid_thw" in batch.image_inputs
+    assert batch.position_ids is None and "pixel_values" in batch.image_inputs
     policy, reference = model_of(directory, sharpen=True).train(), model_of(reference_dir, sharpen=True)
     with torch.no_grad():
         policy_logps, reference_logps = compute_logps(policy, batch).logps, compute_logps(reference, batch).logps
@@ -246,3 +251,22 @@ def test_dpokit_train_trains_a_qwen2_vl_model_with_the_auto_layout_and_exports_i
     losses = [m["loss"] for m in metrics if m.get("split") == "train"]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert type(processor_of(tmp_path / "run" / "final")).__name__ == "Qwen2VLProcessor"
+
+
+def test_gemma3_trains_in_the_padded_layout_only_auto_picks_it_and_shared_prompt_is_refused(qwen_dirs, tmp_path):
+    """Gemma 3's image tokens attend to each other both ways, which the shared-prompt mask does not express:
+    with images, a shared_prompt batch is a ConfigError naming the model type, and layout auto gives padded."""
+    from dpokit.training.layout import plan_layout
+
+    processor = processor_of(qwen_dirs["gemma3"])
+    model = model_of(qwen_dirs["gemma3"], sharpen=True)
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text("".join(json.dumps(row) + "\n" for row in shapes_rows(tmp_path, 3)), encoding="utf-8")
+    items = list(prepare_dataset(rows_file, processor.tokenizer, processor=processor, use_cache=False).items)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image_soft_token>")
+    assert all(item["prompt_ids"].count(image_id) == 4 for item in items)
+    layout, why = plan_layout("auto", model, {"padded": [items], "shared_prompt": [items]})
+    assert layout == "padded" and "'gemma3'" in why
+    collate = make_collator("shared_prompt", processor.tokenizer.pad_token_id, image_processor=processor.image_processor)
+    with pytest.raises(ConfigError, match=r"the 'gemma3' model attends both ways .*use data.layout=padded"):
+        compute_logps(model, collate(items))
