@@ -254,3 +254,22 @@ def test_across_seeds_carries_the_length_controlled_win_rate_into_the_seeds_tabl
     older = summary(3, 0.5)
     del older["comparisons"]["self-label-current vs ten-percent"]["lc_win_rate"]
     assert "lc_win_rate" not in across_seeds([summary(0, 0.4), older])["comparisons"]["self-label-current vs ten-percent"]
+
+
+def test_online_arms_on_vllm_sample_their_rounds_on_the_server_and_are_stored_under_another_key(tmp_path):
+    """--engine vllm reaches the arms' rounds (online.sampling on the server, its key variable named) and the
+    stored arms' key; dpokit's engine leaves both as they were."""
+    from dpokit.experiments.online import VADER_JUDGE, OnlineExperiment
+    from dpokit.generation import EngineOptions
+
+    vllm = EngineOptions("vllm", "http://127.0.0.1:9", api_key_env="MY_KEY")
+    on_vllm = OnlineExperiment(MODES["smoke"], tmp_path, tmp_path, engine=vllm)
+    here = OnlineExperiment(MODES["smoke"], tmp_path, tmp_path)
+    assert on_vllm.key() != here.key() and on_vllm.store.key == on_vllm.key()
+    configs = []
+    for experiment in (on_vllm, here):
+        experiment.sft_dir, experiment.prompts_path, experiment.heldout_path = tmp_path / "sft", tmp_path / "p.jsonl", None
+        configs.append(experiment._online_config(tmp_path / "run", tmp_path / "sft", VADER_JUDGE, 2, tmp_path / "d.jsonl", 4))
+    sampling = configs[0].online.sampling
+    assert (sampling.engine, sampling.url, sampling.api_key_env) == ("vllm", "http://127.0.0.1:9", "MY_KEY")
+    assert configs[1].online.sampling.engine == "dpokit" and configs[1].online.sampling.url is None
