@@ -339,6 +339,8 @@ class Experiment:
         (self.out_dir / "data" / "eval_prompts.txt").write_text("\n".join(self.eval_prompts) + "\n")
         if self.engine.engine == "vllm":
             self.server = CheckpointServer(str(self.sft_dir), self.engine)
+            self.server.changed = True  # a run stopped mid-evaluation may have left a checkpoint's weights in it
+            self.server.restore()
             self.log(
                 f"evaluation samples, Best-of-N and win rates from the vLLM server at {self.server.engine.url} "
                 f"({self.sft_dir}); the labelled pairs are SFT samples from dpokit's seeded generator on either engine"
@@ -642,8 +644,8 @@ def run_experiment(
     engine: EngineOptions | None = None,
 ) -> SentimentResult:
     """Run the experiment with a named mode (``full``, ``quick``, ``demo``, ``smoke``) or explicit
-    settings, on ``threads`` torch threads, the evaluation samples and Best-of-N's drawn by ``engine``
-    (default dpokit's; see :class:`Experiment` for the rest)."""
+    settings, on ``threads`` torch threads, the evaluation samples, Best-of-N's and the win rates' drawn by
+    ``engine`` (default dpokit's; see :class:`Experiment` for the rest)."""
     with torch_threads(threads):
         settings = resolve_mode(mode, MODES)
         experiment = Experiment(settings, out_dir, cache_dir, keep_checkpoints=keep_checkpoints, log=log, engine=engine)
