@@ -30,7 +30,14 @@ Prompts with images (a vision-language model): each image placeholder of the tok
 the image's tokens as the model's processor expands it (:class:`~dpokit.data.images.ImageTokens`, as in
 training), and the image processor's tensors go with the prompt's rows into the forward pass that reads
 the prompt (and, for a model without a KV cache, into every pass); decoding steps need no images.
-Such a model never samples its image tokens (:func:`image_token_ids`; their logits are set to -inf
+Models that place or attend to image tokens unlike text get what their processor would give them
+(:func:`_row_inputs`, from :func:`dpokit.logprobs.multimodal_inputs`, as in training): Gemma 3 its
+``token_type_ids`` in the pass that reads the prompt; the Qwen2-VL family its ``mm_token_type_ids`` and
+3-D rotary positions from its own ``get_rope_index`` (left padding masked out), each decoding step
+continuing at its row's largest prompt position + 1 + step on all three axes. Teacher forcing
+(:func:`completion_logps`) gives them the same. A model whose image inputs dpokit cannot build is refused
+with a ConfigError naming its type.
+A vision-language model never samples its image tokens (:func:`image_token_ids`; their logits are set to -inf
 before each choice, greedy or sampled): a completion holding one could not be scored or trained on (the
 model would look for an image to put there), and no text answer needs one.
 """
@@ -38,6 +45,7 @@ model would look for an image to put there), and no text answer needs one.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,9 +53,11 @@ from typing import Any
 import torch
 
 from dpokit.compat import kv_cache_keyword
+from dpokit.data.batch import Batch
 from dpokit.data.images import ImageTokens, decode_image, image_inputs
 from dpokit.data.prompts import Prompt
 from dpokit.errors import ConfigError, DataError
+from dpokit.logprobs import multimodal_body, multimodal_inputs
 from dpokit.models import pad_id_of
 
 # Rows (prompt x sample) per forward pass when a caller does not say.
@@ -143,16 +153,66 @@ def _forward(
     mask: torch.Tensor,
     positions: torch.Tensor,
     cache: Any,
-    images: dict[str, torch.Tensor] | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Any]:
-    """Last-position logits (N, V) and the updated KV cache (None when the model keeps none); ``images``:
-    the image processor's tensors for the prompts' images, when ``ids`` holds their tokens."""
+    """Last-position logits (N, V) and the updated KV cache (None when the model keeps none); ``extra``: the
+    image processor's tensors for the prompts' images and the model's token types (:func:`_row_inputs`),
+    when ``ids`` holds their tokens."""
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
-    kwargs.update(images or {})
+    kwargs.update(extra or {})
     if cache is not None:
         kwargs[kv_cache_keyword()] = cache
     out = model(**kwargs)
     return out.logits[:, -1, :], getattr(out, kv_cache_keyword(), None)
+
+
+def _row_inputs(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, images: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """Position ids, the inputs beyond the token rows, and each row's rotary offset for rows ``ids`` (N, T)
+    with 0/1 ``mask`` whose prompts hold the images of ``images`` (the image processor's tensors).
+
+    Without images, and for models that place image tokens like text (LLaVA, Idefics3): 1-D positions from
+    0 at each row's first real token, and ``images`` as they are; offset None. Gemma 3 also gets
+    ``token_type_ids`` (1 on image tokens; it lets each image's tokens attend to each other). The Qwen2-VL
+    family gets ``mm_token_type_ids`` and (3, N, T) positions from its own ``get_rope_index`` given the rows,
+    the mask and the images' grids, and the offset (N, 1) ``delta``: the token at 1-D position ``P`` after
+    the rows sits at ``P + delta`` on all three axes (a row's largest position + 1 + step, as transformers'
+    ``rope_deltas``). Token types dpokit does not know how to give are a ConfigError naming the model type
+    (:func:`dpokit.logprobs.multimodal_inputs` writes them as for training)."""
+    if not images:
+        return _positions(mask), {}, None
+    none = torch.zeros(0, dtype=torch.long)  # the rows score nothing: only their tokens and images are read
+    rows = Batch(ids, mask, none, none, none, none[:, None].bool(), none[:, None], image_inputs=images)
+    token_types = multimodal_inputs(model, rows)
+    extra = {**images, **token_types}
+    body = multimodal_body(model)
+    model_type = getattr(body.config, "model_type", "?")
+    if "mm_token_type_ids" not in token_types:
+        if "token_type_ids" not in token_types and "token_type_ids" in inspect.signature(body.forward).parameters:
+            raise ConfigError(
+                f"the '{model_type}' model takes token types with its images, which dpokit's sampler does not know how to "
+                "give it; sampling it with images is not supported"
+            )
+        return _positions(mask), extra, None
+    get_rope_index = getattr(body, "get_rope_index", None)
+    if get_rope_index is None:
+        raise ConfigError(
+            f"the '{model_type}' model takes 3-D rotary positions (mm_token_type_ids) but has no get_rope_index to compute "
+            "them from; dpokit's sampler cannot sample it with images"
+        )
+    grids = {name: value for name, value in images.items() if name.endswith("grid_thw")}
+    positions, deltas = get_rope_index(
+        input_ids=ids, mm_token_type_ids=token_types["mm_token_type_ids"], attention_mask=mask, **grids
+    )
+    return positions, extra, deltas.to(mask.device).reshape(-1, 1)
+
+
+def _next_positions(mask: torch.Tensor, deltas: torch.Tensor | None) -> torch.Tensor:
+    """The position ids (N, 1) -- (3, N, 1) with rotary offsets ``deltas`` (see :func:`_row_inputs`) -- of
+    the token each row appends at its mask's last column."""
+    position = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+    return position if deltas is None else (position + deltas)[None].expand(3, -1, -1)
 
 
 def image_token_ids(model: torch.nn.Module) -> list[int]:
@@ -277,7 +337,9 @@ def _decode_batch(
     logp_sum = torch.zeros(n, dtype=torch.float64, device=device)
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
-    logits, cache = _forward(model, ids, mask, _positions(mask), None, images)
+    images = images or {}
+    positions, extra, deltas = _row_inputs(model, ids, mask, images)
+    logits, cache = _forward(model, ids, mask, positions, None, extra)
     banned = torch.tensor([t for t in image_token_ids(model) if t < logits.shape[-1]], dtype=torch.long, device=device)
     for t in range(steps):
         if len(banned):
@@ -293,11 +355,11 @@ def _decode_batch(
             break
         mask = torch.cat([mask, alive.long()[:, None]], dim=1)
         if cache is not None:
-            position = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)
-            logits, cache = _forward(model, next_tokens[:, None], mask, position, cache)
+            logits, cache = _forward(model, next_tokens[:, None], mask, _next_positions(mask, deltas), cache)
         else:
             ids = torch.cat([ids, next_tokens[:, None]], dim=1)
-            logits, _ = _forward(model, ids, mask, _positions(mask), None, images)
+            positions, extra, _ = _row_inputs(model, ids, mask, images)
+            logits, _ = _forward(model, ids, mask, positions, None, extra)
     completions = [generated[i, : int(lengths[i])].tolist() for i in range(n)]
     return completions, done.tolist(), logp_sum.tolist()
 
@@ -413,8 +475,9 @@ def completion_logps(
             completion_mask[i, : len(c)] = 1
         ids = torch.cat([prompt_block, completion_block], dim=1).to(device)
         mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
-        extra = _image_batch(model, image_processor, images, range(start, start + len(prompts)))
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), **extra).logits
+        pictures = _image_batch(model, image_processor, images, range(start, start + len(prompts)))
+        positions, extra, _ = _row_inputs(model, ids, mask, pictures)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).logits
         p = prompt_block.shape[1]
         predicting = logits[:, p - 1 : p - 1 + width, :].float().log_softmax(-1)  # (N, C, V)
         token_logps = predicting.gather(2, completion_block.to(device)[:, :, None]).squeeze(2)
