@@ -1,7 +1,9 @@
 """Sampling from a vision-language model with image prompts (`dpokit generate`, the dpokit engine) on the tiny
-LLaVA and Idefics3 built from config: prompts rows carry `images` as training rows do, paths relative to the
-prompts file; the samples equal transformers' own greedy `generate` on the processor's inputs; a missing image
-is a located error; commands that do not sample images yet refuse such rows instead of dropping the images."""
+VLMs built from config: prompts rows carry `images` as training rows do, paths relative to the prompts file;
+the samples equal transformers' own greedy `generate` on the processor's inputs (all five families; at their
+initial scale positions hardly matter -- tests/test_vlm_family_sampling.py checks Qwen2-VL, Qwen2.5-VL and
+Gemma 3 on models that depend on them); a missing image is a located error; commands that do not sample
+images yet refuse such rows instead of dropping the images."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ import torch
 
 from dpokit.data.prompts import read_prompt_rows
 from dpokit.errors import ConfigError, DataError
-from dpokit.experiments.shapes import FAMILIES, QUESTION, build_tiny_vlm, shapes_rows
-from dpokit.generation import EngineOptions, GenerateJob, SamplingConfig, run_generate
+from dpokit.experiments.shapes import ALL_FAMILIES, QUESTION, build_tiny_vlm, shapes_rows
+from dpokit.generation import EngineOptions, GenerateJob, SamplingConfig, run_generate, stop_token_ids
 from dpokit.models import LoadOptions
 
 MAX_NEW = 5
@@ -22,7 +24,7 @@ MAX_NEW = 5
 @pytest.fixture(scope="module")
 def vlm_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlms")
-    return {family: build_tiny_vlm(root / family, family, seed=0) for family in FAMILIES}
+    return {family: build_tiny_vlm(root / family, family, seed=0) for family in ALL_FAMILIES}
 
 
 def write_prompts(directory, n=3):
@@ -39,9 +41,12 @@ def write_prompts(directory, n=3):
 def hf_greedy(model_dir, directory, rows):
     """transformers' own greedy decoding of each prompt alone, from the processor's inputs."""
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    processor = AutoProcessor.from_pretrained(model_dir)
+    from dpokit.config import ModelConfig
+    from dpokit.models import load_processor
+
+    processor = load_processor(ModelConfig(name_or_path=str(model_dir)))  # Qwen's without its video processor
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     out = []
     for row in rows:
@@ -49,19 +54,25 @@ def hf_greedy(model_dir, directory, rows):
         image = Image.open(directory / row["images"][0]).convert("RGB")
         inputs = processor(text=[text], images=[[image]], return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
-            ids = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+            ids = model.generate(
+                **inputs,
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+                eos_token_id=stop_token_ids(processor.tokenizer),  # EOS and the end-of-turn token, as dpokit stops
+                pad_token_id=processor.tokenizer.pad_token_id,
+            )
         new = ids[0, inputs["input_ids"].shape[1] :].tolist()
         out.append(processor.tokenizer.decode(new, skip_special_tokens=True))
     return out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_generate_on_image_prompts_equals_transformers_greedy_generation_per_prompt(vlm_dirs, tmp_path, family):
     path, rows = write_prompts(tmp_path)
     sampling = SamplingConfig(max_new_tokens=MAX_NEW, temperature=0)
     job = GenerateJob(model=str(vlm_dirs[family]), prompts_file=str(path), sampling=sampling, load=LoadOptions("float32", "cpu"))
     samples = run_generate(job)
-    assert all(s.num_tokens > 0 for s in samples)
+    assert any(s.num_tokens > 0 for s in samples)  # a random model may end a prompt's answer at once
     assert [s.images for s in samples] == [[str(tmp_path / row["images"][0])] for row in rows]
     assert [s.completion for s in samples] == hf_greedy(vlm_dirs[family], tmp_path, rows)
 
