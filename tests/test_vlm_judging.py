@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -177,6 +178,56 @@ def test_the_implicit_judge_of_a_vlm_reads_the_images_as_dpokit_score_does(model
     assert len({row.rewards[0] for row in report.rows}) == 3  # three images, three rewards for the same answer text
 
 
+def online_overrides(policy, prompts_path, directory, judge="reward:tests.judges.fakes:pixel_length_reward"):
+    """One online round of one step on the tiny LLaVA: 4 image prompts, 3 samples each, a batch that holds the round."""
+    return [
+        f"model.name_or_path={policy}",
+        f"logging.run_dir={directory / 'run'}",
+        f"data.cache_dir={directory / 'cache'}",
+        "data.max_length=64",
+        "data.max_prompt_length=48",
+        "optim.optimizer=adamw",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=0",
+        "optim.batch_size=8",
+        "optim.grad_accumulation=1",
+        "reference.strategy=copy",
+        "eval.every_steps=0",
+        "logging.log_every=1",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+        "checkpoint.every_steps=0",
+        f"online.prompts_path={prompts_path}",
+        "online.rounds=1",
+        "online.prompts_per_round=4",
+        "online.samples_per_prompt=3",
+        "online.steps_per_round=1",
+        f"online.judge={judge}",
+        "online.sampling.max_new_tokens=4",
+        "online.sampling.temperature=1.0",
+    ]
+
+
+def read_round(round_dir, *stages):
+    return [[json.loads(line) for line in (round_dir / f"{stage}.jsonl").read_text().splitlines()] for stage in stages]
+
+
+def training_path_logps(model_dir, items):
+    """Per-response log-probs (examples, responses) of ``items`` (prompt ids with their images' tokens, response ids,
+    images) through the trainer's padded log-prob path, with the images."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from dpokit.data import make_collator
+    from dpokit.logprobs import compute_logps
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    batch = make_collator("padded", processor.tokenizer.pad_token_id, image_processor=processor.image_processor)(items)
+    with torch.no_grad():
+        return compute_logps(AutoModelForImageTextToText.from_pretrained(model_dir).eval(), batch).logps
+
+
 def test_an_online_round_on_image_prompts_samples_judges_and_trains_with_each_prompts_image(models, tmp_path):
     """`dpokit online` on a prompts file of image rows (tiny LLaVA, one round, one step): the samples are scored
     with their images (policy and copied reference give the same log-probs before training, equal to a
@@ -190,33 +241,7 @@ def test_an_online_round_on_image_prompts_samples_judges_and_trains_with_each_pr
 
     policy, _ = models
     path, rows = write_prompts(tmp_path, n=4)
-    overrides = [
-        f"model.name_or_path={policy}",
-        f"logging.run_dir={tmp_path / 'run'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.max_length=64",
-        "data.max_prompt_length=48",
-        "optim.optimizer=adamw",
-        "optim.lr=1e-2",
-        "optim.warmup_steps=0",
-        "optim.batch_size=4",
-        "optim.grad_accumulation=1",
-        "reference.strategy=copy",
-        "eval.every_steps=0",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        "logging.plot=false",
-        "checkpoint.every_steps=0",
-        f"online.prompts_path={path}",
-        "online.rounds=1",
-        "online.prompts_per_round=4",
-        "online.samples_per_prompt=3",
-        "online.steps_per_round=1",
-        "online.judge=reward:tests.judges.fakes:pixel_length_reward",
-        "online.sampling.max_new_tokens=4",
-        "online.sampling.temperature=1.0",
-    ]
-    result = run_online(load_config(None, overrides))
+    result = run_online(load_config(None, online_overrides(policy, path, tmp_path)))
     round_dir = result.round_dir(0)
     read = [
         [json.loads(line) for line in (round_dir / f"{stage}.jsonl").read_text().splitlines()]
@@ -241,8 +266,89 @@ def test_an_online_round_on_image_prompts_samples_judges_and_trains_with_each_pr
     assert [c["policy_logp"] for c in completions] == pytest.approx(expected.tolist(), abs=1e-4)
     assert all(c["policy_logp"] == c["reference_logp"] for c in completions)
     assert result.global_step == 1 and result.rounds[0]["pairs"] > 0
-    offline = [f"data.train_path={write_shapes_data(tmp_path, 4, seed=2)}", "online.offline_fraction=0.5"]
-    with pytest.raises(ConfigError, match=r"prompts.jsonl:line 1: a prompt with images: .*online.offline_fraction=0"):
-        run_online(load_config(None, [*overrides, *offline, f"logging.run_dir={tmp_path / 'offline'}"]))
     trained = load_policy(result.run_dir / "final", LoadOptions(dtype="float32", device="cpu")).model
     assert any((a - b).abs().max() > 0 for a, b in zip(trained.parameters(), initial.model.parameters(), strict=True))
+
+
+def round_prompt_ids(policy, prompts, images):
+    from dpokit.generation import encode_prompts
+    from dpokit.models import LoadOptions, load_policy
+
+    loaded = load_policy(policy, LoadOptions(dtype="float32", device="cpu"))
+    return encode_prompts(loaded.tokenizer, [p["prompt"] for p in prompts], images=images, processor=loaded.processor)[1]
+
+
+def test_self_labelling_on_image_prompts_scores_each_completion_with_its_implicit_reward_with_its_image(models, tmp_path):
+    """`online.judge: self` on image prompts (the policy's own implicit reward against reference.name_or_path, another
+    LLaVA): every score of the round is beta * (log pi - log pi_ref) of its completion with its prompt's image, as the
+    trainer's log-prob path computes it (1e-4); with the next prompt's image the rewards are other numbers."""
+    from dpokit.config import load_config
+    from dpokit.online import run_online
+
+    policy, baseline = models
+    path, rows = write_prompts(tmp_path, n=4)
+    overrides = [*online_overrides(policy, path, tmp_path, judge="self"), f"reference.name_or_path={baseline}", "loss.beta=0.5"]
+    result = run_online(load_config(None, overrides))
+    prompts, completions, judgments = read_round(result.round_dir(0), "prompts", "completions", "judgments")
+    images = [[(tmp_path / rows[p["source_index"]]["images"][0]).read_bytes()] for p in prompts]
+    ids = round_prompt_ids(policy, prompts, images)
+
+    def rewards(shift):
+        items = [
+            {
+                "prompt_ids": ids[c["prompt_index"]],
+                "response_ids": [c["token_ids"]],
+                "images": images[(c["prompt_index"] + shift) % 4],
+            }
+            for c in completions
+        ]
+        return (0.5 * (training_path_logps(policy, items) - training_path_logps(baseline, items)))[:, 0]
+
+    expected = rewards(0)
+    assert [j["score"] for j in judgments] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert (rewards(1) - expected).abs().max() > 1e-3  # the images matter: a score without its own image would fail
+    assert result.rounds[0]["pairs"] > 0 and result.global_step == 1
+
+
+def test_online_rounds_on_image_prompts_mix_in_offline_rows_with_their_images(models, tmp_path):
+    """online.offline_fraction with image prompts: the offline rows (image rows and a text-only one, as the data
+    gives them) are tokenized with the processor and trained on with their images beside the sampled pairs: the
+    step's logged mean chosen log-prob equals the sampled pairs' chosen log-probs and the offline rows' through the
+    training path with their images (1e-4; with the offline images swapped it is another number); the round's
+    offline.jsonl names each offline row's image."""
+    from dpokit.config import load_config
+    from dpokit.data import PrepareOptions, prepare_dataset
+    from dpokit.models import LoadOptions, load_policy
+    from dpokit.online import run_online
+    from dpokit.training.tracking import read_metrics
+
+    policy, _ = models
+    path, _ = write_prompts(tmp_path, n=4)
+    data = write_shapes_data(tmp_path / "offline", 2, seed=2)
+    text_only = {"prompt": "Name a colour.", "chosen": "It is red.", "rejected": "It is blue."}
+    data.write_text(data.read_text() + json.dumps(text_only) + "\n", encoding="utf-8")
+    overrides = [*online_overrides(policy, path, tmp_path), f"data.train_path={data}", "online.offline_fraction=0.5"]
+    result = run_online(load_config(None, overrides))
+    completions, pairs, offline = read_round(result.round_dir(0), "completions", "pairs", "offline")
+    pictured = [row for row in offline if "images" in row]
+    assert len(offline) == len(pairs) == result.rounds[0]["offline"] and len(pictured) < len(offline)
+    assert len({row["images"][0] for row in pictured}) == 2
+    assert all(Path(row["images"][0]).parent == data.parent / "images" for row in pictured)
+    sampled = {(c["prompt_index"], c["sample_index"]): c["policy_logp"] for c in completions}  # the initial policy's
+    chosen = [sampled[(p["prompt_index"], p["sample_indices"][0])] for p in pairs]
+    written = tmp_path / "offline-rows.jsonl"
+    written.write_text("".join(json.dumps({k: v for k, v in row.items() if k != "source"}) + "\n" for row in offline))
+    processor = load_policy(policy, LoadOptions(dtype="float32", device="cpu")).processor
+    options = PrepareOptions(max_length=None, max_prompt_length=None)
+    items = list(prepare_dataset(written, processor.tokenizer, options, processor=processor, use_cache=False).items)
+    assert len(items) == len(offline)
+
+    def logged_mean(items):
+        values = chosen + training_path_logps(policy, items)[:, 0].tolist()
+        return sum(values) / len(values)
+
+    [logged] = [m for m in read_metrics(result.run_dir, split="train") if m["step"] == 1]
+    assert logged["logps/chosen"] == pytest.approx(logged_mean(items), abs=1e-4)
+    reversed_images = [row["images"] for row in items if row.get("images")]  # popped from the end: reversed
+    shuffled = [{**row, "images": reversed_images.pop()} if row.get("images") else row for row in items]
+    assert abs(logged_mean(shuffled) - logged_mean(items)) > 1e-3

@@ -27,7 +27,9 @@ Prompts with images (a vision-language policy; rows with ``images`` as ``dpokit 
 round's prompts are encoded with the policy's processor (never cut: a prompt longer than
 ``data.max_prompt_length`` is an error), sampled and teacher-forced with their images, judged with them (a
 judge that reads images, :mod:`dpokit.judges.base`), and trained on with them (the round's pair rows get
-their prompt's images in memory; the files name them). The dpokit engine only; no offline rows mixed in.
+their prompt's images in memory; the files name them). The dpokit engine only. Offline rows mixed in
+(``online.offline_fraction``) carry whatever images their data file gives them: the round's ``offline.jsonl``
+names them, training gets them read from that file, and they are tokenized with the policy's processor.
 """
 
 from __future__ import annotations
@@ -85,12 +87,6 @@ def run_online(
     cfg = online_config(cfg)
     # A bad prompts file fails first; rows with images are for a vision-language policy (encoding them checks that).
     prompts = read_prompt_rows(cfg.online.prompts_path, cfg.online.prompt_split, images=True)
-    pictured = next((row for row in prompts if row.images), None)
-    if pictured is not None and cfg.online.offline_fraction > 0:
-        raise ConfigError(
-            f"{pictured.where}: a prompt with images: online rounds on image prompts do not mix in offline rows yet; "
-            "set online.offline_fraction=0"
-        )
     result = run_loop(
         cfg,
         check=lambda config: config,  # online_config checked it
@@ -189,6 +185,7 @@ class OnlineLoop:
         self.run_dir, self.paths = trainer.run_dir, trainer.run_directory.paths
         self.labeller: labelling.Labeller | None = None
         self.offline: list[dict[str, Any]] | None = None
+        self.offline_images: dict[str, list[bytes]] = {}  # an offline row's images by its source (file and line)
         self.remade: set[str] = set()  # the stages of the current round made afresh (not read from their files)
         self.engine: SamplingEngine | None = None  # built at the first sampling (online.sampling.engine)
         self.sync_s: float | None = None  # seconds the last weight sync to the engine took (None: none needed)
@@ -588,10 +585,12 @@ class OnlineLoop:
                     "responses": e.responses,
                     **({"scores": e.scores} if e.scores else {}),
                     **({"truncated": e.truncated} if e.truncated else {}),
+                    **({"images": list(e.image_names or [])} if e.images else {}),  # named in the file; bytes in memory
                     "source": e.source,
                 }
                 for e in examples
             ]
+            self.offline_images = {e.source: list(e.images) for e in examples if e.images}
         return self.offline
 
     # -- training data, reference, metrics ----------------------------------------------------------
@@ -603,19 +602,26 @@ class OnlineLoop:
                 f"{self.paths.round(r) / 'round.json'}); sample more (online.samples_per_prompt, a higher "
                 "online.sampling.temperature) or lower online.min_margin"
             )
-        if self.images is not None:
-            if self.sampled is None or any("sample_indices" not in row for row in rows):
+        pictured = self.images is not None or any("images" in row for row in rows)
+        if pictured:
+            if self.sampled is None:
                 raise ConfigError(
-                    f"online round {r}: rows with images train from the sampled token ids only (no offline rows mixed "
-                    "in with online.offline_fraction, no completions file without token ids)"
+                    f"online round {r}: rows with images train from the sampled token ids only, and the round's "
+                    "completions file has none (written by an older version); delete the round's directory to sample it again"
                 )
-            images = self.images  # each online row gets its prompt's images, for the data reader and the image table
-            rows = [{**row, "images": images[int(row["prompt_index"])]} for row in rows]
+            rows = [self.row_with_images(row) for row in rows]
         if self.sampled is not None:  # the completions as the ids that were sampled
             from dpokit.online.sampled import prepare_round
 
-            unpaired = self.trainer.parts.objective.unpaired
-            prepared = prepare_round(rows, *self.sampled, self.trainer.parts.tokenizer, self.cfg.data, unpaired=unpaired)
+            parts = self.trainer.parts
+            prepared = prepare_round(
+                rows,
+                *self.sampled,
+                parts.tokenizer,
+                self.cfg.data,
+                unpaired=parts.objective.unpaired,
+                processor=parts.processor if pictured else None,
+            )
         else:
             prepared = prepare_with_config(
                 self.cfg.data,
@@ -630,6 +636,23 @@ class OnlineLoop:
         if len(prepared) == 0:
             raise TrainingError(f"online round {r}: no training examples left after tokenization: {prepared.report.summary()}")
         return Split(prepared, list(range(len(prepared))))
+
+    def row_with_images(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` with its prompt's images as bytes (for the data reader and the image table): an online row
+        gets its round prompt's, an offline row those its data file gave it (the round's files name them)."""
+        if "sample_indices" in row:
+            return row if self.images is None else {**row, "images": self.images[int(row["prompt_index"])]}
+        if "images" not in row:
+            return row
+        if not self.offline_images:
+            self.offline_pool()
+        images = self.offline_images.get(str(row.get("source")))
+        if images is None:
+            raise TrainingError(
+                f"an offline row of the round names images but its source {row.get('source')!r} is no row with images of "
+                f"data.train_path={self.cfg.data.train_path} (the data file changed since the round was written?)"
+            )
+        return {**row, "images": images}
 
     def reference_for_round(self, r: int, *, restore: bool) -> None:
         """``online.reference=refresh``: the policy at the round's start becomes the reference (saved in the

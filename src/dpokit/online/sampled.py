@@ -14,8 +14,9 @@ and then gives each online example
 
 then the data path's truncation (:func:`~dpokit.data.tokenize.truncate`) and its drop of examples whose
 responses became identical. Rows without sample indices (the offline pairs mixed in) and any example
-whose responses cannot be matched to samples are tokenized from text as before. Rows with ``images`` (a
-vision-language round: the prompt ids hold the images' tokens) keep them in the prepared round's image table.
+whose responses cannot be matched to samples are tokenized from text as before (with the policy's processor
+when they carry images). Rows with ``images`` (a vision-language round: the prompt ids hold the images' tokens;
+offline rows whose data has images) keep them in the prepared round's image table.
 """
 
 from __future__ import annotations
@@ -75,9 +76,11 @@ def prepare_round(
     data: DataConfig,
     *,
     unpaired: bool,
+    processor: Any = None,
 ) -> PreparedDataset:
     """The round's training examples: online ones from the sampled ids, the rest from text (module docstring).
-    ``prompt_ids[p]``: prompt ``p``'s ids; ``token_ids[(p, k)]``: sample ``k`` of prompt ``p`` as sampled."""
+    ``prompt_ids[p]``: prompt ``p``'s ids; ``token_ids[(p, k)]``: sample ``k`` of prompt ``p`` as sampled.
+    ``processor``: the policy's processor, which tokenizes the text rows that carry images (offline rows)."""
     examples, read_report = read_preferences(
         rows, format="ranked", ranked_mode=data.ranked_mode, unpaired=unpaired, score_threshold=data.score_threshold
     )
@@ -112,7 +115,8 @@ def prepare_round(
     taken = set(given_index)
     text = [i for i in range(len(examples)) if i not in taken]
     if text:
-        text_columns, text_kept, text_report = tokenize_examples([examples[i] for i in text], tokenizer, **settings)
+        text_examples = [examples[i] for i in text]
+        text_columns, text_kept, text_report = tokenize_examples(text_examples, tokenizer, **settings, processor=processor)
         columns = TokenizedColumns.concat([columns, text_columns])
         kept = np.concatenate([kept, np.asarray([text[i] for i in text_kept], dtype=np.int64)])
         _add_counts(report, text_report)
