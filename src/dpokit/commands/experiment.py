@@ -78,7 +78,8 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default=None,
-        help=f"sentiment only: comma-separated subset of {','.join(sentiment.ALL_METHODS)} (default: the mode's)",
+        help=f"sentiment: comma-separated subset of {','.join(sentiment.ALL_METHODS)}; shapes: of "
+        "dpo,dpo+nll,preferred-ft,online (default: the mode's)",
     )
     parser.add_argument(
         "--self-reward",
@@ -230,14 +231,22 @@ def run_ood(args: argparse.Namespace) -> int:
 
 
 def run_shapes(args: argparse.Namespace) -> int:
-    from dpokit.errors import ConfigError
-    from dpokit.experiments.shapes_experiment import run_shapes_experiment, summary_markdown
+    import dataclasses
 
+    from dpokit.errors import ConfigError
+    from dpokit.experiments.sentiment import resolve_mode
+    from dpokit.experiments.shapes_experiment import ARMS, MODES, run_shapes_experiment, summary_markdown
+
+    settings = resolve_mode(args.mode, MODES)
     if args.methods is not None:
-        raise ConfigError("--methods applies to the sentiment experiment; the shapes experiment runs its arms of its --mode")
+        arms = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        unknown = sorted(set(arms) - set(ARMS))
+        if unknown or not arms:
+            raise ConfigError(f"--methods {args.methods!r}: the shapes experiment's arms are {','.join(ARMS)}")
+        settings = dataclasses.replace(settings, arms=arms)
     out_dir = args.out or f"runs/shapes-{args.mode}"
     result = run_shapes_experiment(
-        args.mode, out_dir, threads=args.threads, log=lambda line: print(line, file=sys.stderr, flush=True)
+        settings, out_dir, threads=args.threads, log=lambda line: print(line, file=sys.stderr, flush=True)
     )
     print(summary_markdown(result))
     print(f"wrote {out_dir}/frontier.png, results.json, results.md")

@@ -49,8 +49,15 @@ from dpokit.experiments.results import ResultStore, StoredRun
 from dpokit.experiments.shapes import COLOURS, build_tiny_vlm, colour_reward, shape_colour, shapes_rows
 
 Log = Callable[[str], None]
-ARMS = ("dpo", "dpo+nll", "preferred-ft")
-ARM_LABELS = {"dpo": "DPO", "dpo+nll": "DPO + NLL(chosen)", "preferred-ft": "Preferred-FT", "sft": "SFT (reference)"}
+ARMS = ("dpo", "dpo+nll", "preferred-ft", "online")
+ARM_LABELS = {
+    "dpo": "DPO",
+    "dpo+nll": "DPO + NLL(chosen)",
+    "preferred-ft": "Preferred-FT",
+    "online": "Online DPO (ground-truth judge)",
+    "sft": "SFT (reference)",
+}
+ONLINE_JUDGE = "reward:dpokit.experiments.shapes:colour_reward"
 Z95 = 1.959964
 
 
@@ -77,6 +84,7 @@ class ShapesSettings:
     grad_accumulation: int = 8  # 128 rows per optimizer step
     checkpoint_every: int = 10
     max_new_tokens: int = 8
+    online_samples: int = 4  # the online arm: completions per prompt, batch_size x grad_accumulation prompts per round
     seed: int = 0
 
     def key(self) -> str:
@@ -100,7 +108,7 @@ MODES: dict[str, ShapesSettings] = {
         batch_size=8,
         grad_accumulation=1,
         checkpoint_every=2,
-        arms=("dpo", "preferred-ft"),
+        arms=("dpo", "preferred-ft", "online"),
     ),
 }
 
@@ -375,7 +383,28 @@ class ShapesExperiment:
             )
         if "preferred-ft" in s.arms:
             runs.append(("preferred-ft", ARM_LABELS["preferred-ft"], [{"name": "sft"}], None))
+        if "online" in s.arms:
+            runs.append((f"online-beta{s.betas[0]:g}", ARM_LABELS["online"], [{"name": "sigmoid"}], s.betas[0]))
         return runs
+
+    def online_config(self, cfg: Any) -> Any:
+        """``cfg`` (an arm's trainer config) made an online run: one round per optimizer step, each sampling
+        ``online_samples`` answers to as many of the pairs' prompts (with their images) as a step holds rows,
+        labelled by the ground truth (:data:`ONLINE_JUDGE`), best against worst (ties dropped), the SFT
+        model the fixed reference."""
+        s = self.s
+        cfg.data.train_path = None
+        cfg.optim.max_steps = None
+        cfg.reference.strategy = "copy"
+        online = cfg.online
+        online.prompts_path = str(self.out / "data" / "pairs.jsonl")
+        online.rounds, online.steps_per_round = s.steps, 1
+        online.prompts_per_round = s.batch_size * s.grad_accumulation
+        online.samples_per_prompt = s.online_samples
+        online.pairs, online.judge, online.reference = "best_vs_worst", ONLINE_JUDGE, "fixed"
+        online.sampling.max_new_tokens = s.max_new_tokens
+        online.sampling.temperature = 1.0
+        return cfg
 
     def run_arm(self, run: str, method: str, terms: list[dict[str, Any]], beta: float | None) -> list[FrontierPoint]:
         """One trainer run from the SFT model on the pairs, every checkpoint evaluated (stored once done)."""
@@ -405,7 +434,12 @@ class ShapesExperiment:
             lr=self.s.lr,
             checkpoint_every=self.s.checkpoint_every,
         )
-        train(cfg)
+        if method == ARM_LABELS["online"]:
+            from dpokit.online import run_online
+
+            run_online(self.online_config(cfg))
+        else:
+            train(cfg)
         points = []
         for step, path in find_checkpoints(run_dir):
             if step is not None:
