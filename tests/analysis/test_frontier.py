@@ -314,3 +314,78 @@ def test_frontier_command_on_vllm_without_a_server_url_is_refused_before_loading
     assert main([*arguments, "--engine", "vllm", "--out", str(tmp_path / "out")]) == 2
     assert "--engine vllm needs --engine-url" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def vlm_runs(tmp_path_factory):
+    """A tiny LLaVA reference and a run with two checkpoints: the reference itself (step 1) and another
+    LLaVA (step 2, another seed); 3 prompts rows of the shapes task with their images (paths relative to the file)."""
+    import shutil
+
+    from dpokit.experiments.shapes import build_tiny_vlm, shapes_rows
+
+    root = tmp_path_factory.mktemp("vlm-frontier")
+    reference = build_tiny_vlm(root / "reference", "llava", seed=0)
+    shutil.copytree(reference, root / "run" / "checkpoint-1" / "model")
+    build_tiny_vlm(root / "run" / "checkpoint-2" / "model", "llava", seed=1)
+    rows = [{"images": row["images"], "prompt": row["prompt"]} for row in shapes_rows(root, 3, seed=6)]
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return root, reference, prompts, rows
+
+
+def test_frontier_on_image_prompts_samples_scores_and_rewards_each_checkpoint_with_the_images(vlm_runs, tmp_path):
+    """`dpokit frontier` with a prompts file of image rows (tiny LLaVA, two checkpoints): the reference's own
+    checkpoint is at KL exactly 0; the other's KL is the mean of log pi - log pi_ref of its samples (the dpokit
+    engine's with the images, same seed) through the training log-prob path with the images (1e-4; with another
+    prompt's image it is another number), and its reward is the image-dependent reward of those samples with
+    their own images."""
+    from dpokit.commands.main import main
+    from dpokit.generation import DpokitEngine, SamplingConfig, encode_prompts
+    from dpokit.models import LoadOptions, load_policy
+    from tests.judges.fakes import pixel_length_reward
+    from tests.test_vlm_judging import training_path_logps
+
+    root, reference, prompts, rows = vlm_runs
+    reward = "tests.judges.fakes:pixel_length_reward"
+    arguments = ["frontier", f"dpo={root / 'run'}", "--reference", str(reference), "--prompts", str(prompts)]
+    arguments += ["--reward", reward, "--out", str(tmp_path / "out"), "--max-new-tokens", "4", "--num-samples", "2"]
+    assert main([*arguments, "--dtype", "float32", "--device", "cpu"]) == 0
+    points = {p["step"]: p for p in json.loads((tmp_path / "out/results.json").read_text())["points"] if p["run"] == "dpo"}
+    assert points[1]["kl_mean"] == 0.0 and set(points) == {1, 2}
+
+    policy_dir = root / "run" / "checkpoint-2" / "model"
+    policy = load_policy(policy_dir, LoadOptions("float32", "cpu"))
+    images = [[(root / row["images"][0]).read_bytes()] for row in rows]
+    _, ids = encode_prompts(policy.tokenizer, [row["prompt"] for row in rows], images=images, processor=policy.processor)
+    engine = DpokitEngine(policy.model, policy.tokenizer, processor=policy.processor)
+    sampled = engine.sample(ids, SamplingConfig(4, 1.0, 1.0, 0, 2, seed=0), images)
+
+    def kl(shift):
+        items = [
+            {"prompt_ids": ids[c.prompt_index], "response_ids": [c.token_ids], "images": images[(c.prompt_index + shift) % 3]}
+            for c in sampled
+        ]
+        values = (training_path_logps(policy_dir, items) - training_path_logps(reference, items))[:, 0]
+        return float(values.mean())
+
+    assert points[2]["kl_mean"] == pytest.approx(kl(0), abs=1e-4)
+    assert abs(kl(1) - kl(0)) > 1e-3
+    expected = pixel_length_reward(None, [c.text for c in sampled], [images[c.prompt_index] for c in sampled])
+    assert points[2]["reward_mean"] == pytest.approx(sum(expected) / len(expected), rel=1e-9)
+    assert points[2]["num_samples"] == 6
+
+
+def test_frontier_on_image_prompts_refuses_vllm_and_a_text_only_reward_before_loading_models(vlm_runs, tmp_path, capsys):
+    from dpokit.commands.main import main
+
+    root, reference, prompts, _ = vlm_runs
+    arguments = ["frontier", str(root / "run"), "--reference", str(reference), "--prompts", str(prompts)]
+    arguments += ["--out", str(tmp_path / "out")]
+    vllm = ["--engine", "vllm", "--engine-url", "http://127.0.0.1:9", "--reward", "tests.judges.fakes:pixel_length_reward"]
+    assert main([*arguments, *vllm]) == 2
+    assert "prompts with images are sampled with the dpokit engine only" in capsys.readouterr().err
+    assert main([*arguments, "--reward", "dpokit.experiments.reward:vader_reward"]) == 2
+    error = capsys.readouterr().err
+    assert "prompts.jsonl:line 1: the prompt has images but reward" in error and "names no 'images' parameter" in error
+    assert not (tmp_path / "out").exists()

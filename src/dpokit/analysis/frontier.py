@@ -23,6 +23,12 @@ log-probs are teacher-forced here on the same sampled token ids; each point then
 ``engine_logp_gap``, the largest per-token difference between the log-probs the engine reported and
 the policy's here -- the check that the server sampled from the checkpoint being evaluated.
 
+Prompts with images (a vision-language reference and checkpoints; rows with ``images`` as ``dpokit generate``
+reads them, chat prompts with image parts allowed): each prompt is encoded with the reference's processor (each
+image as its tokens), every model samples it with its images and both log-probs are teacher-forced with them, and
+the reward function gets ``images=`` (per completion, its prompt's images) -- it must name an ``images``
+parameter, as a judge's must (e.g. ``dpokit.experiments.shapes:colour_reward``). The dpokit engine only.
+
 Entry points: :func:`estimate_reward_kl` (one policy), :func:`plot_frontier` /
 :func:`write_results` (many points), and :func:`run_frontier` (a :class:`FrontierJob`, behind
 ``dpokit frontier``).
@@ -41,6 +47,7 @@ from typing import Any
 
 import torch
 
+from dpokit.data.prompts import Prompt, PromptRow, read_prompt_rows
 from dpokit.errors import ConfigError, DataError
 from dpokit.generation import (
     EngineOptions,
@@ -49,12 +56,16 @@ from dpokit.generation import (
     VllmEngine,
     decode_completions,
     encode_prompts,
-    sample_with_kl,
+    generate,
     stop_token_ids,
 )
 from dpokit.generation.engines import engine_logp_gap, policy_logps
+from dpokit.judges.reward import takes_images
 from dpokit.models import LoadOptions, pad_id_of
 from dpokit.scoring import RewardFn, load_reward
+
+Images = Sequence[Sequence[bytes]]  # per prompt, its images (encoded files)
+IMAGE_ENGINE = "prompts with images are sampled with the dpokit engine only (--engine dpokit), not vLLM"
 
 
 def _mean_sem(values: Sequence[float]) -> tuple[float, float]:
@@ -70,7 +81,7 @@ def estimate_reward_kl(
     policy: torch.nn.Module,
     reference: torch.nn.Module,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     reward_fn: RewardFn,
     num_samples: int,
     max_new_tokens: int,
@@ -79,6 +90,8 @@ def estimate_reward_kl(
     batch_size: int = 128,
     keep_samples: int = 0,
     engine: SamplingEngine | None = None,
+    images: Images | None = None,
+    processor: Any = None,
 ) -> dict[str, Any]:
     """Mean ground-truth reward and sequence KL(pi || pi_ref) from samples of ``policy``.
 
@@ -91,41 +104,34 @@ def estimate_reward_kl(
     sampling from ``policy``'s weights: a vLLM server that loaded them); ``policy`` and ``reference``
     then score the sampled token ids, and ``engine_logp_gap`` is added when the engine reports log-probs.
 
+    ``images`` (per prompt) with the models' ``processor``: the prompts are encoded with each image as its
+    tokens, sampled and teacher-forced with the images (the dpokit engine only), and ``reward_fn`` is also
+    given ``images=`` (per completion, its prompt's). Chat prompts are formatted with the chat template;
+    ``reward_fn`` gets the formatted text.
+
     Returns ``reward_mean``, ``reward_sem``, ``kl_mean``, ``kl_sem`` (standard errors of the means),
     ``num_samples`` (total), ``mean_length`` (completion tokens) and, when ``keep_samples > 0``,
     ``samples``: the first few ``{"prompt", "completion", "reward", "kl"}``.
     """
-    _, prompt_ids = encode_prompts(tokenizer, prompts)
-    extra: dict[str, Any] = {}
+    pictured = images is not None and any(images)
+    if pictured and engine is not None:
+        raise ConfigError(IMAGE_ENGINE)
+    texts, prompt_ids = encode_prompts(tokenizer, prompts, images=images if pictured else None, processor=processor)
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=num_samples, seed=seed
+    )
+    pictures = {"images": images, "image_processor": getattr(processor, "image_processor", None)} if pictured else {}
     if engine is None:
-        completions, kl_values = sample_with_kl(
-            policy,
-            reference,
-            prompt_ids,
-            max_new_tokens=max_new_tokens,
-            stop_token_ids=stop_token_ids(tokenizer),
-            pad_token_id=pad_id_of(tokenizer),
-            seed=seed,
-            num_samples=num_samples,
-            batch_size=batch_size,
+        indices, lengths, completion_texts, kls, extra = _sample_here(
+            policy, reference, tokenizer, prompt_ids, sampling, batch_size, **pictures
         )
-        kls = kl_values.tolist()
-        indices = [c.prompt_index for c in completions]
-        lengths = [len(c.token_ids) for c in completions]
-        completion_texts = decode_completions(tokenizer, completions)
     else:
-        sampling = SamplingConfig(
-            max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=num_samples, seed=seed
+        indices, lengths, completion_texts, kls, extra = _sample_on_engine(
+            engine, policy, reference, tokenizer, prompt_ids, sampling, batch_size
         )
-        sampled = engine.sample(prompt_ids, sampling)
-        rows, ids = [prompt_ids[c.prompt_index] for c in sampled], [c.token_ids for c in sampled]
-        logps = policy_logps(policy, rows, ids, tokenizer=tokenizer, batch_size=batch_size)
-        reference_logps = policy_logps(reference, rows, ids, tokenizer=tokenizer, batch_size=batch_size)
-        kls = [p - r for p, r in zip(logps, reference_logps, strict=True)]
-        indices, lengths, completion_texts = [c.prompt_index for c in sampled], [len(i) for i in ids], [c.text for c in sampled]
-        extra["engine_logp_gap"] = engine_logp_gap(sampled, logps)
-    prompt_texts = [prompts[i] for i in indices]
-    rewards = [float(r) for r in reward_fn(prompts=prompt_texts, completions=completion_texts)]
+    prompt_texts = [texts[i] for i in indices]
+    given = {"images": [images[i] for i in indices]} if images is not None and pictured else {}
+    rewards = [float(r) for r in reward_fn(prompts=prompt_texts, completions=completion_texts, **given)]
     if len(rewards) != len(completion_texts):
         raise ConfigError(f"the reward function returned {len(rewards)} rewards for {len(completion_texts)} completions")
     reward_mean, reward_sem = _mean_sem(rewards)
@@ -145,6 +151,55 @@ def estimate_reward_kl(
             for p, c, r, k in list(zip(prompt_texts, completion_texts, rewards, kls, strict=True))[:keep_samples]
         ]
     return result
+
+
+Sampled = tuple[list[int], list[int], list[str], list[float], dict[str, Any]]  # prompt index, length, text, KL; extras
+
+
+def _sample_here(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    sampling: SamplingConfig,
+    batch_size: int,
+    images: Images | None = None,
+    image_processor: Any = None,
+) -> Sampled:
+    """The policy's samples drawn here, both log-probs teacher-forced on the same rows (with the images)."""
+    completions = generate(
+        policy,
+        prompt_ids,
+        sampling,
+        stop_token_ids=stop_token_ids(tokenizer),
+        pad_token_id=pad_id_of(tokenizer),
+        batch_size=batch_size,
+        reference=reference,
+        images=images,
+        image_processor=image_processor,
+    )
+    kls = [float(c.policy_logp) - float(c.reference_logp) for c in completions]  # type: ignore[arg-type]  # filled
+    texts = decode_completions(tokenizer, completions)
+    return [c.prompt_index for c in completions], [len(c.token_ids) for c in completions], texts, kls, {}
+
+
+def _sample_on_engine(
+    engine: SamplingEngine,
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    sampling: SamplingConfig,
+    batch_size: int,
+) -> Sampled:
+    """The engine's samples, both log-probs teacher-forced here on its sampled ids (and the engine's gap)."""
+    sampled = engine.sample(prompt_ids, sampling)
+    rows, ids = [prompt_ids[c.prompt_index] for c in sampled], [c.token_ids for c in sampled]
+    logps = policy_logps(policy, rows, ids, tokenizer=tokenizer, batch_size=batch_size)
+    reference_logps = policy_logps(reference, rows, ids, tokenizer=tokenizer, batch_size=batch_size)
+    kls = [p - r for p, r in zip(logps, reference_logps, strict=True)]
+    indices, lengths = [c.prompt_index for c in sampled], [len(i) for i in ids]
+    return indices, lengths, [c.text for c in sampled], kls, {"engine_logp_gap": engine_logp_gap(sampled, logps)}
 
 
 class CheckpointServer:
@@ -479,6 +534,22 @@ def read_text_prompts(path: str | Path) -> list[str]:
     return texts
 
 
+def read_frontier_prompts(path: str | Path) -> list[PromptRow]:
+    """The frontier's prompts: text prompts as :func:`read_text_prompts` reads them, and rows with images
+    for a vision-language model (read and checked as ``dpokit generate`` reads them; their prompts may be chat
+    messages with image parts, formatted with the chat template)."""
+    rows = read_prompt_rows(path, images=True)
+    if not rows:
+        raise DataError(f"prompts file {path} has no prompts")
+    for row in rows:
+        if not isinstance(row.prompt, str) and not row.images:
+            raise DataError(
+                f"{row.where}: the prompt is a list of chat messages; the frontier needs text prompts (chat messages "
+                "only in rows with images, for a vision-language model)"
+            )
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 # A whole frontier: dpokit frontier
 # --------------------------------------------------------------------------------------------------
@@ -516,9 +587,20 @@ def run_frontier(job: FrontierJob, *, log: Callable[[str], None] | None = None) 
     from dpokit.models import load_policy
 
     say = log or (lambda line: None)
-    reward_fn = load_reward(job.reward, device=job.load.device)
-    prompts = read_text_prompts(job.prompts)[: job.max_prompts]
+    rows = read_frontier_prompts(job.prompts)[: job.max_prompts]
+    prompts = [row.prompt for row in rows]
+    images = [list(row.images) for row in rows] if any(row.images for row in rows) else None
     job.engine.validate()
+    if images is not None and job.engine.engine != "dpokit":
+        raise ConfigError(IMAGE_ENGINE)
+    reward_fn = load_reward(job.reward, device=job.load.device)
+    if images is not None and not takes_images(reward_fn):
+        where = next(row.where for row in rows if row.images)
+        raise ConfigError(
+            f"{where}: the prompt has images but reward {job.reward} reads text only (it names no 'images' parameter); "
+            "give a reward function that takes images= (per completion, its prompt's images), e.g. "
+            "dpokit.experiments.shapes:colour_reward"
+        )
     reference = load_policy(job.reference, job.load)
     server = CheckpointServer(job.reference, job.engine, job.load) if job.engine.engine == "vllm" else None
 
@@ -533,6 +615,8 @@ def run_frontier(job: FrontierJob, *, log: Callable[[str], None] | None = None) 
             job.max_new_tokens,
             job.seed,
             engine=engine,
+            images=images,
+            processor=reference.processor,
         )
 
     try:
