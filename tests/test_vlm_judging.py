@@ -315,7 +315,8 @@ def test_online_rounds_on_image_prompts_mix_in_offline_rows_with_their_images(mo
     gives them) are tokenized with the processor and trained on with their images beside the sampled pairs: the
     step's logged mean chosen log-prob equals the sampled pairs' chosen log-probs and the offline rows' through the
     training path with their images (1e-4; with the offline images swapped it is another number); the round's
-    offline.jsonl names each offline row's image."""
+    offline.jsonl names each offline row's image. The same file as online.heldout_path is evaluated with its
+    images: the round's held-out mean chosen log-prob is the trained model's through the training path."""
     from dpokit.config import load_config
     from dpokit.data import PrepareOptions, prepare_dataset
     from dpokit.models import LoadOptions, load_policy
@@ -328,7 +329,7 @@ def test_online_rounds_on_image_prompts_mix_in_offline_rows_with_their_images(mo
     text_only = {"prompt": "Name a colour.", "chosen": "It is red.", "rejected": "It is blue."}
     data.write_text(data.read_text() + json.dumps(text_only) + "\n", encoding="utf-8")
     overrides = [*online_overrides(policy, path, tmp_path), f"data.train_path={data}", "online.offline_fraction=0.5"]
-    result = run_online(load_config(None, overrides))
+    result = run_online(load_config(None, [*overrides, f"online.heldout_path={data}"]))
     completions, pairs, offline = read_round(result.round_dir(0), "completions", "pairs", "offline")
     pictured = [row for row in offline if "images" in row]
     assert len(offline) == len(pairs) == result.rounds[0]["offline"] and len(pictured) < len(offline)
@@ -352,3 +353,6 @@ def test_online_rounds_on_image_prompts_mix_in_offline_rows_with_their_images(mo
     reversed_images = [row["images"] for row in items if row.get("images")]  # popped from the end: reversed
     shuffled = [{**row, "images": reversed_images.pop()} if row.get("images") else row for row in items]
     assert abs(logged_mean(shuffled) - logged_mean(items)) > 1e-3
+    heldout = list(prepare_dataset(data, processor.tokenizer, options, processor=processor, use_cache=False).items)
+    trained = training_path_logps(result.run_dir / "final", heldout)[:, 0]
+    assert result.rounds[0]["heldout/logps/chosen"] == pytest.approx(float(trained.mean()), abs=1e-4)

@@ -115,7 +115,10 @@ def heldout_data(cfg: TrainConfig) -> DataSource:
         path = cfg.online.heldout_path or d.eval_path
         heldout = None
         if path:
-            prepared = prepare_with_config(d, path, tokenizer, split=d.eval_split, unpaired=unpaired)
+            from dpokit.models import load_processor
+
+            processor = load_processor(cfg.model)  # a vision-language policy's, for held-out pairs with images
+            prepared = prepare_with_config(d, path, tokenizer, split=d.eval_split, unpaired=unpaired, processor=processor)
             heldout = Split(prepared, list(range(len(prepared)))[: cfg.eval.max_examples])
         return Split.of_items([]), heldout
 
