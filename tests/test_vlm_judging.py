@@ -281,8 +281,11 @@ def round_prompt_ids(policy, prompts, images):
 def test_self_labelling_on_image_prompts_scores_each_completion_with_its_implicit_reward_with_its_image(models, tmp_path):
     """`online.judge: self` on image prompts (the policy's own implicit reward against reference.name_or_path, another
     LLaVA): every score of the round is beta * (log pi - log pi_ref) of its completion with its prompt's image, as the
-    trainer's log-prob path computes it (1e-4); with the next prompt's image the rewards are other numbers."""
+    trainer's log-prob path computes it (1e-4); with the next prompt's image the rewards are other numbers. A frozen
+    `implicit:POLICY,reference=...` judge (which scores the completions' text as `dpokit score` does) is handed each
+    completion with its own prompt's image."""
     from dpokit.config import load_config
+    from dpokit.models import LoadOptions
     from dpokit.online import run_online
 
     policy, baseline = models
@@ -308,6 +311,15 @@ def test_self_labelling_on_image_prompts_scores_each_completion_with_its_implici
     assert [j["score"] for j in judgments] == pytest.approx(expected.tolist(), abs=1e-4)
     assert (rewards(1) - expected).abs().max() > 1e-3  # the images matter: a score without its own image would fail
     assert result.rounds[0]["pairs"] > 0 and result.global_step == 1
+    spec = f"implicit:{policy},reference={baseline},beta=0.5"
+    again = run_online(load_config(None, online_overrides(policy, path, tmp_path / "frozen", judge=spec)))
+    samples, judged = read_round(again.round_dir(0), "completions", "judgments")
+    judge = load_judge(spec, load=LoadOptions("float32", "cpu"))
+    texts, asked = [c["completion"] for c in samples], [prompts[c["prompt_index"]]["prompt"] for c in samples]
+    own = judge.score(asked, texts, [images[c["prompt_index"]] for c in samples])
+    assert [j["score"] for j in judged] == pytest.approx(own, abs=1e-5)
+    shifted = judge.score(asked, texts, [images[(c["prompt_index"] + 1) % 4] for c in samples])
+    assert max(abs(a - b) for a, b in zip(own, shifted, strict=True)) > 1e-3  # the judge reads the images
 
 
 def test_online_rounds_on_image_prompts_mix_in_offline_rows_with_their_images(models, tmp_path):
