@@ -20,12 +20,16 @@ DESCRIPTION = (
     "KL(policy || reference) from the same samples, and write frontier.png, results.json and results.md. "
     "With --engine vllm a vLLM server serving the reference samples: each checkpoint is loaded into it in turn "
     "(a LoRA adapter at run time, full weights in place) and both log-probs are computed here on the sampled "
-    "tokens; the server gets the reference's weights back at the end."
+    "tokens; the server gets the reference's weights back at the end. Prompts rows with images (a vision-language "
+    "reference and checkpoints; the dpokit engine only) are sampled and teacher-forced with their images, and the "
+    "reward function, which must name an 'images' parameter, gets them too."
 )
 EPILOG = """examples:
   dpokit frontier runs/dpo-b0.1 runs/dpo-b0.5 sft=runs/sft --reference models/sft --prompts prompts.txt \\
       --reward dpokit.experiments.reward:vader_reward --out frontier/
   dpokit frontier runs/dpo --reference models/sft --prompts eval.jsonl --reward models/sentiment-classifier
+  dpokit frontier runs/shapes-full/runs/dpo-beta0.1 --reference runs/shapes-full/runs/sft/final \
+      --prompts runs/shapes-full/data/eval.jsonl --reward dpokit.experiments.shapes:colour_reward   # image prompts
   dpokit frontier runs/dpo --reference models/sft --prompts prompts.txt --reward dpokit.experiments.reward:vader_reward \\
       --engine vllm --engine-url http://127.0.0.1:8000   # a server started on models/sft (docs/vllm.md)"""
 
@@ -38,11 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("runs", nargs="+", help="run or model directories; NAME=DIR sets the series name")
     parser.add_argument("--reference", required=True, help="reference model directory (pi_ref)")
-    parser.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl with 'prompt'")
+    parser.add_argument(
+        "--prompts",
+        required=True,
+        help="prompts: .txt (one per line) or .jsonl with 'prompt' (and 'images', for a vision-language model)",
+    )
     parser.add_argument(
         "--reward",
         required=True,
-        help="'module:function' (prompts=, completions= -> list of floats) or a sequence-classification model dir",
+        help="'module:function' (prompts=, completions= [, images= for image prompts] -> list of floats) or a "
+        "sequence-classification model dir",
     )
     parser.add_argument("--out", default=default("out"), help=f"output directory (default: ./{default('out')})")
     parser.add_argument(
