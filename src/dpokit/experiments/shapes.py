@@ -327,6 +327,7 @@ def _gemma3(tokenizer: Any, hidden_size: int, layers: int, image_size: int, patc
     """Gemma 3: a SigLIP tower, average pooling to 4 tokens per image, a Gemma 3 language model whose image
     tokens attend to each other both ways (``token_type_ids``); each image is ``\\n\\n<start_of_image>``,
     its tokens and ``<end_of_image>\\n\\n``."""
+    import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
 
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _NAMED["gemma3"].items()}
@@ -345,7 +346,12 @@ def _gemma3(tokenizer: Any, hidden_size: int, layers: int, image_size: int, patc
     processor = Gemma3Processor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template("<start_of_image>"), image_seq_length=4
     )
-    return Gemma3ForConditionalGeneration(config), processor
+    model = Gemma3ForConditionalGeneration(config)
+    # transformers initialises the projector's weight to zeros (every image would embed to zero vectors and the
+    # model could not see its images); a checkpoint's is trained: give it the initializer's normal draw.
+    projection = model.model.multi_modal_projector.mm_input_projection_weight
+    torch.nn.init.normal_(projection, std=float(config.initializer_range or 0.02))
+    return model, processor
 
 
 def build_tiny_vlm(
