@@ -56,7 +56,7 @@ from dpokit.generation import (
     VllmEngine,
     decode_completions,
     encode_prompts,
-    generate,
+    sample_with_kl,
     stop_token_ids,
 )
 from dpokit.generation.engines import engine_logp_gap, policy_logps
@@ -113,14 +113,15 @@ def estimate_reward_kl(
     ``num_samples`` (total), ``mean_length`` (completion tokens) and, when ``keep_samples > 0``,
     ``samples``: the first few ``{"prompt", "completion", "reward", "kl"}``.
     """
-    pictured = images is not None and any(images)
-    if pictured and engine is not None:
+    pictured = images if images is not None and any(images) else None
+    if pictured is not None and engine is not None:
         raise ConfigError(IMAGE_ENGINE)
-    texts, prompt_ids = encode_prompts(tokenizer, prompts, images=images if pictured else None, processor=processor)
+    texts, prompt_ids = encode_prompts(tokenizer, prompts, images=pictured, processor=processor)
     sampling = SamplingConfig(
         max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=num_samples, seed=seed
     )
-    pictures = {"images": images, "image_processor": getattr(processor, "image_processor", None)} if pictured else {}
+    image_processor = getattr(processor, "image_processor", None)
+    pictures = {"images": pictured, "image_processor": image_processor} if pictured is not None else {}
     if engine is None:
         indices, lengths, completion_texts, kls, extra = _sample_here(
             policy, reference, tokenizer, prompt_ids, sampling, batch_size, **pictures
@@ -130,7 +131,7 @@ def estimate_reward_kl(
             engine, policy, reference, tokenizer, prompt_ids, sampling, batch_size
         )
     prompt_texts = [texts[i] for i in indices]
-    given = {"images": [images[i] for i in indices]} if images is not None and pictured else {}
+    given = {"images": [pictured[i] for i in indices]} if pictured is not None else {}
     rewards = [float(r) for r in reward_fn(prompts=prompt_texts, completions=completion_texts, **given)]
     if len(rewards) != len(completion_texts):
         raise ConfigError(f"the reward function returned {len(rewards)} rewards for {len(completion_texts)} completions")
@@ -167,20 +168,21 @@ def _sample_here(
     image_processor: Any = None,
 ) -> Sampled:
     """The policy's samples drawn here, both log-probs teacher-forced on the same rows (with the images)."""
-    completions = generate(
+    completions, kls = sample_with_kl(
         policy,
+        reference,
         prompt_ids,
-        sampling,
+        max_new_tokens=sampling.max_new_tokens,
         stop_token_ids=stop_token_ids(tokenizer),
         pad_token_id=pad_id_of(tokenizer),
+        seed=sampling.seed,
+        num_samples=sampling.num_samples,
         batch_size=batch_size,
-        reference=reference,
         images=images,
         image_processor=image_processor,
     )
-    kls = [float(c.policy_logp) - float(c.reference_logp) for c in completions]  # type: ignore[arg-type]  # filled
     texts = decode_completions(tokenizer, completions)
-    return [c.prompt_index for c in completions], [len(c.token_ids) for c in completions], texts, kls, {}
+    return [c.prompt_index for c in completions], [len(c.token_ids) for c in completions], texts, kls.tolist(), {}
 
 
 def _sample_on_engine(

@@ -517,6 +517,8 @@ def sample_with_kl(
     seed: int = 0,
     num_samples: int = 1,
     batch_size: int = 128,
+    images: Sequence[Sequence[bytes]] | None = None,
+    image_processor: Any = None,
 ) -> tuple[list[Completion], torch.Tensor]:
     """Sample ``y_i ~ pi(.|x_i)`` (temperature 1, full softmax) and return the completions and
     ``log pi(y_i|x_i) - log pi_ref(y_i|x_i)`` (N,), float64.
@@ -524,6 +526,7 @@ def sample_with_kl(
     Both log-probs are recomputed by one teacher-forced forward each over the same padded rows, so
     the two terms differ only by the model. The mean of the returned vector estimates the
     sequence-level KL(pi || pi_ref); when ``reference is policy`` every term is exactly 0.
+    ``images`` / ``image_processor``: as :func:`generate` takes them (sampled and teacher-forced with them).
     """
     sampling = SamplingConfig(
         max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, num_samples=num_samples, seed=seed
@@ -536,6 +539,8 @@ def sample_with_kl(
         pad_token_id=pad_token_id,
         batch_size=batch_size,
         reference=reference,
+        images=images,
+        image_processor=image_processor,
     )
     # With a reference, generate fills both log-probs of every completion (they are None otherwise).
     kl = torch.tensor([c.policy_logp - c.reference_logp for c in completions], dtype=torch.float64)  # type: ignore[operator]
