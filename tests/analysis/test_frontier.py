@@ -16,7 +16,7 @@ from dpokit.analysis.frontier import (
     dominance_summary,
     estimate_reward_kl,
     find_checkpoints,
-    read_text_prompts,
+    read_frontier_prompts,
     write_results,
 )
 from dpokit.errors import ConfigError, DataError
@@ -258,10 +258,10 @@ def test_find_checkpoints_orders_by_step_with_the_final_export_last(tmp_path):
 
 def test_read_prompts_from_text_and_jsonl_with_located_errors(tmp_path):
     (tmp_path / "p.txt").write_text("first\n\nsecond\n")
-    assert read_text_prompts(tmp_path / "p.txt") == ["first", "second"]
+    assert [row.prompt for row in read_frontier_prompts(tmp_path / "p.txt")] == ["first", "second"]
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": 3}\n')
     with pytest.raises(DataError, match=r"p.jsonl:line 2: field 'prompt'"):
-        read_text_prompts(tmp_path / "p.jsonl")
+        read_frontier_prompts(tmp_path / "p.jsonl")
 
 
 def test_frontier_command_evaluates_saved_runs_end_to_end(tmp_path):

@@ -519,27 +519,11 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int | None, Path]]:
     return sorted(with_steps, key=lambda sp: (sp[0] is None, sp[0] or 0, str(sp[1])))
 
 
-def read_text_prompts(path: str | Path) -> list[str]:
-    """Text prompts from a ``.txt`` file (one per line) or JSONL/JSON rows with a ``prompt`` field, read
-    as ``dpokit generate`` reads them; the frontier samples raw continuations, so chat-message prompts
-    are refused."""
-    from dpokit.data.prompts import read_prompts
-
-    prompts = read_prompts(path)
-    if not prompts:
-        raise DataError(f"prompts file {path} has no prompts")
-    texts: list[str] = []
-    for number, prompt in enumerate(prompts, start=1):
-        if not isinstance(prompt, str):
-            raise DataError(f"{path}: prompt {number} is a list of chat messages; the frontier needs text prompts")
-        texts.append(prompt)
-    return texts
-
-
 def read_frontier_prompts(path: str | Path) -> list[PromptRow]:
-    """The frontier's prompts: text prompts as :func:`read_text_prompts` reads them, and rows with images
-    for a vision-language model (read and checked as ``dpokit generate`` reads them; their prompts may be chat
-    messages with image parts, formatted with the chat template)."""
+    """The frontier's prompts, read and checked as ``dpokit generate`` reads them: text prompts from a ``.txt``
+    file (one per line) or rows with a ``prompt`` field (the frontier samples raw continuations, so chat-message
+    prompts are refused), and rows with images for a vision-language model (their prompts may be chat messages
+    with image parts, formatted with the chat template)."""
     rows = read_prompt_rows(path, images=True)
     if not rows:
         raise DataError(f"prompts file {path} has no prompts")
