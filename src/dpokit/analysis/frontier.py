@@ -36,11 +36,12 @@ Entry points: :func:`estimate_reward_kl` (one policy), :func:`plot_frontier` /
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,11 +233,22 @@ class CheckpointServer:
         serve_saved_model(self.engine, path, name)
         return self.engine
 
-    def restore(self) -> None:
-        """The reference's weights back in the server (and no adapter of ours), if anything was loaded."""
-        if self.changed:
+    def restore(self, *, force: bool = False) -> None:
+        """The reference's weights back in the server (and no adapter of ours), if anything was loaded; ``force``:
+        also when this handle loaded nothing (something else may have: a run stopped mid-evaluation, online rounds)."""
+        if self.changed or force:
             self.serve(self.reference, "reference")
             self.changed = False
+
+
+@contextlib.contextmanager
+def restoring(server: CheckpointServer | None) -> Iterator[None]:
+    """Run the block, then give ``server`` (when there is one) the reference's weights back, also on error."""
+    try:
+        yield
+    finally:
+        if server is not None:
+            server.restore()
 
 
 def best_of_n_kl(n: int) -> float:

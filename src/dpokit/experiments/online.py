@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dpokit.analysis.frontier import FrontierPoint, write_results
+from dpokit.analysis.frontier import FrontierPoint, restoring, write_results
 from dpokit.analysis.winrate import length_control_cells
 from dpokit.errors import ConfigError
 from dpokit.experiments.lm import LMSettings
@@ -577,11 +577,8 @@ class OnlineExperiment:
         """Prepare, run the arms; write ``frontier.png``, ``results.json`` and ``results.md`` into ``out_dir``."""
         start = time.time()
         self.prepare()
-        try:
+        with restoring(self.base.server):
             points = self.run_arms()
-        finally:
-            if self.base.server is not None:
-                self.base.server.restore()
         self.timings["total"] = time.time() - start
         result = self.result(points)
         summary = result.summary()

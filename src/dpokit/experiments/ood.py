@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from dpokit.analysis.frontier import FrontierPoint, find_checkpoints
+from dpokit.analysis.frontier import FrontierPoint, find_checkpoints, restoring
 from dpokit.errors import ConfigError
 from dpokit.experiments.overoptimisation import machine_description, normal_interval
 from dpokit.experiments.preferences import make_prompts
@@ -61,6 +61,7 @@ from dpokit.experiments.sentiment import (
     ExperimentSettings,
     SftModel,
     resolve_mode,
+    store_key,
     torch_threads,
 )
 from dpokit.experiments.sentiment import MODES as SENTIMENT_MODES
@@ -203,10 +204,7 @@ class OodExperiment:
         self.engine = engine or EngineOptions()
         self.engine.validate()
         self.sft = sft
-        key = settings.key() if self.engine.engine == "dpokit" else f"{settings.key()}+{self.engine.engine}"
-        if sft is not None:  # points of another SFT model are not these
-            key += "+" + hashlib.sha256(str(Path(sft[2]).resolve()).encode()).hexdigest()[:8]
-        self.store = ResultStore(self.out_dir / "ood-points", key, self.log)
+        self.store = ResultStore(self.out_dir / "ood-points", store_key(settings.key(), self.engine, sft), self.log)
         self.timings: dict[str, float] = {}
         self.samples: dict[str, Any] = {}
 
@@ -321,13 +319,10 @@ class OodExperiment:
         runs = self.settings.runs()
         start = time.time()
         self.prepare()
-        try:
+        with restoring(self.base.server):
             reference = self.reference()
             policies = [self.policy(run, method, beta) for run, method, beta in runs]
             winrates = self.winrates(policies)
-        finally:
-            if self.base.server is not None:
-                self.base.server.restore()
         self.timings["total"] = time.time() - start
         result = OodResult(
             reference=reference,

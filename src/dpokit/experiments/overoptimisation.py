@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from dpokit.analysis.frontier import FrontierPoint, find_checkpoints
+from dpokit.analysis.frontier import FrontierPoint, find_checkpoints, restoring
 from dpokit.experiments.online import MODES as ONLINE_MODES
 from dpokit.experiments.online import VADER_JUDGE, OnlineExperiment, OnlineExperimentSettings
 from dpokit.experiments.preferences import make_preference_pairs, write_jsonl
@@ -61,6 +61,7 @@ from dpokit.experiments.sentiment import (
     ExperimentSettings,
     SftModel,
     resolve_mode,
+    store_key,
     torch_threads,
 )
 from dpokit.experiments.sentiment import MODES as SENTIMENT_MODES
@@ -257,18 +258,8 @@ class OveroptimisationExperiment:
         self.engine = engine or EngineOptions()
         self.engine.validate()
         self.sft = sft
-        self.store = ResultStore(self.out_dir / "curves", self.key(), self.log)
+        self.store = ResultStore(self.out_dir / "curves", store_key(settings.key(), self.engine, sft), self.log)
         self.timings: dict[str, float] = {}
-
-    def key(self) -> str:
-        """The settings' key, and the sampling engine other than dpokit's and an SFT model given instead of the
-        cached one: what the stored curves are valid for."""
-        key = self.settings.key()
-        if self.engine.engine != "dpokit":
-            key += f"+{self.engine.engine}"
-        if self.sft is not None:
-            key += "+" + hashlib.sha256(str(Path(self.sft[2]).resolve()).encode()).hexdigest()[:8]
-        return key
 
     def prepare(self) -> None:
         """The sentiment experiment's pieces (its checkpoints kept until measured here), and the held-out
@@ -359,13 +350,10 @@ class OveroptimisationExperiment:
                 s, self.out_dir / "online", self.cache_dir, keep_checkpoints=True, log=self.log, engine=self.engine, sft=self.sft
             )
             online.prepare()
-            try:
+            with restoring(online.base.server):
                 sft_row = checkpoint_row(online.reference_point(), s.beta, None)  # the online experiment's evaluation prompts
                 online.store.path(arm).unlink(missing_ok=True)  # its checkpoints are needed again
                 points = online.run_online(arm, online.sft_dir, VADER_JUDGE, s.total_steps)
-            finally:
-                if online.base.server is not None:
-                    online.base.server.restore()
             rows = self.measure(arm, self.out_dir / "online" / "runs" / arm, points, s.beta)
             rounds = online.online_stats.get(arm, [])
             stored = StoredRun(points, time.time() - start, rounds=rounds, measures=[sft_row, *rows])
@@ -379,14 +367,11 @@ class OveroptimisationExperiment:
         """Prepare, run the sweep and the online arm; write the figures, ``results.json`` and ``results.md``."""
         start = time.time()
         self.prepare()
-        try:
+        with restoring(self.base.server):
             point, _ = self.base.frontier.estimate(self.base.sft_model, method="SFT (reference)", run="sft", step=0)
             self.sft_row = checkpoint_row(point, 0.0, None)  # step 0: KL and implicit reward 0 by definition
             curves = {f"dpo-beta{beta:g}": self.run_dpo(beta) for beta in self.settings.dpo.dpo_betas}
             online = self.run_online_gt()
-        finally:
-            if self.base.server is not None:
-                self.base.server.restore()
         if online is not None:
             curves["online-gt"] = online
         self.timings["total"] = time.time() - start

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from dpokit.analysis.frontier import CheckpointServer, FrontierPoint, dominance_summary, write_results
+from dpokit.analysis.frontier import CheckpointServer, FrontierPoint, dominance_summary, restoring, write_results
 from dpokit.errors import ConfigError
 from dpokit.experiments.lm import LMSettings, load_or_pretrain
 from dpokit.experiments.preferences import make_preference_pairs, make_prompts, write_jsonl
@@ -55,6 +55,16 @@ if TYPE_CHECKING:
 
 Log = Callable[[str], None]
 SftModel = tuple[torch.nn.Module, Any, Path]  # an SFT model, its tokenizer and the directory it is saved in
+
+
+def store_key(key: str, engine: EngineOptions, sft: SftModel | None) -> str:
+    """``key`` (the settings') with what else an experiment's stored results depend on: a sampling engine other
+    than dpokit's (its samples are not dpokit's) and an SFT model given instead of the cached one."""
+    if engine.engine != "dpokit":
+        key += f"+{engine.engine}"
+    if sft is not None:
+        key += "+" + hashlib.sha256(str(Path(sft[2]).resolve()).encode()).hexdigest()[:8]
+    return key
 
 ALL_METHODS = ("dpo", "preferred-ft", "unlikelihood", "orpo", "simpo", "kto", "best-of-n", "rl")
 METHOD_LABELS = {
@@ -312,11 +322,7 @@ class Experiment:
         self.log: Log = log or (lambda line: None)
         self.engine = engine or EngineOptions()
         self.engine.validate()
-        # vLLM's samples are not the dpokit engine's: points stored under one engine are not reused under the other.
-        key = settings.key() if self.engine.engine == "dpokit" else f"{settings.key()}+{self.engine.engine}"
-        if sft is not None:  # nor are points of another SFT model
-            key += "+" + hashlib.sha256(str(Path(sft[2]).resolve()).encode()).hexdigest()[:8]
-        self.store = ResultStore(self.out_dir / "points", key, self.log)
+        self.store = ResultStore(self.out_dir / "points", store_key(settings.key(), self.engine, sft), self.log)
         self.server: CheckpointServer | None = None
         self.timings: dict[str, float] = {}
         self.samples: dict[str, list[Sample]] = {}
@@ -339,8 +345,7 @@ class Experiment:
         (self.out_dir / "data" / "eval_prompts.txt").write_text("\n".join(self.eval_prompts) + "\n")
         if self.engine.engine == "vllm":
             self.server = CheckpointServer(str(self.sft_dir), self.engine)
-            self.server.changed = True  # a run stopped mid-evaluation may have left a checkpoint's weights in it
-            self.server.restore()
+            self.server.restore(force=True)  # a run stopped mid-evaluation may have left a checkpoint's weights in it
             self.log(
                 f"evaluation samples, Best-of-N and win rates from the vLLM server at {self.server.engine.url} "
                 f"({self.sft_dir}); the labelled pairs are SFT samples from dpokit's seeded generator on either engine"
@@ -609,11 +614,8 @@ class Experiment:
         s = self.settings
         start = time.time()
         self.prepare()
-        try:
+        with restoring(self.server):
             points = [self.reference_point(), *self.run_methods()]
-        finally:
-            if self.server is not None:
-                self.server.restore()
         winrates = self.run_winrates()
         self.timings["total"] = time.time() - start
         result = SentimentResult(

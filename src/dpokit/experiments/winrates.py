@@ -21,10 +21,11 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from dpokit.analysis.frontier import CheckpointServer, restoring
 from dpokit.analysis.winrate import (
     JudgeCheckJob,
     WinrateJob,
@@ -37,9 +38,6 @@ from dpokit.analysis.winrate import (
 from dpokit.experiments.preferences import make_preference_pairs, write_jsonl
 from dpokit.generation import EngineOptions
 from dpokit.scoring import RewardFn
-
-if TYPE_CHECKING:
-    from dpokit.analysis.frontier import CheckpointServer
 
 VADER_JUDGE = "reward:dpokit.experiments.reward:vader_reward"
 
@@ -100,13 +98,10 @@ def run_winrate_stage(
         title="Win rate vs the SFT model (judge: VADER, the ground-truth reward)",
         engine=setup.engine,
     )
-    try:
+    with restoring(setup.server):
         if setup.best_of_n is not None:
             job.models.append(_best_of_n_samples(setup, setup.best_of_n, job, prompts))
         results = run_winrate(job, log=log, server=setup.server)
-    finally:
-        if setup.server is not None:
-            setup.server.restore()
     stage = WinrateStage(results=results["results"], implicit_judges=implicit_judge_check(setup, models))
     results["implicit_judges"] = stage.implicit_judges
     (setup.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
