@@ -49,6 +49,7 @@ __all__ = [
     "OutputHead",
     "attention_inputs",
     "multimodal_inputs",
+    "image_token_types",
     "image_layout_problem",
     "causal_mask_suffices",
     "custom_mask_problem",
@@ -432,10 +433,17 @@ def custom_mask_problem(model: nn.Module) -> str | None:
 TEXT_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids"})
 
 
-def _takes(module: nn.Module, name: str) -> bool:
-    import inspect
+_FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}
 
-    return name in inspect.signature(module.forward).parameters
+
+def forward_parameters(module: nn.Module) -> frozenset[str]:
+    """The parameter names of ``module``'s ``forward`` (read once per module class)."""
+    cls = type(module)
+    if cls not in _FORWARD_PARAMETERS:
+        import inspect
+
+        _FORWARD_PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return _FORWARD_PARAMETERS[cls]
 
 
 # Image-text models whose language model attends both ways among each image's tokens, marked by
@@ -457,32 +465,39 @@ def image_layout_problem(model: nn.Module) -> str | None:
 
 def multimodal_inputs(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
     """What a batch with images also needs beyond the token rows and the image processor's tensors, as
-    the model's processor would write it. The Qwen2-VL family (``mm_token_type_ids`` in the body's
-    ``forward``): the token types (1 on image tokens, 2 on video tokens, 0 on text), from which the model
-    computes its 3-D rotary positions when a layout gives none (``padded``); for a layout that writes
-    position ids (``shared_prompt``, ``packed``), the (3, N, T) positions themselves
-    (:func:`rope_positions`). Gemma 3 (:data:`BIDIRECTIONAL_IMAGE_MODELS`): ``token_type_ids`` (1 on image
-    tokens), from which the model lets each image's tokens attend to each other; ``padded`` only (a
-    4-D mask layout is a ConfigError). Empty for other models and for batches without images."""
+    the model's processor would write it: :func:`image_token_types`, and for the Qwen2-VL family in a layout
+    that writes position ids (``shared_prompt``, ``packed``) the (3, N, T) positions themselves
+    (:func:`rope_positions`; in ``padded`` the model computes them from the token types). Gemma 3
+    (:data:`BIDIRECTIONAL_IMAGE_MODELS`) takes ``padded`` only (a 4-D mask layout is a ConfigError). Empty for
+    other models and for batches without images."""
     if not batch.image_inputs:
         return {}
     body = multimodal_body(model)
+    extra = image_token_types(body, batch.input_ids)
+    if "token_type_ids" in extra and batch.attention_mask.dim() == 4:
+        raise ConfigError(f"{image_layout_problem(body)}; use data.layout=padded (layout: auto picks it for this model)")
+    if "mm_token_type_ids" in extra and batch.position_ids is not None:
+        extra["position_ids"] = rope_positions(body, batch, extra["mm_token_type_ids"])
+    return extra
+
+
+def image_token_types(body: nn.Module, input_ids: Tensor) -> dict[str, Tensor]:
+    """The token types a multimodal ``body`` reads beside rows ``input_ids`` that hold image tokens, as its
+    processor writes them: the Qwen2-VL family (``mm_token_type_ids`` in the body's ``forward``) 1 on image
+    tokens, 2 on video tokens, 0 on text, from which it computes its 3-D rotary positions; Gemma 3
+    (:data:`BIDIRECTIONAL_IMAGE_MODELS`) ``token_type_ids`` 1 on image tokens, from which it lets each image's
+    tokens attend to each other. Empty for other models."""
     config: Any = body.config  # the whole model's configuration: its image and video token ids
     if config.model_type in BIDIRECTIONAL_IMAGE_MODELS:
-        if batch.attention_mask.dim() == 4:
-            raise ConfigError(f"{image_layout_problem(body)}; use data.layout=padded (layout: auto picks it for this model)")
-        return {"token_type_ids": (batch.input_ids == config.image_token_id).long()}
-    if not _takes(body, "mm_token_type_ids"):
+        return {"token_type_ids": (input_ids == config.image_token_id).long()}
+    if "mm_token_type_ids" not in forward_parameters(body):
         return {}
-    types = torch.zeros_like(batch.input_ids)
+    types = torch.zeros_like(input_ids)
     for value, name in ((1, "image_token_id"), (2, "video_token_id")):
         token = getattr(config, name, None)
         if isinstance(token, int):
-            types = types.masked_fill(batch.input_ids == token, value)
-    extra = {"mm_token_type_ids": types}
-    if batch.position_ids is not None:
-        extra["position_ids"] = rope_positions(body, batch, types)
-    return extra
+            types = types.masked_fill(input_ids == token, value)
+    return {"mm_token_type_ids": types}
 
 
 def rope_positions(body: nn.Module, batch: Batch, token_types: Tensor) -> Tensor:

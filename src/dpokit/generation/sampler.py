@@ -31,7 +31,7 @@ the image's tokens as the model's processor expands it (:class:`~dpokit.data.ima
 training), and the image processor's tensors go with the prompt's rows into the forward pass that reads
 the prompt (and, for a model without a KV cache, into every pass); decoding steps need no images.
 Models that place or attend to image tokens unlike text get what their processor would give them
-(:func:`_row_inputs`, from :func:`dpokit.logprobs.multimodal_inputs`, as in training): Gemma 3 its
+(:func:`_row_inputs`, from :func:`dpokit.logprobs.image_token_types`, as in training): Gemma 3 its
 ``token_type_ids`` in the pass that reads the prompt; the Qwen2-VL family its ``mm_token_type_ids`` and
 3-D rotary positions from its own ``get_rope_index`` (left padding masked out), each decoding step
 continuing at its row's largest prompt position + 1 + step on all three axes. Teacher forcing
@@ -45,7 +45,6 @@ model would look for an image to put there), and no text answer needs one.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,11 +52,10 @@ from typing import Any
 import torch
 
 from dpokit.compat import kv_cache_keyword
-from dpokit.data.batch import Batch
 from dpokit.data.images import ImageTokens, decode_image, image_inputs
 from dpokit.data.prompts import Prompt
 from dpokit.errors import ConfigError, DataError
-from dpokit.logprobs import multimodal_body, multimodal_inputs
+from dpokit.logprobs import forward_parameters, image_token_types, multimodal_body
 from dpokit.models import pad_id_of
 
 # Rows (prompt x sample) per forward pass when a caller does not say.
@@ -179,17 +177,15 @@ def _row_inputs(
     the mask and the images' grids, and the offset (N, 1) ``delta``: the token at 1-D position ``P`` after
     the rows sits at ``P + delta`` on all three axes (a row's largest position + 1 + step, as transformers'
     ``rope_deltas``). Token types dpokit does not know how to give are a ConfigError naming the model type
-    (:func:`dpokit.logprobs.multimodal_inputs` writes them as for training)."""
+    (:func:`dpokit.logprobs.image_token_types` writes them as for training)."""
     if not images:
         return _positions(mask), {}, None
-    none = torch.zeros(0, dtype=torch.long)  # the rows score nothing: only their tokens and images are read
-    rows = Batch(ids, mask, none, none, none, none[:, None].bool(), none[:, None], image_inputs=images)
-    token_types = multimodal_inputs(model, rows)
-    extra = {**images, **token_types}
     body = multimodal_body(model)
+    token_types = image_token_types(body, ids)
+    extra = {**images, **token_types}
     model_type = getattr(body.config, "model_type", "?")
     if "mm_token_type_ids" not in token_types:
-        if "token_type_ids" not in token_types and "token_type_ids" in inspect.signature(body.forward).parameters:
+        if "token_type_ids" not in token_types and "token_type_ids" in forward_parameters(body):
             raise ConfigError(
                 f"the '{model_type}' model takes token types with its images, which dpokit's sampler does not know how to "
                 "give it; sampling it with images is not supported"
