@@ -23,9 +23,10 @@ on held-out images and the reward-KL frontier (:mod:`dpokit.experiments.shapes_e
 
 from __future__ import annotations
 
+import functools
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +355,15 @@ def _gemma3(tokenizer: Any, hidden_size: int, layers: int, image_size: int, patc
     return model, processor
 
 
+_BUILDERS: dict[str, Callable[[Any, int, int, int, int], tuple[Any, Any]]] = {
+    "llava": _llava,
+    "idefics3": _idefics3,
+    "qwen2_vl": functools.partial(_qwen_vl, version="2"),
+    "qwen2_5_vl": functools.partial(_qwen_vl, version="2.5"),
+    "gemma3": _gemma3,
+}
+
+
 def build_tiny_vlm(
     directory: str | Path,
     family: str = "llava",
@@ -375,12 +385,7 @@ def build_tiny_vlm(
         raise ValueError(f"unknown tiny VLM family {family!r}; choose from {', '.join(ALL_FAMILIES)}")
     tokenizer = train_vlm_tokenizer(family)
     torch.manual_seed(seed)
-    if family in MROPE_FAMILIES:
-        version = "2" if family == "qwen2_vl" else "2.5"
-        model, processor = _qwen_vl(tokenizer, hidden_size, layers, image_size, patch_size, version=version)
-    else:
-        build = {"llava": _llava, "idefics3": _idefics3, "gemma3": _gemma3}[family]
-        model, processor = build(tokenizer, hidden_size, layers, image_size, patch_size)
+    model, processor = _BUILDERS[family](tokenizer, hidden_size, layers, image_size, patch_size)
     out = Path(directory)
     with quiet_progress_bars():
         model.save_pretrained(out)

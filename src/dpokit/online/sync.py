@@ -58,11 +58,10 @@ def sync_policy(engine: VllmEngine, trainer: Any, round_path: Path) -> float | N
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         model.save_pretrained(target, safe_serialization=True)
-        if not lora:
-            write_tied_output_layer(model, target)
         if lora:
             load_adapter(engine, name, target)
         else:
+            write_tied_output_layer(model, target)
             reload_weights(engine, target)
     trainer.ctx.barrier()
     if lora:
