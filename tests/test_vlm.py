@@ -84,37 +84,53 @@ def trl_rows(tmp_path, n):
     return rows, trl
 
 
+def trl_per_example(trl, policy, reference, processor, trl_data, out, check_batch=lambda batch: None):
+    """TRL 1.16's DPOTrainer on ``policy``/``reference`` with ``processor`` (its vision collator, its loss code),
+    one ``_compute_loss`` per example of ``trl_data``: the per-example losses and [chosen, rejected] log-probs.
+    ``check_batch`` sees each collated batch."""
+    from datasets import Dataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.DPOTrainer(
+            model=policy,
+            ref_model=reference,
+            args=trl_dpo_config(str(out), beta=BETA, batch_size=len(trl_data)),
+            train_dataset=Dataset.from_list(trl_data),
+            processing_class=processor,
+        )
+    trainer.model.train()
+    losses, logps = [], []
+    with torch.no_grad():
+        for i in range(len(trl_data)):
+            trainer._metrics["train"].clear()
+            batch = trainer.data_collator([dict(trainer.train_dataset[i])])
+            check_batch(batch)
+            losses.append(trainer._compute_loss(trainer.model, batch, return_outputs=False).item())
+            logps.append([trainer._metrics["train"][f"logps/{k}"][0] for k in ("chosen", "rejected")])
+    return losses, logps
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_per_example_dpo_losses_equal_trl_on_the_same_vlm_and_rows(vlm_dirs, tmp_path, family):
     """TRL 1.16's DPOTrainer with the VLM's processor (its vision collator, its loss code), one
     ``_compute_loss`` per example, against dpokit's shared-prompt log-probs and sigmoid loss: equal to
     1e-4 (float32 on CPU)."""
     trl = pytest.importorskip("trl")
-    from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     directory = vlm_dirs[family]
     reference_dir = build_tiny_vlm(tmp_path / "reference", family, seed=1)
     rows, trl_data = trl_rows(tmp_path, NUM_PAIRS)
     processor = AutoProcessor.from_pretrained(directory)
-    args = trl_dpo_config(str(tmp_path / "trl"), beta=BETA, batch_size=NUM_PAIRS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = trl.DPOTrainer(
-            model=AutoModelForImageTextToText.from_pretrained(directory),
-            ref_model=AutoModelForImageTextToText.from_pretrained(reference_dir),
-            args=args,
-            train_dataset=Dataset.from_list(trl_data),
-            processing_class=processor,
-        )
-    trainer.model.train()
-    trl_losses, trl_logps = [], []
-    with torch.no_grad():
-        for i in range(NUM_PAIRS):
-            trainer._metrics["train"].clear()
-            batch = trainer.data_collator([dict(trainer.train_dataset[i])])
-            trl_losses.append(trainer._compute_loss(trainer.model, batch, return_outputs=False).item())
-            trl_logps.append([trainer._metrics["train"][f"logps/{k}"][0] for k in ("chosen", "rejected")])
+    trl_losses, trl_logps = trl_per_example(
+        trl,
+        AutoModelForImageTextToText.from_pretrained(directory),
+        AutoModelForImageTextToText.from_pretrained(reference_dir),
+        processor,
+        trl_data,
+        tmp_path / "trl",
+    )
 
     rows_file = tmp_path / "rows.jsonl"
     rows_file.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 
 import pytest
 import torch
@@ -22,8 +21,7 @@ from dpokit.experiments.shapes import MROPE_FAMILIES, QUESTION, build_tiny_vlm, 
 from dpokit.logprobs import compute_logps, final_hidden_states, multimodal_body
 from dpokit.losses import LossInputs, build_objective
 from dpokit.models import load_processor
-from tests.helpers import trl_dpo_config
-from tests.test_vlm import trl_rows
+from tests.test_vlm import trl_per_example, trl_rows
 
 BETA = 0.1
 NUM_PAIRS = 4
@@ -75,30 +73,16 @@ def test_per_example_dpo_losses_equal_trl_in_the_padded_layout(qwen_dirs, tmp_pa
     the model computes its 3-D positions / its image attention from them) against dpokit's padded layout,
     which builds them from the token ids: equal to 1e-4 (float32, CPU)."""
     trl = pytest.importorskip("trl")
-    from datasets import Dataset
+
+    def check_batch(batch):
+        assert ("mm_token_type_ids" in batch and "image_grid_thw" in batch) or "token_type_ids" in batch
 
     directory = qwen_dirs[family]
     reference_dir = build_tiny_vlm(tmp_path / "reference", family, seed=1)
     rows, trl_data = trl_rows(tmp_path, NUM_PAIRS)
     processor = processor_of(directory)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = trl.DPOTrainer(
-            model=model_of(directory, sharpen=True),
-            ref_model=model_of(reference_dir, sharpen=True),
-            args=trl_dpo_config(str(tmp_path / "trl"), beta=BETA, batch_size=NUM_PAIRS),
-            train_dataset=Dataset.from_list(trl_data),
-            processing_class=processor,
-        )
-    trainer.model.train()
-    trl_losses, trl_logps = [], []
-    with torch.no_grad():
-        for i in range(NUM_PAIRS):
-            trainer._metrics["train"].clear()
-            batch = trainer.data_collator([dict(trainer.train_dataset[i])])
-            assert ("mm_token_type_ids" in batch and "image_grid_thw" in batch) or "token_type_ids" in batch
-            trl_losses.append(trainer._compute_loss(trainer.model, batch, return_outputs=False).item())
-            trl_logps.append([trainer._metrics["train"][f"logps/{k}"][0] for k in ("chosen", "rejected")])
+    policy, reference = model_of(directory, sharpen=True), model_of(reference_dir, sharpen=True)
+    trl_losses, trl_logps = trl_per_example(trl, policy, reference, processor, trl_data, tmp_path / "trl", check_batch)
 
     rows_file = tmp_path / "rows.jsonl"
     rows_file.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
