@@ -53,7 +53,7 @@ examples:
 
 
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
-    from dpokit.experiments import sentiment
+    from dpokit.experiments import sentiment, shapes_experiment
 
     parser.add_argument(
         "name",
@@ -79,7 +79,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         default=None,
         help=f"sentiment: comma-separated subset of {','.join(sentiment.ALL_METHODS)}; shapes: of "
-        "dpo,dpo+nll,preferred-ft,online (default: the mode's)",
+        f"{','.join(shapes_experiment.ARMS)} (default: the mode's)",
     )
     parser.add_argument(
         "--self-reward",
@@ -119,6 +119,11 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def method_list(methods: str) -> tuple[str, ...]:
+    """``--methods``' comma-separated names."""
+    return tuple(m.strip() for m in methods.split(",") if m.strip())
+
+
 def run_experiment(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -147,7 +152,7 @@ def run_experiment(args: argparse.Namespace) -> int:
         return run_shapes(args)
     settings = MODES[args.mode]
     if args.methods is not None:
-        settings = dataclasses.replace(settings, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+        settings = dataclasses.replace(settings, methods=method_list(args.methods))
     out_dir = args.out or f"runs/sentiment-{args.mode}"
     result = run_sentiment_experiment(
         settings,
@@ -239,7 +244,7 @@ def run_shapes(args: argparse.Namespace) -> int:
 
     settings = resolve_mode(args.mode, MODES)
     if args.methods is not None:
-        arms = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        arms = method_list(args.methods)
         unknown = sorted(set(arms) - set(ARMS))
         if unknown or not arms:
             raise ConfigError(f"--methods {args.methods!r}: the shapes experiment's arms are {','.join(ARMS)}")
