@@ -66,6 +66,7 @@ def store_key(key: str, engine: EngineOptions, sft: SftModel | None) -> str:
         key += "+" + hashlib.sha256(str(Path(sft[2]).resolve()).encode()).hexdigest()[:8]
     return key
 
+
 ALL_METHODS = ("dpo", "preferred-ft", "unlikelihood", "orpo", "simpo", "kto", "best-of-n", "rl")
 METHOD_LABELS = {
     "dpo": "DPO",
